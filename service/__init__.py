@@ -1,0 +1,1 @@
+"""Meterline: the imperative shell around the pure `pricing` core."""

@@ -1,0 +1,92 @@
+"""The ASGI application: the OpenAI-compatible proxy and the billing API on one port."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+
+from service.accounts.endpoints import router as accounts_router
+from service.errors import MeterlineError, error_body
+from service.health.endpoints import router as health_router
+from service.logs import configure_logging
+from service.runtime import Runtime
+from service.settings import Settings, get_settings
+
+log = logging.getLogger("meterline.app")
+
+
+def _field_path(location: Sequence[object]) -> str:
+    return ".".join(str(part) for part in location)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(MeterlineError)
+    async def _meterline_error(request: Request, exc: MeterlineError) -> Response:
+        return JSONResponse(exc.body(), status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
+        errors = exc.errors()
+        first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+        param = _field_path(first.get("loc", ()))
+        message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
+        return JSONResponse(
+            error_body(message, "invalid_request_error", "validation_error", param or None),
+            status_code=422,
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return JSONResponse(
+            error_body(str(exc.detail), "invalid_request_error", code),
+            status_code=exc.status_code,
+            headers=getattr(exc, "headers", None),
+        )
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> Response:
+        log.exception("event=unhandled_error path=%s", request.url.path)
+        return JSONResponse(
+            error_body("internal error", "server_error", "internal_error"), status_code=500
+        )
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    configure_logging(settings.log_level)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        runtime = await Runtime.start(settings)
+        app.state.runtime = runtime
+        try:
+            yield
+        finally:
+            await runtime.close()
+
+    app = FastAPI(
+        title="Meterline",
+        version="0.1.0",
+        description="Usage metering and outcome-based billing for OpenAI-compatible LLM APIs.",
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["*"],
+            allow_headers=["*"],
+        )
+    app.include_router(health_router)
+    app.include_router(accounts_router)
+    return app

@@ -1,0 +1,88 @@
+"""Who is calling the billing API: the admin, or a customer key scoped to its account."""
+
+from __future__ import annotations
+
+import hmac
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Annotated
+
+from fastapi import Depends, Request
+from sqlalchemy import select
+
+from service.auth.keys import hash_key
+from service.db.models import ApiKey
+from service.db.session import Session
+from service.errors import BadRequest, NotFound, Unauthorized
+from service.runtime import get_runtime
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    account_id: uuid.UUID | None  # None for the admin
+    key_id: uuid.UUID | None
+
+    @property
+    def is_admin(self) -> bool:
+        return self.account_id is None
+
+    def require_account(self, account_id: uuid.UUID) -> None:
+        """A customer sees only its own account; anything else does not exist for it."""
+        if not self.is_admin and account_id != self.account_id:
+            raise NotFound("not found")
+
+    def scope(self, account_id: uuid.UUID | None) -> uuid.UUID | None:
+        """The account a query is limited to: the caller's own, or the admin's choice."""
+        if self.is_admin:
+            return account_id
+        self.require_account(account_id or self.account_id)  # type: ignore[arg-type]
+        return self.account_id
+
+
+ADMIN = Principal(account_id=None, key_id=None)
+
+
+def presented_credential(request: Request) -> str | None:
+    """The token from `Authorization: Bearer …` or `X-API-Key`; both and different is a 400."""
+    bearer = None
+    authorization = request.headers.get("authorization")
+    if authorization:
+        scheme, _, value = authorization.partition(" ")
+        if scheme.lower() != "bearer" or not value.strip():
+            raise Unauthorized("Authorization header must be 'Bearer <key>'")
+        bearer = value.strip()
+    header_key = request.headers.get("x-api-key")
+    if bearer and header_key and not hmac.compare_digest(bearer, header_key):
+        raise BadRequest(
+            "Authorization and X-API-Key carry different keys; send one",
+            code="conflicting_credentials",
+        )
+    return bearer or header_key
+
+
+async def current_principal(request: Request, session: Session) -> Principal:
+    token = presented_credential(request)
+    if token is None:
+        raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
+    admin_token = get_runtime(request).settings.admin_token
+    if admin_token is not None and hmac.compare_digest(
+        token.encode(), admin_token.get_secret_value().encode()
+    ):
+        return ADMIN
+    key = await session.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(token)))
+    now = datetime.now(UTC)
+    if key is None or key.revoked_at is not None or (key.expires_at and key.expires_at <= now):
+        raise Unauthorized("invalid, revoked or expired API key")
+    return Principal(account_id=key.account_id, key_id=key.id)
+
+
+async def require_admin(principal: Annotated[Principal, Depends(current_principal)]) -> Principal:
+    if not principal.is_admin:
+        # Admin-only resources do not exist for a customer key.
+        raise NotFound("not found")
+    return principal
+
+
+Caller = Annotated[Principal, Depends(current_principal)]
+Admin = Annotated[Principal, Depends(require_admin)]

@@ -1,0 +1,183 @@
+"""The `meterline` command line."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import typer
+import uvicorn
+
+from service.db.embedded import database_url
+from service.db.migrate import downgrade, upgrade
+from service.settings import Settings, get_settings
+
+app = typer.Typer(
+    help="Meterline: usage metering and outcome-based billing for LLM APIs.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+
+
+def _use_database(url: str) -> Settings:
+    """Make the resolved URL the setting of this process and of the workers it spawns."""
+    os.environ["METERLINE_DATABASE_URL"] = url
+    get_settings.cache_clear()
+    return get_settings()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _start_demo_upstream(settings: Settings) -> subprocess.Popen[bytes]:
+    """Run the mock provider and point a providers file at it, unless one is configured."""
+    port = _free_port()
+    upstream = subprocess.Popen(
+        [sys.executable, "-m", "service", "mock-upstream", "--port", str(port)]
+    )
+    for _ in range(100):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
+            break
+        except OSError:
+            time.sleep(0.05)
+    if not os.environ.get("METERLINE_PROVIDERS"):
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        path = (settings.data_dir / "demo-providers.yaml").resolve()
+        path.write_text(
+            "providers:\n"
+            "  - name: demo\n"
+            f"    base_url: http://127.0.0.1:{port}/v1\n"
+            "    models: ['mock-*', 'meta-llama/*', 'deepseek-ai/*', 'Qwen/*', 'openai/*']\n"
+            "    stream_usage: inject\n"
+        )
+        os.environ["METERLINE_PROVIDERS"] = str(path)
+    return upstream
+
+
+async def _create_demo_account(settings: Settings) -> str:
+    from service.accounts.schemas import AccountCreate
+    from service.accounts.service import create_account, create_key
+    from service.db.engine import create_engine, session_factory, transaction
+
+    assert settings.database_url
+    engine = create_engine(settings.database_url, pool_size=1)
+    try:
+        async with transaction(session_factory(engine)) as session:
+            account = await create_account(session, AccountCreate(name="Demo"))
+            key = await create_key(session, account.id, name="demo")
+    finally:
+        await engine.dispose()
+    return key.key
+
+
+def _exit_on_signal(signum: int, frame: object) -> None:
+    raise SystemExit(0)
+
+
+@app.command()
+def serve(
+    host: str = typer.Option(None, help="Interface to listen on [default: 127.0.0.1]."),
+    port: int = typer.Option(None, help="Port [default: 8080]."),
+    workers: int = typer.Option(None, help="Worker processes [default: 1]."),
+    demo: bool = typer.Option(False, help="Also run the mock provider and print a demo key."),
+) -> None:
+    """Run the proxy and the billing API on one port."""
+    settings = get_settings()
+    host = host or settings.host
+    port = port or settings.port
+    workers = workers or settings.workers
+    upstream = None
+    # uvicorn re-raises the signal that stopped it once it has shut down gracefully; turning
+    # it into SystemExit lets the `finally` blocks below stop the embedded Postgres.
+    signal.signal(signal.SIGTERM, _exit_on_signal)
+    with database_url(settings) as url:
+        settings = _use_database(url)
+        if settings.auto_migrate:
+            upgrade(url)
+        try:
+            if demo:
+                upstream = _start_demo_upstream(settings)
+                if settings.admin_token is None:
+                    os.environ["METERLINE_ADMIN_TOKEN"] = "mla-" + secrets.token_urlsafe(24)
+                    get_settings.cache_clear()
+                key = asyncio.run(_create_demo_account(get_settings()))
+                admin = os.environ["METERLINE_ADMIN_TOKEN"]
+                typer.echo(
+                    f"\nMeterline demo on http://{host}:{port}\n"
+                    f"  demo API key:  {key}\n"
+                    f"  admin token:   {admin}\n\n"
+                    "  from openai import OpenAI\n"
+                    f"  client = OpenAI(base_url='http://{host}:{port}/v1', api_key='{key}')\n"
+                    "  client.chat.completions.create(model='mock-chat',\n"
+                    "      messages=[{'role': 'user', 'content': 'Hello'}])\n"
+                )
+            uvicorn.run(
+                "service.app:create_app",
+                factory=True,
+                host=host,
+                port=port,
+                workers=workers,
+                loop="uvloop",
+                http="httptools",
+                log_level="warning",
+                timeout_graceful_shutdown=30,
+            )
+        finally:
+            if upstream is not None:
+                upstream.terminate()
+                upstream.wait(timeout=10)
+
+
+@app.command("mock-upstream")
+def mock_upstream(
+    host: str = typer.Option("127.0.0.1"),
+    port: int = typer.Option(9090),
+    api_key: str = typer.Option(None, help="Require this provider key (Bearer)."),
+    workers: int = typer.Option(1),
+) -> None:
+    """Run the OpenAI-compatible mock provider (tests, benchmarks, the demo)."""
+    if api_key:
+        os.environ["METERLINE_MOCK_API_KEY"] = api_key
+    uvicorn.run(
+        "service.mock_upstream.app:create_app_from_env",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        loop="uvloop",
+        http="httptools",
+        log_level="warning",
+    )
+
+
+@db_app.command("upgrade")
+def db_upgrade(revision: str = typer.Argument("head")) -> None:
+    """Apply migrations up to REVISION."""
+    with database_url(get_settings()) as url:
+        upgrade(url, revision)
+    typer.echo(f"database at {revision}")
+
+
+@db_app.command("downgrade")
+def db_downgrade(revision: str = typer.Argument(...)) -> None:
+    """Revert migrations down to REVISION (`base` for an empty database)."""
+    with database_url(get_settings()) as url:
+        downgrade(url, revision)
+    typer.echo(f"database at {revision}")
+
+
+def main() -> None:
+    app()

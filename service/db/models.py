@@ -1,0 +1,301 @@
+"""ORM models of the whole schema. The schema changes only through an Alembic migration."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from decimal import Decimal
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    DateTime,
+    ForeignKey,
+    Identity,
+    Index,
+    Integer,
+    LargeBinary,
+    Numeric,
+    PrimaryKeyConstraint,
+    SmallInteger,
+    String,
+    Text,
+    UniqueConstraint,
+    func,
+    text,
+)
+from sqlalchemy.dialects.postgresql import UUID
+from sqlalchemy.orm import Mapped, mapped_column, relationship
+
+from service.db.base import Base, CentsUSD, ExactUSD, RateUSD, UTCDateTime
+
+
+def _uuid_pk() -> Mapped[uuid.UUID]:
+    return mapped_column(
+        UUID(as_uuid=True), primary_key=True, server_default=text("gen_random_uuid()")
+    )
+
+
+def _created_at() -> Mapped[datetime]:
+    return mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class Account(Base):
+    __tablename__ = "accounts"
+    __table_args__ = (
+        CheckConstraint("failed_task_policy IN ('free', 'cost')", name="failed_task_policy"),
+        CheckConstraint("tier IN ('basic', 'pro', 'custom')", name="tier"),
+    )
+
+    id: Mapped[uuid.UUID] = _uuid_pk()
+    name: Mapped[str] = mapped_column(String(200))
+    tier: Mapped[str] = mapped_column(String(16), server_default="basic")
+    monthly_budget_usd: Mapped[ExactUSD | None]
+    # Outcome pricing: margin added on top of a quote's cost basis (0.20 = 20 %).
+    quote_margin: Mapped[Decimal | None] = mapped_column(Numeric(8, 4))
+    failed_task_policy: Mapped[str] = mapped_column(String(8), server_default="free")
+    # Custom limits override the tier's (None = the tier's default).
+    rate_limit_rpm: Mapped[int | None] = mapped_column(Integer)
+    rate_limit_tpm: Mapped[int | None] = mapped_column(Integer)
+    created_at: Mapped[datetime] = _created_at()
+    updated_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now(), onupdate=func.now()
+    )
+
+    keys: Mapped[list[ApiKey]] = relationship(back_populates="account", lazy="raise")
+
+
+class ApiKey(Base):
+    __tablename__ = "api_keys"
+    __table_args__ = (Index("ix_api_keys_account_id", "account_id"),)
+
+    id: Mapped[uuid.UUID] = _uuid_pk()
+    account_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("accounts.id", ondelete="CASCADE"))
+    name: Mapped[str | None] = mapped_column(String(200))
+    # The first characters of the key: enough to recognise it in a list, useless to an attacker.
+    prefix: Mapped[str] = mapped_column(String(16))
+    # SHA-256 of the whole key; the plaintext is never stored.
+    key_hash: Mapped[bytes] = mapped_column(LargeBinary(32), unique=True)
+    monthly_budget_usd: Mapped[ExactUSD | None]
+    rate_limit_rpm: Mapped[int | None] = mapped_column(Integer)
+    rate_limit_tpm: Mapped[int | None] = mapped_column(Integer)
+    created_at: Mapped[datetime] = _created_at()
+    last_used_at: Mapped[UTCDateTime | None]
+    revoked_at: Mapped[UTCDateTime | None]
+    expires_at: Mapped[UTCDateTime | None]
+
+    account: Mapped[Account] = relationship(back_populates="keys", lazy="raise")
+
+
+class PriceVersion(Base):
+    """A model's price from `effective_from` on; a later version supersedes it, never edits it."""
+
+    __tablename__ = "price_versions"
+    __table_args__ = (
+        UniqueConstraint("model", "effective_from"),
+        CheckConstraint(
+            "input_usd_per_mtok >= 0 AND output_usd_per_mtok >= 0"
+            " AND (cached_input_usd_per_mtok IS NULL OR cached_input_usd_per_mtok >= 0)",
+            name="non_negative",
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    # An exact model id or a glob pattern (`meta-llama/*`).
+    model: Mapped[str] = mapped_column(String(256))
+    input_usd_per_mtok: Mapped[RateUSD]
+    output_usd_per_mtok: Mapped[RateUSD]
+    cached_input_usd_per_mtok: Mapped[RateUSD | None]
+    effective_from: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    source: Mapped[str] = mapped_column(String(32), server_default="api")
+    created_at: Mapped[datetime] = _created_at()
+
+
+class UsageRecord(Base):
+    """One row of the append-only usage ledger: the outcome of one proxied request.
+
+    Partitioned by month on `occurred_at` (partitions are created by
+    `meterline_ensure_usage_partition`). The primary key includes the partition key, as
+    Postgres requires; `occurred_at` is fixed when the record is made in memory, so a
+    replay of the same record always carries the same pair and is ignored.
+    """
+
+    __tablename__ = "usage_ledger"
+    __table_args__ = (
+        PrimaryKeyConstraint("request_id", "occurred_at"),
+        Index("ix_usage_ledger_account_occurred", "account_id", "occurred_at"),
+        Index(
+            "ix_usage_ledger_account_task",
+            "account_id",
+            "task_id",
+            postgresql_where=text("task_id IS NOT NULL"),
+        ),
+        Index("ix_usage_ledger_recorded_at", "recorded_at", postgresql_using="brin"),
+        CheckConstraint("usage_source IN ('upstream', 'estimated', 'none')", name="usage_source"),
+        CheckConstraint("kind IN ('usage', 'adjustment')", name="kind"),
+        {"postgresql_partition_by": "RANGE (occurred_at)"},
+    )
+
+    request_id: Mapped[str] = mapped_column(String(40))
+    occurred_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    # When the row reached Postgres: late rows (replayed from the spool) are found by it.
+    recorded_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now()
+    )
+    kind: Mapped[str] = mapped_column(String(16), server_default="usage")
+    account_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True))
+    key_id: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True))
+    task_id: Mapped[str | None] = mapped_column(String(128))
+    task_type: Mapped[str | None] = mapped_column(String(128))
+    endpoint: Mapped[str] = mapped_column(String(32))
+    requested_model: Mapped[str] = mapped_column(String(256))
+    upstream_model: Mapped[str | None] = mapped_column(String(256))
+    provider: Mapped[str | None] = mapped_column(String(64))
+    stream: Mapped[bool] = mapped_column(Boolean)
+    status_code: Mapped[int] = mapped_column(SmallInteger)
+    error_code: Mapped[str | None] = mapped_column(String(64))
+    prompt_tokens: Mapped[int] = mapped_column(Integer)
+    completion_tokens: Mapped[int] = mapped_column(Integer)
+    total_tokens: Mapped[int] = mapped_column(Integer)
+    cached_tokens: Mapped[int] = mapped_column(Integer, server_default="0")
+    reasoning_tokens: Mapped[int] = mapped_column(Integer, server_default="0")
+    usage_source: Mapped[str] = mapped_column(String(16))
+    latency_ms: Mapped[int | None] = mapped_column(Integer)
+    ttft_ms: Mapped[int | None] = mapped_column(Integer)
+    # Exact, unrounded; NULL when no price covered the model at `occurred_at` (unpriced).
+    cost_usd: Mapped[ExactUSD | None]
+    price_version_id: Mapped[int | None] = mapped_column(BigInteger)
+
+
+class Task(Base):
+    """A unit of customer-visible work; quoted tasks carry a fixed price."""
+
+    __tablename__ = "tasks"
+    __table_args__ = (
+        UniqueConstraint("account_id", "external_id"),
+        CheckConstraint("status IN ('open', 'succeeded', 'failed')", name="status"),
+        Index("ix_tasks_account_completed", "account_id", "completed_at"),
+    )
+
+    id: Mapped[uuid.UUID] = _uuid_pk()
+    account_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("accounts.id", ondelete="CASCADE"))
+    # The `X-Task-Id` the client sends; unique within its account.
+    external_id: Mapped[str] = mapped_column(String(128))
+    task_type: Mapped[str | None] = mapped_column(String(128))
+    model: Mapped[str | None] = mapped_column(String(256))
+    quote_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("quotes.id", ondelete="RESTRICT"), unique=True
+    )
+    fixed_price_usd: Mapped[CentsUSD | None]
+    cost_cap_usd: Mapped[ExactUSD | None]
+    status: Mapped[str] = mapped_column(String(16), server_default="open")
+    created_at: Mapped[datetime] = _created_at()
+    completed_at: Mapped[UTCDateTime | None]
+
+
+class Quote(Base):
+    """A fixed price offered in advance for one task of a type on a model."""
+
+    __tablename__ = "quotes"
+    __table_args__ = (
+        CheckConstraint("basis IN ('history', 'estimate')", name="basis"),
+        Index("ix_quotes_account_id", "account_id"),
+    )
+
+    id: Mapped[uuid.UUID] = _uuid_pk()
+    account_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("accounts.id", ondelete="CASCADE"))
+    task_type: Mapped[str] = mapped_column(String(128))
+    model: Mapped[str] = mapped_column(String(256))
+    basis: Mapped[str] = mapped_column(String(16))
+    sample_size: Mapped[int] = mapped_column(Integer)
+    confidence: Mapped[Decimal] = mapped_column(Numeric(6, 4))
+    margin: Mapped[Decimal] = mapped_column(Numeric(8, 4))
+    prompt_tokens: Mapped[int | None] = mapped_column(Integer)
+    max_completion_tokens: Mapped[int | None] = mapped_column(Integer)
+    expected_cost_usd: Mapped[ExactUSD]
+    quantile_cost_usd: Mapped[ExactUSD]
+    price_usd: Mapped[CentsUSD]
+    valid_until: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = _created_at()
+    accepted_at: Mapped[UTCDateTime | None]
+
+
+class Invoice(Base):
+    """An account's bill for one calendar month (UTC)."""
+
+    __tablename__ = "invoices"
+    __table_args__ = (
+        CheckConstraint("status IN ('draft', 'finalized', 'void')", name="status"),
+        # One live (draft or finalized) invoice per account and month; voided ones stay beside it.
+        Index(
+            "uq_invoices_account_period_live",
+            "account_id",
+            "period",
+            unique=True,
+            postgresql_where=text("status <> 'void'"),
+        ),
+    )
+
+    id: Mapped[uuid.UUID] = _uuid_pk()
+    # Given at finalization from a gapless sequence (`INV-2026-000123`).
+    number: Mapped[str | None] = mapped_column(String(32), unique=True)
+    account_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("accounts.id", ondelete="RESTRICT"))
+    period: Mapped[str] = mapped_column(String(7))
+    status: Mapped[str] = mapped_column(String(16), server_default="draft")
+    currency: Mapped[str] = mapped_column(String(3), server_default="USD")
+    total_usd: Mapped[CentsUSD] = mapped_column(server_default="0")
+    # The ledger rows this invoice covers are those recorded up to this instant.
+    usage_cutoff: Mapped[UTCDateTime | None]
+    created_at: Mapped[datetime] = _created_at()
+    updated_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now(), onupdate=func.now()
+    )
+    finalized_at: Mapped[UTCDateTime | None]
+    voided_at: Mapped[UTCDateTime | None]
+    void_reason: Mapped[str | None] = mapped_column(Text)
+
+    lines: Mapped[list[InvoiceLine]] = relationship(
+        back_populates="invoice",
+        lazy="raise",
+        order_by="InvoiceLine.position",
+        cascade="all, delete-orphan",
+    )
+
+
+class InvoiceLine(Base):
+    __tablename__ = "invoice_lines"
+    __table_args__ = (
+        CheckConstraint("kind IN ('tokens', 'task', 'late_usage', 'adjustment')", name="kind"),
+        Index("ix_invoice_lines_invoice_id", "invoice_id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    invoice_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("invoices.id", ondelete="CASCADE"))
+    position: Mapped[int] = mapped_column(Integer)
+    kind: Mapped[str] = mapped_column(String(16))
+    description: Mapped[str] = mapped_column(Text)
+    model: Mapped[str | None] = mapped_column(String(256))
+    task_type: Mapped[str | None] = mapped_column(String(128))
+    price_version_id: Mapped[int | None] = mapped_column(BigInteger)
+    quantity: Mapped[int] = mapped_column(BigInteger)
+    prompt_tokens: Mapped[int | None] = mapped_column(BigInteger)
+    completion_tokens: Mapped[int | None] = mapped_column(BigInteger)
+    cached_tokens: Mapped[int | None] = mapped_column(BigInteger)
+    input_usd_per_mtok: Mapped[RateUSD | None]
+    output_usd_per_mtok: Mapped[RateUSD | None]
+    cached_input_usd_per_mtok: Mapped[RateUSD | None]
+    unit_price_usd: Mapped[ExactUSD | None]
+    amount_exact_usd: Mapped[ExactUSD]
+    amount_usd: Mapped[CentsUSD]
+
+    invoice: Mapped[Invoice] = relationship(back_populates="lines", lazy="raise")
+
+
+class InvoiceNumberCounter(Base):
+    """Gapless invoice numbering: the row is locked and bumped in the finalizing transaction."""
+
+    __tablename__ = "invoice_number_counters"
+
+    year: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    last_number: Mapped[int] = mapped_column(Integer)

@@ -1,0 +1,31 @@
+"""Monthly partitions of the usage ledger, created ahead of the rows that need them."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+
+def month_start(at: datetime) -> datetime:
+    at = at.astimezone(UTC)
+    return datetime(at.year, at.month, 1, tzinfo=UTC)
+
+
+def add_months(start: datetime, months: int) -> datetime:
+    index = start.year * 12 + start.month - 1 + months
+    return datetime(index // 12, index % 12 + 1, 1, tzinfo=UTC)
+
+
+async def ensure_partitions(connection: AsyncConnection, months: list[datetime]) -> None:
+    for month in sorted({month_start(m) for m in months}):
+        await connection.execute(
+            text("SELECT meterline_ensure_usage_partition(:at)"), {"at": month}
+        )
+
+
+def around(now: datetime, before: int = 1, after: int = 2) -> list[datetime]:
+    """The months a running server will write to soon: last month (late rows) to next."""
+    start = month_start(now)
+    return [add_months(start, k) for k in range(-before, after + 1)]

@@ -1,0 +1,1 @@
+"""An OpenAI-compatible fake provider with deterministic usage (tests, benchmarks, demo)."""
