@@ -10,6 +10,7 @@ from starlette.requests import Request
 
 from service.db.engine import create_engine, session_factory
 from service.db.partitions import around, ensure_partitions
+from service.prices.cache import PriceCache, seed_default_prices
 from service.settings import Settings
 
 
@@ -18,6 +19,7 @@ class Runtime:
     settings: Settings
     engine: AsyncEngine
     sessions: async_sessionmaker[AsyncSession]
+    prices: PriceCache
 
     @classmethod
     async def start(cls, settings: Settings) -> Runtime:
@@ -26,9 +28,14 @@ class Runtime:
         engine = create_engine(settings.database_url, settings.db_pool_size)
         async with engine.begin() as connection:
             await ensure_partitions(connection, around(datetime.now(UTC)))
-        return cls(settings=settings, engine=engine, sessions=session_factory(engine))
+        sessions = session_factory(engine)
+        await seed_default_prices(sessions)
+        prices = PriceCache(sessions)
+        await prices.start()
+        return cls(settings=settings, engine=engine, sessions=sessions, prices=prices)
 
     async def close(self) -> None:
+        await self.prices.stop()
         await self.engine.dispose()
 
 

@@ -1,0 +1,31 @@
+"""Money as `Decimal`, and the one rounding rule of an invoice."""
+
+from __future__ import annotations
+
+from decimal import ROUND_CEILING, ROUND_HALF_UP, Decimal
+
+CENT = Decimal("0.01")
+MILLION = Decimal(1_000_000)
+
+
+def to_money(value: Decimal | int | str) -> Decimal:
+    """Accept money only in exact forms; a float here would already have lost precision."""
+    if isinstance(value, float):
+        raise TypeError("money must not be a float")
+    amount = Decimal(value)
+    if not amount.is_finite():
+        raise ValueError(f"money must be finite, got {value!r}")
+    return amount
+
+
+def round_cents(amount: Decimal) -> Decimal:
+    """Round to cents, half away from zero (Decimal's ROUND_HALF_UP): 0.005 → 0.01, -0.005 → -0.01.
+
+    Called once per invoice line and nowhere else.
+    """
+    return amount.quantize(CENT, rounding=ROUND_HALF_UP)
+
+
+def round_up_cents(amount: Decimal) -> Decimal:
+    """Round up to the next cent: a fixed price must never come out below its cost basis."""
+    return amount.quantize(CENT, rounding=ROUND_CEILING)

@@ -1,0 +1,85 @@
+"""Price versions and the lookup of the price in force for a model at an instant."""
+
+from __future__ import annotations
+
+import bisect
+import csv
+import io
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal
+from fnmatch import fnmatchcase
+
+from pricing.money import to_money
+
+# The default table's prices apply to all history: rows recorded before any price existed
+# are priced by it, not left unpriced.
+BEGINNING_OF_TIME = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class Price:
+    """USD per 1,000,000 tokens for `model` (an exact id or a glob) from `effective_from` on."""
+
+    model: str
+    input_usd_per_mtok: Decimal
+    output_usd_per_mtok: Decimal
+    effective_from: datetime
+    cached_input_usd_per_mtok: Decimal | None = None
+    version_id: int | None = None
+
+    @property
+    def is_pattern(self) -> bool:
+        return any(c in self.model for c in "*?[")
+
+
+class PriceBook:
+    """All price versions; answers "what did `model` cost at `at`?" without I/O.
+
+    An exact model id wins over patterns; among patterns, the longest (most specific) one
+    that matches wins. Within one id or pattern, the latest version with
+    `effective_from <= at` is in force.
+    """
+
+    def __init__(self, prices: Iterable[Price]) -> None:
+        by_model: dict[str, list[Price]] = {}
+        for price in prices:
+            by_model.setdefault(price.model, []).append(price)
+        self._versions = {m: sorted(v, key=lambda p: p.effective_from) for m, v in by_model.items()}
+        self._starts = {m: [p.effective_from for p in v] for m, v in self._versions.items()}
+        self._patterns = sorted(
+            (m for m, v in self._versions.items() if v[0].is_pattern), key=len, reverse=True
+        )
+
+    def __len__(self) -> int:
+        return sum(len(v) for v in self._versions.values())
+
+    def _in_force(self, key: str, at: datetime) -> Price | None:
+        index = bisect.bisect_right(self._starts[key], at)
+        return self._versions[key][index - 1] if index else None
+
+    def price_for(self, model: str, at: datetime) -> Price | None:
+        """The price in force for `model` at `at`, or None if the model is unpriced then."""
+        if model in self._versions and not self._versions[model][0].is_pattern:
+            exact = self._in_force(model, at)
+            if exact is not None:
+                return exact
+        for pattern in self._patterns:
+            if fnmatchcase(model, pattern):
+                price = self._in_force(pattern, at)
+                if price is not None:
+                    return price
+        return None
+
+    def versions(self) -> list[Price]:
+        return [p for v in self._versions.values() for p in v]
+
+
+def parse_list_prices(text: str, effective_from: datetime = BEGINNING_OF_TIME) -> list[Price]:
+    """Parse a provider's list (`model,…,usd_per_million_tokens,…`): one price for both sides."""
+    prices = []
+    for row in csv.DictReader(io.StringIO(text)):
+        rate = to_money(row["usd_per_million_tokens"].strip())
+        prices.append(Price(row["model"].strip(), rate, rate, effective_from))
+    return prices
