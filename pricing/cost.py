@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from decimal import Decimal
 
-from pricing.money import MILLION
+from pricing.money import MILLION, exact
 from pricing.prices import Price
 
 
@@ -17,15 +17,36 @@ class TokenUsage:
     cached_tokens: int = 0
 
 
+def countable_cached_tokens(usage: TokenUsage) -> int:
+    """The cached tokens that can be priced apart: never negative, never more than the prompt.
+
+    The invoice query applies the same clamp to each ledger row before summing, which is
+    what makes `totals_cost` of the sums equal the sum of every row's `usage_cost`.
+    """
+    return min(max(usage.cached_tokens, 0), usage.prompt_tokens)
+
+
 def usage_cost(usage: TokenUsage, price: Price) -> Decimal:
     """Exact USD cost, unrounded. Cached input is priced apart only when a cached price exists."""
-    cached = min(max(usage.cached_tokens, 0), usage.prompt_tokens)
-    if price.cached_input_usd_per_mtok is None:
-        cached = 0
-    fresh = usage.prompt_tokens - cached
-    micro_usd = (
-        fresh * price.input_usd_per_mtok
-        + cached * (price.cached_input_usd_per_mtok or Decimal(0))
-        + usage.completion_tokens * price.output_usd_per_mtok
+    return totals_cost(
+        TokenUsage(usage.prompt_tokens, usage.completion_tokens, countable_cached_tokens(usage)),
+        price,
     )
-    return micro_usd / MILLION
+
+
+def totals_cost(totals: TokenUsage, price: Price) -> Decimal:
+    """Exact USD cost of summed usage whose `cached_tokens` were clamped row by row.
+
+    Cost is linear in the token counts, so for rows r1…rn priced at one `price`,
+    `totals_cost(sum of rows with cached clamped per row) == sum(usage_cost(ri))`, exactly:
+    Decimal arithmetic here never rounds (a rate has 6 decimals, the result at most 12).
+    """
+    cached = totals.cached_tokens if price.cached_input_usd_per_mtok is not None else 0
+    fresh = totals.prompt_tokens - cached
+    with exact():
+        micro_usd = (
+            fresh * price.input_usd_per_mtok
+            + cached * (price.cached_input_usd_per_mtok or Decimal(0))
+            + totals.completion_tokens * price.output_usd_per_mtok
+        )
+        return micro_usd / MILLION

@@ -2,10 +2,24 @@
 
 from __future__ import annotations
 
-from decimal import ROUND_CEILING, ROUND_HALF_UP, Decimal
+from collections.abc import Iterator
+from contextlib import contextmanager
+from decimal import ROUND_CEILING, ROUND_HALF_UP, Context, Decimal, Inexact, localcontext
 
 CENT = Decimal("0.01")
 MILLION = Decimal(1_000_000)
+
+
+@contextmanager
+def exact() -> Iterator[None]:
+    """Decimal arithmetic that raises instead of rounding: sums and products of money stay exact.
+
+    The default context keeps 28 significant digits and would round silently beyond them.
+    """
+    with localcontext() as context:
+        context.prec = 60
+        context.traps[Inexact] = True
+        yield
 
 
 def to_money(value: Decimal | int | str) -> Decimal:
@@ -23,7 +37,7 @@ def round_cents(amount: Decimal) -> Decimal:
 
     Called once per invoice line and nowhere else.
     """
-    return amount.quantize(CENT, rounding=ROUND_HALF_UP)
+    return amount.quantize(CENT, context=Context(prec=60, rounding=ROUND_HALF_UP))
 
 
 def round_up_cents(amount: Decimal) -> Decimal:

@@ -73,7 +73,47 @@ class PriceBook:
         return None
 
     def versions(self) -> list[Price]:
+        """Every version, grouped by model or pattern, oldest first within each."""
         return [p for v in self._versions.values() for p in v]
+
+    def in_force(self, at: datetime) -> list[Price]:
+        """For each model id and pattern, the version in force at `at` (if one has started)."""
+        current = (self._in_force(key, at) for key in self._versions)
+        return [price for price in current if price is not None]
+
+    def segments(self, model: str) -> list[PriceSegment]:
+        """The whole timeline of `model` as consecutive spans, each with the price then in force.
+
+        The price of a model can only change at an `effective_from` of a version that may
+        apply to it (its exact id or a pattern matching it), so the timeline is cut there.
+        The first span starts at None (the beginning of time), the last ends at None; a
+        span whose `price` is None is time in which the model had no price.
+        """
+        keys = [k for k in self._versions if k == model or fnmatchcase(model, k)]
+        starts = sorted({start for key in keys for start in self._starts[key]})
+        spans: list[PriceSegment] = []
+        bounds: list[datetime | None] = [None, *starts]
+        for index, start in enumerate(bounds):
+            end = bounds[index + 1] if index + 1 < len(bounds) else None
+            price = None if start is None else self.price_for(model, start)
+            if spans and spans[-1].price == price:
+                spans[-1] = PriceSegment(spans[-1].start, end, price)
+            else:
+                spans.append(PriceSegment(start, end, price))
+        return spans
+
+
+@dataclass(frozen=True, slots=True)
+class PriceSegment:
+    """`price` is in force for a model from `start` (inclusive) to `end` (exclusive)."""
+
+    start: datetime | None
+    end: datetime | None
+    price: Price | None
+
+    def contains(self, at: datetime) -> bool:
+        """Whether the instant `at` falls in this span."""
+        return (self.start is None or self.start <= at) and (self.end is None or at < self.end)
 
 
 def parse_list_prices(text: str, effective_from: datetime = BEGINNING_OF_TIME) -> list[Price]:

@@ -16,9 +16,18 @@ from starlette.responses import Response
 from service.accounts.endpoints import router as accounts_router
 from service.errors import MeterlineError, error_body
 from service.health.endpoints import router as health_router
+from service.invoices.endpoints import router as invoices_router
 from service.logs import configure_logging
+from service.margin.endpoints import router as margin_router
+from service.metrics.endpoints import router as metrics_router
+from service.prices.endpoints import router as prices_router
+from service.proxy.endpoints import routes as proxy_routes
+from service.quotes.endpoints import router as quotes_router
+from service.reports.endpoints import router as reports_router
 from service.runtime import Runtime
 from service.settings import Settings, get_settings
+from service.tasks.endpoints import router as tasks_router
+from service.usage.endpoints import router as usage_router
 
 log = logging.getLogger("meterline.app")
 
@@ -87,6 +96,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_methods=["*"],
             allow_headers=["*"],
         )
+    # The OpenAI-compatible proxy: plain ASGI routes, first in line (the hot path).
+    app.router.routes[:0] = proxy_routes
     app.include_router(health_router)
+    app.include_router(metrics_router)
     app.include_router(accounts_router)
+    app.include_router(usage_router)
+    app.include_router(reports_router)
+    app.include_router(quotes_router)
+    app.include_router(tasks_router)
+    app.include_router(margin_router)
+    app.include_router(prices_router)
+    app.include_router(invoices_router)
     return app

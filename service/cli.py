@@ -14,9 +14,17 @@ import time
 import typer
 import uvicorn
 
+from service.accounts.cli import accounts_app, keys_app
 from service.db.embedded import database_url
 from service.db.migrate import downgrade, upgrade
+from service.invoices.cli import invoices_app
+from service.margin.cli import margin
+from service.metrics import multiproc as metrics_multiproc
+from service.prices.cli import prices_app
+from service.reports.cli import report_app
 from service.settings import Settings, get_settings
+from service.tasks.cli import quote, tasks_app
+from service.usage.cli import usage
 
 app = typer.Typer(
     help="Meterline: usage metering and outcome-based billing for LLM APIs.",
@@ -25,6 +33,15 @@ app = typer.Typer(
 )
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
+app.add_typer(accounts_app, name="accounts")
+app.add_typer(keys_app, name="keys")
+app.command("usage")(usage)
+app.add_typer(report_app, name="report")
+app.add_typer(prices_app, name="prices")
+app.add_typer(invoices_app, name="invoices")
+app.add_typer(tasks_app, name="tasks")
+app.command("quote")(quote)
+report_app.command("margin")(margin)
 
 
 def _use_database(url: str) -> Settings:
@@ -99,6 +116,11 @@ def serve(
     host = host or settings.host
     port = port or settings.port
     workers = workers or settings.workers
+    # Workers read their count (limits warn when counters cannot be shared) and write
+    # their metrics where /metrics can sum them, whichever worker answers.
+    os.environ["METERLINE_WORKERS"] = str(workers)
+    get_settings.cache_clear()
+    metrics_multiproc.prepare(settings.data_dir)
     upstream = None
     # uvicorn re-raises the signal that stopped it once it has shut down gracefully; turning
     # it into SystemExit lets the `finally` blocks below stop the embedded Postgres.

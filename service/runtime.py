@@ -8,10 +8,20 @@ from datetime import UTC, datetime
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from starlette.requests import Request
 
-from service.db.engine import create_engine, session_factory
+from service.auth.key_cache import KeyCache
+from service.db.engine import asyncpg_dsn, create_engine, session_factory
 from service.db.partitions import around, ensure_partitions
+from service.ledger.writer import LedgerWriter
+from service.limits.service import Limits
+from service.metrics.sampler import LedgerSampler, observe_settlement
 from service.prices.cache import PriceCache, seed_default_prices
+from service.providers.router import ProviderRouter
+from service.proxy.context import ProxyHooks
+from service.proxy.service import MeteringProxy
+from service.proxy.setup import start_proxy
+from service.proxy.upstream import UpstreamClient
 from service.settings import Settings
+from service.tasks.guard import TaskGuard
 
 
 @dataclass
@@ -20,6 +30,18 @@ class Runtime:
     engine: AsyncEngine
     sessions: async_sessionmaker[AsyncSession]
     prices: PriceCache
+    # The metering proxy's long-lived parts (service/proxy, service/ledger).
+    keys: KeyCache
+    providers: ProviderRouter
+    upstream: UpstreamClient
+    ledger: LedgerWriter
+    hooks: ProxyHooks
+    proxy: MeteringProxy
+    # Rate limits and budgets (admission hooks), and the metrics fed by the running parts.
+    limits: Limits
+    metrics: LedgerSampler
+    # Tasks: the in-memory view refusing requests on completed or capped tasks (admission).
+    tasks: TaskGuard
 
     @classmethod
     async def start(cls, settings: Settings) -> Runtime:
@@ -32,9 +54,41 @@ class Runtime:
         await seed_default_prices(sessions)
         prices = PriceCache(sessions)
         await prices.start()
-        return cls(settings=settings, engine=engine, sessions=sessions, prices=prices)
+        parts = await start_proxy(settings, engine, prices)
+        limits = Limits.create(settings, engine, prices)
+        await limits.start()
+        limits.install(parts["hooks"])
+        parts["hooks"].settlement.append(observe_settlement)
+        metrics = LedgerSampler(parts["ledger"])
+        await metrics.start()
+        tasks = TaskGuard(
+            asyncpg_dsn(settings.database_url),
+            settings.task_guard_refresh_s,
+            settings.task_settle_window_s,
+        )
+        await tasks.start()
+        # First: a refused task must not hold budget or rate-limit tokens.
+        parts["hooks"].admission.insert(0, tasks.admit)
+        parts["hooks"].settlement.append(tasks.settle)
+        return cls(
+            settings=settings,
+            engine=engine,
+            sessions=sessions,
+            prices=prices,
+            limits=limits,
+            metrics=metrics,
+            tasks=tasks,
+            **parts,
+        )
 
     async def close(self) -> None:
+        # In-flight requests are done (uvicorn waits for them): drain the ledger last.
+        await self.upstream.close()
+        await self.keys.stop()
+        await self.limits.stop()
+        await self.ledger.close()
+        await self.metrics.stop()
+        await self.tasks.stop()
         await self.prices.stop()
         await self.engine.dispose()
 

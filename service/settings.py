@@ -47,6 +47,29 @@ class Settings(BaseSettings):
     quote_lookback_days: int = 90
     quote_valid_for_s: int = 3600
     task_cost_cap_multiple: Decimal = Decimal("3")
+    # How often each process reloads open quoted tasks' costs and newly closed tasks (the
+    # proxy refuses closed or capped tasks from memory), and how long after completion a
+    # task's history cost is still settled from late ledger rows.
+    task_guard_refresh_s: float = 2.0
+    task_settle_window_s: float = 600.0
+
+    # Limits. Per-minute tier defaults (None = unlimited); an account's or key's own
+    # rate_limit_rpm / rate_limit_tpm overrides them.
+    tier_basic_rpm: int | None = 60
+    tier_basic_tpm: int | None = None
+    tier_pro_rpm: int | None = 600
+    tier_pro_tpm: int | None = None
+    tier_custom_rpm: int | None = None
+    tier_custom_tpm: int | None = None
+    # A budget reservation assumes this many completion tokens when a request sets no max_tokens.
+    budget_default_completion_tokens: int = 4096
+    # Budget counters are raised to the ledger's monthly sum this often (catches spend of
+    # other processes without Redis, and a Redis that lost its data).
+    budget_resync_s: float = 60.0
+    # A reservation never settled (its process died) stops holding budget after this long.
+    budget_reservation_ttl_s: float = 3600.0
+    # Namespace of every Redis key, so several deployments (or test runs) can share a Redis.
+    redis_prefix: str = "meterline:"
 
     @property
     def spool_dir(self) -> Path:

@@ -183,6 +183,9 @@ def meterline_env(database_url: str, data_dir: Path, providers: Path) -> dict[st
         "METERLINE_DATA_DIR": str(data_dir),
         "MOCK_PROVIDER_KEY": PROVIDER_KEY,
         "METERLINE_LEDGER_FLUSH_INTERVAL_S": "0.05",
+        # Tests send bursts far above the basic tier's 60 requests a minute; the tests of
+        # rate limits start servers with the real tier limits.
+        "METERLINE_TIER_BASIC_RPM": "1000000",
     }
 
 

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 import sqlalchemy as sa
 from alembic import op
+from sqlalchemy.dialects import postgresql
 
 revision: str = "0001"
 down_revision: str | None = None
@@ -32,6 +33,41 @@ BEGIN
     END IF;
     RETURN name;
 END $$;
+"""
+
+# Completed tasks' costs counted per account, type, model, UTC day and cost bucket, kept by
+# a trigger so that every writer of `tasks` (completion, settling, imports) keeps it right.
+TASK_COST_ROLLUP = """
+CREATE OR REPLACE FUNCTION meterline_task_cost_rollup()
+RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP IN ('UPDATE', 'DELETE') AND OLD.completed_cost_usd IS NOT NULL
+            AND OLD.completed_at IS NOT NULL AND OLD.task_type IS NOT NULL
+            AND OLD.model IS NOT NULL THEN
+        UPDATE task_cost_rollup
+        SET tasks = tasks - 1, cost_usd = cost_usd - OLD.completed_cost_usd
+        WHERE account_id = OLD.account_id AND task_type = OLD.task_type AND model = OLD.model
+            AND completed_on = (OLD.completed_at AT TIME ZONE 'UTC')::date
+            AND cost_bucket = OLD.cost_bucket;
+    END IF;
+    IF TG_OP IN ('INSERT', 'UPDATE') AND NEW.completed_cost_usd IS NOT NULL
+            AND NEW.completed_at IS NOT NULL AND NEW.task_type IS NOT NULL
+            AND NEW.model IS NOT NULL THEN
+        INSERT INTO task_cost_rollup AS r
+            (account_id, task_type, model, completed_on, cost_bucket, tasks, cost_usd)
+        VALUES (NEW.account_id, NEW.task_type, NEW.model,
+                (NEW.completed_at AT TIME ZONE 'UTC')::date, NEW.cost_bucket, 1,
+                NEW.completed_cost_usd)
+        ON CONFLICT (account_id, task_type, model, completed_on, cost_bucket)
+        DO UPDATE SET tasks = r.tasks + 1, cost_usd = r.cost_usd + EXCLUDED.cost_usd;
+    END IF;
+    RETURN NULL;
+END $$;
+"""
+TASK_COST_ROLLUP_TRIGGER = """
+CREATE TRIGGER tasks_cost_rollup
+AFTER INSERT OR DELETE OR UPDATE OF account_id, task_type, model, completed_at, completed_cost_usd
+ON tasks FOR EACH ROW EXECUTE FUNCTION meterline_task_cost_rollup();
 """
 
 
@@ -211,6 +247,7 @@ def upgrade() -> None:
         sa.Column("finalized_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("voided_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("void_reason", sa.Text(), nullable=True),
+        sa.Column("unpriced_usage", postgresql.JSONB(astext_type=sa.Text()), nullable=True),
         sa.CheckConstraint(
             "status IN ('draft', 'finalized', 'void')", name=op.f("ck_invoices_status")
         ),
@@ -283,6 +320,7 @@ def upgrade() -> None:
         sa.Column("unit_price_usd", sa.Numeric(precision=24, scale=12), nullable=True),
         sa.Column("amount_exact_usd", sa.Numeric(precision=24, scale=12), nullable=False),
         sa.Column("amount_usd", sa.Numeric(precision=18, scale=2), nullable=False),
+        sa.Column("period", sa.String(length=7), nullable=True),
         sa.CheckConstraint(
             "kind IN ('tokens', 'task', 'late_usage', 'adjustment')",
             name=op.f("ck_invoice_lines_kind"),
@@ -296,6 +334,24 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id", name=op.f("pk_invoice_lines")),
     )
     op.create_index("ix_invoice_lines_invoice_id", "invoice_lines", ["invoice_id"], unique=False)
+    op.create_table(
+        "invoice_usage_windows",
+        sa.Column("id", sa.BigInteger(), sa.Identity(always=False), nullable=False),
+        sa.Column("invoice_id", sa.UUID(), nullable=False),
+        sa.Column("period", sa.String(length=7), nullable=False),
+        sa.Column("recorded_after", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("recorded_until", sa.DateTime(timezone=True), nullable=False),
+        sa.ForeignKeyConstraint(
+            ["invoice_id"],
+            ["invoices.id"],
+            name=op.f("fk_invoice_usage_windows_invoice_id_invoices"),
+            ondelete="CASCADE",
+        ),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_invoice_usage_windows")),
+    )
+    op.create_index(
+        "ix_invoice_usage_windows_invoice_id", "invoice_usage_windows", ["invoice_id"], unique=False
+    )
     op.create_table(
         "tasks",
         sa.Column("id", sa.UUID(), server_default=sa.text("gen_random_uuid()"), nullable=False),
@@ -314,6 +370,16 @@ def upgrade() -> None:
             nullable=False,
         ),
         sa.Column("completed_at", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("completed_cost_usd", sa.Numeric(precision=24, scale=12), nullable=True),
+        sa.Column(
+            "cost_bucket",
+            sa.SmallInteger(),
+            sa.Computed(
+                "CASE WHEN completed_cost_usd > 0 THEN floor(ln(completed_cost_usd) * 16)::smallint WHEN completed_cost_usd IS NOT NULL THEN -32768 END",
+                persisted=True,
+            ),
+            nullable=True,
+        ),
         sa.CheckConstraint(
             "status IN ('open', 'succeeded', 'failed')", name=op.f("ck_tasks_status")
         ),
@@ -335,15 +401,74 @@ def upgrade() -> None:
     op.create_index(
         "ix_tasks_account_completed", "tasks", ["account_id", "completed_at"], unique=False
     )
+    op.create_index("ix_tasks_completed_at", "tasks", ["completed_at"], unique=False)
+    op.create_index(
+        "ix_tasks_open_quoted",
+        "tasks",
+        ["account_id"],
+        unique=False,
+        postgresql_where=sa.text("status = 'open' AND quote_id IS NOT NULL"),
+    )
+    op.create_index(
+        "ix_tasks_cost_history",
+        "tasks",
+        ["account_id", "task_type", "model", "cost_bucket", "completed_cost_usd"],
+        unique=False,
+        postgresql_include=["completed_at"],
+        postgresql_where=sa.text("completed_cost_usd IS NOT NULL"),
+    )
+    op.create_table(
+        "task_cost_rollup",
+        sa.Column("account_id", sa.UUID(), nullable=False),
+        sa.Column("task_type", sa.String(length=128), nullable=False),
+        sa.Column("model", sa.String(length=256), nullable=False),
+        sa.Column("completed_on", sa.Date(), nullable=False),
+        sa.Column("cost_bucket", sa.SmallInteger(), nullable=False),
+        sa.Column("tasks", sa.Integer(), nullable=False),
+        sa.Column("cost_usd", sa.Numeric(precision=24, scale=12), nullable=False),
+        sa.ForeignKeyConstraint(
+            ["account_id"],
+            ["accounts.id"],
+            name=op.f("fk_task_cost_rollup_account_id_accounts"),
+            ondelete="CASCADE",
+        ),
+        sa.PrimaryKeyConstraint(
+            "account_id",
+            "task_type",
+            "model",
+            "completed_on",
+            "cost_bucket",
+            name=op.f("pk_task_cost_rollup"),
+        ),
+    )
     # ### end Alembic commands ###
     op.execute(ENSURE_PARTITION)
+    op.execute(TASK_COST_ROLLUP)
+    op.execute(TASK_COST_ROLLUP_TRIGGER)
 
 
 def downgrade() -> None:
+    op.execute("DROP TRIGGER IF EXISTS tasks_cost_rollup ON tasks")
+    op.execute("DROP FUNCTION IF EXISTS meterline_task_cost_rollup()")
     op.execute("DROP FUNCTION IF EXISTS meterline_ensure_usage_partition(timestamptz)")
     # ### commands auto generated by Alembic - please adjust! ###
+    op.drop_table("task_cost_rollup")
+    op.drop_index(
+        "ix_tasks_cost_history",
+        table_name="tasks",
+        postgresql_include=["completed_at"],
+        postgresql_where=sa.text("completed_cost_usd IS NOT NULL"),
+    )
+    op.drop_index(
+        "ix_tasks_open_quoted",
+        table_name="tasks",
+        postgresql_where=sa.text("status = 'open' AND quote_id IS NOT NULL"),
+    )
+    op.drop_index("ix_tasks_completed_at", table_name="tasks")
     op.drop_index("ix_tasks_account_completed", table_name="tasks")
     op.drop_table("tasks")
+    op.drop_index("ix_invoice_usage_windows_invoice_id", table_name="invoice_usage_windows")
+    op.drop_table("invoice_usage_windows")
     op.drop_index("ix_invoice_lines_invoice_id", table_name="invoice_lines")
     op.drop_table("invoice_lines")
     op.drop_index("ix_quotes_account_id", table_name="quotes")

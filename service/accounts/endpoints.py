@@ -1,32 +1,92 @@
 from __future__ import annotations
 
 import uuid
+from typing import Any
 
 from fastapi import APIRouter, status
 
 from service.accounts import service
-from service.accounts.schemas import AccountCreate, AccountOut, KeyCreate, KeyCreated
-from service.auth.principal import Admin
+from service.accounts.schemas import (
+    AccountCreate,
+    AccountOut,
+    AccountUpdate,
+    KeyCreate,
+    KeyCreated,
+    KeyOut,
+)
+from service.auth.principal import Admin, Caller
 from service.db.session import Session
 from service.errors import ErrorBody
+from service.schemas import CursorParam, Limit, Page
 
-router = APIRouter(
-    prefix="/billing",
-    tags=["accounts"],
-    responses={401: {"model": ErrorBody}, 404: {"model": ErrorBody}, 422: {"model": ErrorBody}},
-)
+ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorBody, "description": "Missing, unknown, revoked or expired credential."},
+    404: {"model": ErrorBody, "description": "No such object visible to the caller."},
+    422: {"model": ErrorBody, "description": "Invalid parameter; `error.param` names it."},
+}
+FORBIDDEN: dict[int | str, dict[str, Any]] = {
+    403: {"model": ErrorBody, "description": "A customer key asked for an admin-only change."}
+}
+
+router = APIRouter(prefix="/billing", tags=["accounts"], responses=ERRORS)
 
 
 @router.post("/accounts", status_code=status.HTTP_201_CREATED, response_model=AccountOut)
 async def create_account(data: AccountCreate, session: Session, _: Admin) -> AccountOut:
+    """Create a customer account (admin)."""
     account = await service.create_account(session, data)
     return AccountOut.model_validate(account)
 
 
+@router.get("/accounts", response_model=Page[AccountOut])
+async def list_accounts(
+    session: Session, _: Admin, limit: Limit = 50, cursor: CursorParam = None
+) -> Page[AccountOut]:
+    """All accounts, oldest first, a page at a time (admin)."""
+    return await service.list_accounts(session, limit, cursor)
+
+
+@router.get("/accounts/{account_id}", response_model=AccountOut)
+async def get_account(account_id: uuid.UUID, session: Session, caller: Caller) -> AccountOut:
+    """One account: any account for the admin, its own for a customer key."""
+    return AccountOut.model_validate(await service.get_account(session, caller, account_id))
+
+
+@router.patch("/accounts/{account_id}", response_model=AccountOut, responses=FORBIDDEN)
+async def update_account(
+    account_id: uuid.UUID, data: AccountUpdate, session: Session, caller: Caller
+) -> AccountOut:
+    """Change the fields sent (admin); `null` clears an optional one."""
+    account = await service.update_account(session, caller, account_id, data)
+    return AccountOut.model_validate(account)
+
+
 @router.post(
-    "/accounts/{account_id}/keys", status_code=status.HTTP_201_CREATED, response_model=KeyCreated
+    "/accounts/{account_id}/keys",
+    status_code=status.HTTP_201_CREATED,
+    response_model=KeyCreated,
+    responses=FORBIDDEN,
 )
 async def create_key(
-    account_id: uuid.UUID, data: KeyCreate, session: Session, _: Admin
+    account_id: uuid.UUID, data: KeyCreate, session: Session, caller: Caller
 ) -> KeyCreated:
-    return await service.create_key(session, account_id, data.name, data.expires_at)
+    """Create an API key (admin). The response is the only time the key itself is shown."""
+    return await service.create_key(session, account_id, data.name, data.expires_at, caller)
+
+
+@router.get("/accounts/{account_id}/keys", response_model=Page[KeyOut])
+async def list_keys(
+    account_id: uuid.UUID,
+    session: Session,
+    caller: Caller,
+    limit: Limit = 50,
+    cursor: CursorParam = None,
+) -> Page[KeyOut]:
+    """An account's keys, oldest first, revoked and expired ones included (never the key)."""
+    return await service.list_keys(session, caller, account_id, limit, cursor)
+
+
+@router.delete("/keys/{key_id}", response_model=KeyOut, responses=FORBIDDEN)
+async def revoke_key(key_id: uuid.UUID, session: Session, caller: Caller) -> KeyOut:
+    """Revoke a key (admin). Idempotent; the proxy refuses the key from this response on."""
+    return await service.revoke_key(session, caller, key_id)

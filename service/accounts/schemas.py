@@ -1,22 +1,64 @@
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, computed_field, field_validator
+
+from service.schemas import DecimalString, as_utc
 
 Tier = Literal["basic", "pro", "custom"]
 FailedTaskPolicy = Literal["free", "cost"]
+KeyStatus = Literal["active", "revoked", "expired"]
+
+# Column bounds: NUMERIC(24, 12) for money, NUMERIC(8, 4) for a margin, INTEGER for limits.
+BudgetUSD = Annotated[Decimal, Field(ge=0, max_digits=24, decimal_places=12)]
+Margin = Annotated[Decimal, Field(ge=0, max_digits=8, decimal_places=4)]
+PerMinute = Annotated[int, Field(ge=1, le=2_147_483_647)]
+Name = Annotated[str, Field(min_length=1, max_length=200)]
 
 
 class AccountCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(min_length=1, max_length=200)
+    name: Name
     tier: Tier = "basic"
-    monthly_budget_usd: Decimal | None = Field(default=None, ge=0, max_digits=24, decimal_places=12)
+    monthly_budget_usd: BudgetUSD | None = None
+    quote_margin: Margin | None = Field(
+        default=None, description="Margin on quotes (0.20 = 20 %); null: the server default."
+    )
+    failed_task_policy: FailedTaskPolicy = Field(
+        default="free",
+        description="What a failed quoted task is billed: `free` (nothing) or `cost` (tokens).",
+    )
+    rate_limit_rpm: PerMinute | None = None
+    rate_limit_tpm: PerMinute | None = None
+
+
+class AccountUpdate(BaseModel):
+    """PATCH: only the fields sent change; `null` clears an optional field."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: Name | None = None
+    tier: Tier | None = None
+    monthly_budget_usd: BudgetUSD | None = None
+    quote_margin: Margin | None = None
+    failed_task_policy: FailedTaskPolicy | None = None
+    rate_limit_rpm: PerMinute | None = None
+    rate_limit_tpm: PerMinute | None = None
+
+    @field_validator("name", "tier", "failed_task_policy", mode="before")
+    @classmethod
+    def _required_fields_cannot_be_cleared(cls, value: Any) -> Any:
+        if value is None:
+            raise ValueError("cannot be null")
+        return value
+
+    def changes(self) -> dict[str, Any]:
+        return {field: getattr(self, field) for field in self.model_fields_set}
 
 
 class AccountOut(BaseModel):
@@ -25,19 +67,32 @@ class AccountOut(BaseModel):
     id: uuid.UUID
     name: str
     tier: Tier
-    monthly_budget_usd: Decimal | None
-    quote_margin: Decimal | None
+    monthly_budget_usd: DecimalString | None
+    quote_margin: DecimalString | None
     failed_task_policy: FailedTaskPolicy
     rate_limit_rpm: int | None
     rate_limit_tpm: int | None
     created_at: datetime
+    updated_at: datetime
 
 
 class KeyCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str | None = Field(default=None, max_length=200)
-    expires_at: datetime | None = None
+    expires_at: datetime | None = Field(
+        default=None, description="RFC 3339; the key stops working at this instant."
+    )
+
+    @field_validator("expires_at")
+    @classmethod
+    def _in_the_future(cls, value: datetime | None) -> datetime | None:
+        if value is None:
+            return None
+        value = as_utc(value)
+        if value <= datetime.now(UTC):
+            raise ValueError("must be in the future")
+        return value
 
 
 class KeyOut(BaseModel):
@@ -46,11 +101,22 @@ class KeyOut(BaseModel):
     id: uuid.UUID
     account_id: uuid.UUID
     name: str | None
-    prefix: str
+    prefix: str = Field(description="The first characters of the key, to recognise it.")
     created_at: datetime
-    last_used_at: datetime | None
+    last_used_at: datetime | None = Field(
+        description="The time of the key's latest request in the usage ledger."
+    )
     revoked_at: datetime | None
     expires_at: datetime | None
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def status(self) -> KeyStatus:
+        if self.revoked_at is not None:
+            return "revoked"
+        if self.expires_at is not None and self.expires_at <= datetime.now(UTC):
+            return "expired"
+        return "active"
 
 
 class KeyCreated(KeyOut):

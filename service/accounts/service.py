@@ -1,22 +1,89 @@
-"""Accounts and their API keys."""
+"""Accounts and their API keys.
+
+Who may do what: the admin everything. A customer key may read its own account and list its
+own account's keys; changing the account, creating keys and revoking them are the admin's
+(a leaked key must not be able to mint keys for itself or lock its owner out). Asking for
+another account's objects answers 404, as if they did not exist; asking to change one's own
+answers 403, since its existence is no secret to the caller.
+"""
 
 from __future__ import annotations
 
+import logging
 import uuid
 from datetime import datetime
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.accounts.repository import AccountRepository
-from service.accounts.schemas import AccountCreate, KeyCreated, KeyOut
+from service.accounts.schemas import (
+    AccountCreate,
+    AccountOut,
+    AccountUpdate,
+    KeyCreated,
+    KeyOut,
+)
 from service.auth.keys import generate_key
+from service.auth.principal import Principal
 from service.db.models import Account, ApiKey
-from service.errors import NotFound
+from service.errors import Forbidden, NotFound
+from service.schemas import Page, decode_cursor, encode_cursor
+
+log = logging.getLogger("meterline.accounts")
+
+
+def _not_found(account_id: uuid.UUID) -> NotFound:
+    return NotFound(f"account {account_id} not found", param="account_id")
+
+
+def _admin_only(principal: Principal, action: str) -> None:
+    if not principal.is_admin:
+        raise Forbidden(f"a customer key cannot {action}; use the admin token")
 
 
 async def create_account(session: AsyncSession, data: AccountCreate) -> Account:
-    account = Account(name=data.name, tier=data.tier, monthly_budget_usd=data.monthly_budget_usd)
+    account = Account(**data.model_dump())
     await AccountRepository(session).add(account)
+    log.info("event=account_created account_id=%s tier=%s", account.id, account.tier)
+    return account
+
+
+async def list_accounts(session: AsyncSession, limit: int, cursor: str | None) -> Page[AccountOut]:
+    after = decode_cursor(cursor, datetime.fromisoformat, uuid.UUID) if cursor else None
+    rows = await AccountRepository(session).list_accounts(limit, after)
+    page = rows[:limit]
+    has_more = len(rows) > limit
+    last = page[-1] if page else None
+    return Page[AccountOut](
+        data=[AccountOut.model_validate(a) for a in page],
+        has_more=has_more,
+        next_cursor=encode_cursor(last.created_at.isoformat(), str(last.id))
+        if has_more and last
+        else None,
+    )
+
+
+async def get_account(
+    session: AsyncSession, principal: Principal, account_id: uuid.UUID
+) -> Account:
+    if not principal.is_admin and account_id != principal.account_id:
+        raise _not_found(account_id)
+    account = await AccountRepository(session).get_account(account_id)
+    if account is None:
+        raise _not_found(account_id)
+    return account
+
+
+async def update_account(
+    session: AsyncSession, principal: Principal, account_id: uuid.UUID, data: AccountUpdate
+) -> Account:
+    account = await get_account(session, principal, account_id)
+    _admin_only(principal, "change an account")
+    changes = data.changes()
+    if not changes:
+        return account
+    account = await AccountRepository(session).update_account(account, changes)
+    log.info("event=account_updated account_id=%s fields=%s", account_id, ",".join(sorted(changes)))
     return account
 
 
@@ -25,10 +92,14 @@ async def create_key(
     account_id: uuid.UUID,
     name: str | None = None,
     expires_at: datetime | None = None,
+    principal: Principal | None = None,
 ) -> KeyCreated:
     repository = AccountRepository(session)
-    if await repository.get_account(account_id) is None:
-        raise NotFound(f"account {account_id} not found", param="account_id")
+    if principal is not None:
+        await get_account(session, principal, account_id)
+        _admin_only(principal, "create keys")
+    elif await repository.get_account(account_id) is None:
+        raise _not_found(account_id)
     new = generate_key()
     key = ApiKey(
         account_id=account_id,
@@ -38,4 +109,53 @@ async def create_key(
         expires_at=expires_at,
     )
     await repository.add(key)
+    log.info("event=key_created account_id=%s key_id=%s", account_id, key.id)
     return KeyCreated(**KeyOut.model_validate(key).model_dump(), key=new.plaintext)
+
+
+def _key_out(key: ApiKey, last_used_at: datetime | None) -> KeyOut:
+    return KeyOut(
+        id=key.id,
+        account_id=key.account_id,
+        name=key.name,
+        prefix=key.prefix,
+        created_at=key.created_at,
+        last_used_at=last_used_at,
+        revoked_at=key.revoked_at,
+        expires_at=key.expires_at,
+    )
+
+
+async def list_keys(
+    session: AsyncSession,
+    principal: Principal,
+    account_id: uuid.UUID,
+    limit: int,
+    cursor: str | None,
+) -> Page[KeyOut]:
+    await get_account(session, principal, account_id)
+    after = decode_cursor(cursor, datetime.fromisoformat, uuid.UUID) if cursor else None
+    rows = await AccountRepository(session).list_keys(account_id, limit, after)
+    page = rows[:limit]
+    has_more = len(rows) > limit
+    last = page[-1][0] if page else None
+    return Page[KeyOut](
+        data=[_key_out(key, used) for key, used in page],
+        has_more=has_more,
+        next_cursor=encode_cursor(last.created_at.isoformat(), str(last.id))
+        if has_more and last
+        else None,
+    )
+
+
+async def revoke_key(session: AsyncSession, principal: Principal, key_id: uuid.UUID) -> KeyOut:
+    repository = AccountRepository(session)
+    key = await repository.get_key(key_id)
+    if key is None or (not principal.is_admin and key.account_id != principal.account_id):
+        raise NotFound(f"key {key_id} not found", param="key_id")
+    _admin_only(principal, "revoke keys")
+    already = key.revoked_at is not None
+    key = await repository.revoke_key(key)
+    if not already:
+        log.info("event=key_revoked account_id=%s key_id=%s", key.account_id, key.id)
+    return _key_out(key, await repository.last_used_at(key.id))

@@ -7,6 +7,7 @@ machine with nothing else installed.
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,13 +25,16 @@ class EmbeddedPostgres:
 
     def start(self) -> str:
         """Start (or attach to) the server and return its connection URL."""
-        import pgserver  # imported here: only the embedded mode needs it
-
         self.pgdata.mkdir(parents=True, exist_ok=True)
-        # cleanup_mode="stop": the server stops when the last process using it exits,
-        # and the data stays on disk for the next start.
-        get_server = pgserver.get_server  # type: ignore[attr-defined]
-        self._server = get_server(self.pgdata, cleanup_mode="stop")
+        with warnings.catch_warnings():
+            # platformdirs complains when XDG_RUNTIME_DIR is unset (containers, CI); harmless.
+            warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
+            import pgserver  # imported here: only the embedded mode needs it
+
+            # cleanup_mode="stop": the server stops when the last process using it exits,
+            # and the data stays on disk for the next start.
+            get_server = pgserver.get_server  # type: ignore[attr-defined]
+            self._server = get_server(self.pgdata, cleanup_mode="stop")
         url: str = self._server.get_uri()
         log.info("event=embedded_postgres_started pgdata=%s", self.pgdata)
         return url

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
+from datetime import date, datetime
 from decimal import Decimal
 
 from sqlalchemy import (
     BigInteger,
     Boolean,
     CheckConstraint,
+    Computed,
+    Date,
     DateTime,
     ForeignKey,
     Identity,
@@ -25,7 +27,7 @@ from sqlalchemy import (
     func,
     text,
 )
-from sqlalchemy.dialects.postgresql import UUID
+from sqlalchemy.dialects.postgresql import JSONB, UUID
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from service.db.base import Base, CentsUSD, ExactUSD, RateUSD, UTCDateTime
@@ -176,6 +178,25 @@ class Task(Base):
         UniqueConstraint("account_id", "external_id"),
         CheckConstraint("status IN ('open', 'succeeded', 'failed')", name="status"),
         Index("ix_tasks_account_completed", "account_id", "completed_at"),
+        # Settling recently completed tasks finds them by completion time alone.
+        Index("ix_tasks_completed_at", "completed_at"),
+        # The proxy's guard reloads the open quoted tasks every few seconds.
+        Index(
+            "ix_tasks_open_quoted",
+            "account_id",
+            postgresql_where=text("status = 'open' AND quote_id IS NOT NULL"),
+        ),
+        # A history quote walks one cost bucket of one account's type and model in cost order.
+        Index(
+            "ix_tasks_cost_history",
+            "account_id",
+            "task_type",
+            "model",
+            "cost_bucket",
+            "completed_cost_usd",
+            postgresql_include=["completed_at"],
+            postgresql_where=text("completed_cost_usd IS NOT NULL"),
+        ),
     )
 
     id: Mapped[uuid.UUID] = _uuid_pk()
@@ -192,6 +213,41 @@ class Task(Base):
     status: Mapped[str] = mapped_column(String(16), server_default="open")
     created_at: Mapped[datetime] = _created_at()
     completed_at: Mapped[UTCDateTime | None]
+    # The task's exact ledger cost when it completed (settled again shortly after, for rows
+    # still in flight then); the history that quotes learn from reads it.
+    completed_cost_usd: Mapped[ExactUSD | None]
+    # Logarithmic cost bucket (~6.5 % wide): lets a quote find its quantile from the rollup
+    # and then walk one bucket only. Ordered like the cost; -32768 for a zero cost.
+    cost_bucket: Mapped[int | None] = mapped_column(
+        SmallInteger,
+        Computed(
+            "CASE WHEN completed_cost_usd > 0 THEN floor(ln(completed_cost_usd) * 16)::smallint"
+            " WHEN completed_cost_usd IS NOT NULL THEN -32768 END",
+            persisted=True,
+        ),
+    )
+
+
+class TaskCostRollup(Base):
+    """Completed tasks counted per account, type, model, UTC day and cost bucket.
+
+    Kept by the trigger `meterline_task_cost_rollup` on `tasks`, so every writer of tasks
+    keeps it right. A quote sums a few hundred of these rows instead of scanning every
+    past task.
+    """
+
+    __tablename__ = "task_cost_rollup"
+    __table_args__ = (
+        PrimaryKeyConstraint("account_id", "task_type", "model", "completed_on", "cost_bucket"),
+    )
+
+    account_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("accounts.id", ondelete="CASCADE"))
+    task_type: Mapped[str] = mapped_column(String(128))
+    model: Mapped[str] = mapped_column(String(256))
+    completed_on: Mapped[date] = mapped_column(Date)
+    cost_bucket: Mapped[int] = mapped_column(SmallInteger)
+    tasks: Mapped[int] = mapped_column(Integer)
+    cost_usd: Mapped[ExactUSD]
 
 
 class Quote(Base):
@@ -254,6 +310,8 @@ class Invoice(Base):
     finalized_at: Mapped[UTCDateTime | None]
     voided_at: Mapped[UTCDateTime | None]
     void_reason: Mapped[str | None] = mapped_column(Text)
+    # Usage that no price covers (model, period, tokens): shown on the draft, blocks finalize.
+    unpriced_usage: Mapped[list[dict[str, object]] | None] = mapped_column(JSONB)
 
     lines: Mapped[list[InvoiceLine]] = relationship(
         back_populates="invoice",
@@ -288,8 +346,28 @@ class InvoiceLine(Base):
     unit_price_usd: Mapped[ExactUSD | None]
     amount_exact_usd: Mapped[ExactUSD]
     amount_usd: Mapped[CentsUSD]
+    # Late usage: the period the usage belongs to (the invoice's own period otherwise).
+    period: Mapped[str | None] = mapped_column(String(7))
 
     invoice: Mapped[Invoice] = relationship(back_populates="lines", lazy="raise")
+
+
+class InvoiceUsageWindow(Base):
+    """The ledger rows an invoice bills: rows of `period` recorded in (recorded_after, until].
+
+    Only the windows of finalized invoices count as billed; the late-usage rule (see
+    `pricing.invoice`) bills what no finalized window covers yet, so no row is billed twice.
+    """
+
+    __tablename__ = "invoice_usage_windows"
+    __table_args__ = (Index("ix_invoice_usage_windows_invoice_id", "invoice_id"),)
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    invoice_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("invoices.id", ondelete="CASCADE"))
+    period: Mapped[str] = mapped_column(String(7))
+    # NULL: from the beginning of time.
+    recorded_after: Mapped[UTCDateTime | None]
+    recorded_until: Mapped[UTCDateTime]
 
 
 class InvoiceNumberCounter(Base):

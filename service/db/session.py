@@ -17,4 +17,6 @@ async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
         await session.commit()
 
 
-Session = Annotated[AsyncSession, Depends(get_session)]
+# "function" scope: the commit runs before the response is sent, so a client never sees a
+# success (a revoked key, a finalized invoice) that is not yet durable — or that then fails.
+Session = Annotated[AsyncSession, Depends(get_session, scope="function")]

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from datetime import datetime
 from importlib.resources import files
 
 from sqlalchemy import select
@@ -61,3 +62,36 @@ class PriceRepository:
 
     async def is_empty(self) -> bool:
         return await self.session.scalar(select(PriceVersion.id).limit(1)) is None
+
+    async def versions(
+        self, model: str | None = None, ids: list[int] | None = None
+    ) -> list[PriceVersion]:
+        """Stored versions, by model then start; optionally of one model id or pattern."""
+        statement = select(PriceVersion).order_by(PriceVersion.model, PriceVersion.effective_from)
+        if model is not None:
+            statement = statement.where(PriceVersion.model == model)
+        if ids is not None:
+            statement = statement.where(PriceVersion.id.in_(ids))
+        return list(await self.session.scalars(statement))
+
+    async def find(self, model: str, effective_from: datetime) -> PriceVersion | None:
+        version: PriceVersion | None = await self.session.scalar(
+            select(PriceVersion).where(
+                PriceVersion.model == model, PriceVersion.effective_from == effective_from
+            )
+        )
+        return version
+
+    async def add(self, price: Price, source: str) -> PriceVersion:
+        version = PriceVersion(
+            model=price.model,
+            input_usd_per_mtok=price.input_usd_per_mtok,
+            output_usd_per_mtok=price.output_usd_per_mtok,
+            cached_input_usd_per_mtok=price.cached_input_usd_per_mtok,
+            effective_from=price.effective_from,
+            source=source,
+        )
+        self.session.add(version)
+        await self.session.flush()
+        await self.session.refresh(version)
+        return version

@@ -1,0 +1,31 @@
+"""`python -m bench <name> [args…]`: run one benchmark. `python -m bench` lists them.
+
+Each benchmark is a module of this package with a `main(argv: list[str]) -> None`;
+registering one is one line in BENCHMARKS.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+BENCHMARKS: dict[str, str] = {
+    "proxy": "bench.proxy",  # throughput, latency and TTFT: direct vs through Meterline
+    "ingest": "bench.ingest",  # ledger writer: usage rows/s into Postgres
+    "quotes": "bench.quotes",  # history quote latency from 100,000 past tasks
+    "export": "bench.export",  # monthly report of 1M ledger rows: rows/s, server peak RSS
+}
+
+
+def main(argv: list[str]) -> None:
+    if not argv or argv[0] not in BENCHMARKS:
+        print("usage: python -m bench <name> [args…]\n\nbenchmarks:")
+        for name, module in BENCHMARKS.items():
+            print(f"  {name:<10} {module}")
+        raise SystemExit(0 if not argv else 2)
+    module = importlib.import_module(BENCHMARKS[argv[0]])
+    module.main(argv[1:])
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

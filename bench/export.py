@@ -1,0 +1,331 @@
+"""`python -m bench export`: the monthly report of a month of 1,000,000 ledger rows.
+
+Creates a database of its own on `METERLINE_DATABASE_URL` (default
+postgresql://postgres@127.0.0.1:5432/test), migrates it, COPYs the rows into one month
+(spread over `--accounts` accounts and `--models` models, 1 % of them in quoted tasks),
+starts `meterline serve` on it and downloads `GET /billing/reports/monthly` as a client
+would, `--runs` times. Reports ledger rows exported per second (the rows the report
+covers, over the wall time of the whole download) and the peak RSS of the server process
+(VmHWM), against the targets: ≥ 100,000 rows/s, ≤ 150 MB.
+
+    python -m bench export [--rows 1000000] [--accounts 1000] [--models 8] [--runs 3]
+                           [--format csv|json] [--keep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import secrets
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+
+import asyncpg
+import httpx
+from sqlalchemy.engine import make_url
+
+from service.db.engine import asyncpg_dsn
+from service.db.migrate import upgrade
+from service.db.partitions import add_months, month_start
+
+ROOT = Path(__file__).resolve().parents[1]
+ADMIN_TOKEN = "bench-admin-" + secrets.token_hex(8)
+TARGET_ROWS_PER_S = 100_000
+TARGET_RSS_MB = 150
+LEDGER_COLUMNS = (
+    "request_id",
+    "occurred_at",
+    "account_id",
+    "key_id",
+    "task_id",
+    "task_type",
+    "endpoint",
+    "requested_model",
+    "provider",
+    "stream",
+    "status_code",
+    "prompt_tokens",
+    "completion_tokens",
+    "total_tokens",
+    "usage_source",
+    "cost_usd",
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _with_database(url: str, name: str) -> str:
+    return make_url(url).set(database=name).render_as_string(hide_password=False)
+
+
+def _ledger_rows(
+    count: int,
+    start: datetime,
+    accounts: list[uuid.UUID],
+    models: list[str],
+    quoted: list[tuple[uuid.UUID, str]],
+) -> Iterator[tuple[object, ...]]:
+    rng = random.Random(42)
+    seconds = 28 * 24 * 3600
+    for i in range(count):
+        if quoted and i % 100 == 0:
+            account, task_id = quoted[(i // 100) % len(quoted)]
+            task_type: str | None = "summarize"
+        else:
+            account, task_id, task_type = accounts[i % len(accounts)], None, None
+        prompt = rng.randint(10, 4000)
+        completion = rng.randint(0, 1000)
+        yield (
+            f"req_bench_{i:010d}",
+            start + timedelta(seconds=rng.randrange(seconds), microseconds=i % 1_000_000),
+            account,
+            None,
+            task_id,
+            task_type,
+            "chat",
+            # Every account uses every model: accounts x models report rows.
+            models[(i // len(accounts)) % len(models)],
+            "bench",
+            False,
+            200,
+            prompt,
+            completion,
+            prompt + completion,
+            "upstream",
+            # An exact cost at $0.40 / M tokens: no float anywhere.
+            Decimal(prompt + completion) * Decimal("0.0000004"),
+        )
+
+
+async def _populate(dsn: str, rows: int, n_accounts: int, n_models: int, start: datetime) -> None:
+    connection = await asyncpg.connect(dsn)
+    try:
+        accounts = [uuid.uuid4() for _ in range(n_accounts)]
+        await connection.copy_records_to_table(
+            "accounts",
+            records=[(a, f"bench account {i:05d}") for i, a in enumerate(accounts)],
+            columns=["id", "name"],
+        )
+        await connection.execute("SELECT meterline_ensure_usage_partition($1)", start)
+        # Quoted tasks: one per tenth account, so the report breaks out their task type.
+        quoted: list[tuple[uuid.UUID, str]] = []
+        for account in accounts[::10]:
+            quote = await connection.fetchval(
+                "INSERT INTO quotes (account_id, task_type, model, basis, sample_size,"
+                " confidence, margin, expected_cost_usd, quantile_cost_usd, price_usd,"
+                " valid_until) VALUES ($1, 'summarize', 'bench-model-0', 'estimate', 0, 0.9,"
+                " 0.2, 0.01, 0.01, 0.05, now()) RETURNING id",
+                account,
+            )
+            task_id = f"bench-task-{account.hex[:12]}"
+            await connection.execute(
+                "INSERT INTO tasks (account_id, external_id, task_type, model, quote_id,"
+                " fixed_price_usd, status) VALUES ($1, $2, 'summarize', 'bench-model-0', $3,"
+                " 0.05, 'succeeded')",
+                account,
+                task_id,
+                quote,
+            )
+            quoted.append((account, task_id))
+        models = [f"bench-model-{m}" for m in range(n_models)]
+        batch: list[tuple[object, ...]] = []
+        for record in _ledger_rows(rows, start, accounts, models, quoted):
+            batch.append(record)
+            if len(batch) == 100_000:
+                await connection.copy_records_to_table(
+                    "usage_ledger", records=batch, columns=LEDGER_COLUMNS
+                )
+                batch.clear()
+        if batch:
+            await connection.copy_records_to_table(
+                "usage_ledger", records=batch, columns=LEDGER_COLUMNS
+            )
+        # What autovacuum would have done by the time a month is exported.
+        await connection.execute("VACUUM ANALYZE usage_ledger")
+        await connection.execute("ANALYZE tasks, accounts, invoices")
+    finally:
+        await connection.close()
+
+
+def _rss_kb(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no {field} for {pid}")
+
+
+def _export(url: str, period: str, fmt: str) -> tuple[float, int, int, bytes]:
+    """(seconds, bytes, lines, last line) of one whole download."""
+    size = lines = 0
+    tail = b""
+    began = time.perf_counter()
+    with httpx.stream(
+        "GET",
+        f"{url}/billing/reports/monthly",
+        params={"period": period, "format": fmt},
+        headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+        timeout=600,
+    ) as response:
+        response.raise_for_status()
+        for chunk in response.iter_bytes():
+            size += len(chunk)
+            lines += chunk.count(b"\n")
+            tail = (tail + chunk)[-2048:]
+    return time.perf_counter() - began, size, lines, tail.rstrip(b"\n").rsplit(b"\n", 1)[-1]
+
+
+async def _direct(url: str, period: str, fmt: str) -> None:
+    """The service function alone in this process: the export's own footprint."""
+    from service.db.engine import create_engine
+    from service.reports.service import export_monthly
+
+    engine = create_engine(url, pool_size=1)
+    idle_kb = _rss_kb(os.getpid(), "VmRSS")
+    began = time.perf_counter()
+    size = 0
+    async for chunk in export_monthly(engine, period, fmt, None):  # type: ignore[arg-type]
+        size += len(chunk)
+    seconds = time.perf_counter() - began
+    await engine.dispose()
+    peak_kb = _rss_kb(os.getpid(), "VmHWM")
+    print(f"{seconds} {size} {idle_kb} {peak_kb}")
+
+
+def main(argv: list[str]) -> None:
+    if argv[:1] == ["--direct"]:
+        asyncio.run(_direct(*argv[1:4]))
+        return
+    parser = argparse.ArgumentParser(prog="python -m bench export", description=__doc__)
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--accounts", type=int, default=1000)
+    parser.add_argument("--models", type=int, default=8)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--format", choices=("csv", "json"), default="csv")
+    parser.add_argument("--keep", action="store_true", help="Keep the database afterwards.")
+    args = parser.parse_args(argv)
+
+    server = os.environ.get("METERLINE_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
+    name = f"meterline_bench_export_{secrets.token_hex(4)}"
+    url = _with_database(server, name)
+    start = add_months(month_start(datetime.now(UTC)), -1)
+    period = f"{start:%Y-%m}"
+    admin = asyncpg_dsn(server)
+    asyncio.run(_admin(admin, f'CREATE DATABASE "{name}"'))
+    try:
+        upgrade(url)
+        began = time.perf_counter()
+        asyncio.run(_populate(asyncpg_dsn(url), args.rows, args.accounts, args.models, start))
+        print(
+            f"loaded {args.rows:,} ledger rows for {period} in {time.perf_counter() - began:.1f}s"
+        )
+        _measure(url, period, args)
+        _measure_direct(url, period, args)
+    finally:
+        if args.keep:
+            print(f"database kept: {url}")
+        else:
+            asyncio.run(_admin(admin, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+async def _admin(dsn: str, sql: str) -> None:
+    connection = await asyncpg.connect(dsn)
+    try:
+        await connection.execute(sql)
+    finally:
+        await connection.close()
+
+
+def _measure(url: str, period: str, args: argparse.Namespace) -> None:
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}"
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {
+            **os.environ,
+            "METERLINE_DATABASE_URL": url,
+            "METERLINE_ADMIN_TOKEN": ADMIN_TOKEN,
+            "METERLINE_DATA_DIR": tmp,
+        }
+        env.pop("METERLINE_PROVIDERS", None)
+        log = open(Path(tmp) / "serve.log", "wb")  # noqa: SIM115
+        process = subprocess.Popen(
+            [sys.executable, "-m", "service", "serve", "--port", str(port), "--workers", "1"],
+            env=env,
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            _wait(f"{base}/healthz", process)
+            idle_kb = _rss_kb(process.pid, "VmRSS")
+            results = []
+            for run in range(1, args.runs + 1):
+                seconds, size, lines, last = _export(base, period, args.format)
+                rate = args.rows / seconds
+                results.append(rate)
+                print(
+                    f"run {run}: {seconds:.2f}s, {lines - 2:,} report rows, {size / 1e6:.2f} MB,"
+                    f" {rate:,.0f} ledger rows/s"
+                )
+            if args.format == "csv":
+                requests = int(last.split(b",")[6])
+                assert requests == args.rows, f"totals row counts {requests} requests"
+            peak_kb = _rss_kb(process.pid, "VmHWM")
+        finally:
+            process.terminate()
+            process.wait(timeout=30)
+            log.close()
+    best = max(results)
+    peak_mb = peak_kb / 1024
+    print(
+        f"\nexport of {args.rows:,} ledger rows ({args.format}):"
+        f" best {best:,.0f} rows/s (median {sorted(results)[len(results) // 2]:,.0f}),"
+        f" target ≥ {TARGET_ROWS_PER_S:,} → {'ok' if best >= TARGET_ROWS_PER_S else 'MISSED'}"
+    )
+    print(
+        f"server peak RSS {peak_mb:.0f} MB (idle after start-up {idle_kb / 1024:.0f} MB),"
+        f" target ≤ {TARGET_RSS_MB} MB → {'ok' if peak_mb <= TARGET_RSS_MB else 'MISSED'}"
+    )
+
+
+def _measure_direct(url: str, period: str, args: argparse.Namespace) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "bench", "export", "--direct", url, period, args.format],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    seconds, _, idle_kb, peak_kb = result.stdout.split()
+    print(
+        f"service function alone (python -m bench export --direct): {float(seconds):.2f}s,"
+        f" {args.rows / float(seconds):,.0f} ledger rows/s, process peak RSS"
+        f" {int(peak_kb) / 1024:.0f} MB (before the export {int(idle_kb) / 1024:.0f} MB)"
+    )
+
+
+def _wait(url: str, process: subprocess.Popen[bytes], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"meterline serve exited with {process.returncode}")
+        try:
+            httpx.get(url, timeout=1)
+            return
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    raise TimeoutError(url)

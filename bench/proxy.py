@@ -1,0 +1,341 @@
+"""`python -m bench proxy`: Meterline's hot path against the targets of DESIGN.md.
+
+Starts the mock provider (the zero-latency upstream), a bare pass-through proxy (the
+yardstick: forwards and nothing else) and `meterline serve` with its ledger on Postgres
+(`METERLINE_DATABASE_URL`, default postgresql://postgres@127.0.0.1:5432/test; the run
+creates and drops a database of its own there). Then, in one run:
+
+- non-streamed, with `wrk` (installed with apt-get if missing) at 8 and 64 connections:
+  direct to the provider, through the bare proxy, through Meterline — req/s, latency
+  percentiles, their ratios, and the ledger's row count against the requests served;
+- streamed: 500 concurrent streams of 50 chunks 20 ms apart (an asyncio/aiohttp client),
+  time to first token direct vs through Meterline, and stalls.
+
+    python -m bench proxy [--workers 1 2] [--duration 10] [--streams 500] [--clients]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import re
+import secrets
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+import asyncpg
+import httpx
+from sqlalchemy.engine import make_url
+
+from bench.support import bench_database, ensure_wrk, free_port, run
+from service.db.engine import asyncpg_dsn
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = "meta-llama/Llama-3.3-70B-Instruct"
+BODY = (
+    '{"model":"' + MODEL + '","messages":[{"role":"system","content":"You are terse."},'
+    '{"role":"user","content":"Summarise the ledger in a few words."}],"max_tokens":16}'
+)
+PROVIDER_KEY = "sk-bench-" + secrets.token_hex(8)
+ADMIN_TOKEN = "bench-admin-" + secrets.token_hex(8)
+
+
+# -- wrk ---------------------------------------------------------------------------------
+
+
+@dataclass
+class WrkResult:
+    rps: float
+    requests: int
+    errors: int
+    latency_ms: dict[str, float] = field(default_factory=dict)  # "50%" → ms
+
+
+_UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0}
+
+
+def _ms(text: str) -> float:
+    number, unit = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text).groups()  # type: ignore[union-attr]
+    return float(number) * _UNITS[unit]
+
+
+def wrk(binary: str, url: str, connections: int, seconds: int, key: str | None, work: Path) -> WrkResult:
+    script = work / f"post-{secrets.token_hex(3)}.lua"
+    auth = f'wrk.headers["Authorization"] = "Bearer {key}"\n' if key else ""
+    script.write_text(
+        'wrk.method = "POST"\n'
+        f"wrk.body = '{BODY}'\n"
+        'wrk.headers["Content-Type"] = "application/json"\n' + auth
+    )
+    threads = 1 if connections <= 8 else 2
+    out = subprocess.run(
+        [binary, f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", str(script), url],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    latency = {m[0]: _ms(m[1]) for m in re.findall(r"^\s+(\d+%)\s+([\d.]+\w+)\s*$", out, re.M)}
+    requests = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    socket_errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    errors = int(non_2xx.group(1)) if non_2xx else 0
+    if socket_errors:
+        errors += sum(int(g) for g in socket_errors.groups())
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    return WrkResult(rps, requests, errors, latency)
+
+
+# -- streams -----------------------------------------------------------------------------
+
+
+@dataclass
+class StreamResult:
+    completed: int = 0
+    failed: int = 0
+    ttft_ms: list[float] = field(default_factory=list)
+    max_gap_ms: list[float] = field(default_factory=list)
+
+    def pct(self, values: list[float], q: float) -> float:
+        ordered = sorted(values)
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
+async def stream_load(url: str, key: str, concurrency: int, seconds: float) -> StreamResult:
+    """`concurrency` clients, each streaming one completion after another for `seconds`;
+    starts spread over the first second so the load is steady, not one burst."""
+    body = (
+        '{"model":"' + MODEL + '","stream":true,"messages":[{"role":"user","content":"Hi"}],'
+        '"mock":{"chunks":50,"chunk_delay_ms":20}}'
+    ).encode()
+    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+    result = StreamResult()
+    connector = aiohttp.TCPConnector(limit=0)
+    timeout = aiohttp.ClientTimeout(total=60)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        end = time.perf_counter() + seconds
+
+        async def client(i: int) -> None:
+            await asyncio.sleep(i / concurrency)
+            while time.perf_counter() < end:
+                started = time.perf_counter()
+                first = last = 0.0
+                gap = 0.0
+                try:
+                    async with session.post(url, data=body, headers=headers) as response:
+                        if response.status != 200:
+                            result.failed += 1
+                            await response.read()
+                            continue
+                        async for _ in response.content.iter_any():
+                            now = time.perf_counter()
+                            if not first:
+                                first = now
+                            elif now - last > gap:
+                                gap = now - last
+                            last = now
+                except (aiohttp.ClientError, TimeoutError):
+                    result.failed += 1
+                    continue
+                result.completed += 1
+                result.ttft_ms.append((first - started) * 1000)
+                result.max_gap_ms.append(gap * 1000)
+
+        await asyncio.gather(*(client(i) for i in range(concurrency)))
+    return result
+
+
+# -- Meterline ----------------------------------------------------------------------------
+
+
+def create_key(base: str) -> tuple[str, str]:
+    with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}) as c:
+        # The `custom` tier has no default rate limit: the bench measures the proxy, not limits.
+        account = c.post("/billing/accounts", json={"name": "bench", "tier": "custom"})
+        account.raise_for_status()
+        key = c.post(f"/billing/accounts/{account.json()['id']}/keys", json={})
+        key.raise_for_status()
+        return str(account.json()["id"]), str(key.json()["key"])
+
+
+def ledger_count(database_url: str, account_id: str, expect_at_least: int) -> int:
+    """Rows of the account once the writer has caught up (the count stops growing)."""
+
+    async def count() -> int:
+        connection = await asyncpg.connect(asyncpg_dsn(database_url))
+        try:
+            value: int = await connection.fetchval(
+                "SELECT count(*) FROM usage_ledger WHERE account_id = $1::uuid", account_id
+            )
+            return value
+        finally:
+            await connection.close()
+
+    previous, stable_since = -1, time.monotonic()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        current = asyncio.run(count())
+        if current != previous:
+            previous, stable_since = current, time.monotonic()
+        elif current >= expect_at_least and time.monotonic() - stable_since > 1.0:
+            break
+        time.sleep(0.2)
+    return previous
+
+
+def fmt(result: WrkResult) -> str:
+    lat = result.latency_ms
+    return (
+        f"{result.rps:9.0f} req/s  p50 {lat.get('50%', 0):7.2f} ms  p90 {lat.get('90%', 0):7.2f} ms"
+        f"  p99 {lat.get('99%', 0):7.2f} ms  ({result.requests} requests, {result.errors} errors)"
+    )
+
+
+def bench_workers(
+    workers: int, args: argparse.Namespace, wrk_bin: str, database_url: str, upstream: str, work: Path
+) -> None:
+    print(f"\n=== Meterline with --workers {workers} (bare pass-through with the same) ===", flush=True)
+    providers = work / "providers.yaml"
+    providers.write_text(
+        "providers:\n"
+        "  - name: mock\n"
+        f"    base_url: {upstream}/v1\n"
+        "    api_key_env: BENCH_PROVIDER_KEY\n"
+        "    models: ['mock-*', 'meta-llama/*']\n"
+        "    stream_usage: inject\n"
+    )
+    meterline_port, bare_port = free_port(), free_port()
+    env = {
+        "METERLINE_DATABASE_URL": database_url,
+        "METERLINE_ADMIN_TOKEN": ADMIN_TOKEN,
+        "METERLINE_PROVIDERS": str(providers),
+        "METERLINE_DATA_DIR": str(work / f"data-{workers}"),
+        "METERLINE_LOG_LEVEL": "warning",
+        "BENCH_PROVIDER_KEY": PROVIDER_KEY,
+        "BENCH_UPSTREAM": f"{upstream}/v1",
+        "BENCH_CLIENT": "aiohttp",
+    }
+    meterline_url = f"http://127.0.0.1:{meterline_port}"
+    bare_url = f"http://127.0.0.1:{bare_port}"
+    uvicorn = [sys.executable, "-m", "uvicorn", "--factory", "--loop", "uvloop", "--http", "httptools",
+               "--log-level", "warning", "--workers", str(workers)]
+    with (
+        run(
+            [sys.executable, "-m", "service", "serve", "--port", str(meterline_port), "--workers", str(workers)],
+            f"{meterline_url}/healthz",
+            env,
+            work / f"meterline-{workers}.log",
+        ),
+        run(
+            [*uvicorn, "--port", str(bare_port), "bench.passthrough:create_app"],
+            f"{bare_url}/v1/chat/completions",
+            env,
+            work / f"bare-{workers}.log",
+        ),
+    ):
+        account_id, key = create_key(meterline_url)
+        chat = "/v1/chat/completions"
+        for connections in args.connections:
+            # Warm up connection pools and caches, then measure each path in turn.
+            for url, auth in ((f"{upstream}{chat}", PROVIDER_KEY), (f"{bare_url}{chat}", None), (f"{meterline_url}{chat}", key)):
+                wrk(wrk_bin, url, connections, 2, auth, work)
+            direct = wrk(wrk_bin, f"{upstream}{chat}", connections, args.duration, PROVIDER_KEY, work)
+            bare = wrk(wrk_bin, f"{bare_url}{chat}", connections, args.duration, None, work)
+            metered = wrk(wrk_bin, f"{meterline_url}{chat}", connections, args.duration, key, work)
+            print(f"\n-- non-streamed, {connections} connections, {args.duration}s each")
+            print(f"  direct      {fmt(direct)}")
+            print(f"  bare proxy  {fmt(bare)}")
+            print(f"  Meterline   {fmt(metered)}")
+            print(
+                f"  Meterline / bare = {metered.rps / bare.rps:.0%}; "
+                f"added over direct: p50 {metered.latency_ms['50%'] - direct.latency_ms['50%']:+.2f} ms, "
+                f"p99 {metered.latency_ms['99%'] - direct.latency_ms['99%']:+.2f} ms; "
+                f"over bare: p50 {metered.latency_ms['50%'] - bare.latency_ms['50%']:+.2f} ms, "
+                f"p99 {metered.latency_ms['99%'] - bare.latency_ms['99%']:+.2f} ms",
+                flush=True,
+            )
+        # Every request Meterline answered (warm-ups included) must be in the ledger. wrk
+        # counts completed responses only; requests in flight when it stops are still
+        # answered and recorded, so the ledger may hold up to `connections` more per run.
+        rows = ledger_count(database_url, account_id, 1)
+        print(f"\n  ledger rows for the wrk account: {rows}", flush=True)
+        if args.clients:
+            compare_clients(workers, args, wrk_bin, upstream, work, env)
+        if args.streams:
+            stream_account, stream_key = create_key(meterline_url)
+            print(f"\n-- streamed: {args.streams} concurrent streams, 50 chunks 20 ms apart, {args.stream_seconds}s")
+            for label, url, auth in (
+                ("direct    ", f"{upstream}{chat}", PROVIDER_KEY),
+                ("Meterline ", f"{meterline_url}{chat}", stream_key),
+            ):
+                result = asyncio.run(stream_load(url, auth, args.streams, args.stream_seconds))
+                stalls = sum(1 for g in result.max_gap_ms if g > 200)
+                print(
+                    f"  {label} {result.completed} streams ({result.failed} failed): TTFT p50 "
+                    f"{result.pct(result.ttft_ms, 0.5):6.2f} ms  p99 {result.pct(result.ttft_ms, 0.99):6.2f} ms"
+                    f"  max {max(result.ttft_ms, default=0):6.1f} ms; worst gap between chunks p99 "
+                    f"{result.pct(result.max_gap_ms, 0.99):6.1f} ms; streams with a >200 ms stall: {stalls}",
+                    flush=True,
+                )
+                if label.startswith("Meterline"):
+                    rows = ledger_count(database_url, stream_account, result.completed)
+                    print(
+                        f"  ledger rows for the streams: {rows} (completed streams {result.completed}, "
+                        f"failed {result.failed})",
+                        flush=True,
+                    )
+                else:
+                    direct_ttft = result.ttft_ms
+            print(f"  (direct TTFT mean {statistics.fmean(direct_ttft):.2f} ms)")
+
+
+def compare_clients(
+    workers: int, args: argparse.Namespace, wrk_bin: str, upstream: str, work: Path, env: dict[str, str]
+) -> None:
+    """The bare pass-through with each HTTP client: why Meterline uses aiohttp's."""
+    print(f"\n-- bare pass-through by HTTP client, 64 connections, {args.duration}s")
+    for client in ("aiohttp", "httpx-aiohttp", "httpx"):
+        port = free_port()
+        uvicorn = [sys.executable, "-m", "uvicorn", "--factory", "--loop", "uvloop", "--http", "httptools",
+                   "--log-level", "warning", "--workers", str(workers), "--port", str(port),
+                   "bench.passthrough:create_app"]
+        with run(uvicorn, f"http://127.0.0.1:{port}/v1/chat/completions", {**env, "BENCH_CLIENT": client},
+                 work / f"bare-{client}.log"):
+            url = f"http://127.0.0.1:{port}/v1/chat/completions"
+            wrk(wrk_bin, url, 64, 2, None, work)
+            print(f"  {client:<14}{fmt(wrk(wrk_bin, url, 64, args.duration, None, work))}", flush=True)
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench proxy", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workers", type=int, nargs="+", default=[1], help="worker counts to run")
+    parser.add_argument("--duration", type=int, default=10, help="seconds per wrk run")
+    parser.add_argument("--connections", type=int, nargs="+", default=[8, 64])
+    parser.add_argument("--streams", type=int, default=500, help="concurrent streams (0: skip)")
+    parser.add_argument("--stream-seconds", type=float, default=8.0)
+    parser.add_argument("--clients", action="store_true", help="also compare HTTP clients")
+    args = parser.parse_args(argv)
+    wrk_bin = ensure_wrk()
+    work = Path(tempfile.mkdtemp(prefix="meterline-bench-"))
+    print(f"logs in {work}; {os.cpu_count()} CPUs", flush=True)
+    with bench_database() as database_url:
+        port = free_port()
+        upstream = f"http://127.0.0.1:{port}"
+        with run(
+            [sys.executable, "-m", "service", "mock-upstream", "--port", str(port), "--api-key", PROVIDER_KEY],
+            f"{upstream}/v1/models",
+            {},
+            work / "mock.log",
+        ):
+            for workers in args.workers:
+                bench_workers(workers, args, wrk_bin, database_url, upstream, work)

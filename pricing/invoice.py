@@ -1,0 +1,446 @@
+"""Invoices built from aggregates: lines, the one rounding, and which usage each invoice covers.
+
+Money rules
+-----------
+Each line keeps its exact amount (the exact sum of the costs of the rows or tasks behind it)
+and is rounded once, to cents, half away from zero; the invoice total is the sum of the
+rounded lines. Nothing here does I/O: the service sums the ledger in SQL and hands the
+sums over.
+
+Which ledger rows an invoice bills (the late-usage rule)
+--------------------------------------------------------
+A ledger row belongs to the usage period (UTC calendar month) of its `occurred_at` and
+carries `recorded_at`, the database time it was inserted. An invoice records, per usage
+period, the `recorded_at` windows `(after, until]` it bills (`BilledWindow`); only the
+windows of *finalized* invoices count as billed (a draft is recomputed, a void one bills
+nothing). When the invoice of account A for period Q is (re)generated with cutoff C (a
+watermark below which no row can still be uncommitted):
+
+1. Own usage: the rows of Q recorded in `(-inf, C]` minus the windows of Q already billed
+   (only possible after a void, when earlier late-usage lines for Q stay billed where they are).
+2. Late usage: for each earlier period P < Q whose invoice is finalized, the rows of P
+   recorded in `(-inf, C]` minus the windows of P already billed, i.e. rows that arrived
+   after P's invoice (and after any earlier late-usage line for P) was finalized. They become
+   `late_usage` lines labelled with P. Several finalized months, and late rows arriving
+   after the next invoice too, all follow from the same subtraction.
+3. Periods without a finalized invoice contribute no late usage: their rows wait for their
+   own invoice, whose window 1 will hold them.
+
+The service finalizes by regenerating under a per-account lock and freezing the result, so
+the billed windows of one period never overlap: every row is billed by exactly one
+finalized invoice, never twice, and none is lost (`uncovered_windows` is the subtraction).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from decimal import Decimal
+from enum import StrEnum
+
+from pricing.cost import TokenUsage, totals_cost
+from pricing.money import exact, round_cents
+from pricing.price_table import format_rate
+from pricing.prices import Price
+
+_PERIOD = re.compile(r"^(\d{4})-(0[1-9]|1[0-2])$")
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class BillingPeriod:
+    """A UTC calendar month, written `YYYY-MM`."""
+
+    year: int
+    month: int
+
+    @classmethod
+    def parse(cls, text: str) -> BillingPeriod:
+        """`"2026-01"` → BillingPeriod(2026, 1); anything else raises ValueError."""
+        match = _PERIOD.match(text)
+        if match is None or int(match.group(1)) < 1970:
+            raise ValueError(f"period must be YYYY-MM, got {text!r}")
+        return cls(int(match.group(1)), int(match.group(2)))
+
+    @classmethod
+    def of(cls, at: datetime) -> BillingPeriod:
+        """The period holding the instant `at`."""
+        at = at.astimezone(UTC)
+        return cls(at.year, at.month)
+
+    @property
+    def start(self) -> datetime:
+        """First instant of the month (inclusive)."""
+        return datetime(self.year, self.month, 1, tzinfo=UTC)
+
+    @property
+    def end(self) -> datetime:
+        """First instant of the next month (exclusive)."""
+        return self.next().start
+
+    def next(self) -> BillingPeriod:
+        """The following month."""
+        return BillingPeriod(self.year + self.month // 12, self.month % 12 + 1)
+
+    def __str__(self) -> str:
+        return f"{self.year:04d}-{self.month:02d}"
+
+
+@dataclass(frozen=True, slots=True)
+class BilledWindow:
+    """Rows recorded in `(after, until]` (after None: since the beginning of time)."""
+
+    after: datetime | None
+    until: datetime
+
+    def contains(self, recorded_at: datetime) -> bool:
+        """Whether a row recorded at `recorded_at` falls in this window."""
+        return (self.after is None or recorded_at > self.after) and recorded_at <= self.until
+
+
+def uncovered_windows(cutoff: datetime, billed: Iterable[BilledWindow]) -> list[BilledWindow]:
+    """`(-inf, cutoff]` minus the `billed` windows, as sorted disjoint windows.
+
+    The heart of the late-usage rule: what a new invoice may bill of one period is exactly
+    what no finalized invoice has billed yet, up to the new cutoff.
+    """
+    spans = sorted(
+        (w for w in billed if w.after is None or w.after < w.until),
+        key=lambda w: (w.after is not None, w.after or _EPOCH),
+    )
+    free: list[BilledWindow] = []
+    covered_to: datetime | None = None  # everything up to here is billed or handed out
+    for window in spans:
+        if covered_to is not None and covered_to >= cutoff:
+            break
+        if window.after is not None and (covered_to is None or window.after > covered_to):
+            free.append(BilledWindow(covered_to, min(window.after, cutoff)))
+        covered_to = window.until if covered_to is None else max(covered_to, window.until)
+    if covered_to is None or covered_to < cutoff:
+        free.append(BilledWindow(covered_to, cutoff))
+    return free
+
+
+class LineKind(StrEnum):
+    TOKENS = "tokens"
+    ADJUSTMENT = "adjustment"
+    TASK = "task"
+    LATE_USAGE = "late_usage"
+
+
+class TaskOutcome(StrEnum):
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+
+class FailedTaskPolicy(StrEnum):
+    FREE = "free"
+    COST = "cost"
+
+
+@dataclass(frozen=True, slots=True)
+class UsageTotals:
+    """Summed ledger rows; `cached_tokens` was clamped row by row (`countable_cached_tokens`)."""
+
+    requests: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+
+    def __add__(self, other: UsageTotals) -> UsageTotals:
+        return UsageTotals(
+            self.requests + other.requests,
+            self.prompt_tokens + other.prompt_tokens,
+            self.completion_tokens + other.completion_tokens,
+            self.cached_tokens + other.cached_tokens,
+        )
+
+    def as_usage(self) -> TokenUsage:
+        return TokenUsage(self.prompt_tokens, self.completion_tokens, self.cached_tokens)
+
+
+@dataclass(frozen=True, slots=True)
+class UsageGroup:
+    """Ledger rows of one model and one price version, summed in SQL.
+
+    `stored_cost_usd` is the exact sum of the costs stored on the rows when they were
+    written. None means the rows were unpriced in the ledger: they are priced here from
+    their token sums at `price` (the version in force at their `occurred_at`, found now);
+    if `price` is None too, they are still unpriced and block finalization.
+    """
+
+    kind: LineKind
+    model: str
+    price: Price | None
+    totals: UsageTotals
+    stored_cost_usd: Decimal | None
+    # LATE_USAGE only: the period the rows belong to.
+    period: str | None = None
+
+    @property
+    def is_unpriced(self) -> bool:
+        return self.stored_cost_usd is None and self.price is None
+
+    def exact_cost(self) -> Decimal:
+        """The rows' exact cost: stored, or computed now from the token sums."""
+        if self.stored_cost_usd is not None:
+            return self.stored_cost_usd
+        if self.price is None:
+            raise ValueError(f"usage of {self.model} has no price")
+        return totals_cost(self.totals.as_usage(), self.price)
+
+
+@dataclass(frozen=True, slots=True)
+class QuotedTaskGroup:
+    """Quoted tasks of one type and model that completed in the period with one outcome.
+
+    Succeeded ones are grouped by fixed price too and billed that price each; failed ones
+    carry their own ledger usage, billed at cost only under the `cost` policy.
+    """
+
+    task_type: str | None
+    model: str | None
+    outcome: TaskOutcome
+    count: int
+    fixed_price_usd: Decimal | None = None
+    usage: tuple[UsageGroup, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class UnpricedUsage:
+    """Usage no price covers, even now: it blocks finalization until a price exists."""
+
+    model: str
+    totals: UsageTotals
+    period: str | None = None  # set for late usage of an earlier period
+    task_type: str | None = None  # set for the usage of a failed task billed at cost
+
+
+@dataclass(frozen=True, slots=True)
+class InvoiceLineDraft:
+    kind: LineKind
+    description: str
+    quantity: int
+    amount_exact_usd: Decimal
+    amount_usd: Decimal
+    model: str | None = None
+    task_type: str | None = None
+    period: str | None = None
+    price_version_id: int | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    cached_tokens: int | None = None
+    input_usd_per_mtok: Decimal | None = None
+    output_usd_per_mtok: Decimal | None = None
+    cached_input_usd_per_mtok: Decimal | None = None
+    unit_price_usd: Decimal | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class InvoiceDraft:
+    lines: tuple[InvoiceLineDraft, ...]
+    total_usd: Decimal
+    total_exact_usd: Decimal
+    unpriced: tuple[UnpricedUsage, ...] = field(default=())
+
+    @property
+    def finalizable(self) -> bool:
+        return not self.unpriced
+
+    def unpriced_models(self) -> list[str]:
+        """Models whose usage has no price, sorted, each once."""
+        return sorted({u.model for u in self.unpriced})
+
+
+_KIND_ORDER = {LineKind.TOKENS: 0, LineKind.ADJUSTMENT: 1, LineKind.TASK: 2, LineKind.LATE_USAGE: 3}
+
+
+def build_invoice(
+    usage: Iterable[UsageGroup],
+    tasks: Iterable[QuotedTaskGroup] = (),
+    failed_task_policy: FailedTaskPolicy = FailedTaskPolicy.FREE,
+) -> InvoiceDraft:
+    """Lines from aggregates: one per (kind, period, model, price version) for token usage,
+    one per (task type, model, fixed price) for succeeded quoted tasks, one per (task type,
+    model) for failed quoted tasks billed at cost (policy `cost`; `free` bills nothing).
+
+    Each line's exact amount is the exact sum of what it covers; it is rounded once; the
+    total is the sum of the rounded lines. Groups without any price are left out of the
+    lines and listed in `unpriced`.
+    """
+    with exact():
+        usage = list(usage)
+        unpriced = _unpriced(usage)
+        lines = _usage_lines(usage)
+        for group in _merge_task_groups(tasks):
+            line = _task_line(group, failed_task_policy)
+            if line is None:
+                continue
+            lines.append(line)
+            unpriced.extend(
+                UnpricedUsage(u.model, u.totals, task_type=group.task_type)
+                for u in group.usage
+                if u.is_unpriced
+            )
+        lines.sort(key=_line_order)
+        total = sum((line.amount_usd for line in lines), Decimal("0.00"))
+        total_exact = sum((line.amount_exact_usd for line in lines), Decimal(0))
+    return InvoiceDraft(tuple(lines), total, total_exact, tuple(_merge_unpriced(unpriced)))
+
+
+def _merge_task_groups(tasks: Iterable[QuotedTaskGroup]) -> list[QuotedTaskGroup]:
+    """One group per line: succeeded by (type, model, fixed price), failed by (type, model)."""
+    merged: dict[tuple[object, ...], QuotedTaskGroup] = {}
+    for group in tasks:
+        price = group.fixed_price_usd if group.outcome is TaskOutcome.SUCCEEDED else None
+        key = (group.outcome, group.task_type, group.model, price)
+        previous = merged.get(key)
+        merged[key] = (
+            replace(group, fixed_price_usd=price)
+            if previous is None
+            else replace(
+                previous, count=previous.count + group.count, usage=previous.usage + group.usage
+            )
+        )
+    return list(merged.values())
+
+
+def _unpriced(usage: Sequence[UsageGroup]) -> list[UnpricedUsage]:
+    return [
+        UnpricedUsage(g.model, g.totals, period=g.period if g.kind is LineKind.LATE_USAGE else None)
+        for g in usage
+        if g.is_unpriced
+    ]
+
+
+def _merge_unpriced(unpriced: Iterable[UnpricedUsage]) -> list[UnpricedUsage]:
+    merged: dict[tuple[str, str | None, str | None], UsageTotals] = {}
+    for u in unpriced:
+        key = (u.model, u.period, u.task_type)
+        merged[key] = merged.get(key, UsageTotals()) + u.totals
+    return [
+        UnpricedUsage(model, totals, period, task_type)
+        for (model, period, task_type), totals in sorted(
+            merged.items(), key=lambda kv: tuple(k or "" for k in kv[0])
+        )
+    ]
+
+
+def _usage_lines(usage: Iterable[UsageGroup]) -> list[InvoiceLineDraft]:
+    merged: dict[tuple[LineKind, str | None, str, Price | None], tuple[UsageTotals, Decimal]] = {}
+    for group in usage:
+        if group.is_unpriced:
+            continue
+        period = group.period if group.kind is LineKind.LATE_USAGE else None
+        key = (group.kind, period, group.model, group.price)
+        totals, amount = merged.get(key, (UsageTotals(), Decimal(0)))
+        merged[key] = (totals + group.totals, amount + group.exact_cost())
+    return [
+        _usage_line(kind, period, model, price, totals, amount)
+        for (kind, period, model, price), (totals, amount) in merged.items()
+    ]
+
+
+def _usage_line(
+    kind: LineKind,
+    period: str | None,
+    model: str,
+    price: Price | None,
+    totals: UsageTotals,
+    amount: Decimal,
+) -> InvoiceLineDraft:
+    tokens = (
+        f"{totals.prompt_tokens:,} prompt + {totals.completion_tokens:,} completion tokens"
+        f" in {totals.requests:,} request{'' if totals.requests == 1 else 's'}"
+    )
+    if price is not None:
+        rates = (
+            f"${format_rate(price.input_usd_per_mtok)} input"
+            f" / ${format_rate(price.output_usd_per_mtok)} output per 1M tokens"
+        )
+        if price.cached_input_usd_per_mtok is not None and totals.cached_tokens:
+            rates += f" (${format_rate(price.cached_input_usd_per_mtok)} cached input)"
+        tokens += f" at {rates}"
+    prefix = {
+        LineKind.TOKENS: "",
+        LineKind.ADJUSTMENT: "Adjustment: ",
+        LineKind.LATE_USAGE: f"Late usage from {period}: ",
+    }[kind]
+    return InvoiceLineDraft(
+        kind=kind,
+        description=f"{prefix}{model}, {tokens}",
+        quantity=totals.requests,
+        amount_exact_usd=amount,
+        amount_usd=round_cents(amount),
+        model=model,
+        period=period,
+        price_version_id=price.version_id if price else None,
+        prompt_tokens=totals.prompt_tokens,
+        completion_tokens=totals.completion_tokens,
+        cached_tokens=totals.cached_tokens,
+        input_usd_per_mtok=price.input_usd_per_mtok if price else None,
+        output_usd_per_mtok=price.output_usd_per_mtok if price else None,
+        cached_input_usd_per_mtok=price.cached_input_usd_per_mtok if price else None,
+    )
+
+
+def _task_line(group: QuotedTaskGroup, policy: FailedTaskPolicy) -> InvoiceLineDraft | None:
+    """The outcome-based billing rule, in one place.
+
+    A succeeded quoted task is billed its fixed price and none of its tokens; a failed one is
+    free under the `free` policy and billed its actual token cost under `cost`. The tokens of
+    quoted tasks never appear on token lines (the service leaves them out of the usage sums).
+    """
+    what = group.task_type or "task"
+    on = group.model or "any model"
+    if group.outcome is TaskOutcome.SUCCEEDED:
+        if group.fixed_price_usd is None:
+            raise ValueError(f"succeeded quoted {what} tasks on {on} have no fixed price")
+        amount = group.fixed_price_usd * group.count
+        return InvoiceLineDraft(
+            kind=LineKind.TASK,
+            description=(
+                f"{group.count:,} x {what} on {on} at ${group.fixed_price_usd} each"
+                " (fixed price, succeeded)"
+            ),
+            quantity=group.count,
+            amount_exact_usd=amount,
+            amount_usd=round_cents(amount),
+            model=group.model,
+            task_type=group.task_type,
+            unit_price_usd=group.fixed_price_usd,
+        )
+    if policy is FailedTaskPolicy.FREE or group.count == 0:
+        return None
+    priced = [u for u in group.usage if not u.is_unpriced]
+    totals = sum((u.totals for u in group.usage), UsageTotals())
+    amount = sum((u.exact_cost() for u in priced), Decimal(0))
+    return InvoiceLineDraft(
+        kind=LineKind.TASK,
+        description=(
+            f"{group.count:,} x failed {what} on {on}, billed at token cost"
+            f" ({totals.prompt_tokens:,} prompt + {totals.completion_tokens:,} completion tokens)"
+        ),
+        quantity=group.count,
+        amount_exact_usd=amount,
+        amount_usd=round_cents(amount),
+        model=group.model,
+        task_type=group.task_type,
+        prompt_tokens=totals.prompt_tokens,
+        completion_tokens=totals.completion_tokens,
+        cached_tokens=totals.cached_tokens,
+    )
+
+
+def _line_order(line: InvoiceLineDraft) -> tuple[object, ...]:
+    return (
+        _KIND_ORDER[line.kind],
+        line.period or "",
+        line.task_type or "",
+        line.model or "",
+        line.unit_price_usd is None,
+        line.unit_price_usd or Decimal(0),
+        line.price_version_id or 0,
+    )

@@ -1,0 +1,196 @@
+"""`meterline accounts …` and `meterline keys …`: the billing API from the command line."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from decimal import Decimal
+from typing import Annotated, Any
+
+import typer
+
+from service.api_client import (
+    BillingClient,
+    JsonOption,
+    TokenOption,
+    UrlOption,
+    err,
+    print_json,
+    print_table,
+)
+
+accounts_app = typer.Typer(help="Customer accounts.", no_args_is_help=True)
+keys_app = typer.Typer(help="API keys of accounts.", no_args_is_help=True)
+
+ACCOUNT_COLUMNS = [
+    "id",
+    "name",
+    "tier",
+    "monthly_budget_usd",
+    "quote_margin",
+    "failed_task_policy",
+    "rate_limit_rpm",
+    "rate_limit_tpm",
+    "created_at",
+]
+KEY_COLUMNS = ["id", "name", "prefix", "status", "created_at", "last_used_at", "expires_at"]
+
+Tier = Annotated[str | None, typer.Option(help="basic | pro | custom.")]
+Budget = Annotated[Decimal | None, typer.Option("--budget", help="Monthly budget, USD.")]
+Margin = Annotated[Decimal | None, typer.Option(help="Quote margin (0.2 = 20 %).")]
+Policy = Annotated[
+    str | None, typer.Option("--failed-task-policy", help="free | cost: billing of failed tasks.")
+]
+Rpm = Annotated[int | None, typer.Option("--rpm", help="Requests per minute limit.")]
+Tpm = Annotated[int | None, typer.Option("--tpm", help="Tokens per minute limit.")]
+
+
+def _fields(**values: Any) -> dict[str, Any]:
+    """The options given, as JSON fields (money as strings, never floats)."""
+    return {
+        name: str(value) if isinstance(value, Decimal) else value
+        for name, value in values.items()
+        if value is not None
+    }
+
+
+def _show_account(account: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print_json(account)
+    else:
+        print_table([account], ACCOUNT_COLUMNS)
+
+
+@accounts_app.command("create")
+def create_account(
+    name: Annotated[str, typer.Argument(help="The account's name.")],
+    tier: Tier = None,
+    budget: Budget = None,
+    quote_margin: Margin = None,
+    failed_task_policy: Policy = None,
+    rpm: Rpm = None,
+    tpm: Tpm = None,
+    url: UrlOption = None,
+    token: TokenOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Create an account (admin)."""
+    body = _fields(
+        name=name,
+        tier=tier,
+        monthly_budget_usd=budget,
+        quote_margin=quote_margin,
+        failed_task_policy=failed_task_policy,
+        rate_limit_rpm=rpm,
+        rate_limit_tpm=tpm,
+    )
+    with BillingClient(url, token) as client:
+        _show_account(client.request("POST", "/billing/accounts", json=body), as_json)
+
+
+@accounts_app.command("list")
+def list_accounts(
+    url: UrlOption = None, token: TokenOption = None, as_json: JsonOption = False
+) -> None:
+    """List every account (admin)."""
+    with BillingClient(url, token) as client:
+        accounts = list(client.pages("/billing/accounts", {"limit": 200}))
+    if as_json:
+        print_json(accounts)
+    else:
+        print_table(accounts, ACCOUNT_COLUMNS, title=f"{len(accounts)} accounts")
+
+
+@accounts_app.command("show")
+def show_account(
+    account_id: str,
+    url: UrlOption = None,
+    token: TokenOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Show one account."""
+    with BillingClient(url, token) as client:
+        _show_account(client.request("GET", f"/billing/accounts/{account_id}"), as_json)
+
+
+@accounts_app.command("update")
+def update_account(
+    account_id: str,
+    name: Annotated[str | None, typer.Option(help="New name.")] = None,
+    tier: Tier = None,
+    budget: Budget = None,
+    quote_margin: Margin = None,
+    failed_task_policy: Policy = None,
+    rpm: Rpm = None,
+    tpm: Tpm = None,
+    url: UrlOption = None,
+    token: TokenOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Change the fields given (admin)."""
+    body = _fields(
+        name=name,
+        tier=tier,
+        monthly_budget_usd=budget,
+        quote_margin=quote_margin,
+        failed_task_policy=failed_task_policy,
+        rate_limit_rpm=rpm,
+        rate_limit_tpm=tpm,
+    )
+    with BillingClient(url, token) as client:
+        account = client.request("PATCH", f"/billing/accounts/{account_id}", json=body)
+    _show_account(account, as_json)
+
+
+@keys_app.command("create")
+def create_key(
+    account_id: str,
+    name: Annotated[str | None, typer.Option(help="A label for the key.")] = None,
+    expires_at: Annotated[
+        datetime | None, typer.Option(help="When the key stops working (UTC unless an offset).")
+    ] = None,
+    url: UrlOption = None,
+    token: TokenOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Create a key (admin). The key is printed once; store it now."""
+    body = _fields(name=name, expires_at=expires_at.isoformat() if expires_at else None)
+    with BillingClient(url, token) as client:
+        key = client.request("POST", f"/billing/accounts/{account_id}/keys", json=body)
+    if as_json:
+        print_json(key)
+        return
+    print_table([key], KEY_COLUMNS)
+    typer.echo(key["key"])
+    err.print("This is the only time the key is shown.", style="yellow")
+
+
+@keys_app.command("list")
+def list_keys(
+    account_id: str,
+    url: UrlOption = None,
+    token: TokenOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """List an account's keys (revoked and expired included)."""
+    with BillingClient(url, token) as client:
+        keys = list(client.pages(f"/billing/accounts/{account_id}/keys", {"limit": 200}))
+    if as_json:
+        print_json(keys)
+    else:
+        print_table(keys, KEY_COLUMNS, title=f"{len(keys)} keys")
+
+
+@keys_app.command("revoke")
+def revoke_key(
+    key_id: str,
+    url: UrlOption = None,
+    token: TokenOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Revoke a key (admin); the proxy refuses it at once. Revoking twice is harmless."""
+    with BillingClient(url, token) as client:
+        key = client.request("DELETE", f"/billing/keys/{key_id}")
+    if as_json:
+        print_json(key)
+    else:
+        print_table([key], [*KEY_COLUMNS[:4], "revoked_at"])

@@ -1,0 +1,129 @@
+from __future__ import annotations
+
+import uuid
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Response, status
+
+from service.auth.principal import Admin, Caller
+from service.db.session import Session
+from service.errors import ErrorBody
+from service.invoices import service
+from service.invoices.repository import InvoiceRepository
+from service.invoices.schemas import (
+    PERIOD_PATTERN,
+    InvoiceCreate,
+    InvoiceOut,
+    InvoiceStatus,
+    InvoiceVoid,
+    UnpricedReport,
+    invoice_out,
+)
+from service.schemas import CursorParam, Limit, Page, decode_cursor, encode_cursor
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorBody, "description": "Missing, unknown, revoked or expired credential."},
+    404: {"model": ErrorBody, "description": "No such object visible to the caller."},
+    422: {"model": ErrorBody, "description": "Invalid parameter; `error.param` names it."},
+}
+CONFLICT: dict[int | str, dict[str, Any]] = {
+    409: {
+        "model": ErrorBody,
+        "description": "Not possible in the invoice's state: `error.code` says why"
+        " (`invoice_finalized`, `invoice_not_draft`, `invoice_not_finalized`,"
+        " `period_not_over`, `unpriced_usage`).",
+    },
+    400: {"model": ErrorBody, "description": "A month that has not begun."},
+}
+Period = Annotated[str, Query(pattern=PERIOD_PATTERN, description="UTC month, `YYYY-MM`.")]
+
+router = APIRouter(prefix="/billing", tags=["invoices"], responses=ERRORS)
+
+
+@router.post(
+    "/invoices",
+    response_model=InvoiceOut,
+    status_code=status.HTTP_201_CREATED,
+    responses={
+        **CONFLICT,
+        200: {"model": InvoiceOut, "description": "An existing draft, refreshed."},
+    },
+)
+async def generate_invoice(
+    data: InvoiceCreate, session: Session, response: Response, _: Admin
+) -> InvoiceOut:
+    """Make the account's draft for the month, or refresh it from the ledger (admin).
+
+    A finalized invoice never changes: 409 (void it first to issue a new one).
+    """
+    invoice, created = await service.generate_one(
+        session, data.account_id, service.parse_period(data.period)
+    )
+    if not created:
+        response.status_code = status.HTTP_200_OK
+    return invoice_out(invoice)
+
+
+@router.get("/invoices", response_model=Page[InvoiceOut])
+async def list_invoices(
+    session: Session,
+    caller: Caller,
+    account_id: uuid.UUID | None = None,
+    period: Period | None = None,
+    status_: Annotated[InvoiceStatus | None, Query(alias="status")] = None,
+    limit: Limit = 50,
+    cursor: CursorParam = None,
+) -> Page[InvoiceOut]:
+    """Invoices, newest month first. A customer key sees only its own account's."""
+    scoped = caller.scope(account_id)
+    after = decode_cursor(cursor, str, uuid.UUID) if cursor else None
+    invoices = await InvoiceRepository(session).list(
+        scoped, period, status_, limit + 1, (after[0], after[1]) if after else None
+    )
+    page = invoices[:limit]
+    more = len(invoices) > limit
+    return Page[InvoiceOut](
+        data=[invoice_out(i) for i in page],
+        has_more=more,
+        next_cursor=encode_cursor(page[-1].period, str(page[-1].id)) if more else None,
+    )
+
+
+@router.get("/invoices/{invoice_id}", response_model=InvoiceOut)
+async def get_invoice(invoice_id: uuid.UUID, session: Session, caller: Caller) -> InvoiceOut:
+    """One invoice with its lines. A customer key reads only its own account's."""
+    invoice = await service.get(session, invoice_id)
+    caller.require_account(invoice.account_id)
+    return invoice_out(invoice)
+
+
+@router.post("/invoices/{invoice_id}/finalize", response_model=InvoiceOut, responses=CONFLICT)
+async def finalize_invoice(invoice_id: uuid.UUID, session: Session, _: Admin) -> InvoiceOut:
+    """Refresh the draft from the ledger, freeze it and give it the next number (admin).
+
+    409 while its month is not over, and while usage without a price remains.
+    """
+    return invoice_out(await service.finalize(session, invoice_id))
+
+
+@router.post("/invoices/{invoice_id}/void", response_model=InvoiceOut, responses=CONFLICT)
+async def void_invoice(
+    invoice_id: uuid.UUID, data: InvoiceVoid, session: Session, _: Admin
+) -> InvoiceOut:
+    """Void a finalized invoice (admin): it keeps its number and records the reason."""
+    return invoice_out(await service.void(session, invoice_id, data.reason))
+
+
+@router.get("/reports/unpriced", response_model=UnpricedReport)
+async def unpriced_usage(
+    session: Session, caller: Caller, period: Period, account_id: uuid.UUID | None = None
+) -> UnpricedReport:
+    """Usage stored without a price in the month, per account and model.
+
+    `requests_priced_now` counts rows a price added since covers (a draft prices them by the
+    version in force at each row's time); `requests_without_price` block finalization.
+    """
+    rows = await service.unpriced_report(
+        session, service.parse_period(period), caller.scope(account_id)
+    )
+    return UnpricedReport(period=period, data=rows)

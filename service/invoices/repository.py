@@ -1,0 +1,659 @@
+"""Every invoice query: the ledger summed in SQL, tasks counted, invoices read and written.
+
+The ledger is never read row by row here. Usage is summed per (account, period, ledger kind,
+model, price version) by one GROUP BY over the rows an invoice bills, which are chosen by
+joining the ledger to a small table of `recorded_at` windows (one per account and usage
+period, see `pricing.invoice`), with `occurred_at` bounded by constants so Postgres prunes
+the monthly partitions. Rows stored without a price are summed a second time, cut by the
+spans of the price timeline of their model, so each span is priced by the version then in
+force.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+from typing import Any, cast
+
+from sqlalchemy import (
+    ARRAY,
+    BigInteger,
+    DateTime,
+    String,
+    Table,
+    and_,
+    any_,
+    bindparam,
+    column,
+    delete,
+    exists,
+    func,
+    insert,
+    or_,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.dialects.postgresql import UUID
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import selectinload
+from sqlalchemy.sql import FromClause
+from sqlalchemy.sql.elements import ColumnElement
+
+from pricing.invoice import BilledWindow, UsageTotals
+from pricing.prices import PriceSegment
+from service.db.models import (
+    Account,
+    Invoice,
+    InvoiceLine,
+    InvoiceUsageWindow,
+    Task,
+    UsageRecord,
+)
+
+L = UsageRecord
+
+INVOICES = cast(Table, Invoice.__table__)
+LINES = cast(Table, InvoiceLine.__table__)
+WINDOWS = cast(Table, InvoiceUsageWindow.__table__)
+
+UUIDS = ARRAY(UUID(as_uuid=True))
+TIMES = ARRAY(DateTime(timezone=True))
+TEXTS = ARRAY(String())
+
+
+@dataclass(frozen=True, slots=True)
+class Selection:
+    """Rows of `account_id` that occurred in `period` and were recorded in `window`."""
+
+    account_id: uuid.UUID
+    period: str
+    period_start: datetime
+    period_end: datetime
+    window: BilledWindow
+
+
+@dataclass(frozen=True, slots=True)
+class UsageSum:
+    """One group of ledger rows. `bucket` is the usage period, or (task type, model) of tasks."""
+
+    account_id: uuid.UUID
+    bucket: tuple[str | None, ...]
+    ledger_kind: str
+    model: str
+    price_version_id: int | None
+    unpriced: bool
+    totals: UsageTotals
+    stored_cost_usd: Decimal | None
+    # Phase 2 only: which span of the model's price timeline the rows fall in.
+    segment: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TaskCount:
+    account_id: uuid.UUID
+    status: str
+    task_type: str | None
+    model: str | None
+    fixed_price_usd: Decimal | None
+    count: int
+
+
+@dataclass(frozen=True, slots=True)
+class UnpricedRow:
+    account_id: uuid.UUID
+    model: str
+    totals: UsageTotals
+    first_occurred_at: datetime
+    last_occurred_at: datetime
+    segment: int | None = None
+
+
+# Per row, the cached tokens that may be priced apart (`pricing.cost.countable_cached_tokens`).
+_CACHED = func.least(func.greatest(L.cached_tokens, 0), L.prompt_tokens)
+_MEASURES = (
+    func.count().label("requests"),
+    func.sum(L.prompt_tokens).label("prompt_tokens"),
+    func.sum(L.completion_tokens).label("completion_tokens"),
+    func.sum(_CACHED).label("cached_tokens"),
+    func.sum(L.cost_usd).label("cost_usd"),
+)
+
+
+def _not_in_quoted_task() -> ColumnElement[bool]:
+    """Rows of a quoted task are never billed as tokens (the task is billed instead)."""
+    quoted = exists().where(
+        Task.account_id == L.account_id,
+        Task.external_id == L.task_id,
+        Task.quote_id.is_not(None),
+    )
+    return or_(L.task_id.is_(None), ~quoted)
+
+
+def _selection_table(selections: Sequence[Selection]) -> FromClause:
+    return (
+        func.unnest(
+            bindparam("s_account", [s.account_id for s in selections], type_=UUIDS),
+            bindparam("s_period", [s.period for s in selections], type_=TEXTS),
+            bindparam("s_start", [s.period_start for s in selections], type_=TIMES),
+            bindparam("s_end", [s.period_end for s in selections], type_=TIMES),
+            bindparam("s_after", [s.window.after for s in selections], type_=TIMES),
+            bindparam("s_until", [s.window.until for s in selections], type_=TIMES),
+        )
+        .table_valued(
+            column("account_id", UUID(as_uuid=True)),
+            column("period", String()),
+            column("period_start", DateTime(timezone=True)),
+            column("period_end", DateTime(timezone=True)),
+            column("recorded_after", DateTime(timezone=True)),
+            column("recorded_until", DateTime(timezone=True)),
+        )
+        .render_derived(name="sel")
+    )
+
+
+def _segment_table(segments: dict[str, list[PriceSegment]]) -> FromClause:
+    flat = [(model, i, s) for model, spans in segments.items() for i, s in enumerate(spans)]
+    return (
+        func.unnest(
+            bindparam("g_model", [m for m, _, _ in flat], type_=TEXTS),
+            bindparam("g_index", [i for _, i, _ in flat], type_=ARRAY(BigInteger())),
+            bindparam("g_start", [s.start for _, _, s in flat], type_=TIMES),
+            bindparam("g_end", [s.end for _, _, s in flat], type_=TIMES),
+        )
+        .table_valued(
+            column("model", String()),
+            column("segment", BigInteger()),
+            column("span_start", DateTime(timezone=True)),
+            column("span_end", DateTime(timezone=True)),
+        )
+        .render_derived(name="seg")
+    )
+
+
+def _in_segment(seg: FromClause) -> ColumnElement[bool]:
+    return and_(
+        L.requested_model == seg.c.model,
+        or_(seg.c.span_start.is_(None), L.occurred_at >= seg.c.span_start),
+        or_(seg.c.span_end.is_(None), L.occurred_at < seg.c.span_end),
+    )
+
+
+def _totals(row: Any) -> UsageTotals:
+    return UsageTotals(
+        int(row.requests),
+        int(row.prompt_tokens or 0),
+        int(row.completion_tokens or 0),
+        int(row.cached_tokens or 0),
+    )
+
+
+class InvoiceRepository:
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+
+    # -- accounts, cutoff ------------------------------------------------------------------
+
+    async def lock_accounts(self, account_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, str]:
+        """Serialise invoice work per account; returns each existing account's task policy.
+
+        FOR NO KEY UPDATE, not FOR UPDATE: new keys and invoices referencing the account
+        (foreign keys take KEY SHARE) are not held up.
+        """
+        rows = await self.session.execute(
+            select(Account.id, Account.failed_task_policy)
+            .where(Account.id == any_(bindparam("ids", list(account_ids), type_=UUIDS)))
+            .order_by(Account.id)
+            .with_for_update(key_share=True)
+        )
+        return {row.id: row.failed_task_policy for row in rows}
+
+    async def account_ids(self, created_before: datetime) -> list[uuid.UUID]:
+        rows = await self.session.scalars(
+            select(Account.id).where(Account.created_at < created_before).order_by(Account.id)
+        )
+        return list(rows)
+
+    async def usage_cutoff(self) -> datetime:
+        """The latest instant at which no ledger row can still be uncommitted.
+
+        A row's `recorded_at` is its inserting transaction's start (`now()`), so a row
+        recorded before another open transaction began is committed already, but one of a
+        transaction still open may carry any later time: the cutoff stops just before the
+        oldest open client transaction of this database (ours excepted). Only the backend
+        status snapshot taken first in a transaction is fresh, hence the clear.
+        """
+        await self.session.execute(text("SELECT pg_stat_clear_snapshot()"))
+        cutoff: datetime = (
+            await self.session.execute(
+                text(
+                    "SELECT least(clock_timestamp(), min(xact_start)) - interval '1 microsecond'"
+                    " FROM pg_stat_activity WHERE datname = current_database()"
+                    " AND pid <> pg_backend_pid() AND backend_type = 'client backend'"
+                    " AND xact_start IS NOT NULL"
+                )
+            )
+        ).scalar_one()
+        return cutoff
+
+    # -- the ledger, summed ----------------------------------------------------------------
+
+    def _selected_rows(
+        self, selections: Sequence[Selection]
+    ) -> tuple[FromClause, FromClause, list[ColumnElement[bool]]]:
+        sel = _selection_table(selections)
+        joined = L.__table__.join(
+            sel,
+            and_(
+                L.account_id == sel.c.account_id,
+                L.occurred_at >= sel.c.period_start,
+                L.occurred_at < sel.c.period_end,
+                or_(sel.c.recorded_after.is_(None), L.recorded_at > sel.c.recorded_after),
+                L.recorded_at <= sel.c.recorded_until,
+            ),
+        )
+        accounts = sorted({s.account_id for s in selections})
+        where = [
+            L.account_id == any_(bindparam("accounts", accounts, type_=UUIDS)),
+            # Constant bounds: only these months' partitions are read.
+            L.occurred_at >= min(s.period_start for s in selections),
+            L.occurred_at < max(s.period_end for s in selections),
+            _not_in_quoted_task(),
+        ]
+        return joined, sel, where
+
+    async def usage_sums(self, selections: Sequence[Selection]) -> list[UsageSum]:
+        """Billable usage per (account, period, ledger kind, model, price version)."""
+        if not selections:
+            return []
+        joined, sel, where = self._selected_rows(selections)
+        keys = (
+            L.account_id,
+            sel.c.period,
+            L.kind,
+            L.requested_model,
+            L.price_version_id,
+            L.cost_usd.is_(None).label("unpriced"),
+        )
+        rows = await self.session.execute(
+            select(*keys, *_MEASURES).select_from(joined).where(*where).group_by(*keys)
+        )
+        return [
+            UsageSum(
+                r.account_id,
+                (r.period,),
+                r.kind,
+                r.requested_model,
+                r.price_version_id,
+                r.unpriced,
+                _totals(r),
+                r.cost_usd,
+            )
+            for r in rows
+        ]
+
+    async def unpriced_usage_sums(
+        self, selections: Sequence[Selection], segments: dict[str, list[PriceSegment]]
+    ) -> list[UsageSum]:
+        """The rows stored without a price, summed per span of their model's price timeline."""
+        if not selections or not segments:
+            return []
+        joined, sel, where = self._selected_rows(selections)
+        seg = _segment_table(segments)
+        keys = (L.account_id, sel.c.period, L.kind, L.requested_model, seg.c.segment)
+        rows = await self.session.execute(
+            select(*keys, *_MEASURES)
+            .select_from(joined.join(seg, _in_segment(seg)))
+            .where(*where, L.cost_usd.is_(None))
+            .group_by(*keys)
+        )
+        return [
+            UsageSum(
+                r.account_id,
+                (r.period,),
+                r.kind,
+                r.requested_model,
+                None,
+                True,
+                _totals(r),
+                None,
+                int(r.segment),
+            )
+            for r in rows
+        ]
+
+    # -- quoted tasks ----------------------------------------------------------------------
+
+    async def quoted_task_counts(
+        self, account_ids: Sequence[uuid.UUID], start: datetime, end: datetime
+    ) -> list[TaskCount]:
+        """Quoted tasks completed in [start, end), per outcome, type, model and fixed price."""
+        keys = (Task.account_id, Task.status, Task.task_type, Task.model, Task.fixed_price_usd)
+        rows = await self.session.execute(
+            select(*keys, func.count().label("tasks"))
+            .where(
+                Task.account_id == any_(bindparam("accounts", list(account_ids), type_=UUIDS)),
+                Task.quote_id.is_not(None),
+                Task.status.in_(("succeeded", "failed")),
+                Task.completed_at >= start,
+                Task.completed_at < end,
+            )
+            .group_by(*keys)
+        )
+        return [
+            TaskCount(r.account_id, r.status, r.task_type, r.model, r.fixed_price_usd, int(r.tasks))
+            for r in rows
+        ]
+
+    def _failed_task_rows(
+        self, account_ids: Sequence[uuid.UUID], start: datetime, end: datetime, cutoff: datetime
+    ) -> tuple[FromClause, list[ColumnElement[bool]]]:
+        joined = L.__table__.join(
+            Task.__table__,
+            and_(Task.account_id == L.account_id, Task.external_id == L.task_id),
+        )
+        where = [
+            Task.account_id == any_(bindparam("accounts", list(account_ids), type_=UUIDS)),
+            Task.quote_id.is_not(None),
+            Task.status == "failed",
+            Task.completed_at >= start,
+            Task.completed_at < end,
+            L.recorded_at <= cutoff,
+        ]
+        return joined, where
+
+    async def failed_task_usage(
+        self, account_ids: Sequence[uuid.UUID], start: datetime, end: datetime, cutoff: datetime
+    ) -> list[UsageSum]:
+        """The ledger usage of quoted tasks that failed in [start, end), per task type and model."""
+        if not account_ids:
+            return []
+        joined, where = self._failed_task_rows(account_ids, start, end, cutoff)
+        keys = (
+            L.account_id,
+            Task.task_type,
+            Task.model,
+            L.requested_model,
+            L.price_version_id,
+            L.cost_usd.is_(None).label("unpriced"),
+        )
+        rows = await self.session.execute(
+            select(*keys, *_MEASURES).select_from(joined).where(*where).group_by(*keys)
+        )
+        return [
+            UsageSum(
+                r.account_id,
+                (r.task_type, r.model),
+                "usage",
+                r.requested_model,
+                r.price_version_id,
+                r.unpriced,
+                _totals(r),
+                r.cost_usd,
+            )
+            for r in rows
+        ]
+
+    async def unpriced_failed_task_usage(
+        self,
+        account_ids: Sequence[uuid.UUID],
+        start: datetime,
+        end: datetime,
+        cutoff: datetime,
+        segments: dict[str, list[PriceSegment]],
+    ) -> list[UsageSum]:
+        if not account_ids or not segments:
+            return []
+        joined, where = self._failed_task_rows(account_ids, start, end, cutoff)
+        seg = _segment_table(segments)
+        keys = (L.account_id, Task.task_type, Task.model, L.requested_model, seg.c.segment)
+        rows = await self.session.execute(
+            select(*keys, *_MEASURES)
+            .select_from(joined.join(seg, _in_segment(seg)))
+            .where(*where, L.cost_usd.is_(None))
+            .group_by(*keys)
+        )
+        return [
+            UsageSum(
+                r.account_id,
+                (r.task_type, r.model),
+                "usage",
+                r.requested_model,
+                None,
+                True,
+                _totals(r),
+                None,
+                int(r.segment),
+            )
+            for r in rows
+        ]
+
+    # -- the unpriced-usage report ---------------------------------------------------------
+
+    async def unpriced_rows(
+        self,
+        start: datetime,
+        end: datetime,
+        account_id: uuid.UUID | None,
+        segments: dict[str, list[PriceSegment]] | None = None,
+    ) -> list[UnpricedRow]:
+        """Rows of [start, end) stored without a price, per account and model (and span)."""
+        where = [L.occurred_at >= start, L.occurred_at < end, L.cost_usd.is_(None)]
+        if account_id is not None:
+            where.append(L.account_id == account_id)
+        source: FromClause = L.__table__
+        keys: tuple[Any, ...] = (L.account_id, L.requested_model)
+        if segments is not None:
+            seg = _segment_table(segments)
+            source = source.join(seg, _in_segment(seg))
+            keys = (*keys, seg.c.segment)
+        rows = await self.session.execute(
+            select(
+                *keys,
+                *_MEASURES,
+                func.min(L.occurred_at).label("first"),
+                func.max(L.occurred_at).label("last"),
+            )
+            .select_from(source)
+            .where(*where)
+            .group_by(*keys)
+            .order_by(*keys)
+        )
+        return [
+            UnpricedRow(
+                r.account_id,
+                r.requested_model,
+                _totals(r),
+                r.first,
+                r.last,
+                int(r.segment) if segments is not None else None,
+            )
+            for r in rows
+        ]
+
+    # -- invoices --------------------------------------------------------------------------
+
+    async def live_invoices(
+        self, account_ids: Sequence[uuid.UUID], period: str
+    ) -> dict[uuid.UUID, Invoice]:
+        """The draft or finalized invoice of each account for `period`."""
+        rows = await self.session.scalars(
+            select(Invoice).where(
+                Invoice.account_id == any_(bindparam("accounts", list(account_ids), type_=UUIDS)),
+                Invoice.period == period,
+                Invoice.status != "void",
+            )
+        )
+        return {invoice.account_id: invoice for invoice in rows}
+
+    async def billed_windows(
+        self, account_ids: Sequence[uuid.UUID]
+    ) -> dict[uuid.UUID, dict[str, list[BilledWindow]]]:
+        """The windows finalized invoices bill, per account and usage period."""
+        rows = await self.session.execute(
+            select(
+                Invoice.account_id,
+                InvoiceUsageWindow.period,
+                InvoiceUsageWindow.recorded_after,
+                InvoiceUsageWindow.recorded_until,
+            )
+            .join(Invoice, Invoice.id == InvoiceUsageWindow.invoice_id)
+            .where(
+                Invoice.account_id == any_(bindparam("accounts", list(account_ids), type_=UUIDS)),
+                Invoice.status == "finalized",
+            )
+        )
+        billed: dict[uuid.UUID, dict[str, list[BilledWindow]]] = {}
+        for r in rows:
+            windows = billed.setdefault(r.account_id, {}).setdefault(r.period, [])
+            windows.append(BilledWindow(r.recorded_after, r.recorded_until))
+        return billed
+
+    async def finalized_periods(
+        self, account_ids: Sequence[uuid.UUID]
+    ) -> dict[uuid.UUID, set[str]]:
+        rows = await self.session.execute(
+            select(Invoice.account_id, Invoice.period).where(
+                Invoice.account_id == any_(bindparam("accounts", list(account_ids), type_=UUIDS)),
+                Invoice.status == "finalized",
+            )
+        )
+        periods: dict[uuid.UUID, set[str]] = {}
+        for r in rows:
+            periods.setdefault(r.account_id, set()).add(r.period)
+        return periods
+
+    async def insert_invoices(self, values: list[dict[str, Any]]) -> dict[uuid.UUID, uuid.UUID]:
+        """New drafts; returns account id → invoice id."""
+        if not values:
+            return {}
+        rows = await self.session.execute(
+            insert(INVOICES).returning(Invoice.id, Invoice.account_id), values
+        )
+        return {r.account_id: r.id for r in rows}
+
+    async def update_drafts(self, values: list[dict[str, Any]]) -> None:
+        """Refresh existing drafts (each dict carries `b_id`) and drop their old lines."""
+        if not values:
+            return
+        table = INVOICES
+        await self.session.execute(
+            update(table)
+            .where(table.c.id == bindparam("b_id"), table.c.status == "draft")
+            .values(
+                total_usd=bindparam("total_usd"),
+                usage_cutoff=bindparam("usage_cutoff"),
+                unpriced_usage=bindparam("unpriced_usage"),
+                updated_at=func.now(),
+            ),
+            values,
+        )
+        ids = [v["b_id"] for v in values]
+        await self.delete_contents(ids)
+
+    async def delete_contents(self, invoice_ids: Iterable[uuid.UUID]) -> None:
+        ids = bindparam("ids", list(invoice_ids), type_=UUIDS)
+        await self.session.execute(delete(InvoiceLine).where(InvoiceLine.invoice_id == any_(ids)))
+        await self.session.execute(
+            delete(InvoiceUsageWindow).where(InvoiceUsageWindow.invoice_id == any_(ids))
+        )
+
+    async def insert_lines(self, values: list[dict[str, Any]]) -> None:
+        if values:
+            await self.session.execute(insert(LINES), values)
+
+    async def insert_windows(self, values: list[dict[str, Any]]) -> None:
+        if values:
+            await self.session.execute(insert(WINDOWS), values)
+
+    async def get(self, invoice_id: uuid.UUID, lock: bool = False) -> Invoice | None:
+        statement = (
+            select(Invoice)
+            .where(Invoice.id == invoice_id)
+            .options(selectinload(Invoice.lines))
+            .execution_options(populate_existing=True)
+        )
+        if lock:
+            statement = statement.with_for_update(of=Invoice)
+        invoice: Invoice | None = await self.session.scalar(statement)
+        return invoice
+
+    async def get_many(self, invoice_ids: Sequence[uuid.UUID]) -> list[Invoice]:
+        rows = await self.session.scalars(
+            select(Invoice)
+            .where(Invoice.id == any_(bindparam("ids", list(invoice_ids), type_=UUIDS)))
+            .options(selectinload(Invoice.lines))
+            .execution_options(populate_existing=True)
+            .order_by(Invoice.account_id)
+        )
+        return list(rows)
+
+    async def account_of(self, invoice_id: uuid.UUID) -> uuid.UUID | None:
+        account: uuid.UUID | None = await self.session.scalar(
+            select(Invoice.account_id).where(Invoice.id == invoice_id)
+        )
+        return account
+
+    async def list(
+        self,
+        account_id: uuid.UUID | None,
+        period: str | None,
+        status: str | None,
+        limit: int,
+        after: tuple[str, uuid.UUID] | None,
+    ) -> list[Invoice]:
+        """Newest period first, then by id; `after` is the (period, id) of the previous page."""
+        statement = select(Invoice).options(selectinload(Invoice.lines))
+        if account_id is not None:
+            statement = statement.where(Invoice.account_id == account_id)
+        if period is not None:
+            statement = statement.where(Invoice.period == period)
+        if status is not None:
+            statement = statement.where(Invoice.status == status)
+        if after is not None:
+            statement = statement.where(
+                or_(
+                    Invoice.period < after[0],
+                    and_(Invoice.period == after[0], Invoice.id > after[1]),
+                )
+            )
+        statement = statement.order_by(Invoice.period.desc(), Invoice.id).limit(limit)
+        return list(await self.session.scalars(statement))
+
+    async def next_number(self, year: int) -> int:
+        """The next invoice number of `year`. The counter row stays locked until commit, so
+        numbers are handed out in commit order, and a rolled-back finalization gives its
+        number back: the sequence has no gaps."""
+        number: int = (
+            await self.session.execute(
+                text(
+                    "INSERT INTO invoice_number_counters (year, last_number) VALUES (:year, 1)"
+                    " ON CONFLICT (year) DO UPDATE"
+                    " SET last_number = invoice_number_counters.last_number + 1"
+                    " RETURNING last_number"
+                ),
+                {"year": year},
+            )
+        ).scalar_one()
+        return number
+
+    async def mark_finalized(self, invoice_id: uuid.UUID, number: str, at: datetime) -> None:
+        await self.session.execute(
+            update(Invoice)
+            .where(Invoice.id == invoice_id, Invoice.status == "draft")
+            .values(status="finalized", number=number, finalized_at=at, updated_at=func.now())
+        )
+
+    async def mark_void(self, invoice_id: uuid.UUID, reason: str, at: datetime) -> None:
+        await self.session.execute(
+            update(Invoice)
+            .where(Invoice.id == invoice_id, Invoice.status == "finalized")
+            .values(status="void", void_reason=reason, voided_at=at, updated_at=func.now())
+        )
+
+    async def now(self) -> datetime:
+        at: datetime = (await self.session.execute(select(func.now()))).scalar_one()
+        return at

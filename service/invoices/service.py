@@ -1,0 +1,500 @@
+"""Invoices: generate (or refresh) drafts, finalize with a gapless number, void.
+
+The rules live in `pricing.invoice` (lines, rounding, late usage, quoted tasks); this
+module loads the sums they need and stores the result. Every change to an account's
+invoices happens under a lock on the account row, and finalizing regenerates the draft
+under that lock before freezing it, so two invoices can never bill the same ledger row.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from pricing.invoice import (
+    BillingPeriod,
+    FailedTaskPolicy,
+    InvoiceDraft,
+    LineKind,
+    QuotedTaskGroup,
+    TaskOutcome,
+    UnpricedUsage,
+    UsageGroup,
+    build_invoice,
+    uncovered_windows,
+)
+from pricing.prices import Price, PriceBook, PriceSegment
+from service.db.models import Invoice
+from service.errors import BadRequest, Conflict, NotFound
+from service.invoices.repository import InvoiceRepository, Selection, TaskCount, UsageSum
+from service.invoices.schemas import UnpricedReportRow
+from service.prices.repository import PriceRepository
+
+log = logging.getLogger("meterline.invoices")
+
+
+@dataclass
+class ComputedInvoice:
+    draft: InvoiceDraft
+    cutoff: datetime
+    windows: list[Selection]
+
+
+@dataclass
+class GenerateResult:
+    invoice_ids: dict[uuid.UUID, uuid.UUID] = field(default_factory=dict)  # account → invoice
+    created: set[uuid.UUID] = field(default_factory=set)  # invoice ids that are new
+    finalized: dict[uuid.UUID, Invoice] = field(default_factory=dict)  # account → left as is
+
+
+def parse_period(text: str) -> BillingPeriod:
+    try:
+        return BillingPeriod.parse(text)
+    except ValueError as exc:
+        raise BadRequest(str(exc), code="invalid_period", param="period") from None
+
+
+# -- computing ----------------------------------------------------------------------------
+
+
+async def _price_book(session: AsyncSession) -> PriceBook:
+    # Read fresh, not from the in-process cache: a price added a moment ago by another
+    # worker must price this draft's unpriced rows.
+    return PriceBook(await PriceRepository(session).all_prices())
+
+
+def _selections(
+    period: BillingPeriod,
+    accounts: Sequence[uuid.UUID],
+    cutoff: datetime,
+    billed: dict[uuid.UUID, dict[str, list[Any]]],
+    closed: dict[uuid.UUID, set[str]],
+) -> tuple[list[Selection], list[Selection]]:
+    """What each account's invoice bills: its own period, and late usage of closed periods."""
+    own: list[Selection] = []
+    late: list[Selection] = []
+    for account in accounts:
+        account_billed = billed.get(account, {})
+        for window in uncovered_windows(cutoff, account_billed.get(str(period), [])):
+            own.append(Selection(account, str(period), period.start, period.end, window))
+        for earlier in sorted(closed.get(account, set())):
+            past = BillingPeriod.parse(earlier)
+            if past >= period:
+                continue
+            for window in uncovered_windows(cutoff, account_billed.get(earlier, [])):
+                late.append(Selection(account, earlier, past.start, past.end, window))
+    return own, late
+
+
+def _segments(book: PriceBook, sums: Sequence[UsageSum]) -> dict[str, list[PriceSegment]]:
+    return {model: book.segments(model) for model in sorted({s.model for s in sums if s.unpriced})}
+
+
+def _price_of(
+    s: UsageSum, by_id: dict[int, Price], segments: dict[str, list[PriceSegment]]
+) -> Price | None:
+    if s.segment is not None:
+        return segments[s.model][s.segment].price
+    return by_id.get(s.price_version_id) if s.price_version_id is not None else None
+
+
+def _usage_group(
+    s: UsageSum,
+    period: BillingPeriod,
+    by_id: dict[int, Price],
+    segments: dict[str, list[PriceSegment]],
+) -> UsageGroup:
+    usage_period = s.bucket[0]
+    if usage_period is not None and usage_period != str(period):
+        kind, late_period = LineKind.LATE_USAGE, usage_period
+    else:
+        kind = LineKind.ADJUSTMENT if s.ledger_kind == "adjustment" else LineKind.TOKENS
+        late_period = None
+    return UsageGroup(
+        kind=kind,
+        model=s.model,
+        price=_price_of(s, by_id, segments),
+        totals=s.totals,
+        stored_cost_usd=None if s.unpriced else s.stored_cost_usd,
+        period=late_period,
+    )
+
+
+def _task_groups(
+    counts: Sequence[TaskCount],
+    failed_usage: Sequence[UsageSum],
+    by_id: dict[int, Price],
+    segments: dict[str, list[PriceSegment]],
+    period: BillingPeriod,
+) -> dict[uuid.UUID, list[QuotedTaskGroup]]:
+    usage: dict[tuple[uuid.UUID, str | None, str | None], list[UsageGroup]] = {}
+    for s in failed_usage:
+        group = _usage_group(s, period, by_id, segments)
+        usage.setdefault((s.account_id, s.bucket[0], s.bucket[1]), []).append(group)
+    groups: dict[uuid.UUID, list[QuotedTaskGroup]] = {}
+    failed: dict[tuple[uuid.UUID, str | None, str | None], int] = {}
+    for c in counts:
+        if c.status == TaskOutcome.SUCCEEDED:
+            groups.setdefault(c.account_id, []).append(
+                QuotedTaskGroup(
+                    c.task_type, c.model, TaskOutcome.SUCCEEDED, c.count, c.fixed_price_usd
+                )
+            )
+        else:
+            key = (c.account_id, c.task_type, c.model)
+            failed[key] = failed.get(key, 0) + c.count
+    for (account, task_type, model), count in failed.items():
+        groups.setdefault(account, []).append(
+            QuotedTaskGroup(
+                task_type,
+                model,
+                TaskOutcome.FAILED,
+                count,
+                usage=tuple(usage.get((account, task_type, model), ())),
+            )
+        )
+    return groups
+
+
+async def compute_invoices(
+    session: AsyncSession,
+    period: BillingPeriod,
+    policies: dict[uuid.UUID, str],
+) -> dict[uuid.UUID, ComputedInvoice]:
+    """Each account's invoice for `period` as the ledger stands now (accounts locked)."""
+    repository = InvoiceRepository(session)
+    accounts = sorted(policies)
+    cutoff = await repository.usage_cutoff()
+    billed = await repository.billed_windows(accounts)
+    closed = await repository.finalized_periods(accounts)
+    own, late = _selections(period, accounts, cutoff, billed, closed)
+    sums = await repository.usage_sums(own) + await repository.usage_sums(late)
+
+    counts = await repository.quoted_task_counts(accounts, period.start, period.end)
+    at_cost = sorted(
+        {
+            c.account_id
+            for c in counts
+            if c.status == TaskOutcome.FAILED and policies[c.account_id] == FailedTaskPolicy.COST
+        }
+    )
+    failed = await repository.failed_task_usage(at_cost, period.start, period.end, cutoff)
+
+    book = await _price_book(session)
+    by_id = {p.version_id: p for p in book.versions() if p.version_id is not None}
+    segments = _segments(book, [*sums, *failed])
+    if segments:
+        # Rows stored without a price: summed again per span of their model's timeline, so
+        # each span is priced by the version in force then (if any exists now).
+        with_unpriced = {s.account_id for s in sums if s.unpriced}
+        sums = [s for s in sums if not s.unpriced] + (
+            await repository.unpriced_usage_sums(
+                [s for s in own if s.account_id in with_unpriced], segments
+            )
+            + await repository.unpriced_usage_sums(
+                [s for s in late if s.account_id in with_unpriced], segments
+            )
+        )
+        failed_unpriced = sorted({s.account_id for s in failed if s.unpriced})
+        failed = [s for s in failed if not s.unpriced] + (
+            await repository.unpriced_failed_task_usage(
+                failed_unpriced, period.start, period.end, cutoff, segments
+            )
+        )
+
+    usage: dict[uuid.UUID, list[UsageGroup]] = {}
+    late_with_rows: set[tuple[uuid.UUID, str | None]] = set()
+    for s in sums:
+        usage.setdefault(s.account_id, []).append(_usage_group(s, period, by_id, segments))
+        late_with_rows.add((s.account_id, s.bucket[0]))
+    tasks = _task_groups(counts, failed, by_id, segments, period)
+
+    computed = {}
+    for account in accounts:
+        draft = build_invoice(
+            usage.get(account, []),
+            tasks.get(account, []),
+            FailedTaskPolicy(policies[account]),
+        )
+        # A late window that held no row need not be kept: rows recorded up to the cutoff
+        # are all visible now, so it can never hold one later.
+        windows = [s for s in own if s.account_id == account] + [
+            s for s in late if s.account_id == account and (account, s.period) in late_with_rows
+        ]
+        computed[account] = ComputedInvoice(draft, cutoff, windows)
+    return computed
+
+
+# -- storing ------------------------------------------------------------------------------
+
+
+def _unpriced_json(unpriced: Sequence[UnpricedUsage]) -> list[dict[str, object]]:
+    return [
+        {
+            "model": u.model,
+            "period": u.period,
+            "task_type": u.task_type,
+            "requests": u.totals.requests,
+            "prompt_tokens": u.totals.prompt_tokens,
+            "completion_tokens": u.totals.completion_tokens,
+        }
+        for u in unpriced
+    ]
+
+
+def _line_values(invoice_id: uuid.UUID, draft: InvoiceDraft) -> list[dict[str, Any]]:
+    return [
+        {
+            "invoice_id": invoice_id,
+            "position": position,
+            "kind": line.kind.value,
+            "description": line.description,
+            "model": line.model,
+            "task_type": line.task_type,
+            "period": line.period,
+            "price_version_id": line.price_version_id,
+            "quantity": line.quantity,
+            "prompt_tokens": line.prompt_tokens,
+            "completion_tokens": line.completion_tokens,
+            "cached_tokens": line.cached_tokens,
+            "input_usd_per_mtok": line.input_usd_per_mtok,
+            "output_usd_per_mtok": line.output_usd_per_mtok,
+            "cached_input_usd_per_mtok": line.cached_input_usd_per_mtok,
+            "unit_price_usd": line.unit_price_usd,
+            "amount_exact_usd": line.amount_exact_usd,
+            "amount_usd": line.amount_usd,
+        }
+        for position, line in enumerate(draft.lines, start=1)
+    ]
+
+
+async def _store(
+    repository: InvoiceRepository,
+    period: BillingPeriod,
+    computed: dict[uuid.UUID, ComputedInvoice],
+    drafts: dict[uuid.UUID, Invoice],
+) -> GenerateResult:
+    result = GenerateResult()
+    new_values = []
+    refreshed = []
+    for account, c in computed.items():
+        values = {
+            "total_usd": c.draft.total_usd,
+            "usage_cutoff": c.cutoff,
+            "unpriced_usage": _unpriced_json(c.draft.unpriced),
+        }
+        if account in drafts:
+            refreshed.append({"b_id": drafts[account].id, **values})
+            result.invoice_ids[account] = drafts[account].id
+        else:
+            new_values.append(
+                {"account_id": account, "period": str(period), "status": "draft", **values}
+            )
+    await repository.update_drafts(refreshed)
+    created = await repository.insert_invoices(new_values)
+    result.invoice_ids.update(created)
+    result.created = set(created.values())
+    lines: list[dict[str, Any]] = []
+    windows: list[dict[str, Any]] = []
+    for account, c in computed.items():
+        invoice_id = result.invoice_ids[account]
+        lines.extend(_line_values(invoice_id, c.draft))
+        windows.extend(
+            {
+                "invoice_id": invoice_id,
+                "period": s.period,
+                "recorded_after": s.window.after,
+                "recorded_until": s.window.until,
+            }
+            for s in c.windows
+        )
+    await repository.insert_lines(lines)
+    await repository.insert_windows(windows)
+    return result
+
+
+# -- the operations -----------------------------------------------------------------------
+
+
+async def generate(
+    session: AsyncSession,
+    period: BillingPeriod,
+    account_ids: Sequence[uuid.UUID] | None = None,
+) -> GenerateResult:
+    """Create or refresh the drafts of `period` for these accounts (default: every account
+    that existed before the period ended). Finalized invoices are left as they are and
+    reported in `finalized`."""
+    repository = InvoiceRepository(session)
+    now = await repository.now()
+    if period > BillingPeriod.of(now):
+        raise BadRequest(
+            f"period {period} has not begun; invoices are for past or current months",
+            code="period_in_future",
+            param="period",
+        )
+    if account_ids is None:
+        account_ids = await repository.account_ids(created_before=period.end)
+    policies = await repository.lock_accounts(account_ids)
+    missing = set(account_ids) - policies.keys()
+    if missing:
+        raise NotFound(f"account {sorted(missing)[0]} not found", param="account_id")
+    live = await repository.live_invoices(list(policies), str(period))
+    finalized = {a: i for a, i in live.items() if i.status == "finalized"}
+    drafts = {a: i for a, i in live.items() if i.status == "draft"}
+    targets = {a: p for a, p in policies.items() if a not in finalized}
+    computed = await compute_invoices(session, period, targets)
+    result = await _store(repository, period, computed, drafts)
+    result.finalized = finalized
+    log.info(
+        "event=invoices_generated period=%s drafts=%d created=%d skipped_finalized=%d",
+        period,
+        len(result.invoice_ids),
+        len(result.created),
+        len(finalized),
+    )
+    return result
+
+
+async def generate_one(
+    session: AsyncSession, account_id: uuid.UUID, period: BillingPeriod
+) -> tuple[Invoice, bool]:
+    """The account's draft for `period`, made or refreshed; True when it is new."""
+    result = await generate(session, period, [account_id])
+    if account_id in result.finalized:
+        invoice = result.finalized[account_id]
+        raise Conflict(
+            f"the invoice of {period} is finalized ({invoice.number}) and never changes;"
+            " void it to issue a new one",
+            code="invoice_finalized",
+        )
+    invoice_id = result.invoice_ids[account_id]
+    return await get(session, invoice_id), invoice_id in result.created
+
+
+async def get(session: AsyncSession, invoice_id: uuid.UUID) -> Invoice:
+    invoice = await InvoiceRepository(session).get(invoice_id)
+    if invoice is None:
+        raise NotFound(f"invoice {invoice_id} not found")
+    return invoice
+
+
+async def _locked(
+    repository: InvoiceRepository, invoice_id: uuid.UUID
+) -> tuple[Invoice, dict[uuid.UUID, str]]:
+    """The invoice, read after its account is locked; and the account's task policy."""
+    account = await repository.account_of(invoice_id)
+    if account is None:
+        raise NotFound(f"invoice {invoice_id} not found")
+    policies = await repository.lock_accounts([account])
+    invoice = await repository.get(invoice_id)
+    if invoice is None or account not in policies:
+        raise NotFound(f"invoice {invoice_id} not found")
+    return invoice, policies
+
+
+async def finalize(session: AsyncSession, invoice_id: uuid.UUID) -> Invoice:
+    """Regenerate the draft from the ledger as it stands, freeze it, and number it.
+
+    Refused (409) when the invoice is not a draft, when its month is not over, and when
+    usage without any price remains (the message names the models).
+    """
+    repository = InvoiceRepository(session)
+    invoice, policies = await _locked(repository, invoice_id)
+    if invoice.status != "draft":
+        raise Conflict(
+            f"invoice {invoice.number or invoice.id} is {invoice.status};"
+            " only a draft is finalized",
+            code="invoice_not_draft",
+        )
+    period = BillingPeriod.parse(invoice.period)
+    now = await repository.now()
+    if now < period.end:
+        raise Conflict(
+            f"{period} is not over until {period.end.isoformat()}; its usage is still arriving",
+            code="period_not_over",
+        )
+    computed = (await compute_invoices(session, period, policies))[invoice.account_id]
+    if not computed.draft.finalizable:
+        models = ", ".join(computed.draft.unpriced_models())
+        raise Conflict(
+            f"usage of models without a price blocks finalization: {models}."
+            " Add a price in force at that usage's time (POST /billing/prices) and finalize again",
+            code="unpriced_usage",
+        )
+    await _store(repository, period, {invoice.account_id: computed}, {invoice.account_id: invoice})
+    number = await repository.next_number(now.year)
+    label = f"INV-{now.year}-{number:06d}"
+    await repository.mark_finalized(invoice.id, label, now)
+    log.info(
+        "event=invoice_finalized invoice_id=%s number=%s account_id=%s period=%s total_usd=%s",
+        invoice.id,
+        label,
+        invoice.account_id,
+        period,
+        computed.draft.total_usd,
+    )
+    return await get(session, invoice.id)
+
+
+async def void(session: AsyncSession, invoice_id: uuid.UUID, reason: str) -> Invoice:
+    """Void a finalized invoice: it keeps its number and lines, bills nothing any more, and
+    a new draft may be generated for its month."""
+    repository = InvoiceRepository(session)
+    invoice, _ = await _locked(repository, invoice_id)
+    if invoice.status != "finalized":
+        message = (
+            "a draft is not voided: generate it again, or leave it"
+            if invoice.status == "draft"
+            else f"invoice {invoice.number} is already void"
+        )
+        raise Conflict(message, code="invoice_not_finalized")
+    await repository.mark_void(invoice.id, reason, await repository.now())
+    log.info("event=invoice_voided invoice_id=%s number=%s", invoice.id, invoice.number)
+    return await get(session, invoice.id)
+
+
+def total_exact(invoice: Invoice) -> Decimal:
+    return sum((line.amount_exact_usd for line in invoice.lines), Decimal(0))
+
+
+async def unpriced_report(
+    session: AsyncSession, period: BillingPeriod, account_id: uuid.UUID | None
+) -> list[UnpricedReportRow]:
+    """Ledger rows of `period` stored without a price, per account and model, with how many
+    a price added since would now cover."""
+    repository = InvoiceRepository(session)
+    rows = await repository.unpriced_rows(period.start, period.end, account_id)
+    if not rows:
+        return []
+    book = await _price_book(session)
+    segments = {model: book.segments(model) for model in sorted({r.model for r in rows})}
+    priced_now: dict[tuple[uuid.UUID, str], int] = {}
+    for r in await repository.unpriced_rows(period.start, period.end, account_id, segments):
+        assert r.segment is not None
+        if segments[r.model][r.segment].price is not None:
+            key = (r.account_id, r.model)
+            priced_now[key] = priced_now.get(key, 0) + r.totals.requests
+    report = []
+    for r in rows:
+        covered = priced_now.get((r.account_id, r.model), 0)
+        report.append(
+            UnpricedReportRow(
+                account_id=r.account_id,
+                model=r.model,
+                requests=r.totals.requests,
+                prompt_tokens=r.totals.prompt_tokens,
+                completion_tokens=r.totals.completion_tokens,
+                first_occurred_at=r.first_occurred_at,
+                last_occurred_at=r.last_occurred_at,
+                requests_priced_now=covered,
+                requests_without_price=r.totals.requests - covered,
+            )
+        )
+    return report

@@ -1,0 +1,1 @@
+"""The usage ledger's write path: in-memory queue, batched idempotent inserts, durable spool."""

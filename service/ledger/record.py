@@ -1,0 +1,76 @@
+"""One ledger row in memory, as the proxy makes it and the writer stores or spools it."""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from dataclasses import asdict, dataclass, fields
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+import orjson
+
+
+def new_request_id() -> str:
+    """`req_` + 32 hex digits laid out like a UUIDv7: sortable by creation time (ms).
+
+    48 bits of Unix milliseconds then 80 random bits; ids made in the same millisecond
+    differ by their random part, and a replay of a row keeps its id.
+    """
+    return f"req_{time.time_ns() // 1_000_000:012x}{os.urandom(10).hex()}"
+
+
+@dataclass(slots=True)
+class LedgerRecord:
+    """The outcome of one proxied request; mirrors `UsageRecord` (service/db/models.py)."""
+
+    request_id: str
+    occurred_at: datetime  # UTC, fixed in memory when the request arrived
+    account_id: uuid.UUID
+    key_id: uuid.UUID | None
+    task_id: str | None
+    task_type: str | None
+    endpoint: str  # chat | completions | embeddings
+    requested_model: str
+    upstream_model: str | None
+    provider: str | None
+    stream: bool
+    status_code: int
+    error_code: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    cached_tokens: int
+    reasoning_tokens: int
+    usage_source: str  # upstream | estimated | none
+    latency_ms: int | None
+    ttft_ms: int | None
+    cost_usd: Decimal | None  # exact; None = unpriced, never a silent $0
+    price_version_id: int | None
+    kind: str = "usage"
+
+    def as_row(self) -> tuple[Any, ...]:
+        return tuple(getattr(self, name) for name in COLUMNS)
+
+    def to_json(self) -> bytes:
+        data = asdict(self)
+        if self.cost_usd is not None:
+            data["cost_usd"] = str(self.cost_usd)  # a string: money never passes through float
+        # Ids read by asyncpg are its own UUID subclass, which orjson does not serialise.
+        return orjson.dumps(data, default=str)
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> LedgerRecord:
+        data = orjson.loads(raw)
+        data["occurred_at"] = datetime.fromisoformat(data["occurred_at"])
+        data["account_id"] = uuid.UUID(data["account_id"])
+        if data["key_id"] is not None:
+            data["key_id"] = uuid.UUID(data["key_id"])
+        if data["cost_usd"] is not None:
+            data["cost_usd"] = Decimal(data["cost_usd"])
+        return cls(**data)
+
+
+COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(LedgerRecord))

@@ -1,0 +1,1 @@
+"""The margin report: fixed-price revenue against actual token cost."""

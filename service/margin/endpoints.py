@@ -1,0 +1,25 @@
+from __future__ import annotations
+
+import uuid
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+
+from service.accounts.endpoints import ERRORS
+from service.auth.principal import Admin
+from service.db.session import Session
+from service.margin.schemas import MarginReport
+from service.margin.service import margin_report
+
+router = APIRouter(prefix="/billing/reports", tags=["reports"], responses=ERRORS)
+
+
+@router.get("/margin", response_model=MarginReport)
+async def get_margin_report(
+    session: Session,
+    _: Admin,
+    period: Annotated[str, Query(pattern=r"^\d{4}-(0[1-9]|1[0-2])$", examples=["2026-11"])],
+    account_id: Annotated[uuid.UUID | None, Query(description="One account (default all).")] = None,
+) -> MarginReport:
+    """Quoted tasks completed in `period`, per task type and model (admin: it shows costs)."""
+    return await margin_report(session, period, account_id)

@@ -1,0 +1,73 @@
+"""The margin report: per task type and model, what fixed prices earned against token cost.
+
+Covers the quoted tasks completed in the period (the month their fixed price is
+invoiced), whatever month their requests ran in. Revenue is the fixed price of each
+succeeded task plus, for accounts whose failed-task policy is `cost`, the cost of failed
+ones; a failed task under the `free` policy earns nothing. Calibration is reported twice:
+against the price (margin included) and against the quote's cost basis, the quantile that
+`confidence` asked for — the one a well-calibrated quote keeps at about `confidence`.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from pricing.quote import margin, share
+from service.db.partitions import add_months
+from service.errors import Unprocessable
+from service.margin.repository import margin_rows
+from service.margin.schemas import MarginReport, MarginRow
+
+PERIOD = re.compile(r"^(\d{4})-(0[1-9]|1[0-2])$")
+
+
+def period_bounds(period: str) -> tuple[datetime, datetime]:
+    match = PERIOD.match(period)
+    if match is None:
+        raise Unprocessable("query.period: expected YYYY-MM", param="query.period")
+    try:
+        start = datetime(int(match.group(1)), int(match.group(2)), 1, tzinfo=UTC)
+        return start, add_months(start, 1)
+    except ValueError:  # year 0000, or a month past 9999-12
+        raise Unprocessable("query.period: out of range", param="query.period") from None
+
+
+def _row(row: Any) -> MarginRow:
+    revenue = row.fixed_revenue + row.failed_revenue
+    kept = margin(revenue, row.cost)
+    confidence = None
+    if row.tasks:
+        confidence = (row.confidence_sum / row.tasks).quantize(Decimal("0.0001"))
+    return MarginRow(
+        task_type=row.task_type,
+        model=row.model,
+        tasks=row.tasks,
+        succeeded=row.succeeded,
+        failed=row.failed,
+        fixed_price_revenue_usd=row.fixed_revenue,
+        failed_at_cost_revenue_usd=row.failed_revenue,
+        revenue_usd=revenue,
+        cost_usd=row.cost,
+        margin_usd=kept.amount,
+        margin_pct=kept.percent,
+        confidence=confidence,
+        within_price_share=share(row.within_price, row.tasks),
+        within_quantile_share=share(row.within_quantile, row.tasks),
+    )
+
+
+async def margin_report(
+    session: AsyncSession, period: str, account_id: uuid.UUID | None
+) -> MarginReport:
+    start, end = period_bounds(period)
+    rows = [_row(r) for r in await margin_rows(session, start, end, account_id)]
+    # The grand total (grouping set `()`) is always the last row; with no task it is all zero.
+    total = rows.pop()
+    total.task_type = total.model = None
+    return MarginReport(period=period, account_id=account_id, rows=rows, total=total)

@@ -1,0 +1,161 @@
+"""Every metric Meterline exports, and the small functions that feed them.
+
+`meterline serve --workers N` runs N processes; Prometheus must see their sum. The CLI
+points `PROMETHEUS_MULTIPROC_DIR` at a folder of the data directory before the workers
+start, so each process writes its values to memory-mapped files there and `/metrics`
+(answered by whichever worker) merges them. Without that variable (a lone process, the
+tests' in-process apps) the ordinary in-memory registry is used.
+
+Labels stay bounded: a model name comes from the client, so past `_MODEL_LABELS`
+distinct names the rest are counted as `other`.
+"""
+
+from __future__ import annotations
+
+import os
+from decimal import Decimal
+
+from prometheus_client import (
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+
+# prometheus_client reads this variable itself, at import; reading it here too keeps the
+# exporter consistent with how the values above were stored.
+MULTIPROC_DIR = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+
+_MODEL_LABELS = 200
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+_BATCH_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+REQUESTS = Counter(
+    "meterline_requests",
+    "Proxied requests by endpoint, model and HTTP status (one per ledger record).",
+    ["endpoint", "model", "status"],
+)
+TOKENS = Counter(
+    "meterline_tokens",
+    "Tokens of proxied requests by model and kind (prompt, completion, cached, reasoning).",
+    ["model", "kind"],
+)
+COST = Counter(
+    "meterline_cost_usd",
+    "Cost of proxied requests at list price, by model (approximate: the ledger is exact).",
+    ["model"],
+)
+UPSTREAM_LATENCY = Histogram(
+    "meterline_upstream_latency_seconds",
+    "Time from forwarding a request to its last byte, by provider.",
+    ["provider"],
+    buckets=_LATENCY_BUCKETS,
+)
+TIME_TO_FIRST_TOKEN = Histogram(
+    "meterline_time_to_first_token_seconds",
+    "Time from forwarding a streamed request to its first chunk, by provider.",
+    ["provider"],
+    buckets=_LATENCY_BUCKETS,
+)
+QUEUE_DEPTH = Gauge(
+    "meterline_ledger_queue_depth",
+    "Usage records waiting in memory for the ledger writer.",
+    multiprocess_mode="livesum",
+)
+# Every worker measures the one spool folder they share: the largest reading is the size.
+SPOOL_FILES = Gauge(
+    "meterline_ledger_spool_files",
+    "Batches of usage records in the durable spool, waiting for Postgres.",
+    multiprocess_mode="livemax",
+)
+SPOOL_BYTES = Gauge(
+    "meterline_ledger_spool_bytes",
+    "Size of the durable spool on disk.",
+    multiprocess_mode="livemax",
+)
+BATCH_SECONDS = Histogram(
+    "meterline_ledger_batch_seconds",
+    "Time to write one batch of usage records into Postgres.",
+    buckets=_BATCH_BUCKETS,
+)
+LEDGER_ROWS = Counter(
+    "meterline_ledger_rows",
+    "Usage records by where they went: written to Postgres, spooled, replayed from the spool.",
+    ["outcome"],
+)
+LIMIT_REFUSALS = Counter(
+    "meterline_limit_refusals",
+    "Requests refused with a 429 by kind of limit (requests, tokens, budget).",
+    ["kind"],
+)
+LIMIT_ERRORS = Counter(
+    "meterline_limit_store_errors",
+    "Failures of the rate-limit and budget counter store (requests then pass unlimited).",
+    ["step"],
+)
+
+_models: set[str] = set()
+
+
+def model_label(model: str | None) -> str:
+    if not model:
+        return "unknown"
+    if model in _models:
+        return model
+    if len(_models) < _MODEL_LABELS:
+        _models.add(model)
+        return model
+    return "other"
+
+
+def observe_request(
+    *,
+    endpoint: str,
+    model: str | None,
+    status: int,
+    provider: str | None,
+    prompt_tokens: int,
+    completion_tokens: int,
+    cached_tokens: int = 0,
+    reasoning_tokens: int = 0,
+    cost_usd: Decimal | None = None,
+    latency_ms: int | None = None,
+    ttft_ms: int | None = None,
+) -> None:
+    """Count one finished request from its ledger record."""
+    label = model_label(model)
+    REQUESTS.labels(endpoint, label, str(status)).inc()
+    for kind, count in (
+        ("prompt", prompt_tokens),
+        ("completion", completion_tokens),
+        ("cached", cached_tokens),
+        ("reasoning", reasoning_tokens),
+    ):
+        if count > 0:
+            TOKENS.labels(label, kind).inc(count)
+    if cost_usd is not None and cost_usd > 0:
+        # Prometheus samples are floats; the exact amount is the ledger's.
+        COST.labels(label).inc(float(cost_usd))
+    name = provider or "none"
+    if latency_ms is not None:
+        UPSTREAM_LATENCY.labels(name).observe(latency_ms / 1000)
+    if ttft_ms is not None:
+        TIME_TO_FIRST_TOKEN.labels(name).observe(ttft_ms / 1000)
+
+
+def exposition() -> bytes:
+    """The text Prometheus scrapes: this process's metrics, or every worker's summed."""
+    if MULTIPROC_DIR:
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, MULTIPROC_DIR)  # type: ignore[no-untyped-call]
+        return generate_latest(registry)
+    return generate_latest(REGISTRY)
+
+
+def process_exited(pid: int) -> None:
+    """Drop the live gauges of a worker that stopped, so its queue is not summed forever."""
+    if MULTIPROC_DIR:
+        multiprocess.mark_process_dead(pid, MULTIPROC_DIR)  # type: ignore[no-untyped-call]

@@ -1,0 +1,87 @@
+"""Feed the metrics from the running parts: each finished request, and the ledger writer.
+
+Requests are counted by a settlement hook of the proxy (one call per ledger record, after
+the response is sent). The writer's queue, spool and row counts are sampled every second
+by each worker, which is what Prometheus' per-worker files need.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from typing import Protocol
+
+from service.ledger.record import LedgerRecord
+from service.metrics import registry
+from service.proxy.context import RequestContext
+
+_EVERY_S = 1.0
+
+
+class WriterStats(Protocol):
+    @property
+    def queue_depth(self) -> int: ...
+
+    records_written: int
+    records_spooled: int
+    records_replayed: int
+    spool_files: int
+    spool_bytes: int
+
+
+async def observe_settlement(ctx: RequestContext, record: LedgerRecord | None) -> None:
+    """A proxy settlement hook: count the request from its final ledger record."""
+    if record is None:
+        return
+    registry.observe_request(
+        endpoint=record.endpoint,
+        model=record.requested_model,
+        status=record.status_code,
+        provider=record.provider,
+        prompt_tokens=record.prompt_tokens,
+        completion_tokens=record.completion_tokens,
+        cached_tokens=record.cached_tokens,
+        reasoning_tokens=record.reasoning_tokens,
+        cost_usd=record.cost_usd,
+        latency_ms=record.latency_ms,
+        ttft_ms=record.ttft_ms,
+    )
+
+
+class LedgerSampler:
+    def __init__(self, writer: WriterStats) -> None:
+        self._writer = writer
+        self._seen = {"written": 0, "spooled": 0, "replayed": 0}
+        self._task: asyncio.Task[None] | None = None
+
+    def sample(self) -> None:
+        writer = self._writer
+        registry.QUEUE_DEPTH.set(writer.queue_depth)
+        registry.SPOOL_FILES.set(writer.spool_files)
+        registry.SPOOL_BYTES.set(writer.spool_bytes)
+        for outcome, total in (
+            ("written", writer.records_written),
+            ("spooled", writer.records_spooled),
+            ("replayed", writer.records_replayed),
+        ):
+            if total > self._seen[outcome]:
+                registry.LEDGER_ROWS.labels(outcome).inc(total - self._seen[outcome])
+                self._seen[outcome] = total
+
+    async def start(self) -> None:
+        self.sample()
+        self._task = asyncio.create_task(self._run(), name="metrics-sampler")
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(_EVERY_S)
+            self.sample()
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self.sample()
+        registry.process_exited(os.getpid())

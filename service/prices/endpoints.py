@@ -1,0 +1,77 @@
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Request, Response, status
+from pydantic import AwareDatetime
+
+from service.auth.principal import Admin, Caller
+from service.db.session import Session
+from service.errors import ErrorBody
+from service.prices import service
+from service.prices.schemas import PriceCreate, PriceList, PriceOut
+from service.runtime import get_runtime
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorBody, "description": "Missing, unknown, revoked or expired credential."},
+    404: {"model": ErrorBody, "description": "No such object visible to the caller."},
+    422: {"model": ErrorBody, "description": "Invalid parameter; `error.param` names it."},
+}
+
+router = APIRouter(prefix="/billing", tags=["prices"], responses=ERRORS)
+
+
+@router.get("/prices", response_model=PriceList)
+async def list_prices(
+    session: Session,
+    _: Caller,
+    model: Annotated[
+        str | None, Query(max_length=256, description="Versions of this exact id or pattern.")
+    ] = None,
+    at: Annotated[
+        AwareDatetime | None, Query(description="Only the versions in force at this instant.")
+    ] = None,
+    current: Annotated[bool, Query(description="Only the versions in force now.")] = False,
+) -> PriceList:
+    """Price versions, USD per 1M tokens (any caller may read them)."""
+    if current and at is None:
+        at = datetime.now(UTC)
+    versions = await service.list_prices(session, model, at)
+    return PriceList(data=[PriceOut.model_validate(v) for v in versions])
+
+
+@router.get("/prices/lookup", response_model=PriceOut)
+async def lookup_price(
+    session: Session,
+    _: Caller,
+    model: Annotated[str, Query(min_length=1, max_length=256, description="A model id.")],
+    at: Annotated[AwareDatetime | None, Query(description="Default now.")] = None,
+) -> PriceOut:
+    """The version that prices a model at an instant (exact id first, then glob patterns)."""
+    version = await service.lookup(session, model, at or datetime.now(UTC))
+    return PriceOut.model_validate(version)
+
+
+@router.post(
+    "/prices",
+    response_model=PriceOut,
+    status_code=status.HTTP_201_CREATED,
+    responses={
+        200: {"model": PriceOut, "description": "The same version existed already."},
+        409: {"model": ErrorBody, "description": "The version exists with other rates."},
+    },
+)
+async def add_price(
+    data: PriceCreate, session: Session, request: Request, response: Response, _: Admin
+) -> PriceOut:
+    """Add a price version (admin). Past rows and finalized invoices never change."""
+    version, created = await service.add_price(session, data)
+    out = PriceOut.model_validate(version)
+    # Durable first, then this worker prices with it at once; the others pick it up
+    # within their refresh interval.
+    await session.commit()
+    await get_runtime(request).prices.refresh()
+    if not created:
+        response.status_code = status.HTTP_200_OK
+    return out

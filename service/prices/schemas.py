@@ -1,0 +1,54 @@
+from __future__ import annotations
+
+from datetime import datetime
+from decimal import Decimal
+from typing import Annotated
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+
+from service.schemas import DecimalString
+
+# NUMERIC(18, 6): more decimals would be rounded by the database, so they are refused.
+Rate = Annotated[Decimal, Field(ge=0, max_digits=18, decimal_places=6)]
+
+
+class PriceCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(
+        min_length=1,
+        max_length=256,
+        pattern=r"^\S(.*\S)?$",
+        description="An exact model id, or a glob pattern (`meta-llama/*`). An exact id wins"
+        " over patterns; among patterns the longest matching one wins.",
+        examples=["meta-llama/Llama-3.3-70B-Instruct", "deepseek-ai/*"],
+    )
+    input_usd_per_mtok: Rate = Field(description="USD per 1,000,000 prompt tokens.")
+    output_usd_per_mtok: Rate = Field(description="USD per 1,000,000 completion tokens.")
+    cached_input_usd_per_mtok: Rate | None = Field(
+        default=None, description="USD per 1M cached prompt tokens; unset: the input price."
+    )
+    effective_from: AwareDatetime | None = Field(
+        default=None,
+        description="When the price takes effect (RFC 3339); default now. A past instant"
+        " never changes a ledger row already priced or a finalized invoice: it prices rows"
+        " stored without a price (on drafts, by the version in force at each row's time) and"
+        " rows written from now on.",
+    )
+
+
+class PriceOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    model: str
+    input_usd_per_mtok: DecimalString
+    output_usd_per_mtok: DecimalString
+    cached_input_usd_per_mtok: DecimalString | None
+    effective_from: datetime
+    source: str
+    created_at: datetime
+
+
+class PriceList(BaseModel):
+    data: list[PriceOut]

@@ -1,0 +1,1 @@
+"""Upstream providers: the providers file, and which provider serves which model."""

@@ -1,0 +1,109 @@
+"""The providers file (`METERLINE_PROVIDERS`): where each model is forwarded, and how.
+
+```yaml
+providers:
+  - name: hyperbolic
+    base_url: https://api.hyperbolic.xyz/v1
+    api_key_env: HYPERBOLIC_API_KEY     # the provider key never leaves the server
+    models: ["meta-llama/*", "deepseek-ai/*", "Qwen/*"]   # glob patterns
+    stream_usage: inject                # inject | native | none
+```
+
+`stream_usage` says how the provider reports usage when streaming:
+
+- `inject`: only when asked with `stream_options.include_usage`; Meterline asks on the
+  client's behalf and hides the extra usage chunk from a client that did not ask.
+- `native`: whatever was asked, in the last chunk or in every chunk; forwarded as is.
+- `none`: never; the provider may even reject `stream_options`, so Meterline strips it
+  and estimates the tokens.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, cast
+
+import yaml
+
+StreamUsage = Literal["inject", "native", "none"]
+STREAM_USAGE_MODES: tuple[StreamUsage, ...] = ("inject", "native", "none")
+
+
+class ProvidersFileError(ValueError):
+    """The providers file cannot be used; the message names the provider and the field."""
+
+
+@dataclass(frozen=True, slots=True)
+class Provider:
+    name: str
+    base_url: str  # without a trailing slash, e.g. https://api.example.com/v1
+    models: tuple[str, ...]
+    stream_usage: StreamUsage
+    # Resolved from `api_key_env` at load time. Kept out of repr so it never reaches a log.
+    api_key: str | None = None
+    api_key_env: str | None = None
+
+    def __repr__(self) -> str:
+        return f"Provider(name={self.name!r}, base_url={self.base_url!r})"
+
+    def url(self, path: str) -> str:
+        """`path` is relative to the OpenAI `/v1` root, e.g. `chat/completions`."""
+        return f"{self.base_url}/{path}"
+
+
+def _provider(index: int, raw: Any, environ: dict[str, str]) -> Provider:
+    if not isinstance(raw, dict):
+        raise ProvidersFileError(f"providers[{index}] must be a mapping")
+    name = raw.get("name")
+    if not isinstance(name, str) or not name:
+        raise ProvidersFileError(f"providers[{index}].name must be a non-empty string")
+    base_url = raw.get("base_url")
+    if not isinstance(base_url, str) or not base_url.startswith(("http://", "https://")):
+        raise ProvidersFileError(f"provider {name}: base_url must be an http(s) URL")
+    models = raw.get("models")
+    if (
+        not isinstance(models, list)
+        or not models
+        or not all(isinstance(m, str) and m for m in models)
+    ):
+        raise ProvidersFileError(f"provider {name}: models must be a list of patterns")
+    mode = raw.get("stream_usage", "native")
+    if mode not in STREAM_USAGE_MODES:
+        raise ProvidersFileError(
+            f"provider {name}: stream_usage must be one of {', '.join(STREAM_USAGE_MODES)}"
+        )
+    key_env = raw.get("api_key_env")
+    if key_env is not None and not isinstance(key_env, str):
+        raise ProvidersFileError(f"provider {name}: api_key_env must be a variable name")
+    if "api_key" in raw:
+        # A key written in the file would end up in backups and repositories.
+        raise ProvidersFileError(f"provider {name}: use api_key_env, not api_key")
+    return Provider(
+        name=name,
+        base_url=base_url.rstrip("/"),
+        models=tuple(models),
+        stream_usage=cast(StreamUsage, mode),
+        api_key=environ.get(key_env) if key_env else None,
+        api_key_env=key_env,
+    )
+
+
+def parse_providers(text: str, environ: dict[str, str] | None = None) -> list[Provider]:
+    data = yaml.safe_load(text) or {}
+    if not isinstance(data, dict) or not isinstance(data.get("providers", []), list):
+        raise ProvidersFileError("the providers file must hold a `providers:` list")
+    env = dict(os.environ) if environ is None else environ
+    providers = [_provider(i, raw, env) for i, raw in enumerate(data.get("providers") or [])]
+    names = [p.name for p in providers]
+    if len(set(names)) != len(names):
+        raise ProvidersFileError("provider names must be unique")
+    return providers
+
+
+def load_providers(path: Path | None) -> list[Provider]:
+    """The providers of the file at `path`; none when no file is configured."""
+    if path is None:
+        return []
+    return parse_providers(Path(path).read_text())

@@ -1,0 +1,1 @@
+"""The OpenAI-compatible metering proxy: forward, stream, capture usage, record."""

@@ -1,0 +1,137 @@
+"""Reading usage out of an OpenAI-style server-sent-event stream, as it passes through.
+
+Two ways through:
+
+- Pass-through (the client sees the provider's bytes as they come): each received piece
+  is forwarded at once and only kept; the events are split and read once the stream is
+  over (or cut), so the per-chunk cost is one list append.
+- Hiding injected usage (Meterline asked for `include_usage` on the client's behalf):
+  complete events are forwarded as they complete, without the `"usage": null` field the
+  provider then adds to each chunk and without the final usage-only chunk, so the client
+  gets exactly the stream it would have got without the injection.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import orjson
+
+_EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
+_NULL_USAGE_TAIL = b',"usage":null}'
+_DONE = b"[DONE]"
+
+
+def _data_of(event: bytes) -> bytes | None:
+    """The data payload of one event (its `data:` lines joined), or None."""
+    lines = [line for line in event.splitlines() if line.startswith(b"data:")]
+    if not lines:
+        return None
+    payloads = [line[6:] if line[5:6] == b" " else line[5:] for line in lines]
+    return b"\n".join(payloads)
+
+
+def split_events(raw: bytes) -> tuple[list[bytes], bytes]:
+    """Complete events (without their blank-line terminator) and the incomplete rest."""
+    events = []
+    start = 0
+    for match in _EVENT_END.finditer(raw):
+        events.append(raw[start : match.start()])
+        start = match.end()
+    return events, raw[start:]
+
+
+class StreamMeter:
+    def __init__(self, hide_usage: bool) -> None:
+        self.hide_usage = hide_usage
+        self._raw: list[bytes] = []  # pass-through: everything received, read at the end
+        self._tail = b""
+        self._payloads: list[bytes] = []  # hiding: payloads read as they complete
+        self._usage: dict[str, Any] | None = None
+
+    def feed(self, chunk: bytes) -> bytes:
+        """Take a piece of the upstream body; return the bytes to send the client now."""
+        if not self.hide_usage:
+            self._raw.append(chunk)
+            return chunk
+        events, self._tail = split_events(self._tail + chunk)
+        out = []
+        for event in events:
+            kept = self._hide(event)
+            if kept is not None:
+                out.append(kept)
+        return b"".join(out)
+
+    def _hide(self, event: bytes) -> bytes | None:
+        data = _data_of(event)
+        if data is None or data == _DONE or b'"usage"' not in data:
+            if data is not None and data != _DONE:
+                self._payloads.append(data)
+            return event + b"\n\n"
+        if data.endswith(_NULL_USAGE_TAIL):  # the common case needs no JSON parsing
+            stripped = data[: -len(_NULL_USAGE_TAIL)] + b"}"
+            self._payloads.append(stripped)
+            return b"data: " + stripped + b"\n\n"
+        try:
+            obj = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            self._payloads.append(data)
+            return event + b"\n\n"
+        if not isinstance(obj, dict) or "usage" not in obj:
+            self._payloads.append(data)
+            return event + b"\n\n"
+        usage = obj.pop("usage")
+        if isinstance(usage, dict):
+            self._usage = usage
+        if not obj.get("choices"):
+            return None  # the usage-only chunk the client did not ask for
+        stripped = orjson.dumps(obj)
+        self._payloads.append(stripped)
+        return b"data: " + stripped + b"\n\n"
+
+    def flush(self) -> bytes:
+        """What is left to send once the upstream body ended (an unterminated last event)."""
+        if not self.hide_usage or not self._tail:
+            return b""
+        tail, self._tail = self._tail, b""
+        kept = self._hide(tail)
+        return kept or b""
+
+    def payloads(self) -> list[bytes]:
+        """Data payloads of all complete events seen (including a final unterminated one)."""
+        if not self.hide_usage:
+            raw = b"".join(self._raw)
+            events, rest = split_events(raw)
+            if rest.strip():
+                events.append(rest)
+            self._payloads = [d for d in map(_data_of, events) if d is not None and d != _DONE]
+            self._raw = [raw]
+        return self._payloads
+
+    def usage(self) -> dict[str, Any] | None:
+        """The provider's usage: the last one reported wins (running totals grow)."""
+        if self._usage is not None:
+            return self._usage
+        for data in reversed(self.payloads()):
+            if b'"usage"' not in data:
+                continue
+            try:
+                obj = orjson.loads(data)
+            except orjson.JSONDecodeError:
+                continue
+            if isinstance(obj, dict) and isinstance(obj.get("usage"), dict):
+                usage: dict[str, Any] = obj["usage"]
+                return usage
+        return None
+
+    def model(self) -> str | None:
+        for data in self.payloads()[:3]:
+            try:
+                obj = orjson.loads(data)
+            except orjson.JSONDecodeError:
+                continue
+            if isinstance(obj, dict) and isinstance(obj.get("model"), str):
+                model: str = obj["model"]
+                return model
+        return None

@@ -1,0 +1,1 @@
+"""Fixed-price task quotes, learned from the history of completed tasks."""

@@ -1,0 +1,58 @@
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from fastapi import APIRouter, Request, status
+
+from service.accounts.endpoints import ERRORS
+from service.auth.principal import Caller
+from service.db.session import Session
+from service.errors import ErrorBody
+from service.quotes import service
+from service.quotes.schemas import QuoteAccept, QuoteCreate, QuoteOut
+from service.runtime import get_runtime
+from service.tasks.endpoints import Guard
+from service.tasks.schemas import TaskOut
+
+router = APIRouter(prefix="/billing/quotes", tags=["quotes"], responses=ERRORS)
+
+ACCEPT_ERRORS: dict[int | str, dict[str, Any]] = {
+    409: {"model": ErrorBody, "description": "Already accepted, or the task id is in use."},
+    410: {"model": ErrorBody, "description": "The quote expired."},
+}
+
+
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=QuoteOut)
+async def create_quote(
+    data: QuoteCreate, request: Request, session: Session, caller: Caller
+) -> QuoteOut:
+    """Price one task of `task_type` on `model` in advance (from history, else an estimate)."""
+    runtime = get_runtime(request)
+    return await service.create_quote(session, runtime.settings, runtime.prices.book, caller, data)
+
+
+@router.get("/{quote_id}", response_model=QuoteOut)
+async def get_quote(quote_id: uuid.UUID, session: Session, caller: Caller) -> QuoteOut:
+    return await service.get_quote(session, caller, quote_id)
+
+
+@router.post(
+    "/{quote_id}/accept",
+    status_code=status.HTTP_201_CREATED,
+    response_model=TaskOut,
+    responses=ACCEPT_ERRORS,
+)
+async def accept_quote(
+    quote_id: uuid.UUID,
+    request: Request,
+    session: Session,
+    caller: Caller,
+    guard: Guard,
+    data: QuoteAccept | None = None,
+) -> TaskOut:
+    """Open a task bound to the quote's fixed price; send its id as `X-Task-Id`."""
+    settings = get_runtime(request).settings
+    return await service.accept_quote(
+        session, settings, guard, caller, quote_id, data or QuoteAccept()
+    )

@@ -1,0 +1,55 @@
+from __future__ import annotations
+
+import uuid
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import StreamingResponse
+
+from service.accounts.endpoints import ERRORS
+from service.auth.principal import Caller
+from service.reports.schemas import MonthlyReport, ReportFormat
+from service.reports.service import export_monthly, parse_period
+from service.runtime import get_runtime
+
+router = APIRouter(prefix="/billing/reports", tags=["reports"], responses=ERRORS)
+
+MEDIA_TYPES = {"csv": "text/csv; charset=utf-8", "json": "application/json"}
+
+
+@router.get(
+    "/monthly",
+    response_class=StreamingResponse,
+    responses={
+        200: {
+            "model": MonthlyReport,
+            "description": "The report, streamed. CSV columns: see the README.",
+            "content": {"text/csv": {"schema": {"type": "string"}}},
+        }
+    },
+)
+async def monthly_report(
+    request: Request,
+    caller: Caller,
+    period: Annotated[str, Query(description="The month, `YYYY-MM` (UTC).", examples=["2026-11"])],
+    fmt: Annotated[ReportFormat, Query(alias="format")] = "csv",
+    account_id: Annotated[
+        uuid.UUID | None,
+        Query(description="Admin: one account (default all). A customer key: only its own."),
+    ] = None,
+) -> StreamingResponse:
+    """Requests, tokens, exact cost and the invoice, per account and model, for one month.
+
+    One row per account and model, and task type too for the usage of quoted tasks; then a
+    totals row. Streamed in constant memory whatever the month's size.
+    """
+    # Everything that can be refused is checked before the first byte: once streaming has
+    # begun, the status is already 200.
+    parse_period(period)
+    account_id = caller.scope(account_id)
+    suffix = f"-{account_id}" if account_id else ""
+    return StreamingResponse(
+        export_monthly(get_runtime(request).engine, period, fmt, account_id),
+        media_type=MEDIA_TYPES[fmt],
+        headers={"Content-Disposition": f'attachment; filename="meterline-{period}{suffix}.{fmt}"'},
+    )

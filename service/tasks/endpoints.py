@@ -1,0 +1,91 @@
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Path, Query, Request
+
+from service.accounts.endpoints import ERRORS
+from service.auth.principal import Caller
+from service.db.session import Session
+from service.errors import ErrorBody
+from service.runtime import get_runtime
+from service.schemas import CursorParam, Limit, Page, as_utc
+from service.tasks import service
+from service.tasks.guard import TaskGuard
+from service.tasks.repository import TaskFilter
+from service.tasks.schemas import TaskComplete, TaskOut, TaskStatus
+
+router = APIRouter(prefix="/billing/tasks", tags=["tasks"], responses=ERRORS)
+
+CONFLICT: dict[int | str, dict[str, Any]] = {
+    409: {"model": ErrorBody, "description": "The task is already completed."}
+}
+
+
+def get_guard(request: Request) -> TaskGuard | None:
+    guard: TaskGuard | None = getattr(get_runtime(request), "tasks", None)
+    return guard
+
+
+Guard = Annotated[TaskGuard | None, Depends(get_guard)]
+# No control characters: Postgres text cannot hold NUL, and a header never carries one.
+_LABEL = r"^[^\x00-\x1f\x7f]+$"
+TaskIdPath = Annotated[
+    str, Path(min_length=1, max_length=128, pattern=_LABEL, description="The `X-Task-Id`.")
+]
+AccountId = Annotated[
+    uuid.UUID | None,
+    Query(description="Admin: the task's account (required). A customer key: its own."),
+]
+
+
+@router.get("", response_model=Page[TaskOut])
+async def list_tasks(
+    session: Session,
+    caller: Caller,
+    account_id: Annotated[
+        uuid.UUID | None, Query(description="Admin: one account (default all).")
+    ] = None,
+    status: Annotated[TaskStatus | None, Query()] = None,
+    task_type: Annotated[str | None, Query(max_length=128, pattern=_LABEL)] = None,
+    model: Annotated[str | None, Query(max_length=256, pattern=_LABEL)] = None,
+    quoted: Annotated[bool | None, Query(description="Only tasks with (or without) quote.")] = None,
+    completed_from: Annotated[datetime | None, Query(description="RFC 3339, inclusive.")] = None,
+    completed_to: Annotated[datetime | None, Query(description="RFC 3339, exclusive.")] = None,
+    limit: Limit = 50,
+    cursor: CursorParam = None,
+) -> Page[TaskOut]:
+    """Tasks newest first, each with its usage summed from the ledger."""
+    where = TaskFilter(
+        account_id=account_id,
+        status=status,
+        task_type=task_type,
+        model=model,
+        quoted=quoted,
+        completed_from=as_utc(completed_from) if completed_from else None,
+        completed_to=as_utc(completed_to) if completed_to else None,
+    )
+    return await service.list_tasks(session, caller, where, limit, cursor)
+
+
+@router.get("/{task_id:path}", response_model=TaskOut)
+async def get_task(
+    task_id: TaskIdPath, session: Session, caller: Caller, account_id: AccountId = None
+) -> TaskOut:
+    """One task by its `X-Task-Id`: status, fixed price, requests, tokens and exact cost."""
+    return await service.get_task(session, caller, task_id, account_id)
+
+
+@router.post("/{task_id:path}/complete", response_model=TaskOut, responses=CONFLICT)
+async def complete_task(
+    task_id: TaskIdPath,
+    data: TaskComplete,
+    session: Session,
+    caller: Caller,
+    guard: Guard,
+    account_id: AccountId = None,
+) -> TaskOut:
+    """Record the task's outcome. Further requests on the task are refused by the proxy."""
+    return await service.complete_task(session, guard, caller, task_id, account_id, data.outcome)

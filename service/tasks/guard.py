@@ -1,0 +1,248 @@
+"""The proxy's task admission check: closed tasks and capped quoted tasks are refused in memory.
+
+Checking a request never touches the database. Each process holds a view of
+
+- every **closed** (completed) task, as 64-bit hashes of (account, task id) in a sorted
+  array (8 bytes a task) plus a small set of recent additions;
+- every **open quoted** task: its cost cap, the ledger's sum of its cost at the last
+  refresh, and the cost of requests this process settled that the ledger did not hold yet.
+
+How the view follows the database:
+
+- completing or accepting in this process updates the view at once (before commit: a task
+  refused a moment early is harmless; a rolled-back completion is undone by the next load);
+- other processes learn it from `NOTIFY meterline_tasks`, sent inside the completing
+  transaction and so delivered at its commit (milliseconds);
+- every `task_guard_refresh_s` the open quoted tasks and their ledger cost are reloaded and
+  the tasks closed since the last load are added (this also covers a lost notification or
+  a dropped listening connection, which is reopened with a full reload);
+- the settlement hook adds each finished request's exact cost to its quoted task at once.
+
+So: a task completed through this process is refused on its very next request; through
+another process, within the notification's delivery (or one refresh if it is lost). A
+quoted task's running cost counts this process's requests immediately and other
+processes' within one refresh plus the ledger's flush interval. Requests already admitted
+when a task closes or passes its cap still finish (nothing is reserved per task), so a cap
+can be overshot by the requests in flight at that moment, never by later ones.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import bisect
+import contextlib
+import hashlib
+import json
+import logging
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import asyncpg
+
+from service.errors import MeterlineError
+from service.ledger.record import LedgerRecord
+from service.proxy.context import RequestContext
+from service.tasks import repository
+
+log = logging.getLogger("meterline.tasks")
+
+# Tasks closed shortly before a load may commit after it: reload a little behind the mark.
+_CLOSED_OVERLAP = timedelta(seconds=60)
+# The recent set is merged into the sorted array when it grows past this.
+_FOLD_AT = 50_000
+
+
+class TaskClosed(MeterlineError):
+    status_code = 409
+    code = "task_completed"
+
+
+class TaskCostCapReached(MeterlineError):
+    status_code = 402
+    code = "task_cost_cap_reached"
+
+
+# The OpenAI SDK retries 409s by default; these refusals are final, so say so.
+_NO_RETRY = {"x-should-retry": "false"}
+
+
+def task_key(account_id: uuid.UUID, task_id: str) -> int:
+    digest = hashlib.blake2b(account_id.bytes + task_id.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+@dataclass(slots=True)
+class QuotedTaskCost:
+    cap: Decimal
+    ledger_cost: Decimal = Decimal(0)
+    # request_id → cost of requests settled here that the last reload did not see.
+    pending: dict[str, Decimal] = field(default_factory=dict)
+
+    @property
+    def cost(self) -> Decimal:
+        return self.ledger_cost + sum(self.pending.values(), Decimal(0))
+
+
+class TaskGuard:
+    """The in-memory view (see the module docstring); `admit` and `settle` are proxy hooks."""
+
+    def __init__(self, dsn: str | None, refresh_s: float = 2.0, settle_window_s: float = 600.0):
+        self._dsn = dsn
+        self._refresh_s = refresh_s
+        self._settle_window_s = settle_window_s
+        self._closed = array.array("q")
+        self._closed_recent: set[int] = set()
+        self._open: dict[int, QuotedTaskCost] = {}
+        self._closed_mark: datetime | None = None
+        self._connection: asyncpg.Connection | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    # ---- the hot path -------------------------------------------------------------------
+
+    def is_closed(self, key: int) -> bool:
+        if key in self._closed_recent:
+            return True
+        index = bisect.bisect_left(self._closed, key)
+        return index < len(self._closed) and self._closed[index] == key
+
+    def check(self, account_id: uuid.UUID, task_id: str | None) -> None:
+        """Raise if a request on this task must not be forwarded; no I/O."""
+        if not task_id:
+            return
+        key = task_key(account_id, task_id)
+        if self.is_closed(key):
+            raise TaskClosed(
+                f"task {task_id!r} is already completed; start a new task id for more work",
+                param="X-Task-Id",
+                headers=_NO_RETRY,
+            )
+        quoted = self._open.get(key)
+        if quoted is not None and quoted.cost >= quoted.cap:
+            raise TaskCostCapReached(
+                f"task {task_id!r} reached its cost cap of {quoted.cap} USD"
+                " (a multiple of its fixed price); it accepts no more requests",
+                param="X-Task-Id",
+                headers=_NO_RETRY,
+            )
+
+    def open_cost(self, account_id: uuid.UUID, task_id: str) -> Decimal | None:
+        """The running cost of an open quoted task as this process sees it (None: not one)."""
+        quoted = self._open.get(task_key(account_id, task_id))
+        return None if quoted is None else quoted.cost
+
+    async def admit(self, ctx: RequestContext) -> None:
+        self.check(ctx.account_id, ctx.task_id)
+
+    async def settle(self, ctx: RequestContext, record: LedgerRecord | None) -> None:
+        if record is None or not record.task_id or record.cost_usd is None:
+            return
+        quoted = self._open.get(task_key(record.account_id, record.task_id))
+        if quoted is not None:
+            quoted.pending[record.request_id] = record.cost_usd
+
+    # ---- changes made by this process ---------------------------------------------------
+
+    def mark_closed(self, account_id: uuid.UUID, task_id: str) -> None:
+        key = task_key(account_id, task_id)
+        self._closed_recent.add(key)
+        self._open.pop(key, None)
+
+    def mark_open_quoted(self, account_id: uuid.UUID, task_id: str, cap: Decimal) -> None:
+        key = task_key(account_id, task_id)
+        self._open.setdefault(key, QuotedTaskCost(cap))
+
+    # ---- following the database ---------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._dsn is None:
+            return
+        try:
+            await self._connect_and_load()
+        except (OSError, asyncpg.PostgresError) as exc:
+            log.warning("event=task_guard_load_failed error=%s", type(exc).__name__)
+        self._task = asyncio.create_task(self._follow(), name="task-guard")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self._close_connection()
+
+    async def _close_connection(self) -> None:
+        if self._connection is not None:
+            with contextlib.suppress(Exception):
+                await self._connection.close()
+            self._connection = None
+
+    async def _connect_and_load(self) -> None:
+        await self._close_connection()
+        connection = await asyncpg.connect(self._dsn)
+        await connection.add_listener(repository.NOTIFY_CHANNEL, self._on_notify)
+        self._connection = connection
+        await self.reload(full=True)
+
+    def _on_notify(self, _connection: Any, _pid: int, _channel: str, payload: str) -> None:
+        try:
+            message = json.loads(payload)
+            account_id = uuid.UUID(message["account_id"])
+            if message["event"] == "closed":
+                self.mark_closed(account_id, message["task_id"])
+            elif message["event"] == "opened":
+                self.mark_open_quoted(account_id, message["task_id"], Decimal(message["cap"]))
+        except (ValueError, KeyError, TypeError):
+            log.warning("event=task_notify_unreadable")
+
+    async def reload(self, *, full: bool = False) -> None:
+        """Reload the open quoted tasks' costs and the tasks closed since the last load."""
+        connection = self._connection
+        if connection is None:
+            return
+        started = datetime.now(UTC)
+        pending_ids = [rid for q in self._open.values() for rid in q.pending]
+        # One snapshot: a row flushed between the two reads would otherwise count twice or
+        # not at all; in one snapshot it is in the ledger sum or still pending, never both.
+        async with connection.transaction(isolation="repeatable_read", readonly=True):
+            open_rows = await repository.open_quoted_tasks(connection)
+            confirmed = await repository.confirmed_requests(connection, pending_ids)
+            since = None if full or self._closed_mark is None else self._closed_mark
+            closed_rows = await repository.closed_tasks_since(connection, since)
+        opened: dict[int, QuotedTaskCost] = {}
+        for row in open_rows:
+            key = task_key(row["account_id"], row["external_id"])
+            previous = self._open.get(key)
+            pending = {}
+            if previous is not None:
+                pending = {r: c for r, c in previous.pending.items() if r not in confirmed}
+            opened[key] = QuotedTaskCost(row["cost_cap_usd"], row["cost_usd"], pending)
+        closed = {task_key(r["account_id"], r["external_id"]) for r in closed_rows}
+        if full:
+            self._closed = array.array("q", sorted(closed))
+            self._closed_recent = set()
+        else:
+            self._closed_recent |= closed
+            if len(self._closed_recent) > _FOLD_AT:
+                self._closed = array.array("q", sorted({*self._closed, *self._closed_recent}))
+                self._closed_recent = set()
+        # Tasks this process closed after the snapshot was taken stay closed.
+        self._open = {k: v for k, v in opened.items() if not self.is_closed(k)}
+        self._closed_mark = started - _CLOSED_OVERLAP
+
+    async def _follow(self) -> None:
+        while True:
+            await asyncio.sleep(self._refresh_s)
+            try:
+                if self._connection is None or self._connection.is_closed():
+                    await self._connect_and_load()
+                    continue
+                await self.reload()
+                await repository.settle_recent(self._connection, self._settle_window_s)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the database may be down; keep the last good view
+                log.warning("event=task_guard_refresh_failed error=%s", type(exc).__name__)
+                await self._close_connection()

@@ -1,0 +1,303 @@
+"""Every query of tasks: the task rows, their usage aggregated from the ledger, the guard's view.
+
+A task's usage is never stored on the task while it runs (that would be a hot-row UPDATE
+per request): it is summed from the append-only ledger through the partial index
+`ix_usage_ledger_account_task`. Only at completion is the exact cost copied onto the task
+(`completed_cost_usd`), for the history that quotes learn from.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+import asyncpg
+from sqlalchemy import func, select, text
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from service.db.models import Task
+
+NOTIFY_CHANNEL = "meterline_tasks"
+
+# The ledger rows of one task (`l`), summed. Adjustment rows count in cost, not in requests.
+_USAGE = """
+    count(*) FILTER (WHERE l.kind = 'usage') AS requests,
+    coalesce(sum(l.prompt_tokens), 0) AS prompt_tokens,
+    coalesce(sum(l.completion_tokens), 0) AS completion_tokens,
+    coalesce(sum(l.total_tokens), 0) AS total_tokens,
+    coalesce(sum(l.cost_usd), 0) AS cost_usd,
+    count(*) FILTER (WHERE l.cost_usd IS NULL) AS unpriced_requests,
+    min(l.occurred_at) AS first_at,
+    max(l.task_type) AS ledger_task_type,
+    mode() WITHIN GROUP (ORDER BY l.requested_model) AS ledger_model
+"""
+
+# The cost a completed task goes into the history with: NULL when any row is unpriced, so
+# a partly unpriced task never teaches quotes that work is cheaper than it is.
+_HISTORY_COST = """
+    CASE WHEN bool_or(l.cost_usd IS NULL) THEN NULL ELSE coalesce(sum(l.cost_usd), 0) END
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class TaskUsage:
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    cost_usd: Decimal
+    unpriced_requests: int
+    first_at: datetime | None
+    ledger_task_type: str | None
+    ledger_model: str | None
+
+    @property
+    def seen(self) -> bool:
+        return self.first_at is not None
+
+    @classmethod
+    def from_row(cls, row: Any) -> TaskUsage:
+        return cls(
+            requests=row.requests or 0,
+            prompt_tokens=row.prompt_tokens or 0,
+            completion_tokens=row.completion_tokens or 0,
+            total_tokens=row.total_tokens or 0,
+            cost_usd=row.cost_usd if row.cost_usd is not None else Decimal(0),
+            unpriced_requests=row.unpriced_requests or 0,
+            first_at=row.first_at,
+            ledger_task_type=row.ledger_task_type,
+            ledger_model=row.ledger_model,
+        )
+
+
+EMPTY_USAGE = TaskUsage(0, 0, 0, 0, Decimal(0), 0, None, None, None)
+
+
+@dataclass(frozen=True, slots=True)
+class TaskFilter:
+    account_id: uuid.UUID | None
+    status: str | None = None
+    task_type: str | None = None
+    model: str | None = None
+    quoted: bool | None = None
+    completed_from: datetime | None = None
+    completed_to: datetime | None = None
+
+
+class TaskRepository:
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+
+    async def get(
+        self, account_id: uuid.UUID, external_id: str, *, for_update: bool = False
+    ) -> Task | None:
+        statement = select(Task).where(
+            Task.account_id == account_id, Task.external_id == external_id
+        )
+        if for_update:
+            statement = statement.with_for_update()
+        task: Task | None = await self.session.scalar(statement)
+        return task
+
+    async def usage(self, account_id: uuid.UUID, external_id: str) -> TaskUsage:
+        row = (
+            await self.session.execute(
+                text(
+                    f"SELECT {_USAGE} FROM usage_ledger l"
+                    " WHERE l.account_id = :a AND l.task_id = :t"
+                ),
+                {"a": account_id, "t": external_id},
+            )
+        ).one()
+        return TaskUsage.from_row(row)
+
+    async def history_cost(self, account_id: uuid.UUID, external_id: str) -> Decimal | None:
+        value: Decimal | None = await self.session.scalar(
+            text(
+                f"SELECT {_HISTORY_COST} FROM usage_ledger l"
+                " WHERE l.account_id = :a AND l.task_id = :t"
+            ),
+            {"a": account_id, "t": external_id},
+        )
+        return value
+
+    async def has_usage(self, account_id: uuid.UUID, external_id: str) -> bool:
+        found = await self.session.scalar(
+            text("SELECT 1 FROM usage_ledger WHERE account_id = :a AND task_id = :t LIMIT 1"),
+            {"a": account_id, "t": external_id},
+        )
+        return found is not None
+
+    async def insert(self, values: dict[str, Any]) -> Task | None:
+        """Insert a task; None when the account already has a task of that id."""
+        statement = (
+            insert(Task)
+            .values(**values)
+            .on_conflict_do_nothing(index_elements=["account_id", "external_id"])
+            .returning(Task)
+        )
+        task: Task | None = await self.session.scalar(
+            statement, execution_options={"populate_existing": True}
+        )
+        return task
+
+    async def complete(
+        self,
+        task: Task,
+        outcome: str,
+        cost: Decimal | None,
+        task_type: str | None,
+        model: str | None,
+    ) -> Task:
+        task.status = outcome
+        task.completed_at = func.now()
+        task.completed_cost_usd = cost
+        task.task_type = task.task_type or task_type
+        task.model = task.model or model
+        await self.session.flush()
+        await self.session.refresh(task)
+        return task
+
+    async def adopt_from_ledger(self, account_id: uuid.UUID | None) -> None:
+        """Give every task seen only in the ledger a row (open, not quoted), so lists page it."""
+        scope = "AND l.account_id = :a" if account_id else ""
+        await self.session.execute(
+            text(
+                "INSERT INTO tasks (account_id, external_id, task_type, model, created_at)"
+                " SELECT l.account_id, l.task_id, max(l.task_type),"
+                " mode() WITHIN GROUP (ORDER BY l.requested_model), min(l.occurred_at)"
+                " FROM usage_ledger l"
+                f" WHERE l.task_id IS NOT NULL {scope}"
+                " AND EXISTS (SELECT 1 FROM accounts a WHERE a.id = l.account_id)"
+                " AND NOT EXISTS (SELECT 1 FROM tasks t"
+                "   WHERE t.account_id = l.account_id AND t.external_id = l.task_id)"
+                " GROUP BY l.account_id, l.task_id"
+                " ON CONFLICT (account_id, external_id) DO NOTHING"
+            ),
+            {"a": account_id} if account_id else {},
+        )
+
+    async def page(
+        self, where: TaskFilter, limit: int, after: tuple[datetime, uuid.UUID] | None
+    ) -> list[tuple[Task, TaskUsage]]:
+        """Newest first, keyset-paginated on (created_at, id); usage summed for the page only."""
+        conditions = ["true"]
+        params: dict[str, Any] = {"limit": limit}
+        if where.account_id is not None:
+            conditions.append("t.account_id = :account_id")
+            params["account_id"] = where.account_id
+        if where.status is not None:
+            conditions.append("t.status = :status")
+            params["status"] = where.status
+        if where.task_type is not None:
+            conditions.append("t.task_type = :task_type")
+            params["task_type"] = where.task_type
+        if where.model is not None:
+            conditions.append("t.model = :model")
+            params["model"] = where.model
+        if where.quoted is not None:
+            conditions.append("t.quote_id IS NOT NULL" if where.quoted else "t.quote_id IS NULL")
+        if where.completed_from is not None:
+            conditions.append("t.completed_at >= :completed_from")
+            params["completed_from"] = where.completed_from
+        if where.completed_to is not None:
+            conditions.append("t.completed_at < :completed_to")
+            params["completed_to"] = where.completed_to
+        if after is not None:
+            conditions.append("(t.created_at, t.id) < (:after_at, :after_id)")
+            params["after_at"], params["after_id"] = after
+        ids = (
+            await self.session.scalars(
+                text(
+                    f"SELECT t.id FROM tasks t WHERE {' AND '.join(conditions)}"
+                    " ORDER BY t.created_at DESC, t.id DESC LIMIT :limit"
+                ),
+                params,
+            )
+        ).all()
+        if not ids:
+            return []
+        tasks = {
+            task.id: task
+            for task in await self.session.scalars(select(Task).where(Task.id.in_(ids)))
+        }
+        rows = await self.session.execute(
+            text(
+                f"SELECT t.id, u.* FROM tasks t CROSS JOIN LATERAL (SELECT {_USAGE}"
+                " FROM usage_ledger l WHERE l.account_id = t.account_id"
+                " AND l.task_id = t.external_id) u WHERE t.id = ANY(:ids)"
+            ),
+            {"ids": list(ids)},
+        )
+        usage = {row.id: TaskUsage.from_row(row) for row in rows}
+        return [(tasks[i], usage.get(i, EMPTY_USAGE)) for i in ids]
+
+    async def notify(self, payload: str) -> None:
+        """Tell every Meterline process (at commit) that a task opened or closed."""
+        await self.session.execute(
+            text("SELECT pg_notify(:channel, :payload)"),
+            {"channel": NOTIFY_CHANNEL, "payload": payload},
+        )
+
+
+# ---- The proxy-side guard's queries (a dedicated asyncpg connection, off the hot path) ----
+
+OPEN_QUOTED_TASKS = """
+SELECT t.account_id, t.external_id, t.cost_cap_usd,
+       (SELECT coalesce(sum(l.cost_usd), 0) FROM usage_ledger l
+        WHERE l.account_id = t.account_id AND l.task_id = t.external_id) AS cost_usd
+FROM tasks t
+WHERE t.status = 'open' AND t.quote_id IS NOT NULL
+"""
+
+CLOSED_TASKS_SINCE = """
+SELECT account_id, external_id FROM tasks
+WHERE completed_at IS NOT NULL AND ($1::timestamptz IS NULL OR completed_at >= $1)
+"""
+
+CONFIRMED_REQUESTS = "SELECT request_id FROM usage_ledger WHERE request_id = ANY($1::text[])"
+
+# Completed tasks whose cost changed since completion (rows still in flight then) get their
+# history cost settled.
+SETTLE_RECENT = f"""
+WITH recent AS (
+    SELECT t.id,
+           (SELECT {_HISTORY_COST} FROM usage_ledger l
+            WHERE l.account_id = t.account_id AND l.task_id = t.external_id) AS cost
+    FROM tasks t
+    WHERE t.completed_at >= now() - make_interval(secs => $1)
+)
+UPDATE tasks t SET completed_cost_usd = recent.cost
+FROM recent
+WHERE t.id = recent.id AND t.completed_cost_usd IS DISTINCT FROM recent.cost
+"""
+
+
+async def open_quoted_tasks(connection: asyncpg.Connection) -> Sequence[asyncpg.Record]:
+    return list(await connection.fetch(OPEN_QUOTED_TASKS))
+
+
+async def closed_tasks_since(
+    connection: asyncpg.Connection, since: datetime | None
+) -> Sequence[asyncpg.Record]:
+    return list(await connection.fetch(CLOSED_TASKS_SINCE, since))
+
+
+async def confirmed_requests(connection: asyncpg.Connection, request_ids: list[str]) -> set[str]:
+    if not request_ids:
+        return set()
+    return {r["request_id"] for r in await connection.fetch(CONFIRMED_REQUESTS, request_ids)}
+
+
+async def settle_recent(connection: asyncpg.Connection, window_s: float) -> None:
+    async with connection.transaction():
+        # One process at a time: the others skip this round instead of queueing behind it.
+        if await connection.fetchval(
+            "SELECT pg_try_advisory_xact_lock(hashtext('meterline_task_settle'))"
+        ):
+            await connection.execute(SETTLE_RECENT, window_s)

@@ -1,0 +1,195 @@
+"""Tasks: read with their usage, list, complete; open a quoted task (from an accepted quote).
+
+A task row exists for every quoted task (made when its quote is accepted) and for a task
+without quote once it is completed or listed; until then a task seen only in the ledger
+is still readable by its id (status `open`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import uuid
+from datetime import datetime
+from decimal import Decimal
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from service.auth.principal import Principal
+from service.db.models import Task
+from service.errors import Conflict, NotFound, Unprocessable
+from service.schemas import Page, decode_cursor, encode_cursor
+from service.tasks.guard import TaskGuard
+from service.tasks.repository import TaskFilter, TaskRepository, TaskUsage
+from service.tasks.schemas import Outcome, TaskOut
+
+log = logging.getLogger("meterline.tasks")
+
+
+def account_of(caller: Principal, account_id: uuid.UUID | None) -> uuid.UUID:
+    """The account a task id is looked up in: a customer's own; the admin must name one."""
+    scoped = caller.scope(account_id)
+    if scoped is None:
+        raise Unprocessable(
+            "query.account_id: required with the admin token (task ids are unique per account)",
+            param="query.account_id",
+        )
+    return scoped
+
+
+def task_out(task: Task | None, usage: TaskUsage, account_id: uuid.UUID, task_id: str) -> TaskOut:
+    if task is None:  # seen only in the ledger so far
+        assert usage.first_at is not None
+        return TaskOut(
+            id=task_id,
+            account_id=account_id,
+            task_type=usage.ledger_task_type,
+            model=usage.ledger_model,
+            status="open",
+            quoted=False,
+            quote_id=None,
+            fixed_price_usd=None,
+            cost_cap_usd=None,
+            requests=usage.requests,
+            prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens,
+            total_tokens=usage.total_tokens,
+            cost_usd=usage.cost_usd,
+            unpriced_requests=usage.unpriced_requests,
+            created_at=usage.first_at,
+            completed_at=None,
+        )
+    return TaskOut(
+        id=task.external_id,
+        account_id=task.account_id,
+        task_type=task.task_type or usage.ledger_task_type,
+        model=task.model or usage.ledger_model,
+        status=task.status,
+        quoted=task.quote_id is not None,
+        quote_id=task.quote_id,
+        fixed_price_usd=task.fixed_price_usd,
+        cost_cap_usd=task.cost_cap_usd,
+        requests=usage.requests,
+        prompt_tokens=usage.prompt_tokens,
+        completion_tokens=usage.completion_tokens,
+        total_tokens=usage.total_tokens,
+        cost_usd=usage.cost_usd,
+        unpriced_requests=usage.unpriced_requests,
+        created_at=task.created_at,
+        completed_at=task.completed_at,
+    )
+
+
+async def get_task(
+    session: AsyncSession, caller: Principal, task_id: str, account_id: uuid.UUID | None
+) -> TaskOut:
+    account = account_of(caller, account_id)
+    repository = TaskRepository(session)
+    task = await repository.get(account, task_id)
+    usage = await repository.usage(account, task_id)
+    if task is None and not usage.seen:
+        raise NotFound(f"task {task_id!r} not found", param="task_id")
+    return task_out(task, usage, account, task_id)
+
+
+async def list_tasks(
+    session: AsyncSession,
+    caller: Principal,
+    where: TaskFilter,
+    limit: int,
+    cursor: str | None,
+) -> Page[TaskOut]:
+    where = dataclasses.replace(where, account_id=caller.scope(where.account_id))
+    repository = TaskRepository(session)
+    await repository.adopt_from_ledger(where.account_id)
+    after = decode_cursor(cursor, datetime.fromisoformat, uuid.UUID) if cursor else None
+    rows = await repository.page(where, limit + 1, after)
+    has_more = len(rows) > limit
+    rows = rows[:limit]
+    data = [task_out(task, usage, task.account_id, task.external_id) for task, usage in rows]
+    next_cursor = None
+    if has_more:
+        last = rows[-1][0]
+        next_cursor = encode_cursor(last.created_at.isoformat(), str(last.id))
+    return Page[TaskOut](data=data, has_more=has_more, next_cursor=next_cursor)
+
+
+async def complete_task(
+    session: AsyncSession,
+    guard: TaskGuard | None,
+    caller: Principal,
+    task_id: str,
+    account_id: uuid.UUID | None,
+    outcome: Outcome,
+) -> TaskOut:
+    account = account_of(caller, account_id)
+    repository = TaskRepository(session)
+    task = await repository.get(account, task_id, for_update=True)
+    if task is None:
+        # A task without quote gets its row now; a concurrent completion may win the insert.
+        seen = await repository.usage(account, task_id)
+        if not seen.seen:
+            raise NotFound(f"task {task_id!r} not found", param="task_id")
+        # Dated by its first request, as a listed task is: lists stay in creation order.
+        await repository.insert(
+            {"account_id": account, "external_id": task_id, "created_at": seen.first_at}
+        )
+        task = await repository.get(account, task_id, for_update=True)
+        assert task is not None
+    if task.status != "open":
+        raise Conflict(
+            f"task {task_id!r} is already completed ({task.status})", code="task_already_completed"
+        )
+    usage = await repository.usage(account, task_id)
+    cost = await repository.history_cost(account, task_id)
+    task = await repository.complete(
+        task, outcome, cost, usage.ledger_task_type, usage.ledger_model
+    )
+    await repository.notify(
+        json.dumps({"event": "closed", "account_id": str(account), "task_id": task_id})
+    )
+    if guard is not None:
+        guard.mark_closed(account, task_id)
+    log.info(
+        "event=task_completed account_id=%s task_id=%s outcome=%s quoted=%s",
+        account,
+        task_id,
+        outcome,
+        task.quote_id is not None,
+    )
+    return task_out(task, usage, account, task_id)
+
+
+async def open_quoted_task(
+    session: AsyncSession,
+    guard: TaskGuard | None,
+    values: dict[str, object],
+    cap: Decimal,
+) -> Task:
+    """Insert the task an accepted quote binds; a task id already in use is a 409."""
+    repository = TaskRepository(session)
+    account = values["account_id"]
+    task_id = values["external_id"]
+    assert isinstance(account, uuid.UUID) and isinstance(task_id, str)
+    if await repository.has_usage(account, task_id):
+        raise Conflict(
+            f"task id {task_id!r} already has usage; a quoted task needs a new id",
+            code="task_id_in_use",
+            param="task_id",
+        )
+    task = await repository.insert(values)
+    if task is None:
+        raise Conflict(
+            f"task id {task_id!r} is already in use in this account",
+            code="task_id_in_use",
+            param="task_id",
+        )
+    await repository.notify(
+        json.dumps(
+            {"event": "opened", "account_id": str(account), "task_id": task_id, "cap": str(cap)}
+        )
+    )
+    if guard is not None:
+        guard.mark_open_quoted(account, task_id, cap)
+    return task

@@ -1,0 +1,102 @@
+"""Usage as a customer or finance sees it: totals by any dimension, and the raw rows."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from datetime import datetime
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from service.auth.principal import Principal
+from service.db.models import UsageRecord
+from service.errors import NotFound, Unprocessable
+from service.schemas import Page, decode_cursor, encode_cursor
+from service.usage.repository import UsageFilter, UsageRepository
+from service.usage.schemas import GROUPS, GroupBy, UsageEvent, UsageGroup, UsageReport
+
+
+def parse_group_by(value: str | None) -> list[GroupBy]:
+    """`day,model` → ["day", "model"]; an unknown name is a 422 naming `group_by`."""
+    if not value:
+        return []
+    by_name: dict[str, GroupBy] = {group: group for group in GROUPS}
+    names = [part.strip() for part in value.split(",") if part.strip()]
+    unknown = [name for name in names if name not in by_name]
+    if unknown:
+        raise Unprocessable(
+            f"query.group_by: unknown group {', '.join(map(repr, unknown))};"
+            f" use any of {', '.join(GROUPS)}",
+            param="query.group_by",
+        )
+    # In the order asked, each once.
+    return [by_name[name] for name in dict.fromkeys(names)]
+
+
+async def scoped_filter(
+    session: AsyncSession,
+    principal: Principal,
+    *,
+    account_id: uuid.UUID | None,
+    key_id: uuid.UUID | None,
+    task_id: str | None,
+    model: str | None,
+    start: datetime | None,
+    end: datetime | None,
+) -> UsageFilter:
+    """The caller's filters, limited to what it may see.
+
+    A customer key is confined to its own account: naming another account, or a key of
+    one, is a 404 as for any object it cannot see. A key filter also pins the key's
+    account, so the query can use the (account_id, occurred_at) index.
+    """
+    if start is not None and end is not None and end <= start:
+        raise Unprocessable("query.end: must be after start", param="query.end")
+    account_id = principal.scope(account_id)
+    if key_id is not None:
+        owner = await UsageRepository(session).key_account(key_id)
+        if owner is None or not (principal.is_admin or owner == principal.account_id):
+            raise NotFound(f"key {key_id} not found", param="key_id")
+        # An admin naming an account and another account's key simply gets no rows.
+        account_id = account_id or owner
+    return UsageFilter(
+        account_id=account_id,
+        key_id=key_id,
+        task_id=task_id,
+        model=model,
+        start=start,
+        end=end,
+    )
+
+
+async def usage_report(
+    session: AsyncSession, where: UsageFilter, group_by: Sequence[GroupBy], limit: int
+) -> UsageReport:
+    rows = await UsageRepository(session).aggregate(where, group_by, limit)
+    # Built from the row's own columns: only the requested group fields are "set", and
+    # the endpoint leaves the others out of the JSON.
+    data = [UsageGroup(**row._asdict()) for row in rows[:limit]]
+    return UsageReport(data=data, has_more=len(rows) > limit)
+
+
+def _event(row: UsageRecord) -> UsageEvent:
+    fields = {name: getattr(row, name) for name in UsageEvent.model_fields if name != "model"}
+    return UsageEvent(**fields, model=row.requested_model)
+
+
+async def usage_events(
+    session: AsyncSession, where: UsageFilter, limit: int, cursor: str | None
+) -> Page[UsageEvent]:
+    after = decode_cursor(cursor, datetime.fromisoformat, str) if cursor else None
+    rows = await UsageRepository(session).events(where, limit, after)
+    page = rows[:limit]
+    has_more = len(rows) > limit
+    data = [_event(row) for row in page]
+    last = page[-1] if page else None
+    return Page[UsageEvent](
+        data=data,
+        has_more=has_more,
+        next_cursor=encode_cursor(last.occurred_at.isoformat(), last.request_id)
+        if has_more and last
+        else None,
+    )

@@ -1,0 +1,186 @@
+"""The proxy's task guard on its own: how its in-memory view follows the database."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import cast
+
+import asyncpg
+import httpx
+import pytest
+
+from service.db.engine import asyncpg_dsn
+from service.ledger.record import LedgerRecord
+from service.proxy.context import RequestContext
+from service.tasks.guard import TaskClosed, TaskCostCapReached, TaskGuard
+from tests.conftest import Meterline
+from tests.support import Database
+from tests.usage_rows import COLUMNS, usage_row
+
+PRICED = "meta-llama/Llama-3.3-70B-Instruct"
+NO_CONTEXT = cast(RequestContext, None)  # `settle` reads only the record
+
+
+async def execute(db: Database, sql: str, *args: object) -> None:
+    connection = await asyncpg.connect(db.dsn)
+    try:
+        await connection.execute(sql, *args)
+    finally:
+        await connection.close()
+
+
+async def insert_usage(db: Database, row: dict[str, object]) -> None:
+    await execute(db, "SELECT meterline_ensure_usage_partition(now())")
+    placeholders = ", ".join(f"${i}" for i in range(1, len(COLUMNS) + 1))
+    await execute(
+        db,
+        f"INSERT INTO usage_ledger ({', '.join(COLUMNS)}) VALUES ({placeholders})",
+        *(row[c] for c in COLUMNS),
+    )
+
+
+def record(account_id: uuid.UUID, task_id: str, cost: str) -> LedgerRecord:
+    return LedgerRecord(
+        request_id="req_" + secrets.token_hex(12),
+        occurred_at=datetime.now(UTC),
+        account_id=account_id,
+        key_id=None,
+        task_id=task_id,
+        task_type=None,
+        endpoint="chat",
+        requested_model=PRICED,
+        upstream_model=PRICED,
+        provider="mock",
+        stream=False,
+        status_code=200,
+        error_code=None,
+        prompt_tokens=10,
+        completion_tokens=10,
+        total_tokens=20,
+        cached_tokens=0,
+        reasoning_tokens=0,
+        usage_source="upstream",
+        latency_ms=1,
+        ttft_ms=None,
+        cost_usd=Decimal(cost),
+        price_version_id=None,
+    )
+
+
+@pytest.fixture
+async def guard(database_url: str) -> AsyncIterator[TaskGuard]:
+    # A refresh period far beyond the test: only notifications and explicit reloads act.
+    guard = TaskGuard(asyncpg_dsn(database_url), refresh_s=3600)
+    await guard.start()
+    try:
+        yield guard
+    finally:
+        await guard.stop()
+
+
+async def eventually(condition: object, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not callable(condition) or not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.02)
+
+
+def refuses(guard: TaskGuard, account_id: uuid.UUID, task_id: str) -> bool:
+    try:
+        guard.check(account_id, task_id)
+    except (TaskClosed, TaskCostCapReached):
+        return True
+    return False
+
+
+async def test_a_completion_in_another_process_arrives_by_notification(
+    guard: TaskGuard, meterline: Meterline, db: Database
+) -> None:
+    account_id, key = meterline.customer()
+    await insert_usage(db, usage_row(account_id, datetime.now(UTC), task_id="notified"))
+    guard.check(account_id, "notified")
+    async with httpx.AsyncClient(
+        base_url=meterline.url, headers={"Authorization": f"Bearer {key}"}
+    ) as client:
+        done = await client.post("/billing/tasks/notified/complete", json={"outcome": "failed"})
+        assert done.status_code == 200
+    await eventually(lambda: refuses(guard, account_id, "notified"))
+    with pytest.raises(TaskClosed):
+        guard.check(account_id, "notified")
+    # The same id in another account is another task.
+    guard.check(uuid.uuid4(), "notified")
+
+
+async def test_a_new_guard_loads_every_closed_task(
+    database_url: str, meterline: Meterline, db: Database
+) -> None:
+    account_id, _ = meterline.customer()
+    for i in range(20):
+        await execute(
+            db,
+            "INSERT INTO tasks (account_id, external_id, status, completed_at)"
+            " VALUES ($1, $2, 'succeeded', now())",
+            account_id,
+            f"closed-{i}",
+        )
+    guard = TaskGuard(asyncpg_dsn(database_url), refresh_s=3600)
+    await guard.start()
+    try:
+        assert all(refuses(guard, account_id, f"closed-{i}") for i in range(20))
+        assert not refuses(guard, account_id, "closed-20")
+        assert not refuses(guard, account_id, "other")
+    finally:
+        await guard.stop()
+
+
+async def test_a_quoted_tasks_cost_counts_each_request_once(
+    guard: TaskGuard, meterline: Meterline, db: Database
+) -> None:
+    account_id, key = meterline.customer()
+    async with httpx.AsyncClient(
+        base_url=meterline.url, headers={"Authorization": f"Bearer {key}"}
+    ) as client:
+        quote = await client.post(
+            "/billing/quotes",
+            json={
+                "task_type": "t",
+                "model": PRICED,
+                "prompt_tokens": 10_000,
+                "max_completion_tokens": 10_000,
+            },
+        )
+        task = (await client.post(f"/billing/quotes/{quote.json()['id']}/accept")).json()
+    task_id = task["id"]
+    assert task["fixed_price_usd"] == "0.01" and Decimal(task["cost_cap_usd"]) == Decimal("0.03")
+    # The acceptance reached this guard by notification, with its cap.
+    await eventually(lambda: guard.open_cost(account_id, task_id) is not None)
+
+    first = record(account_id, task_id, "0.02")
+    await guard.settle(NO_CONTEXT, first)
+    guard.check(account_id, task_id)  # 0.02 of 0.03
+    # The ledger now holds the request: after a reload it counts once, not twice.
+    await insert_usage(
+        db,
+        usage_row(
+            account_id, first.occurred_at, cost="0.02", task_id=task_id, request_id=first.request_id
+        ),
+    )
+    await guard.reload()
+    assert guard.open_cost(account_id, task_id) == Decimal("0.02")
+    guard.check(account_id, task_id)
+
+    await guard.settle(NO_CONTEXT, record(account_id, task_id, "0.01"))
+    assert guard.open_cost(account_id, task_id) == Decimal("0.03")
+    with pytest.raises(TaskCostCapReached):
+        guard.check(account_id, task_id)
+    # Still refused after a reload that has not seen the second request yet.
+    await guard.reload()
+    with pytest.raises(TaskCostCapReached):
+        guard.check(account_id, task_id)
