@@ -14,14 +14,15 @@ BENCHMARKS: dict[str, str] = {
     "ingest": "bench.ingest",  # ledger writer: usage rows/s into Postgres
     "quotes": "bench.quotes",  # history quote latency from 100,000 past tasks
     "export": "bench.export",  # monthly report of 1M ledger rows: rows/s, server peak RSS
+    "invoices": "bench.invoices",  # every account's invoice for a month of 5M ledger rows
 }
 
 
 def main(argv: list[str]) -> None:
     if not argv or argv[0] not in BENCHMARKS:
         print("usage: python -m bench <name> [args…]\n\nbenchmarks:")
-        for name, module in BENCHMARKS.items():
-            print(f"  {name:<10} {module}")
+        for name, path in BENCHMARKS.items():
+            print(f"  {name:<10} {path}")
         raise SystemExit(0 if not argv else 2)
     module = importlib.import_module(BENCHMARKS[argv[0]])
     module.main(argv[1:])

@@ -297,7 +297,8 @@ def _measure(url: str, period: str, args: argparse.Namespace) -> None:
         f" target ≥ {TARGET_ROWS_PER_S:,} → {'ok' if best >= TARGET_ROWS_PER_S else 'MISSED'}"
     )
     print(
-        f"server peak RSS {peak_mb:.0f} MB (idle after start-up {idle_kb / 1024:.0f} MB),"
+        f"server peak RSS {peak_mb:.0f} MB (idle after start-up {idle_kb / 1024:.0f} MB;"
+        f" the export added {(peak_kb - idle_kb) / 1024:.0f} MB),"
         f" target ≤ {TARGET_RSS_MB} MB → {'ok' if peak_mb <= TARGET_RSS_MB else 'MISSED'}"
     )
 

@@ -18,25 +18,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import os
 import re
 import secrets
-import shutil
-import signal
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
 import asyncpg
 import httpx
-from sqlalchemy.engine import make_url
 
 from bench.support import bench_database, ensure_wrk, free_port, run
 from service.db.engine import asyncpg_dsn
@@ -70,7 +64,9 @@ def _ms(text: str) -> float:
     return float(number) * _UNITS[unit]
 
 
-def wrk(binary: str, url: str, connections: int, seconds: int, key: str | None, work: Path) -> WrkResult:
+def wrk(
+    binary: str, url: str, connections: int, seconds: int, key: str | None, work: Path
+) -> WrkResult:
     script = work / f"post-{secrets.token_hex(3)}.lua"
     auth = f'wrk.headers["Authorization"] = "Bearer {key}"\n' if key else ""
     script.write_text(
@@ -80,7 +76,16 @@ def wrk(binary: str, url: str, connections: int, seconds: int, key: str | None, 
     )
     threads = 1 if connections <= 8 else 2
     out = subprocess.run(
-        [binary, f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", str(script), url],
+        [
+            binary,
+            f"-t{threads}",
+            f"-c{connections}",
+            f"-d{seconds}s",
+            "--latency",
+            "-s",
+            str(script),
+            url,
+        ],
         capture_output=True,
         text=True,
         check=True,
@@ -88,7 +93,9 @@ def wrk(binary: str, url: str, connections: int, seconds: int, key: str | None, 
     latency = {m[0]: _ms(m[1]) for m in re.findall(r"^\s+(\d+%)\s+([\d.]+\w+)\s*$", out, re.M)}
     requests = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
     non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    socket_errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    socket_errors = re.search(
+        r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out
+    )
     errors = int(non_2xx.group(1)) if non_2xx else 0
     if socket_errors:
         errors += sum(int(g) for g in socket_errors.groups())
@@ -202,9 +209,17 @@ def fmt(result: WrkResult) -> str:
 
 
 def bench_workers(
-    workers: int, args: argparse.Namespace, wrk_bin: str, database_url: str, upstream: str, work: Path
+    workers: int,
+    args: argparse.Namespace,
+    wrk_bin: str,
+    database_url: str,
+    upstream: str,
+    work: Path,
 ) -> None:
-    print(f"\n=== Meterline with --workers {workers} (bare pass-through with the same) ===", flush=True)
+    print(
+        f"\n=== Meterline with --workers {workers} (bare pass-through with the same) ===",
+        flush=True,
+    )
     providers = work / "providers.yaml"
     providers.write_text(
         "providers:\n"
@@ -227,11 +242,32 @@ def bench_workers(
     }
     meterline_url = f"http://127.0.0.1:{meterline_port}"
     bare_url = f"http://127.0.0.1:{bare_port}"
-    uvicorn = [sys.executable, "-m", "uvicorn", "--factory", "--loop", "uvloop", "--http", "httptools",
-               "--log-level", "warning", "--workers", str(workers)]
+    uvicorn = [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "--factory",
+        "--loop",
+        "uvloop",
+        "--http",
+        "httptools",
+        "--log-level",
+        "warning",
+        "--workers",
+        str(workers),
+    ]
     with (
         run(
-            [sys.executable, "-m", "service", "serve", "--port", str(meterline_port), "--workers", str(workers)],
+            [
+                sys.executable,
+                "-m",
+                "service",
+                "serve",
+                "--port",
+                str(meterline_port),
+                "--workers",
+                str(workers),
+            ],
             f"{meterline_url}/healthz",
             env,
             work / f"meterline-{workers}.log",
@@ -245,79 +281,141 @@ def bench_workers(
     ):
         account_id, key = create_key(meterline_url)
         chat = "/v1/chat/completions"
+        served = 0  # responses wrk received from Meterline, warm-ups included
+        runs = 0
         for connections in args.connections:
             # Warm up connection pools and caches, then measure each path in turn.
-            for url, auth in ((f"{upstream}{chat}", PROVIDER_KEY), (f"{bare_url}{chat}", None), (f"{meterline_url}{chat}", key)):
-                wrk(wrk_bin, url, connections, 2, auth, work)
-            direct = wrk(wrk_bin, f"{upstream}{chat}", connections, args.duration, PROVIDER_KEY, work)
+            for url, auth in (
+                (f"{upstream}{chat}", PROVIDER_KEY),
+                (f"{bare_url}{chat}", None),
+                (f"{meterline_url}{chat}", key),
+            ):
+                warm = wrk(wrk_bin, url, connections, 2, auth, work)
+            served, runs = served + warm.requests, runs + 1
+            direct = wrk(
+                wrk_bin, f"{upstream}{chat}", connections, args.duration, PROVIDER_KEY, work
+            )
             bare = wrk(wrk_bin, f"{bare_url}{chat}", connections, args.duration, None, work)
             metered = wrk(wrk_bin, f"{meterline_url}{chat}", connections, args.duration, key, work)
-            print(f"\n-- non-streamed, {connections} connections, {args.duration}s each")
-            print(f"  direct      {fmt(direct)}")
-            print(f"  bare proxy  {fmt(bare)}")
-            print(f"  Meterline   {fmt(metered)}")
-            print(
-                f"  Meterline / bare = {metered.rps / bare.rps:.0%}; "
-                f"added over direct: p50 {metered.latency_ms['50%'] - direct.latency_ms['50%']:+.2f} ms, "
-                f"p99 {metered.latency_ms['99%'] - direct.latency_ms['99%']:+.2f} ms; "
-                f"over bare: p50 {metered.latency_ms['50%'] - bare.latency_ms['50%']:+.2f} ms, "
-                f"p99 {metered.latency_ms['99%'] - bare.latency_ms['99%']:+.2f} ms",
-                flush=True,
-            )
-        # Every request Meterline answered (warm-ups included) must be in the ledger. wrk
-        # counts completed responses only; requests in flight when it stops are still
-        # answered and recorded, so the ledger may hold up to `connections` more per run.
-        rows = ledger_count(database_url, account_id, 1)
-        print(f"\n  ledger rows for the wrk account: {rows}", flush=True)
+            served, runs = served + metered.requests, runs + 1
+            report_non_streamed(connections, args.duration, direct, bare, metered)
+        # wrk counts the responses it received; requests still in flight when it stops are
+        # answered and recorded all the same, so the ledger may hold up to `connections`
+        # more per wrk run — never fewer than served.
+        rows = ledger_count(database_url, account_id, served)
+        slack = rows - served
+        verdict = "OK" if 0 <= slack <= runs * max(args.connections) else "MISMATCH"
+        print(
+            f"\n  ledger: {rows} rows for {served} responses served "
+            f"(+{slack} in flight at wrk's stops) — {verdict}",
+            flush=True,
+        )
         if args.clients:
             compare_clients(workers, args, wrk_bin, upstream, work, env)
         if args.streams:
-            stream_account, stream_key = create_key(meterline_url)
-            print(f"\n-- streamed: {args.streams} concurrent streams, 50 chunks 20 ms apart, {args.stream_seconds}s")
-            for label, url, auth in (
-                ("direct    ", f"{upstream}{chat}", PROVIDER_KEY),
-                ("Meterline ", f"{meterline_url}{chat}", stream_key),
-            ):
-                result = asyncio.run(stream_load(url, auth, args.streams, args.stream_seconds))
-                stalls = sum(1 for g in result.max_gap_ms if g > 200)
-                print(
-                    f"  {label} {result.completed} streams ({result.failed} failed): TTFT p50 "
-                    f"{result.pct(result.ttft_ms, 0.5):6.2f} ms  p99 {result.pct(result.ttft_ms, 0.99):6.2f} ms"
-                    f"  max {max(result.ttft_ms, default=0):6.1f} ms; worst gap between chunks p99 "
-                    f"{result.pct(result.max_gap_ms, 0.99):6.1f} ms; streams with a >200 ms stall: {stalls}",
-                    flush=True,
-                )
-                if label.startswith("Meterline"):
-                    rows = ledger_count(database_url, stream_account, result.completed)
-                    print(
-                        f"  ledger rows for the streams: {rows} (completed streams {result.completed}, "
-                        f"failed {result.failed})",
-                        flush=True,
-                    )
-                else:
-                    direct_ttft = result.ttft_ms
-            print(f"  (direct TTFT mean {statistics.fmean(direct_ttft):.2f} ms)")
+            bench_streams(args, database_url, upstream, meterline_url)
+
+
+def report_non_streamed(
+    connections: int, seconds: int, direct: WrkResult, bare: WrkResult, metered: WrkResult
+) -> None:
+    def added(over: WrkResult, q: str) -> float:
+        return metered.latency_ms[q] - over.latency_ms[q]
+
+    print(f"\n-- non-streamed, {connections} connections, {seconds}s each")
+    print(f"  direct      {fmt(direct)}")
+    print(f"  bare proxy  {fmt(bare)}")
+    print(f"  Meterline   {fmt(metered)}")
+    print(
+        f"  Meterline / bare = {metered.rps / bare.rps:.0%}; added over direct: "
+        f"p50 {added(direct, '50%'):+.2f} ms, p99 {added(direct, '99%'):+.2f} ms; "
+        f"over bare: p50 {added(bare, '50%'):+.2f} ms, p99 {added(bare, '99%'):+.2f} ms",
+        flush=True,
+    )
+
+
+def bench_streams(
+    args: argparse.Namespace, database_url: str, upstream: str, meterline_url: str
+) -> None:
+    stream_account, stream_key = create_key(meterline_url)
+    chat = "/v1/chat/completions"
+    print(
+        f"\n-- streamed: {args.streams} concurrent streams, 50 chunks 20 ms apart, "
+        f"{args.stream_seconds}s"
+    )
+    p99: dict[str, float] = {}
+    for label, url, auth in (
+        ("direct", f"{upstream}{chat}", PROVIDER_KEY),
+        ("Meterline", f"{meterline_url}{chat}", stream_key),
+    ):
+        result = asyncio.run(stream_load(url, auth, args.streams, args.stream_seconds))
+        stalls = sum(1 for g in result.max_gap_ms if g > 200)
+        p99[label] = result.pct(result.ttft_ms, 0.99)
+        print(
+            f"  {label:<10} {result.completed} streams ({result.failed} failed): "
+            f"TTFT p50 {result.pct(result.ttft_ms, 0.5):6.2f} ms  p99 {p99[label]:6.2f} ms  "
+            f"max {max(result.ttft_ms, default=0):6.1f} ms; worst gap between chunks "
+            f"p99 {result.pct(result.max_gap_ms, 0.99):6.1f} ms; streams with a >200 ms "
+            f"stall: {stalls}",
+            flush=True,
+        )
+        if label == "Meterline":
+            rows = ledger_count(database_url, stream_account, result.completed)
+            verdict = "OK" if rows == result.completed + result.failed else "MISMATCH"
+            print(
+                f"  ledger: {rows} rows for {result.completed} completed streams "
+                f"({result.failed} failed) — {verdict}",
+                flush=True,
+            )
+    print(f"  added TTFT p99: {p99['Meterline'] - p99['direct']:+.2f} ms", flush=True)
 
 
 def compare_clients(
-    workers: int, args: argparse.Namespace, wrk_bin: str, upstream: str, work: Path, env: dict[str, str]
+    workers: int,
+    args: argparse.Namespace,
+    wrk_bin: str,
+    upstream: str,
+    work: Path,
+    env: dict[str, str],
 ) -> None:
     """The bare pass-through with each HTTP client: why Meterline uses aiohttp's."""
     print(f"\n-- bare pass-through by HTTP client, 64 connections, {args.duration}s")
     for client in ("aiohttp", "httpx-aiohttp", "httpx"):
         port = free_port()
-        uvicorn = [sys.executable, "-m", "uvicorn", "--factory", "--loop", "uvloop", "--http", "httptools",
-                   "--log-level", "warning", "--workers", str(workers), "--port", str(port),
-                   "bench.passthrough:create_app"]
-        with run(uvicorn, f"http://127.0.0.1:{port}/v1/chat/completions", {**env, "BENCH_CLIENT": client},
-                 work / f"bare-{client}.log"):
+        uvicorn = [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "--factory",
+            "--loop",
+            "uvloop",
+            "--http",
+            "httptools",
+            "--log-level",
+            "warning",
+            "--workers",
+            str(workers),
+            "--port",
+            str(port),
+            "bench.passthrough:create_app",
+        ]
+        with run(
+            uvicorn,
+            f"http://127.0.0.1:{port}/v1/chat/completions",
+            {**env, "BENCH_CLIENT": client},
+            work / f"bare-{client}.log",
+        ):
             url = f"http://127.0.0.1:{port}/v1/chat/completions"
             wrk(wrk_bin, url, 64, 2, None, work)
-            print(f"  {client:<14}{fmt(wrk(wrk_bin, url, 64, args.duration, None, work))}", flush=True)
+            print(
+                f"  {client:<14}{fmt(wrk(wrk_bin, url, 64, args.duration, None, work))}", flush=True
+            )
 
 
 def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench proxy", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m bench proxy", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--workers", type=int, nargs="+", default=[1], help="worker counts to run")
     parser.add_argument("--duration", type=int, default=10, help="seconds per wrk run")
     parser.add_argument("--connections", type=int, nargs="+", default=[8, 64])
@@ -332,7 +430,16 @@ def main(argv: list[str]) -> None:
         port = free_port()
         upstream = f"http://127.0.0.1:{port}"
         with run(
-            [sys.executable, "-m", "service", "mock-upstream", "--port", str(port), "--api-key", PROVIDER_KEY],
+            [
+                sys.executable,
+                "-m",
+                "service",
+                "mock-upstream",
+                "--port",
+                str(port),
+                "--api-key",
+                PROVIDER_KEY,
+            ],
             f"{upstream}/v1/models",
             {},
             work / "mock.log",

@@ -84,6 +84,10 @@ class BillingPeriod:
         """The following month."""
         return BillingPeriod(self.year + self.month // 12, self.month % 12 + 1)
 
+    def previous(self) -> BillingPeriod:
+        """The month before."""
+        return BillingPeriod(self.year - (self.month == 1), (self.month - 2) % 12 + 1)
+
     def __str__(self) -> str:
         return f"{self.year:04d}-{self.month:02d}"
 

@@ -112,11 +112,41 @@ def print_json(value: Any) -> None:
     sys.stdout.write(json.dumps(value, indent=2) + "\n")
 
 
+def human(column: str, value: Any) -> str:
+    """A cell for people: times to the second, money without its trailing zeros.
+
+    Only the tables: `--json` keeps the API's exact values.
+    """
+    if value is None:
+        return ""
+    text = str(value)
+    if column.endswith("_at") and len(text) >= 19 and text[10] == "T":
+        return text[:19].replace("T", " ") + "Z"
+    if column.endswith("_usd") and "." in text:
+        whole, _, fraction = text.partition(".")
+        return f"{whole}.{fraction.rstrip('0').ljust(2, '0')}"
+    return text
+
+
 def print_table(rows: list[dict[str, Any]], columns: list[str], title: str | None = None) -> None:
     table = Table(title=title)
     for column in columns:
         numeric = column.endswith(("_usd", "tokens", "requests", "_rpm", "_tpm"))
-        table.add_column(column, justify="right" if numeric else "left", overflow="fold")
+        # Ids are copied from the screen: never wrap them.
+        whole = column == "id" or column.endswith("_id")
+        table.add_column(
+            column, justify="right" if numeric else "left", overflow="fold", no_wrap=whole
+        )
     for row in rows:
-        table.add_row(*("" if row.get(c) is None else str(row[c]) for c in columns))
+        table.add_row(*(human(c, row.get(c)) for c in columns))
+    Console().print(table)
+
+
+def print_record(record: dict[str, Any], fields: list[str] | None = None) -> None:
+    """One object as `field  value` lines: readable however many fields it has."""
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_column(style="bold")
+    table.add_column(overflow="fold")
+    for name in fields or list(record):
+        table.add_row(name, human(name, record.get(name)))
     Console().print(table)

@@ -21,6 +21,7 @@ from service.logs import configure_logging
 from service.margin.endpoints import router as margin_router
 from service.metrics.endpoints import router as metrics_router
 from service.prices.endpoints import router as prices_router
+from service.proxy.endpoints import ProxyFastPath
 from service.proxy.endpoints import routes as proxy_routes
 from service.quotes.endpoints import router as quotes_router
 from service.reports.endpoints import router as reports_router
@@ -89,6 +90,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     install_error_handlers(app)
+    # Added before CORS so that CORS, when configured, still wraps the proxy.
+    app.add_middleware(ProxyFastPath)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,

@@ -67,9 +67,10 @@ class Runtime:
             settings.task_settle_window_s,
         )
         await tasks.start()
-        # First: a refused task must not hold budget or rate-limit tokens.
+        # First in both: a refused task must not hold budget or rate-limit tokens, and a
+        # task's cost is counted before any other hook yields to the next request.
         parts["hooks"].admission.insert(0, tasks.admit)
-        parts["hooks"].settlement.append(tasks.settle)
+        parts["hooks"].settlement.insert(0, tasks.settle)
         return cls(
             settings=settings,
             engine=engine,

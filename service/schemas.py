@@ -17,7 +17,7 @@ from decimal import Decimal
 from typing import Annotated, Any, Generic, TypeVar
 
 from fastapi import Query
-from pydantic import BaseModel, Field, PlainSerializer
+from pydantic import AfterValidator, BaseModel, Field, PlainSerializer
 
 from service.errors import Unprocessable
 
@@ -37,8 +37,21 @@ DecimalString = Annotated[
 
 
 def as_utc(value: datetime) -> datetime:
-    """RFC 3339 times carry an offset; one sent without is read as UTC rather than refused."""
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    """RFC 3339 times carry an offset; one sent without is read as UTC rather than refused.
+
+    A ValueError for an instant that UTC cannot hold (0001-01-01T00:00+01:00), so that in a
+    validator it is a 422 naming the field.
+    """
+    if value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:
+        raise ValueError("out of range once converted to UTC") from None
+
+
+# A time parameter or field, read as RFC 3339 and held in UTC.
+UTCTime = Annotated[datetime, AfterValidator(as_utc)]
 
 
 class Page(BaseModel, Generic[T]):

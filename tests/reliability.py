@@ -153,8 +153,10 @@ class StoppablePostgres:
     def _pg_ctl(self, *args: str) -> None:
         from pgserver import _commands
 
+        # pgserver's own pg_ctl: it runs as the user pgserver made the cluster for.
+        pg_ctl = _commands.pg_ctl  # type: ignore[attr-defined]
         server = self.embedded._server
-        _commands.pg_ctl(list(args), pgdata=server.pgdata, user=server.system_user, timeout=60)
+        pg_ctl(list(args), pgdata=server.pgdata, user=server.system_user, timeout=60)
 
     def stop(self) -> None:
         """What an outage looks like to clients: every connection dropped, none accepted."""
@@ -308,10 +310,10 @@ def check_ledger(db: Database, account_id: uuid.UUID, outcomes: list[Outcome]) -
     wrong = 0
     lost = 0
     for outcome in served:
-        row = by_id.get(outcome.request_id or "")
-        if row is None:
+        found = by_id.get(outcome.request_id or "")
+        if found is None:
             lost += 1
-        elif (row["prompt_tokens"], row["completion_tokens"]) != (
+        elif (found["prompt_tokens"], found["completion_tokens"]) != (
             outcome.prompt_tokens,
             outcome.completion_tokens,
         ):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -10,8 +11,10 @@ from typing import Any
 
 import httpx
 import pytest
+from typer.testing import CliRunner, Result
 
-from tests.conftest import Meterline
+from service.cli import app as cli_app
+from tests.conftest import ADMIN_TOKEN, Meterline
 from tests.support import Database
 from tests.usage_rows import insert_usage, usage_row
 
@@ -226,6 +229,11 @@ def test_key_expiry(meterline: Meterline) -> None:
         )
         assert past.status_code == 422
         assert past.json()["error"]["param"] == "body.expires_at"
+        ancient = admin.post(
+            f"/billing/accounts/{account_id}/keys",
+            json={"expires_at": "0001-01-01T00:00:00+01:00"},
+        )
+        assert ancient.status_code == 422
         soon = datetime.now(UTC) + timedelta(seconds=1.5)
         created = admin.post(
             f"/billing/accounts/{account_id}/keys", json={"expires_at": soon.isoformat()}
@@ -265,3 +273,67 @@ def test_last_used_comes_from_the_ledger(meterline: Meterline, db: Database) -> 
     keys = _keys_by_name(meterline, account_id)
     assert datetime.fromisoformat(keys["used"]["last_used_at"]) == latest
     assert keys["idle"]["last_used_at"] is None
+
+
+def _cli(meterline: Meterline, *args: str) -> Result:
+    """The `meterline` command line, run in this process against the real server."""
+    runner = CliRunner()
+    return runner.invoke(
+        cli_app, [*args, "--url", meterline.url, "--token", ADMIN_TOKEN], env={"COLUMNS": "200"}
+    )
+
+
+def test_cli_accounts_and_keys(meterline: Meterline, db: Database) -> None:
+    created = _cli(
+        meterline, "accounts", "create", "CLI Co", "--tier", "pro", "--budget", "5", "--json"
+    )
+    assert created.exit_code == 0, created.output
+    account = json.loads(created.stdout)
+    assert (account["name"], account["tier"]) == ("CLI Co", "pro")
+    assert Decimal(account["monthly_budget_usd"]) == 5
+
+    listed = _cli(meterline, "accounts", "list", "--json")
+    assert account["id"] in {a["id"] for a in json.loads(listed.stdout)}
+    shown = _cli(meterline, "accounts", "show", account["id"])
+    assert shown.exit_code == 0 and "CLI Co" in shown.stdout
+
+    key = json.loads(
+        _cli(meterline, "keys", "create", account["id"], "--name", "cli", "--json").stdout
+    )
+    assert key["key"].startswith("ml-")
+    keys = json.loads(_cli(meterline, "keys", "list", account["id"], "--json").stdout)
+    assert [(k["id"], k["name"], k["status"]) for k in keys] == [(key["id"], "cli", "active")]
+
+    insert_usage(
+        db,
+        usage_row(
+            account["id"],
+            datetime(2025, 7, 1, tzinfo=UTC),
+            model="m-cli",
+            prompt=12,
+            completion=3,
+            cost="0.5",
+        ),
+    )
+    usage = _cli(
+        meterline,
+        "usage",
+        "--account-id",
+        account["id"],
+        "--group-by",
+        "model",
+        "--start",
+        "2025-07-01",
+        "--end",
+        "2025-08-01",
+        "--json",
+    )
+    [row] = json.loads(usage.stdout)["data"]
+    assert (row["model"], row["total_tokens"], row["cost_usd"]) == ("m-cli", 15, "0.500000000000")
+
+    revoked = json.loads(_cli(meterline, "keys", "revoke", key["id"], "--json").stdout)
+    assert revoked["status"] == "revoked"
+
+    missing = _cli(meterline, "accounts", "show", str(uuid.uuid4()))
+    assert missing.exit_code == 1
+    assert "not found" in missing.stderr

@@ -15,6 +15,7 @@ from typing import Any
 
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
 from service.limits.policy import month_bounds, month_of
 from tests.conftest import Upstream, start_meterline
@@ -33,7 +34,7 @@ from tests.support import Database
 # $1,000 per million tokens: one token costs a tenth of a cent, so the numbers read easily.
 MODEL = "meta-llama/budget-test"
 PRICE = Decimal(1000)
-MESSAGES = [{"role": "user", "content": "Say something"}]
+MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Say something"}]
 # The mock generates 16 words and honours max_tokens: the completion uses its whole budget,
 # so each request really costs close to what it reserves.
 MAX_TOKENS = 16
@@ -159,11 +160,12 @@ def test_a_key_budget_stops_that_key_only(
         other = m.new_key(account_id)
         time.sleep(1.0)  # limits are reloaded every 0.5 s here (every 5 s by default)
         limited = openai.OpenAI(base_url=m.v1, api_key=key, max_retries=0)
-        create = {"model": MODEL, "messages": MESSAGES, "max_tokens": MAX_TOKENS}
-        limited.chat.completions.create(**create)
-        limited.chat.completions.create(**create)
+        for _ in range(2):
+            limited.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=MAX_TOKENS)
         with pytest.raises(openai.RateLimitError) as refused:
-            limited.chat.completions.create(**create)
+            limited.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=MAX_TOKENS)
         _assert_budget_refusal(refused.value, "key", key_id)
         # The account's budget is far from spent: its other keys carry on.
-        openai.OpenAI(base_url=m.v1, api_key=other, max_retries=0).chat.completions.create(**create)
+        openai.OpenAI(base_url=m.v1, api_key=other, max_retries=0).chat.completions.create(
+            model=MODEL, messages=MESSAGES, max_tokens=MAX_TOKENS
+        )

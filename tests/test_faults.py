@@ -302,9 +302,9 @@ def test_sigkill_under_load_then_restart_and_the_same_spool_replayed_twice(
         o for o in outcomes if o.served and o not in settled and o.request_id not in recorded_ids
     ]
     print(
-        "\n"
-        + check.line("SIGKILL with Postgres down, restart")
-        + f" acknowledged_before_last_flush={len(settled)} lost={len(lost)}"
+        f"\n[SIGKILL with Postgres down, restart] served={check.served}"
+        f" recorded={check.recorded} acknowledged_before_last_flush={len(settled)}"
+        f" lost={len(lost)} duplicated={check.duplicated} wrong_tokens={check.wrong_tokens}"
         f" missing_from_last_second={len(last_instants)} spool_files={len(saved)}"
     )
     assert saved, "usage of the outage should have been spooled"

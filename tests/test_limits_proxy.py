@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
 from tests.conftest import Meterline, Upstream, start_meterline
 from tests.reliability import (
@@ -29,7 +30,7 @@ from tests.reliability import (
 from tests.support import Database
 
 MODEL = "mock-chat"
-HELLO = [{"role": "user", "content": "Hello"}]
+HELLO: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Hello"}]
 RESET = re.compile(r"^(\d+ms|\d+s|\d+m\d+s)$")
 
 

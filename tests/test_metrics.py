@@ -11,6 +11,7 @@ from decimal import Decimal
 import httpx
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import Meterline, Upstream, start_meterline
@@ -18,7 +19,7 @@ from tests.reliability import add_price, meterline_settings, new_customer, own_d
 from tests.support import Database
 
 MODEL = f"meta-llama/metrics-{secrets.token_hex(3)}"
-HELLO = [{"role": "user", "content": "Count me"}]
+HELLO: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Count me"}]
 
 
 @pytest.fixture(scope="module")

@@ -213,10 +213,8 @@ def test_price_tables_import_and_export_from_the_cli(
         fresh_database_url, "prices", "import", "-", "--format", "csv", stdin=conflicting
     )
     assert refused.returncode == 1 and "acme/*" in refused.stderr
-    out = tmp_path / "all.yaml"
-    assert _cli(fresh_database_url, "prices", "export", "-o", str(out)).returncode == 0
-    assert "new/one" not in out.read_text()  # all or nothing
-    assert Database(fresh_database_url).fetchval("SELECT count(*) FROM price_versions") == 2
+    models = Database(fresh_database_url).fetch("SELECT model FROM price_versions ORDER BY model")
+    assert [r["model"] for r in models] == ["acme/*", "acme/turbo"]  # all or nothing
 
     bad = _cli(fresh_database_url, "prices", "import", "-", "-f", "csv", stdin="model\nm\n")
     assert bad.returncode == 1 and "entry 1" in bad.stderr
@@ -245,31 +243,17 @@ def test_invoices_from_the_cli(fresh_database_url: str) -> None:
     summary = json.loads(generated.stdout)
     assert (summary["drafts"], summary["created"], summary["total_usd"]) == (1, 1, "1.50")
 
-    one = _cli(
-        fresh_database_url,
-        "invoices",
-        "generate",
-        "--period",
-        "2026-02",
-        "--account-id",
-        str(account),
-        "--json",
-    )
-    (invoice,) = json.loads(one.stdout)["invoices"]
-    assert [line["amount_usd"] for line in invoice["lines"]] == ["1.50"]
-
+    invoice_id = str(db.fetchval("SELECT id FROM invoices WHERE account_id = $1", account))
     finalized = _cli(fresh_database_url, "invoices", "finalize", "--period", "2026-02", "--json")
     assert finalized.returncode == 0, finalized.stderr
     (final,) = json.loads(finalized.stdout)
     assert final["number"].endswith("-000001")
 
-    shown = _cli(fresh_database_url, "invoices", "show", invoice["id"], "--json")
-    assert json.loads(shown.stdout)["status"] == "finalized"
-    twice = _cli(fresh_database_url, "invoices", "finalize", invoice["id"])
-    assert twice.returncode == 1 and "finalized" in twice.stderr
-    voided = _cli(
-        fresh_database_url, "invoices", "void", invoice["id"], "--reason", "test", "--json"
-    )
+    assert final["id"] == invoice_id
+    assert [line["amount_usd"] for line in final["lines"]] == ["1.50"]
+    shown = _cli(fresh_database_url, "invoices", "show", invoice_id, "--json")
+    assert json.loads(shown.stdout) == final
+    voided = _cli(fresh_database_url, "invoices", "void", invoice_id, "--reason", "test", "--json")
     assert json.loads(voided.stdout)["void_reason"] == "test"
     unpriced = _cli(fresh_database_url, "invoices", "unpriced", "--period", "2026-02", "--json")
     assert json.loads(unpriced.stdout) == []

@@ -276,6 +276,8 @@ def test_an_empty_month_still_has_a_header_and_totals(meterline: Meterline) -> N
     [
         ({"period": "2025-13"}, "query.period"),
         ({"period": "May 2025"}, "query.period"),
+        ({"period": "0000-01"}, "query.period"),
+        ({"period": "9999-12"}, "query.period"),
         ({"format": "xlsx"}, "query.format"),
         ({"account_id": "x"}, "query.account_id"),
     ],

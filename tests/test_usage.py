@@ -219,6 +219,7 @@ def test_a_customer_key_sees_its_own_usage_only(
     [
         ({"group_by": "day,colour"}, "query.group_by"),
         ({"start": "yesterday"}, "query.start"),
+        ({"start": "0001-01-01T00:00:00+01:00"}, "query.start"),
         ({"start": "2025-03-02", "end": "2025-03-01"}, "query.end"),
         ({"account_id": "nope"}, "query.account_id"),
         ({"limit": 0}, "query.limit"),

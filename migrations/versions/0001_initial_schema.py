@@ -191,6 +191,13 @@ def upgrade() -> None:
         unique=False,
         postgresql_using="brin",
     )
+    op.create_index(
+        "ix_usage_ledger_unpriced",
+        "usage_ledger",
+        ["account_id", "occurred_at"],
+        unique=False,
+        postgresql_where=sa.text("cost_usd IS NULL"),
+    )
     op.create_table(
         "api_keys",
         sa.Column("id", sa.UUID(), server_default=sa.text("gen_random_uuid()"), nullable=False),
@@ -481,6 +488,11 @@ def downgrade() -> None:
     op.drop_table("invoices")
     op.drop_index("ix_api_keys_account_id", table_name="api_keys")
     op.drop_table("api_keys")
+    op.drop_index(
+        "ix_usage_ledger_unpriced",
+        table_name="usage_ledger",
+        postgresql_where=sa.text("cost_usd IS NULL"),
+    )
     op.drop_index("ix_usage_ledger_recorded_at", table_name="usage_ledger", postgresql_using="brin")
     op.drop_index(
         "ix_usage_ledger_account_task",

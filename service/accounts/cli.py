@@ -15,6 +15,7 @@ from service.api_client import (
     UrlOption,
     err,
     print_json,
+    print_record,
     print_table,
 )
 
@@ -32,6 +33,7 @@ ACCOUNT_COLUMNS = [
     "rate_limit_tpm",
     "created_at",
 ]
+LIST_COLUMNS = ["id", "name", "tier", "monthly_budget_usd", "created_at"]
 KEY_COLUMNS = ["id", "name", "prefix", "status", "created_at", "last_used_at", "expires_at"]
 
 Tier = Annotated[str | None, typer.Option(help="basic | pro | custom.")]
@@ -57,7 +59,7 @@ def _show_account(account: dict[str, Any], as_json: bool) -> None:
     if as_json:
         print_json(account)
     else:
-        print_table([account], ACCOUNT_COLUMNS)
+        print_record(account)
 
 
 @accounts_app.command("create")
@@ -97,7 +99,7 @@ def list_accounts(
     if as_json:
         print_json(accounts)
     else:
-        print_table(accounts, ACCOUNT_COLUMNS, title=f"{len(accounts)} accounts")
+        print_table(accounts, LIST_COLUMNS, title=f"{len(accounts)} accounts")
 
 
 @accounts_app.command("show")
@@ -159,7 +161,7 @@ def create_key(
     if as_json:
         print_json(key)
         return
-    print_table([key], KEY_COLUMNS)
+    print_record(key, [*KEY_COLUMNS, "account_id"])
     typer.echo(key["key"])
     err.print("This is the only time the key is shown.", style="yellow")
 
@@ -193,4 +195,4 @@ def revoke_key(
     if as_json:
         print_json(key)
     else:
-        print_table([key], [*KEY_COLUMNS[:4], "revoked_at"])
+        print_record(key, [*KEY_COLUMNS[:4], "revoked_at"])

@@ -20,6 +20,7 @@ from service.errors import ErrorBody
 from service.schemas import CursorParam, Limit, Page
 
 ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorBody, "description": "Unreadable body, or two different credentials."},
     401: {"model": ErrorBody, "description": "Missing, unknown, revoked or expired credential."},
     404: {"model": ErrorBody, "description": "No such object visible to the caller."},
     422: {"model": ErrorBody, "description": "Invalid parameter; `error.param` names it."},

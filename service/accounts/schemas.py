@@ -37,10 +37,23 @@ class AccountCreate(BaseModel):
     rate_limit_tpm: PerMinute | None = None
 
 
+# An account always has these: a PATCH may leave them out, not set them to null.
+NOT_NULLABLE = ("name", "tier", "failed_task_policy")
+
+
+def _drop_null(schema: dict[str, Any]) -> None:
+    """Document NOT_NULLABLE fields as optional but not nullable, as they are validated."""
+    for name in NOT_NULLABLE:
+        field = schema["properties"][name]
+        options = [o for o in field.pop("anyOf", []) if o.get("type") != "null"]
+        field.update(options[0] if len(options) == 1 else {"anyOf": options})
+        field.pop("default", None)
+
+
 class AccountUpdate(BaseModel):
     """PATCH: only the fields sent change; `null` clears an optional field."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_drop_null)
 
     name: Name | None = None
     tier: Tier | None = None
@@ -50,7 +63,7 @@ class AccountUpdate(BaseModel):
     rate_limit_rpm: PerMinute | None = None
     rate_limit_tpm: PerMinute | None = None
 
-    @field_validator("name", "tier", "failed_task_policy", mode="before")
+    @field_validator(*NOT_NULLABLE, mode="before")
     @classmethod
     def _required_fields_cannot_be_cleared(cls, value: Any) -> Any:
         if value is None:

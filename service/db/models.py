@@ -134,6 +134,14 @@ class UsageRecord(Base):
             postgresql_where=text("task_id IS NOT NULL"),
         ),
         Index("ix_usage_ledger_recorded_at", "recorded_at", postgresql_using="brin"),
+        # Rows stored without a price: few, found by invoices and the unpriced-usage report.
+        # Partial, so priced rows (nearly all) cost the ledger's ingest nothing here.
+        Index(
+            "ix_usage_ledger_unpriced",
+            "account_id",
+            "occurred_at",
+            postgresql_where=text("cost_usd IS NULL"),
+        ),
         CheckConstraint("usage_source IN ('upstream', 'estimated', 'none')", name="usage_source"),
         CheckConstraint("kind IN ('usage', 'adjustment')", name="kind"),
         {"postgresql_partition_by": "RANGE (occurred_at)"},

@@ -12,11 +12,11 @@ force.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 from sqlalchemy import (
     ARRAY,
@@ -112,25 +112,16 @@ class UnpricedRow:
     segment: int | None = None
 
 
-# Per row, the cached tokens that may be priced apart (`pricing.cost.countable_cached_tokens`).
-_CACHED = func.least(func.greatest(L.cached_tokens, 0), L.prompt_tokens)
-_MEASURES = (
-    func.count().label("requests"),
-    func.sum(L.prompt_tokens).label("prompt_tokens"),
-    func.sum(L.completion_tokens).label("completion_tokens"),
-    func.sum(_CACHED).label("cached_tokens"),
-    func.sum(L.cost_usd).label("cost_usd"),
-)
-
-
-def _not_in_quoted_task() -> ColumnElement[bool]:
-    """Rows of a quoted task are never billed as tokens (the task is billed instead)."""
-    quoted = exists().where(
-        Task.account_id == L.account_id,
-        Task.external_id == L.task_id,
-        Task.quote_id.is_not(None),
+def _measures(c: Any) -> tuple[Any, ...]:
+    # Cached tokens clamped per row, as `pricing.cost.countable_cached_tokens` does.
+    cached = func.least(func.greatest(c.cached_tokens, 0), c.prompt_tokens)
+    return (
+        func.count().label("requests"),
+        func.sum(c.prompt_tokens).label("prompt_tokens"),
+        func.sum(c.completion_tokens).label("completion_tokens"),
+        func.sum(cached).label("cached_tokens"),
+        func.sum(c.cost_usd).label("cost_usd"),
     )
-    return or_(L.task_id.is_(None), ~quoted)
 
 
 def _selection_table(selections: Sequence[Selection]) -> FromClause:
@@ -155,6 +146,102 @@ def _selection_table(selections: Sequence[Selection]) -> FromClause:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class _Source:
+    rows: FromClause
+    columns: Any  # the column collection of `rows` that carries the ledger's columns
+    where: list[ColumnElement[bool]]
+    # Set when the source reads every account's rows (a bulk run): sums of other accounts
+    # are dropped by the caller.
+    accounts: frozenset[uuid.UUID] | None = None
+
+
+_SOURCE_COLUMNS = (
+    L.account_id,
+    L.occurred_at,
+    L.recorded_at,
+    L.kind,
+    L.requested_model,
+    L.price_version_id,
+    L.cost_usd,
+    L.prompt_tokens,
+    L.completion_tokens,
+    L.cached_tokens,
+)
+# Above this many accounts a month is read whole (one sequential, parallel scan of its
+# partition) rather than account by account through the index.
+BULK_ACCOUNTS = 100
+RowFilter = Literal["all", "quoted", "unpriced"]
+
+
+def _quoted_task_join() -> ColumnElement[bool]:
+    return and_(
+        Task.account_id == L.account_id,
+        Task.external_id == L.task_id,
+        Task.quote_id.is_not(None),
+    )
+
+
+def _sources(selections: Sequence[Selection], rows: RowFilter) -> Iterator[tuple[str, _Source]]:
+    """The ledger rows of the selections, one source per usage period.
+
+    `rows`: "all" of them; only the "quoted" ones (rows of quoted tasks, which the caller
+    subtracts: keeping the big scan free of the anti-join lets Postgres read the month in
+    parallel); or the "unpriced" ones outside quoted tasks (few: a partial index finds them).
+
+    Each source bounds `occurred_at` (one partition) and `recorded_at` by constants, so
+    Postgres prunes partitions and can use the BRIN index on `recorded_at` for late rows.
+    When every account of the period has the same window (a month's own usage: all rows
+    up to the cutoff), that is the whole filter. Otherwise (late usage, after a void) the
+    candidate rows are read first and matched to each account's window by a join.
+    """
+    by_period: dict[tuple[str, datetime, datetime], list[Selection]] = {}
+    for s in selections:
+        by_period.setdefault((s.period, s.period_start, s.period_end), []).append(s)
+    for (period, start, end), group in by_period.items():
+        windows = {s.window for s in group}
+        afters = [w.after for w in windows]
+        lowest_after = None if None in afters else min(a for a in afters if a is not None)
+        accounts = sorted({s.account_id for s in group})
+        bulk = rows == "all" and len(accounts) > BULK_ACCOUNTS
+        source: FromClause = L.__table__
+        where = [
+            L.occurred_at >= start,
+            L.occurred_at < end,
+            L.recorded_at <= max(w.until for w in windows),
+        ]
+        if lowest_after is not None:
+            where.append(L.recorded_at > lowest_after)
+        if not bulk:
+            where.append(L.account_id == any_(bindparam("accounts", accounts, type_=UUIDS)))
+        if rows == "quoted":
+            source = source.join(Task.__table__, _quoted_task_join())
+        elif rows == "unpriced":
+            where += [L.cost_usd.is_(None), ~exists().where(_quoted_task_join())]
+        scope = frozenset(accounts) if bulk else None
+        if len(windows) == 1:
+            yield period, _Source(source, L.__table__.c, where, scope)
+            continue
+        candidates = (
+            select(*_SOURCE_COLUMNS)
+            .select_from(source)
+            .where(*where)
+            .cte("candidates")
+            .prefix_with("MATERIALIZED")
+        )
+        sel = _selection_table(group)
+        c = candidates.c
+        joined = candidates.join(
+            sel,
+            and_(
+                c.account_id == sel.c.account_id,
+                or_(sel.c.recorded_after.is_(None), c.recorded_at > sel.c.recorded_after),
+                c.recorded_at <= sel.c.recorded_until,
+            ),
+        )
+        yield period, _Source(joined, c, [], scope)
+
+
 def _segment_table(segments: dict[str, list[PriceSegment]]) -> FromClause:
     flat = [(model, i, s) for model, spans in segments.items() for i, s in enumerate(spans)]
     return (
@@ -174,11 +261,11 @@ def _segment_table(segments: dict[str, list[PriceSegment]]) -> FromClause:
     )
 
 
-def _in_segment(seg: FromClause) -> ColumnElement[bool]:
+def _in_segment(c: Any, seg: FromClause) -> ColumnElement[bool]:
     return and_(
-        L.requested_model == seg.c.model,
-        or_(seg.c.span_start.is_(None), L.occurred_at >= seg.c.span_start),
-        or_(seg.c.span_end.is_(None), L.occurred_at < seg.c.span_end),
+        c.requested_model == seg.c.model,
+        or_(seg.c.span_start.is_(None), c.occurred_at >= seg.c.span_start),
+        or_(seg.c.span_end.is_(None), c.occurred_at < seg.c.span_end),
     )
 
 
@@ -217,6 +304,12 @@ class InvoiceRepository:
         )
         return list(rows)
 
+    async def tune_for_aggregation(self) -> None:
+        """Memory for the month's hash aggregate (tens of thousands of groups), for this
+        transaction only; no JIT, whose compile time exceeds its gain on these queries."""
+        await self.session.execute(text("SET LOCAL work_mem = '128MB'"))
+        await self.session.execute(text("SET LOCAL jit = off"))
+
     async def usage_cutoff(self) -> datetime:
         """The latest instant at which no ledger row can still be uncommitted.
 
@@ -241,89 +334,85 @@ class InvoiceRepository:
 
     # -- the ledger, summed ----------------------------------------------------------------
 
-    def _selected_rows(
-        self, selections: Sequence[Selection]
-    ) -> tuple[FromClause, FromClause, list[ColumnElement[bool]]]:
-        sel = _selection_table(selections)
-        joined = L.__table__.join(
-            sel,
-            and_(
-                L.account_id == sel.c.account_id,
-                L.occurred_at >= sel.c.period_start,
-                L.occurred_at < sel.c.period_end,
-                or_(sel.c.recorded_after.is_(None), L.recorded_at > sel.c.recorded_after),
-                L.recorded_at <= sel.c.recorded_until,
-            ),
-        )
-        accounts = sorted({s.account_id for s in selections})
-        where = [
-            L.account_id == any_(bindparam("accounts", accounts, type_=UUIDS)),
-            # Constant bounds: only these months' partitions are read.
-            L.occurred_at >= min(s.period_start for s in selections),
-            L.occurred_at < max(s.period_end for s in selections),
-            _not_in_quoted_task(),
-        ]
-        return joined, sel, where
-
     async def usage_sums(self, selections: Sequence[Selection]) -> list[UsageSum]:
-        """Billable usage per (account, period, ledger kind, model, price version)."""
-        if not selections:
-            return []
-        joined, sel, where = self._selected_rows(selections)
-        keys = (
-            L.account_id,
-            sel.c.period,
-            L.kind,
-            L.requested_model,
-            L.price_version_id,
-            L.cost_usd.is_(None).label("unpriced"),
-        )
-        rows = await self.session.execute(
-            select(*keys, *_MEASURES).select_from(joined).where(*where).group_by(*keys)
-        )
-        return [
-            UsageSum(
-                r.account_id,
-                (r.period,),
-                r.kind,
-                r.requested_model,
-                r.price_version_id,
-                r.unpriced,
-                _totals(r),
-                r.cost_usd,
+        """Billable usage per (account, period, ledger kind, model, price version): all rows
+        minus the rows of quoted tasks (billed as tasks, never as tokens)."""
+        gross = await self._sums(selections, "all")
+        quoted = await self._sums(selections, "quoted")
+        for key, (totals, cost) in quoted.items():
+            all_totals, all_cost = gross[key]
+            gross[key] = (
+                UsageTotals(
+                    all_totals.requests - totals.requests,
+                    all_totals.prompt_tokens - totals.prompt_tokens,
+                    all_totals.completion_tokens - totals.completion_tokens,
+                    all_totals.cached_tokens - totals.cached_tokens,
+                ),
+                None if all_cost is None else all_cost - (cost or Decimal(0)),
             )
-            for r in rows
+        return [
+            UsageSum(account, (period,), kind, model, version, unpriced, totals, cost)
+            for (account, period, kind, model, version, unpriced), (totals, cost) in gross.items()
+            if totals.requests
         ]
+
+    async def _sums(
+        self, selections: Sequence[Selection], rows: RowFilter
+    ) -> dict[tuple[Any, ...], tuple[UsageTotals, Decimal | None]]:
+        sums: dict[tuple[Any, ...], tuple[UsageTotals, Decimal | None]] = {}
+        for period, source in _sources(selections, rows):
+            c = source.columns
+            keys = (
+                c.account_id,
+                c.kind,
+                c.requested_model,
+                c.price_version_id,
+                c.cost_usd.is_(None).label("unpriced"),
+            )
+            result = await self.session.execute(
+                select(*keys, *_measures(c))
+                .select_from(source.rows)
+                .where(*source.where)
+                .group_by(*keys)
+            )
+            for r in result:
+                if source.accounts is None or r.account_id in source.accounts:
+                    key = (r.account_id, period, r.kind, r.requested_model, r.price_version_id)
+                    sums[(*key, r.unpriced)] = (_totals(r), r.cost_usd)
+        return sums
 
     async def unpriced_usage_sums(
         self, selections: Sequence[Selection], segments: dict[str, list[PriceSegment]]
     ) -> list[UsageSum]:
         """The rows stored without a price, summed per span of their model's price timeline."""
-        if not selections or not segments:
+        if not segments:
             return []
-        joined, sel, where = self._selected_rows(selections)
-        seg = _segment_table(segments)
-        keys = (L.account_id, sel.c.period, L.kind, L.requested_model, seg.c.segment)
-        rows = await self.session.execute(
-            select(*keys, *_MEASURES)
-            .select_from(joined.join(seg, _in_segment(seg)))
-            .where(*where, L.cost_usd.is_(None))
-            .group_by(*keys)
-        )
-        return [
-            UsageSum(
-                r.account_id,
-                (r.period,),
-                r.kind,
-                r.requested_model,
-                None,
-                True,
-                _totals(r),
-                None,
-                int(r.segment),
+        sums = []
+        for period, source in _sources(selections, "unpriced"):
+            c = source.columns
+            seg = _segment_table(segments)
+            keys = (c.account_id, c.kind, c.requested_model, seg.c.segment)
+            rows = await self.session.execute(
+                select(*keys, *_measures(c))
+                .select_from(source.rows.join(seg, _in_segment(c, seg)))
+                .where(*source.where)
+                .group_by(*keys)
             )
-            for r in rows
-        ]
+            sums += [
+                UsageSum(
+                    r.account_id,
+                    (period,),
+                    r.kind,
+                    r.requested_model,
+                    None,
+                    True,
+                    _totals(r),
+                    None,
+                    int(r.segment),
+                )
+                for r in rows
+            ]
+        return sums
 
     # -- quoted tasks ----------------------------------------------------------------------
 
@@ -381,7 +470,7 @@ class InvoiceRepository:
             L.cost_usd.is_(None).label("unpriced"),
         )
         rows = await self.session.execute(
-            select(*keys, *_MEASURES).select_from(joined).where(*where).group_by(*keys)
+            select(*keys, *_measures(L)).select_from(joined).where(*where).group_by(*keys)
         )
         return [
             UsageSum(
@@ -411,8 +500,8 @@ class InvoiceRepository:
         seg = _segment_table(segments)
         keys = (L.account_id, Task.task_type, Task.model, L.requested_model, seg.c.segment)
         rows = await self.session.execute(
-            select(*keys, *_MEASURES)
-            .select_from(joined.join(seg, _in_segment(seg)))
+            select(*keys, *_measures(L))
+            .select_from(joined.join(seg, _in_segment(L, seg)))
             .where(*where, L.cost_usd.is_(None))
             .group_by(*keys)
         )
@@ -448,12 +537,12 @@ class InvoiceRepository:
         keys: tuple[Any, ...] = (L.account_id, L.requested_model)
         if segments is not None:
             seg = _segment_table(segments)
-            source = source.join(seg, _in_segment(seg))
+            source = source.join(seg, _in_segment(L, seg))
             keys = (*keys, seg.c.segment)
         rows = await self.session.execute(
             select(
                 *keys,
-                *_MEASURES,
+                *_measures(L),
                 func.min(L.occurred_at).label("first"),
                 func.max(L.occurred_at).label("last"),
             )
@@ -556,18 +645,25 @@ class InvoiceRepository:
 
     async def delete_contents(self, invoice_ids: Iterable[uuid.UUID]) -> None:
         ids = bindparam("ids", list(invoice_ids), type_=UUIDS)
-        await self.session.execute(delete(InvoiceLine).where(InvoiceLine.invoice_id == any_(ids)))
-        await self.session.execute(
-            delete(InvoiceUsageWindow).where(InvoiceUsageWindow.invoice_id == any_(ids))
-        )
+        await self.session.execute(delete(LINES).where(LINES.c.invoice_id == any_(ids)))
+        await self.session.execute(delete(WINDOWS).where(WINDOWS.c.invoice_id == any_(ids)))
 
     async def insert_lines(self, values: list[dict[str, Any]]) -> None:
-        if values:
-            await self.session.execute(insert(LINES), values)
+        await self._copy(LINES, values)
 
     async def insert_windows(self, values: list[dict[str, Any]]) -> None:
-        if values:
-            await self.session.execute(insert(WINDOWS), values)
+        await self._copy(WINDOWS, values)
+
+    async def _copy(self, table: Table, values: list[dict[str, Any]]) -> None:
+        """COPY into `table` in this session's transaction: a bulk run writes tens of
+        thousands of lines, which row-by-row INSERTs would take seconds to."""
+        if not values:
+            return
+        columns = list(values[0])
+        connection = await (await self.session.connection()).get_raw_connection()
+        await connection.driver_connection.copy_records_to_table(  # type: ignore[union-attr]
+            table.name, records=[tuple(v[c] for c in columns) for v in values], columns=columns
+        )
 
     async def get(self, invoice_id: uuid.UUID, lock: bool = False) -> Invoice | None:
         statement = (

@@ -171,6 +171,7 @@ async def compute_invoices(
     """Each account's invoice for `period` as the ledger stands now (accounts locked)."""
     repository = InvoiceRepository(session)
     accounts = sorted(policies)
+    await repository.tune_for_aggregation()
     cutoff = await repository.usage_cutoff()
     billed = await repository.billed_windows(accounts)
     closed = await repository.finalized_periods(accounts)

@@ -42,6 +42,8 @@ class RequestContext:
     # Headers admission hooks add to the forwarded response (x-ratelimit-*: Meterline's own
     # limits, which replace the provider's limits on its shared key).
     response_headers: dict[str, str] = field(default_factory=dict)
+    # Set once the settlement hooks have run (exactly once per admitted request).
+    settled: bool = False
 
 
 Admission = Callable[[RequestContext], Awaitable[object | None]]

@@ -301,6 +301,7 @@ class MeteringProxy:
         self.hooks = hooks
         self.max_body_bytes = max_body_bytes
         self._prices = PriceMemo()
+        self._headers_cache: dict[tuple[str, bool], dict[str, str]] = {}
         self._models_cache: tuple[float, list[dict[str, Any]]] | None = None
 
     # -- authentication -------------------------------------------------------------
@@ -329,10 +330,14 @@ class MeteringProxy:
         except MeterlineError as error:
             await send_error(send, error, request_id)
             return
-        if ctx.stream:
-            await self._forward_stream(ctx, send, receive, started)
-        else:
-            await self._forward_plain(ctx, send, started)
+        try:
+            if ctx.stream:
+                await self._forward_stream(ctx, send, receive, started)
+            else:
+                await self._forward_plain(ctx, send, started)
+        finally:
+            if not ctx.settled:  # an unexpected failure: reservations must not leak
+                await self._settle(ctx, None)
 
     async def _admit(
         self,
@@ -398,6 +403,9 @@ class MeteringProxy:
         return ctx.raw_body, False
 
     def _upstream_headers(self, provider: Provider, stream: bool) -> dict[str, str]:
+        cached = self._headers_cache.get((provider.name, stream))
+        if cached is not None:
+            return cached
         headers = {
             "Content-Type": "application/json",
             "Accept": "text/event-stream" if stream else "application/json",
@@ -405,6 +413,7 @@ class MeteringProxy:
         }
         if provider.api_key:
             headers["Authorization"] = f"Bearer {provider.api_key}"
+        self._headers_cache[(provider.name, stream)] = headers
         return headers
 
     async def _open(self, ctx: RequestContext, body: bytes) -> aiohttp.ClientResponse:
@@ -649,6 +658,7 @@ class MeteringProxy:
         return record
 
     async def _settle(self, ctx: RequestContext, record: LedgerRecord | None) -> None:
+        ctx.settled = True
         for hook in self.hooks.settlement:
             try:
                 await hook(ctx, record)

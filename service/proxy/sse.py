@@ -55,6 +55,16 @@ class StreamMeter:
         if not self.hide_usage:
             self._raw.append(chunk)
             return chunk
+        if (
+            not self._tail
+            and chunk.startswith(b"data: ")
+            and chunk.endswith(_NULL_USAGE_TAIL + b"\n\n")
+            and chunk.count(b"\n") == 2
+        ):
+            # The usual piece: exactly one whole event with the injected `"usage": null`.
+            stripped = chunk[6 : -2 - len(_NULL_USAGE_TAIL)] + b"}"
+            self._payloads.append(stripped)
+            return b"data: " + stripped + b"\n\n"
         events, self._tail = split_events(self._tail + chunk)
         out = []
         for event in events:

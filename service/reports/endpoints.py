@@ -31,7 +31,14 @@ MEDIA_TYPES = {"csv": "text/csv; charset=utf-8", "json": "application/json"}
 async def monthly_report(
     request: Request,
     caller: Caller,
-    period: Annotated[str, Query(description="The month, `YYYY-MM` (UTC).", examples=["2026-11"])],
+    period: Annotated[
+        str,
+        Query(
+            pattern=r"^\d{4}-(0[1-9]|1[0-2])$",
+            description="The month, `YYYY-MM` (UTC).",
+            examples=["2026-11"],
+        ),
+    ],
     fmt: Annotated[ReportFormat, Query(alias="format")] = "csv",
     account_id: Annotated[
         uuid.UUID | None,

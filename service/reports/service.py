@@ -45,10 +45,13 @@ FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 def parse_period(period: str) -> tuple[datetime, datetime]:
     """`2026-11` → [2026-11-01T00:00Z, 2026-12-01T00:00Z)."""
     match = PERIOD.match(period)
-    if match is None:
-        raise Unprocessable("query.period: expected YYYY-MM", param="query.period")
-    start = datetime(int(match[1]), int(match[2]), 1, tzinfo=UTC)
-    return start, add_months(start, 1)
+    try:
+        if match is None:
+            raise ValueError("not YYYY-MM")
+        start = datetime(int(match[1]), int(match[2]), 1, tzinfo=UTC)
+        return start, add_months(start, 1)
+    except ValueError:  # also years 0000 and 9999, whose bounds datetime cannot hold
+        raise Unprocessable("query.period: expected YYYY-MM", param="query.period") from None
 
 
 def _money(value: Decimal | None) -> str | None:

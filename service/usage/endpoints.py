@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query
@@ -10,7 +9,7 @@ from fastapi.responses import JSONResponse
 from service.accounts.endpoints import ERRORS
 from service.auth.principal import Caller
 from service.db.session import Session
-from service.schemas import CursorParam, Page, as_utc
+from service.schemas import CursorParam, Page, UTCTime
 from service.usage import service
 from service.usage.repository import UsageFilter
 from service.usage.schemas import GROUPS, UsageEvent, UsageReport
@@ -24,10 +23,8 @@ AccountId = Annotated[
 KeyId = Annotated[uuid.UUID | None, Query()]
 TaskId = Annotated[str | None, Query(max_length=128, description="The `X-Task-Id`.")]
 Model = Annotated[str | None, Query(max_length=256, description="The model asked for.")]
-Start = Annotated[
-    datetime | None, Query(description="RFC 3339, inclusive; without an offset, UTC.")
-]
-End = Annotated[datetime | None, Query(description="RFC 3339, exclusive; without an offset, UTC.")]
+Start = Annotated[UTCTime | None, Query(description="RFC 3339, inclusive; without an offset, UTC.")]
+End = Annotated[UTCTime | None, Query(description="RFC 3339, exclusive; without an offset, UTC.")]
 GroupByParam = Annotated[
     str | None,
     Query(
@@ -55,8 +52,8 @@ async def _filter(
         key_id=key_id,
         task_id=task_id,
         model=model,
-        start=as_utc(start) if start else None,
-        end=as_utc(end) if end else None,
+        start=start,
+        end=end,
     )
 
 

@@ -1,0 +1,291 @@
+"""`python -m bench invoices`: every account's invoice for a month of 5,000,000 ledger rows.
+
+Creates a database of its own on `METERLINE_DATABASE_URL` (default
+postgresql://postgres@127.0.0.1:5432/test), migrates it, loads Hyperbolic's price list,
+and COPYs (asyncpg `copy_records_to_table`) one past month of ledger rows spread over
+`--accounts` accounts and the list's models, priced as the proxy prices them; a share of
+the rows has no price (a model missing from the list, priced on the draft by a version
+added afterwards), and a share belongs to quoted tasks (billed at their fixed price, not
+their tokens). Then it times generating every account's draft for the month — the bulk
+path of `meterline invoices generate --period P`, one transaction — `--runs` times (the
+first run creates the drafts, later ones refresh them), and checks that the invoices
+hold exactly the ledger's cost. Target: ≤ 10 s.
+
+    python -m bench invoices [--rows 5000000] [--accounts 1000] [--runs 3]
+                             [--unpriced-share 0.001] [--task-share 0.01]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+import asyncpg
+from sqlalchemy import text
+
+from bench.support import bench_database
+from pricing.cost import TokenUsage, usage_cost
+from pricing.invoice import BillingPeriod
+from pricing.prices import Price
+from service.db.engine import asyncpg_dsn, create_engine, session_factory, transaction
+from service.invoices import service
+from service.prices.cache import seed_default_prices
+from service.prices.repository import PriceRepository
+
+TARGET_S = 10.0
+CHUNK = 100_000
+UNLISTED = "custom/unlisted-model"
+COLUMNS = (
+    "request_id",
+    "occurred_at",
+    "recorded_at",
+    "account_id",
+    "task_id",
+    "task_type",
+    "endpoint",
+    "requested_model",
+    "stream",
+    "status_code",
+    "prompt_tokens",
+    "completion_tokens",
+    "total_tokens",
+    "usage_source",
+    "cost_usd",
+    "price_version_id",
+)
+
+
+def _shapes(prices: list[Price], rnd: random.Random) -> list[tuple[str, int, int, Decimal, int]]:
+    """A few hundred (model, prompt, completion, cost, version) shapes; rows pick among them,
+    so 5M rows do not need 5M Decimal computations."""
+    shapes = []
+    for _ in range(400):
+        price = rnd.choice(prices)
+        prompt, completion = rnd.randint(50, 8000), rnd.randint(1, 2000)
+        cost = usage_cost(TokenUsage(prompt, completion), price)
+        assert price.version_id is not None
+        shapes.append((price.model, prompt, completion, cost, price.version_id))
+    return shapes
+
+
+async def _seed(url: str, args: argparse.Namespace, period: BillingPeriod) -> float:
+    engine = create_engine(url, pool_size=2)
+    await seed_default_prices(session_factory(engine))
+    async with transaction(session_factory(engine)) as session:
+        prices = [p for p in await PriceRepository(session).all_prices() if not p.is_pattern]
+    await engine.dispose()
+
+    rnd = random.Random(42)
+    connection = await asyncpg.connect(asyncpg_dsn(url))
+    try:
+        accounts = [uuid.uuid4() for _ in range(args.accounts)]
+        await connection.copy_records_to_table(
+            "accounts",
+            records=[
+                (a, f"bench-{i}", period.start - timedelta(days=30)) for i, a in enumerate(accounts)
+            ],
+            columns=("id", "name", "created_at"),
+        )
+        await connection.execute("SELECT meterline_ensure_usage_partition($1)", period.start)
+        # Quoted tasks: a few per account, all succeeded in the month at a fixed price.
+        tasks_per_account = 5
+        quote_rows, task_rows = [], []
+        for account in accounts:
+            for k in range(tasks_per_account):
+                quote = uuid.uuid4()
+                quote_rows.append(
+                    (
+                        quote,
+                        account,
+                        "summarize",
+                        prices[0].model,
+                        "estimate",
+                        0,
+                        Decimal("0.9"),
+                        Decimal("0.2"),
+                        Decimal("0.01"),
+                        Decimal("0.01"),
+                        Decimal("0.25"),
+                        period.end,
+                        period.start,
+                    )
+                )
+                task_rows.append(
+                    (
+                        account,
+                        f"task-{k}",
+                        "summarize",
+                        prices[0].model,
+                        quote,
+                        Decimal("0.25"),
+                        "succeeded",
+                        period.start + timedelta(days=10 + k),
+                    )
+                )
+        await connection.copy_records_to_table(
+            "quotes",
+            records=quote_rows,
+            columns=(
+                "id",
+                "account_id",
+                "task_type",
+                "model",
+                "basis",
+                "sample_size",
+                "confidence",
+                "margin",
+                "expected_cost_usd",
+                "quantile_cost_usd",
+                "price_usd",
+                "valid_until",
+                "created_at",
+            ),
+        )
+        await connection.copy_records_to_table(
+            "tasks",
+            records=task_rows,
+            columns=(
+                "account_id",
+                "external_id",
+                "task_type",
+                "model",
+                "quote_id",
+                "fixed_price_usd",
+                "status",
+                "completed_at",
+            ),
+        )
+
+        shapes = _shapes(prices, rnd)
+        span = (period.end - period.start).total_seconds() - 1
+        started = time.perf_counter()
+        for first in range(0, args.rows, CHUNK):
+            records: list[tuple[object, ...]] = []
+            for i in range(first, min(first + CHUNK, args.rows)):
+                model, prompt, completion, stored, listed = shapes[rnd.randrange(len(shapes))]
+                cost: Decimal | None = stored
+                version: int | None = listed
+                task = None
+                draw = rnd.random()
+                if draw < args.unpriced_share:
+                    model, cost, version = UNLISTED, None, None
+                elif draw < args.unpriced_share + args.task_share:
+                    task = f"task-{rnd.randrange(tasks_per_account)}"
+                occurred = period.start + timedelta(seconds=span * i / args.rows)
+                records.append(
+                    (
+                        f"bench-{i:012d}",
+                        occurred,
+                        occurred + timedelta(seconds=2),
+                        accounts[rnd.randrange(len(accounts))],
+                        task,
+                        "summarize" if task else None,
+                        "chat",
+                        model,
+                        False,
+                        200,
+                        prompt,
+                        completion,
+                        prompt + completion,
+                        "upstream",
+                        cost,
+                        version,
+                    )
+                )
+            await connection.copy_records_to_table("usage_ledger", records=records, columns=COLUMNS)
+            print(f"  seeded {min(first + CHUNK, args.rows):,} rows", end="\r", flush=True)
+        seeded = time.perf_counter() - started
+        # A price for the unlisted model, added after its rows were written: drafts price
+        # those rows by it (phase 2 of the invoice query).
+        await connection.execute(
+            "INSERT INTO price_versions (model, input_usd_per_mtok, output_usd_per_mtok,"
+            " effective_from) VALUES ($1, 1.1, 2.2, $2)",
+            UNLISTED,
+            period.start - timedelta(days=365),
+        )
+        print(f"\n  COPY: {args.rows:,} rows in {seeded:.1f} s ({args.rows / seeded:,.0f} rows/s)")
+        started = time.perf_counter()
+        await connection.execute("VACUUM ANALYZE usage_ledger")
+        await connection.execute("ANALYZE tasks")
+        print(f"  VACUUM ANALYZE: {time.perf_counter() - started:.1f} s")
+    finally:
+        await connection.close()
+    return seeded
+
+
+async def _expected_total(url: str, period: BillingPeriod) -> Decimal:
+    """The month's exact bill computed independently: stored costs, unpriced rows at the
+    price added later, quoted tasks at their fixed price instead of their tokens."""
+    connection = await asyncpg.connect(asyncpg_dsn(url))
+    try:
+        tokens: Decimal = await connection.fetchval(
+            "SELECT coalesce(sum(coalesce(u.cost_usd,"
+            " (u.prompt_tokens * 1.1 + u.completion_tokens * 2.2) / 1000000)), 0)"
+            " FROM usage_ledger u WHERE u.occurred_at >= $1 AND u.occurred_at < $2"
+            " AND NOT EXISTS (SELECT 1 FROM tasks t WHERE t.account_id = u.account_id"
+            " AND t.external_id = u.task_id AND t.quote_id IS NOT NULL)",
+            period.start,
+            period.end,
+        )
+        fixed: Decimal = await connection.fetchval(
+            "SELECT coalesce(sum(fixed_price_usd), 0) FROM tasks WHERE status = 'succeeded'"
+            " AND quote_id IS NOT NULL AND completed_at >= $1 AND completed_at < $2",
+            period.start,
+            period.end,
+        )
+        return tokens + fixed
+    finally:
+        await connection.close()
+
+
+async def _generate(url: str, period: BillingPeriod) -> tuple[float, int, Decimal]:
+    engine = create_engine(url, pool_size=2)
+    try:
+        started = time.perf_counter()
+        async with transaction(session_factory(engine)) as session:
+            result = await service.generate(session, period)
+        elapsed = time.perf_counter() - started
+        async with transaction(session_factory(engine)) as session:
+            exact = (
+                await session.execute(
+                    text(
+                        "SELECT coalesce(sum(l.amount_exact_usd), 0) FROM invoice_lines l"
+                        " JOIN invoices i ON i.id = l.invoice_id WHERE i.period = :p"
+                    ),
+                    {"p": str(period)},
+                )
+            ).scalar_one()
+        return elapsed, len(result.invoice_ids), exact
+    finally:
+        await engine.dispose()
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench invoices", description=__doc__)
+    parser.add_argument("--rows", type=int, default=5_000_000)
+    parser.add_argument("--accounts", type=int, default=1_000)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--unpriced-share", type=float, default=0.001)
+    parser.add_argument("--task-share", type=float, default=0.01)
+    args = parser.parse_args(argv)
+    # A closed month: the one before last, so nothing of it can still be arriving.
+    period = BillingPeriod.of(datetime.now(UTC)).previous().previous()
+
+    with bench_database() as url:
+        print(f"seeding {args.rows:,} ledger rows over {args.accounts:,} accounts, {period}")
+        asyncio.run(_seed(url, args, period))
+        expected = asyncio.run(_expected_total(url, period))
+        for run in range(1, args.runs + 1):
+            elapsed, invoices, exact = asyncio.run(_generate(url, period))
+            verdict = "ok" if elapsed <= TARGET_S else "ABOVE TARGET"
+            check = "exact" if exact == expected else f"MISMATCH (expected {expected})"
+            print(
+                f"run {run}: {invoices:,} invoices from {args.rows:,} rows in {elapsed:.2f} s"
+                f" ({args.rows / elapsed:,.0f} rows/s) — target ≤ {TARGET_S:.0f} s: {verdict};"
+                f" invoices sum ${exact:.12f}: {check}"
+            )

@@ -1,0 +1,68 @@
+"""The billing API survives schema-driven fuzzing: schemathesis, run as its users run it (the
+`st` command) against a live `meterline serve` with the admin token, finds no 500 and no
+response that breaks the published OpenAPI schema."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ADMIN_TOKEN, Upstream, start_meterline
+from tests.reliability import meterline_settings, own_database
+
+# Per operation; enough to reach every validation branch in a few minutes of CI at most.
+MAX_EXAMPLES = os.environ.get("METERLINE_SCHEMATHESIS_EXAMPLES", "30")
+CHECKS = ",".join(
+    [
+        "not_a_server_error",
+        "response_schema_conformance",
+        "content_type_conformance",
+        "status_code_conformance",
+    ]
+)
+
+
+@pytest.mark.slow
+def test_the_billing_api_under_schemathesis(
+    postgres_server: str, template_database: str, upstream: Upstream, tmp_path: Path
+) -> None:
+    with (
+        own_database(postgres_server, template_database) as url,
+        start_meterline(url, upstream, tmp_path / "server", **meterline_settings()) as m,
+    ):
+        report = tmp_path / "report"
+        command = [
+            str(Path(sys.executable).with_name("st")),
+            "run",
+            f"{m.url}/openapi.json",
+            "--header",
+            f"Authorization: Bearer {ADMIN_TOKEN}",
+            "--checks",
+            CHECKS,
+            "--max-examples",
+            MAX_EXAMPLES,
+            "--phases",
+            "examples,coverage,fuzzing",
+            "--workers",
+            "2",
+            "--seed",
+            "7",
+            "--generation-database",
+            "none",
+            "--request-timeout",
+            "30",
+            "--no-color",
+            "--report",
+            "junit",
+            "--report-dir",
+            str(report),
+        ]
+        # In the test's folder: `st` keeps state in ./.schemathesis.
+        run = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    summary = run.stdout[-6000:]
+    print("\n" + summary)
+    assert run.returncode == 0, summary
