@@ -14,7 +14,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 from service.accounts.endpoints import router as accounts_router
-from service.errors import MeterlineError, error_body
+from service.errors import ErrorBody, MeterlineError, error_body
 from service.health.endpoints import router as health_router
 from service.invoices.endpoints import router as invoices_router
 from service.logs import configure_logging
@@ -88,6 +88,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0",
         description="Usage metering and outcome-based billing for OpenAI-compatible LLM APIs.",
         lifespan=lifespan,
+        # Any operation can answer 400: a body that cannot be parsed at all (not even as
+        # text), or an Authorization and an X-API-Key header that disagree.
+        responses={400: {"model": ErrorBody, "description": "Malformed request"}},
     )
     install_error_handlers(app)
     # Added before CORS so that CORS, when configured, still wraps the proxy.

@@ -217,3 +217,18 @@ def meterline(
     """The run's shared Meterline server (one worker), on the shared database."""
     with start_meterline(database_url, upstream, tmp_path_factory.mktemp("meterline")) as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def reliability_server(
+    postgres_server: str,
+    template_database: str,
+    upstream: Upstream,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Meterline]:
+    """The server the limits, metrics, bad-input and security tests share (tests/reliability.py)."""
+    from tests.reliability import reliability_server
+
+    workdir = tmp_path_factory.mktemp("reliability")
+    with reliability_server(postgres_server, template_database, upstream, workdir) as server:
+        yield server

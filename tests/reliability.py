@@ -20,8 +20,8 @@ import openai
 import redis
 
 from service.db.embedded import EmbeddedPostgres
-from tests.conftest import ADMIN_TOKEN
-from tests.support import Database
+from tests.conftest import ADMIN_TOKEN, Meterline, Upstream, providers_yaml, start_meterline
+from tests.support import Database, free_port
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -342,3 +342,43 @@ def wait_until_settled(db: Database, account_id: uuid.UUID, timeout: float = 60.
             break
         time.sleep(0.2)
     return last
+
+
+# Models the shared reliability server prices itself, so no other test's price changes
+# can move the numbers: $2 and $1,000 per million tokens.
+METRICS_MODEL = f"meta-llama/metrics-{secrets.token_hex(3)}"
+BUDGET_MODEL = "meta-llama/budget-test"
+LIMIT_BYTES = 64 * 1024
+
+
+@contextmanager
+def reliability_server(
+    postgres_server: str, template_database: str, upstream: Upstream, workdir: Path
+) -> Iterator[Meterline]:
+    """One server on a database of its own for the limits, metrics, bad-input, security and
+    upstream-fault tests: the real tier limits, a 64 KiB body limit, debug logs, a 2 s
+    upstream read timeout and a provider nothing listens for (`refused/*`)."""
+    with own_database(postgres_server, template_database) as url:
+        db = Database(url)
+        add_price(db, METRICS_MODEL, Decimal("2"))
+        add_price(db, BUDGET_MODEL, Decimal("1000"))
+        providers = workdir / "reliability-providers.yaml"
+        providers.write_text(
+            providers_yaml(upstream)
+            + f"""
+  - name: refused
+    base_url: http://127.0.0.1:{free_port()}/v1
+    api_key_env: MOCK_PROVIDER_KEY
+    models: ["refused/*"]
+    stream_usage: inject
+"""
+        )
+        settings = meterline_settings(
+            **REAL_TIERS,
+            METERLINE_MAX_REQUEST_BODY_BYTES=str(LIMIT_BYTES),
+            METERLINE_LOG_LEVEL="debug",
+            METERLINE_PROVIDERS=str(providers),
+            METERLINE_UPSTREAM_READ_TIMEOUT_S="2",
+        )
+        with start_meterline(url, upstream, workdir, **settings) as server:
+            yield server

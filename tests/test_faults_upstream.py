@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -17,40 +16,22 @@ import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
-from tests.conftest import Meterline, Upstream, providers_yaml, start_meterline
-from tests.reliability import meterline_settings, new_customer
-from tests.support import Database, free_port
+from tests.conftest import Meterline
+from tests.reliability import new_customer
+from tests.support import Database
 
 MODEL = "meta-llama/Llama-3.3-70B-Instruct"
 HELLO: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Hello"}]
 
 
-@pytest.fixture(scope="module")
-def server(
-    database_url: str, upstream: Upstream, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Meterline]:
-    workdir = tmp_path_factory.mktemp("upstream-faults")
-    providers = workdir / "faults-providers.yaml"
-    # A provider nothing listens for: every connection is refused.
-    providers.write_text(
-        providers_yaml(upstream)
-        + f"""
-  - name: refused
-    base_url: http://127.0.0.1:{free_port()}/v1
-    api_key_env: MOCK_PROVIDER_KEY
-    models: ["refused/*"]
-    stream_usage: inject
-"""
-    )
-    with start_meterline(
-        database_url,
-        upstream,
-        workdir,
-        **meterline_settings(
-            METERLINE_PROVIDERS=str(providers), METERLINE_UPSTREAM_READ_TIMEOUT_S="2"
-        ),
-    ) as m:
-        yield m
+@pytest.fixture
+def server(reliability_server: Meterline) -> Meterline:
+    return reliability_server
+
+
+@pytest.fixture
+def db(server: Meterline) -> Database:
+    return Database(server.database_url)
 
 
 @pytest.fixture

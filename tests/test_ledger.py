@@ -236,3 +236,25 @@ def test_an_interrupted_spool_write_keeps_its_complete_lines(tmp_path: Path) -> 
 def test_spooled_records_round_trip_exactly(cost: Decimal | None) -> None:
     original = record(uuid.uuid4(), cost_usd=cost, key_id=None, task_id=None)
     assert LedgerRecord.from_json(original.to_json()) == original
+
+
+async def test_records_still_in_memory_survive_a_killed_process(
+    database_url: str, db: Database, tmp_path: Path
+) -> None:
+    dsn = asyncpg_dsn(database_url)
+    killed = LedgerWriter(dsn, tmp_path, batch_size=100_000, flush_interval_s=60)
+    await killed.start()
+    account_id = uuid.uuid4()
+    for _ in range(12):
+        killed.submit(record(account_id))
+    # The process dies here (SIGKILL): no flush, no drain, the queue is gone.
+    for task in killed._tasks:
+        task.cancel()
+    assert await acount(db, account_id) == 0
+    restarted = LedgerWriter(dsn, tmp_path)  # same pid: at start-up, that is a stale one
+    await restarted.start()
+    await restarted.close()
+    assert await acount(db, account_id) == 12
+    assert list((tmp_path / "journal").iterdir()) == []
+    if killed._pool is not None:
+        await killed._pool.close()

@@ -3,10 +3,7 @@ the ledger writer's queue, spool and batches, and upstream latency."""
 
 from __future__ import annotations
 
-import secrets
 import time
-from collections.abc import Iterator
-from decimal import Decimal
 
 import httpx
 import openai
@@ -14,26 +11,17 @@ import pytest
 from openai.types.chat import ChatCompletionMessageParam
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import Meterline, Upstream, start_meterline
-from tests.reliability import add_price, meterline_settings, new_customer, own_database
+from tests.conftest import Meterline
+from tests.reliability import METRICS_MODEL, new_customer, wait_for_fresh_window
 from tests.support import Database
 
-MODEL = f"meta-llama/metrics-{secrets.token_hex(3)}"
+MODEL = METRICS_MODEL
 HELLO: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Count me"}]
 
 
-@pytest.fixture(scope="module")
-def server(
-    postgres_server: str,
-    template_database: str,
-    upstream: Upstream,
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[Meterline]:
-    with own_database(postgres_server, template_database) as url:
-        add_price(Database(url), MODEL, Decimal("2"))
-        workdir = tmp_path_factory.mktemp("metrics")
-        with start_meterline(url, upstream, workdir, **meterline_settings()) as m:
-            yield m
+@pytest.fixture
+def server(reliability_server: Meterline) -> Meterline:
+    return reliability_server
 
 
 def scrape(m: Meterline) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -103,6 +91,7 @@ def test_requests_tokens_and_cost_by_model_and_status(server: Meterline) -> None
 def test_limit_refusals_are_counted(server: Meterline) -> None:
     _, _, key = new_customer(server.url, tier="custom", rate_limit_rpm=1)
     client = openai.OpenAI(base_url=server.v1, api_key=key, max_retries=0)
+    wait_for_fresh_window()
     before = value(scrape(server), "meterline_limit_refusals_total", kind="requests")
     refused = 0
     for _ in range(3):

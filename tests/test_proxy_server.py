@@ -17,8 +17,8 @@ import pytest
 
 from service.ledger.record import LedgerRecord, new_request_id
 from service.ledger.spool import Spool
-from tests.conftest import Meterline, Upstream, providers_yaml, start_meterline
-from tests.support import Database, free_port
+from tests.conftest import Meterline, Upstream, meterline_env, providers_yaml, start_meterline
+from tests.support import Database, free_port, running
 from tests.test_proxy import HELLO, PRICED, account_rows, ledger_row
 
 
@@ -192,3 +192,34 @@ def test_start_up_replays_the_spool_and_shutdown_drains_the_queue(
     # The context exit sent SIGTERM and waited for the process.
     assert db.fetchval("SELECT count(*) FROM usage_ledger WHERE account_id = $1", customer) == 30
     assert spool.pending() == []
+
+
+def test_sigkill_loses_only_requests_in_flight(
+    database_url: str, upstream: Upstream, tmp_path: Path, db: Database
+) -> None:
+    """Answered requests whose records were still in memory (the writer would only flush in
+    a minute) are in the ledger after a SIGKILL and a restart: the journal kept them."""
+    slow_flush = {
+        "METERLINE_LEDGER_FLUSH_INTERVAL_S": "60",
+        "METERLINE_LEDGER_BATCH_SIZE": "100000",
+    }
+    providers = tmp_path / "providers.yaml"
+    providers.write_text(providers_yaml(upstream))
+    env = {**meterline_env(database_url, tmp_path / "data", providers), **slow_flush}
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with running(["serve", "--port", str(port)], f"{url}/healthz", env=env) as process:
+        server = Meterline(url, database_url, tmp_path / "data", tmp_path / "unused.log")
+        account_id, key = server.customer()
+        client = openai.OpenAI(base_url=server.v1, api_key=key, max_retries=0)
+        for _ in range(25):
+            client.chat.completions.create(model=PRICED, messages=HELLO)
+        assert (
+            db.fetchval("SELECT count(*) FROM usage_ledger WHERE account_id = $1", account_id) == 0
+        )
+        process.kill()
+        process.wait()
+    with running(["serve", "--port", str(port)], f"{url}/healthz", env=env):
+        rows = account_rows(db, account_id, 25)
+    assert len(rows) == 25
+    assert all(r["status_code"] == 200 and r["total_tokens"] > 0 for r in rows)

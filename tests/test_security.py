@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -24,28 +23,17 @@ from starlette.testclient import TestClient
 
 from service.app import create_app
 from service.settings import Settings
-from tests.conftest import PROVIDER_KEY, Meterline, Upstream, start_meterline
-from tests.reliability import admin, meterline_settings, new_customer, own_database
+from tests.conftest import PROVIDER_KEY, Meterline
+from tests.reliability import admin, new_customer
 from tests.support import Database
 
 MODEL = "meta-llama/Llama-3.3-70B-Instruct"
 HELLO: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Hello"}]
 
 
-@pytest.fixture(scope="module")
-def server(
-    postgres_server: str,
-    template_database: str,
-    upstream: Upstream,
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[Meterline]:
-    with own_database(postgres_server, template_database) as url:
-        workdir = tmp_path_factory.mktemp("security")
-        # Debug logging: the most a log ever says must still say no secret.
-        with start_meterline(
-            url, upstream, workdir, **meterline_settings(METERLINE_LOG_LEVEL="debug")
-        ) as m:
-            yield m
+@pytest.fixture
+def server(reliability_server: Meterline) -> Meterline:
+    return reliability_server
 
 
 class _Seen(Protocol):

@@ -253,7 +253,7 @@ def test_a_revoked_key_is_refused_by_the_proxy_at_once(meterline: Meterline) -> 
     assert _ask(client)
     with meterline.admin() as admin:
         assert admin.delete(f"/billing/keys/{key_id}").status_code == 200
-    # No waiting for a cache refresh: the revocation's NOTIFY reached the proxy.
+    # No waiting for a cache refresh: the very next request is refused.
     with pytest.raises(openai.AuthenticationError):
         _ask(client)
 

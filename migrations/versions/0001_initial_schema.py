@@ -196,8 +196,39 @@ def upgrade() -> None:
         "usage_ledger",
         ["account_id", "occurred_at"],
         unique=False,
-        postgresql_where=sa.text("cost_usd IS NULL"),
+        postgresql_where=sa.text("price_version_id IS NULL OR cost_usd IS NULL"),
     )
+    op.create_table(
+        "usage_rollup",
+        sa.Column("period", sa.String(length=7), nullable=False),
+        sa.Column("account_id", sa.UUID(), nullable=False),
+        sa.Column("kind", sa.String(length=16), nullable=False),
+        sa.Column("requested_model", sa.String(length=256), nullable=False),
+        sa.Column("price_version_id", sa.BigInteger(), nullable=False),
+        sa.Column("task_id", sa.String(length=128), nullable=False),
+        sa.Column("requests", sa.BigInteger(), nullable=False),
+        sa.Column("prompt_tokens", sa.BigInteger(), nullable=False),
+        sa.Column("completion_tokens", sa.BigInteger(), nullable=False),
+        sa.Column("cached_tokens", sa.BigInteger(), nullable=False),
+        sa.Column("cost_usd", sa.Numeric(precision=30, scale=12), nullable=False),
+        sa.PrimaryKeyConstraint(
+            "period",
+            "account_id",
+            "kind",
+            "requested_model",
+            "price_version_id",
+            "task_id",
+            name=op.f("pk_usage_rollup"),
+        ),
+    )
+    op.create_table(
+        "usage_rollup_state",
+        sa.Column("id", sa.SmallInteger(), autoincrement=False, nullable=False),
+        sa.Column("rolled_up_to", sa.DateTime(timezone=True), nullable=False),
+        sa.CheckConstraint("id = 1", name=op.f("ck_usage_rollup_state_single_row")),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_usage_rollup_state")),
+    )
+    op.execute("INSERT INTO usage_rollup_state (id, rolled_up_to) VALUES (1, '1970-01-01T00:00:00Z')")
     op.create_table(
         "api_keys",
         sa.Column("id", sa.UUID(), server_default=sa.text("gen_random_uuid()"), nullable=False),
@@ -488,10 +519,12 @@ def downgrade() -> None:
     op.drop_table("invoices")
     op.drop_index("ix_api_keys_account_id", table_name="api_keys")
     op.drop_table("api_keys")
+    op.drop_table("usage_rollup_state")
+    op.drop_table("usage_rollup")
     op.drop_index(
         "ix_usage_ledger_unpriced",
         table_name="usage_ledger",
-        postgresql_where=sa.text("cost_usd IS NULL"),
+        postgresql_where=sa.text("price_version_id IS NULL OR cost_usd IS NULL"),
     )
     op.drop_index("ix_usage_ledger_recorded_at", table_name="usage_ledger", postgresql_using="brin")
     op.drop_index(

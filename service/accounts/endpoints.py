@@ -3,7 +3,7 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from fastapi import APIRouter, status
+from fastapi import APIRouter, Request, status
 
 from service.accounts import service
 from service.accounts.schemas import (
@@ -17,6 +17,7 @@ from service.accounts.schemas import (
 from service.auth.principal import Admin, Caller
 from service.db.session import Session
 from service.errors import ErrorBody
+from service.runtime import get_runtime
 from service.schemas import CursorParam, Limit, Page
 
 ERRORS: dict[int | str, dict[str, Any]] = {
@@ -88,6 +89,14 @@ async def list_keys(
 
 
 @router.delete("/keys/{key_id}", response_model=KeyOut, responses=FORBIDDEN)
-async def revoke_key(key_id: uuid.UUID, session: Session, caller: Caller) -> KeyOut:
+async def revoke_key(
+    key_id: uuid.UUID, request: Request, session: Session, caller: Caller
+) -> KeyOut:
     """Revoke a key (admin). Idempotent; the proxy refuses the key from this response on."""
-    return await service.revoke_key(session, caller, key_id)
+    key = await service.revoke_key(session, caller, key_id)
+    # Every worker drops the key when the NOTIFY sent in this transaction reaches it. This
+    # worker does not wait for its own copy: once the revocation is durable it forgets the
+    # key itself, so a client's next request here is refused however loaded the host is.
+    await session.commit()
+    get_runtime(request).keys.revoke(key.id)
+    return key

@@ -134,13 +134,14 @@ class UsageRecord(Base):
             postgresql_where=text("task_id IS NOT NULL"),
         ),
         Index("ix_usage_ledger_recorded_at", "recorded_at", postgresql_using="brin"),
-        # Rows stored without a price: few, found by invoices and the unpriced-usage report.
-        # Partial, so priced rows (nearly all) cost the ledger's ingest nothing here.
+        # Rows stored without a price (or version): few, found by invoices and the
+        # unpriced-usage report; all others are summed by `usage_rollup`. Partial, so priced
+        # rows (nearly all) cost the ledger's ingest nothing here.
         Index(
             "ix_usage_ledger_unpriced",
             "account_id",
             "occurred_at",
-            postgresql_where=text("cost_usd IS NULL"),
+            postgresql_where=text("price_version_id IS NULL OR cost_usd IS NULL"),
         ),
         CheckConstraint("usage_source IN ('upstream', 'estimated', 'none')", name="usage_source"),
         CheckConstraint("kind IN ('usage', 'adjustment')", name="kind"),
@@ -376,6 +377,46 @@ class InvoiceUsageWindow(Base):
     # NULL: from the beginning of time.
     recorded_after: Mapped[UTCDateTime | None]
     recorded_until: Mapped[UTCDateTime]
+
+
+class UsageRollup(Base):
+    """Priced ledger rows summed per account, usage month, kind, model, version and task.
+
+    Holds exactly the rows with a price version and a cost recorded up to
+    `usage_rollup_state.rolled_up_to`, added by a background job that reads the ledger (the
+    ledger's ingest never touches it). An invoice sums these few rows plus the ledger rows
+    recorded since, instead of a month of ledger rows. `task_id` is '' outside tasks.
+    """
+
+    __tablename__ = "usage_rollup"
+    __table_args__ = (
+        PrimaryKeyConstraint(
+            "period", "account_id", "kind", "requested_model", "price_version_id", "task_id"
+        ),
+    )
+
+    period: Mapped[str] = mapped_column(String(7))
+    account_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True))
+    kind: Mapped[str] = mapped_column(String(16))
+    requested_model: Mapped[str] = mapped_column(String(256))
+    price_version_id: Mapped[int] = mapped_column(BigInteger)
+    task_id: Mapped[str] = mapped_column(String(128))
+    requests: Mapped[int] = mapped_column(BigInteger)
+    prompt_tokens: Mapped[int] = mapped_column(BigInteger)
+    completion_tokens: Mapped[int] = mapped_column(BigInteger)
+    # Clamped per row to [0, prompt_tokens], as priced (`pricing.cost.countable_cached_tokens`).
+    cached_tokens: Mapped[int] = mapped_column(BigInteger)
+    cost_usd: Mapped[Decimal] = mapped_column(Numeric(30, 12))
+
+
+class UsageRollupState(Base):
+    """One row: `usage_rollup` holds the priced rows recorded up to `rolled_up_to`."""
+
+    __tablename__ = "usage_rollup_state"
+    __table_args__ = (CheckConstraint("id = 1", name="single_row"),)
+
+    id: Mapped[int] = mapped_column(SmallInteger, primary_key=True, autoincrement=False)
+    rolled_up_to: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
 class InvoiceNumberCounter(Base):

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import asyncpg
 
+from service.ledger.journal import Journal
 from service.ledger.record import LedgerRecord
 from service.ledger.repository import LedgerRepository
 from service.ledger.spool import Spool
@@ -50,6 +51,7 @@ class LedgerWriter:
     ) -> None:
         self._dsn = dsn
         self.spool = Spool(spool_dir)
+        self.journal = Journal(spool_dir / "journal")
         self.batch_size = batch_size
         self.flush_interval_s = flush_interval_s
         self.queue_max = queue_max
@@ -80,6 +82,7 @@ class LedgerWriter:
 
     def submit(self, record: LedgerRecord) -> None:
         """Hand a record over; never blocks, never fails, never touches the database."""
+        self.journal.append(record)  # survives a killed process from here on
         queue = self._queue
         queue.append(record)
         if len(queue) >= self.batch_size:
@@ -97,6 +100,8 @@ class LedgerWriter:
         task.add_done_callback(self._spilling.discard)
 
     async def start(self) -> None:
+        await asyncio.to_thread(self.journal.recover_into, self.spool.directory, True)
+        self.journal.open()
         await asyncio.to_thread(self.spool.recover_orphans, True)
         self._update_spool_stats()
         with contextlib.suppress(Exception):
@@ -127,6 +132,8 @@ class LedgerWriter:
                 await self._write(batch)
             else:
                 await self._spool(batch)
+        # Everything is in Postgres or the spool: the journal has nothing left to guard.
+        self.journal.close()
         if self._pool is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._pool.close(), 5)
@@ -166,6 +173,11 @@ class LedgerWriter:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), self.flush_interval_s)
             self._wake.clear()
+            if not self._queue:
+                continue
+            # Records submitted from now on go to a new journal segment; the old one goes
+            # once everything taken below is in Postgres or the spool.
+            segment = self.journal.rotate()
             while self._queue:
                 if len(self._writing) >= _CONCURRENT_WRITES:
                     await asyncio.wait(self._writing, return_when=asyncio.FIRST_COMPLETED)
@@ -173,6 +185,9 @@ class LedgerWriter:
                 task = asyncio.create_task(self._write(self._take()))
                 self._writing.add(task)
                 task.add_done_callback(self._writing.discard)
+            if self._writing or self._spilling:
+                await asyncio.wait({*self._writing, *self._spilling})
+            self.journal.discard(segment)
 
     async def _write(self, batch: list[LedgerRecord]) -> None:
         if not batch:
@@ -223,6 +238,8 @@ class LedgerWriter:
                 if time.monotonic() - last_orphan_check > _ORPHANS_EVERY_S:
                     last_orphan_check = time.monotonic()
                     await asyncio.to_thread(self.spool.recover_orphans)
+                    # A worker killed while the others run: its journal is theirs to replay.
+                    await asyncio.to_thread(self.journal.recover_into, self.spool.directory, False)
                 await asyncio.to_thread(self._update_spool_stats)
                 if self.spool_files:
                     await self._replay_all()

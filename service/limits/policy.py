@@ -35,7 +35,8 @@ def from_nano(amount: int) -> Decimal:
 
 
 def month_of(at: datetime) -> str:
-    return f"{at.astimezone(UTC):%Y-%m}"
+    at = at.astimezone(UTC)
+    return f"{at.year:04d}-{at.month:02d}"
 
 
 def month_bounds(month: str) -> tuple[datetime, datetime]:

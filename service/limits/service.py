@@ -34,6 +34,7 @@ from service.limits.cache import LimitsCache
 from service.limits.policy import (
     AppliedLimits,
     BudgetExhausted,
+    KeyLimits,
     Limit,
     applied_limits,
     budget_error,
@@ -86,6 +87,27 @@ def _counter(limit: Limit, what: str) -> str:
     return f"{limit.scope}:{limit.owner}:{what}"
 
 
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """What admission does for one key's limits, worked out once (not per request)."""
+
+    applied: AppliedLimits
+    requests: tuple[Charge, ...]  # one request each
+    token_counters: tuple[str, ...]
+
+    @classmethod
+    def of(cls, applied: AppliedLimits) -> _Plan:
+        return cls(
+            applied,
+            tuple(Charge(_counter(lim, "requests"), lim.limit, 1) for lim in applied.requests),
+            tuple(_counter(lim, "tokens") for lim in applied.tokens),
+        )
+
+
+# Distinct limit settings remembered; past it the memo starts over (keys come and go).
+_PLANS_MAX = 100_000
+
+
 def _tightest(charges: Sequence[Charge], counts: Sequence[int]) -> tuple[int, int] | None:
     """(limit, remaining) of the charge with the least left."""
     pairs = [(c.limit, max(c.limit - n, 0)) for c, n in zip(charges, counts, strict=True)]
@@ -126,6 +148,7 @@ class Limits:
         self.budgets = budgets
         self._redis = redis
         self.cache = LimitsCache(engine, settings.key_cache_refresh_s)
+        self._plans: dict[KeyLimits, _Plan] = {}
         self._budgeted: dict[str, _Budgeted] = {}
         self._synced: set[str] = set()
         self._syncing: dict[str, asyncio.Task[None]] = {}
@@ -184,7 +207,13 @@ class Limits:
     ) -> Grant:
         """Count the request and hold its worst-case cost, or raise a 429."""
         reservation = reservation or uuid.uuid4().hex
-        applied = applied_limits(self.settings, await self.cache.get(key_id, account_id))
+        row = await self.cache.get(key_id, account_id)
+        plan = self._plans.get(row)
+        if plan is None:
+            if len(self._plans) >= _PLANS_MAX:
+                self._plans.clear()
+            plan = self._plans[row] = _Plan.of(applied_limits(self.settings, row))
+        applied = plan.applied
         if applied.empty:
             return Grant(reservation)
         now = now or datetime.now(UTC)
@@ -199,26 +228,31 @@ class Limits:
                 price = self._prices.book.price_for(model, now)
                 cost = to_nano_up(estimate.worst_case_cost(price, prompt, completion))
         try:
-            return await self._admit(applied, reservation, account_id, tokens, cost, now)
+            return await self._admit(plan, reservation, account_id, tokens, cost, now)
         except (RedisError, OSError) as exc:
             self._store_failed("admit", exc)
             return Grant(reservation)
 
     async def _admit(
         self,
-        applied: AppliedLimits,
+        plan: _Plan,
         reservation: str,
         account_id: uuid.UUID,
         tokens: int,
         cost: int,
         now: datetime,
     ) -> Grant:
-        requests = [Charge(_counter(lim, "requests"), lim.limit, 1) for lim in applied.requests]
-        by_tokens = [Charge(_counter(lim, "tokens"), lim.limit, tokens) for lim in applied.tokens]
+        applied = plan.applied
+        requests = list(plan.requests)
+        by_tokens = [
+            Charge(counter, lim.limit, tokens)
+            for counter, lim in zip(plan.token_counters, applied.tokens, strict=True)
+        ]
         result = await self._count(applied, requests, by_tokens, now)
-        month = month_of(now)
-        budget_counters = tuple(_counter(lim, month) for lim in applied.budgets)
+        budget_counters: tuple[str, ...] = ()
         if applied.budgets:
+            month = month_of(now)
+            budget_counters = tuple(_counter(lim, month) for lim in applied.budgets)
             try:
                 await self._hold(
                     applied.budgets, budget_counters, account_id, month, cost, reservation

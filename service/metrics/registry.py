@@ -13,7 +13,9 @@ distinct names the rest are counted as `other`.
 from __future__ import annotations
 
 import os
+from collections import defaultdict
 from decimal import Decimal
+from typing import Any
 
 from prometheus_client import (
     REGISTRY,
@@ -111,6 +113,16 @@ def model_label(model: str | None) -> str:
     return "other"
 
 
+# Counts of finished requests gather here and reach Prometheus' values once a second
+# (`flush`, from the sampler): a dict update per request instead of several writes to
+# the memory-mapped files of the multiprocess mode.
+_requests: dict[tuple[str, str, str], int] = defaultdict(int)
+_tokens: dict[tuple[str, str], int] = defaultdict(int)
+_cost: dict[str, Decimal] = defaultdict(Decimal)
+_latency: dict[str, Any] = {}
+_first_token: dict[str, Any] = {}
+
+
 def observe_request(
     *,
     endpoint: str,
@@ -127,7 +139,7 @@ def observe_request(
 ) -> None:
     """Count one finished request from its ledger record."""
     label = model_label(model)
-    REQUESTS.labels(endpoint, label, str(status)).inc()
+    _requests[(endpoint, label, str(status))] += 1
     for kind, count in (
         ("prompt", prompt_tokens),
         ("completion", completion_tokens),
@@ -135,15 +147,32 @@ def observe_request(
         ("reasoning", reasoning_tokens),
     ):
         if count > 0:
-            TOKENS.labels(label, kind).inc(count)
+            _tokens[(label, kind)] += count
     if cost_usd is not None and cost_usd > 0:
-        # Prometheus samples are floats; the exact amount is the ledger's.
-        COST.labels(label).inc(float(cost_usd))
+        _cost[label] += cost_usd
     name = provider or "none"
     if latency_ms is not None:
-        UPSTREAM_LATENCY.labels(name).observe(latency_ms / 1000)
+        histogram = _latency.get(name) or _latency.setdefault(name, UPSTREAM_LATENCY.labels(name))
+        histogram.observe(latency_ms / 1000)
     if ttft_ms is not None:
-        TIME_TO_FIRST_TOKEN.labels(name).observe(ttft_ms / 1000)
+        histogram = _first_token.get(name) or _first_token.setdefault(
+            name, TIME_TO_FIRST_TOKEN.labels(name)
+        )
+        histogram.observe(ttft_ms / 1000)
+
+
+def flush() -> None:
+    """Move the gathered request counts into the exported values."""
+    for labels, count in list(_requests.items()):
+        REQUESTS.labels(*labels).inc(count)
+    _requests.clear()
+    for (model, kind), count in list(_tokens.items()):
+        TOKENS.labels(model, kind).inc(count)
+    _tokens.clear()
+    for model, amount in list(_cost.items()):
+        # Prometheus samples are floats; the exact amount is the ledger's.
+        COST.labels(model).inc(float(amount))
+    _cost.clear()
 
 
 def exposition() -> bytes:

@@ -1,8 +1,8 @@
 """Feed the metrics from the running parts: each finished request, and the ledger writer.
 
 Requests are counted by a settlement hook of the proxy (one call per ledger record, after
-the response is sent). The writer's queue, spool and row counts are sampled every second
-by each worker, which is what Prometheus' per-worker files need.
+the response is sent) and flushed to the exported values every second, when each worker
+also samples the writer's queue, spool and row counts.
 """
 
 from __future__ import annotations
@@ -56,6 +56,7 @@ class LedgerSampler:
         self._task: asyncio.Task[None] | None = None
 
     def sample(self) -> None:
+        registry.flush()
         writer = self._writer
         registry.QUEUE_DEPTH.set(writer.queue_depth)
         registry.SPOOL_FILES.set(writer.spool_files)

@@ -544,7 +544,8 @@ class MeteringProxy:
                     ],
                 }
             )
-            async for piece in response.content.iter_any():
+            content = response.content
+            while piece := await content.readany():  # whatever arrived: no buffering
                 out = meter.feed(piece)
                 if out:
                     if ttft_ms is None:

@@ -1,0 +1,87 @@
+"""The journal: every record appended to a file the moment it is made, before the response.
+
+The in-memory queue is lost if the process is killed (SIGKILL, OOM) before the writer's
+next flush; the journal is not: a write to the page cache outlives the process. Each
+process appends to its own segment; once every record of a segment is in Postgres or in
+the spool, the segment is deleted. At the next start, segments left by dead processes
+are moved into the spool and replayed, and replaying rows already stored changes
+nothing (`ON CONFLICT DO NOTHING`). No fsync: this guards against a killed process, the
+spool's fsync guards against a crashed machine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from pathlib import Path
+
+from service.ledger.record import LedgerRecord
+from service.ledger.spool import SUFFIX, _pid_alive
+
+log = logging.getLogger("meterline.ledger")
+
+JOURNAL_SUFFIX = ".journal"
+
+
+class Journal:
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+        self._fd = -1
+        self._path: Path | None = None
+        self._failed = False
+
+    def open(self) -> None:
+        name = f"{time.time_ns():020d}-{os.getpid()}{JOURNAL_SUFFIX}"
+        self._path = self.directory / name
+        self._fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+
+    def append(self, record: LedgerRecord) -> None:
+        """One write(2) of one line; a full disk must not fail the request, only be logged."""
+        try:
+            os.write(self._fd, record.to_json() + b"\n")
+        except OSError as exc:
+            if not self._failed:
+                self._failed = True
+                log.error("event=journal_write_failed error=%s", exc)
+
+    def rotate(self) -> Path | None:
+        """Start a new segment; the old one is returned, to be discarded once durable."""
+        old, fd = self._path, self._fd
+        self.open()
+        if fd >= 0:
+            os.close(fd)
+        return old
+
+    def discard(self, segment: Path | None) -> None:
+        if segment is not None:
+            segment.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        """Everything is durable elsewhere (graceful shutdown): drop this process's segments."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        for path in self.directory.glob(f"*-{os.getpid()}{JOURNAL_SUFFIX}"):
+            path.unlink(missing_ok=True)
+
+    def recover_into(self, spool_dir: Path, at_start: bool) -> int:
+        """Move segments of dead processes into the spool (to be replayed); how many."""
+        moved = 0
+        me = os.getpid()
+        for path in self.directory.glob(f"*{JOURNAL_SUFFIX}"):
+            pid = path.name[: -len(JOURNAL_SUFFIX)].rsplit("-", 1)[-1]
+            if not pid.isdigit():
+                continue
+            stale = (at_start and int(pid) == me) or (int(pid) != me and not _pid_alive(int(pid)))
+            if not stale:
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                if path.stat().st_size == 0:
+                    path.unlink()
+                    continue
+                os.rename(path, spool_dir / f"{path.name[: -len(JOURNAL_SUFFIX)]}-j{SUFFIX}")
+                moved += 1
+        return moved
