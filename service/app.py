@@ -21,7 +21,7 @@ from service.logs import configure_logging
 from service.margin.endpoints import router as margin_router
 from service.metrics.endpoints import router as metrics_router
 from service.prices.endpoints import router as prices_router
-from service.proxy.endpoints import ProxyFastPath
+from service.proxy.endpoints import install_fast_path
 from service.proxy.endpoints import routes as proxy_routes
 from service.quotes.endpoints import router as quotes_router
 from service.reports.endpoints import router as reports_router
@@ -93,8 +93,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         responses={400: {"model": ErrorBody, "description": "Malformed request"}},
     )
     install_error_handlers(app)
-    # Added before CORS so that CORS, when configured, still wraps the proxy.
-    app.add_middleware(ProxyFastPath)
+    # The proxy's endpoints skip FastAPI's middleware (CORS, when configured, still wraps them).
+    install_fast_path(app, behind_cors=bool(settings.cors_origins))
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,

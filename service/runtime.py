@@ -11,6 +11,7 @@ from starlette.requests import Request
 from service.auth.key_cache import KeyCache
 from service.db.engine import asyncpg_dsn, create_engine, session_factory
 from service.db.partitions import around, ensure_partitions
+from service.invoices.rollup import RollupJob
 from service.ledger.writer import LedgerWriter
 from service.limits.service import Limits
 from service.metrics.sampler import LedgerSampler, observe_settlement
@@ -42,6 +43,8 @@ class Runtime:
     metrics: LedgerSampler
     # Tasks: the in-memory view refusing requests on completed or capped tasks (admission).
     tasks: TaskGuard
+    # Folds newly recorded ledger rows into the usage rollup that invoices read.
+    rollup: RollupJob
 
     @classmethod
     async def start(cls, settings: Settings) -> Runtime:
@@ -71,6 +74,8 @@ class Runtime:
         # task's cost is counted before any other hook yields to the next request.
         parts["hooks"].admission.insert(0, tasks.admit)
         parts["hooks"].settlement.insert(0, tasks.settle)
+        rollup = RollupJob(sessions, settings.usage_rollup_interval_s)
+        rollup.start()
         return cls(
             settings=settings,
             engine=engine,
@@ -79,6 +84,7 @@ class Runtime:
             limits=limits,
             metrics=metrics,
             tasks=tasks,
+            rollup=rollup,
             **parts,
         )
 
@@ -90,6 +96,7 @@ class Runtime:
         await self.ledger.close()
         await self.metrics.stop()
         await self.tasks.stop()
+        await self.rollup.stop()
         await self.prices.stop()
         await self.engine.dispose()
 

@@ -52,6 +52,8 @@ class Settings(BaseSettings):
     # task's history cost is still settled from late ledger rows.
     task_guard_refresh_s: float = 2.0
     task_settle_window_s: float = 600.0
+    # Invoices: how often newly recorded usage is folded into the rollup (0: never).
+    usage_rollup_interval_s: float = 60.0
 
     # Limits. Per-minute tier defaults (None = unlimited); an account's or key's own
     # rate_limit_rpm / rate_limit_tpm overrides them.

@@ -27,10 +27,14 @@ class Principal:
     def is_admin(self) -> bool:
         return self.account_id is None
 
-    def require_account(self, account_id: uuid.UUID) -> None:
-        """A customer sees only its own account; anything else does not exist for it."""
+    def require_account(self, account_id: uuid.UUID, missing: NotFound | None = None) -> None:
+        """A customer sees only its own account; anything else does not exist for it.
+
+        Pass the very error raised for a missing object as `missing`, so a customer cannot tell
+        another account's object from one that does not exist.
+        """
         if not self.is_admin and account_id != self.account_id:
-            raise NotFound("not found")
+            raise missing or NotFound("not found")
 
     def scope(self, account_id: uuid.UUID | None) -> uuid.UUID | None:
         """The account a query is limited to: the caller's own, or the admin's choice."""

@@ -14,6 +14,7 @@ from service.db.engine import transaction
 from service.errors import MeterlineError
 from service.invoices import service
 from service.invoices.repository import InvoiceRepository
+from service.invoices.rollup import RollUp, roll_up
 from service.invoices.schemas import GenerateSummary, InvoiceOut, invoice_out
 from service.prices.cli import run_in_transaction, run_with_database
 
@@ -173,3 +174,19 @@ def unpriced(
             rows,
             ["account_id", "model", "requests", "requests_priced_now", "requests_without_price"],
         )
+
+
+@invoices_app.command("rollup")
+def rollup() -> None:
+    """Fold the ledger rows recorded since the last time into the usage rollup now (the
+    server does it every METERLINE_USAGE_ROLLUP_INTERVAL_S seconds)."""
+
+    async def work(session: AsyncSession) -> RollUp | None:
+        return await roll_up(session)
+
+    done = run_in_transaction(work)
+    assert done is not None
+    err.print(
+        f"rolled up {done.rows:,} ledger rows recorded up to {done.until.isoformat()}"
+        f" in {done.seconds:.1f} s"
+    )

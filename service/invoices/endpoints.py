@@ -93,7 +93,7 @@ async def list_invoices(
 async def get_invoice(invoice_id: uuid.UUID, session: Session, caller: Caller) -> InvoiceOut:
     """One invoice with its lines. A customer key reads only its own account's."""
     invoice = await service.get(session, invoice_id)
-    caller.require_account(invoice.account_id)
+    caller.require_account(invoice.account_id, service.invoice_not_found(invoice_id))
     return invoice_out(invoice)
 
 

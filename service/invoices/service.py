@@ -19,6 +19,7 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from pricing.invoice import (
+    BilledWindow,
     BillingPeriod,
     FailedTaskPolicy,
     InvoiceDraft,
@@ -70,27 +71,55 @@ async def _price_book(session: AsyncSession) -> PriceBook:
     return PriceBook(await PriceRepository(session).all_prices())
 
 
-def _selections(
+@dataclass
+class _Reads:
+    """What to read for each account's invoice, and the windows it will bill."""
+
+    own: list[Selection] = field(default_factory=list)
+    late: list[Selection] = field(default_factory=list)
+    # Accounts whose own month is read from the rollup (plus the ledger since its watermark).
+    from_rollup: list[uuid.UUID] = field(default_factory=list)
+    windows: dict[uuid.UUID, list[Selection]] = field(default_factory=dict)
+
+
+def _reads(
     period: BillingPeriod,
     accounts: Sequence[uuid.UUID],
     cutoff: datetime,
-    billed: dict[uuid.UUID, dict[str, list[Any]]],
+    rolled_up_to: datetime,
+    billed: dict[uuid.UUID, dict[str, list[BilledWindow]]],
     closed: dict[uuid.UUID, set[str]],
-) -> tuple[list[Selection], list[Selection]]:
-    """What each account's invoice bills: its own period, and late usage of closed periods."""
-    own: list[Selection] = []
-    late: list[Selection] = []
+) -> _Reads:
+    """What each account's invoice bills: its own period, and late usage of closed periods.
+
+    The usual own window, everything recorded up to the cutoff, is read from the rollup
+    (rows recorded up to its watermark) plus the ledger: the rows the rollup leaves out, and
+    the rows recorded since its watermark. Any other window is read from the ledger.
+    """
+    reads = _Reads()
+    label = str(period)
     for account in accounts:
         account_billed = billed.get(account, {})
-        for window in uncovered_windows(cutoff, account_billed.get(str(period), [])):
-            own.append(Selection(account, str(period), period.start, period.end, window))
+        windows = [
+            Selection(account, label, period.start, period.end, window)
+            for window in uncovered_windows(cutoff, account_billed.get(label, []))
+        ]
+        reads.windows[account] = list(windows)
+        usual = [s.window for s in windows] == [BilledWindow(None, cutoff)]
+        if usual and rolled_up_to <= cutoff:
+            reads.from_rollup.append(account)
+            month = (account, label, period.start, period.end)
+            windows = [Selection(*month, BilledWindow(None, rolled_up_to), unrolled_only=True)]
+            if rolled_up_to < cutoff:
+                windows.append(Selection(*month, BilledWindow(rolled_up_to, cutoff)))
+        reads.own += windows
         for earlier in sorted(closed.get(account, set())):
             past = BillingPeriod.parse(earlier)
             if past >= period:
                 continue
             for window in uncovered_windows(cutoff, account_billed.get(earlier, [])):
-                late.append(Selection(account, earlier, past.start, past.end, window))
-    return own, late
+                reads.late.append(Selection(account, earlier, past.start, past.end, window))
+    return reads
 
 
 def _segments(book: PriceBook, sums: Sequence[UsageSum]) -> dict[str, list[PriceSegment]]:
@@ -173,10 +202,16 @@ async def compute_invoices(
     accounts = sorted(policies)
     await repository.tune_for_aggregation()
     cutoff = await repository.usage_cutoff()
+    rolled_up_to = await repository.rolled_up_to()
     billed = await repository.billed_windows(accounts)
     closed = await repository.finalized_periods(accounts)
-    own, late = _selections(period, accounts, cutoff, billed, closed)
-    sums = await repository.usage_sums(own) + await repository.usage_sums(late)
+    reads = _reads(period, accounts, cutoff, rolled_up_to, billed, closed)
+    own, late = reads.own, reads.late
+    sums = (
+        await repository.usage_sums(own)
+        + await repository.usage_sums(late)
+        + await repository.rollup_sums(reads.from_rollup, str(period))
+    )
 
     counts = await repository.quoted_task_counts(accounts, period.start, period.end)
     at_cost = sorted(
@@ -217,6 +252,9 @@ async def compute_invoices(
         late_with_rows.add((s.account_id, s.bucket[0]))
     tasks = _task_groups(counts, failed, by_id, segments, period)
 
+    late_by_account: dict[uuid.UUID, list[Selection]] = {}
+    for selection in late:
+        late_by_account.setdefault(selection.account_id, []).append(selection)
     computed = {}
     for account in accounts:
         draft = build_invoice(
@@ -226,8 +264,9 @@ async def compute_invoices(
         )
         # A late window that held no row need not be kept: rows recorded up to the cutoff
         # are all visible now, so it can never hold one later.
-        windows = [s for s in own if s.account_id == account] + [
-            s for s in late if s.account_id == account and (account, s.period) in late_with_rows
+        windows = reads.windows[account]
+        windows += [
+            s for s in late_by_account.get(account, []) if (account, s.period) in late_with_rows
         ]
         computed[account] = ComputedInvoice(draft, cutoff, windows)
     return computed
@@ -379,10 +418,14 @@ async def generate_one(
     return await get(session, invoice_id), invoice_id in result.created
 
 
+def invoice_not_found(invoice_id: uuid.UUID) -> NotFound:
+    return NotFound(f"invoice {invoice_id} not found", param="invoice_id")
+
+
 async def get(session: AsyncSession, invoice_id: uuid.UUID) -> Invoice:
     invoice = await InvoiceRepository(session).get(invoice_id)
     if invoice is None:
-        raise NotFound(f"invoice {invoice_id} not found")
+        raise invoice_not_found(invoice_id)
     return invoice
 
 
@@ -392,11 +435,11 @@ async def _locked(
     """The invoice, read after its account is locked; and the account's task policy."""
     account = await repository.account_of(invoice_id)
     if account is None:
-        raise NotFound(f"invoice {invoice_id} not found")
+        raise invoice_not_found(invoice_id)
     policies = await repository.lock_accounts([account])
     invoice = await repository.get(invoice_id)
     if invoice is None or account not in policies:
-        raise NotFound(f"invoice {invoice_id} not found")
+        raise invoice_not_found(invoice_id)
     return invoice, policies
 
 

@@ -8,6 +8,7 @@ import uuid
 from dataclasses import dataclass, fields
 from datetime import datetime
 from decimal import Decimal
+from operator import attrgetter
 from typing import Any
 
 import orjson
@@ -52,7 +53,8 @@ class LedgerRecord:
     kind: str = "usage"
 
     def as_row(self) -> tuple[Any, ...]:
-        return tuple(getattr(self, name) for name in COLUMNS)
+        row: tuple[Any, ...] = _ROW(self)
+        return row
 
     def to_json(self) -> bytes:
         # orjson writes the dataclass, UUIDs and datetimes itself (it is on the hot path:
@@ -73,3 +75,5 @@ class LedgerRecord:
 
 
 COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(LedgerRecord))
+# One C call instead of 24 getattr: the writer builds a row per request.
+_ROW = attrgetter(*COLUMNS)

@@ -8,10 +8,17 @@ measurable share of a pass-through's time); the routes below keep 405s and the l
 
 from __future__ import annotations
 
-from starlette.routing import BaseRoute, Route
-from starlette.types import ASGIApp, Receive, Scope, Send
+import logging
 
+import orjson
+from starlette.applications import Starlette
+from starlette.routing import BaseRoute, Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.errors import error_body
 from service.proxy.service import MeteringProxy
+
+log = logging.getLogger("meterline.proxy")
 
 
 def _proxy(scope: Scope) -> MeteringProxy:
@@ -52,7 +59,12 @@ _FAST: dict[tuple[str, str], ASGIApp] = {
 
 
 class ProxyFastPath:
-    """ASGI middleware: the proxy's endpoints skip the rest of the stack."""
+    """ASGI middleware: the proxy's endpoints skip the rest of the stack.
+
+    Outermost (see `install_fast_path`), it also stands in for the server-error
+    middleware it skips: an unexpected failure is logged and answered with a 500 in
+    OpenAI's shape, never a bare traceback.
+    """
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -61,6 +73,49 @@ class ProxyFastPath:
         if scope["type"] == "http":
             handler = _FAST.get((scope["method"], scope["path"]))
             if handler is not None:
-                await handler(scope, receive, send)
+                await self._guarded(handler, scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+    @staticmethod
+    async def _guarded(handler: ASGIApp, scope: Scope, receive: Receive, send: Send) -> None:
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = True
+            await send(message)
+
+        try:
+            await handler(scope, receive, tracking_send)
+        except Exception:
+            log.exception("event=unhandled_error path=%s", scope["path"])
+            if not started:
+                body = orjson.dumps(error_body("internal error", "server_error", "internal_error"))
+                await send(
+                    {
+                        "type": "http.response.start",
+                        "status": 500,
+                        "headers": [
+                            (b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode()),
+                        ],
+                    }
+                )
+                await send({"type": "http.response.body", "body": body})
+
+
+def install_fast_path(app: Starlette, behind_cors: bool) -> None:
+    """Put `ProxyFastPath` in front of the whole middleware stack (FastAPI's telemetry,
+    body limit and error handling cost a measurable share of a pass-through's time).
+    With CORS configured it goes inside the CORS middleware instead, which must see
+    every response."""
+    if behind_cors:
+        app.add_middleware(ProxyFastPath)
+        return
+    build = app.build_middleware_stack
+
+    def build_with_fast_path() -> ASGIApp:
+        return ProxyFastPath(build())
+
+    app.build_middleware_stack = build_with_fast_path  # type: ignore[method-assign]

@@ -161,9 +161,10 @@ async def create_quote(
 async def get_quote(session: AsyncSession, caller: Principal, quote_id: uuid.UUID) -> QuoteOut:
     repository = QuoteRepository(session)
     quote = await repository.get(quote_id)
+    missing = NotFound(f"quote {quote_id} not found", param="quote_id")
     if quote is None:
-        raise NotFound(f"quote {quote_id} not found", param="quote_id")
-    caller.require_account(quote.account_id)
+        raise missing
+    caller.require_account(quote.account_id, missing)
     return quote_out(quote, await repository.task_of(quote.id))
 
 
@@ -177,9 +178,10 @@ async def accept_quote(
 ) -> TaskOut:
     repository = QuoteRepository(session)
     quote = await repository.get(quote_id, for_update=True)
+    missing = NotFound(f"quote {quote_id} not found", param="quote_id")
     if quote is None:
-        raise NotFound(f"quote {quote_id} not found", param="quote_id")
-    caller.require_account(quote.account_id)
+        raise missing
+    caller.require_account(quote.account_id, missing)
     if quote.accepted_at is not None:
         raise Conflict(
             f"quote {quote_id} was already accepted (task {await repository.task_of(quote.id)!r})",

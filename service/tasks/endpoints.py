@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Path, Query, Request
@@ -11,7 +10,7 @@ from service.auth.principal import Caller
 from service.db.session import Session
 from service.errors import ErrorBody
 from service.runtime import get_runtime
-from service.schemas import CursorParam, Limit, Page, as_utc
+from service.schemas import CursorParam, Limit, Page, UTCTime
 from service.tasks import service
 from service.tasks.guard import TaskGuard
 from service.tasks.repository import TaskFilter
@@ -52,8 +51,8 @@ async def list_tasks(
     task_type: Annotated[str | None, Query(max_length=128, pattern=_LABEL)] = None,
     model: Annotated[str | None, Query(max_length=256, pattern=_LABEL)] = None,
     quoted: Annotated[bool | None, Query(description="Only tasks with (or without) quote.")] = None,
-    completed_from: Annotated[datetime | None, Query(description="RFC 3339, inclusive.")] = None,
-    completed_to: Annotated[datetime | None, Query(description="RFC 3339, exclusive.")] = None,
+    completed_from: Annotated[UTCTime | None, Query(description="RFC 3339, inclusive.")] = None,
+    completed_to: Annotated[UTCTime | None, Query(description="RFC 3339, exclusive.")] = None,
     limit: Limit = 50,
     cursor: CursorParam = None,
 ) -> Page[TaskOut]:
@@ -64,8 +63,8 @@ async def list_tasks(
         task_type=task_type,
         model=model,
         quoted=quoted,
-        completed_from=as_utc(completed_from) if completed_from else None,
-        completed_to=as_utc(completed_to) if completed_to else None,
+        completed_from=completed_from,
+        completed_to=completed_to,
     )
     return await service.list_tasks(session, caller, where, limit, cursor)
 
