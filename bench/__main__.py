@@ -15,6 +15,7 @@ BENCHMARKS: dict[str, str] = {
     "quotes": "bench.quotes",  # history quote latency from 100,000 past tasks
     "export": "bench.export",  # monthly report of 1M ledger rows: rows/s, server peak RSS
     "invoices": "bench.invoices",  # every account's invoice for a month of 5M ledger rows
+    "limits": "bench.limits",  # cost of rate limits and budgets, in process vs Redis
 }
 
 

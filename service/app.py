@@ -17,6 +17,7 @@ from service.accounts.endpoints import router as accounts_router
 from service.errors import ErrorBody, MeterlineError, error_body
 from service.health.endpoints import router as health_router
 from service.invoices.endpoints import router as invoices_router
+from service.limits.body import BodySizeLimit
 from service.logs import configure_logging
 from service.margin.endpoints import router as margin_router
 from service.metrics.endpoints import router as metrics_router
@@ -55,7 +56,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(
+            exc.status_code, "http_error"
+        )
         return JSONResponse(
             error_body(str(exc.detail), "invalid_request_error", code),
             status_code=exc.status_code,
@@ -95,6 +98,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     # The proxy's endpoints skip FastAPI's middleware (CORS, when configured, still wraps them).
     install_fast_path(app, behind_cors=bool(settings.cors_origins))
+    # The billing API's bodies are bounded like the proxy's (inside CORS: a 413 keeps them).
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_body_bytes)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,

@@ -340,3 +340,41 @@ def test_bad_input_left_the_ledger_untouched(server: Meterline, ledger_before: d
     db = Database(server.database_url)
     rows = db.fetch("SELECT status_code FROM usage_ledger WHERE occurred_at >= $1", ledger_before)
     assert [r["status_code"] for r in rows] == [200, 200]
+
+
+def test_non_ascii_credentials_on_the_billing_api(server: Meterline) -> None:
+    """Header bytes that are not ASCII are a bad credential, not a crash."""
+    for headers in (
+        [(b"Authorization", "Bearer clé".encode())],
+        [(b"Authorization", "Bearer clé".encode()), (b"X-API-Key", b"other")],
+        [(b"X-API-Key", "clé".encode())],
+    ):
+        response = httpx.get(f"{server.url}/billing/usage", headers=headers)
+        assert response.status_code in (400, 401), (headers, response.status_code)
+        assert_error(response, response.status_code)
+
+
+def test_the_billing_api_refuses_oversized_bodies(server: Meterline) -> None:
+    """Before authentication even: a client cannot make the server buffer any size."""
+    big = b'{"name": "' + b"x" * LIMIT + b'"}'
+    declared = httpx.post(
+        f"{server.url}/billing/accounts",
+        content=big,
+        headers={"Content-Type": "application/json"},
+    )
+    assert_error(declared, 413, "request_too_large")
+
+    def chunks() -> Iterator[bytes]:
+        yield b'{"name": "'
+        for _ in range(2 * LIMIT // 1024):
+            yield b"x" * 1024
+        yield b'"}'
+
+    with admin(server.url) as client:
+        chunked = client.post(
+            "/billing/accounts", content=chunks(), headers={"Content-Type": "application/json"}
+        )
+        assert_error(chunked, 413, "request_too_large")
+        # Just under the limit is an ordinary request (here, a name too long: 422).
+        near = client.post("/billing/accounts", json={"name": "x" * (LIMIT - 100)})
+        assert_error(near, 422)

@@ -25,6 +25,8 @@ from pricing.cost import TokenUsage, usage_cost
 from pricing.invoice import BillingPeriod
 from pricing.money import round_cents
 from pricing.prices import Price
+from service.db.engine import create_engine, session_factory, transaction
+from service.invoices.rollup import roll_up
 from tests.conftest import Meterline, Upstream, _clone, _with_database, start_meterline
 from tests.support import Database
 
@@ -137,6 +139,21 @@ class Billing:
 
         asyncio.run(run())
 
+    def roll_up(self) -> int:
+        """What the server's background job does every minute: returns the rows added."""
+
+        async def run() -> int:
+            engine = create_engine(self.db.url, pool_size=1)
+            try:
+                async with transaction(session_factory(engine)) as session:
+                    done = await roll_up(session)
+                assert done is not None
+                return done.rows
+            finally:
+                await engine.dispose()
+
+        return asyncio.run(run())
+
     def generate(self, account_id: uuid.UUID, period: BillingPeriod, status: int = 201) -> Any:
         response = self.admin.post(
             "/billing/invoices", json={"account_id": str(account_id), "period": str(period)}
@@ -165,7 +182,12 @@ def billing(
     admin, name = _clone(postgres_server, template_database)
     url = _with_database(postgres_server, name)
     try:
-        with start_meterline(url, upstream, tmp_path_factory.mktemp("invoices")) as server:
+        # No background roll-up: tests roll up when they mean to, so each reads what it
+        # expects (the rollup and the ledger alone must give the same invoices).
+        workdir = tmp_path_factory.mktemp("invoices")
+        with start_meterline(
+            url, upstream, workdir, METERLINE_USAGE_ROLLUP_INTERVAL_S="0"
+        ) as server:
             billing = Billing(server, Database(url))
             yield billing
             billing.admin.close()
@@ -591,3 +613,43 @@ def test_invoices_are_listed_newest_month_first_in_pages(billing: Billing) -> No
         "/billing/invoices", params={"account_id": str(account), "status": "finalized"}
     ).json()
     assert drafts["data"] == []
+
+
+def test_invoices_read_from_the_rollup_are_the_ledgers_to_the_cent(billing: Billing) -> None:
+    period = month(-11)
+    model = unique("rollup/")
+    price = billing.price(model, "0.7", "2.1", period.start, cached="0.07")
+    account = billing.account()
+    at = period.start + timedelta(days=4)
+    _quoted_task(billing, account, "fixed", "succeeded", at + timedelta(hours=1), "0.50", model)
+    priced = [
+        Row(account, model, at + timedelta(minutes=i), 900 + i, 40 + i, cached=300, price=price)
+        for i in range(20)
+    ]
+    in_task = [Row(account, model, at, 5000, 5000, price=price, task_id="fixed")]
+    unpriced = [Row(account, unique("norollup/"), at, 1000, 1000)]
+    billing.insert(*priced, *in_task, *unpriced)
+    from_ledger = billing.generate(account, period)
+
+    assert billing.roll_up() >= len(priced) + len(in_task)
+    assert billing.roll_up() == 0  # nothing new since
+    from_rollup = billing.generate(account, period, status=200)
+    assert from_rollup["lines"] == from_ledger["lines"]
+    assert from_rollup["unpriced_usage"] == from_ledger["unpriced_usage"] != []
+    rolled = billing.db.fetch(
+        "SELECT task_id, requests, cached_tokens, cost_usd FROM usage_rollup"
+        " WHERE account_id = $1 ORDER BY task_id",
+        account,
+    )
+    assert [(r["task_id"], r["requests"]) for r in rolled] == [("", 20), ("fixed", 1)]
+    assert rolled[0]["cost_usd"] == sum(r.cost_at(price) for r in priced)
+
+    # Rows recorded after the roll-up are read from the ledger, beside the rollup.
+    later = [Row(account, model, at + timedelta(days=1), 123, 456, price=price)]
+    billing.insert(*later)
+    refreshed = billing.generate(account, period, status=200)
+    (tokens,) = lines(refreshed, "tokens")
+    assert tokens["quantity"] == len(priced) + len(later)
+    assert Decimal(tokens["amount_exact_usd"]) == sum(r.cost_at(price) for r in [*priced, *later])
+    assert tokens["cached_tokens"] == 300 * len(priced)
+    assert [x["amount_usd"] for x in lines(refreshed, "task")] == ["0.50"]

@@ -212,7 +212,7 @@ async def test_postgres_outage_while_running_loses_nothing(
 
 def test_a_spool_file_is_claimed_by_one_worker_only(tmp_path: Path) -> None:
     spool = Spool(tmp_path)
-    path = spool.write([record(uuid.uuid4())])
+    path = spool.write([record(uuid.uuid4()).to_json()])
     first = spool.claim(path)
     assert first is not None and spool.claim(path) is None  # already taken
     assert spool.pending() == []
@@ -229,7 +229,9 @@ def test_an_interrupted_spool_write_keeps_its_complete_lines(tmp_path: Path) -> 
     (tmp_path / "00000000000000000001-999999999-000000.jsonl.999999999.tmp").write_bytes(torn)
     assert spool.recover_orphans(at_start=True) == 1
     [path] = spool.pending()
-    assert [r.request_id for r in Spool.read(path)] == [r.request_id for r in records]
+    assert [LedgerRecord.from_json(line).request_id for line in Spool.read(path)] == [
+        r.request_id for r in records
+    ]
 
 
 @pytest.mark.parametrize("cost", [None, Decimal("0"), Decimal("1.000000000001")])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import time
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -18,7 +19,8 @@ import pytest
 from redis.asyncio import Redis
 
 from service.limits import estimate
-from service.limits.budgets import BudgetStore, Hold, MemoryBudgetStore, RedisBudgetStore
+from service.limits.budgets import Hold, HoldResult
+from service.limits.counters import Counters, MemoryCounters, RedisCounters
 from service.limits.policy import (
     KeyLimits,
     Limit,
@@ -29,8 +31,9 @@ from service.limits.policy import (
     to_nano_down,
     to_nano_up,
 )
-from service.limits.ratelimit import Charge, MemoryRateLimiter, RateLimiter, RedisRateLimiter
+from service.limits.ratelimit import Charge, WindowResult
 from service.settings import Settings
+from tests.support import free_port
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -70,23 +73,59 @@ async def redis_clients() -> AsyncIterator[list[Redis]]:
         await client.aclose()
 
 
-@pytest.fixture(params=["memory", "redis"])
-def limiters(request: pytest.FixtureRequest) -> list[RateLimiter]:
-    """Limiters that share counters: one in memory, or four Redis clients."""
-    if request.param == "memory":
-        return [MemoryRateLimiter()]
-    prefix = request.getfixturevalue("redis_prefix")
-    clients = request.getfixturevalue("redis_clients")
-    return [RedisRateLimiter(client, prefix) for client in clients]
+class Windows:
+    """The rate-limit half of a `Counters`, as the tests below drive it."""
+
+    def __init__(self, counters: Counters) -> None:
+        self.counters = counters
+
+    async def hit(self, charges: list[Charge], now: float) -> WindowResult:
+        return (await self.counters.admit(charges, [], "r", 60, now)).window
+
+    async def adjust(self, counter: str, window: int, delta: int) -> None:
+        await self.counters.settle(window, [(counter, delta)], [], "r", 0)
+        await self.counters.flush()
+
+
+class Budgets:
+    """The budget half of a `Counters`."""
+
+    def __init__(self, counters: Counters) -> None:
+        self.counters = counters
+
+    async def reserve(self, holds: list[Hold], reservation: str, ttl_s: float) -> HoldResult:
+        admitted = await self.counters.admit([], holds, reservation, ttl_s, time.time())
+        return admitted.budget
+
+    async def settle(self, budgets: list[str], reservation: str, cost: int) -> None:
+        await self.counters.settle(0, [], budgets, reservation, cost)
+        await self.counters.flush()
+
+    async def sync(self, budget: str, ledger_spent: int) -> None:
+        await self.counters.sync(budget, ledger_spent)
+
+    async def state(self, budget: str) -> tuple[int, int]:
+        return await self.counters.state(budget)
 
 
 @pytest.fixture(params=["memory", "redis"])
-def budget_stores(request: pytest.FixtureRequest) -> list[BudgetStore]:
+def shared_counters(request: pytest.FixtureRequest) -> list[Counters]:
+    """Counters seen by several callers: one in memory, or four Redis clients."""
     if request.param == "memory":
-        return [MemoryBudgetStore()]
+        return [MemoryCounters()]
     prefix = request.getfixturevalue("redis_prefix")
     clients = request.getfixturevalue("redis_clients")
-    return [RedisBudgetStore(client, prefix) for client in clients]
+    return [RedisCounters(client, prefix) for client in clients]
+
+
+@pytest.fixture
+def limiters(shared_counters: list[Counters]) -> list[Windows]:
+    return [Windows(c) for c in shared_counters]
+
+
+@pytest.fixture
+def budget_stores(shared_counters: list[Counters]) -> list[Budgets]:
+    return [Budgets(c) for c in shared_counters]
 
 
 # A moment well inside a window, so a test never straddles two.
@@ -94,7 +133,7 @@ NOW = 1_800_000_000.0 + 5
 
 
 async def test_exactly_the_limit_is_admitted_under_concurrency(
-    limiters: list[RateLimiter],
+    limiters: list[Windows],
 ) -> None:
     charge = [Charge("account:a:requests", 60, 1)]
     results = await asyncio.gather(
@@ -106,7 +145,7 @@ async def test_exactly_the_limit_is_admitted_under_concurrency(
     assert all(r.refused == 0 and r.counts == (60,) for r in results if not r.allowed)
 
 
-async def test_a_new_window_starts_from_zero(limiters: list[RateLimiter]) -> None:
+async def test_a_new_window_starts_from_zero(limiters: list[Windows]) -> None:
     limiter = limiters[0]
     charge = [Charge("account:b:requests", 2, 1)]
     assert (await limiter.hit(charge, NOW)).allowed
@@ -118,7 +157,7 @@ async def test_a_new_window_starts_from_zero(limiters: list[RateLimiter]) -> Non
 
 
 async def test_a_request_refused_by_one_limit_counts_in_none(
-    limiters: list[RateLimiter],
+    limiters: list[Windows],
 ) -> None:
     limiter = limiters[0]
     account = Charge("account:c:requests", 100, 1)
@@ -131,7 +170,7 @@ async def test_a_request_refused_by_one_limit_counts_in_none(
     assert after.counts == (2,)
 
 
-async def test_token_windows_are_corrected_to_real_usage(limiters: list[RateLimiter]) -> None:
+async def test_token_windows_are_corrected_to_real_usage(limiters: list[Windows]) -> None:
     limiter = limiters[0]
     tokens = Charge("account:d:tokens", 1000, 800)
     first = await limiter.hit([tokens], NOW)
@@ -143,7 +182,7 @@ async def test_token_windows_are_corrected_to_real_usage(limiters: list[RateLimi
 
 
 async def test_a_budget_that_fits_ten_admits_ten_of_a_hundred(
-    budget_stores: list[BudgetStore],
+    budget_stores: list[Budgets],
 ) -> None:
     hold = [Hold("account:e:2026-07", limit=10_000, amount=1_000)]
     results = await asyncio.gather(
@@ -165,7 +204,7 @@ async def test_a_budget_that_fits_ten_admits_ten_of_a_hundred(
 
 
 async def test_an_exhausted_budget_refuses_even_a_free_request(
-    budget_stores: list[BudgetStore],
+    budget_stores: list[Budgets],
 ) -> None:
     store = budget_stores[0]
     counter = "account:f:2026-07"
@@ -175,7 +214,7 @@ async def test_an_exhausted_budget_refuses_even_a_free_request(
     assert (refused.spent, refused.reserved) == (5_000, 0)
 
 
-async def test_both_budgets_are_charged_or_neither(budget_stores: list[BudgetStore]) -> None:
+async def test_both_budgets_are_charged_or_neither(budget_stores: list[Budgets]) -> None:
     store = budget_stores[0]
     account, key = "account:g:2026-07", "key:g:2026-07"
     holds = [Hold(account, 10_000, 3_000), Hold(key, 4_000, 3_000)]
@@ -186,7 +225,7 @@ async def test_both_budgets_are_charged_or_neither(budget_stores: list[BudgetSto
 
 
 async def test_ledger_sync_raises_spend_and_never_lowers_it(
-    budget_stores: list[BudgetStore],
+    budget_stores: list[Budgets],
 ) -> None:
     store = budget_stores[0]
     counter = "account:h:2026-07"
@@ -198,7 +237,7 @@ async def test_ledger_sync_raises_spend_and_never_lowers_it(
     assert await store.state(counter) == (790, 0)
 
 
-async def test_a_reservation_never_settled_expires(budget_stores: list[BudgetStore]) -> None:
+async def test_a_reservation_never_settled_expires(budget_stores: list[Budgets]) -> None:
     store = budget_stores[0]
     counter = "account:i:2026-07"
     assert (await store.reserve([Hold(counter, 1_000, 1_000)], "lost", ttl_s=0.05)).allowed
@@ -279,3 +318,70 @@ def test_the_worst_case_of_a_request() -> None:
     # A huge prompt is extrapolated from a sample, still close to the real count.
     text = "the quick brown fox " * 50_000
     assert estimate.count_text(text) == pytest.approx(200_000, rel=0.05)
+
+
+class _NoPrices:
+    book = None
+
+
+async def test_a_redis_outage_lets_requests_through() -> None:
+    """Counters unreachable: admission fails open (the ledger still records everything)."""
+    from typing import Any, cast
+
+    from service.limits.service import Limits
+    from service.metrics import registry
+
+    dead = Redis.from_url(f"redis://127.0.0.1:{free_port()}/0", socket_connect_timeout=0.2)
+    settings = Settings(tier_basic_rpm=1)
+    limits = Limits(
+        settings,
+        cast(Any, None),  # no database: the limits below are already cached
+        cast(Any, _NoPrices()),
+        RedisCounters(dead, "x:"),
+    )
+    key, account = uuid.uuid4(), uuid.uuid4()
+    limits.cache._by_key[key] = KeyLimits(key, account, "basic")
+    failed = registry.LIMIT_ERRORS.labels("admit")._value.get()
+    skipped = registry.LIMIT_ERRORS.labels("skipped")._value.get()
+    for _ in range(3):  # far past the limit of 1, yet admitted
+        grant = await limits.admit(key_id=key, account_id=account, model="m", body={})
+        assert grant.headers == {}
+    # One attempt failed; the next requests did not wait on Redis again.
+    assert registry.LIMIT_ERRORS.labels("admit")._value.get() == failed + 1
+    assert registry.LIMIT_ERRORS.labels("skipped")._value.get() == skipped + 2
+    await dead.aclose()
+
+
+async def test_a_request_refused_by_its_budget_uses_none_of_its_rate_limit(
+    shared_counters: list[Counters],
+) -> None:
+    counters = shared_counters[0]
+    window = [Charge("account:j:requests", 10, 1)]
+    budget = [Hold("account:j:2026-07", limit=1_000, amount=600)]
+    assert (await counters.admit(window, budget, "r1", 60, NOW)).allowed
+    refused = await counters.admit(window, budget, "r2", 60, NOW)
+    assert refused.window.allowed and refused.budget.refused == 0
+    after = await counters.admit(window, [], "r3", 60, NOW)
+    assert after.window.counts == (2,)  # r1 and r3: the refused r2 counted nowhere
+    assert await counters.state("account:j:2026-07") == (0, 600)
+
+
+async def test_a_burst_larger_than_any_connection_pool_is_counted_exactly(
+    redis_prefix: str,
+) -> None:
+    """A thousand admissions at once share pipelined round trips on a small pool: none fails
+    (a failure would let the request through unlimited), exactly the limit passes."""
+    from redis.asyncio import BlockingConnectionPool
+
+    pool = BlockingConnectionPool.from_url(REDIS_URL, max_connections=4, timeout=5)
+    client = Redis(connection_pool=pool)
+    counters = RedisCounters(client, redis_prefix)
+    charge = [Charge("account:k:requests", 700, 1)]
+    try:
+        results = await asyncio.gather(
+            *(counters.admit(charge, [], f"r{i}", 60, NOW) for i in range(1000))
+        )
+    finally:
+        await client.aclose(close_connection_pool=True)
+    assert sum(r.allowed for r in results) == 700
+    assert sorted(r.window.counts[0] for r in results if r.allowed) == list(range(1, 701))

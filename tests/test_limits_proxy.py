@@ -83,8 +83,14 @@ def test_the_basic_tier_serves_sixty_requests_a_minute(server: Meterline) -> Non
 def test_pro_tier_and_custom_limits_of_accounts_and_keys(server: Meterline) -> None:
     _, _, pro_key = new_customer(server.url, tier="pro")
     pro = openai.OpenAI(base_url=server.v1, api_key=pro_key, max_retries=0)
+    wait_for_fresh_window()
     raw = pro.chat.completions.with_raw_response.create(model=MODEL, messages=HELLO)
     assert raw.headers["x-ratelimit-limit-requests"] == "600"
+    with pro.chat.completions.with_streaming_response.create(
+        model=MODEL, messages=HELLO, stream=True
+    ) as stream:
+        assert stream.headers["x-ratelimit-limit-requests"] == "600"
+        assert int(stream.headers["x-ratelimit-remaining-requests"]) == 598
 
     # An account's own limit replaces its tier's.
     _, _, custom_key = new_customer(server.url, tier="custom", rate_limit_rpm=3)

@@ -238,6 +238,8 @@ def test_invoices_from_the_cli(fresh_database_url: str) -> None:
         account,
         version,
     )
+    rolled = _cli(fresh_database_url, "invoices", "rollup")
+    assert rolled.returncode == 0 and "rolled up 1 ledger rows" in rolled.stderr
     generated = _cli(fresh_database_url, "invoices", "generate", "--period", "2026-02", "--json")
     assert generated.returncode == 0, generated.stderr
     summary = json.loads(generated.stdout)

@@ -527,8 +527,8 @@ def test_revoked_key_is_refused_at_once(meterline: Meterline) -> None:
         created = admin.post(f"/billing/accounts/{account['id']}/keys", json={}).json()
         assert _post(meterline, created["key"], {"model": PRICED, "messages": HELLO}).is_success
         assert admin.delete(f"/billing/keys/{created['id']}").is_success
-    # LISTEN/NOTIFY: well before the periodic reload would have seen it.
-    assert _wait_status(meterline, created["key"], 401, within=1.0) < 1.0
+    # LISTEN/NOTIFY: well before the periodic reload (every 5 s) would have seen it.
+    assert _wait_status(meterline, created["key"], 401, within=2.0) < 2.0
 
 
 def test_revocation_without_notification_is_seen_within_5s(
@@ -541,7 +541,8 @@ def test_revocation_without_notification_is_seen_within_5s(
         "UPDATE api_keys SET revoked_at = now() WHERE account_id = $1",
         uuid.UUID(str(account["id"])),
     )
-    assert _wait_status(meterline, key, 401, within=6.5) < 6.5
+    # The reload every 5 s, plus its query and this loop's requests on a busy machine.
+    assert _wait_status(meterline, key, 401, within=7.0) < 7.0
 
 
 def test_expired_key_is_refused(meterline: Meterline) -> None:
@@ -565,7 +566,7 @@ def test_client_disconnect_mid_stream_is_billed_what_was_generated(
         "model": PRICED,
         "messages": HELLO,
         "stream": True,
-        "mock": {"chunks": 200, "chunk_delay_ms": 20},  # 4 s if read to the end
+        "mock": {"chunks": 400, "chunk_delay_ms": 20},  # 8 s if read to the end
     }
     received = 0
     with httpx.stream(
@@ -581,12 +582,12 @@ def test_client_disconnect_mid_stream_is_billed_what_was_generated(
             if received == 6:  # the role chunk and five words
                 break
     cut_at = time.monotonic()
-    row = ledger_row(db, request_id, timeout=3.0)
-    assert time.monotonic() - cut_at < 2.0  # recorded at the cut, not when the stream ends
+    row = ledger_row(db, request_id, timeout=5.0)
+    assert time.monotonic() - cut_at < 4.0  # recorded at the cut, not when the stream ends
     assert (row["status_code"], row["error_code"]) == (499, "client_disconnected")
     assert row["usage_source"] == "estimated"
     assert row["prompt_tokens"] > 0
-    assert 5 <= row["completion_tokens"] < 50
+    assert 5 <= row["completion_tokens"] < 100  # of 400: the generation stopped at the cut
     assert row["cost_usd"] == Decimal(row["total_tokens"]) * Decimal("0.40") / 1_000_000
 
 

@@ -173,8 +173,8 @@ def test_start_up_replays_the_spool_and_shutdown_drains_the_queue(
     account_id = uuid.uuid4()
     spool = Spool(tmp_path / "data" / "spool")
     left = [_spooled_record(account_id) for _ in range(5)]
-    spool.write(left[:3])
-    claimed_by_dead = spool.claim(spool.write(left[3:]))
+    spool.write([r.to_json() for r in left[:3]])
+    claimed_by_dead = spool.claim(spool.write([r.to_json() for r in left[3:]]))
     assert claimed_by_dead is not None
     os.rename(claimed_by_dead, str(claimed_by_dead).rsplit("-", 1)[0] + "-999999999")
 

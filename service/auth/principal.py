@@ -57,7 +57,8 @@ def presented_credential(request: Request) -> str | None:
             raise Unauthorized("Authorization header must be 'Bearer <key>'")
         bearer = value.strip()
     header_key = request.headers.get("x-api-key")
-    if bearer and header_key and not hmac.compare_digest(bearer, header_key):
+    # Bytes: compare_digest refuses str with non-ASCII characters (a header may carry any).
+    if bearer and header_key and not hmac.compare_digest(bearer.encode(), header_key.encode()):
         raise BadRequest(
             "Authorization and X-API-Key carry different keys; send one",
             code="conflicting_credentials",

@@ -1,12 +1,14 @@
 """Every invoice query: the ledger summed in SQL, tasks counted, invoices read and written.
 
-The ledger is never read row by row here. Usage is summed per (account, period, ledger kind,
-model, price version) by one GROUP BY over the rows an invoice bills, which are chosen by
-joining the ledger to a small table of `recorded_at` windows (one per account and usage
-period, see `pricing.invoice`), with `occurred_at` bounded by constants so Postgres prunes
-the monthly partitions. Rows stored without a price are summed a second time, cut by the
-spans of the price timeline of their model, so each span is priced by the version then in
-force.
+The ledger is never read row by row here. A month's usage is summed per (account, ledger
+kind, model, price version) from `usage_rollup` (the priced rows recorded up to its
+watermark, kept by a background job) plus the ledger rows the rollup does not hold: those
+recorded since its watermark and those without a price. Any other window (late usage, a
+month invoiced again after a void) is summed from the ledger, joined to a small table of
+`recorded_at` windows (see `pricing.invoice`). `occurred_at` is always bounded by
+constants, so Postgres prunes the monthly partitions. Rows stored without a price are
+summed a second time, cut by the spans of their model's price timeline, so each span is
+priced by the version then in force. Rows of quoted tasks are never billed as tokens.
 """
 
 from __future__ import annotations
@@ -370,7 +372,9 @@ class InvoiceRepository:
         recorded before another open transaction began is committed already, but one of a
         transaction still open may carry any later time: the cutoff stops just before the
         oldest open client transaction of this database (ours excepted). Only the backend
-        status snapshot taken first in a transaction is fresh, hence the clear.
+        status snapshot taken first in a transaction is fresh, hence the clear. Meterline's
+        role sees its own sessions' transactions (the ledger writer's included); sessions of
+        other roles count only if it may read all statistics (pg_read_all_stats).
         """
         await self.session.execute(text("SELECT pg_stat_clear_snapshot()"))
         cutoff: datetime = (
@@ -535,9 +539,9 @@ class InvoiceRepository:
         until = await self.usage_cutoff()
         if until <= since:
             return since, since, 0
-        added: int = (
-            await self.session.execute(ROLL_UP, {"since": since, "until": until})
-        ).scalar_one()
+        added = int(
+            (await self.session.execute(ROLL_UP, {"since": since, "until": until})).scalar_one()
+        )
         await self.session.execute(
             update(UsageRollupState).where(UsageRollupState.id == 1).values(rolled_up_to=until)
         )

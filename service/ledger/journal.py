@@ -17,7 +17,6 @@ import os
 import time
 from pathlib import Path
 
-from service.ledger.record import LedgerRecord
 from service.ledger.spool import SUFFIX, _pid_alive
 
 log = logging.getLogger("meterline.ledger")
@@ -38,10 +37,11 @@ class Journal:
         self._path = self.directory / name
         self._fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
 
-    def append(self, record: LedgerRecord) -> None:
-        """One write(2) of one line; a full disk must not fail the request, only be logged."""
+    def append(self, line: bytes) -> None:
+        """One write(2) of one record's JSON line; a full disk must not fail the request,
+        only be logged."""
         try:
-            os.write(self._fd, record.to_json() + b"\n")
+            os.write(self._fd, line + b"\n")
         except OSError as exc:
             if not self._failed:
                 self._failed = True

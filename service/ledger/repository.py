@@ -1,19 +1,21 @@
 """The ledger's one write: a batch of rows in one idempotent statement.
 
-Each column travels as one array and `unnest` turns the arrays back into rows, so a batch
-of any size is one round trip and one statement; `ON CONFLICT DO NOTHING` on the primary
-key (`request_id`, `occurred_at`) makes replaying a batch, whole or in part, a no-op.
+A batch travels as one JSON array, the records' own JSON lines (made once, when the
+record was journaled) joined with commas, and `json_to_recordset` turns it back into
+typed rows: the proxy's process spends next to nothing encoding a batch, and a batch of
+any size is one round trip. Costs are JSON strings, read by `numeric`'s own input:
+exact. `ON CONFLICT DO NOTHING` on the primary key (`request_id`, `occurred_at`) makes
+replaying a batch, whole or in part, a no-op.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from datetime import datetime
 
 import asyncpg
 
-from service.db.partitions import month_start
-from service.ledger.record import COLUMNS, LedgerRecord
+from service.ledger.record import COLUMNS
 
 _SQL_TYPES = {
     "request_id": "text",
@@ -42,10 +44,11 @@ _SQL_TYPES = {
     "kind": "text",
 }
 
-_ARRAYS = ", ".join(f"${i}::{_SQL_TYPES[c]}[]" for i, c in enumerate(COLUMNS, 1))
+_RECORD_TYPE = ", ".join(f"{c} {_SQL_TYPES[c]}" for c in COLUMNS)
 INSERT_BATCH = (
     f"INSERT INTO usage_ledger ({', '.join(COLUMNS)}) "
-    f"SELECT * FROM unnest({_ARRAYS}) ON CONFLICT DO NOTHING"
+    f"SELECT {', '.join(COLUMNS)} FROM json_to_recordset($1::json) AS r({_RECORD_TYPE}) "
+    "ON CONFLICT DO NOTHING"
 )
 
 
@@ -53,12 +56,18 @@ class LedgerRepository:
     def __init__(self) -> None:
         self._months: set[datetime] = set()  # partitions known to exist
 
-    async def insert(self, connection: asyncpg.Connection, records: Sequence[LedgerRecord]) -> int:
-        """Insert the rows not already present; returns how many were new."""
-        months = {month_start(r.occurred_at) for r in records} - self._months
-        for month in sorted(months):
+    async def insert(
+        self, connection: asyncpg.Connection, lines: Sequence[bytes], months: Iterable[datetime]
+    ) -> int:
+        """Insert the rows (JSON lines) not already present; returns how many were new.
+
+        `months` holds at least the month start of every row's `occurred_at`; their
+        partitions are created first if this process has not seen them yet.
+        """
+        missing = set(months) - self._months
+        for month in sorted(missing):
             await connection.execute("SELECT meterline_ensure_usage_partition($1)", month)
-        columns = [list(c) for c in zip(*(r.as_row() for r in records), strict=True)]
-        status: str = await connection.execute(INSERT_BATCH, *columns)
-        self._months |= months
+        self._months |= missing
+        payload = (b"[" + b",".join(lines) + b"]").decode()
+        status: str = await connection.execute(INSERT_BATCH, payload)
         return int(status.rsplit(" ", 1)[-1])

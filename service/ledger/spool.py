@@ -48,14 +48,14 @@ class Spool:
         self._seq = itertools.count()
         directory.mkdir(parents=True, exist_ok=True)
 
-    def write(self, records: Sequence[LedgerRecord]) -> Path:
-        """Store a batch durably (blocking: call it from a thread)."""
+    def write(self, lines: Sequence[bytes]) -> Path:
+        """Store a batch (the records' JSON lines) durably; blocking: call it from a thread."""
         pid = os.getpid()
         name = f"{time.time_ns():020d}-{pid}-{next(self._seq):06d}{SUFFIX}"
         final = self.directory / name
         partial = self.directory / f"{name}.{pid}.tmp"
         with open(partial, "wb") as out:
-            out.write(b"\n".join(r.to_json() for r in records) + b"\n")
+            out.write(b"\n".join(lines) + b"\n")
             out.flush()
             os.fsync(out.fileno())
         os.rename(partial, final)
@@ -89,17 +89,20 @@ class Spool:
         return target
 
     @staticmethod
-    def read(path: Path) -> list[LedgerRecord]:
-        records = []
+    def read(path: Path) -> list[bytes]:
+        """The batch's JSON lines, each checked to be a whole record."""
+        lines = []
         for line in path.read_bytes().splitlines():
             if not line.strip():
                 continue
             try:
-                records.append(LedgerRecord.from_json(line))
-            except ValueError:
+                LedgerRecord.from_json(line)
+            except (ValueError, TypeError, KeyError):
                 # Only a torn last line of an interrupted write can be unreadable.
                 log.warning("event=spool_line_unreadable file=%s", path.name)
-        return records
+                continue
+            lines.append(line)
+        return lines
 
     def recover_orphans(self, at_start: bool = False) -> int:
         """Give back claims of dead processes and finish their interrupted writes.

@@ -1,6 +1,8 @@
 """The ledger writer: records leave the response path through memory and reach Postgres in batches.
 
-`submit` is all a request does (a deque append). A background task takes batches of up
+`submit` is all a request does: the record's JSON line is appended to the journal and to
+an in-memory queue; that line is all the rest of the path handles (the batch insert,
+the spool, the replay). A background task takes batches of up
 to `batch_size` records, at least every `flush_interval` seconds, and inserts each in one
 idempotent statement. When Postgres fails, the batch goes to the durable spool instead and
 the server keeps serving; a second task replays spooled batches once Postgres answers
@@ -15,12 +17,13 @@ import contextlib
 import logging
 import time
 from collections import deque
+from datetime import datetime
 from pathlib import Path
 
 import asyncpg
 
 from service.ledger.journal import Journal
-from service.ledger.record import LedgerRecord
+from service.ledger.record import LedgerRecord, month_of, months_of
 from service.ledger.repository import LedgerRepository
 from service.ledger.spool import Spool
 from service.metrics import registry as metrics
@@ -55,7 +58,8 @@ class LedgerWriter:
         self.batch_size = batch_size
         self.flush_interval_s = flush_interval_s
         self.queue_max = queue_max
-        self._queue: deque[LedgerRecord] = deque()
+        self._queue: deque[bytes] = deque()  # records as JSON lines
+        self._months: dict[tuple[int, int], datetime] = {}  # partition months submitted
         self._wake = asyncio.Event()
         self._repository = LedgerRepository()
         self._pool: asyncpg.Pool | None = None
@@ -82,9 +86,13 @@ class LedgerWriter:
 
     def submit(self, record: LedgerRecord) -> None:
         """Hand a record over; never blocks, never fails, never touches the database."""
-        self.journal.append(record)  # survives a killed process from here on
+        line = record.to_json()
+        self.journal.append(line)  # survives a killed process from here on
+        at = record.occurred_at
+        if (at.year, at.month) not in self._months:
+            self._months[(at.year, at.month)] = month_of(at)
         queue = self._queue
-        queue.append(record)
+        queue.append(line)
         if len(queue) >= self.batch_size:
             self._wake.set()
             if len(queue) >= self.queue_max:
@@ -151,7 +159,7 @@ class LedgerWriter:
         if self._writing:
             await asyncio.gather(*self._writing, return_exceptions=True)
 
-    def _take(self) -> list[LedgerRecord]:
+    def _take(self) -> list[bytes]:
         queue = self._queue
         n = min(self.batch_size, len(queue))
         return [queue.popleft() for _ in range(n)]
@@ -189,7 +197,7 @@ class LedgerWriter:
                 await asyncio.wait({*self._writing, *self._spilling})
             self.journal.discard(segment)
 
-    async def _write(self, batch: list[LedgerRecord]) -> None:
+    async def _write(self, batch: list[bytes]) -> None:
         if not batch:
             return
         if self.database_ok:
@@ -197,7 +205,7 @@ class LedgerWriter:
                 pool = await self._connect()
                 started = time.perf_counter()
                 async with pool.acquire() as connection:
-                    await self._repository.insert(connection, batch)
+                    await self._repository.insert(connection, batch, self._months.values())
                 metrics.BATCH_SECONDS.observe(time.perf_counter() - started)
                 self.records_written += len(batch)
                 return
@@ -221,7 +229,7 @@ class LedgerWriter:
                 )
         await self._spool(batch)
 
-    async def _spool(self, batch: list[LedgerRecord]) -> None:
+    async def _spool(self, batch: list[bytes]) -> None:
         path = await asyncio.to_thread(self.spool.write, batch)
         self.records_spooled += len(batch)
         self.spool_files += 1
@@ -262,7 +270,9 @@ class LedgerWriter:
             if records:
                 pool = await self._connect()
                 async with pool.acquire() as connection:
-                    inserted = await self._repository.insert(connection, records)
+                    inserted = await self._repository.insert(
+                        connection, records, months_of(records)
+                    )
             else:
                 inserted = 0
         except _BAD_DATA as exc:

@@ -23,17 +23,18 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.exceptions import RedisError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from service.errors import MeterlineError
 from service.ledger.record import LedgerRecord
 from service.limits import estimate, repository
-from service.limits.budgets import BudgetStore, Hold, MemoryBudgetStore, RedisBudgetStore
+from service.limits.budgets import Hold
 from service.limits.cache import LimitsCache
+from service.limits.counters import Admission, Counters, MemoryCounters, RedisCounters
 from service.limits.policy import (
     AppliedLimits,
-    BudgetExhausted,
     KeyLimits,
     Limit,
     applied_limits,
@@ -44,13 +45,7 @@ from service.limits.policy import (
     rate_error,
     to_nano_up,
 )
-from service.limits.ratelimit import (
-    Charge,
-    MemoryRateLimiter,
-    RateLimiter,
-    RedisRateLimiter,
-    WindowResult,
-)
+from service.limits.ratelimit import Charge, WindowResult
 from service.metrics import registry as metrics
 from service.prices.cache import PriceCache
 from service.proxy.context import ProxyHooks, RequestContext
@@ -61,6 +56,7 @@ log = logging.getLogger("meterline.limits")
 _SYNC_TIMEOUT_S = 2.0
 # Failures of the counter store are logged at most this often (they come per request).
 _LOG_EVERY_S = 10.0
+_STORE_RETRY_S = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,15 +133,13 @@ class Limits:
         settings: Settings,
         engine: AsyncEngine,
         prices: PriceCache,
-        limiter: RateLimiter,
-        budgets: BudgetStore,
+        counters: Counters,
         redis: Redis | None = None,
     ) -> None:
         self.settings = settings
         self._engine = engine
         self._prices = prices
-        self.limiter = limiter
-        self.budgets = budgets
+        self.counters = counters
         self._redis = redis
         self.cache = LimitsCache(engine, settings.key_cache_refresh_s)
         self._plans: dict[KeyLimits, _Plan] = {}
@@ -154,6 +148,7 @@ class Limits:
         self._syncing: dict[str, asyncio.Task[None]] = {}
         self._task: asyncio.Task[None] | None = None
         self._last_failure_log = 0.0
+        self._store_down_until = 0.0
 
     @classmethod
     def create(cls, settings: Settings, engine: AsyncEngine, prices: PriceCache) -> Limits:
@@ -165,18 +160,18 @@ class Limits:
                     "share rate limits and budgets across workers",
                     settings.workers,
                 )
-            return cls(settings, engine, prices, MemoryRateLimiter(), MemoryBudgetStore())
+            return cls(settings, engine, prices, MemoryCounters())
         # Short timeouts: a slow Redis must not hold requests; admission then fails open.
-        redis = Redis.from_url(settings.redis_url, socket_timeout=0.5, socket_connect_timeout=0.5)
-        prefix = settings.redis_prefix
-        return cls(
-            settings,
-            engine,
-            prices,
-            RedisRateLimiter(redis, prefix),
-            RedisBudgetStore(redis, prefix),
-            redis,
+        # A bounded pool that waits for a free connection: a burst must queue, not fail.
+        pool = BlockingConnectionPool.from_url(
+            settings.redis_url,
+            max_connections=16,
+            timeout=0.5,
+            socket_timeout=0.5,
+            socket_connect_timeout=0.5,
         )
+        redis = Redis(connection_pool=pool)
+        return cls(settings, engine, prices, RedisCounters(redis, settings.redis_prefix), redis)
 
     async def start(self) -> None:
         await self.cache.start()
@@ -190,8 +185,12 @@ class Limits:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        try:
+            await self.counters.close()
+        except (RedisError, OSError) as exc:
+            self._store_failed("settle", exc)
         if self._redis is not None:
-            await self._redis.aclose()
+            await self._redis.aclose(close_connection_pool=True)
 
     # -- admission --------------------------------------------------------------------
 
@@ -227,6 +226,9 @@ class Limits:
             if applied.budgets:
                 price = self._prices.book.price_for(model, now)
                 cost = to_nano_up(estimate.worst_case_cost(price, prompt, completion))
+        if time.monotonic() < self._store_down_until:
+            metrics.LIMIT_ERRORS.labels("skipped").inc()
+            return Grant(reservation)
         try:
             return await self._admit(plan, reservation, account_id, tokens, cost, now)
         except (RedisError, OSError) as exc:
@@ -248,74 +250,65 @@ class Limits:
             Charge(counter, lim.limit, tokens)
             for counter, lim in zip(plan.token_counters, applied.tokens, strict=True)
         ]
-        result = await self._count(applied, requests, by_tokens, now)
-        budget_counters: tuple[str, ...] = ()
+        holds: list[Hold] = []
+        month = ""
         if applied.budgets:
             month = month_of(now)
-            budget_counters = tuple(_counter(lim, month) for lim in applied.budgets)
-            try:
-                await self._hold(
-                    applied.budgets, budget_counters, account_id, month, cost, reservation
-                )
-            except BudgetExhausted:
-                # A refused request uses up none of its rate limits.
-                for charge in requests + by_tokens:
-                    await self.limiter.adjust(charge.counter, result.window, -charge.cost)
-                raise
+            holds = [Hold(_counter(lim, month), lim.limit, cost) for lim in applied.budgets]
+            for lim, hold in zip(applied.budgets, holds, strict=True):
+                self._budgeted.setdefault(hold.counter, _Budgeted(lim, account_id, month))
+            await self._ensure_synced(hold.counter for hold in holds)
+        admission = await self.counters.admit(
+            requests + by_tokens,
+            holds,
+            reservation,
+            self.settings.budget_reservation_ttl_s,
+            now.timestamp(),
+        )
+        if not admission.allowed:
+            raise self._refusal(plan, requests, by_tokens, holds, admission, month)
         return Grant(
             reservation=reservation,
-            window=result.window,
+            window=admission.window.window,
             token_counters=tuple(c.counter for c in by_tokens),
             estimated_tokens=tokens,
-            budget_counters=budget_counters,
-            headers=rate_headers(requests, by_tokens, result),
+            budget_counters=tuple(hold.counter for hold in holds),
+            headers=rate_headers(requests, by_tokens, admission.window)
+            if requests or by_tokens
+            else {},
         )
 
-    async def _count(
+    def _refusal(
         self,
-        applied: AppliedLimits,
+        plan: _Plan,
         requests: list[Charge],
         by_tokens: list[Charge],
-        now: datetime,
-    ) -> WindowResult:
-        charges = requests + by_tokens
-        if not charges:
-            return WindowResult(0, 0.0, ())
-        result = await self.limiter.hit(charges, now.timestamp())
-        if result.refused is None:
-            return result
-        index = result.refused
+        holds: list[Hold],
+        admission: Admission,
+        month: str,
+    ) -> MeterlineError:
+        window, budget = admission.window, admission.budget
+        if budget.refused is not None:
+            metrics.LIMIT_REFUSALS.labels("budget").inc()
+            return budget_error(
+                plan.applied.budgets[budget.refused],
+                budget.spent,
+                budget.reserved,
+                holds[budget.refused].amount,
+                month_bounds(month)[1],
+            )
+        index = window.refused
+        assert index is not None
         kind = "requests" if index < len(requests) else "tokens"
         metrics.LIMIT_REFUSALS.labels(kind).inc()
-        limit = (applied.requests + applied.tokens)[index]
-        error = rate_error(kind, limit, result.counts[index], charges[index].cost, result.reset_s)
+        charges = requests + by_tokens
+        limit = (plan.applied.requests + plan.applied.tokens)[index]
+        error = rate_error(kind, limit, window.counts[index], charges[index].cost, window.reset_s)
         error.headers = {
-            **rate_headers(requests, by_tokens, result),
-            "retry-after": str(max(math.ceil(result.reset_s), 1)),
+            **rate_headers(requests, by_tokens, window),
+            "retry-after": str(max(math.ceil(window.reset_s), 1)),
         }
-        raise error
-
-    async def _hold(
-        self,
-        budgets: Sequence[Limit],
-        counters: Sequence[str],
-        account_id: uuid.UUID,
-        month: str,
-        cost: int,
-        reservation: str,
-    ) -> None:
-        for lim, counter in zip(budgets, counters, strict=True):
-            self._budgeted.setdefault(counter, _Budgeted(lim, account_id, month))
-        await self._ensure_synced(counters)
-        holds = [Hold(c, lim.limit, cost) for lim, c in zip(budgets, counters, strict=True)]
-        held = await self.budgets.reserve(
-            holds, reservation, self.settings.budget_reservation_ttl_s
-        )
-        if held.refused is not None:
-            metrics.LIMIT_REFUSALS.labels("budget").inc()
-            raise budget_error(
-                budgets[held.refused], held.spent, held.reserved, cost, month_bounds(month)[1]
-            )
+        return error
 
     # -- the proxy's hooks (service/proxy/context.py) --------------------------------
 
@@ -350,13 +343,16 @@ class Limits:
         """Replace the estimates of an admitted request by what it really used."""
         if not grant.token_counters and not grant.budget_counters:
             return
+        delta = total_tokens - grant.estimated_tokens
+        cost = to_nano_up(cost_usd) if cost_usd is not None and cost_usd > 0 else 0
         try:
-            delta = total_tokens - grant.estimated_tokens
-            for counter in grant.token_counters:
-                await self.limiter.adjust(counter, grant.window, delta)
-            if grant.budget_counters:
-                cost = to_nano_up(cost_usd) if cost_usd is not None and cost_usd > 0 else 0
-                await self.budgets.settle(grant.budget_counters, grant.reservation, cost)
+            await self.counters.settle(
+                grant.window,
+                [(counter, delta) for counter in grant.token_counters],
+                grant.budget_counters,
+                grant.reservation,
+                cost,
+            )
         except (RedisError, OSError) as exc:
             self._store_failed("settle", exc)
 
@@ -367,6 +363,9 @@ class Limits:
     def _store_failed(self, step: str, exc: BaseException) -> None:
         metrics.LIMIT_ERRORS.labels(step).inc()
         now = time.monotonic()
+        # A store that failed is left alone for a moment: requests then pass at once
+        # instead of each waiting for its own timeout against an unreachable Redis.
+        self._store_down_until = now + _STORE_RETRY_S
         if now - self._last_failure_log >= _LOG_EVERY_S:
             self._last_failure_log = now
             log.warning("event=limits_store_failed step=%s error=%s", step, type(exc).__name__)
@@ -414,7 +413,9 @@ class Limits:
                     for item in items:
                         amount = spent.get(item.limit.owner)
                         if amount is not None and amount > 0:
-                            await self.budgets.sync(_counter(item.limit, month), to_nano_up(amount))
+                            await self.counters.sync(
+                                _counter(item.limit, month), to_nano_up(amount)
+                            )
         except Exception as exc:  # the database or Redis may be down; the next resync retries
             log.warning("event=budget_sync_failed error=%s", type(exc).__name__)
 

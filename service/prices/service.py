@@ -100,7 +100,8 @@ async def import_prices(session: AsyncSession, prices: list[Price], source: str)
             conflicts.append(f"{price.model} from {price.effective_from.isoformat()}")
     if conflicts:
         raise Conflict(
-            "a version with other rates already exists for: " + "; ".join(conflicts[:10])
+            "a version with other rates already exists for: "
+            + "; ".join(conflicts[:10])
             + ". Versions are never edited: give the new price a later effective_from",
             code="price_version_exists",
         )

@@ -57,10 +57,6 @@ MAX_TASK_FIELD = 128
 MAX_MODEL = 256
 # Prompts longer than this are counted off the event loop.
 _THREAD_TOKENIZE_CHARS = 50_000
-# Provider headers worth passing on to the client (rate-limit hints); nothing else leaks.
-_PASSED_HEADERS = ("retry-after", "x-ratelimit-")
-
-
 _STREAM_ERRORS = {
     "upstream_timeout": "the provider stopped sending before the stream was complete",
     "upstream_disconnected": "the provider closed the stream before it was complete",
@@ -257,6 +253,7 @@ async def send_error(send: Send, error: MeterlineError, request_id: str | None) 
 def _passed_headers(
     response: aiohttp.ClientResponse, ctx: RequestContext
 ) -> list[tuple[bytes, bytes]]:
+    # Only the provider's rate-limit hints reach the client; nothing else of its headers.
     ours = ctx.response_headers
     out = []
     for name, value in response.raw_headers:
