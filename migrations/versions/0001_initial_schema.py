@@ -228,7 +228,9 @@ def upgrade() -> None:
         sa.CheckConstraint("id = 1", name=op.f("ck_usage_rollup_state_single_row")),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_usage_rollup_state")),
     )
-    op.execute("INSERT INTO usage_rollup_state (id, rolled_up_to) VALUES (1, '1970-01-01T00:00:00Z')")
+    op.execute(
+        "INSERT INTO usage_rollup_state (id, rolled_up_to) VALUES (1, '1970-01-01T00:00:00Z')"
+    )
     op.create_table(
         "api_keys",
         sa.Column("id", sa.UUID(), server_default=sa.text("gen_random_uuid()"), nullable=False),
