@@ -187,6 +187,8 @@ async def test_postgres_outage_while_running_loses_nothing(
     from sqlalchemy.engine import make_url
 
     real = make_url(database_url)
+    if real.host is None or "host" in real.query:
+        pytest.skip("cutting the connection needs Postgres over TCP (the embedded one is a socket)")
     port = free_port()
     relayed = real.set(host="127.0.0.1", port=port).render_as_string(hide_password=False)
     writer = LedgerWriter(asyncpg_dsn(relayed), tmp_path, batch_size=10, flush_interval_s=0.05)
