@@ -1,0 +1,21 @@
+"""Task rules: quotes bind their model; who may report a task's outcome.
+
+Revision ID: 0004
+Revises: 0003
+Create Date: 2026-12-01 09:00:00+00:00
+"""
+
+from collections.abc import Sequence
+
+revision: str = "0004"
+down_revision: str | None = "0003"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+
+def upgrade() -> None:
+    pass
+
+
+def downgrade() -> None:
+    pass
