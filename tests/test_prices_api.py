@@ -268,6 +268,9 @@ def test_a_stream_begun_before_a_new_price_is_priced_by_the_version_of_its_start
     """A stream begun before a new version's `effective_from` and finished after it keeps
     the old price, however many requests at the new price finished in between."""
     model = unique("unpriced/switch-")
+    _, key = meterline.customer()
+    client = openai.OpenAI(base_url=meterline.v1, api_key=key, max_retries=0)
+    messages: Any = [{"role": "user", "content": "Hello"}]
     switch = datetime.now(UTC) + timedelta(seconds=3)
     with meterline.admin() as admin:
         old, new = (
@@ -282,9 +285,6 @@ def test_a_stream_begun_before_a_new_price_is_priced_by_the_version_of_its_start
             ).json()
             for rate, start in (("1", switch - timedelta(hours=1)), ("5", switch))
         )
-    _, key = meterline.customer()
-    client = openai.OpenAI(base_url=meterline.v1, api_key=key, max_retries=0)
-    messages: Any = [{"role": "user", "content": "Hello"}]
     # 40 chunks 100 ms apart: the stream ends about a second after the switch.
     stream = client.chat.completions.create(
         model=model,
