@@ -48,6 +48,7 @@ class PriceBook:
             by_model.setdefault(price.model, []).append(price)
         self._versions = {m: sorted(v, key=lambda p: p.effective_from) for m, v in by_model.items()}
         self._starts = {m: [p.effective_from for p in v] for m, v in self._versions.items()}
+        self._every_start = sorted({start for starts in self._starts.values() for start in starts})
         self._patterns = sorted(
             (m for m, v in self._versions.items() if v[0].is_pattern), key=len, reverse=True
         )
@@ -71,6 +72,17 @@ class PriceBook:
                 if price is not None:
                     return price
         return None
+
+    def unchanged_span(self, at: datetime) -> tuple[datetime | None, datetime | None]:
+        """The span `[start, end)` around `at` in which no version of any model starts.
+
+        No model's price changes within it, so a price looked up at `at` is the price at
+        every instant of the span. None: unbounded on that side.
+        """
+        index = bisect.bisect_right(self._every_start, at)
+        start = self._every_start[index - 1] if index else None
+        end = self._every_start[index] if index < len(self._every_start) else None
+        return start, end
 
     def versions(self) -> list[Price]:
         """Every version, grouped by model or pattern, oldest first within each."""

@@ -169,9 +169,9 @@ class Meterline:
             key: str = response.json()["key"]
             return key
 
-    def customer(self) -> tuple[uuid.UUID, str]:
-        """A new account and a key of it."""
-        account = self.new_account()
+    def customer(self, **fields: object) -> tuple[uuid.UUID, str]:
+        """A new account (with these fields) and a key of it."""
+        account = self.new_account(**fields)
         return uuid.UUID(str(account["id"])), self.new_key(account["id"])
 
 

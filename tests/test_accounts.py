@@ -39,6 +39,7 @@ def test_create_and_read_an_account_with_every_field(meterline: Meterline) -> No
         "monthly_budget_usd": "250.50",
         "quote_margin": "0.35",
         "failed_task_policy": "cost",
+        "customer_reported_outcomes": True,
         "rate_limit_rpm": 600,
         "rate_limit_tpm": 100000,
     }
@@ -55,6 +56,7 @@ def test_create_and_read_an_account_with_every_field(meterline: Meterline) -> No
     assert Decimal(account["monthly_budget_usd"]) == Decimal("250.50")
     assert Decimal(account["quote_margin"]) == Decimal("0.35")
     assert account["failed_task_policy"] == "cost"
+    assert account["customer_reported_outcomes"] is True
     assert (account["rate_limit_rpm"], account["rate_limit_tpm"]) == (600, 100000)
     assert account["created_at"].endswith("Z")
 
@@ -63,6 +65,7 @@ def test_defaults_and_a_zero_budget_stay_plain_decimals(meterline: Meterline) ->
     account = meterline.new_account(monthly_budget_usd="0")
     assert account["tier"] == "basic"
     assert account["failed_task_policy"] == "free"
+    assert account["customer_reported_outcomes"] is False  # outcomes are the operator's
     assert account["quote_margin"] is None
     # A NUMERIC zero must not leak out as "0E-12".
     assert account["monthly_budget_usd"] == "0.000000000000"
@@ -93,6 +96,8 @@ def test_patch_changes_only_the_fields_sent_and_null_clears(meterline: Meterline
         ({"name": None}, "body.name"),
         ({"tier": "gold"}, "body.tier"),
         ({"failed_task_policy": None}, "body.failed_task_policy"),
+        ({"customer_reported_outcomes": None}, "body.customer_reported_outcomes"),
+        ({"customer_reported_outcomes": "sometimes"}, "body.customer_reported_outcomes"),
         ({"monthly_budget_usd": "-1"}, "body.monthly_budget_usd"),
         ({"quote_margin": "abc"}, "body.quote_margin"),
         ({"rate_limit_rpm": 0}, "body.rate_limit_rpm"),
@@ -296,6 +301,13 @@ def test_cli_accounts_and_keys(meterline: Meterline, db: Database) -> None:
     assert account["id"] in {a["id"] for a in json.loads(listed.stdout)}
     shown = _cli(meterline, "accounts", "show", account["id"])
     assert shown.exit_code == 0 and "CLI Co" in shown.stdout
+    for flag, allowed in (
+        ("--customer-reported-outcomes", True),
+        ("--operator-reported-outcomes", False),
+    ):
+        updated = _cli(meterline, "accounts", "update", account["id"], flag, "--json")
+        assert updated.exit_code == 0, updated.output
+        assert json.loads(updated.stdout)["customer_reported_outcomes"] is allowed
 
     key = json.loads(
         _cli(meterline, "keys", "create", account["id"], "--name", "cli", "--json").stdout

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -17,6 +17,7 @@ import pytest
 
 from tests.conftest import Meterline
 from tests.support import Database
+from tests.usage_rows import insert_usage, usage_row
 
 PRICED = "meta-llama/Llama-3.3-70B-Instruct"  # $0.40 / M tokens in and out
 DEAR = "deepseek-ai/DeepSeek-R1-0528"  # $3.00 / M tokens in and out
@@ -77,7 +78,13 @@ class Customer:
         )
 
     def complete(self, task_id: str, outcome: str) -> dict[str, Any]:
-        response = self.api.post(f"/billing/tasks/{task_id}/complete", json={"outcome": outcome})
+        """The operator reports the task's outcome (the default: customers may not)."""
+        with self.meterline.admin() as admin:
+            response = admin.post(
+                f"/billing/tasks/{task_id}/complete",
+                params={"account_id": str(self.account_id)},
+                json={"outcome": outcome},
+            )
         assert response.status_code == 200, response.text
         task: dict[str, Any] = response.json()
         return task
@@ -236,3 +243,141 @@ def test_the_cost_cap_stops_a_runaway_task(meterline: Meterline, db: Database) -
     assert spent >= Decimal("0.03") > spent - per_request
     seen = customer.api.get(f"/billing/tasks/{task['id']}").json()
     assert seen["requests"] == 3 and seen["status"] == "open"
+
+
+def test_by_default_only_the_operator_reports_an_outcome(
+    meterline: Meterline, db: Database
+) -> None:
+    customer = Customer(meterline)
+    task = customer.quoted_task()
+    customer.agent_step(task["id"])
+    ledger_rows(db, customer.account_id, 2, task["id"])
+    # "failed" is free by default: the customer must not be the one to decide it.
+    for outcome in ("failed", "succeeded"):
+        refused = customer.api.post(
+            f"/billing/tasks/{task['id']}/complete", json={"outcome": outcome}
+        )
+        assert refused.status_code == 403, refused.text
+        assert refused.json()["error"]["type"] == "permission_error"
+    # Nothing changed: the task is open and still takes requests.
+    assert customer.api.get(f"/billing/tasks/{task['id']}").json()["status"] == "open"
+    customer.agent_step(task["id"])
+    # Nor can the key give itself the right.
+    patched = customer.api.patch(
+        f"/billing/accounts/{customer.account_id}", json={"customer_reported_outcomes": True}
+    )
+    assert patched.status_code == 403
+    assert customer.complete(task["id"], "succeeded")["status"] == "succeeded"
+    [line] = [line for line in customer.invoice()["lines"] if line["kind"] == "task"]
+    assert Decimal(line["amount_usd"]) == Decimal(task["fixed_price_usd"])
+
+
+def test_an_account_may_let_its_customer_report_outcomes(meterline: Meterline) -> None:
+    customer = Customer(meterline, customer_reported_outcomes=True)
+    first, second = customer.quoted_task(), customer.quoted_task()
+    done = customer.api.post(f"/billing/tasks/{first['id']}/complete", json={"outcome": "failed"})
+    assert done.status_code == 200, done.text
+    assert done.json()["status"] == "failed"
+    # The operator takes the right back: from then on the key is refused again.
+    with meterline.admin() as admin:
+        patched = admin.patch(
+            f"/billing/accounts/{customer.account_id}", json={"customer_reported_outcomes": False}
+        )
+        assert patched.json()["customer_reported_outcomes"] is False
+    late = customer.api.post(f"/billing/tasks/{second['id']}/complete", json={"outcome": "failed"})
+    assert late.status_code == 403
+
+
+def test_a_quoted_task_takes_requests_for_its_quoted_model_only(
+    meterline: Meterline, db: Database
+) -> None:
+    customer = Customer(meterline)
+    task = customer.quoted_task()  # PRICED, $0.01, cap $0.03
+    headers = {"X-Task-Id": task["id"]}
+    messages: list[Any] = [{"role": "user", "content": "work"}]
+    # The attack: an unpriced model under a $0.01 quote, which no cap could ever stop.
+    refused = 0
+    for model in ["unpriced/free-ride"] * 25 + [DEAR]:
+        with pytest.raises(openai.ConflictError) as mismatch:
+            customer.openai.chat.completions.create(
+                model=model, messages=messages, extra_headers=headers
+            )
+        assert mismatch.value.code == "task_model_mismatch"
+        assert mismatch.value.response.headers.get("x-should-retry") == "false"
+        assert PRICED in mismatch.value.message
+        refused += 1
+    assert refused == 26
+    # The quoted model works under the task; the other model works outside it.
+    customer.openai.chat.completions.create(model=PRICED, messages=messages, extra_headers=headers)
+    customer.openai.chat.completions.create(model="unpriced/free-ride", messages=messages)
+    ledger_rows(db, customer.account_id, 2)
+    time.sleep(0.3)  # a refused request would have been flushed by now
+    rows = ledger_rows(db, customer.account_id, 2)
+    assert sorted((r["requested_model"], r["task_id"]) for r in rows) == sorted(
+        [(PRICED, task["id"]), ("unpriced/free-ride", None)]
+    )
+
+
+def test_usage_without_a_price_stops_a_quoted_task_at_its_cap(
+    meterline: Meterline, db: Database
+) -> None:
+    customer = Customer(meterline)
+    task = customer.quoted_task()
+    customer.agent_step(task["id"])
+    # A row another worker stored without a price (its price book had not loaded the
+    # model's price yet): the task's cost can no longer be held to its cap.
+    insert_usage(
+        db, usage_row(customer.account_id, datetime.now(UTC), cost=None, task_id=task["id"])
+    )
+    deadline = time.monotonic() + 10  # the guard reloads every 2 s
+    with pytest.raises(openai.APIStatusError) as stopped:
+        while time.monotonic() < deadline:
+            customer.agent_step(task["id"])
+            time.sleep(0.2)
+    assert stopped.value.status_code == 402
+    assert stopped.value.code == "task_cost_cap_reached"
+    assert "without a price" in stopped.value.message
+
+
+def test_usage_from_before_the_acceptance_is_not_the_quoted_tasks(
+    meterline: Meterline, db: Database
+) -> None:
+    customer = Customer(meterline)
+    task, control = customer.quoted_task(), customer.quoted_task()
+    accepted = datetime.fromisoformat(task["created_at"])
+    customer.openai.chat.completions.create(
+        model=PRICED,
+        messages=[{"role": "user", "content": "hi"}],
+        extra_headers={"X-Task-Id": task["id"]},
+    )
+    [covered] = ledger_rows(db, customer.account_id, 1, task["id"])
+    # A request sent on the task id before the quote was accepted, reaching the ledger
+    # late (from a spool): a dollar of ordinary usage, far past the task's $0.03 cap. The
+    # control task gets the same dollar after its acceptance.
+    insert_usage(
+        db,
+        usage_row(
+            customer.account_id,
+            accepted - timedelta(seconds=1),
+            cost="1.00",
+            model=PRICED,
+            task_id=task["id"],
+        ),
+        usage_row(
+            customer.account_id, datetime.now(UTC), cost="1.00", model=PRICED, task_id=control["id"]
+        ),
+    )
+    deadline = time.monotonic() + 10  # the guard reloads every 2 s: wait until it has
+    with pytest.raises(openai.APIStatusError) as capped:
+        while time.monotonic() < deadline:
+            customer.agent_step(control["id"])
+            time.sleep(0.2)
+    assert capped.value.code == "task_cost_cap_reached"
+    # The same reload left the task under its cap: the early dollar is not its cost.
+    customer.agent_step(task["id"])
+    rows = ledger_rows(db, customer.account_id, 4, task["id"])
+    seen = customer.api.get(f"/billing/tasks/{task['id']}").json()
+    mine = [r for r in rows if r["occurred_at"] >= accepted]
+    assert len(rows) == 4 and len(mine) == 3 and covered in mine
+    assert seen["requests"] == 3
+    assert Decimal(seen["cost_usd"]) == sum(r["cost_usd"] for r in mine) < Decimal("0.03")

@@ -123,7 +123,8 @@ def _ledger_rows(db: Database, model: str, count: int) -> list[dict[str, Any]]:
     deadline = time.monotonic() + 10
     while True:
         rows = db.fetch(
-            "SELECT cost_usd, price_version_id, prompt_tokens, completion_tokens, cached_tokens"
+            "SELECT occurred_at, stream, cost_usd, price_version_id, prompt_tokens,"
+            " completion_tokens, cached_tokens"
             " FROM usage_ledger WHERE requested_model = $1 ORDER BY occurred_at",
             model,
         )
@@ -259,3 +260,53 @@ def test_invoices_from_the_cli(fresh_database_url: str) -> None:
     assert json.loads(voided.stdout)["void_reason"] == "test"
     unpriced = _cli(fresh_database_url, "invoices", "unpriced", "--period", "2026-02", "--json")
     assert json.loads(unpriced.stdout) == []
+
+
+def test_a_stream_begun_before_a_new_price_is_priced_by_the_version_of_its_start(
+    meterline: Meterline, db: Database
+) -> None:
+    """A stream begun before a new version's `effective_from` and finished after it keeps
+    the old price, however many requests at the new price finished in between."""
+    model = unique("unpriced/switch-")
+    _, key = meterline.customer()
+    client = openai.OpenAI(base_url=meterline.v1, api_key=key, max_retries=0)
+    messages: Any = [{"role": "user", "content": "Hello"}]
+    switch = datetime.now(UTC) + timedelta(seconds=3)
+    with meterline.admin() as admin:
+        old, new = (
+            admin.post(
+                "/billing/prices",
+                json={
+                    "model": model,
+                    "input_usd_per_mtok": rate,
+                    "output_usd_per_mtok": rate,
+                    "effective_from": start.isoformat(),
+                },
+            ).json()
+            for rate, start in (("1", switch - timedelta(hours=1)), ("5", switch))
+        )
+    # 40 chunks 100 ms apart: the stream ends about a second after the switch.
+    stream = client.chat.completions.create(
+        model=model,
+        messages=messages,
+        stream=True,
+        extra_body={"mock": {"chunks": 40, "chunk_delay_ms": 100}},
+    )
+    after_switch = 0
+    for _ in stream:
+        # Requests at the new price finish while the stream runs, up to its last chunk.
+        if datetime.now(UTC) >= switch + timedelta(milliseconds=50):
+            client.chat.completions.create(model=model, messages=messages)
+            after_switch += 1
+    assert after_switch > 0, "the stream ended before the new price came into force"
+
+    rows = _ledger_rows(db, model, after_switch + 1)
+    streamed = [r for r in rows if r["stream"]]
+    plain = [r for r in rows if not r["stream"]]
+    assert len(streamed) == 1 and len(plain) == after_switch
+    assert streamed[0]["occurred_at"] < switch
+    for row, price in [(streamed[0], old), *((r, new) for r in plain)]:
+        assert row["price_version_id"] == price["id"]
+        usage = TokenUsage(row["prompt_tokens"], row["completion_tokens"], row["cached_tokens"])
+        rate = Decimal(price["input_usd_per_mtok"])
+        assert row["cost_usd"] == usage_cost(usage, Price(model, rate, rate, switch))

@@ -65,7 +65,8 @@ def test_a_task_seen_only_in_the_ledger_reads_with_its_usage(
 
 def test_tasks_are_scoped_to_their_account(meterline: Meterline, db: Database) -> None:
     account_id, _ = meterline.customer()
-    _, other_key = meterline.customer()
+    # Even a key allowed to report its own account's outcomes finds no other account's task.
+    _, other_key = meterline.customer(customer_reported_outcomes=True)
     insert_usage(db, usage_row(account_id, datetime.now(UTC), task_id="private"))
     with customer_client(meterline, other_key) as client:
         assert client.get("/billing/tasks/private").status_code == 404
@@ -81,7 +82,7 @@ def test_tasks_are_scoped_to_their_account(meterline: Meterline, db: Database) -
 
 
 def test_completing_records_the_outcome_once(meterline: Meterline, db: Database) -> None:
-    account_id, key = meterline.customer()
+    account_id, key = meterline.customer(customer_reported_outcomes=True)
     insert_usage(
         db,
         usage_row(
@@ -125,8 +126,14 @@ def test_listing_pages_every_task_newest_first(meterline: Meterline, db: Databas
             for i in range(7)
         ],
     )
+    with meterline.admin() as admin:
+        done = admin.post(
+            "/billing/tasks/t3/complete",
+            params={"account_id": str(account_id)},
+            json={"outcome": "failed"},
+        )
+        assert done.status_code == 200, done.text
     with customer_client(meterline, key) as client:
-        client.post("/billing/tasks/t3/complete", json={"outcome": "failed"})
         seen: list[str] = []
         cursor = None
         while True:

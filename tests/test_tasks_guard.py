@@ -7,9 +7,9 @@ import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from typing import cast
+from typing import Any, cast
 
 import asyncpg
 import httpx
@@ -18,8 +18,8 @@ import pytest
 from service.db.engine import asyncpg_dsn
 from service.ledger.record import LedgerRecord
 from service.proxy.context import RequestContext
-from service.tasks.guard import TaskClosed, TaskCostCapReached, TaskGuard
-from tests.conftest import Meterline
+from service.tasks.guard import TaskClosed, TaskCostCapReached, TaskGuard, TaskModelMismatch
+from tests.conftest import ADMIN_TOKEN, Meterline
 from tests.support import Database
 from tests.usage_rows import COLUMNS, usage_row
 
@@ -45,10 +45,12 @@ async def insert_usage(db: Database, row: dict[str, object]) -> None:
     )
 
 
-def record(account_id: uuid.UUID, task_id: str, cost: str) -> LedgerRecord:
+def record(
+    account_id: uuid.UUID, task_id: str, cost: str | None, at: datetime | None = None
+) -> LedgerRecord:
     return LedgerRecord(
         request_id="req_" + secrets.token_hex(12),
-        occurred_at=datetime.now(UTC),
+        occurred_at=at or datetime.now(UTC),
         account_id=account_id,
         key_id=None,
         task_id=task_id,
@@ -68,7 +70,7 @@ def record(account_id: uuid.UUID, task_id: str, cost: str) -> LedgerRecord:
         usage_source="upstream",
         latency_ms=1,
         ttft_ms=None,
-        cost_usd=Decimal(cost),
+        cost_usd=None if cost is None else Decimal(cost),
         price_version_id=None,
     )
 
@@ -92,30 +94,70 @@ async def eventually(condition: object, timeout: float = 5.0) -> None:
         await asyncio.sleep(0.02)
 
 
+def admit(
+    guard: TaskGuard,
+    account_id: uuid.UUID,
+    task_id: str,
+    model: str = PRICED,
+    at: datetime | None = None,
+) -> None:
+    """The guard's check of a request on `task_id` for `model`, occurring `at` (now)."""
+    guard.check(account_id, task_id, model, at or datetime.now(UTC))
+
+
 def refuses(guard: TaskGuard, account_id: uuid.UUID, task_id: str) -> bool:
     try:
-        guard.check(account_id, task_id)
+        admit(guard, account_id, task_id)
     except (TaskClosed, TaskCostCapReached):
         return True
     return False
 
 
-async def test_a_completion_in_another_process_arrives_by_notification(
-    guard: TaskGuard, meterline: Meterline, db: Database
-) -> None:
-    account_id, key = meterline.customer()
-    await insert_usage(db, usage_row(account_id, datetime.now(UTC), task_id="notified"))
-    guard.check(account_id, "notified")
+async def accept_quote(
+    guard: TaskGuard, meterline: Meterline, account_id: uuid.UUID, key: str
+) -> dict[str, Any]:
+    """A quoted task on PRICED ($0.01, cap $0.03), once its acceptance reached `guard`."""
     async with httpx.AsyncClient(
         base_url=meterline.url, headers={"Authorization": f"Bearer {key}"}
     ) as client:
-        done = await client.post("/billing/tasks/notified/complete", json={"outcome": "failed"})
+        quote = await client.post(
+            "/billing/quotes",
+            json={
+                "task_type": "t",
+                "model": PRICED,
+                "prompt_tokens": 10_000,
+                "max_completion_tokens": 10_000,
+            },
+        )
+        task: dict[str, Any] = (
+            await client.post(f"/billing/quotes/{quote.json()['id']}/accept")
+        ).json()
+    assert task["fixed_price_usd"] == "0.01" and Decimal(task["cost_cap_usd"]) == Decimal("0.03")
+    # The acceptance reaches this guard by notification, with its cap.
+    await eventually(lambda: guard.open_cost(account_id, task["id"]) is not None)
+    return task
+
+
+async def test_a_completion_in_another_process_arrives_by_notification(
+    guard: TaskGuard, meterline: Meterline, db: Database
+) -> None:
+    account_id, _ = meterline.customer()
+    await insert_usage(db, usage_row(account_id, datetime.now(UTC), task_id="notified"))
+    admit(guard, account_id, "notified")
+    async with httpx.AsyncClient(
+        base_url=meterline.url, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    ) as admin:
+        done = await admin.post(
+            "/billing/tasks/notified/complete",
+            params={"account_id": str(account_id)},
+            json={"outcome": "failed"},
+        )
         assert done.status_code == 200
     await eventually(lambda: refuses(guard, account_id, "notified"))
     with pytest.raises(TaskClosed):
-        guard.check(account_id, "notified")
+        admit(guard, account_id, "notified")
     # The same id in another account is another task.
-    guard.check(uuid.uuid4(), "notified")
+    admit(guard, uuid.uuid4(), "notified")
 
 
 async def test_a_new_guard_loads_every_closed_task(
@@ -144,27 +186,12 @@ async def test_a_quoted_tasks_cost_counts_each_request_once(
     guard: TaskGuard, meterline: Meterline, db: Database
 ) -> None:
     account_id, key = meterline.customer()
-    async with httpx.AsyncClient(
-        base_url=meterline.url, headers={"Authorization": f"Bearer {key}"}
-    ) as client:
-        quote = await client.post(
-            "/billing/quotes",
-            json={
-                "task_type": "t",
-                "model": PRICED,
-                "prompt_tokens": 10_000,
-                "max_completion_tokens": 10_000,
-            },
-        )
-        task = (await client.post(f"/billing/quotes/{quote.json()['id']}/accept")).json()
+    task = await accept_quote(guard, meterline, account_id, key)
     task_id = task["id"]
-    assert task["fixed_price_usd"] == "0.01" and Decimal(task["cost_cap_usd"]) == Decimal("0.03")
-    # The acceptance reached this guard by notification, with its cap.
-    await eventually(lambda: guard.open_cost(account_id, task_id) is not None)
 
     first = record(account_id, task_id, "0.02")
     await guard.settle(NO_CONTEXT, first)
-    guard.check(account_id, task_id)  # 0.02 of 0.03
+    admit(guard, account_id, task_id)  # 0.02 of 0.03
     # The ledger now holds the request: after a reload it counts once, not twice.
     await insert_usage(
         db,
@@ -174,13 +201,67 @@ async def test_a_quoted_tasks_cost_counts_each_request_once(
     )
     await guard.reload()
     assert guard.open_cost(account_id, task_id) == Decimal("0.02")
-    guard.check(account_id, task_id)
+    admit(guard, account_id, task_id)
 
     await guard.settle(NO_CONTEXT, record(account_id, task_id, "0.01"))
     assert guard.open_cost(account_id, task_id) == Decimal("0.03")
     with pytest.raises(TaskCostCapReached):
-        guard.check(account_id, task_id)
+        admit(guard, account_id, task_id)
     # Still refused after a reload that has not seen the second request yet.
     await guard.reload()
     with pytest.raises(TaskCostCapReached):
-        guard.check(account_id, task_id)
+        admit(guard, account_id, task_id)
+
+
+async def test_the_quote_binds_its_model_from_the_acceptance_on(
+    guard: TaskGuard, meterline: Meterline
+) -> None:
+    account_id, key = meterline.customer()
+    task = await accept_quote(guard, meterline, account_id, key)
+    accepted = datetime.fromisoformat(task["created_at"])
+    admit(guard, account_id, task["id"], PRICED)
+    with pytest.raises(TaskModelMismatch) as mismatch:
+        admit(guard, account_id, task["id"], "unpriced/other")
+    assert mismatch.value.status_code == 409
+    assert mismatch.value.headers == {"x-should-retry": "false"}
+    # A request that occurred before the acceptance is not the task's: ordinary usage.
+    admit(guard, account_id, task["id"], "unpriced/other", accepted - timedelta(milliseconds=1))
+
+
+async def test_usage_without_a_price_counts_as_the_cap_reached(
+    guard: TaskGuard, meterline: Meterline, db: Database
+) -> None:
+    account_id, key = meterline.customer()
+    settled = await accept_quote(guard, meterline, account_id, key)
+    await guard.settle(NO_CONTEXT, record(account_id, settled["id"], None))
+    with pytest.raises(TaskCostCapReached, match="without a price"):
+        admit(guard, account_id, settled["id"])
+    # The same when the unpriced row reaches this process through the ledger.
+    loaded = await accept_quote(guard, meterline, account_id, key)
+    await insert_usage(
+        db, usage_row(account_id, datetime.now(UTC), cost=None, task_id=loaded["id"])
+    )
+    admit(guard, account_id, loaded["id"])
+    await guard.reload()
+    with pytest.raises(TaskCostCapReached, match="without a price"):
+        admit(guard, account_id, loaded["id"])
+
+
+async def test_only_requests_from_the_acceptance_on_count_toward_the_cap(
+    guard: TaskGuard, meterline: Meterline, db: Database
+) -> None:
+    account_id, key = meterline.customer()
+    task = await accept_quote(guard, meterline, account_id, key)
+    task_id = task["id"]
+    before = datetime.fromisoformat(task["created_at"]) - timedelta(seconds=1)
+    # A dollar of usage on the task id before its acceptance, settled here and in the ledger.
+    await guard.settle(NO_CONTEXT, record(account_id, task_id, "1.00", before))
+    await insert_usage(db, usage_row(account_id, before, cost="1.00", task_id=task_id))
+    await guard.settle(NO_CONTEXT, record(account_id, task_id, None, before))
+    assert guard.open_cost(account_id, task_id) == 0
+    await guard.reload()
+    assert guard.open_cost(account_id, task_id) == 0
+    admit(guard, account_id, task_id)
+    await guard.settle(NO_CONTEXT, record(account_id, task_id, "0.03"))
+    with pytest.raises(TaskCostCapReached):
+        admit(guard, account_id, task_id)

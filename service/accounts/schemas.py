@@ -33,12 +33,17 @@ class AccountCreate(BaseModel):
         default="free",
         description="What a failed quoted task is billed: `free` (nothing) or `cost` (tokens).",
     )
+    customer_reported_outcomes: bool = Field(
+        default=False,
+        description="Whether the account's own keys may report task outcomes"
+        " (`POST /billing/tasks/{id}/complete`); otherwise only the admin does.",
+    )
     rate_limit_rpm: PerMinute | None = None
     rate_limit_tpm: PerMinute | None = None
 
 
 # An account always has these: a PATCH may leave them out, not set them to null.
-NOT_NULLABLE = ("name", "tier", "failed_task_policy")
+NOT_NULLABLE = ("name", "tier", "failed_task_policy", "customer_reported_outcomes")
 
 
 def _drop_null(schema: dict[str, Any]) -> None:
@@ -60,6 +65,7 @@ class AccountUpdate(BaseModel):
     monthly_budget_usd: BudgetUSD | None = None
     quote_margin: Margin | None = None
     failed_task_policy: FailedTaskPolicy | None = None
+    customer_reported_outcomes: bool | None = None
     rate_limit_rpm: PerMinute | None = None
     rate_limit_tpm: PerMinute | None = None
 
@@ -83,6 +89,7 @@ class AccountOut(BaseModel):
     monthly_budget_usd: DecimalString | None
     quote_margin: DecimalString | None
     failed_task_policy: FailedTaskPolicy
+    customer_reported_outcomes: bool
     rate_limit_rpm: int | None
     rate_limit_tpm: int | None
     created_at: datetime

@@ -24,6 +24,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
     func,
     text,
 )
@@ -57,6 +58,8 @@ class Account(Base):
     # Outcome pricing: margin added on top of a quote's cost basis (0.20 = 20 %).
     quote_margin: Mapped[Decimal | None] = mapped_column(Numeric(8, 4))
     failed_task_policy: Mapped[str] = mapped_column(String(8), server_default="free")
+    # Whether the account's own keys may report task outcomes (else only the operator).
+    customer_reported_outcomes: Mapped[bool] = mapped_column(Boolean, server_default=false())
     # Custom limits override the tier's (None = the tier's default).
     rate_limit_rpm: Mapped[int | None] = mapped_column(Integer)
     rate_limit_tpm: Mapped[int | None] = mapped_column(Integer)

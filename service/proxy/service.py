@@ -103,20 +103,29 @@ class Usage:
 
 
 class PriceMemo:
-    """`PriceBook.price_for` remembered per model until the book changes or a new
-    version comes into force, so pricing a request is a dict lookup."""
+    """`PriceBook.price_for` remembered per model over one span of time in which no price
+    version starts, so pricing a request is a dict lookup.
+
+    The span is the one around the instant asked when the memo was last filled, and only a
+    later instant (or a new book) moves it on. An earlier instant before the span — a stream
+    that began before a new version came into force and ended after a newer request moved
+    the memo past it — is looked up in the book: every row is priced by the version in
+    force at its own `occurred_at`.
+    """
 
     def __init__(self) -> None:
         self._book: PriceBook | None = None
         self._prices: dict[str, Price | None] = {}
-        self._valid_until: datetime | None = None
+        self._start: datetime | None = None
+        self._end: datetime | None = None
 
     def price_for(self, book: PriceBook, model: str, at: datetime) -> Price | None:
-        if book is not self._book or (self._valid_until is not None and at >= self._valid_until):
+        if book is not self._book or (self._end is not None and at >= self._end):
             self._book = book
             self._prices = {}
-            future = [p.effective_from for p in book.versions() if p.effective_from > at]
-            self._valid_until = min(future) if future else None
+            self._start, self._end = book.unchanged_span(at)
+        elif self._start is not None and at < self._start:
+            return book.price_for(model, at)
         try:
             return self._prices[model]
         except KeyError:

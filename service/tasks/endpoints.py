@@ -18,8 +18,12 @@ from service.tasks.schemas import TaskComplete, TaskOut, TaskStatus
 
 router = APIRouter(prefix="/billing/tasks", tags=["tasks"], responses=ERRORS)
 
-CONFLICT: dict[int | str, dict[str, Any]] = {
-    409: {"model": ErrorBody, "description": "The task is already completed."}
+COMPLETE: dict[int | str, dict[str, Any]] = {
+    403: {
+        "model": ErrorBody,
+        "description": "A customer key, on an account that leaves outcomes to the operator.",
+    },
+    409: {"model": ErrorBody, "description": "The task is already completed."},
 }
 
 
@@ -77,7 +81,7 @@ async def get_task(
     return await service.get_task(session, caller, task_id, account_id)
 
 
-@router.post("/{task_id:path}/complete", response_model=TaskOut, responses=CONFLICT)
+@router.post("/{task_id:path}/complete", response_model=TaskOut, responses=COMPLETE)
 async def complete_task(
     task_id: TaskIdPath,
     data: TaskComplete,
@@ -86,5 +90,6 @@ async def complete_task(
     guard: Guard,
     account_id: AccountId = None,
 ) -> TaskOut:
-    """Record the task's outcome. Further requests on the task are refused by the proxy."""
+    """Record the task's outcome (the admin; a customer key only where its account has
+    `customer_reported_outcomes`). Further requests on the task are refused by the proxy."""
     return await service.complete_task(session, guard, caller, task_id, account_id, data.outcome)

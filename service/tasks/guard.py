@@ -4,8 +4,18 @@ Checking a request never touches the database. Each process holds a view of
 
 - every **closed** (completed) task, as 64-bit hashes of (account, task id) in a sorted
   array (8 bytes a task) plus a small set of recent additions;
-- every **open quoted** task: its cost cap, the ledger's sum of its cost at the last
-  refresh, and the cost of requests this process settled that the ledger did not hold yet.
+- every **open quoted** task: its model, the instant it was accepted, its cost cap, the
+  ledger's sum of its cost at the last refresh (and whether any of its usage has no price),
+  and the cost of requests this process settled that the ledger did not hold yet.
+
+A quoted task covers the requests that occurred at or after its acceptance, on its quoted
+model only: another model is refused (409 `task_model_mismatch`), and only covered requests
+count toward its cap. A request on the task id before the acceptance is ordinary usage,
+billed per token, and neither checked nor counted here. Usage without a price cannot be
+measured against a cap in dollars, so a quoted task with any such request counts as having
+reached its cap (with the quote bound to a priced model this happens only when a process
+priced a request with a book that did not yet hold the model's price). Estimated usage
+counts at its estimated cost, as it is billed.
 
 How the view follows the database:
 
@@ -66,6 +76,11 @@ class TaskCostCapReached(MeterlineError):
     code = "task_cost_cap_reached"
 
 
+class TaskModelMismatch(MeterlineError):
+    status_code = 409
+    code = "task_model_mismatch"
+
+
 # The OpenAI SDK retries 409s by default; these refusals are final, so say so.
 _NO_RETRY = {"x-should-retry": "false"}
 
@@ -77,14 +92,26 @@ def task_key(account_id: uuid.UUID, task_id: str) -> int:
 
 @dataclass(slots=True)
 class QuotedTaskCost:
+    model: str
+    accepted_at: datetime
     cap: Decimal
     ledger_cost: Decimal = Decimal(0)
-    # request_id → cost of requests settled here that the last reload did not see.
-    pending: dict[str, Decimal] = field(default_factory=dict)
+    ledger_unpriced: bool = False
+    # request_id → cost (None: no price) of requests settled here that the last reload did
+    # not see.
+    pending: dict[str, Decimal | None] = field(default_factory=dict)
+
+    def covers(self, at: datetime) -> bool:
+        return at >= self.accepted_at
 
     @property
     def cost(self) -> Decimal:
-        return self.ledger_cost + sum(self.pending.values(), Decimal(0))
+        settled = (c for c in self.pending.values() if c is not None)
+        return self.ledger_cost + sum(settled, Decimal(0))
+
+    @property
+    def unpriced(self) -> bool:
+        return self.ledger_unpriced or None in self.pending.values()
 
 
 class TaskGuard:
@@ -109,8 +136,10 @@ class TaskGuard:
         index = bisect.bisect_left(self._closed, key)
         return index < len(self._closed) and self._closed[index] == key
 
-    def check(self, account_id: uuid.UUID, task_id: str | None) -> None:
-        """Raise if a request on this task must not be forwarded; no I/O."""
+    def check(self, account_id: uuid.UUID, task_id: str | None, model: str, at: datetime) -> None:
+        """Raise if a request on this task must not be forwarded; no I/O.
+
+        `model` is the model asked for and `at` the instant the request occurred."""
         if not task_id:
             return
         key = task_key(account_id, task_id)
@@ -121,7 +150,23 @@ class TaskGuard:
                 headers=_NO_RETRY,
             )
         quoted = self._open.get(key)
-        if quoted is not None and quoted.cost >= quoted.cap:
+        if quoted is None or not quoted.covers(at):
+            return
+        if model != quoted.model:
+            raise TaskModelMismatch(
+                f"task {task_id!r} was quoted for model {quoted.model!r}; a request on it"
+                f" cannot use {model!r}",
+                param="model",
+                headers=_NO_RETRY,
+            )
+        if quoted.unpriced:
+            raise TaskCostCapReached(
+                f"task {task_id!r} has usage without a price, so its cost cannot be held to"
+                f" its cap of {quoted.cap} USD; it accepts no more requests",
+                param="X-Task-Id",
+                headers=_NO_RETRY,
+            )
+        if quoted.cost >= quoted.cap:
             raise TaskCostCapReached(
                 f"task {task_id!r} reached its cost cap of {quoted.cap} USD"
                 " (a multiple of its fixed price); it accepts no more requests",
@@ -135,13 +180,13 @@ class TaskGuard:
         return None if quoted is None else quoted.cost
 
     async def admit(self, ctx: RequestContext) -> None:
-        self.check(ctx.account_id, ctx.task_id)
+        self.check(ctx.account_id, ctx.task_id, ctx.model, ctx.occurred_at)
 
     async def settle(self, ctx: RequestContext, record: LedgerRecord | None) -> None:
-        if record is None or not record.task_id or record.cost_usd is None:
+        if record is None or not record.task_id:
             return
         quoted = self._open.get(task_key(record.account_id, record.task_id))
-        if quoted is not None:
+        if quoted is not None and quoted.covers(record.occurred_at):
             quoted.pending[record.request_id] = record.cost_usd
 
     # ---- changes made by this process ---------------------------------------------------
@@ -151,9 +196,16 @@ class TaskGuard:
         self._closed_recent.add(key)
         self._open.pop(key, None)
 
-    def mark_open_quoted(self, account_id: uuid.UUID, task_id: str, cap: Decimal) -> None:
+    def mark_open_quoted(
+        self,
+        account_id: uuid.UUID,
+        task_id: str,
+        model: str,
+        accepted_at: datetime,
+        cap: Decimal,
+    ) -> None:
         key = task_key(account_id, task_id)
-        self._open.setdefault(key, QuotedTaskCost(cap))
+        self._open.setdefault(key, QuotedTaskCost(model, accepted_at, cap))
 
     # ---- following the database ---------------------------------------------------------
 
@@ -193,7 +245,13 @@ class TaskGuard:
             if message["event"] == "closed":
                 self.mark_closed(account_id, message["task_id"])
             elif message["event"] == "opened":
-                self.mark_open_quoted(account_id, message["task_id"], Decimal(message["cap"]))
+                self.mark_open_quoted(
+                    account_id,
+                    message["task_id"],
+                    message["model"],
+                    datetime.fromisoformat(message["accepted_at"]),
+                    Decimal(message["cap"]),
+                )
         except (ValueError, KeyError, TypeError):
             log.warning("event=task_notify_unreadable")
 
@@ -215,10 +273,17 @@ class TaskGuard:
         for row in open_rows:
             key = task_key(row["account_id"], row["external_id"])
             previous = self._open.get(key)
-            pending = {}
+            pending: dict[str, Decimal | None] = {}
             if previous is not None:
                 pending = {r: c for r, c in previous.pending.items() if r not in confirmed}
-            opened[key] = QuotedTaskCost(row["cost_cap_usd"], row["cost_usd"], pending)
+            opened[key] = QuotedTaskCost(
+                row["model"],
+                row["accepted_at"],
+                row["cost_cap_usd"],
+                row["cost_usd"],
+                row["unpriced"],
+                pending,
+            )
         closed = {task_key(r["account_id"], r["external_id"]) for r in closed_rows}
         if full:
             self._closed = array.array("q", sorted(closed))

@@ -44,6 +44,18 @@ _HISTORY_COST = """
 """
 
 
+# Whether ledger row `l` belongs to its task `t`: a quoted task covers the rows that occurred
+# from its acceptance on (its row's `created_at`: the row is inserted when the quote is
+# accepted); earlier rows on its id are ordinary usage, billed per token.
+_COVERED = "(t.quote_id IS NULL OR l.occurred_at >= t.created_at)"
+# The rows of task id `:t` of account `:a` that are its task's (no task row: all of them).
+_ROWS_OF_TASK = f"""
+    usage_ledger l LEFT JOIN tasks t
+        ON t.account_id = l.account_id AND t.external_id = l.task_id
+    WHERE l.account_id = :a AND l.task_id = :t AND {_COVERED}
+"""
+
+
 @dataclass(frozen=True, slots=True)
 class TaskUsage:
     requests: int
@@ -107,10 +119,7 @@ class TaskRepository:
     async def usage(self, account_id: uuid.UUID, external_id: str) -> TaskUsage:
         row = (
             await self.session.execute(
-                text(
-                    f"SELECT {_USAGE} FROM usage_ledger l"
-                    " WHERE l.account_id = :a AND l.task_id = :t"
-                ),
+                text(f"SELECT {_USAGE} FROM {_ROWS_OF_TASK}"),
                 {"a": account_id, "t": external_id},
             )
         ).one()
@@ -118,10 +127,7 @@ class TaskRepository:
 
     async def history_cost(self, account_id: uuid.UUID, external_id: str) -> Decimal | None:
         value: Decimal | None = await self.session.scalar(
-            text(
-                f"SELECT {_HISTORY_COST} FROM usage_ledger l"
-                " WHERE l.account_id = :a AND l.task_id = :t"
-            ),
+            text(f"SELECT {_HISTORY_COST} FROM {_ROWS_OF_TASK}"),
             {"a": account_id, "t": external_id},
         )
         return value
@@ -230,7 +236,7 @@ class TaskRepository:
             text(
                 f"SELECT t.id, u.* FROM tasks t CROSS JOIN LATERAL (SELECT {_USAGE}"
                 " FROM usage_ledger l WHERE l.account_id = t.account_id"
-                " AND l.task_id = t.external_id) u WHERE t.id = ANY(:ids)"
+                f" AND l.task_id = t.external_id AND {_COVERED}) u WHERE t.id = ANY(:ids)"
             ),
             {"ids": list(ids)},
         )
@@ -247,11 +253,15 @@ class TaskRepository:
 
 # ---- The proxy-side guard's queries (a dedicated asyncpg connection, off the hot path) ----
 
-OPEN_QUOTED_TASKS = """
-SELECT t.account_id, t.external_id, t.cost_cap_usd,
-       (SELECT coalesce(sum(l.cost_usd), 0) FROM usage_ledger l
-        WHERE l.account_id = t.account_id AND l.task_id = t.external_id) AS cost_usd
-FROM tasks t
+OPEN_QUOTED_TASKS = f"""
+SELECT t.account_id, t.external_id, t.model, t.created_at AS accepted_at, t.cost_cap_usd,
+       u.cost_usd, u.unpriced
+FROM tasks t CROSS JOIN LATERAL (
+    SELECT coalesce(sum(l.cost_usd), 0) AS cost_usd,
+           coalesce(bool_or(l.kind = 'usage' AND l.cost_usd IS NULL), false) AS unpriced
+    FROM usage_ledger l
+    WHERE l.account_id = t.account_id AND l.task_id = t.external_id AND {_COVERED}
+) u
 WHERE t.status = 'open' AND t.quote_id IS NOT NULL
 """
 
@@ -268,7 +278,8 @@ SETTLE_RECENT = f"""
 WITH recent AS (
     SELECT t.id,
            (SELECT {_HISTORY_COST} FROM usage_ledger l
-            WHERE l.account_id = t.account_id AND l.task_id = t.external_id) AS cost
+            WHERE l.account_id = t.account_id AND l.task_id = t.external_id
+              AND {_COVERED}) AS cost
     FROM tasks t
     WHERE t.completed_at >= now() - make_interval(secs => $1)
 )

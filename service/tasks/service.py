@@ -16,9 +16,10 @@ from decimal import Decimal
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from service.accounts.repository import AccountRepository
 from service.auth.principal import Principal
 from service.db.models import Task
-from service.errors import Conflict, NotFound, Unprocessable
+from service.errors import Conflict, Forbidden, NotFound, Unprocessable
 from service.schemas import Page, decode_cursor, encode_cursor
 from service.tasks.guard import TaskGuard
 from service.tasks.repository import TaskFilter, TaskRepository, TaskUsage
@@ -115,6 +116,21 @@ async def list_tasks(
     return Page[TaskOut](data=data, has_more=has_more, next_cursor=next_cursor)
 
 
+async def _require_outcome_reporter(
+    session: AsyncSession, caller: Principal, account_id: uuid.UUID
+) -> None:
+    """The outcome decides what a quoted task is billed (a failed one is free by default), so
+    the operator reports it, unless the account lets its own keys do so."""
+    if caller.is_admin:
+        return
+    account = await AccountRepository(session).get_account(account_id)
+    if account is None or not account.customer_reported_outcomes:
+        raise Forbidden(
+            "a customer key cannot report a task's outcome on this account; the operator"
+            " reports it with the admin token (or sets customer_reported_outcomes)"
+        )
+
+
 async def complete_task(
     session: AsyncSession,
     guard: TaskGuard | None,
@@ -124,6 +140,7 @@ async def complete_task(
     outcome: Outcome,
 ) -> TaskOut:
     account = account_of(caller, account_id)
+    await _require_outcome_reporter(session, caller, account)
     repository = TaskRepository(session)
     task = await repository.get(account, task_id, for_update=True)
     if task is None:
@@ -185,11 +202,20 @@ async def open_quoted_task(
             code="task_id_in_use",
             param="task_id",
         )
+    # The row's `created_at` is the acceptance: the task covers requests from then on.
     await repository.notify(
         json.dumps(
-            {"event": "opened", "account_id": str(account), "task_id": task_id, "cap": str(cap)}
+            {
+                "event": "opened",
+                "account_id": str(account),
+                "task_id": task_id,
+                "model": task.model,
+                "accepted_at": task.created_at.isoformat(),
+                "cap": str(cap),
+            }
         )
     )
     if guard is not None:
-        guard.mark_open_quoted(account, task_id, cap)
+        assert task.model is not None
+        guard.mark_open_quoted(account, task_id, task.model, task.created_at, cap)
     return task
