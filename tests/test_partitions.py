@@ -54,7 +54,8 @@ def partition_bounds(db: Database) -> dict[str, tuple[datetime, datetime]]:
     rows = db.fetch(
         "SELECT c.relname AS name, b[1]::timestamptz AS low, b[2]::timestamptz AS high"
         " FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid,"
-        " regexp_match(pg_get_expr(c.relpartbound, c.oid), 'FROM \\(''(.*)''\\) TO \\(''(.*)''\\)') b"
+        " regexp_match(pg_get_expr(c.relpartbound, c.oid),"
+        " 'FROM \\(''(.*)''\\) TO \\(''(.*)''\\)') b"
         " WHERE i.inhparent = 'usage_ledger'::regclass"
     )
     return {r["name"]: (r["low"], r["high"]) for r in rows}

@@ -121,15 +121,11 @@ def flag_of(usage: Usage, claim: UsageClaim | None, body: dict[str, Any]) -> str
     """
     if claim is None:
         return None
-    claimed = [
-        v
-        for v in (claim.prompt, claim.completion, claim.total, claim.cached, claim.reasoning)
-        if v is not None
-    ]
-    if any(v > PLAUSIBLE_TOKEN_COUNT for v in claimed):
-        return FLAG_IMPLAUSIBLE_COUNT
     # What the request allowed over all its choices, as budgets reserve it (0: no bound).
     limit = completion_tokens(body, default=0)
     if claim.completion is not None and limit and usage.completion > limit:
         return FLAG_COMPLETION_OVER_LIMIT
+    claimed = (claim.prompt, claim.completion, claim.total, claim.cached, claim.reasoning)
+    if any(v is not None and v > PLAUSIBLE_TOKEN_COUNT for v in claimed):
+        return FLAG_IMPLAUSIBLE_COUNT
     return None
