@@ -13,6 +13,7 @@ compares the ledger with what the clients saw. The counts are printed (`pytest -
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -20,14 +21,19 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import Upstream, meterline_env, providers_yaml
 from tests.reliability import (
+    Outcome,
     SteadyLoad,
     StoppablePostgres,
     check_ledger,
@@ -326,3 +332,172 @@ def test_sigkill_under_load_then_restart_and_the_same_spool_replayed_twice(
         if (restarted.spool / "rejected").exists()
         else True
     )
+
+
+# -- The ledger's durable paths failing themselves -----------------------------------------
+
+
+@contextmanager
+def no_new_files(directory: Path) -> Iterator[None]:
+    """No file can be created in `directory` (those open stay writable; subfolders too).
+
+    Permissions do that unless the tests run as root, who ignores them: then the immutable
+    attribute (`chattr +i`), which root obeys, on file systems that support it.
+    """
+    as_root = os.geteuid() == 0
+    if as_root:
+        if subprocess.run(["chattr", "+i", str(directory)], capture_output=True).returncode:
+            pytest.skip("needs a file system with the immutable attribute (chattr)")
+    else:
+        mode = directory.stat().st_mode
+        directory.chmod(0o555)
+    try:
+        probe = directory / "probe"
+        with contextlib.suppress(OSError), open(probe, "wb"):
+            probe.unlink()
+            pytest.skip("cannot make the folder refuse new files here")
+        yield
+    finally:
+        if as_root:
+            subprocess.run(["chattr", "-i", str(directory)], check=True)
+        else:
+            directory.chmod(mode)
+
+
+def journaled_ids(server: Server) -> set[str]:
+    """Request ids in the journal segments on disk (JSON lines, read without parsing)."""
+    ids = set()
+    for path in (server.spool / "journal").glob("*.journal"):
+        for line in path.read_bytes().splitlines():
+            ids.add(line.split(b'"request_id":"', 1)[1].split(b'"', 1)[0].decode())
+    return ids
+
+
+def ledger_errors(server: Server, step: str) -> float:
+    for family in text_string_to_metric_families(httpx.get(f"{server.url}/metrics").text):
+        for sample in family.samples:
+            if sample.name == "meterline_ledger_errors_total" and sample.labels == {"step": step}:
+                return sample.value
+    return 0.0
+
+
+def known_key(server: Server) -> tuple[uuid.UUID, str]:
+    """A new customer whose key the server has seen once (cached: it serves without Postgres)."""
+    account_id, key = known_key(server)
+    client = openai.OpenAI(base_url=server.v1, api_key=key, max_retries=0)
+    client.models.list()
+    return account_id, key
+
+
+def serve_for(server: Server, key: str, seconds: float, rate: float = 50) -> list[Outcome]:
+    load = SteadyLoad(server.v1, key, MODEL, rate=rate, chunks=4, chunk_delay_ms=5).start()
+    time.sleep(seconds)
+    return load.stop()
+
+
+def test_postgres_down_and_spool_unwritable_then_killed_loses_no_served_request(
+    postgres: StoppablePostgres,
+    upstream: Upstream,
+    servers: list[Server],
+    db: Database,
+    tmp_path: Path,
+) -> None:
+    """Nothing takes the rows but memory and the journal: the journal must keep them."""
+    workdir = tmp_path / "server"
+    server = new_server(servers, postgres, upstream, workdir).start()
+    account_id, key = known_key(server)
+    postgres.stop()
+    try:
+        with no_new_files(server.spool):
+            outcomes = serve_for(server, key, 2.0)
+            time.sleep(2.0)  # flushes keep failing: Postgres down, the spool refusing files
+            kept = journaled_ids(server)
+            served = {o.request_id for o in outcomes if o.served}
+            print(f"\n[Postgres down, spool refusing] served={len(served)} journaled={len(kept)}")
+            assert len(served) >= 80 and not [o for o in outcomes if not o.served]
+            assert served <= kept, "the journal must keep every row not stored elsewhere"
+            assert ledger_errors(server, "spool") > 0
+            server.signal(signal.SIGKILL)
+            server.wait(30)
+    finally:
+        postgres.restart()
+    restarted = new_server(servers, postgres, upstream, workdir).start()
+    wait_for_empty_spool(restarted)
+    wait_until_settled(db, account_id)
+    check = check_ledger(db, account_id, outcomes)
+    print(check.line("killed, restarted"))
+    assert check.lost == 0 and check.duplicated == 0 and check.wrong_tokens == 0
+    assert check.recorded == check.served
+
+
+def test_rows_nothing_could_store_reach_the_ledger_once_the_spool_and_postgres_are_back(
+    postgres: StoppablePostgres,
+    upstream: Upstream,
+    servers: list[Server],
+    db: Database,
+    tmp_path: Path,
+) -> None:
+    server = new_server(servers, postgres, upstream, tmp_path).start()
+    account_id, key = known_key(server)
+    postgres.stop()
+    try:
+        with no_new_files(server.spool):
+            outcomes = serve_for(server, key, 2.0)
+            time.sleep(1.5)
+            assert not server.spooled()
+        # The spool takes files again, Postgres is still down: the rows go there.
+        deadline = time.monotonic() + 10
+        while not server.spooled():
+            assert time.monotonic() < deadline, "the rows kept in memory were never spooled"
+            time.sleep(0.1)
+    finally:
+        postgres.restart()
+    wait_for_empty_spool(server)
+    wait_until_settled(db, account_id)
+    check = check_ledger(db, account_id, outcomes)
+    print("\n" + check.line("spool refusing, then back"))
+    assert check.lost == 0 and check.duplicated == 0 and check.wrong_tokens == 0
+    assert check.recorded == check.served == len(outcomes)
+    # Everything is stored: the segments that guarded those rows are gone.
+    time.sleep(1.0)
+    assert len(list((server.spool / "journal").glob("*.journal"))) <= 1
+
+
+def test_a_journal_segment_that_cannot_be_created_does_not_stop_the_ledger(
+    postgres: StoppablePostgres,
+    upstream: Upstream,
+    servers: list[Server],
+    db: Database,
+    tmp_path: Path,
+) -> None:
+    """Each flush starts a new segment; here none can be made (the journal folder replaced
+    by a file: ENOTDIR, as EMFILE or ENOSPC would be): rows still reach Postgres."""
+    server = new_server(servers, postgres, upstream, tmp_path).start()
+    account_id, key = known_key(server)
+    journal = server.spool / "journal"
+    aside = server.spool / "journal-aside"
+    journal.rename(aside)  # the open segment moves with it, and stays writable
+    journal.write_bytes(b"")
+    try:
+        broken = serve_for(server, key, 1.5, rate=20)
+        assert wait_until_settled(db, account_id, timeout=20) == len(broken)
+        assert ledger_errors(server, "journal") > 0
+        assert "event=journal_segment_failed" in server.log.read_text()
+        # The one segment kept all along holds every row since the failure.
+        kept = {o.request_id for o in broken} - {None}
+        assert kept <= {
+            line.split(b'"request_id":"', 1)[1].split(b'"', 1)[0].decode()
+            for path in aside.glob("*.journal")
+            for line in path.read_bytes().splitlines()
+        }
+    finally:
+        journal.unlink()
+        aside.rename(journal)
+    healed = serve_for(server, key, 1.5, rate=20)
+    outcomes = broken + healed
+    assert wait_until_settled(db, account_id, timeout=20) == len(outcomes)
+    check = check_ledger(db, account_id, outcomes)
+    print("\n" + check.line("journal segment refused, then back"))
+    assert check.lost == 0 and check.duplicated == 0 and check.wrong_tokens == 0
+    time.sleep(1.0)
+    assert len(list(journal.glob("*.journal"))) <= 1  # the kept segment went once stored

@@ -82,12 +82,15 @@ class Journal:
             os.close(fd)
         return old
 
-    def discard(self, segment: Path) -> None:
+    def discard(self, segment: Path) -> bool:
+        """Delete a segment whose records are all durable; False if it could not be (yet)."""
         try:
             segment.unlink(missing_ok=True)
-        except OSError as exc:  # kept: replaying it later changes nothing
+        except OSError as exc:
             self.errors += 1
             log.warning("event=journal_discard_failed file=%s error=%s", segment, exc)
+            return False
+        return True
 
     def close(self, discard: bool) -> None:
         """Stop appending. With `discard` (everything is durable elsewhere: a graceful

@@ -75,6 +75,7 @@ class LedgerWriter:
         # Journal segments whose records are not all durable yet; and how many times rows
         # went back to the queue (a flush that saw it move must keep its segments).
         self._held: list[Path] = []
+        self._durable: list[Path] = []  # segments to delete whose deletion failed once
         self._requeues = 0
         self._closing = False
         # Read by /metrics.
@@ -259,9 +260,10 @@ class LedgerWriter:
             await asyncio.wait({*self._writing, *self._spilling})
         if self._requeues != requeues:
             return False
-        for segment in self._held:
-            self.journal.discard(segment)
+        self._durable += self._held
         self._held.clear()
+        # A replay of a segment left behind would change nothing; deleting it is tidiness.
+        self._durable = [s for s in self._durable if not self.journal.discard(s)]
         return True
 
     async def _store(self, batch: list[bytes]) -> None:
