@@ -8,14 +8,14 @@ import contextlib
 import os
 import uuid
 from collections.abc import AsyncIterator, Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
 
 import pytest
 
 from service.db.engine import asyncpg_dsn
-from service.ledger.record import LedgerRecord, new_request_id
+from service.ledger.record import LedgerRecord, month_of, new_request_id
 from service.ledger.spool import Spool
 from service.ledger.writer import LedgerWriter
 from tests.support import Database, free_port
@@ -378,3 +378,26 @@ async def test_token_counts_past_two_to_the_31_are_stored_exactly(
         "reasoning_tokens",
     ):
         assert row[name] == getattr(huge, name), name
+
+
+async def test_partitions_are_found_by_the_utc_month_of_each_row(
+    database_url: str, db: Database, tmp_path: Path
+) -> None:
+    """A time with another offset (a record read back from a file, say) is in the UTC month
+    of its instant: 1 August 02:00 at +05:00 is July in UTC, 15 August is August."""
+    plus5 = timezone(timedelta(hours=5))
+    writer = LedgerWriter(asyncpg_dsn(database_url), tmp_path)
+    await writer.start()
+    account_id = uuid.uuid4()
+    writer.submit(record(account_id, at=datetime(2033, 8, 1, 2, tzinfo=plus5)))
+    writer.submit(record(account_id, at=datetime(2033, 8, 15, tzinfo=plus5)))
+    await writer.close()
+    rows = await asyncio.to_thread(
+        db.fetch,
+        "SELECT tableoid::regclass::text AS part FROM usage_ledger WHERE account_id = $1"
+        " ORDER BY occurred_at",
+        account_id,
+    )
+    assert [r["part"] for r in rows] == ["usage_ledger_p203307", "usage_ledger_p203308"]
+    with pytest.raises(ValueError, match="no zone"):
+        month_of(datetime(2033, 8, 1))  # naive: whose midnight would it be?
