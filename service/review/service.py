@@ -16,7 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.db.models import FlaggedUsageReview, QuarantinedUsage, UsageRecord
 from service.errors import Conflict, NotFound
-from service.ledger.record import new_request_id, storable_text
+from service.ledger.record import new_request_id
 from service.review.repository import ReviewRepository
 from service.review.schemas import FlaggedUsageRow, QuarantinedRow, ReviewOut
 
@@ -54,8 +54,8 @@ def quarantined_out(row: QuarantinedUsage) -> QuarantinedRow:
         source=row.source,
         sqlstate=row.sqlstate,
         reason=row.reason,
-        # A JSON line already escapes what JSON must; anything else is made visible.
-        record=storable_text(row.record.decode("utf-8", "replace"), len(row.record) * 4),
+        # The JSON line as written: JSON escapes a NUL (`\\u0000`), so it reads back exactly.
+        record=row.record.decode("utf-8", "replace"),
     )
 
 
