@@ -26,6 +26,7 @@ from service.proxy.endpoints import install_fast_path
 from service.proxy.endpoints import routes as proxy_routes
 from service.quotes.endpoints import router as quotes_router
 from service.reports.endpoints import router as reports_router
+from service.review.endpoints import router as review_router
 from service.runtime import Runtime
 from service.settings import Settings, get_settings
 from service.tasks.endpoints import router as tasks_router
@@ -114,6 +115,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(accounts_router)
     app.include_router(usage_router)
     app.include_router(reports_router)
+    app.include_router(review_router)
     app.include_router(quotes_router)
     app.include_router(tasks_router)
     app.include_router(margin_router)

@@ -13,21 +13,32 @@ compares the ledger with what the clients saw. The counts are printed (`pytest -
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
+import random
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
+import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import Upstream, meterline_env, providers_yaml
 from tests.reliability import (
+    Outcome,
     SteadyLoad,
     StoppablePostgres,
     check_ledger,
@@ -326,3 +337,357 @@ def test_sigkill_under_load_then_restart_and_the_same_spool_replayed_twice(
         if (restarted.spool / "rejected").exists()
         else True
     )
+
+
+# -- The ledger's durable paths failing themselves -----------------------------------------
+
+
+@contextmanager
+def no_new_files(directory: Path) -> Iterator[None]:
+    """No file can be created in `directory` (those open stay writable; subfolders too).
+
+    Permissions do that unless the tests run as root, who ignores them: then the immutable
+    attribute (`chattr +i`), which root obeys, on file systems that support it.
+    """
+    as_root = os.geteuid() == 0
+    if as_root:
+        if subprocess.run(["chattr", "+i", str(directory)], capture_output=True).returncode:
+            pytest.skip("needs a file system with the immutable attribute (chattr)")
+    else:
+        mode = directory.stat().st_mode
+        directory.chmod(0o555)
+    try:
+        probe = directory / "probe"
+        with contextlib.suppress(OSError), open(probe, "wb"):
+            probe.unlink()
+            pytest.skip("cannot make the folder refuse new files here")
+        yield
+    finally:
+        if as_root:
+            subprocess.run(["chattr", "-i", str(directory)], check=True)
+        else:
+            directory.chmod(mode)
+
+
+def journaled_ids(server: Server) -> set[str]:
+    """Request ids in the journal segments on disk (JSON lines, read without parsing)."""
+    ids = set()
+    for path in (server.spool / "journal").glob("*.journal"):
+        for line in path.read_bytes().splitlines():
+            ids.add(line.split(b'"request_id":"', 1)[1].split(b'"', 1)[0].decode())
+    return ids
+
+
+def ledger_errors(server: Server, step: str) -> float:
+    for family in text_string_to_metric_families(httpx.get(f"{server.url}/metrics").text):
+        for sample in family.samples:
+            if sample.name == "meterline_ledger_errors_total" and sample.labels == {"step": step}:
+                return sample.value
+    return 0.0
+
+
+def known_key(server: Server) -> tuple[uuid.UUID, str]:
+    """A new customer whose key the server has seen once (cached: it serves without Postgres)."""
+    account_id, _, key = new_customer(server.url)
+    client = openai.OpenAI(base_url=server.v1, api_key=key, max_retries=0)
+    client.models.list()
+    return account_id, key
+
+
+def serve_for(server: Server, key: str, seconds: float, rate: float = 50) -> list[Outcome]:
+    load = SteadyLoad(server.v1, key, MODEL, rate=rate, chunks=4, chunk_delay_ms=5).start()
+    time.sleep(seconds)
+    return load.stop()
+
+
+def test_postgres_down_and_spool_unwritable_then_killed_loses_no_served_request(
+    postgres: StoppablePostgres,
+    upstream: Upstream,
+    servers: list[Server],
+    db: Database,
+    tmp_path: Path,
+) -> None:
+    """Nothing takes the rows but memory and the journal: the journal must keep them."""
+    workdir = tmp_path / "server"
+    server = new_server(servers, postgres, upstream, workdir).start()
+    account_id, key = known_key(server)
+    postgres.stop()
+    try:
+        with no_new_files(server.spool):
+            outcomes = serve_for(server, key, 2.0)
+            time.sleep(2.0)  # flushes keep failing: Postgres down, the spool refusing files
+            kept = journaled_ids(server)
+            served = {o.request_id for o in outcomes if o.served}
+            print(f"\n[Postgres down, spool refusing] served={len(served)} journaled={len(kept)}")
+            assert served <= kept, "the journal must keep every row not stored elsewhere"
+            assert len(served) >= 40 and not [o for o in outcomes if not o.served]
+            assert ledger_errors(server, "spool") > 0
+            server.signal(signal.SIGKILL)
+            server.wait(30)
+    finally:
+        postgres.restart()
+    restarted = new_server(servers, postgres, upstream, workdir).start()
+    wait_for_empty_spool(restarted)
+    wait_until_settled(db, account_id)
+    check = check_ledger(db, account_id, outcomes)
+    print(check.line("killed, restarted"))
+    assert check.lost == 0 and check.duplicated == 0 and check.wrong_tokens == 0
+    assert check.recorded == check.served
+
+
+def test_rows_nothing_could_store_reach_the_ledger_once_the_spool_and_postgres_are_back(
+    postgres: StoppablePostgres,
+    upstream: Upstream,
+    servers: list[Server],
+    db: Database,
+    tmp_path: Path,
+) -> None:
+    server = new_server(servers, postgres, upstream, tmp_path).start()
+    account_id, key = known_key(server)
+    postgres.stop()
+    try:
+        with no_new_files(server.spool):
+            outcomes = serve_for(server, key, 2.0)
+            time.sleep(1.5)
+            assert not server.spooled()
+        # The spool takes files again, Postgres is still down: the rows go there.
+        deadline = time.monotonic() + 10
+        while not server.spooled():
+            assert time.monotonic() < deadline, "the rows kept in memory were never spooled"
+            time.sleep(0.1)
+    finally:
+        postgres.restart()
+    wait_for_empty_spool(server)
+    wait_until_settled(db, account_id)
+    check = check_ledger(db, account_id, outcomes)
+    print("\n" + check.line("spool refusing, then back"))
+    assert check.lost == 0 and check.duplicated == 0 and check.wrong_tokens == 0
+    assert check.recorded == check.served == len(outcomes)
+    # Everything is stored: the segments that guarded those rows are gone.
+    time.sleep(1.0)
+    assert len(list((server.spool / "journal").glob("*.journal"))) <= 1
+
+
+def test_a_journal_segment_that_cannot_be_created_does_not_stop_the_ledger(
+    postgres: StoppablePostgres,
+    upstream: Upstream,
+    servers: list[Server],
+    db: Database,
+    tmp_path: Path,
+) -> None:
+    """Each flush starts a new segment; here none can be made (the journal folder replaced
+    by a file: ENOTDIR, as EMFILE or ENOSPC would be): rows still reach Postgres."""
+    server = new_server(servers, postgres, upstream, tmp_path).start()
+    account_id, key = known_key(server)
+    journal = server.spool / "journal"
+    aside = server.spool / "journal-aside"
+    journal.rename(aside)  # the open segment moves with it, and stays writable
+    journal.write_bytes(b"")
+    try:
+        broken = serve_for(server, key, 1.5, rate=20)
+        assert wait_until_settled(db, account_id, timeout=20) == len(broken)
+        assert ledger_errors(server, "journal") > 0
+        assert "event=journal_segment_failed" in server.log.read_text()
+        # The one segment kept all along holds every row since the failure.
+        kept = {o.request_id for o in broken} - {None}
+        assert kept <= {
+            line.split(b'"request_id":"', 1)[1].split(b'"', 1)[0].decode()
+            for path in aside.glob("*.journal")
+            for line in path.read_bytes().splitlines()
+        }
+    finally:
+        journal.unlink()
+        aside.rename(journal)
+    healed = serve_for(server, key, 1.5, rate=20)
+    outcomes = broken + healed
+    assert wait_until_settled(db, account_id, timeout=20) == len(outcomes)
+    check = check_ledger(db, account_id, outcomes)
+    print("\n" + check.line("journal segment refused, then back"))
+    assert check.lost == 0 and check.duplicated == 0 and check.wrong_tokens == 0
+    time.sleep(1.0)
+    assert len(list(journal.glob("*.journal"))) <= 1  # the kept segment went once stored
+
+
+# -- One customer's bad input and a provider's absurd usage cost no other customer a row ----
+
+NUL_MODELS = ["mock\x00chat", "meta-llama/Llama-3.3-70B-Instruct\x00", "\x00"]
+UNUSABLE_USAGE: list[dict[str, Any]] = [
+    {"completion_tokens": "12"},
+    {"prompt_tokens": 12.5},
+    {"prompt_tokens": -3},
+    {"completion_tokens": 1e30},
+    {"prompt_tokens": True},
+    {"completion_tokens": 2**63},
+]
+# Absurd but well-formed: stored as claimed (and flagged), so the client's figures are exact.
+STORABLE_ABSURD: list[dict[str, Any]] = [
+    {"prompt_tokens_details": {"cached_tokens": 3_000_000_000}},
+    {"completion_tokens": 4_294_967_295},
+    {"prompt_tokens": 2**31, "total_tokens": 2**31 + 4},
+]
+
+
+@dataclass
+class Sent:
+    account: str  # "victim" | "attacker"
+    kind: str
+    stream: bool
+    status: int | None = None
+    request_id: str | None = None
+    usage: tuple[int, int, int] | None = None  # prompt, completion, cached: as the client saw
+
+
+def _plan(rng: random.Random) -> list[tuple[str, str, dict[str, Any], bool]]:
+    """500 requests of each account: (account, kind, create arguments, streamed)."""
+    plan = []
+    for i in range(500):
+        stream = i % 2 == 1
+        create: dict[str, Any] = {"model": MODEL, "max_tokens": 16, "extra_body": {"mock": {}}}
+        kind = "ordinary"
+        if i % 5 == 0:
+            kind = "absurd"
+            create["extra_body"]["mock"]["usage_override"] = STORABLE_ABSURD[i % 3]
+        plan.append(("victim", kind, create, stream))
+    for i in range(500):
+        stream = i % 2 == 1
+        mock: dict[str, Any] = {}
+        create = {"model": MODEL, "max_tokens": 16, "extra_body": {"mock": mock}}
+        kind = ["nul_model", "unusable_usage", "nul_upstream_model", "nul_error_code"][i % 4]
+        if kind == "nul_model":
+            create["model"] = NUL_MODELS[i % len(NUL_MODELS)]
+        elif kind == "unusable_usage":
+            mock["usage_override"] = UNUSABLE_USAGE[i % len(UNUSABLE_USAGE)]
+        elif kind == "nul_upstream_model":
+            mock["model_override"] = "mock\x00chat"
+        else:
+            mock.update(status=500, error_code="overloaded\x00")
+        plan.append(("attacker", kind, create, stream))
+    rng.shuffle(plan)
+    return plan
+
+
+async def _send(
+    client: openai.AsyncOpenAI, gate: asyncio.Semaphore, sent: Sent, create: dict[str, Any]
+) -> None:
+    messages: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Count me once"}]
+    async with gate:
+        try:
+            if sent.stream:
+                async with client.chat.completions.with_streaming_response.create(
+                    messages=messages, stream=True, stream_options={"include_usage": True}, **create
+                ) as response:
+                    sent.status = response.status_code
+                    sent.request_id = response.headers.get("x-request-id")
+                    async for chunk in await response.parse():
+                        if chunk.usage is not None:
+                            sent.usage = _seen(chunk.usage)
+            else:
+                raw = await client.chat.completions.with_raw_response.create(
+                    messages=messages, **create
+                )
+                sent.status, sent.request_id = raw.status_code, raw.headers.get("x-request-id")
+                usage = raw.parse().usage
+                sent.usage = _seen(usage) if usage is not None else None
+        except openai.APIStatusError as error:
+            sent.status = error.status_code
+            sent.request_id = error.response.headers.get("x-request-id")
+
+
+def _seen(usage: Any) -> tuple[int, int, int]:
+    details = usage.prompt_tokens_details
+    cached = details.cached_tokens if details is not None and details.cached_tokens else 0
+    return usage.prompt_tokens, usage.completion_tokens, cached
+
+
+async def _drive(
+    base_url: str, keys: dict[str, str], plan: list[tuple[str, str, dict[str, Any], bool]]
+) -> list[Sent]:
+    clients = {
+        account: openai.AsyncOpenAI(base_url=base_url, api_key=key, max_retries=0, timeout=60)
+        for account, key in keys.items()
+    }
+    gate = asyncio.Semaphore(32)
+    sent = [Sent(account, kind, stream) for account, kind, _, stream in plan]
+    try:
+        await asyncio.gather(
+            *(
+                _send(clients[s.account], gate, s, create)
+                for s, (_, _, create, _) in zip(sent, plan, strict=True)
+            )
+        )
+    finally:
+        for client in clients.values():
+            await client.close()
+    return sent
+
+
+def test_a_customer_sending_nul_and_absurd_usage_costs_no_other_customer_a_row(
+    postgres: StoppablePostgres,
+    upstream: Upstream,
+    servers: list[Server],
+    db: Database,
+    tmp_path: Path,
+) -> None:
+    """1,000 requests of two accounts, mixed in every batch, a third of them spooled during
+    an outage and replayed: every row of the victim is in the ledger, tokens exact."""
+    server = new_server(servers, postgres, upstream, tmp_path).start()
+    victim, victim_key = known_key(server)
+    attacker, attacker_key = known_key(server)
+    keys = {"victim": victim_key, "attacker": attacker_key}
+    plan = _plan(random.Random(10))
+    sent = asyncio.run(_drive(server.v1, keys, plan[:400]))
+    postgres.stop()
+    try:
+        sent += asyncio.run(_drive(server.v1, keys, plan[400:700]))
+        spooled = len(server.spooled())
+    finally:
+        postgres.restart()
+    sent += asyncio.run(_drive(server.v1, keys, plan[700:]))
+    wait_for_empty_spool(server)
+    wait_until_settled(db, victim)
+    wait_until_settled(db, attacker)
+
+    rows = {
+        r["request_id"]: r
+        for r in db.fetch(
+            "SELECT request_id, account_id, prompt_tokens, completion_tokens, cached_tokens,"
+            " usage_source, upstream_model, error_code FROM usage_ledger"
+            " WHERE account_id = ANY($1::uuid[])",
+            [victim, attacker],
+        )
+    }
+    victims = [s for s in sent if s.account == "victim"]
+    mine = {k: r for k, r in rows.items() if r["account_id"] == victim}
+    expected = {s.request_id: s.usage for s in victims}
+    stored = {
+        k: (r["prompt_tokens"], r["completion_tokens"], r["cached_tokens"]) for k, r in mine.items()
+    }
+    totals = [sum(u[i] for u in expected.values() if u is not None) for i in range(3)]
+    print(
+        f"\n[two accounts, NUL and absurd usage, outage] sent={len(sent)} spooled_files={spooled}"
+        f" victim_served={sum(s.status == 200 for s in victims)} victim_rows={len(mine)}"
+        f" victim_tokens(prompt, completion, cached)={totals}"
+    )
+    assert spooled > 0, "the outage should have spooled mixed batches"
+    assert all(s.status == 200 and s.usage is not None for s in victims)
+    assert stored == expected  # every victim row, each with exactly the tokens its client saw
+    flagged = db.fetchval(
+        "SELECT count(*) FROM usage_ledger WHERE account_id = $1 AND usage_flag IS NOT NULL",
+        victim,
+    )
+    assert flagged == 100  # the absurd claims: stored as claimed, flagged for review
+
+    attackers = [s for s in sent if s.account == "attacker"]
+    for s in attackers:
+        row = rows.get(s.request_id or "")
+        if s.kind == "nul_model":
+            assert s.status == 400 and row is None
+            continue
+        assert row is not None and row["account_id"] == attacker, s
+        if s.kind == "unusable_usage":
+            assert row["usage_source"] == "estimated" and row["prompt_tokens"] > 0
+        elif s.kind == "nul_upstream_model":
+            assert row["upstream_model"] == "mock\\x00chat"
+        else:
+            assert (s.status, row["error_code"]) == (500, "overloaded\\x00")
+    assert db.fetchval("SELECT count(*) FROM usage_quarantine") == 0

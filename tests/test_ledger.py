@@ -8,14 +8,14 @@ import contextlib
 import os
 import uuid
 from collections.abc import AsyncIterator, Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
 
 import pytest
 
 from service.db.engine import asyncpg_dsn
-from service.ledger.record import LedgerRecord, new_request_id
+from service.ledger.record import LedgerRecord, month_of, new_request_id
 from service.ledger.spool import Spool
 from service.ledger.writer import LedgerWriter
 from tests.support import Database, free_port
@@ -262,3 +262,142 @@ async def test_records_still_in_memory_survive_a_killed_process(
     assert list((tmp_path / "journal").iterdir()) == []
     if killed._pool is not None:
         await killed._pool.close()
+
+
+def quarantined(db: Database, *request_ids: str) -> list[dict[str, object]]:
+    return db.fetch(
+        "SELECT request_id, account_id, source, sqlstate, reason, record FROM usage_quarantine"
+        " WHERE request_id = ANY($1::text[]) ORDER BY request_id",
+        list(request_ids),
+    )
+
+
+def bad_records(account_id: uuid.UUID) -> list[LedgerRecord]:
+    """Rows Postgres refuses for their content, whatever the proxy lets through."""
+    return [
+        record(account_id, requested_model="mock\x00chat"),  # text cannot hold a NUL
+        record(account_id, cached_tokens=2**63),  # past bigint
+        record(account_id, status_code=40_000),  # past smallint
+        record(account_id, usage_source="invented"),  # the check constraint
+    ]
+
+
+async def test_rows_postgres_refuses_are_quarantined_and_their_batch_is_stored(
+    database_url: str, db: Database, tmp_path: Path
+) -> None:
+    """One batch: 300 rows of one account, 4 bad rows of another among them."""
+    writer = LedgerWriter(asyncpg_dsn(database_url), tmp_path, batch_size=1000)
+    await writer.start()
+    good_account, bad_account = uuid.uuid4(), uuid.uuid4()
+    good = [record(good_account, prompt_tokens=i) for i in range(300)]
+    bad = bad_records(bad_account)
+    batch = good[:100] + bad[:2] + good[100:200] + bad[2:] + good[200:]
+    for r in batch:
+        writer.submit(r)
+    await writer.flush()
+    assert await acount(db, good_account) == 300
+    total = await asyncio.to_thread(
+        db.fetchval,
+        "SELECT sum(prompt_tokens) FROM usage_ledger WHERE account_id = $1",
+        good_account,
+    )
+    assert total == sum(range(300))
+    assert await acount(db, bad_account) == 0
+    rows = await asyncio.to_thread(quarantined, db, *(r.request_id for r in bad))
+    assert [r["request_id"] for r in rows] == sorted(r.request_id for r in bad)
+    assert {r["sqlstate"] for r in rows} == {"22P05", "22003", "23514"}
+    assert all(r["source"] == "live" and r["account_id"] == bad_account for r in rows)
+    by_id = {r["request_id"]: r for r in rows}
+    kept = by_id[bad[0].request_id]["record"]
+    assert isinstance(kept, bytes) and LedgerRecord.from_json(kept) == bad[0]  # kept exactly
+    assert writer.records_quarantined == 4 and writer.records_written == 300
+    await writer.close()
+    assert not (tmp_path / "rejected").exists() and Spool(tmp_path).pending() == []
+
+
+async def test_a_spooled_batch_with_bad_rows_is_replayed_row_by_row(
+    database_url: str, db: Database, tmp_path: Path
+) -> None:
+    """What the spool held when Postgres came back, and what earlier versions set aside whole
+    in `spool/rejected/`: only the bad rows stay out of the ledger."""
+    good_account, bad_account = uuid.uuid4(), uuid.uuid4()
+    spool = Spool(tmp_path)
+    good = [record(good_account) for _ in range(40)]
+    bad = bad_records(bad_account)
+    spool.write([r.to_json() for r in good[:20] + bad[:2]])
+    (tmp_path / "rejected").mkdir()
+    rejected = spool.write([r.to_json() for r in bad[2:] + good[20:]])
+    rejected.rename(tmp_path / "rejected" / rejected.name)
+
+    writer = LedgerWriter(asyncpg_dsn(database_url), tmp_path)
+    await writer.start()
+    await writer.close()
+    assert await acount(db, good_account) == 40
+    rows = await asyncio.to_thread(quarantined, db, *(r.request_id for r in bad))
+    assert len(rows) == 4 and {r["source"] for r in rows} == {"replay"}
+    assert writer.records_quarantined == 4
+    assert Spool(tmp_path).pending() == [] and list((tmp_path / "rejected").iterdir()) == []
+    # Replayed again: nothing changes, nothing is quarantined twice.
+    spool.write([r.to_json() for r in good + bad])
+    again = LedgerWriter(asyncpg_dsn(database_url), tmp_path)
+    await again.start()
+    await again.close()
+    assert await acount(db, good_account) == 40
+    assert len(await asyncio.to_thread(quarantined, db, *(r.request_id for r in bad))) == 4
+
+
+async def test_token_counts_past_two_to_the_31_are_stored_exactly(
+    database_url: str, db: Database, tmp_path: Path
+) -> None:
+    writer = LedgerWriter(asyncpg_dsn(database_url), tmp_path)
+    await writer.start()
+    account_id = uuid.uuid4()
+    huge = record(
+        account_id,
+        prompt_tokens=2**31,
+        completion_tokens=4_294_967_295,
+        total_tokens=2**31 + 4_294_967_295,
+        cached_tokens=3_000_000_000,
+        reasoning_tokens=2**40,
+    )
+    neighbours = [record(account_id) for _ in range(8)]
+    for r in [*neighbours[:4], huge, *neighbours[4:]]:
+        writer.submit(r)
+    await writer.close()
+    assert await acount(db, account_id) == 9
+    row = (
+        await asyncio.to_thread(
+            db.fetch, "SELECT * FROM usage_ledger WHERE request_id = $1", huge.request_id
+        )
+    )[0]
+    for name in (
+        "prompt_tokens",
+        "completion_tokens",
+        "total_tokens",
+        "cached_tokens",
+        "reasoning_tokens",
+    ):
+        assert row[name] == getattr(huge, name), name
+
+
+async def test_partitions_are_found_by_the_utc_month_of_each_row(
+    database_url: str, db: Database, tmp_path: Path
+) -> None:
+    """A time with another offset (a record read back from a file, say) is in the UTC month
+    of its instant: 1 August 02:00 at +05:00 is July in UTC, 15 August is August."""
+    plus5 = timezone(timedelta(hours=5))
+    writer = LedgerWriter(asyncpg_dsn(database_url), tmp_path)
+    await writer.start()
+    account_id = uuid.uuid4()
+    writer.submit(record(account_id, at=datetime(2033, 8, 1, 2, tzinfo=plus5)))
+    writer.submit(record(account_id, at=datetime(2033, 8, 15, tzinfo=plus5)))
+    await writer.close()
+    rows = await asyncio.to_thread(
+        db.fetch,
+        "SELECT tableoid::regclass::text AS part FROM usage_ledger WHERE account_id = $1"
+        " ORDER BY occurred_at",
+        account_id,
+    )
+    assert [r["part"] for r in rows] == ["usage_ledger_p203307", "usage_ledger_p203308"]
+    with pytest.raises(ValueError, match="no zone"):
+        month_of(datetime(2033, 8, 1))  # naive: whose midnight would it be?

@@ -34,6 +34,8 @@ COLUMNS = (
     "reasoning_tokens",
     "usage_source",
     "cost_usd",
+    "price_version_id",
+    "usage_flag",
 )
 
 
@@ -54,6 +56,8 @@ def usage_row(
     cached: int = 0,
     reasoning: int = 0,
     request_id: str | None = None,
+    price_version_id: int | None = None,
+    flag: str | None = None,
 ) -> dict[str, Any]:
     return {
         "request_id": request_id or "req_" + secrets.token_hex(12),
@@ -76,6 +80,8 @@ def usage_row(
         "reasoning_tokens": reasoning,
         "usage_source": "upstream",
         "cost_usd": None if cost is None else Decimal(cost),
+        "price_version_id": price_version_id,
+        "usage_flag": flag,
     }
 
 

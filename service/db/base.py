@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from datetime import datetime
 from decimal import Decimal
-from typing import Annotated
+from typing import Annotated, Any
 
-from sqlalchemy import DateTime, MetaData, Numeric
+from sqlalchemy import BigInteger, DateTime, Dialect, MetaData, Numeric
 from sqlalchemy.orm import DeclarativeBase, mapped_column
+from sqlalchemy.types import TypeDecorator
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -24,6 +25,20 @@ CentsUSD = Annotated[Decimal, mapped_column(Numeric(18, 2))]
 # A list price in USD per million tokens.
 RateUSD = Annotated[Decimal, mapped_column(Numeric(18, 6))]
 UTCDateTime = Annotated[datetime, mapped_column(DateTime(timezone=True))]
+
+
+class TokenCount(TypeDecorator[int]):
+    """A count of tokens: `bigint` (providers report counts past 2³¹).
+
+    Postgres sums a `bigint` as `numeric`; a sum or coalesce of this column still reads
+    back as an int, not a Decimal.
+    """
+
+    impl = BigInteger
+    cache_ok = True
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> int | None:
+        return None if value is None else int(value)
 
 
 class Base(DeclarativeBase):

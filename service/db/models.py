@@ -31,7 +31,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB, UUID
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
-from service.db.base import Base, CentsUSD, ExactUSD, RateUSD, UTCDateTime
+from service.db.base import Base, CentsUSD, ExactUSD, RateUSD, TokenCount, UTCDateTime
 
 
 def _uuid_pk() -> Mapped[uuid.UUID]:
@@ -146,6 +146,13 @@ class UsageRecord(Base):
             "occurred_at",
             postgresql_where=text("price_version_id IS NULL OR cost_usd IS NULL"),
         ),
+        # Flagged usage claims: few, found by the review report and by finalization.
+        Index(
+            "ix_usage_ledger_flagged",
+            "account_id",
+            "occurred_at",
+            postgresql_where=text("usage_flag IS NOT NULL"),
+        ),
         CheckConstraint("usage_source IN ('upstream', 'estimated', 'none')", name="usage_source"),
         CheckConstraint("kind IN ('usage', 'adjustment')", name="kind"),
         {"postgresql_partition_by": "RANGE (occurred_at)"},
@@ -169,17 +176,67 @@ class UsageRecord(Base):
     stream: Mapped[bool] = mapped_column(Boolean)
     status_code: Mapped[int] = mapped_column(SmallInteger)
     error_code: Mapped[str | None] = mapped_column(String(64))
-    prompt_tokens: Mapped[int] = mapped_column(Integer)
-    completion_tokens: Mapped[int] = mapped_column(Integer)
-    total_tokens: Mapped[int] = mapped_column(Integer)
-    cached_tokens: Mapped[int] = mapped_column(Integer, server_default="0")
-    reasoning_tokens: Mapped[int] = mapped_column(Integer, server_default="0")
+    prompt_tokens: Mapped[int] = mapped_column(TokenCount)
+    completion_tokens: Mapped[int] = mapped_column(TokenCount)
+    total_tokens: Mapped[int] = mapped_column(TokenCount)
+    cached_tokens: Mapped[int] = mapped_column(TokenCount, server_default="0")
+    reasoning_tokens: Mapped[int] = mapped_column(TokenCount, server_default="0")
     usage_source: Mapped[str] = mapped_column(String(16))
     latency_ms: Mapped[int | None] = mapped_column(Integer)
     ttft_ms: Mapped[int | None] = mapped_column(Integer)
     # Exact, unrounded; NULL when no price covered the model at `occurred_at` (unpriced).
     cost_usd: Mapped[ExactUSD | None]
     price_version_id: Mapped[int | None] = mapped_column(BigInteger)
+    # Set when the provider's usage claim is implausible (`service.proxy.usage`): stored as
+    # claimed, but it blocks finalization until reviewed (`FlaggedUsageReview`).
+    usage_flag: Mapped[str | None] = mapped_column(String(32))
+
+
+class FlaggedUsageReview(Base):
+    """An operator's decision on a flagged ledger row: bill it as claimed, or corrected by
+    an adjustment row (`adjustment_request_id`). The ledger itself is never edited."""
+
+    __tablename__ = "flagged_usage_reviews"
+    __table_args__ = (
+        PrimaryKeyConstraint("request_id", "occurred_at"),
+        CheckConstraint("decision IN ('accepted', 'adjusted')", name="decision"),
+        Index("ix_flagged_usage_reviews_account_id", "account_id"),
+    )
+
+    request_id: Mapped[str] = mapped_column(String(40))
+    occurred_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    account_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True))
+    decision: Mapped[str] = mapped_column(String(16))
+    adjustment_request_id: Mapped[str | None] = mapped_column(String(40))
+    note: Mapped[str | None] = mapped_column(Text)
+    reviewed_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now()
+    )
+
+
+class QuarantinedUsage(Base):
+    """A ledger record Postgres refused for its content, kept byte for byte with the reason.
+
+    The writer stores a refused batch row by row, so only the rows Postgres itself refuses
+    end here; `record` is the record's JSON line (bytes: it may hold what text cannot).
+    """
+
+    __tablename__ = "usage_quarantine"
+    __table_args__ = (
+        CheckConstraint("source IN ('live', 'replay')", name="source"),
+        Index("ix_usage_quarantine_quarantined_at", "quarantined_at", "request_id"),
+    )
+
+    request_id: Mapped[str] = mapped_column(Text, primary_key=True)
+    account_id: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True))
+    occurred_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    quarantined_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now()
+    )
+    source: Mapped[str] = mapped_column(String(16))  # live batch, or spool replay
+    sqlstate: Mapped[str | None] = mapped_column(String(5))
+    reason: Mapped[str] = mapped_column(Text)
+    record: Mapped[bytes] = mapped_column(LargeBinary)
 
 
 class Task(Base):

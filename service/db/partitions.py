@@ -9,6 +9,9 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 
 def month_start(at: datetime) -> datetime:
+    """The UTC month of an instant; a naive datetime is refused (whose zone would it be?)."""
+    if at.tzinfo is None:
+        raise ValueError(f"a partition month needs an instant; {at.isoformat()} has no zone")
     at = at.astimezone(UTC)
     return datetime(at.year, at.month, 1, tzinfo=UTC)
 

@@ -37,6 +37,7 @@ from service.errors import BadRequest, Conflict, NotFound
 from service.invoices.repository import InvoiceRepository, Selection, TaskCount, UsageSum
 from service.invoices.schemas import UnpricedReportRow
 from service.prices.repository import PriceRepository
+from service.review.finalization import refuse_unreviewed_flagged_usage
 
 log = logging.getLogger("meterline.invoices")
 
@@ -464,6 +465,7 @@ async def finalize(session: AsyncSession, invoice_id: uuid.UUID) -> Invoice:
             f"{period} is not over until {period.end.isoformat()}; its usage is still arriving",
             code="period_not_over",
         )
+    await refuse_unreviewed_flagged_usage(session, invoice.account_id, period)
     computed = (await compute_invoices(session, period, policies))[invoice.account_id]
     if not computed.draft.finalizable:
         models = ", ".join(computed.draft.unpriced_models())

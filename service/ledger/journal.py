@@ -3,10 +3,14 @@
 The in-memory queue is lost if the process is killed (SIGKILL, OOM) before the writer's
 next flush; the journal is not: a write to the page cache outlives the process. Each
 process appends to its own segment; once every record of a segment is in Postgres or in
-the spool, the segment is deleted. At the next start, segments left by dead processes
-are moved into the spool and replayed, and replaying rows already stored changes
-nothing (`ON CONFLICT DO NOTHING`). No fsync: this guards against a killed process, the
-spool's fsync guards against a crashed machine.
+the spool, the segment is deleted, and never before. At the next start, segments left by
+dead processes are moved into the spool and replayed, and replaying rows already stored
+changes nothing (`ON CONFLICT DO NOTHING`). No fsync: this guards against a killed
+process, the spool's fsync guards against a crashed machine.
+
+A segment that cannot be created (descriptors or disk exhausted) is not fatal: records go
+on into the current segment, which is simply kept longer, and the failure is logged and
+counted (`errors`, exported as `meterline_ledger_errors_total{step="journal"}`).
 """
 
 from __future__ import annotations
@@ -30,12 +34,28 @@ class Journal:
         directory.mkdir(parents=True, exist_ok=True)
         self._fd = -1
         self._path: Path | None = None
-        self._failed = False
+        # Failures are counted every time and logged once per streak (a flush retries often).
+        self._failing = False
+        self._failing_open = False
+        self.errors = 0
 
-    def open(self) -> None:
+    def open(self) -> bool:
+        """Start a segment; False (logged, counted) when it cannot be created."""
         name = f"{time.time_ns():020d}-{os.getpid()}{JOURNAL_SUFFIX}"
-        self._path = self.directory / name
-        self._fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        path = self.directory / name
+        try:
+            self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        except OSError as exc:
+            self.errors += 1
+            if not self._failing_open:
+                self._failing_open = True
+                log.error("event=journal_segment_failed file=%s error=%s", path, exc)
+            return False
+        if self._failing_open:
+            self._failing_open = False
+            log.info("event=journal_segment_recovered file=%s", path)
+        self._path = path
+        return True
 
     def append(self, line: bytes) -> None:
         """One write(2) of one record's JSON line; a full disk must not fail the request,
@@ -43,29 +63,45 @@ class Journal:
         try:
             os.write(self._fd, line + b"\n")
         except OSError as exc:
-            if not self._failed:
-                self._failed = True
+            self.errors += 1
+            if not self._failing:
+                self._failing = True
                 log.error("event=journal_write_failed error=%s", exc)
+        else:
+            self._failing = False
 
     def rotate(self) -> Path | None:
-        """Start a new segment; the old one is returned, to be discarded once durable."""
+        """Start a new segment; the old one is returned, to be discarded once durable.
+
+        None when no new segment could be made: records keep going to the current one.
+        """
         old, fd = self._path, self._fd
-        self.open()
+        if not self.open():
+            return None
         if fd >= 0:
             os.close(fd)
         return old
 
-    def discard(self, segment: Path | None) -> None:
-        if segment is not None:
+    def discard(self, segment: Path) -> bool:
+        """Delete a segment whose records are all durable; False if it could not be (yet)."""
+        try:
             segment.unlink(missing_ok=True)
+        except OSError as exc:
+            self.errors += 1
+            log.warning("event=journal_discard_failed file=%s error=%s", segment, exc)
+            return False
+        return True
 
-    def close(self) -> None:
-        """Everything is durable elsewhere (graceful shutdown): drop this process's segments."""
+    def close(self, discard: bool) -> None:
+        """Stop appending. With `discard` (everything is durable elsewhere: a graceful
+        shutdown) this process's segments are deleted; otherwise they stay for the next
+        start to replay."""
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
-        for path in self.directory.glob(f"*-{os.getpid()}{JOURNAL_SUFFIX}"):
-            path.unlink(missing_ok=True)
+        if discard:
+            for path in self.directory.glob(f"*-{os.getpid()}{JOURNAL_SUFFIX}"):
+                path.unlink(missing_ok=True)
 
     def recover_into(self, spool_dir: Path, at_start: bool) -> int:
         """Move segments of dead processes into the spool (to be replayed); how many."""

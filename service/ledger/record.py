@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import time
 import uuid
 from collections.abc import Iterable
@@ -52,6 +53,8 @@ class LedgerRecord:
     cost_usd: Decimal | None  # exact; None = unpriced, never a silent $0
     price_version_id: int | None
     kind: str = "usage"
+    # Why the provider's usage claim is implausible (`service.proxy.usage`); None when it is not.
+    usage_flag: str | None = None
 
     def as_row(self) -> tuple[Any, ...]:
         row: tuple[Any, ...] = _ROW(self)
@@ -80,12 +83,32 @@ COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(LedgerRecord))
 _ROW = attrgetter(*COLUMNS)
 
 
+# C0 and C1 control characters, NUL among them (Postgres text cannot hold it at all).
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def has_control_characters(text: str) -> bool:
+    return _CONTROL.search(text) is not None
+
+
+def storable_text(text: str, limit: int) -> str:
+    """A text from outside (a provider's model name or error code) as the ledger stores it:
+    control characters written as visible `\\xNN` escapes, then cut to `limit` characters.
+    A NUL would make Postgres refuse the row, and with it its whole batch."""
+    if _CONTROL.search(text) is not None:
+        text = _CONTROL.sub(lambda m: f"\\x{ord(m[0]):02x}", text)
+    return text[:limit]
+
+
 def month_of(at: datetime) -> datetime:
     """The first instant (UTC) of the month of `at`: the ledger partition it lands in."""
     return datetime(at.year, at.month, 1, tzinfo=UTC) if at.tzinfo is UTC else _month(at)
 
 
 def _month(at: datetime) -> datetime:
+    if at.tzinfo is None:
+        # `astimezone` would read it in the machine's zone: a partition off by hours.
+        raise ValueError(f"ledger times are UTC instants; {at.isoformat()} has no zone")
     at = at.astimezone(UTC)
     return datetime(at.year, at.month, 1, tzinfo=UTC)
 

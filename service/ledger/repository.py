@@ -1,4 +1,4 @@
-"""The ledger's one write: a batch of rows in one idempotent statement.
+"""The ledger's one write: a batch of rows in one idempotent statement, and the quarantine.
 
 A batch travels as one JSON array, the records' own JSON lines (made once, when the
 record was journaled) joined with commas, and `json_to_recordset` turns it back into
@@ -6,16 +6,25 @@ typed rows: the proxy's process spends next to nothing encoding a batch, and a b
 any size is one round trip. Costs are JSON strings, read by `numeric`'s own input:
 exact. `ON CONFLICT DO NOTHING` on the primary key (`request_id`, `occurred_at`) makes
 replaying a batch, whole or in part, a no-op.
+
+When Postgres refuses a batch for its content (a value a column cannot hold), the batch is
+split in halves and each half written on its own, down to single rows: the rows Postgres
+refuses go to `usage_quarantine` with its reason, every other row is stored. A few bad
+rows in a batch of n cost about 2·log2(n) statements each; a clean batch, one.
 """
 
 from __future__ import annotations
 
+import contextlib
+import uuid
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 
 import asyncpg
+import orjson
 
-from service.ledger.record import COLUMNS
+from service.ledger.record import COLUMNS, storable_text
 
 _SQL_TYPES = {
     "request_id": "text",
@@ -31,17 +40,18 @@ _SQL_TYPES = {
     "stream": "bool",
     "status_code": "int2",
     "error_code": "text",
-    "prompt_tokens": "int4",
-    "completion_tokens": "int4",
-    "total_tokens": "int4",
-    "cached_tokens": "int4",
-    "reasoning_tokens": "int4",
+    "prompt_tokens": "int8",
+    "completion_tokens": "int8",
+    "total_tokens": "int8",
+    "cached_tokens": "int8",
+    "reasoning_tokens": "int8",
     "usage_source": "text",
     "latency_ms": "int4",
     "ttft_ms": "int4",
     "cost_usd": "numeric",
     "price_version_id": "int8",
     "kind": "text",
+    "usage_flag": "text",
 }
 
 _RECORD_TYPE = ", ".join(f"{c} {_SQL_TYPES[c]}" for c in COLUMNS)
@@ -50,6 +60,22 @@ INSERT_BATCH = (
     f"SELECT {', '.join(COLUMNS)} FROM json_to_recordset($1::json) AS r({_RECORD_TYPE}) "
     "ON CONFLICT DO NOTHING"
 )
+QUARANTINE = (
+    "INSERT INTO usage_quarantine"
+    " (request_id, account_id, occurred_at, source, sqlstate, reason, record)"
+    " VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (request_id) DO NOTHING"
+)
+# Postgres refused the rows themselves (a value no column can hold, a check that fails):
+# the same rows can never succeed, so they are sifted out rather than retried.
+BAD_DATA = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError)
+
+
+@dataclass(slots=True)
+class Stored:
+    """What became of a batch: rows new in the ledger, and rows quarantined."""
+
+    inserted: int = 0
+    quarantined: int = 0
 
 
 class LedgerRepository:
@@ -71,3 +97,58 @@ class LedgerRepository:
         payload = (b"[" + b",".join(lines) + b"]").decode()
         status: str = await connection.execute(INSERT_BATCH, payload)
         return int(status.rsplit(" ", 1)[-1])
+
+    async def store(
+        self,
+        connection: asyncpg.Connection,
+        lines: Sequence[bytes],
+        months: Iterable[datetime],
+        source: str,
+    ) -> Stored:
+        """`insert`, except that rows Postgres refuses are quarantined instead of failing
+        their batch. Any other failure (the database went away) propagates: the caller keeps
+        the whole batch, and storing it again changes nothing for the rows already in."""
+        months = list(months)
+        try:
+            return Stored(inserted=await self.insert(connection, lines, months))
+        except BAD_DATA as exc:
+            if len(lines) == 1:
+                await self.quarantine(connection, lines[0], exc, source)
+                return Stored(quarantined=1)
+        half = len(lines) // 2
+        first = await self.store(connection, lines[:half], months, source)
+        second = await self.store(connection, lines[half:], months, source)
+        return Stored(first.inserted + second.inserted, first.quarantined + second.quarantined)
+
+    async def quarantine(
+        self, connection: asyncpg.Connection, line: bytes, error: Exception, source: str
+    ) -> None:
+        fields = _identity(line)
+        await connection.execute(
+            QUARANTINE,
+            fields.request_id,
+            fields.account_id,
+            fields.occurred_at,
+            source,
+            getattr(error, "sqlstate", None),
+            storable_text(str(error), 2000) or type(error).__name__,
+            line,
+        )
+
+
+@dataclass(slots=True)
+class _Identity:
+    request_id: str
+    account_id: uuid.UUID | None = None
+    occurred_at: datetime | None = None
+
+
+def _identity(line: bytes) -> _Identity:
+    """Who a refused record belongs to, as far as it can be read: it is bad data."""
+    data = orjson.loads(line)
+    found = _Identity(storable_text(str(data.get("request_id")), 200) or "")
+    with contextlib.suppress(TypeError, ValueError):
+        found.account_id = uuid.UUID(str(data.get("account_id")))
+    with contextlib.suppress(TypeError, ValueError):
+        found.occurred_at = datetime.fromisoformat(str(data.get("occurred_at")))
+    return found

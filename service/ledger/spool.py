@@ -82,11 +82,26 @@ class Spool:
         claimed.unlink(missing_ok=True)
 
     def reject(self, claimed: Path) -> Path:
-        """Set aside a batch Postgres refuses for its content, so it cannot block the rest."""
+        """Set aside a batch that cannot be stored even row by row, so it cannot block the
+        rest (never expected: a refused row is quarantined)."""
         self.rejected.mkdir(exist_ok=True)
         target = self.rejected / claimed.name.rsplit(".claim-", 1)[0]
         os.rename(claimed, target)
         return target
+
+    def requeue_rejected(self) -> int:
+        """Put batches set aside by earlier versions (whole batches refused for one bad row)
+        back in line: replayed now, only their bad rows are quarantined."""
+        if not self.rejected.is_dir():
+            return 0
+        moved = 0
+        for path in sorted(self.rejected.glob(f"*{SUFFIX}")):
+            with contextlib.suppress(FileNotFoundError):  # another worker took it
+                os.rename(path, self.directory / path.name)
+                moved += 1
+        if moved:
+            log.info("event=spool_rejected_requeued files=%d", moved)
+        return moved
 
     @staticmethod
     def read(path: Path) -> list[bytes]:

@@ -85,8 +85,15 @@ BATCH_SECONDS = Histogram(
 )
 LEDGER_ROWS = Counter(
     "meterline_ledger_rows",
-    "Usage records by where they went: written to Postgres, spooled, replayed from the spool.",
+    "Usage records by where they went: written to Postgres, spooled, replayed from the spool,"
+    " quarantined (refused by Postgres for their content; GET /billing/reports/quarantine).",
     ["outcome"],
+)
+LEDGER_ERRORS = Counter(
+    "meterline_ledger_errors",
+    "Failures of the ledger writer's durable paths, retried: a journal segment or write"
+    " (journal), a spool file (spool), a flush (flush).",
+    ["step"],
 )
 LIMIT_REFUSALS = Counter(
     "meterline_limit_refusals",

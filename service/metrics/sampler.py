@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from typing import Protocol
+from typing import Any, Protocol
 
 from service.ledger.record import LedgerRecord
 from service.metrics import registry
@@ -23,9 +23,15 @@ class WriterStats(Protocol):
     @property
     def queue_depth(self) -> int: ...
 
+    @property
+    def journal_errors(self) -> int: ...
+
     records_written: int
     records_spooled: int
     records_replayed: int
+    records_quarantined: int
+    spool_errors: int
+    flush_errors: int
     spool_files: int
     spool_bytes: int
 
@@ -52,7 +58,7 @@ async def observe_settlement(ctx: RequestContext, record: LedgerRecord | None) -
 class LedgerSampler:
     def __init__(self, writer: WriterStats) -> None:
         self._writer = writer
-        self._seen = {"written": 0, "spooled": 0, "replayed": 0}
+        self._seen: dict[tuple[Any, str], int] = {}
         self._task: asyncio.Task[None] | None = None
 
     def sample(self) -> None:
@@ -61,14 +67,19 @@ class LedgerSampler:
         registry.QUEUE_DEPTH.set(writer.queue_depth)
         registry.SPOOL_FILES.set(writer.spool_files)
         registry.SPOOL_BYTES.set(writer.spool_bytes)
-        for outcome, total in (
-            ("written", writer.records_written),
-            ("spooled", writer.records_spooled),
-            ("replayed", writer.records_replayed),
+        for counter, label, total in (
+            (registry.LEDGER_ROWS, "written", writer.records_written),
+            (registry.LEDGER_ROWS, "spooled", writer.records_spooled),
+            (registry.LEDGER_ROWS, "replayed", writer.records_replayed),
+            (registry.LEDGER_ROWS, "quarantined", writer.records_quarantined),
+            (registry.LEDGER_ERRORS, "journal", writer.journal_errors),
+            (registry.LEDGER_ERRORS, "spool", writer.spool_errors),
+            (registry.LEDGER_ERRORS, "flush", writer.flush_errors),
         ):
-            if total > self._seen[outcome]:
-                registry.LEDGER_ROWS.labels(outcome).inc(total - self._seen[outcome])
-                self._seen[outcome] = total
+            seen = self._seen.get((counter, label), 0)
+            if total > seen:
+                counter.labels(label).inc(total - seen)
+                self._seen[(counter, label)] = total
 
     async def start(self) -> None:
         self.sample()

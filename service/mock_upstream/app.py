@@ -10,8 +10,10 @@ Each path prefix behaves like one kind of real provider when streaming:
 
 A request may steer the mock with a `mock` object in its body (the proxy forwards bodies
 unchanged): `status`, `delay_ms`, `chunks`, `chunk_delay_ms`, `drop_after`, `malformed`,
-`cached_tokens`, `reasoning_tokens`. Token counts are deterministic: prompt tokens are
-the cl100k tokens of the text sent, completions are one token per generated word.
+`cached_tokens`, `reasoning_tokens`, and the absurd reports of a broken provider
+(`usage_override`, `model_override`, `error_code`: see below). Token counts are
+deterministic: prompt tokens are the cl100k tokens of the text sent, completions are one
+token per generated word.
 """
 
 from __future__ import annotations
@@ -83,7 +85,7 @@ def _usage(prompt: int, completion: int, mock: dict[str, Any]) -> dict[str, Any]
         usage["prompt_tokens_details"] = {"cached_tokens": int(mock["cached_tokens"])}
     if mock.get("reasoning_tokens"):
         usage["completion_tokens_details"] = {"reasoning_tokens": int(mock["reasoning_tokens"])}
-    return usage
+    return _absurd_usage(usage, mock)
 
 
 def _completion_length(body: dict[str, Any], mock: dict[str, Any]) -> int:
@@ -121,12 +123,12 @@ async def _chat_or_completion(request: Request) -> Response:
     if mock.get("delay_ms"):
         await asyncio.sleep(int(mock["delay_ms"]) / 1000)
     if mock.get("status"):
-        return _error(int(mock["status"]), f"mock failure {mock['status']}", "mock_error")
+        return _error(int(mock["status"]), f"mock failure {mock['status']}", _error_code(mock))
     if behaviour == "strict" and "stream_options" in body:
         return _error(400, "Unrecognized request argument supplied: stream_options")
 
     chat = request.url.path.endswith("/chat/completions")
-    model = body.get("model", "mock-chat")
+    model = _answer_model(body.get("model", "mock-chat"), mock)
     prompt_tokens = count_tokens(_prompt_text(body))
     n = _completion_length(body, mock)
     tool_call = _tool_call(body) if chat else None
@@ -268,7 +270,7 @@ async def _embeddings(request: Request) -> Response:
         return _error(400, "body is not valid JSON")
     mock = body.get("mock") or {}
     if mock.get("status"):
-        return _error(int(mock["status"]), f"mock failure {mock['status']}", "mock_error")
+        return _error(int(mock["status"]), f"mock failure {mock['status']}", _error_code(mock))
     inputs = body.get("input", "")
     inputs = inputs if isinstance(inputs, list) else [inputs]
     data = []
@@ -282,14 +284,43 @@ async def _embeddings(request: Request) -> Response:
             }
         )
     tokens = sum(count_tokens(str(t)) for t in inputs)
-    usage = {"prompt_tokens": tokens, "total_tokens": tokens}
+    usage = _absurd_usage({"prompt_tokens": tokens, "total_tokens": tokens}, mock)
     response = {
         "object": "list",
         "data": data,
-        "model": body.get("model", "mock-embed"),
+        "model": _answer_model(body.get("model", "mock-embed"), mock),
         "usage": usage,
     }
     return _json(response)
+
+
+# -- Absurd reports: what a broken or hostile provider sends --------------------------------
+# `usage_override`: fields replacing those of every usage reported (plain, streamed, running
+#   totals), any JSON value: strings, floats, negatives, 1e30, booleans, 2**31 and more;
+#   `prompt_tokens_details` / `completion_tokens_details` are merged one level down.
+# `model_override`: the model the answer names (a NUL or control characters included).
+# `error_code`: the `error.code` of a `status` failure (default `mock_error`).
+
+
+def _absurd_usage(usage: dict[str, Any], mock: dict[str, Any]) -> dict[str, Any]:
+    override = mock.get("usage_override")
+    if not isinstance(override, dict):
+        return usage
+    merged = dict(usage)
+    for name, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(name), dict):
+            merged[name] = {**merged[name], **value}
+        else:
+            merged[name] = value
+    return merged
+
+
+def _answer_model(model: Any, mock: dict[str, Any]) -> Any:
+    return mock.get("model_override", model)
+
+
+def _error_code(mock: dict[str, Any]) -> Any:
+    return mock.get("error_code", "mock_error")
 
 
 async def _models(request: Request) -> Response:

@@ -11,7 +11,6 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
@@ -30,7 +29,12 @@ from service.errors import (
     Unauthorized,
     error_body,
 )
-from service.ledger.record import LedgerRecord, new_request_id
+from service.ledger.record import (
+    LedgerRecord,
+    has_control_characters,
+    new_request_id,
+    storable_text,
+)
 from service.ledger.writer import LedgerWriter
 from service.prices.cache import PriceCache
 from service.providers.config import Provider
@@ -39,6 +43,7 @@ from service.proxy import tokens
 from service.proxy.context import ProxyHooks, RequestContext
 from service.proxy.sse import StreamMeter
 from service.proxy.upstream import UpstreamClient, UpstreamTimeout, UpstreamUnavailable
+from service.proxy.usage import Usage, UsageClaim, flag_of
 
 log = logging.getLogger("meterline.proxy")
 
@@ -69,37 +74,6 @@ class ModelNotFound(NotFound):
 
 def _json_bytes(body: dict[str, Any]) -> bytes:
     return orjson.dumps(body)
-
-
-def _int(value: Any) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
-
-
-@dataclass(slots=True)
-class Usage:
-    prompt: int = 0
-    completion: int = 0
-    total: int = 0
-    cached: int = 0
-    reasoning: int = 0
-    source: str = "none"
-
-    @classmethod
-    def from_upstream(cls, raw: Mapping[str, Any]) -> Usage:
-        prompt = _int(raw.get("prompt_tokens"))
-        completion = _int(raw.get("completion_tokens"))
-        total = _int(raw.get("total_tokens")) or prompt + completion
-        prompt_details = raw.get("prompt_tokens_details")
-        completion_details = raw.get("completion_tokens_details")
-        cached = (
-            _int(prompt_details.get("cached_tokens")) if isinstance(prompt_details, dict) else 0
-        )
-        reasoning = (
-            _int(completion_details.get("reasoning_tokens"))
-            if isinstance(completion_details, dict)
-            else 0
-        )
-        return cls(prompt, completion, total, cached, reasoning, "upstream")
 
 
 class PriceMemo:
@@ -204,6 +178,12 @@ def _task_header(headers: Mapping[bytes, bytes], name: bytes) -> str | None:
             code="invalid_header",
             param=name.decode(),
         )
+    if has_control_characters(value):
+        raise BadRequest(
+            f"{name.decode()} must not contain control characters (such as NUL)",
+            code="invalid_header",
+            param=name.decode(),
+        )
     return value or None
 
 
@@ -221,6 +201,12 @@ def _parse_body(raw: bytes, endpoint: str) -> dict[str, Any]:
         raise BadRequest("you must provide a model parameter", code="missing_model", param="model")
     if len(model) > MAX_MODEL:
         raise BadRequest("model name too long", code="invalid_model", param="model")
+    if has_control_characters(model):
+        raise BadRequest(
+            "model must not contain control characters (such as NUL)",
+            code="invalid_model",
+            param="model",
+        )
     if "stream" in body and not isinstance(body["stream"], bool | None):
         raise BadRequest("stream must be a boolean", code="invalid_type", param="stream")
     options = body.get("stream_options")
@@ -281,7 +267,7 @@ def _error_code(raw: bytes, status: int) -> str:
         if isinstance(error, dict):
             for field in ("code", "type"):
                 if isinstance(error.get(field), str) and error[field]:
-                    return str(error[field])[:64]
+                    return storable_text(error[field], 64)
     return f"upstream_{status}"
 
 
@@ -480,10 +466,23 @@ class MeteringProxy:
         if not isinstance(parsed, dict):
             return await self._estimate(ctx, ""), None
         model = parsed.get("model") if isinstance(parsed.get("model"), str) else None
-        usage = parsed.get("usage")
-        if isinstance(usage, dict) and (usage.get("prompt_tokens") or usage.get("total_tokens")):
-            return Usage.from_upstream(usage), model
-        return await self._estimate(ctx, tokens.completion_text_of_body(parsed)), model
+        usage = await self._claimed_usage(
+            ctx, parsed.get("usage"), lambda: tokens.completion_text_of_body(parsed)
+        )
+        return usage, model
+
+    async def _claimed_usage(
+        self, ctx: RequestContext, raw: object, completion_text: Callable[[], str]
+    ) -> Usage:
+        """The provider's usage where it is usable, the rest estimated; flagged if implausible."""
+        claim = UsageClaim.read(raw, ctx.endpoint) if isinstance(raw, dict) else None
+        if claim is not None and claim.complete:
+            usage = claim.usage()
+        else:
+            estimate = await self._estimate(ctx, completion_text())
+            usage = claim.usage(estimate) if claim is not None else estimate
+        usage.flag = flag_of(usage, claim, ctx.body)
+        return usage
 
     async def _estimate(self, ctx: RequestContext, completion: str) -> Usage:
         prompt_text = tokens.prompt_text(ctx.body)
@@ -600,11 +599,9 @@ class MeteringProxy:
             response.release()
         else:
             response.close()  # cancels the generation upstream: the connection is dropped
-        reported = meter.usage()
-        if reported is not None:
-            usage = Usage.from_upstream(reported)
-        else:
-            usage = await self._estimate(ctx, tokens.completion_text(meter.payloads()))
+        usage = await self._claimed_usage(
+            ctx, meter.usage(), lambda: tokens.completion_text(meter.payloads())
+        )
         record = await self._record(
             ctx, status, error_code, usage, meter.model(), started, ttft_ms=ttft_ms
         )
@@ -645,7 +642,7 @@ class MeteringProxy:
             task_type=ctx.task_type,
             endpoint=ctx.endpoint,
             requested_model=ctx.model,
-            upstream_model=upstream_model[:MAX_MODEL] if upstream_model else None,
+            upstream_model=storable_text(upstream_model, MAX_MODEL) if upstream_model else None,
             provider=ctx.provider.name[:64],
             stream=ctx.stream,
             status_code=status,
@@ -660,6 +657,7 @@ class MeteringProxy:
             ttft_ms=ttft_ms,
             cost_usd=cost,
             price_version_id=price.version_id if price is not None else None,
+            usage_flag=usage.flag,
         )
         self.ledger.submit(record)
         return record

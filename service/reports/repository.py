@@ -19,11 +19,11 @@ WITH usage AS (
            l.requested_model AS model,
            t.task_type,
            count(*) AS requests,
-           sum(l.prompt_tokens) AS prompt_tokens,
-           sum(l.completion_tokens) AS completion_tokens,
-           sum(l.total_tokens) AS total_tokens,
-           sum(l.cached_tokens) AS cached_tokens,
-           sum(l.reasoning_tokens) AS reasoning_tokens,
+           sum(l.prompt_tokens)::bigint AS prompt_tokens,
+           sum(l.completion_tokens)::bigint AS completion_tokens,
+           sum(l.total_tokens)::bigint AS total_tokens,
+           sum(l.cached_tokens)::bigint AS cached_tokens,
+           sum(l.reasoning_tokens)::bigint AS reasoning_tokens,
            coalesce(sum(l.cost_usd), 0) AS cost_usd,
            count(*) FILTER (WHERE l.cost_usd IS NULL) AS unpriced_requests
     FROM usage_ledger l

@@ -27,9 +27,9 @@ NOTIFY_CHANNEL = "meterline_tasks"
 # The ledger rows of one task (`l`), summed. Adjustment rows count in cost, not in requests.
 _USAGE = """
     count(*) FILTER (WHERE l.kind = 'usage') AS requests,
-    coalesce(sum(l.prompt_tokens), 0) AS prompt_tokens,
-    coalesce(sum(l.completion_tokens), 0) AS completion_tokens,
-    coalesce(sum(l.total_tokens), 0) AS total_tokens,
+    coalesce(sum(l.prompt_tokens), 0)::bigint AS prompt_tokens,
+    coalesce(sum(l.completion_tokens), 0)::bigint AS completion_tokens,
+    coalesce(sum(l.total_tokens), 0)::bigint AS total_tokens,
     coalesce(sum(l.cost_usd), 0) AS cost_usd,
     count(*) FILTER (WHERE l.cost_usd IS NULL) AS unpriced_requests,
     min(l.occurred_at) AS first_at,

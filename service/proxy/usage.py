@@ -1,0 +1,131 @@
+"""A provider's `usage` object, read as a claim: what of it can be billed, and what looks wrong.
+
+Providers send what they send: counts as strings, floats, negatives, `1e30`, booleans.
+A field that is not a non-negative integer is *missing*, never zero: the proxy estimates
+it with its tokenizer and the row says `usage_source = "estimated"`. Counts that are
+well-formed but implausible (more completion tokens than the request allowed, or more
+than any request uses) are stored as claimed and flagged (`usage_flag`), so that an
+operator reviews them before they reach a finalized invoice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from service.limits.estimate import completion_tokens
+
+# Beyond this a number is not a token count (a trillion tokens in one request); it is
+# treated as missing. Kept far below bigint's range, so sums of rows cannot overflow.
+MAX_TOKEN_COUNT = 10**12
+# More tokens than any model's context in one field: stored as claimed, but flagged.
+PLAUSIBLE_TOKEN_COUNT = 100_000_000
+
+FLAG_COMPLETION_OVER_LIMIT = "completion_over_limit"
+FLAG_IMPLAUSIBLE_COUNT = "implausible_count"
+
+
+def token_count(value: Any) -> int | None:
+    """`value` if it is a usable count (a non-negative integer, not a bool), else None."""
+    if type(value) is int and 0 <= value <= MAX_TOKEN_COUNT:
+        return value
+    return None
+
+
+@dataclass(slots=True)
+class Usage:
+    prompt: int = 0
+    completion: int = 0
+    total: int = 0
+    cached: int = 0
+    reasoning: int = 0
+    source: str = "none"
+    flag: str | None = None
+
+
+@dataclass(slots=True)
+class UsageClaim:
+    """The provider's usage, field by field; None where a count is missing or unusable."""
+
+    prompt: int | None
+    completion: int | None
+    total: int | None
+    cached: int
+    reasoning: int
+    clean: bool  # every field present was usable
+
+    @classmethod
+    def read(cls, raw: Mapping[str, Any], endpoint: str) -> UsageClaim | None:
+        """None when the object claims nothing at all (no positive prompt or total count):
+        a usage of zeros is a provider that did not count, not a free request."""
+        prompt = token_count(raw.get("prompt_tokens"))
+        total = token_count(raw.get("total_tokens"))
+        if not prompt and not total:
+            return None
+        clean = _usable_or_absent(raw, "prompt_tokens") and _usable_or_absent(raw, "total_tokens")
+        completion = token_count(raw.get("completion_tokens"))
+        if raw.get("completion_tokens") is None:
+            # Absent: embeddings have none; others may report only the total.
+            if endpoint == "embeddings":
+                completion = 0
+            elif prompt is not None and total is not None and total >= prompt:
+                completion = total - prompt
+        elif completion is None:
+            clean = False
+        cached, cached_ok = _detail(raw, "prompt_tokens_details", "cached_tokens")
+        reasoning, reasoning_ok = _detail(raw, "completion_tokens_details", "reasoning_tokens")
+        return cls(
+            prompt, completion, total, cached, reasoning, clean and cached_ok and reasoning_ok
+        )
+
+    @property
+    def complete(self) -> bool:
+        return self.prompt is not None and self.completion is not None
+
+    def usage(self, estimate: Usage | None = None) -> Usage:
+        """The billable usage: the claim, its missing counts taken from `estimate`."""
+        if self.prompt is not None and self.completion is not None:
+            total = self.total or self.prompt + self.completion
+            source = "upstream" if self.clean else "estimated"
+            return Usage(self.prompt, self.completion, total, self.cached, self.reasoning, source)
+        assert estimate is not None, "an incomplete claim needs an estimate"
+        prompt = self.prompt if self.prompt is not None else estimate.prompt
+        completion = self.completion if self.completion is not None else estimate.completion
+        return Usage(
+            prompt, completion, prompt + completion, self.cached, self.reasoning, "estimated"
+        )
+
+
+def _usable_or_absent(raw: Mapping[str, Any], name: str) -> bool:
+    value = raw.get(name)
+    return value is None or token_count(value) is not None
+
+
+def _detail(raw: Mapping[str, Any], group: str, name: str) -> tuple[int, bool]:
+    """A count inside `*_tokens_details`: (its value or 0, whether it was usable or absent)."""
+    details = raw.get(group)
+    if details is None:
+        return 0, True
+    if not isinstance(details, Mapping):
+        return 0, False
+    value = details.get(name)
+    count = token_count(value)
+    return count or 0, value is None or count is not None
+
+
+def flag_of(usage: Usage, claim: UsageClaim | None, body: dict[str, Any]) -> str | None:
+    """Why the provider's claimed counts in `usage` are implausible, or None.
+
+    Only claimed counts are judged: what Meterline estimated itself is what it saw.
+    """
+    if claim is None:
+        return None
+    # What the request allowed over all its choices, as budgets reserve it (0: no bound).
+    limit = completion_tokens(body, default=0)
+    if claim.completion is not None and limit and usage.completion > limit:
+        return FLAG_COMPLETION_OVER_LIMIT
+    claimed = (claim.prompt, claim.completion, claim.total, claim.cached, claim.reasoning)
+    if any(v is not None and v > PLAUSIBLE_TOKEN_COUNT for v in claimed):
+        return FLAG_IMPLAUSIBLE_COUNT
+    return None

@@ -1,0 +1,118 @@
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Path, Query
+
+from service.accounts.endpoints import ERRORS
+from service.auth.principal import Admin, Caller
+from service.db.session import Session
+from service.errors import ErrorBody
+from service.reports.service import parse_period
+from service.review import service
+from service.review.schemas import (
+    FlaggedUsageAccept,
+    FlaggedUsageAdjust,
+    FlaggedUsagePage,
+    FlaggedUsageRow,
+    QuarantinedRow,
+)
+from service.schemas import CursorParam, Limit, Page, as_utc, decode_cursor, encode_cursor
+
+router = APIRouter(prefix="/billing/reports", tags=["reports"], responses=ERRORS)
+
+REVIEWED: dict[int | str, dict[str, Any]] = {
+    409: {"model": ErrorBody, "description": "Reviewed already (`already_reviewed`)."}
+}
+RequestId = Annotated[str, Path(max_length=40, pattern=r"^[A-Za-z0-9_]+$")]
+
+
+def _position(cursor: str | None) -> tuple[datetime, str] | None:
+    if not cursor:
+        return None
+    at, request_id = decode_cursor(cursor, lambda s: as_utc(datetime.fromisoformat(s)), str)
+    return at, request_id
+
+
+@router.get("/flagged", response_model=FlaggedUsagePage)
+async def flagged_usage(
+    session: Session,
+    caller: Caller,
+    period: Annotated[str, Query(description="The month, `YYYY-MM` (UTC).")],
+    account_id: uuid.UUID | None = None,
+    unreviewed: Annotated[
+        bool, Query(description="Only rows no admin has reviewed yet (they block finalizing).")
+    ] = False,
+    limit: Limit = 50,
+    cursor: CursorParam = None,
+) -> FlaggedUsagePage:
+    """Usage the provider claimed implausibly, stored as claimed and flagged, oldest first.
+
+    Like unpriced usage, an unreviewed row blocks finalization of the invoice that bills
+    it, until an admin accepts it or corrects it with an adjustment.
+    """
+    start, end = parse_period(period)
+    rows = await service.flagged_report(
+        session,
+        start,
+        end,
+        caller.scope(account_id),
+        unreviewed,
+        limit + 1,
+        _position(cursor),
+    )
+    page = rows[:limit]
+    more = len(rows) > limit
+    last = page[-1][0] if page else None
+    return FlaggedUsagePage(
+        period=period,
+        data=[service.flagged_out(row, review) for row, review in page],
+        has_more=more,
+        next_cursor=encode_cursor(last.occurred_at.isoformat(), last.request_id)
+        if more and last is not None
+        else None,
+    )
+
+
+@router.post("/flagged/{request_id}/accept", response_model=FlaggedUsageRow, responses=REVIEWED)
+async def accept_flagged_usage(
+    request_id: RequestId, data: FlaggedUsageAccept, session: Session, _: Admin
+) -> FlaggedUsageRow:
+    """Bill a flagged row as the provider claimed it (admin). Again: no change."""
+    return service.flagged_out(*await service.accept(session, request_id, data.note))
+
+
+@router.post("/flagged/{request_id}/adjust", response_model=FlaggedUsageRow, responses=REVIEWED)
+async def adjust_flagged_usage(
+    request_id: RequestId, data: FlaggedUsageAdjust, session: Session, _: Admin
+) -> FlaggedUsageRow:
+    """Correct a flagged row with an adjustment row of its month, `amount_usd` (admin)."""
+    row = await service.adjust(session, request_id, data.amount_usd, data.note)
+    return service.flagged_out(*row)
+
+
+@router.get("/quarantine", response_model=Page[QuarantinedRow])
+async def quarantined_usage(
+    session: Session,
+    _: Admin,
+    account_id: uuid.UUID | None = None,
+    limit: Limit = 50,
+    cursor: CursorParam = None,
+) -> Page[QuarantinedRow]:
+    """Ledger records Postgres refused for their content, oldest first (admin).
+
+    The writer stores a refused batch row by row: only these rows are missing from the
+    ledger, each with Postgres' reason and the record as it was to be stored.
+    """
+    rows = await service.quarantined_report(session, account_id, limit + 1, _position(cursor))
+    page = rows[:limit]
+    more = len(rows) > limit
+    return Page[QuarantinedRow](
+        data=[service.quarantined_out(r) for r in page],
+        has_more=more,
+        next_cursor=encode_cursor(page[-1].quarantined_at.isoformat(), page[-1].request_id)
+        if more
+        else None,
+    )

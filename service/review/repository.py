@@ -1,0 +1,142 @@
+"""Queries of the review reports: flagged ledger rows and their reviews, quarantined rows."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from datetime import datetime
+
+from sqlalchemy import and_, func, insert, literal, or_, select, tuple_
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from service.db.models import FlaggedUsageReview, Invoice, QuarantinedUsage, UsageRecord
+
+L = UsageRecord
+R = FlaggedUsageReview
+Q = QuarantinedUsage
+
+_REVIEW_JOIN = and_(R.request_id == L.request_id, R.occurred_at == L.occurred_at)
+
+
+class ReviewRepository:
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+
+    async def flagged(
+        self,
+        start: datetime,
+        end: datetime,
+        account_id: uuid.UUID | None,
+        unreviewed_only: bool,
+        limit: int,
+        after: tuple[datetime, str] | None,
+    ) -> Sequence[tuple[UsageRecord, FlaggedUsageReview | None]]:
+        """Flagged rows that occurred in [start, end), oldest first, with their review."""
+        query = (
+            select(L, R)
+            .outerjoin(R, _REVIEW_JOIN)
+            .where(L.usage_flag.is_not(None), L.occurred_at >= start, L.occurred_at < end)
+            .order_by(L.occurred_at, L.request_id)
+            .limit(limit)
+        )
+        if account_id is not None:
+            query = query.where(L.account_id == account_id)
+        if unreviewed_only:
+            query = query.where(R.request_id.is_(None))
+        if after is not None:
+            query = query.where(tuple_(L.occurred_at, L.request_id) > tuple_(*after))
+        return (await self.session.execute(query)).tuples().all()
+
+    async def flagged_row(
+        self, request_id: str
+    ) -> tuple[UsageRecord, FlaggedUsageReview | None] | None:
+        query = (
+            select(L, R)
+            .outerjoin(R, _REVIEW_JOIN)
+            .where(L.request_id == request_id, L.usage_flag.is_not(None))
+        )
+        return (await self.session.execute(query)).tuples().first()
+
+    async def add_review(
+        self, row: UsageRecord, decision: str, note: str | None, adjustment: str | None = None
+    ) -> FlaggedUsageReview | None:
+        """The new review, or None when the row was reviewed already (by a concurrent call)."""
+        added = await self.session.scalars(
+            pg_insert(R)
+            .values(
+                request_id=row.request_id,
+                occurred_at=row.occurred_at,
+                account_id=row.account_id,
+                decision=decision,
+                adjustment_request_id=adjustment,
+                note=note,
+            )
+            .on_conflict_do_nothing()
+            .returning(R)
+        )
+        return added.first()
+
+    async def add_adjustment(self, row: UsageRecord, request_id: str, amount: object) -> None:
+        """A correction row for `row`: same account, model and instant (so the same month),
+        no tokens, the amount as its exact cost."""
+        await self.session.execute(
+            select(func.meterline_ensure_usage_partition(literal(row.occurred_at)))
+        )
+        await self.session.execute(
+            insert(L).values(
+                request_id=request_id,
+                occurred_at=row.occurred_at,
+                kind="adjustment",
+                account_id=row.account_id,
+                endpoint=row.endpoint,
+                requested_model=row.requested_model,
+                stream=False,
+                status_code=200,
+                prompt_tokens=0,
+                completion_tokens=0,
+                total_tokens=0,
+                cached_tokens=0,
+                reasoning_tokens=0,
+                usage_source="none",
+                cost_usd=amount,
+            )
+        )
+
+    async def unreviewed_billed_by(
+        self, account_id: uuid.UUID, start: datetime, end: datetime, limit: int
+    ) -> tuple[list[str], int]:
+        """Unreviewed flagged rows the account's invoice of [start, end) bills: its own
+        month's, and late ones of months already finalized. (A few ids, and how many.)"""
+        finalized = select(Invoice.period).where(
+            Invoice.account_id == account_id, Invoice.status == "finalized"
+        )
+        month = func.to_char(func.timezone("UTC", L.occurred_at), "YYYY-MM")
+        where = and_(
+            L.account_id == account_id,
+            L.usage_flag.is_not(None),
+            L.occurred_at < end,
+            or_(L.occurred_at >= start, month.in_(finalized)),
+            R.request_id.is_(None),
+        )
+        ids = await self.session.scalars(
+            select(L.request_id)
+            .outerjoin(R, _REVIEW_JOIN)
+            .where(where)
+            .order_by(L.occurred_at, L.request_id)
+            .limit(limit)
+        )
+        count = await self.session.scalar(
+            select(func.count()).select_from(L).outerjoin(R, _REVIEW_JOIN).where(where)
+        )
+        return list(ids), int(count or 0)
+
+    async def quarantined(
+        self, account_id: uuid.UUID | None, limit: int, after: tuple[datetime, str] | None
+    ) -> Sequence[QuarantinedUsage]:
+        query = select(Q).order_by(Q.quarantined_at, Q.request_id).limit(limit)
+        if account_id is not None:
+            query = query.where(Q.account_id == account_id)
+        if after is not None:
+            query = query.where(tuple_(Q.quarantined_at, Q.request_id) > tuple_(*after))
+        return (await self.session.scalars(query)).all()
