@@ -8,10 +8,13 @@ from pydantic import BaseModel, Field
 
 from service.schemas import DecimalString
 
-GroupBy = Literal["day", "month", "model", "key", "task", "task_type", "provider", "status"]
+GroupBy = Literal[
+    "day", "month", "account", "model", "key", "task", "task_type", "provider", "status"
+]
 GROUPS: tuple[GroupBy, ...] = (
     "day",
     "month",
+    "account",
     "model",
     "key",
     "task",
@@ -37,6 +40,7 @@ class UsageGroup(UsageTotals):
 
     day: date | None = Field(default=None, description="group_by=day (UTC).")
     month: str | None = Field(default=None, description="group_by=month, `YYYY-MM` (UTC).")
+    account_id: uuid.UUID | None = Field(default=None, description="group_by=account.")
     model: str | None = Field(default=None, description="group_by=model: the model asked for.")
     key_id: uuid.UUID | None = Field(default=None, description="group_by=key.")
     task_id: str | None = Field(default=None, description="group_by=task (`X-Task-Id`).")
