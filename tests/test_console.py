@@ -136,7 +136,8 @@ def chart_drawn(page: Any, selector: str) -> dict[str, Any]:
         selector,
         """el => {
             const canvas = el.querySelector("canvas");
-            const pixels = canvas.getContext("2d").getImageData(0, 0, canvas.width, canvas.height).data;
+            const context = canvas.getContext("2d");
+            const pixels = context.getImageData(0, 0, canvas.width, canvas.height).data;
             let ink = 0;
             for (let i = 3; i < pixels.length; i += 4) if (pixels[i] > 0) ink++;
             return {points: Number(el.dataset.drawn), nonzero: Number(el.dataset.nonzero), ink};
@@ -296,7 +297,7 @@ def two_customers(server: Meterline, db: Database) -> dict[str, Any]:
             insert_usage(
                 db,
                 *(
-                    usage_row(account["id"], last_month - timedelta(days=d), cost="0.01234")
+                    usage_row(str(account["id"]), last_month - timedelta(days=d), cost="0.01234")
                     for d in range(3)
                 ),
             )
@@ -341,9 +342,7 @@ def test_a_customer_key_sees_only_its_own_account(
 
 
 @pytest.mark.browser
-def test_a_form_posted_without_its_csrf_token_is_refused(
-    browser: Any, server: Meterline
-) -> None:
+def test_a_form_posted_without_its_csrf_token_is_refused(browser: Any, server: Meterline) -> None:
     page = signed_in(browser, server, ADMIN_TOKEN)
     name = f"csrf probe {secrets.token_hex(3)}"
     page.goto(f"{server.url}/console/accounts")

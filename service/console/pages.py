@@ -212,7 +212,9 @@ def _when(value: datetime | date | None) -> str:
 
 
 def _percent(share: Decimal | float) -> str:
-    return f"{Decimal(share) * 100:.0f} %"
+    """A share for a glance: whole percents, one decimal below 10 % (so 0.05 % is not 0 %)."""
+    value = Decimal(share) * 100
+    return f"{value:.0f} %" if value >= 10 or value == 0 else f"{value:.1f} %"
 
 
 ENV = Environment(

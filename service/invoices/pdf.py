@@ -110,6 +110,9 @@ class _Document(FPDF):
         lines.append(" ".join(current))
         return lines
 
+    def right_text(self, right: float, baseline: float, text: str) -> None:
+        self.text(right - self.get_string_width(text), baseline, text)
+
     def text_line(
         self, text: str, size: float = 9, bold: bool = False, muted: bool = False
     ) -> None:
@@ -176,7 +179,9 @@ def _table_header(pdf: _Document) -> None:
 
 
 def _line(pdf: _Document, line: InvoiceLineOut) -> None:
-    description, quantity, unit, amount = COLUMNS
+    """One line of the table. Drawn with `text` at computed positions rather than `cell`:
+    several times faster, and a thousand-line invoice is thousands of strings."""
+    description, quantity, unit, _ = COLUMNS
     pdf.set_font("DejaVu", "", 8)
     rows = pdf.wrap(line.description, description - 3)
     if pdf.will_page_break(3.6 * len(rows) + 4):
@@ -184,22 +189,21 @@ def _line(pdf: _Document, line: InvoiceLineOut) -> None:
         _table_header(pdf)
         pdf.set_font("DejaVu", "", 8)
     top = pdf.get_y() + 1.2
-    pdf.set_xy(pdf.l_margin, top)
+    baseline = top + 2.7
+    left = pdf.l_margin
     pdf.set_text_color(*INK)
-    for row in rows:
-        pdf.cell(description, 3.6, row, new_x=XPos.LMARGIN, new_y=YPos.NEXT)
-    bottom = pdf.get_y()
-    pdf.set_xy(pdf.l_margin + description, top)
-    pdf.cell(quantity, 3.6, f"{line.quantity:,}", align="R")
-    pdf.cell(unit, 3.6, unit_price(line), align="R")
+    for i, row in enumerate(rows):
+        pdf.text(left, baseline + 3.6 * i, row)
+    pdf.right_text(left + description + quantity, baseline, f"{line.quantity:,}")
+    pdf.right_text(left + description + quantity + unit, baseline, unit_price(line))
+    right = left + sum(COLUMNS)
     pdf.set_font("DejaVu", "B", 8.5)
-    pdf.cell(amount, 3.6, format_usd(line.amount_usd), align="R")
-    pdf.set_xy(pdf.l_margin + description + quantity + unit, top + 3.8)
+    pdf.right_text(right, baseline, format_usd(line.amount_usd))
     pdf.set_font("DejaVu", "", 6.5)
     pdf.set_text_color(*MUTED)
-    pdf.cell(amount, 3, f"exact {format_usd(line.amount_exact_usd)}", align="R")
-    pdf.set_y(max(bottom, top + 7) + 1.2)
-    pdf.line(pdf.l_margin, pdf.get_y(), pdf.l_margin + sum(COLUMNS), pdf.get_y())
+    pdf.right_text(right, baseline + 3.4, f"exact {format_usd(line.amount_exact_usd)}")
+    pdf.set_y(top + max(3.6 * len(rows), 7) + 1.2)
+    pdf.line(left, pdf.get_y(), right, pdf.get_y())
 
 
 def _totals(pdf: _Document, invoice: InvoiceOut) -> None:
