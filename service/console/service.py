@@ -151,13 +151,14 @@ async def _report(
     return await usage.usage_report(session, where, group_by, MAX_GROUPS)
 
 
-def _days(period: BillingPeriod, rows: Sequence[UsageGroup]) -> list[DayPoint]:
-    """Every day of the month so far, zero where nothing happened (a chart without gaps)."""
-    by_day = {r.day: r for r in rows}
-    last = min(period.end, datetime.now(UTC) + timedelta(days=1)).date()
+def _days(period: BillingPeriod, rows: Sequence[UsageGroup], today: date) -> list[DayPoint]:
+    """Every day of the month up to today (or the last day with usage), zero where nothing
+    happened: a chart without gaps."""
+    by_day = {r.day: r for r in rows if r.day is not None}
+    last = max([today, *by_day]) if by_day else today
     points = []
     day = period.start.date()
-    while day < last:
+    while day <= last and day < period.end.date():
         r = by_day.get(day)
         points.append(DayPoint(day, r.cost_usd if r else Decimal(0), r.requests if r else 0))
         day += timedelta(days=1)
@@ -178,7 +179,7 @@ async def overview(session: AsyncSession, principal: Principal, now: datetime) -
     result = Overview(
         period=period,
         totals=_sum(days),
-        days=_days(period, days),
+        days=_days(period, days, now.astimezone(UTC).date()),
         models=_top(models),
         keys=[Labelled(r, key_label(keys.get(r.key_id), r.key_id)) for r in key_rows],  # type: ignore[arg-type]
     )

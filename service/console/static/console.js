@@ -71,6 +71,7 @@
     var plot = new uPlot(opts, [xs, ys], el);
     el.setAttribute("data-drawn", String(xs.length));
     el.setAttribute("data-nonzero", String(ys.filter(function (y) { return y > 0; }).length));
+    if (window.performance && performance.mark) performance.mark("meterline:chart-drawn");
     if ("ResizeObserver" in window) {
       new ResizeObserver(function () {
         if (el.clientWidth && Math.abs(el.clientWidth - plot.width) > 2) {
