@@ -21,7 +21,6 @@ from sqlalchemy import (
     BigInteger,
     Date,
     Select,
-    case,
     cast,
     func,
     literal,
@@ -75,7 +74,7 @@ TOTALS = (
 )
 
 
-# The groups `usage_daily` can answer, as (output field, column of the day-or-ledger rows).
+# The groups `usage_daily` can answer, as (output field, the column it is read from).
 DAILY_GROUPS: dict[GroupBy, tuple[str, str]] = {
     "day": ("day", "day"),
     "month": ("month", "day"),
@@ -177,33 +176,58 @@ class UsageFilter:
         return conditions
 
 
-def _days_and_tail(where: UsageFilter) -> Any:
-    """The rollup's rows in range, and the ledger rows recorded since its watermark."""
+def _grouped(group_by: Sequence[GroupBy], columns: dict[str, Any], *measures: Any) -> Select[Any]:
+    """One side of a daily report: its rows summed by the groups asked for (so each side
+    aggregates on its own, in parallel when Postgres can, before the two are added up)."""
+    groups = []
+    for group in group_by:
+        field, source = DAILY_GROUPS[group]
+        expression = columns[source]
+        if group == "month":
+            expression = func.to_char(expression, literal("YYYY-MM"))
+        groups.append(expression.label(field))
+    statement = select(*groups, *measures)
+    if groups:
+        statement = statement.group_by(
+            *(literal(p, literal_execute=True) for p in range(1, len(groups) + 1))
+        )
+    return statement
+
+
+def _days_and_tail(where: UsageFilter, group_by: Sequence[GroupBy]) -> Any:
+    """The rollup's rows in range and the ledger rows recorded since its watermark, each
+    summed by the groups."""
     watermark = select(UsageDailyState.rolled_up_to).where(UsageDailyState.id == 1)
-    days = select(
-        D.day,
-        D.account_id,
-        func.nullif(D.key_id, NO_KEY).label("key_id"),
-        D.requested_model,
-        func.nullif(D.provider, "").label("provider"),
-        func.nullif(D.task_type, "").label("task_type"),
-        D.status_code,
-        *(getattr(D, m) for m in MEASURES),
-        D.cost_usd,
-        D.unpriced_requests,
+    days = _grouped(
+        group_by,
+        {
+            "day": D.day,
+            "account_id": D.account_id,
+            "key_id": func.nullif(D.key_id, NO_KEY),
+            "requested_model": D.requested_model,
+            "provider": func.nullif(D.provider, ""),
+            "task_type": func.nullif(D.task_type, ""),
+            "status_code": D.status_code,
+        },
+        *(func.sum(getattr(D, m)).label(m) for m in MEASURES),
+        func.sum(D.cost_usd).label("cost_usd"),
+        func.sum(D.unpriced_requests).label("unpriced_requests"),
     ).where(*where.daily_conditions())
-    tail = select(
-        cast(_utc(L.occurred_at), Date).label("day"),
-        L.account_id,
-        L.key_id,
-        L.requested_model,
-        L.provider,
-        L.task_type,
-        L.status_code,
-        literal(1, BigInteger).label("requests"),
-        *(cast(getattr(L, m), BigInteger).label(m) for m in MEASURES[1:]),
-        func.coalesce(L.cost_usd, 0).label("cost_usd"),
-        case((L.cost_usd.is_(None), 1), else_=0).label("unpriced_requests"),
+    tail = _grouped(
+        group_by,
+        {
+            "day": cast(_utc(L.occurred_at), Date),
+            "account_id": L.account_id,
+            "key_id": L.key_id,
+            "requested_model": L.requested_model,
+            "provider": L.provider,
+            "task_type": L.task_type,
+            "status_code": L.status_code,
+        },
+        func.count().label("requests"),
+        *(func.sum(getattr(L, m)).label(m) for m in MEASURES[1:]),
+        func.sum(L.cost_usd).label("cost_usd"),
+        func.count().filter(L.cost_usd.is_(None)).label("unpriced_requests"),
     ).where(*where.conditions(), L.recorded_at > watermark.scalar_subquery())
     return union_all(days, tail).subquery("usage")
 
@@ -214,14 +238,7 @@ def _ledger_aggregate(where: UsageFilter, group_by: Sequence[GroupBy]) -> Select
 
 
 def _daily_aggregate(where: UsageFilter, group_by: Sequence[GroupBy]) -> Select[Any]:
-    u = _days_and_tail(where).c
-    columns = []
-    for group in group_by:
-        field, source = DAILY_GROUPS[group]
-        expression = u[source]
-        if group == "month":
-            expression = func.to_char(expression, literal("YYYY-MM"))
-        columns.append(expression.label(field))
+    u = _days_and_tail(where, group_by).c
     totals = (
         *(cast(func.coalesce(func.sum(u[m]), 0), BigInteger).label(m) for m in MEASURES),
         func.coalesce(func.sum(u.cost_usd), 0).label("cost_usd"),
@@ -229,7 +246,7 @@ def _daily_aggregate(where: UsageFilter, group_by: Sequence[GroupBy]) -> Select[
             "unpriced_requests"
         ),
     )
-    return select(*columns, *totals)
+    return select(*(u[DAILY_GROUPS[g][0]] for g in group_by), *totals)
 
 
 class UsageRepository:
