@@ -86,7 +86,46 @@ def db(server: Meterline) -> Database:
 
 
 @pytest.fixture(scope="module")
-def browser(server: Meterline, two_customers: dict[str, Any]) -> Iterator[Any]:
+def history(server: Meterline, db: Database) -> dict[str, Any]:
+    """An account with two keys and a month of varied usage up to now, a few errors in it."""
+    account = server.new_account(name="Northwind Traders", monthly_budget_usd="400")
+    with server.admin() as api:
+        for name in ("web", "batch"):
+            api.post(f"/billing/accounts/{account['id']}/keys", json={"name": name})
+        keys = [k["id"] for k in api.get(f"/billing/accounts/{account['id']}/keys").json()["data"]]
+    models = {
+        "meta-llama/Llama-3.3-70B-Instruct": "0.000000400",
+        "deepseek-ai/DeepSeek-V3": "0.000001250",
+        "Qwen/Qwen2.5-72B-Instruct": "0.000000400",
+    }
+    now = datetime.now(UTC)
+    rows = []
+    for day in range(30):
+        at = now - timedelta(days=day, hours=1)
+        for i in range(8 + (day * 7) % 23):
+            model, rate = list(models.items())[i % 3]
+            prompt, completion = 800 + 97 * ((day + i) % 13), 150 + 41 * (i % 7)
+            status = 502 if (day + i) % 37 == 0 else 429 if (day * i) % 53 == 5 else 200
+            rows.append(
+                usage_row(
+                    str(account["id"]),
+                    at - timedelta(minutes=i),
+                    model=model,
+                    key_id=keys[i % 2],
+                    prompt=prompt,
+                    completion=completion if status == 200 else 0,
+                    cost=str(Decimal(rate) * (prompt + completion) * 40),
+                    status=status,
+                )
+            )
+    insert_usage(db, *rows)
+    return {"account": account, "start": (now - timedelta(days=29)).date()}
+
+
+@pytest.fixture(scope="module")
+def browser(
+    server: Meterline, two_customers: dict[str, Any], history: dict[str, Any]
+) -> Iterator[Any]:
     """Chromium for the module. Playwright's sync API keeps an event loop running while it
     is open, so everything set up with `asyncio.run` (databases, rows) comes before it."""
     if not CHROMIUM.exists():
@@ -212,13 +251,24 @@ def test_operator_signs_in_creates_an_account_and_a_key_and_sees_its_usage(
         page.set_viewport_size(dict(zip(("width", "height"), SIZES[size], strict=True)))
         screenshot(page, f"overview-{size}")
 
-    # The usage explorer of this account, and its CSV: the same figures as the API's.
+    # The usage explorer over a month of an account's history, by day and by model.
     page.set_viewport_size({"width": 1280, "height": 800})
-    page.goto(f"{server.url}/console/usage?account_id={account_id}&group=day")
-    chart_drawn(page, "#usage-chart")
+    northwind = history["account"]["id"]
+    page.goto(f"{server.url}/console/usage?account_id={northwind}&start={history['start']}")
+    assert chart_drawn(page, "#usage-chart")["points"] == 30
     for size in SIZES:
         page.set_viewport_size(dict(zip(("width", "height"), SIZES[size], strict=True)))
         screenshot(page, f"usage-{size}")
+    page.goto(
+        f"{server.url}/console/usage?account_id={northwind}&start={history['start']}&group=model"
+    )
+    assert page.locator("#usage-table tbody tr").count() == 3
+    screenshot(page, "usage-by-model-phone")
+
+    # This account's usage and its CSV: the same figures as the API's.
+    page.set_viewport_size({"width": 1280, "height": 800})
+    page.goto(f"{server.url}/console/usage?account_id={account_id}&group=day")
+    chart_drawn(page, "#usage-chart")
     with page.expect_download() as download:
         page.click("#usage-csv")
     path = ARTIFACTS / "usage.csv"

@@ -16,7 +16,7 @@ from service.db.engine import create_engine, session_factory, transaction
 from service.usage.repository import UsageFilter
 from service.usage.rollup import roll_up_daily
 from service.usage.schemas import GroupBy
-from service.usage.service import usage_report
+from service.usage.service import usage_breakdowns, usage_report
 from tests.support import Database
 from tests.usage_rows import insert_usage, usage_row
 
@@ -130,8 +130,23 @@ def _rows(account: uuid.UUID, other: uuid.UUID, key: uuid.UUID, first: int) -> l
     ]
 
 
+async def _breakdowns(url: str, where: UsageFilter) -> list[list[dict[str, Any]]]:
+    engine = create_engine(url, pool_size=1)
+    try:
+        async with session_factory(engine)() as session:
+            found = await usage_breakdowns(session, where, [g for g in GROUPINGS if g])
+        return [[row.model_dump(exclude_unset=True) for row in rows] for rows in found]
+    finally:
+        await engine.dispose()
+
+
 def _reports(url: str, where: UsageFilter) -> list[list[dict[str, Any]]]:
-    return [run(_report(url, where, g)) for g in GROUPINGS]
+    reports = [run(_report(url, where, g)) for g in GROUPINGS]
+    # The dashboard's one-pass breakdowns give the same groups (in no particular order).
+    together = run(_breakdowns(url, where))
+    for alone, grouping, rows in zip(reports[1:], GROUPINGS[1:], together, strict=True):
+        assert sorted(map(repr, rows)) == sorted(map(repr, alone)), grouping
+    return reports
 
 
 def _expected(rows: list[dict[str, Any]], where: UsageFilter) -> list[list[dict[str, Any]]]:

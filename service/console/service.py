@@ -169,22 +169,35 @@ async def overview(session: AsyncSession, principal: Principal, now: datetime) -
     """This month so far: spend, requests, tokens, daily spend, top models, keys, accounts,
     budget use and the last week's errors."""
     period = BillingPeriod.of(now)
-    start, end = period.start, period.end
-    days = (await _report(session, principal, start, end, ["day"])).data
-    models = (await _report(session, principal, start, end, ["model"])).data
-    key_rows = _top((await _report(session, principal, start, end, ["key"])).data)
+    where = await usage.scoped_filter(
+        session,
+        principal,
+        account_id=None,
+        key_id=None,
+        task_id=None,
+        model=None,
+        start=period.start,
+        end=period.end,
+    )
+    groupings: list[list[GroupBy]] = [["day"], ["model"], ["key"]]
+    if principal.is_admin:
+        groupings.append(["account"])
+    days, models, all_keys, *by_account = await usage.usage_breakdowns(session, where, groupings)
+    key_rows = _top(all_keys)
     keys = await accounts.keys_by_id(
         session, principal, [r.key_id for r in key_rows if r.key_id is not None]
     )
     result = Overview(
         period=period,
         totals=_sum(days),
-        days=_days(period, days, now.astimezone(UTC).date()),
+        days=_days(
+            period, sorted(days, key=lambda r: r.day or date.min), now.astimezone(UTC).date()
+        ),
         models=_top(models),
         keys=[Labelled(r, key_label(keys.get(r.key_id), r.key_id)) for r in key_rows],  # type: ignore[arg-type]
     )
     if principal.is_admin:
-        account_rows = _top((await _report(session, principal, start, end, ["account"])).data)
+        account_rows = _top(by_account[0])
         names = await accounts.accounts_by_id(
             session, principal, [r.account_id for r in account_rows if r.account_id]
         )

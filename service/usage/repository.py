@@ -21,6 +21,7 @@ from sqlalchemy import (
     BigInteger,
     Date,
     Select,
+    case,
     cast,
     func,
     literal,
@@ -85,6 +86,8 @@ DAILY_GROUPS: dict[GroupBy, tuple[str, str]] = {
     "provider": ("provider", "provider"),
     "status": ("status_code", "status_code"),
 }
+# Most groups a breakdown returns per grouping when it falls back to one query each.
+MAX_BREAKDOWN = 100_000
 MEASURES = (
     "requests",
     "prompt_tokens",
@@ -176,9 +179,12 @@ class UsageFilter:
         return conditions
 
 
-def _grouped(group_by: Sequence[GroupBy], columns: dict[str, Any], *measures: Any) -> Select[Any]:
-    """One side of a daily report: its rows summed by the groups asked for (so each side
-    aggregates on its own, in parallel when Postgres can, before the two are added up)."""
+def _grouped(
+    group_by: Sequence[GroupBy], columns: dict[str, Any], measures: Sequence[Any], summed: bool
+) -> Select[Any]:
+    """One side of a daily report, its group columns named as the report's fields: summed
+    by the groups (each side aggregates on its own, in parallel where Postgres can, before
+    the two are added up), or row by row for an outer GROUPING SETS."""
     groups = []
     for group in group_by:
         field, source = DAILY_GROUPS[group]
@@ -187,17 +193,18 @@ def _grouped(group_by: Sequence[GroupBy], columns: dict[str, Any], *measures: An
             expression = func.to_char(expression, literal("YYYY-MM"))
         groups.append(expression.label(field))
     statement = select(*groups, *measures)
-    if groups:
-        statement = statement.group_by(
-            *(literal(p, literal_execute=True) for p in range(1, len(groups) + 1))
-        )
+    if groups and summed:
+        positions = [literal(p, literal_execute=True) for p in range(1, len(groups) + 1)]
+        statement = statement.group_by(*positions)
     return statement
 
 
-def _days_and_tail(where: UsageFilter, group_by: Sequence[GroupBy]) -> Any:
-    """The rollup's rows in range and the ledger rows recorded since its watermark, each
-    summed by the groups."""
+def _days_and_tail(where: UsageFilter, group_by: Sequence[GroupBy], summed: bool = True) -> Any:
+    """The rollup's rows in range and the ledger rows recorded since its watermark."""
     watermark = select(UsageDailyState.rolled_up_to).where(UsageDailyState.id == 1)
+    day_measures = [getattr(D, m) for m in (*MEASURES, "cost_usd", "unpriced_requests")]
+    if summed:
+        day_measures = [func.sum(m) for m in day_measures]
     days = _grouped(
         group_by,
         {
@@ -209,10 +216,28 @@ def _days_and_tail(where: UsageFilter, group_by: Sequence[GroupBy]) -> Any:
             "task_type": func.nullif(D.task_type, ""),
             "status_code": D.status_code,
         },
-        *(func.sum(getattr(D, m)).label(m) for m in MEASURES),
-        func.sum(D.cost_usd).label("cost_usd"),
-        func.sum(D.unpriced_requests).label("unpriced_requests"),
+        [
+            m.label(name)
+            for m, name in zip(
+                day_measures, (*MEASURES, "cost_usd", "unpriced_requests"), strict=True
+            )
+        ],
+        summed,
     ).where(*where.daily_conditions())
+    if summed:
+        tail_measures = [
+            func.count(),
+            *(func.sum(getattr(L, m)) for m in MEASURES[1:]),
+            func.sum(L.cost_usd),
+            func.count().filter(L.cost_usd.is_(None)),
+        ]
+    else:
+        tail_measures = [
+            literal(1, BigInteger),
+            *(cast(getattr(L, m), BigInteger) for m in MEASURES[1:]),
+            L.cost_usd.expression,
+            case((L.cost_usd.is_(None), 1), else_=0),
+        ]
     tail = _grouped(
         group_by,
         {
@@ -224,10 +249,13 @@ def _days_and_tail(where: UsageFilter, group_by: Sequence[GroupBy]) -> Any:
             "task_type": L.task_type,
             "status_code": L.status_code,
         },
-        func.count().label("requests"),
-        *(func.sum(getattr(L, m)).label(m) for m in MEASURES[1:]),
-        func.sum(L.cost_usd).label("cost_usd"),
-        func.count().filter(L.cost_usd.is_(None)).label("unpriced_requests"),
+        [
+            m.label(name)
+            for m, name in zip(
+                tail_measures, (*MEASURES, "cost_usd", "unpriced_requests"), strict=True
+            )
+        ],
+        summed,
     ).where(*where.conditions(), L.recorded_at > watermark.scalar_subquery())
     return union_all(days, tail).subquery("usage")
 
@@ -237,16 +265,19 @@ def _ledger_aggregate(where: UsageFilter, group_by: Sequence[GroupBy]) -> Select
     return select(*columns, *TOTALS).where(*where.conditions())
 
 
-def _daily_aggregate(where: UsageFilter, group_by: Sequence[GroupBy]) -> Select[Any]:
-    u = _days_and_tail(where, group_by).c
-    totals = (
+def _daily_totals(u: Any) -> tuple[Any, ...]:
+    return (
         *(cast(func.coalesce(func.sum(u[m]), 0), BigInteger).label(m) for m in MEASURES),
         func.coalesce(func.sum(u.cost_usd), 0).label("cost_usd"),
         cast(func.coalesce(func.sum(u.unpriced_requests), 0), BigInteger).label(
             "unpriced_requests"
         ),
     )
-    return select(*(u[DAILY_GROUPS[g][0]] for g in group_by), *totals)
+
+
+def _daily_aggregate(where: UsageFilter, group_by: Sequence[GroupBy]) -> Select[Any]:
+    u = _days_and_tail(where, group_by).c
+    return select(*(u[DAILY_GROUPS[g][0]] for g in group_by), *_daily_totals(u))
 
 
 class UsageRepository:
@@ -269,6 +300,36 @@ class UsageRepository:
             statement = statement.group_by(*positions).order_by(*positions).limit(limit + 1)
         rows: Sequence[Row[Any]] = (await self.session.execute(statement)).all()
         return rows
+
+    async def breakdowns(
+        self, where: UsageFilter, groupings: Sequence[Sequence[GroupBy]]
+    ) -> list[list[Any]]:
+        """Several `aggregate`s of one range at once, each grouping's rows unordered. Over
+        whole days, one statement (GROUPING SETS) reads the rollup once for all of them."""
+        wanted = [list(dict.fromkeys(g)) for g in groupings]
+        if not wanted:
+            return []
+        daily = where.whole_days() and all(g in DAILY_GROUPS for s in wanted for g in s)
+        if not daily or any(not s for s in wanted):
+            return [list(await self.aggregate(where, s, MAX_BREAKDOWN)) for s in wanted]
+        every: list[GroupBy] = list(dict.fromkeys(g for s in wanted for g in s))
+        u = _days_and_tail(where, every, summed=False).c
+        fields = [DAILY_GROUPS[g][0] for g in every]
+        sets = [tuple_(*(u[DAILY_GROUPS[g][0]] for g in s)) for s in wanted]
+        statement = select(
+            *(u[f] for f in fields),
+            func.grouping(*(u[f] for f in fields)).label("grouping_set"),
+            *_daily_totals(u),
+        ).group_by(func.grouping_sets(*sets))
+        # GROUPING(...) has a bit set for each column left out of the row's grouping set.
+        masks = {
+            sum(1 << (len(every) - 1 - i) for i, g in enumerate(every) if g not in s): n
+            for n, s in enumerate(wanted)
+        }
+        out: list[list[Any]] = [[] for _ in wanted]
+        for row in await self.session.execute(statement):
+            out[masks[row.grouping_set]].append(row)
+        return out
 
     async def roll_up_daily(self, wait: bool = True) -> tuple[datetime, datetime, int] | None:
         """Add the ledger rows recorded since the watermark to `usage_daily`, in this
