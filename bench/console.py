@@ -182,6 +182,9 @@ def main(argv: list[str]) -> None:
     size = max(r["bytes"] for r in best)
     drawn = median(r["drawn_ms"] for r in best)
     print(
+        f"load average during the run: {os.getloadavg()[0]:.1f} (1 min) on {os.cpu_count()} cores"
+    )
+    print(
         f"\ntargets: < {TARGET_BYTES // 1000} KB → {size / 1000:.1f} KB"
         f" {'ok' if size < TARGET_BYTES else 'MISSED'};"
         f" < {TARGET_MS:.0f} ms → {drawn:.0f} ms {'ok' if drawn < TARGET_MS else 'MISSED'}"

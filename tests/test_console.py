@@ -196,7 +196,7 @@ def amount_text(value: str) -> str:
 
 @pytest.mark.browser
 def test_operator_signs_in_creates_an_account_and_a_key_and_sees_its_usage(
-    browser: Any, server: Meterline
+    browser: Any, server: Meterline, history: dict[str, Any]
 ) -> None:
     page = signed_in(browser, server, ADMIN_TOKEN)
 

@@ -243,7 +243,7 @@ async def create_account(session: Session, viewer: Operator, form: Posted) -> Re
     return redirect(f"/console/accounts/{account.id}")
 
 
-@page("/account", "Account")
+@page("/account", "Account", customer_only=True)
 async def own_account(request: Request, session: Session, viewer: Viewer) -> Response:
     if viewer.principal.account_id is None:
         return redirect("/console/accounts")

@@ -96,13 +96,18 @@ class NavItem:
     label: str
     path: str
     operator_only: bool
+    customer_only: bool
+
+    def shown_to(self, viewer: SignedIn) -> bool:
+        admin = viewer.principal.is_admin
+        return not (self.operator_only and not admin) and not (self.customer_only and admin)
 
 
 NAV: list[NavItem] = []
 
 
 def page(
-    path: str, label: str | None = None, operator_only: bool = False
+    path: str, label: str | None = None, operator_only: bool = False, customer_only: bool = False
 ) -> Callable[[Callable[..., Awaitable[Response]]], Callable[..., Awaitable[Response]]]:
     """A GET page at `/console{path}`; with a `label`, an entry of the navigation too."""
 
@@ -110,7 +115,8 @@ def page(
         endpoint: Callable[..., Awaitable[Response]],
     ) -> Callable[..., Awaitable[Response]]:
         if label is not None:
-            NAV.append(NavItem(label, f"/console{path}".rstrip("/") or "/console", operator_only))
+            target = f"/console{path}".rstrip("/") or "/console"
+            NAV.append(NavItem(label, target, operator_only, customer_only))
         router.add_api_route(path, endpoint, methods=["GET"], response_class=HTMLResponse)
         return endpoint
 
@@ -238,11 +244,7 @@ ENV.globals.update(static=STATIC)
 
 def render(request: Request, template: str, status_code: int = 200, **context: Any) -> HTMLResponse:
     viewer: SignedIn | None = getattr(request.state, "viewer", None)
-    nav = [
-        item
-        for item in NAV
-        if viewer is not None and (viewer.principal.is_admin or not item.operator_only)
-    ]
+    nav = [item for item in NAV if viewer is not None and item.shown_to(viewer)]
     html = ENV.get_template(template).render(
         request=request, viewer=viewer, nav=nav, path=request.url.path, **context
     )

@@ -24,6 +24,20 @@ GROUPS: tuple[GroupBy, ...] = (
 )
 
 
+# The field each group adds to a row.
+GROUP_FIELDS: dict[GroupBy, str] = {
+    "day": "day",
+    "month": "month",
+    "account": "account_id",
+    "model": "model",
+    "key": "key_id",
+    "task": "task_id",
+    "task_type": "task_type",
+    "provider": "provider",
+    "status": "status_code",
+}
+
+
 class UsageTotals(BaseModel):
     requests: int
     prompt_tokens: int

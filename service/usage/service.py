@@ -14,6 +14,7 @@ from service.errors import NotFound, Unprocessable
 from service.schemas import Page, decode_cursor, encode_cursor
 from service.usage.repository import UsageFilter, UsageRepository
 from service.usage.schemas import (
+    GROUP_FIELDS,
     GROUPS,
     GroupBy,
     UsageEvent,
@@ -22,8 +23,7 @@ from service.usage.schemas import (
     UsageTotals,
 )
 
-# group_by name → the field it adds to a row; totals every row has.
-DAILY_FIELD = {"account": "account_id", "key": "key_id", "task": "task_id", "status": "status_code"}
+# The totals every row has.
 TOTALS = frozenset(UsageTotals.model_fields)
 
 
@@ -98,7 +98,7 @@ async def usage_breakdowns(
     rows = await UsageRepository(session).breakdowns(where, groupings)
     out = []
     for grouping, found in zip(groupings, rows, strict=True):
-        fields = {DAILY_FIELD.get(g, g) for g in grouping}
+        fields = {GROUP_FIELDS[g] for g in grouping}
         out.append(
             [
                 UsageGroup(**{k: v for k, v in row._asdict().items() if k in fields or k in TOTALS})
