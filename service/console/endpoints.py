@@ -41,11 +41,13 @@ from service.prices.schemas import PriceCreate, PriceOut
 from service.quotes import service as quotes
 from service.quotes.schemas import QuoteAccept, QuoteCreate
 from service.reports.endpoints import MEDIA_TYPES
+from service.reports.schemas import ReportFormat
 from service.reports.service import export_monthly, parse_period
 from service.runtime import get_runtime
 from service.tasks import service as tasks
 from service.tasks.endpoints import get_guard
 from service.tasks.repository import TaskFilter
+from service.tasks.schemas import TaskComplete
 
 Text = Annotated[str | None, Query(max_length=256)]
 
@@ -444,16 +446,14 @@ async def task_list(
 async def complete_task(
     request: Request, session: Session, viewer: Operator, form: Posted
 ) -> Response:
-    outcome = form.get("outcome")
-    if outcome not in ("succeeded", "failed"):
-        return error_page(request, 422, "outcome: choose succeeded or failed")
+    data = TaskComplete.model_validate({"outcome": form.get("outcome")})
     await tasks.complete_task(
         session,
         get_guard(request),
         viewer.principal,
         form.get("task_id") or "",
         optional_uuid(form.get("account_id"), "account_id"),
-        outcome,  # type: ignore[arg-type]
+        data.outcome,
     )
     back = form.get("back") or ""
     return redirect(back if back.startswith("/console/") else "/console/tasks")
@@ -528,13 +528,13 @@ async def monthly_export(
     request: Request,
     viewer: Viewer,
     period: Annotated[str, Query(pattern=r"^\d{4}-(0[1-9]|1[0-2])$")],
-    fmt: Annotated[str, Query(alias="format", pattern="^(csv|json)$")] = "csv",
+    fmt: Annotated[ReportFormat, Query(alias="format")] = "csv",
 ) -> Response:
     parse_period(period)
     account_id = viewer.principal.scope(None)
     suffix = f"-{account_id}" if account_id else ""
     return StreamingResponse(
-        export_monthly(get_runtime(request).engine, period, fmt, account_id),  # type: ignore[arg-type]
+        export_monthly(get_runtime(request).engine, period, fmt, account_id),
         media_type=MEDIA_TYPES[fmt],
         headers={"Content-Disposition": f'attachment; filename="meterline-{period}{suffix}.{fmt}"'},
     )

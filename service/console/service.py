@@ -136,15 +136,16 @@ async def _report(
     start: datetime,
     end: datetime,
     group_by: list[GroupBy],
-    **filters: object,
+    account_id: uuid.UUID | None = None,
+    model: str | None = None,
 ) -> UsageReport:
     where = await usage.scoped_filter(
         session,
         principal,
-        account_id=filters.get("account_id"),  # type: ignore[arg-type]
-        key_id=filters.get("key_id"),  # type: ignore[arg-type]
+        account_id=account_id,
+        key_id=None,
         task_id=None,
-        model=filters.get("model"),  # type: ignore[arg-type]
+        model=model,
         start=start,
         end=end,
     )
@@ -194,7 +195,10 @@ async def overview(session: AsyncSession, principal: Principal, now: datetime) -
             period, sorted(days, key=lambda r: r.day or date.min), now.astimezone(UTC).date()
         ),
         models=_top(models),
-        keys=[Labelled(r, key_label(keys.get(r.key_id), r.key_id)) for r in key_rows],  # type: ignore[arg-type]
+        keys=[
+            Labelled(r, key_label(keys.get(r.key_id) if r.key_id else None, r.key_id))
+            for r in key_rows
+        ],
     )
     if principal.is_admin:
         account_rows = _top(by_account[0])
@@ -202,7 +206,7 @@ async def overview(session: AsyncSession, principal: Principal, now: datetime) -
             session, principal, [r.account_id for r in account_rows if r.account_id]
         )
         for r in account_rows:
-            account = names.get(r.account_id)  # type: ignore[arg-type]
+            account = names.get(r.account_id) if r.account_id else None
             budget = account.monthly_budget_usd if account else None
             result.accounts.append(
                 Labelled(

@@ -55,8 +55,9 @@ def usage(
     if as_json:
         print_json(report)
         return
-    groups = [p.strip() for p in (group_by or "").split(",") if p.strip() in GROUP_FIELDS]
-    columns = [GROUP_FIELDS[g] for g in dict.fromkeys(groups)] + TOTAL_COLUMNS  # type: ignore[index]
+    fields: dict[str, str] = dict(GROUP_FIELDS)
+    groups = [p.strip() for p in (group_by or "").split(",") if p.strip() in fields]
+    columns = [fields[g] for g in dict.fromkeys(groups)] + TOTAL_COLUMNS
     print_table(report["data"], columns)
     if report.get("has_more"):
         typer.echo(f"(only the first {limit} groups; narrow the range or raise --limit)", err=True)
