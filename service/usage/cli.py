@@ -55,7 +55,7 @@ def usage(
     if as_json:
         print_json(report)
         return
-    fields: dict[str, str] = dict(GROUP_FIELDS)
+    fields: dict[str, str] = {str(group): field for group, field in GROUP_FIELDS.items()}
     groups = [p.strip() for p in (group_by or "").split(",") if p.strip() in fields]
     columns = [fields[g] for g in dict.fromkeys(groups)] + TOTAL_COLUMNS
     print_table(report["data"], columns)
