@@ -16,6 +16,7 @@ BENCHMARKS: dict[str, str] = {
     "export": "bench.export",  # monthly report of 1M ledger rows: rows/s, server peak RSS
     "invoices": "bench.invoices",  # every account's invoice for a month of 5M ledger rows
     "limits": "bench.limits",  # cost of rate limits and budgets, in process vs Redis
+    "console": "bench.console",  # the console's overview over 1M ledger rows, in Chromium
 }
 
 

@@ -79,6 +79,7 @@ def _ledger_rows(
     accounts: list[uuid.UUID],
     models: list[str],
     quoted: list[tuple[uuid.UUID, str]],
+    keys: dict[uuid.UUID, list[uuid.UUID]] | None = None,
 ) -> Iterator[tuple[object, ...]]:
     rng = random.Random(42)
     seconds = 28 * 24 * 3600
@@ -94,7 +95,7 @@ def _ledger_rows(
             f"req_bench_{i:010d}",
             start + timedelta(seconds=rng.randrange(seconds), microseconds=i % 1_000_000),
             account,
-            None,
+            keys[account][i % len(keys[account])] if keys else None,
             task_id,
             task_type,
             "chat",
@@ -112,7 +113,14 @@ def _ledger_rows(
         )
 
 
-async def _populate(dsn: str, rows: int, n_accounts: int, n_models: int, start: datetime) -> None:
+async def _populate(
+    dsn: str,
+    rows: int,
+    n_accounts: int,
+    n_models: int,
+    start: datetime,
+    keys_per_account: int = 0,
+) -> None:
     connection = await asyncpg.connect(dsn)
     try:
         accounts = [uuid.uuid4() for _ in range(n_accounts)]
@@ -121,6 +129,17 @@ async def _populate(dsn: str, rows: int, n_accounts: int, n_models: int, start: 
             records=[(a, f"bench account {i:05d}") for i, a in enumerate(accounts)],
             columns=["id", "name"],
         )
+        keys = {a: [uuid.uuid4() for _ in range(keys_per_account)] for a in accounts}
+        if keys_per_account:
+            await connection.copy_records_to_table(
+                "api_keys",
+                records=[
+                    (k, a, f"key {n}", f"ml-bench{n:03d}", uuid.uuid4().bytes + k.bytes)
+                    for a, ks in keys.items()
+                    for n, k in enumerate(ks)
+                ],
+                columns=["id", "account_id", "name", "prefix", "key_hash"],
+            )
         await connection.execute("SELECT meterline_ensure_usage_partition($1)", start)
         # Quoted tasks: one per tenth account, so the report breaks out their task type.
         quoted: list[tuple[uuid.UUID, str]] = []
@@ -144,7 +163,10 @@ async def _populate(dsn: str, rows: int, n_accounts: int, n_models: int, start: 
             quoted.append((account, task_id))
         models = [f"bench-model-{m}" for m in range(n_models)]
         batch: list[tuple[object, ...]] = []
-        for record in _ledger_rows(rows, start, accounts, models, quoted):
+        ledger = _ledger_rows(
+            rows, start, accounts, models, quoted, keys if keys_per_account else None
+        )
+        for record in ledger:
             batch.append(record)
             if len(batch) == 100_000:
                 await connection.copy_records_to_table(

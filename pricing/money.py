@@ -43,3 +43,18 @@ def round_cents(amount: Decimal) -> Decimal:
 def round_up_cents(amount: Decimal) -> Decimal:
     """Round up to the next cent: a fixed price must never come out below its cost basis."""
     return amount.quantize(CENT, rounding=ROUND_CEILING)
+
+
+def format_usd(amount: Decimal, cents: bool = False) -> str:
+    """Money as text for people: exact by default, `1234.567800` → `1,234.5678` (zeros past
+    the cents dropped, never a digit), or rounded half away from zero to the cent for a
+    figure labelled as rounded (`cents=True`). Display only: invoices use `round_cents`."""
+    if cents:
+        amount = amount.quantize(CENT, context=Context(prec=60, rounding=ROUND_HALF_UP))
+    elif amount != amount.quantize(CENT, context=Context(prec=60)):
+        text = format(amount, "f").rstrip("0")
+        whole, _, fraction = text.partition(".")
+        return f"{int(whole):,}.{fraction}" if whole != "-0" else f"-0.{fraction}"
+    else:
+        amount = amount.quantize(CENT, context=Context(prec=60))
+    return f"{amount:,.2f}"

@@ -10,10 +10,15 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
+from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 from service.accounts.endpoints import router as accounts_router
+from service.console import endpoints as console_pages  # noqa: F401  (registers the pages)
+from service.console.pages import STATIC
+from service.console.pages import router as console_router
+from service.docs.endpoints import router as docs_router
 from service.errors import ErrorBody, MeterlineError, error_body
 from service.health.endpoints import router as health_router
 from service.invoices.endpoints import router as invoices_router
@@ -92,6 +97,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0",
         description="Usage metering and outcome-based billing for OpenAI-compatible LLM APIs.",
         lifespan=lifespan,
+        # Served by service.docs from vendored assets, so they work without internet.
+        docs_url=None,
+        redoc_url=None,
         # Any operation can answer 400: a body that cannot be parsed at all (not even as
         # text), or an Authorization and an X-API-Key header that disagree.
         responses={400: {"model": ErrorBody, "description": "Malformed request"}},
@@ -121,4 +129,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(margin_router)
     app.include_router(prices_router)
     app.include_router(invoices_router)
+    app.include_router(docs_router)
+    app.include_router(console_router)
+    app.mount(STATIC, StaticFiles(packages=[("service.console", "static")]), name="console-static")
     return app

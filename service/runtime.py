@@ -11,7 +11,7 @@ from starlette.requests import Request
 from service.auth.key_cache import KeyCache
 from service.db.engine import asyncpg_dsn, create_engine, session_factory
 from service.db.partitions import around, ensure_partitions
-from service.invoices.rollup import RollupJob
+from service.invoices.rollup import RollupJob, roll_up_if_free
 from service.ledger.writer import LedgerWriter
 from service.limits.service import Limits
 from service.metrics.sampler import LedgerSampler, observe_settlement
@@ -23,6 +23,7 @@ from service.proxy.setup import start_proxy
 from service.proxy.upstream import UpstreamClient
 from service.settings import Settings
 from service.tasks.guard import TaskGuard
+from service.usage.rollup import roll_up_daily
 
 
 @dataclass
@@ -43,7 +44,7 @@ class Runtime:
     metrics: LedgerSampler
     # Tasks: the in-memory view refusing requests on completed or capped tasks (admission).
     tasks: TaskGuard
-    # Folds newly recorded ledger rows into the usage rollup that invoices read.
+    # Folds newly recorded ledger rows into the usage rollups that invoices and reports read.
     rollup: RollupJob
 
     @classmethod
@@ -74,7 +75,9 @@ class Runtime:
         # task's cost is counted before any other hook yields to the next request.
         parts["hooks"].admission.insert(0, tasks.admit)
         parts["hooks"].settlement.insert(0, tasks.settle)
-        rollup = RollupJob(sessions, settings.usage_rollup_interval_s)
+        rollup = RollupJob(
+            sessions, settings.usage_rollup_interval_s, (roll_up_if_free, roll_up_daily)
+        )
         rollup.start()
         return cls(
             settings=settings,

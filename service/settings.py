@@ -73,6 +73,13 @@ class Settings(BaseSettings):
     # Namespace of every Redis key, so several deployments (or test runs) can share a Redis.
     redis_prefix: str = "meterline:"
 
+    # The web console: how long a sign-in lasts (the cookie and the stored session).
+    console_session_ttl_s: int = Field(default=12 * 3600, ge=60)
+    # Who issues the invoices, as printed on every invoice PDF.
+    invoice_issuer_name: str | None = None
+    invoice_issuer_address: list[str] = Field(default_factory=list)
+    invoice_issuer_tax_id: str | None = None
+
     @property
     def spool_dir(self) -> Path:
         return self.data_dir / "spool"

@@ -43,6 +43,18 @@ class AccountRepository:
         await self.session.refresh(account)
         return account
 
+    async def accounts_by_id(self, account_ids: Sequence[uuid.UUID]) -> list[Account]:
+        if not account_ids:
+            return []
+        statement = select(Account).where(Account.id.in_(list(account_ids)))
+        return list((await self.session.scalars(statement)).all())
+
+    async def keys_by_id(self, key_ids: Sequence[uuid.UUID]) -> list[ApiKey]:
+        if not key_ids:
+            return []
+        statement = select(ApiKey).where(ApiKey.id.in_(list(key_ids)))
+        return list((await self.session.scalars(statement)).all())
+
     async def get_key(self, key_id: uuid.UUID) -> ApiKey | None:
         return await self.session.get(ApiKey, key_id)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Sequence
 from datetime import datetime
 
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -72,6 +73,22 @@ async def get_account(
     if account is None:
         raise _not_found(account_id)
     return account
+
+
+async def accounts_by_id(
+    session: AsyncSession, principal: Principal, account_ids: Sequence[uuid.UUID]
+) -> dict[uuid.UUID, Account]:
+    """The accounts among `account_ids` the caller may see (a customer: its own only)."""
+    visible = [a for a in account_ids if principal.is_admin or a == principal.account_id]
+    return {a.id: a for a in await AccountRepository(session).accounts_by_id(visible)}
+
+
+async def keys_by_id(
+    session: AsyncSession, principal: Principal, key_ids: Sequence[uuid.UUID]
+) -> dict[uuid.UUID, ApiKey]:
+    """The keys among `key_ids` the caller may see (a customer: its own account's only)."""
+    keys = await AccountRepository(session).keys_by_id(key_ids)
+    return {k.id: k for k in keys if principal.is_admin or k.account_id == principal.account_id}
 
 
 async def update_account(

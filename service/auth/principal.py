@@ -9,7 +9,9 @@ from datetime import UTC, datetime
 from typing import Annotated
 
 from fastapi import Depends, Request
+from pydantic import SecretStr
 from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.auth.keys import hash_key
 from service.db.models import ApiKey
@@ -66,20 +68,42 @@ def presented_credential(request: Request) -> str | None:
     return bearer or header_key
 
 
+def is_admin_token(token: str, admin_token: SecretStr | None) -> bool:
+    # Bytes: compare_digest refuses str with non-ASCII characters.
+    return admin_token is not None and hmac.compare_digest(
+        token.encode(), admin_token.get_secret_value().encode()
+    )
+
+
+def key_is_usable(key: ApiKey | None, now: datetime) -> bool:
+    return (
+        key is not None
+        and key.revoked_at is None
+        and not (key.expires_at and key.expires_at <= now)
+    )
+
+
+async def principal_for(
+    session: AsyncSession, token: str, admin_token: SecretStr | None
+) -> Principal:
+    """Who a credential is: the admin token, or a usable customer key (else a 401).
+
+    The billing API and the console's sign-in both ask here, so they can never disagree on
+    who may see what.
+    """
+    if is_admin_token(token, admin_token):
+        return ADMIN
+    key = await session.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(token)))
+    if key is None or not key_is_usable(key, datetime.now(UTC)):
+        raise Unauthorized("invalid, revoked or expired API key")
+    return Principal(account_id=key.account_id, key_id=key.id)
+
+
 async def current_principal(request: Request, session: Session) -> Principal:
     token = presented_credential(request)
     if token is None:
         raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
-    admin_token = get_runtime(request).settings.admin_token
-    if admin_token is not None and hmac.compare_digest(
-        token.encode(), admin_token.get_secret_value().encode()
-    ):
-        return ADMIN
-    key = await session.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(token)))
-    now = datetime.now(UTC)
-    if key is None or key.revoked_at is not None or (key.expires_at and key.expires_at <= now):
-        raise Unauthorized("invalid, revoked or expired API key")
-    return Principal(account_id=key.account_id, key_id=key.id)
+    return await principal_for(session, token, get_runtime(request).settings.admin_token)
 
 
 async def require_admin(principal: Annotated[Principal, Depends(current_principal)]) -> Principal:

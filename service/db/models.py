@@ -486,3 +486,73 @@ class InvoiceNumberCounter(Base):
 
     year: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
     last_number: Mapped[int] = mapped_column(Integer)
+
+
+class UsageDaily(Base):
+    """Ledger rows summed per UTC day, account, key, model, provider, task type and status.
+
+    Holds exactly the rows recorded up to `usage_daily_state.rolled_up_to` (priced or not),
+    added by a background job that only reads the ledger. Usage reports over whole UTC days
+    (the console's overview, `GET /billing/usage` without a task filter) sum these rows plus
+    the ledger rows recorded since, instead of every ledger row of the range. A missing key,
+    provider or task type is stored as the zero UUID or '' (a key column cannot be NULL).
+    """
+
+    __tablename__ = "usage_daily"
+    __table_args__ = (
+        PrimaryKeyConstraint(
+            "day", "account_id", "key_id", "requested_model", "provider", "task_type", "status_code"
+        ),
+        Index("ix_usage_daily_account_day", "account_id", "day"),
+    )
+
+    day: Mapped[date] = mapped_column(Date)
+    account_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True))
+    key_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True))
+    requested_model: Mapped[str] = mapped_column(String(256))
+    provider: Mapped[str] = mapped_column(String(64))
+    task_type: Mapped[str] = mapped_column(String(128))
+    status_code: Mapped[int] = mapped_column(SmallInteger)
+    requests: Mapped[int] = mapped_column(BigInteger)
+    prompt_tokens: Mapped[int] = mapped_column(BigInteger)
+    completion_tokens: Mapped[int] = mapped_column(BigInteger)
+    total_tokens: Mapped[int] = mapped_column(BigInteger)
+    cached_tokens: Mapped[int] = mapped_column(BigInteger)
+    reasoning_tokens: Mapped[int] = mapped_column(BigInteger)
+    # Exact sum of the priced rows; unpriced rows add nothing here and are counted apart.
+    cost_usd: Mapped[Decimal] = mapped_column(Numeric(30, 12))
+    unpriced_requests: Mapped[int] = mapped_column(BigInteger)
+
+
+class UsageDailyState(Base):
+    """One row: `usage_daily` holds the ledger rows recorded up to `rolled_up_to`."""
+
+    __tablename__ = "usage_daily_state"
+    __table_args__ = (CheckConstraint("id = 1", name="single_row"),)
+
+    id: Mapped[int] = mapped_column(SmallInteger, primary_key=True, autoincrement=False)
+    rolled_up_to: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class ConsoleSession(Base):
+    """A signed-in browser of the web console: the operator (admin token) or one API key.
+
+    Only the SHA-256 of the cookie's random token is stored. An operator session remembers
+    the hash of the admin token it signed in with, so rotating the token ends it; a customer
+    session ends with its key (revoked, expired or deleted).
+    """
+
+    __tablename__ = "console_sessions"
+    __table_args__ = (
+        CheckConstraint("(key_id IS NULL) <> (admin_token_hash IS NULL)", name="operator_or_key"),
+        Index("ix_console_sessions_key_id", "key_id"),
+        Index("ix_console_sessions_expires_at", "expires_at"),
+    )
+
+    token_hash: Mapped[bytes] = mapped_column(LargeBinary(32), primary_key=True)
+    key_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("api_keys.id", ondelete="CASCADE"))
+    admin_token_hash: Mapped[bytes | None] = mapped_column(LargeBinary(32))
+    # Sent back in every form and state-changing request of this session.
+    csrf_token: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = _created_at()
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

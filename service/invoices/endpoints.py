@@ -3,13 +3,13 @@ from __future__ import annotations
 import uuid
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Response, status
+from fastapi import APIRouter, Query, Request, Response, status
 
 from service.auth.principal import Admin, Caller
 from service.db.session import Session
 from service.errors import ErrorBody
 from service.invoices import service
-from service.invoices.repository import InvoiceRepository
+from service.invoices.pdf import Issuer
 from service.invoices.schemas import (
     PERIOD_PATTERN,
     InvoiceCreate,
@@ -19,7 +19,8 @@ from service.invoices.schemas import (
     UnpricedReport,
     invoice_out,
 )
-from service.schemas import CursorParam, Limit, Page, decode_cursor, encode_cursor
+from service.runtime import get_runtime
+from service.schemas import CursorParam, Limit, Page
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorBody, "description": "Missing, unknown, revoked or expired credential."},
@@ -75,26 +76,32 @@ async def list_invoices(
     cursor: CursorParam = None,
 ) -> Page[InvoiceOut]:
     """Invoices, newest month first. A customer key sees only its own account's."""
-    scoped = caller.scope(account_id)
-    after = decode_cursor(cursor, str, uuid.UUID) if cursor else None
-    invoices = await InvoiceRepository(session).list(
-        scoped, period, status_, limit + 1, (after[0], after[1]) if after else None
-    )
-    page = invoices[:limit]
-    more = len(invoices) > limit
-    return Page[InvoiceOut](
-        data=[invoice_out(i) for i in page],
-        has_more=more,
-        next_cursor=encode_cursor(page[-1].period, str(page[-1].id)) if more else None,
-    )
+    return await service.list_invoices(session, caller, account_id, period, status_, limit, cursor)
 
 
 @router.get("/invoices/{invoice_id}", response_model=InvoiceOut)
 async def get_invoice(invoice_id: uuid.UUID, session: Session, caller: Caller) -> InvoiceOut:
     """One invoice with its lines. A customer key reads only its own account's."""
-    invoice = await service.get(session, invoice_id)
-    caller.require_account(invoice.account_id, service.invoice_not_found(invoice_id))
-    return invoice_out(invoice)
+    return invoice_out(await service.get_for(session, caller, invoice_id))
+
+
+@router.get(
+    "/invoices/{invoice_id}/pdf",
+    response_class=Response,
+    responses={200: {"content": {"application/pdf": {}}, "description": "The invoice as PDF."}},
+)
+async def invoice_pdf(
+    invoice_id: uuid.UUID, request: Request, session: Session, caller: Caller
+) -> Response:
+    """The invoice as a PDF document (a draft or void one is marked so on every page)."""
+    document, filename = await service.invoice_document(
+        session, caller, invoice_id, Issuer.from_settings(get_runtime(request).settings)
+    )
+    return Response(
+        document,
+        media_type="application/pdf",
+        headers={"Content-Disposition": f'attachment; filename="{filename}"'},
+    )
 
 
 @router.post("/invoices/{invoice_id}/finalize", response_model=InvoiceOut, responses=CONFLICT)

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -51,10 +52,26 @@ async def roll_up(session: AsyncSession, wait: bool = True) -> RollUp | None:
     return result
 
 
+# One fold of newly recorded ledger rows into a rollup, in the session's transaction.
+Fold = Callable[[AsyncSession], Awaitable[object]]
+
+
+async def roll_up_if_free(session: AsyncSession) -> RollUp | None:
+    return await roll_up(session, wait=False)
+
+
 class RollupJob:
-    def __init__(self, sessions: async_sessionmaker[AsyncSession], interval: float) -> None:
+    """Runs each fold every `interval` seconds, each in its own transaction."""
+
+    def __init__(
+        self,
+        sessions: async_sessionmaker[AsyncSession],
+        interval: float,
+        folds: Sequence[Fold] = (roll_up_if_free,),
+    ) -> None:
         self._sessions = sessions
         self._interval = interval
+        self._folds = folds
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -64,11 +81,16 @@ class RollupJob:
     async def _run_forever(self) -> None:
         while True:
             await asyncio.sleep(self._interval)
-            try:
-                async with transaction(self._sessions) as session:
-                    await roll_up(session, wait=False)
-            except Exception as exc:  # the database may be down; the next round catches up
-                log.warning("event=usage_rollup_failed error=%s", type(exc).__name__)
+            for fold in self._folds:
+                try:
+                    async with transaction(self._sessions) as session:
+                        await fold(session)
+                except Exception as exc:  # the database may be down; the next round catches up
+                    log.warning(
+                        "event=usage_rollup_failed fold=%s error=%s",
+                        getattr(fold, "__name__", "fold"),
+                        type(exc).__name__,
+                    )
 
     async def stop(self) -> None:
         if self._task is not None:

@@ -8,6 +8,7 @@ under that lock before freezing it, so two invoices can never bill the same ledg
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from collections.abc import Sequence
@@ -32,12 +33,16 @@ from pricing.invoice import (
     uncovered_windows,
 )
 from pricing.prices import Price, PriceBook, PriceSegment
+from service.accounts.repository import AccountRepository
+from service.auth.principal import Principal
 from service.db.models import Invoice
 from service.errors import BadRequest, Conflict, NotFound
+from service.invoices.pdf import Issuer, pdf_filename, render_invoice_pdf
 from service.invoices.repository import InvoiceRepository, Selection, TaskCount, UsageSum
-from service.invoices.schemas import UnpricedReportRow
+from service.invoices.schemas import InvoiceOut, UnpricedReportRow, invoice_out
 from service.prices.repository import PriceRepository
 from service.review.finalization import refuse_unreviewed_flagged_usage
+from service.schemas import Page, decode_cursor, encode_cursor
 
 log = logging.getLogger("meterline.invoices")
 
@@ -428,6 +433,49 @@ async def get(session: AsyncSession, invoice_id: uuid.UUID) -> Invoice:
     if invoice is None:
         raise invoice_not_found(invoice_id)
     return invoice
+
+
+async def get_for(session: AsyncSession, caller: Principal, invoice_id: uuid.UUID) -> Invoice:
+    """One invoice as the caller may see it: another account's answers as a missing one."""
+    invoice = await get(session, invoice_id)
+    caller.require_account(invoice.account_id, invoice_not_found(invoice_id))
+    return invoice
+
+
+async def list_invoices(
+    session: AsyncSession,
+    caller: Principal,
+    account_id: uuid.UUID | None,
+    period: str | None,
+    status: str | None,
+    limit: int,
+    cursor: str | None,
+) -> Page[InvoiceOut]:
+    """Invoices newest month first, a page at a time; a customer key sees its own only."""
+    scoped = caller.scope(account_id)
+    after = decode_cursor(cursor, str, uuid.UUID) if cursor else None
+    invoices = await InvoiceRepository(session).list(
+        scoped, period, status, limit + 1, (after[0], after[1]) if after else None
+    )
+    page = invoices[:limit]
+    more = len(invoices) > limit
+    return Page[InvoiceOut](
+        data=[invoice_out(i) for i in page],
+        has_more=more,
+        next_cursor=encode_cursor(page[-1].period, str(page[-1].id)) if more else None,
+    )
+
+
+async def invoice_document(
+    session: AsyncSession, caller: Principal, invoice_id: uuid.UUID, issuer: Issuer
+) -> tuple[bytes, str]:
+    """The invoice as a PDF and its file name, for a caller allowed to read it."""
+    invoice = invoice_out(await get_for(session, caller, invoice_id))
+    account = await AccountRepository(session).get_account(invoice.account_id)
+    customer = account.name if account else str(invoice.account_id)
+    # Drawing a long invoice takes CPU time: off the event loop, so the proxy keeps flowing.
+    document = await asyncio.to_thread(render_invoice_pdf, invoice, customer, issuer)
+    return document, pdf_filename(invoice)
 
 
 async def _locked(

@@ -99,7 +99,8 @@ def _line(row: ReportRow) -> dict[str, Any]:
     }
 
 
-def _text_cell(value: str | None) -> str:
+def text_cell(value: str | None) -> str:
+    """A CSV text cell a spreadsheet shows rather than runs (`=1+1` → `'=1+1`)."""
     if value is None:
         return ""
     return "'" + value if value.startswith(FORMULA_START) else value
@@ -134,9 +135,9 @@ class CsvRenderer:
                 "line",
                 period,
                 str(r["account_id"]),
-                _text_cell(r["account_name"]),
-                _text_cell(r["model"]),
-                _text_cell(r["task_type"]),
+                text_cell(r["account_name"]),
+                text_cell(r["model"]),
+                text_cell(r["task_type"]),
                 r["requests"],
                 r["prompt_tokens"],
                 r["completion_tokens"],

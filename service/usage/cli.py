@@ -14,18 +14,8 @@ from service.api_client import (
     print_json,
     print_table,
 )
-from service.usage.schemas import GROUPS
+from service.usage.schemas import GROUP_FIELDS, GROUPS
 
-GROUP_FIELDS = {
-    "day": "day",
-    "month": "month",
-    "model": "model",
-    "key": "key_id",
-    "task": "task_id",
-    "task_type": "task_type",
-    "provider": "provider",
-    "status": "status_code",
-}
 TOTAL_COLUMNS = ["requests", "prompt_tokens", "completion_tokens", "total_tokens", "cost_usd"]
 
 
@@ -65,8 +55,9 @@ def usage(
     if as_json:
         print_json(report)
         return
-    groups = [p.strip() for p in (group_by or "").split(",") if p.strip() in GROUP_FIELDS]
-    columns = [GROUP_FIELDS[g] for g in dict.fromkeys(groups)] + TOTAL_COLUMNS
+    fields: dict[str, str] = {str(group): field for group, field in GROUP_FIELDS.items()}
+    groups = [p.strip() for p in (group_by or "").split(",") if p.strip() in fields]
+    columns = [fields[g] for g in dict.fromkeys(groups)] + TOTAL_COLUMNS
     print_table(report["data"], columns)
     if report.get("has_more"):
         typer.echo(f"(only the first {limit} groups; narrow the range or raise --limit)", err=True)

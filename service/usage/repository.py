@@ -2,6 +2,11 @@
 
 Every query bounds `occurred_at` when the caller does and filters `account_id` when known,
 so Postgres prunes the monthly partitions and walks the (account_id, occurred_at) index.
+
+Totals over whole UTC days that need no task id are read from `usage_daily` (every row
+recorded up to its watermark, summed per day and dimension) plus the ledger rows recorded
+since, in one statement, so one snapshot sees the rollup and its watermark together: a
+month of a million rows is summed from a few thousand.
 """
 
 from __future__ import annotations
@@ -12,15 +17,32 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Date, Select, cast, func, literal, select, tuple_
+from sqlalchemy import (
+    BigInteger,
+    Date,
+    Select,
+    case,
+    cast,
+    func,
+    literal,
+    select,
+    text,
+    tuple_,
+    union_all,
+    update,
+)
 from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.sql.elements import ColumnElement
 
-from service.db.models import ApiKey, UsageRecord
+from service.db.models import ApiKey, UsageDaily, UsageDailyState, UsageRecord
+from service.invoices.repository import InvoiceRepository
 from service.usage.schemas import GroupBy
 
 L = UsageRecord
+D = UsageDaily
+# What `usage_daily` stores for a row without a key (a key column cannot be NULL).
+NO_KEY = uuid.UUID(int=0)
 
 
 def _utc(column: Any) -> Any:
@@ -31,6 +53,7 @@ def _utc(column: Any) -> Any:
 GROUP_EXPRESSIONS: dict[GroupBy, tuple[str, Any]] = {
     "day": ("day", cast(_utc(L.occurred_at), Date)),
     "month": ("month", func.to_char(_utc(L.occurred_at), literal("YYYY-MM"))),
+    "account": ("account_id", L.account_id),
     "model": ("model", L.requested_model),
     "key": ("key_id", L.key_id),
     "task": ("task_id", L.task_id),
@@ -50,6 +73,66 @@ TOTALS = (
     func.coalesce(func.sum(L.cost_usd), 0).label("cost_usd"),
     func.count().filter(L.cost_usd.is_(None)).label("unpriced_requests"),
 )
+
+
+# The groups `usage_daily` can answer, as (output field, the column it is read from).
+DAILY_GROUPS: dict[GroupBy, tuple[str, str]] = {
+    "day": ("day", "day"),
+    "month": ("month", "day"),
+    "account": ("account_id", "account_id"),
+    "model": ("model", "requested_model"),
+    "key": ("key_id", "key_id"),
+    "task_type": ("task_type", "task_type"),
+    "provider": ("provider", "provider"),
+    "status": ("status_code", "status_code"),
+}
+# Most groups a breakdown returns per grouping when it falls back to one query each.
+MAX_BREAKDOWN = 100_000
+MEASURES = (
+    "requests",
+    "prompt_tokens",
+    "completion_tokens",
+    "total_tokens",
+    "cached_tokens",
+    "reasoning_tokens",
+)
+
+ROLL_UP_DAILY = text(
+    """
+    WITH batch AS (
+        SELECT (occurred_at AT TIME ZONE 'UTC')::date AS day, account_id,
+               coalesce(key_id, :no_key) AS key_id, requested_model,
+               coalesce(provider, '') AS provider, coalesce(task_type, '') AS task_type,
+               status_code, count(*) AS requests, sum(prompt_tokens) AS prompt_tokens,
+               sum(completion_tokens) AS completion_tokens, sum(total_tokens) AS total_tokens,
+               sum(cached_tokens) AS cached_tokens, sum(reasoning_tokens) AS reasoning_tokens,
+               coalesce(sum(cost_usd), 0) AS cost_usd,
+               count(*) FILTER (WHERE cost_usd IS NULL) AS unpriced_requests
+        FROM usage_ledger
+        WHERE recorded_at > :since AND recorded_at <= :until
+        GROUP BY 1, 2, 3, 4, 5, 6, 7
+    ), merged AS (
+        INSERT INTO usage_daily AS d (day, account_id, key_id, requested_model, provider,
+            task_type, status_code, requests, prompt_tokens, completion_tokens, total_tokens,
+            cached_tokens, reasoning_tokens, cost_usd, unpriced_requests)
+        SELECT * FROM batch
+        ON CONFLICT (day, account_id, key_id, requested_model, provider, task_type, status_code)
+        DO UPDATE SET requests = d.requests + excluded.requests,
+                      prompt_tokens = d.prompt_tokens + excluded.prompt_tokens,
+                      completion_tokens = d.completion_tokens + excluded.completion_tokens,
+                      total_tokens = d.total_tokens + excluded.total_tokens,
+                      cached_tokens = d.cached_tokens + excluded.cached_tokens,
+                      reasoning_tokens = d.reasoning_tokens + excluded.reasoning_tokens,
+                      cost_usd = d.cost_usd + excluded.cost_usd,
+                      unpriced_requests = d.unpriced_requests + excluded.unpriced_requests
+    )
+    SELECT coalesce(sum(requests), 0) FROM batch
+    """
+)
+
+
+def _midnight(at: datetime | None) -> bool:
+    return at is None or (at.hour, at.minute, at.second, at.microsecond) == (0, 0, 0, 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +160,125 @@ class UsageFilter:
             conditions.append(L.occurred_at < self.end)
         return conditions
 
+    def whole_days(self) -> bool:
+        """Whether `usage_daily` can answer: no task id, a range of whole UTC days."""
+        return self.task_id is None and _midnight(self.start) and _midnight(self.end)
+
+    def daily_conditions(self) -> list[ColumnElement[bool]]:
+        conditions: list[ColumnElement[bool]] = []
+        if self.account_id is not None:
+            conditions.append(D.account_id == self.account_id)
+        if self.key_id is not None:
+            conditions.append(D.key_id == self.key_id)
+        if self.model is not None:
+            conditions.append(D.requested_model == self.model)
+        if self.start is not None:
+            conditions.append(D.day >= self.start.date())
+        if self.end is not None:
+            conditions.append(D.day < self.end.date())
+        return conditions
+
+
+def _grouped(
+    group_by: Sequence[GroupBy], columns: dict[str, Any], measures: Sequence[Any], summed: bool
+) -> Select[Any]:
+    """One side of a daily report, its group columns named as the report's fields: summed
+    by the groups (each side aggregates on its own, in parallel where Postgres can, before
+    the two are added up), or row by row for an outer GROUPING SETS."""
+    groups = []
+    for group in group_by:
+        field, source = DAILY_GROUPS[group]
+        expression = columns[source]
+        if group == "month":
+            expression = func.to_char(expression, literal("YYYY-MM"))
+        groups.append(expression.label(field))
+    statement = select(*groups, *measures)
+    if groups and summed:
+        positions = [literal(p, literal_execute=True) for p in range(1, len(groups) + 1)]
+        statement = statement.group_by(*positions)
+    return statement
+
+
+def _days_and_tail(where: UsageFilter, group_by: Sequence[GroupBy], summed: bool = True) -> Any:
+    """The rollup's rows in range and the ledger rows recorded since its watermark."""
+    watermark = select(UsageDailyState.rolled_up_to).where(UsageDailyState.id == 1)
+    day_measures = [getattr(D, m) for m in (*MEASURES, "cost_usd", "unpriced_requests")]
+    if summed:
+        day_measures = [func.sum(m) for m in day_measures]
+    days = _grouped(
+        group_by,
+        {
+            "day": D.day,
+            "account_id": D.account_id,
+            "key_id": func.nullif(D.key_id, NO_KEY),
+            "requested_model": D.requested_model,
+            "provider": func.nullif(D.provider, ""),
+            "task_type": func.nullif(D.task_type, ""),
+            "status_code": D.status_code,
+        },
+        [
+            m.label(name)
+            for m, name in zip(
+                day_measures, (*MEASURES, "cost_usd", "unpriced_requests"), strict=True
+            )
+        ],
+        summed,
+    ).where(*where.daily_conditions())
+    if summed:
+        tail_measures = [
+            func.count(),
+            *(func.sum(getattr(L, m)) for m in MEASURES[1:]),
+            func.sum(L.cost_usd),
+            func.count().filter(L.cost_usd.is_(None)),
+        ]
+    else:
+        tail_measures = [
+            literal(1, BigInteger),
+            *(cast(getattr(L, m), BigInteger) for m in MEASURES[1:]),
+            L.cost_usd.expression,
+            case((L.cost_usd.is_(None), 1), else_=0),
+        ]
+    tail = _grouped(
+        group_by,
+        {
+            "day": cast(_utc(L.occurred_at), Date),
+            "account_id": L.account_id,
+            "key_id": L.key_id,
+            "requested_model": L.requested_model,
+            "provider": L.provider,
+            "task_type": L.task_type,
+            "status_code": L.status_code,
+        },
+        [
+            m.label(name)
+            for m, name in zip(
+                tail_measures, (*MEASURES, "cost_usd", "unpriced_requests"), strict=True
+            )
+        ],
+        summed,
+    ).where(*where.conditions(), L.recorded_at > watermark.scalar_subquery())
+    return union_all(days, tail).subquery("usage")
+
+
+def _ledger_aggregate(where: UsageFilter, group_by: Sequence[GroupBy]) -> Select[Any]:
+    columns = [GROUP_EXPRESSIONS[g][1].label(GROUP_EXPRESSIONS[g][0]) for g in group_by]
+    return select(*columns, *TOTALS).where(*where.conditions())
+
+
+def _daily_totals(u: Any) -> tuple[Any, ...]:
+    return (
+        *(cast(func.coalesce(func.sum(u[m]), 0), BigInteger).label(m) for m in MEASURES),
+        func.coalesce(func.sum(u.cost_usd), 0).label("cost_usd"),
+        cast(func.coalesce(func.sum(u.unpriced_requests), 0), BigInteger).label(
+            "unpriced_requests"
+        ),
+    )
+
+
+def _daily_aggregate(where: UsageFilter, group_by: Sequence[GroupBy]) -> Select[Any]:
+    u = _days_and_tail(where, group_by).c
+    return select(*(u[DAILY_GROUPS[g][0]] for g in group_by), *_daily_totals(u))
+
 
 class UsageRepository:
     def __init__(self, session: AsyncSession) -> None:
@@ -89,17 +291,65 @@ class UsageRepository:
         self, where: UsageFilter, group_by: Sequence[GroupBy], limit: int
     ) -> Sequence[Row[Any]]:
         """One row per group (one row in all without groups), ordered by the groups."""
-        columns = [GROUP_EXPRESSIONS[g][1].label(GROUP_EXPRESSIONS[g][0]) for g in group_by]
-        statement: Select[Any] = select(*columns, *TOTALS).where(*where.conditions())
-        if columns:
-            positions = range(1, len(columns) + 1)
-            statement = (
-                statement.group_by(*(literal(p, literal_execute=True) for p in positions))
-                .order_by(*(literal(p, literal_execute=True) for p in positions))
-                .limit(limit + 1)
-            )
+        if where.whole_days() and all(g in DAILY_GROUPS for g in group_by):
+            statement = _daily_aggregate(where, group_by)
+        else:
+            statement = _ledger_aggregate(where, group_by)
+        if group_by:
+            positions = [literal(p, literal_execute=True) for p in range(1, len(group_by) + 1)]
+            statement = statement.group_by(*positions).order_by(*positions).limit(limit + 1)
         rows: Sequence[Row[Any]] = (await self.session.execute(statement)).all()
         return rows
+
+    async def breakdowns(
+        self, where: UsageFilter, groupings: Sequence[Sequence[GroupBy]]
+    ) -> list[list[Any]]:
+        """Several `aggregate`s of one range at once, each grouping's rows unordered. Over
+        whole days, one statement (GROUPING SETS) reads the rollup once for all of them."""
+        wanted = [list(dict.fromkeys(g)) for g in groupings]
+        if not wanted:
+            return []
+        daily = where.whole_days() and all(g in DAILY_GROUPS for s in wanted for g in s)
+        if not daily or any(not s for s in wanted):
+            return [list(await self.aggregate(where, s, MAX_BREAKDOWN)) for s in wanted]
+        every: list[GroupBy] = list(dict.fromkeys(g for s in wanted for g in s))
+        u = _days_and_tail(where, every, summed=False).c
+        fields = [DAILY_GROUPS[g][0] for g in every]
+        sets = [tuple_(*(u[DAILY_GROUPS[g][0]] for g in s)) for s in wanted]
+        statement = select(
+            *(u[f] for f in fields),
+            func.grouping(*(u[f] for f in fields)).label("grouping_set"),
+            *_daily_totals(u),
+        ).group_by(func.grouping_sets(*sets))
+        # GROUPING(...) has a bit set for each column left out of the row's grouping set.
+        masks = {
+            sum(1 << (len(every) - 1 - i) for i, g in enumerate(every) if g not in s): n
+            for n, s in enumerate(wanted)
+        }
+        out: list[list[Any]] = [[] for _ in wanted]
+        for row in await self.session.execute(statement):
+            out[masks[row.grouping_set]].append(row)
+        return out
+
+    async def roll_up_daily(self, wait: bool = True) -> tuple[datetime, datetime, int] | None:
+        """Add the ledger rows recorded since the watermark to `usage_daily`, in this
+        transaction; returns (from, to, ledger rows added), or None when another
+        transaction is rolling up (with `wait=False`)."""
+        statement = select(UsageDailyState.rolled_up_to).where(UsageDailyState.id == 1)
+        since: datetime | None = await self.session.scalar(
+            statement.with_for_update(skip_locked=not wait)
+        )
+        if since is None:
+            return None
+        until = await InvoiceRepository(self.session).usage_cutoff()
+        if until <= since:
+            return since, since, 0
+        parameters = {"since": since, "until": until, "no_key": NO_KEY}
+        added = int((await self.session.execute(ROLL_UP_DAILY, parameters)).scalar_one())
+        await self.session.execute(
+            update(UsageDailyState).where(UsageDailyState.id == 1).values(rolled_up_to=until)
+        )
+        return since, until, added
 
     async def events(
         self, where: UsageFilter, limit: int, after: tuple[datetime, str] | None

@@ -8,10 +8,13 @@ from pydantic import BaseModel, Field
 
 from service.schemas import DecimalString
 
-GroupBy = Literal["day", "month", "model", "key", "task", "task_type", "provider", "status"]
+GroupBy = Literal[
+    "day", "month", "account", "model", "key", "task", "task_type", "provider", "status"
+]
 GROUPS: tuple[GroupBy, ...] = (
     "day",
     "month",
+    "account",
     "model",
     "key",
     "task",
@@ -19,6 +22,20 @@ GROUPS: tuple[GroupBy, ...] = (
     "provider",
     "status",
 )
+
+
+# The field each group adds to a row.
+GROUP_FIELDS: dict[GroupBy, str] = {
+    "day": "day",
+    "month": "month",
+    "account": "account_id",
+    "model": "model",
+    "key": "key_id",
+    "task": "task_id",
+    "task_type": "task_type",
+    "provider": "provider",
+    "status": "status_code",
+}
 
 
 class UsageTotals(BaseModel):
@@ -37,6 +54,7 @@ class UsageGroup(UsageTotals):
 
     day: date | None = Field(default=None, description="group_by=day (UTC).")
     month: str | None = Field(default=None, description="group_by=month, `YYYY-MM` (UTC).")
+    account_id: uuid.UUID | None = Field(default=None, description="group_by=account.")
     model: str | None = Field(default=None, description="group_by=model: the model asked for.")
     key_id: uuid.UUID | None = Field(default=None, description="group_by=key.")
     task_id: str | None = Field(default=None, description="group_by=task (`X-Task-Id`).")

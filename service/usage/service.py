@@ -13,7 +13,18 @@ from service.db.models import UsageRecord
 from service.errors import NotFound, Unprocessable
 from service.schemas import Page, decode_cursor, encode_cursor
 from service.usage.repository import UsageFilter, UsageRepository
-from service.usage.schemas import GROUPS, GroupBy, UsageEvent, UsageGroup, UsageReport
+from service.usage.schemas import (
+    GROUP_FIELDS,
+    GROUPS,
+    GroupBy,
+    UsageEvent,
+    UsageGroup,
+    UsageReport,
+    UsageTotals,
+)
+
+# The totals every row has.
+TOTALS = frozenset(UsageTotals.model_fields)
 
 
 def parse_group_by(value: str | None) -> list[GroupBy]:
@@ -77,6 +88,24 @@ async def usage_report(
     # the endpoint leaves the others out of the JSON.
     data = [UsageGroup(**row._asdict()) for row in rows[:limit]]
     return UsageReport(data=data, has_more=len(rows) > limit)
+
+
+async def usage_breakdowns(
+    session: AsyncSession, where: UsageFilter, groupings: Sequence[Sequence[GroupBy]]
+) -> list[list[UsageGroup]]:
+    """The range's totals by each of several groupings (every group, in no order), read in
+    one pass where the daily rollup answers: what a dashboard shows side by side."""
+    rows = await UsageRepository(session).breakdowns(where, groupings)
+    out = []
+    for grouping, found in zip(groupings, rows, strict=True):
+        fields = {GROUP_FIELDS[g] for g in grouping}
+        out.append(
+            [
+                UsageGroup(**{k: v for k, v in row._asdict().items() if k in fields or k in TOTALS})
+                for row in found
+            ]
+        )
+    return out
 
 
 def _event(row: UsageRecord) -> UsageEvent:

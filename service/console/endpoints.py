@@ -1,0 +1,573 @@
+"""The console's pages and forms. HTTP only: read the request, call the billing services with
+the signed-in `Principal`, render. The navigation follows the order of the `@page`s below.
+
+To add a page (rate cards, credits, webhooks…): one `@page("/path", "Label")` function here
+and one template in `templates/`.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+from fastapi import Query, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
+
+from pricing.invoice import BillingPeriod
+from service.accounts import service as accounts
+from service.accounts.schemas import AccountCreate, AccountOut, AccountUpdate, KeyOut
+from service.console import service, sessions
+from service.console.pages import (
+    Operator,
+    Posted,
+    Viewer,
+    error_page,
+    optional_uuid,
+    page,
+    read_form,
+    redirect,
+    render,
+    router,
+)
+from service.db.session import Session
+from service.errors import Unauthorized
+from service.invoices import service as invoices
+from service.invoices.pdf import Issuer
+from service.invoices.schemas import InvoiceVoid, invoice_out
+from service.margin.service import margin_report
+from service.prices import service as prices
+from service.prices.schemas import PriceCreate, PriceOut
+from service.quotes import service as quotes
+from service.quotes.schemas import QuoteAccept, QuoteCreate
+from service.reports.endpoints import MEDIA_TYPES
+from service.reports.schemas import ReportFormat
+from service.reports.service import export_monthly, parse_period
+from service.runtime import get_runtime
+from service.tasks import service as tasks
+from service.tasks.endpoints import get_guard
+from service.tasks.repository import TaskFilter
+from service.tasks.schemas import TaskComplete
+
+Text = Annotated[str | None, Query(max_length=256)]
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _recent_periods(count: int = 12) -> list[str]:
+    period = BillingPeriod.of(_now())
+    index = period.year * 12 + period.month - 1
+    return [f"{(index - i) // 12:04d}-{(index - i) % 12 + 1:02d}" for i in range(count)]
+
+
+async def _account_choices(session: Session, viewer: Viewer) -> list[AccountOut]:
+    """Accounts an operator's filter and forms may name (the first 200)."""
+    if not viewer.principal.is_admin:
+        return []
+    return (await accounts.list_accounts(session, 200, None)).data
+
+
+# -- sign-in ------------------------------------------------------------------------------
+
+
+def _sign_in_page(request: Request, status_code: int = 200, error: str | None = None) -> Response:
+    token = sessions.new_form_token()
+    response = render(
+        request,
+        "sign_in.html",
+        status_code,
+        error=error,
+        form_token=token,
+        next=request.query_params.get("next", "/console"),
+    )
+    response.set_cookie(
+        sessions.SIGN_IN_COOKIE,
+        token,
+        max_age=3600,
+        path="/console",
+        httponly=True,
+        samesite="strict",
+        secure=request.url.scheme == "https",
+    )
+    return response
+
+
+@page("/sign-in")
+async def sign_in_form(request: Request) -> Response:
+    return _sign_in_page(request)
+
+
+@router.post("/sign-in", response_class=HTMLResponse)
+async def sign_in(request: Request, session: Session) -> Response:
+    form = await read_form(request)
+    if not sessions.csrf_matches(
+        request.cookies.get(sessions.SIGN_IN_COOKIE, ""), form.get("csrf_token")
+    ):
+        return error_page(request, 403, "The sign-in form expired; reload it and try again.")
+    settings = get_runtime(request).settings
+    try:
+        new = await sessions.sign_in(
+            session,
+            form.get("credential") or "",
+            settings.admin_token,
+            settings.console_session_ttl_s,
+        )
+    except Unauthorized:
+        # The same answer for every wrong credential: unknown, revoked, expired or mistyped.
+        return _sign_in_page(request, 401, "That token or key is not valid.")
+    target = form.get("next") or "/console"
+    if not target.startswith("/console"):
+        target = "/console"
+    response = RedirectResponse(target, status_code=303)
+    response.set_cookie(
+        sessions.COOKIE,
+        new.token,
+        max_age=settings.console_session_ttl_s,
+        path="/console",
+        httponly=True,
+        samesite="strict",
+        secure=request.url.scheme == "https",
+    )
+    response.delete_cookie(sessions.SIGN_IN_COOKIE, path="/console")
+    return response
+
+
+@router.post("/sign-out", response_class=HTMLResponse)
+async def sign_out(session: Session, viewer: Viewer, _: Posted) -> Response:
+    await sessions.sign_out(session, viewer)
+    response = redirect("/console/sign-in")
+    response.delete_cookie(sessions.COOKIE, path="/console")
+    return response
+
+
+# -- overview and usage -------------------------------------------------------------------
+
+
+@page("", "Overview")
+async def overview(request: Request, session: Session, viewer: Viewer) -> Response:
+    data = await service.overview(session, viewer.principal, _now())
+    chart = {
+        "days": [p.day.isoformat() for p in data.days],
+        "cost": [str(p.cost_usd) for p in data.days],
+        "requests": [p.requests for p in data.days],
+    }
+    return render(request, "overview.html", o=data, chart=chart)
+
+
+@page("/usage", "Usage")
+async def usage(
+    request: Request,
+    session: Session,
+    viewer: Viewer,
+    start: Text = None,
+    end: Text = None,
+    group: Text = "day",
+    account_id: Text = None,
+    model: Text = None,
+) -> Response:
+    first, last = service.parse_range(start, end, _now().date())
+    data = await service.explore(
+        session,
+        viewer.principal,
+        first,
+        last,
+        group or "day",
+        optional_uuid(account_id, "account_id"),
+        model,
+    )
+    chart = None
+    if data.group == "day":
+        chart = {
+            "days": [str(r.row.day) for r in data.rows],
+            "cost": [str(r.row.cost_usd) for r in data.rows],
+            "requests": [r.row.requests for r in data.rows],
+        }
+    top = max((r.row.cost_usd for r in data.rows), default=0) or 1
+    return render(
+        request,
+        "usage.html",
+        u=data,
+        chart=chart,
+        top_cost=top,
+        groups=service.explorer_groups(viewer.principal),
+        account_choices=await _account_choices(session, viewer),
+        csv_query=request.url.query,
+    )
+
+
+@router.get("/usage.csv")
+async def usage_csv(
+    session: Session,
+    viewer: Viewer,
+    start: Text = None,
+    end: Text = None,
+    group: Text = "day",
+    account_id: Text = None,
+    model: Text = None,
+) -> Response:
+    first, last = service.parse_range(start, end, _now().date())
+    data = await service.explore(
+        session,
+        viewer.principal,
+        first,
+        last,
+        group or "day",
+        optional_uuid(account_id, "account_id"),
+        model,
+    )
+    name = f"meterline-usage-{first}-{last}-by-{data.group}.csv"
+    return Response(
+        service.usage_csv(data.rows),
+        media_type="text/csv; charset=utf-8",
+        headers={"Content-Disposition": f'attachment; filename="{name}"'},
+    )
+
+
+# -- accounts and keys --------------------------------------------------------------------
+
+
+@page("/accounts", "Accounts", operator_only=True)
+async def account_list(
+    request: Request, session: Session, viewer: Operator, cursor: Text = None
+) -> Response:
+    listed = await accounts.list_accounts(session, 50, cursor)
+    return render(request, "accounts.html", page_=listed)
+
+
+@router.post("/accounts", response_class=HTMLResponse)
+async def create_account(session: Session, viewer: Operator, form: Posted) -> Response:
+    data = AccountCreate.model_validate(
+        {k: v for k, v in form.present("name", "tier", "monthly_budget_usd").items() if v}
+    )
+    account = await accounts.create_account(session, data)
+    return redirect(f"/console/accounts/{account.id}")
+
+
+@page("/account", "Account", customer_only=True)
+async def own_account(request: Request, session: Session, viewer: Viewer) -> Response:
+    if viewer.principal.account_id is None:
+        return redirect("/console/accounts")
+    return await _account_page(request, session, viewer, viewer.principal.account_id)
+
+
+async def _account_page(
+    request: Request,
+    session: Session,
+    viewer: Viewer,
+    account_id: uuid.UUID,
+    new_key: Any = None,
+) -> Response:
+    account = await accounts.get_account(session, viewer.principal, account_id)
+    keys = await accounts.list_keys(session, viewer.principal, account_id, 200, None)
+    return render(
+        request,
+        "account.html",
+        account=AccountOut.model_validate(account),
+        keys=keys.data,
+        new_key=new_key,
+    )
+
+
+@router.get("/accounts/{account_id}", response_class=HTMLResponse)
+async def account_detail(
+    request: Request, account_id: uuid.UUID, session: Session, viewer: Viewer
+) -> Response:
+    return await _account_page(request, session, viewer, account_id)
+
+
+@router.post("/accounts/{account_id}", response_class=HTMLResponse)
+async def update_account(
+    account_id: uuid.UUID, session: Session, viewer: Viewer, form: Posted
+) -> Response:
+    fields = (
+        "name",
+        "tier",
+        "monthly_budget_usd",
+        "quote_margin",
+        "failed_task_policy",
+        "rate_limit_rpm",
+        "rate_limit_tpm",
+    )
+    data = AccountUpdate.model_validate(form.present(*fields))
+    await accounts.update_account(session, viewer.principal, account_id, data)
+    return redirect(f"/console/accounts/{account_id}")
+
+
+@router.post("/accounts/{account_id}/keys", response_class=HTMLResponse)
+async def create_key(
+    request: Request, account_id: uuid.UUID, session: Session, viewer: Viewer, form: Posted
+) -> Response:
+    created = await accounts.create_key(
+        session, account_id, form.get("name"), None, viewer.principal
+    )
+    # Rendered, not redirected: this response is the only time the key is ever shown.
+    return await _account_page(request, session, viewer, account_id, new_key=created)
+
+
+@router.post("/keys/{key_id}/revoke", response_class=HTMLResponse)
+async def revoke_key(
+    request: Request, key_id: uuid.UUID, session: Session, viewer: Viewer, _: Posted
+) -> Response:
+    key: KeyOut = await accounts.revoke_key(session, viewer.principal, key_id)
+    await session.commit()
+    get_runtime(request).keys.revoke(key.id)
+    return redirect(f"/console/accounts/{key.account_id}")
+
+
+# -- invoices -----------------------------------------------------------------------------
+
+
+@page("/invoices", "Invoices")
+async def invoice_list(
+    request: Request,
+    session: Session,
+    viewer: Viewer,
+    account_id: Text = None,
+    period: Annotated[str | None, Query(pattern=r"^(\d{4}-\d{2})?$")] = None,
+    status: Annotated[str | None, Query(pattern=r"^(draft|finalized|void)?$")] = None,
+    cursor: Text = None,
+) -> Response:
+    listed = await invoices.list_invoices(
+        session,
+        viewer.principal,
+        optional_uuid(account_id, "account_id"),
+        period or None,
+        status or None,
+        50,
+        cursor,
+    )
+    choices = await _account_choices(session, viewer)
+    ids = [i.account_id for i in listed.data]
+    names = await accounts.accounts_by_id(session, viewer.principal, ids)
+    return render(
+        request,
+        "invoices.html",
+        page_=listed,
+        names={k: v.name for k, v in names.items()},
+        account_choices=choices,
+        periods=_recent_periods(),
+        filters={"account_id": account_id, "period": period, "status": status},
+    )
+
+
+@router.post("/invoices", response_class=HTMLResponse)
+async def generate_invoice(session: Session, viewer: Operator, form: Posted) -> Response:
+    account_id = optional_uuid(form.get("account_id"), "account_id")
+    if account_id is None:
+        return redirect("/console/invoices")
+    invoice, _ = await invoices.generate_one(
+        session, account_id, invoices.parse_period(form.get("period") or "")
+    )
+    return redirect(f"/console/invoices/{invoice.id}")
+
+
+@router.get("/invoices/{invoice_id}", response_class=HTMLResponse)
+async def invoice_detail(
+    request: Request, invoice_id: uuid.UUID, session: Session, viewer: Viewer
+) -> Response:
+    invoice = invoice_out(await invoices.get_for(session, viewer.principal, invoice_id))
+    account = await accounts.get_account(session, viewer.principal, invoice.account_id)
+    return render(request, "invoice.html", invoice=invoice, account=account)
+
+
+@router.get("/invoices/{invoice_id}/pdf")
+async def invoice_pdf(
+    request: Request, invoice_id: uuid.UUID, session: Session, viewer: Viewer
+) -> Response:
+    issuer = Issuer.from_settings(get_runtime(request).settings)
+    document, filename = await invoices.invoice_document(
+        session, viewer.principal, invoice_id, issuer
+    )
+    return Response(
+        document,
+        media_type="application/pdf",
+        headers={"Content-Disposition": f'attachment; filename="{filename}"'},
+    )
+
+
+@router.post("/invoices/{invoice_id}/finalize", response_class=HTMLResponse)
+async def finalize_invoice(
+    invoice_id: uuid.UUID, session: Session, viewer: Operator, _: Posted
+) -> Response:
+    await invoices.finalize(session, invoice_id)
+    return redirect(f"/console/invoices/{invoice_id}")
+
+
+@router.post("/invoices/{invoice_id}/void", response_class=HTMLResponse)
+async def void_invoice(
+    invoice_id: uuid.UUID, session: Session, viewer: Operator, form: Posted
+) -> Response:
+    data = InvoiceVoid.model_validate({"reason": form.get("reason") or ""})
+    await invoices.void(session, invoice_id, data.reason)
+    return redirect(f"/console/invoices/{invoice_id}")
+
+
+# -- tasks and quotes ---------------------------------------------------------------------
+
+
+@page("/tasks", "Tasks")
+async def task_list(
+    request: Request,
+    session: Session,
+    viewer: Viewer,
+    account_id: Text = None,
+    status: Annotated[str | None, Query(pattern=r"^(open|succeeded|failed)?$")] = None,
+    task_type: Text = None,
+    model: Text = None,
+    quoted: Annotated[str | None, Query(pattern=r"^(yes|no)?$")] = None,
+    cursor: Text = None,
+) -> Response:
+    where = TaskFilter(
+        account_id=optional_uuid(account_id, "account_id"),
+        status=status or None,
+        task_type=task_type,
+        model=model,
+        quoted={"yes": True, "no": False}.get(quoted or ""),
+    )
+    listed = await tasks.list_tasks(session, viewer.principal, where, 50, cursor)
+    return render(
+        request,
+        "tasks.html",
+        page_=listed,
+        account_choices=await _account_choices(session, viewer),
+        filters={
+            "account_id": account_id,
+            "status": status,
+            "task_type": task_type,
+            "model": model,
+            "quoted": quoted,
+        },
+    )
+
+
+@router.post("/tasks/complete", response_class=HTMLResponse)
+async def complete_task(
+    request: Request, session: Session, viewer: Operator, form: Posted
+) -> Response:
+    data = TaskComplete.model_validate({"outcome": form.get("outcome")})
+    await tasks.complete_task(
+        session,
+        get_guard(request),
+        viewer.principal,
+        form.get("task_id") or "",
+        optional_uuid(form.get("account_id"), "account_id"),
+        data.outcome,
+    )
+    back = form.get("back") or ""
+    return redirect(back if back.startswith("/console/") else "/console/tasks")
+
+
+@page("/quotes", "Quotes")
+async def quote_form(request: Request, session: Session, viewer: Viewer) -> Response:
+    return render(
+        request, "quotes.html", quote=None, account_choices=await _account_choices(session, viewer)
+    )
+
+
+@router.post("/quotes", response_class=HTMLResponse)
+async def create_quote(
+    request: Request, session: Session, viewer: Viewer, form: Posted
+) -> Response:
+    fields = form.present(
+        "account_id", "task_type", "model", "prompt_tokens", "max_completion_tokens"
+    )
+    data = QuoteCreate.model_validate({k: v for k, v in fields.items() if v is not None})
+    runtime = get_runtime(request)
+    quote = await quotes.create_quote(
+        session, runtime.settings, runtime.prices.book, viewer.principal, data
+    )
+    return render(
+        request, "quotes.html", quote=quote, account_choices=await _account_choices(session, viewer)
+    )
+
+
+@router.post("/quotes/{quote_id}/accept", response_class=HTMLResponse)
+async def accept_quote(
+    request: Request, quote_id: uuid.UUID, session: Session, viewer: Viewer, form: Posted
+) -> Response:
+    data = QuoteAccept.model_validate({"task_id": form.get("task_id")})
+    task = await quotes.accept_quote(
+        session, get_runtime(request).settings, get_guard(request), viewer.principal, quote_id, data
+    )
+    return redirect(f"/console/tasks?status=open&task_type={task.task_type or ''}")
+
+
+# -- reports ------------------------------------------------------------------------------
+
+
+@page("/reports", "Reports")
+async def reports(
+    request: Request,
+    session: Session,
+    viewer: Viewer,
+    period: Annotated[str | None, Query(pattern=r"^(\d{4}-(0[1-9]|1[0-2]))?$")] = None,
+) -> Response:
+    chosen = period or _recent_periods()[0]
+    margin = None
+    if viewer.principal.is_admin:
+        margin = await margin_report(session, chosen, None)
+    unpriced = await invoices.unpriced_report(
+        session, invoices.parse_period(chosen), viewer.principal.scope(None)
+    )
+    top = max((max(r.revenue_usd, r.cost_usd) for r in (margin.rows if margin else [])), default=0)
+    return render(
+        request,
+        "reports.html",
+        period=chosen,
+        periods=_recent_periods(),
+        margin=margin,
+        margin_top=top or 1,
+        unpriced=unpriced,
+    )
+
+
+@router.get("/reports/monthly")
+async def monthly_export(
+    request: Request,
+    viewer: Viewer,
+    period: Annotated[str, Query(pattern=r"^\d{4}-(0[1-9]|1[0-2])$")],
+    fmt: Annotated[ReportFormat, Query(alias="format")] = "csv",
+) -> Response:
+    parse_period(period)
+    account_id = viewer.principal.scope(None)
+    suffix = f"-{account_id}" if account_id else ""
+    return StreamingResponse(
+        export_monthly(get_runtime(request).engine, period, fmt, account_id),
+        media_type=MEDIA_TYPES[fmt],
+        headers={"Content-Disposition": f'attachment; filename="meterline-{period}{suffix}.{fmt}"'},
+    )
+
+
+# -- prices -------------------------------------------------------------------------------
+
+
+@page("/prices", "Prices")
+async def price_list(
+    request: Request, session: Session, viewer: Viewer, model: Text = None
+) -> Response:
+    versions = await prices.list_prices(session, model, _now())
+    return render(
+        request,
+        "prices.html",
+        prices=[PriceOut.model_validate(v) for v in versions],
+        model=model,
+        now=_now(),
+    )
+
+
+@router.post("/prices", response_class=HTMLResponse)
+async def add_price(request: Request, session: Session, viewer: Operator, form: Posted) -> Response:
+    fields = form.present(
+        "model",
+        "input_usd_per_mtok",
+        "output_usd_per_mtok",
+        "cached_input_usd_per_mtok",
+        "effective_from",
+    )
+    data = PriceCreate.model_validate({k: v for k, v in fields.items() if v is not None})
+    await prices.add_price(session, data)
+    await session.commit()
+    await get_runtime(request).prices.refresh()
+    return redirect(f"/console/prices?model={data.model}")

@@ -1,0 +1,533 @@
+"""The web console as people use it: in a real headless Chromium (Debian's `chromium`, driven
+by Playwright), against `meterline serve` on a database of this module's own, with usage sent
+through the official `openai` SDK. Screenshots of the main pages at a desktop and a phone
+size are saved under `tests/artifacts/console/` (the run prints the folder).
+
+The tests without a browser (sign-in answers, sessions ending, CSRF) use plain HTTP.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import re
+import secrets
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from pypdf import PdfReader
+
+from tests.conftest import (
+    ADMIN_TOKEN,
+    Meterline,
+    Upstream,
+    _clone,
+    _with_database,
+    start_meterline,
+)
+from tests.support import ROOT, Database
+from tests.usage_rows import insert_usage, usage_row
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+ARTIFACTS = ROOT / "tests" / "artifacts" / "console"
+SIZES = {"desktop": (1280, 800), "phone": (390, 844)}
+ISSUER = "Console Test Billing GmbH"
+MODEL = "mock-console-chat"
+
+
+@pytest.fixture(scope="module")
+def server(
+    postgres_server: str,
+    template_database: str,
+    upstream: Upstream,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Meterline]:
+    """`meterline serve` on a database of its own (the tests add prices: global state)."""
+    admin, name = _clone(postgres_server, template_database)
+    url = _with_database(postgres_server, name)
+    try:
+        with start_meterline(
+            url,
+            upstream,
+            tmp_path_factory.mktemp("console"),
+            METERLINE_INVOICE_ISSUER_NAME=ISSUER,
+            METERLINE_INVOICE_ISSUER_ADDRESS='["Hauptstrasse 1", "10115 Berlin"]',
+            METERLINE_INVOICE_ISSUER_TAX_ID="DE123456789",
+            # The daily rollup folds rows within the tests, so pages read it and the ledger.
+            METERLINE_USAGE_ROLLUP_INTERVAL_S="1",
+        ) as meterline:
+            yield meterline
+    finally:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="module")
+def db(server: Meterline) -> Database:
+    return Database(server.database_url)
+
+
+# -- a browser ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def history(server: Meterline, db: Database) -> dict[str, Any]:
+    """An account with two keys and a month of varied usage up to now, a few errors in it."""
+    account = server.new_account(name="Northwind Traders", monthly_budget_usd="400")
+    with server.admin() as api:
+        for name in ("web", "batch"):
+            api.post(f"/billing/accounts/{account['id']}/keys", json={"name": name})
+        keys = [k["id"] for k in api.get(f"/billing/accounts/{account['id']}/keys").json()["data"]]
+    models = {
+        "meta-llama/Llama-3.3-70B-Instruct": "0.000000400",
+        "deepseek-ai/DeepSeek-V3": "0.000001250",
+        "Qwen/Qwen2.5-72B-Instruct": "0.000000400",
+    }
+    now = datetime.now(UTC)
+    rows = []
+    for day in range(30):
+        at = now - timedelta(days=day, hours=1)
+        for i in range(8 + (day * 7) % 23):
+            model, rate = list(models.items())[i % 3]
+            prompt, completion = 800 + 97 * ((day + i) % 13), 150 + 41 * (i % 7)
+            status = 502 if (day + i) % 37 == 0 else 429 if (day * i) % 53 == 5 else 200
+            rows.append(
+                usage_row(
+                    str(account["id"]),
+                    at - timedelta(minutes=i),
+                    model=model,
+                    key_id=keys[i % 2],
+                    prompt=prompt,
+                    completion=completion if status == 200 else 0,
+                    cost=str(Decimal(rate) * (prompt + completion) * 40),
+                    status=status,
+                )
+            )
+    insert_usage(db, *rows)
+    return {"account": account, "start": (now - timedelta(days=29)).date()}
+
+
+@pytest.fixture(scope="module")
+def browser(
+    server: Meterline, two_customers: dict[str, Any], history: dict[str, Any]
+) -> Iterator[Any]:
+    """Chromium for the module. Playwright's sync API keeps an event loop running while it
+    is open, so everything set up with `asyncio.run` (databases, rows) comes before it."""
+    if not CHROMIUM.exists():
+        message = "Debian's chromium is not installed (apt-get install -y chromium)"
+        if __import__("os").environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    from playwright.sync_api import sync_playwright
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    print(f"\nconsole screenshots and downloads: {ARTIFACTS}")
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            yield chromium
+        finally:
+            chromium.close()
+
+
+def signed_in(browser: Any, server: Meterline, credential: str, size: str = "desktop") -> Any:
+    """A new browser context (its own cookies) signed in with `credential`; its page."""
+    width, height = SIZES[size]
+    context = browser.new_context(
+        viewport={"width": width, "height": height}, accept_downloads=True
+    )
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.goto(f"{server.url}/console")
+    assert page.url.startswith(f"{server.url}/console/sign-in")
+    page.fill("input[name=credential]", credential)
+    page.click("form[action='/console/sign-in'] button[type=submit]")
+    page.wait_for_url(f"{server.url}/console")
+    page.console_errors = errors
+    return page
+
+
+def screenshot(page: Any, name: str) -> None:
+    page.wait_for_load_state("networkidle")
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+
+
+def chart_drawn(page: Any, selector: str) -> dict[str, Any]:
+    """What the chart drew: points, non-zero points, and whether its canvas has ink."""
+    page.wait_for_selector(f"{selector}[data-drawn] canvas")
+    result: dict[str, Any] = page.eval_on_selector(
+        selector,
+        """el => {
+            const canvas = el.querySelector("canvas");
+            const context = canvas.getContext("2d");
+            const pixels = context.getImageData(0, 0, canvas.width, canvas.height).data;
+            let ink = 0;
+            for (let i = 3; i < pixels.length; i += 4) if (pixels[i] > 0) ink++;
+            return {points: Number(el.dataset.drawn), nonzero: Number(el.dataset.nonzero), ink};
+        }""",
+    )
+    return result
+
+
+def amount_text(value: str) -> str:
+    """An API decimal as the console and the PDF print it (thousands separated, cents)."""
+    amount = Decimal(value)
+    return f"{amount:,.2f}"
+
+
+# -- the operator's day -------------------------------------------------------------------
+
+
+@pytest.mark.browser
+def test_operator_signs_in_creates_an_account_and_a_key_and_sees_its_usage(
+    browser: Any, server: Meterline, history: dict[str, Any]
+) -> None:
+    page = signed_in(browser, server, ADMIN_TOKEN)
+
+    # A price for the model first, through the console, so the usage is priced.
+    page.goto(f"{server.url}/console/prices")
+    form = page.locator("#new-price")
+    form.locator("input[name=model]").fill(MODEL)
+    form.locator("input[name=input_usd_per_mtok]").fill("250")
+    form.locator("input[name=output_usd_per_mtok]").fill("1000")
+    form.locator("input[name=effective_from]").fill("2020-01-01T00:00:00Z")
+    form.locator("button[type=submit]").click()
+    page.wait_for_selector(f"#prices td:has-text('{MODEL}')")
+
+    name = f"Acme Analytics {secrets.token_hex(3)}"
+    page.goto(f"{server.url}/console/accounts")
+    page.fill("#new-account input[name=name]", name)
+    page.select_option("#new-account select[name=tier]", "pro")
+    page.fill("#new-account input[name=monthly_budget_usd]", "250")
+    page.click("#new-account button[type=submit]")
+    page.wait_for_selector(f"h1:has-text('{name}')")
+    account_id = page.url.rsplit("/", 1)[-1]
+
+    page.fill("#new-key-form input[name=name]", "production")
+    page.click("#new-key-form button[type=submit]")
+    key = page.inner_text("#new-key-value").strip()
+    assert key.startswith("ml-")
+    page.reload()  # shown once: a fresh page has only its prefix
+    assert key not in page.content()
+
+    client = openai.OpenAI(base_url=server.v1, api_key=key, max_retries=0)
+    for i in range(6):
+        client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": f"Summarise ticket {i} in a sentence."}],
+            max_tokens=40,
+        )
+
+    # Every row in the ledger (the writer batches), then the overview: the month's figures
+    # for every account, the chart drawn with the usage.
+    def all_recorded() -> bool:
+        with server.admin() as api:
+            totals = api.get("/billing/usage", params={"account_id": account_id}).json()
+        return bool(totals["data"][0]["requests"] == 6)
+
+    assert _eventually(all_recorded), "the requests never reached the ledger"
+    page.goto(f"{server.url}/console")
+    assert name in page.inner_text("main")
+    drawn = chart_drawn(page, "#daily-chart")
+    assert drawn["points"] >= 1 and drawn["nonzero"] >= 1 and drawn["ink"] > 1000, drawn
+    assert not page.console_errors, page.console_errors
+    for size in SIZES:
+        page.set_viewport_size(dict(zip(("width", "height"), SIZES[size], strict=True)))
+        screenshot(page, f"overview-{size}")
+
+    # The usage explorer over a month of an account's history, by day and by model.
+    page.set_viewport_size({"width": 1280, "height": 800})
+    northwind = history["account"]["id"]
+    page.goto(f"{server.url}/console/usage?account_id={northwind}&start={history['start']}")
+    assert chart_drawn(page, "#usage-chart")["points"] == 30
+    for size in SIZES:
+        page.set_viewport_size(dict(zip(("width", "height"), SIZES[size], strict=True)))
+        screenshot(page, f"usage-{size}")
+    page.goto(
+        f"{server.url}/console/usage?account_id={northwind}&start={history['start']}&group=model"
+    )
+    assert page.locator("#usage-table tbody tr").count() == 3
+    screenshot(page, "usage-by-model-phone")
+
+    # This account's usage and its CSV: the same figures as the API's.
+    page.set_viewport_size({"width": 1280, "height": 800})
+    page.goto(f"{server.url}/console/usage?account_id={account_id}&group=day")
+    chart_drawn(page, "#usage-chart")
+    with page.expect_download() as download:
+        page.click("#usage-csv")
+    path = ARTIFACTS / "usage.csv"
+    download.value.save_as(path)
+    rows = list(csv.DictReader(io.StringIO(path.read_text())))
+    today = datetime.now(UTC).date()
+    with server.admin() as api:
+        expected = api.get(
+            "/billing/usage",
+            params={
+                "account_id": account_id,
+                "group_by": "day",
+                "start": f"{today.replace(day=1)}T00:00:00Z",
+                "end": f"{today + timedelta(days=1)}T00:00:00Z",
+            },
+        ).json()["data"]
+    assert [(r["day"], r["requests"], r["cost_usd"]) for r in rows] == [
+        (e["day"], str(e["requests"]), e["cost_usd"]) for e in expected
+    ]
+    assert int(rows[-1]["requests"]) == 6 and Decimal(rows[-1]["cost_usd"]) > 0
+
+    # This month's draft invoice, from the console; its PDF matches the API's JSON.
+    page.set_viewport_size({"width": 1280, "height": 800})
+    page.goto(f"{server.url}/console/invoices")
+    page.select_option("#new-invoice select[name=account_id]", account_id)
+    page.click("#new-invoice button[type=submit]")
+    page.wait_for_selector("#invoice-lines")
+    invoice_id = page.url.rsplit("/", 1)[-1]
+    for size in SIZES:
+        page.set_viewport_size(dict(zip(("width", "height"), SIZES[size], strict=True)))
+        screenshot(page, f"invoice-{size}")
+    with page.expect_download() as download:
+        page.click("#invoice-pdf")
+    pdf = ARTIFACTS / "invoice.pdf"
+    download.value.save_as(pdf)
+    with server.admin() as api:
+        invoice = api.get(f"/billing/invoices/{invoice_id}").json()
+    text = pdf_text(pdf)
+    assert invoice["lines"] and Decimal(invoice["total_usd"]) > 0
+    for line in invoice["lines"]:
+        assert amount_text(line["amount_usd"]) in text
+    assert f"Total (USD) {amount_text(invoice['total_usd'])}" in text
+    assert "DRAFT INVOICE" in text and ISSUER in text and name in text
+    page.context.close()
+
+
+def pdf_text(path: Path) -> str:
+    text = "\n".join(p.extract_text() for p in PdfReader(path).pages)
+    return re.sub(r"[ \t]+", " ", text)
+
+
+def _eventually(check: Any, seconds: float = 15.0) -> bool:
+    import time
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.3)
+    return False
+
+
+# -- a customer sees its own account only -------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def two_customers(server: Meterline, db: Database) -> dict[str, Any]:
+    """Two accounts with a key each, usage last month, and an invoice each."""
+    last_month = (datetime.now(UTC).replace(day=1) - timedelta(days=1)).replace(hour=12)
+    period = f"{last_month:%Y-%m}"
+    out: dict[str, Any] = {"period": period}
+    with server.admin() as api:
+        for label in ("mine", "theirs"):
+            account = server.new_account(name=f"Customer {label} {secrets.token_hex(2)}")
+            key = server.new_key(account["id"], name=label)
+            insert_usage(
+                db,
+                *(
+                    usage_row(str(account["id"]), last_month - timedelta(days=d), cost="0.01234")
+                    for d in range(3)
+                ),
+            )
+            invoice = api.post(
+                "/billing/invoices", json={"account_id": account["id"], "period": period}
+            ).json()
+            out[label] = {"account": account, "key": key, "invoice": invoice}
+    return out
+
+
+@pytest.mark.browser
+def test_a_customer_key_sees_only_its_own_account(
+    browser: Any, server: Meterline, two_customers: dict[str, Any]
+) -> None:
+    mine, theirs = two_customers["mine"], two_customers["theirs"]
+    page = signed_in(browser, server, mine["key"])
+    main = page.inner_text("main")
+    assert mine["account"]["name"] in main and theirs["account"]["name"] not in main
+    nav = page.inner_text("nav.tabs")
+    assert "Accounts" not in nav.split() and "Account" in nav.split()
+
+    page.goto(f"{server.url}/console/invoices")
+    listed = page.inner_text("#invoice-list")
+    assert mine["invoice"]["total_usd"] in listed
+    assert page.locator("#invoice-list tbody tr").count() == 1
+
+    for path in (
+        f"/console/invoices/{theirs['invoice']['id']}",
+        f"/console/invoices/{theirs['invoice']['id']}/pdf",
+        f"/console/accounts/{theirs['account']['id']}",
+        f"/console/usage?account_id={theirs['account']['id']}",
+        "/console/accounts",
+    ):
+        response = page.request.get(f"{server.url}{path}")
+        assert response.status == 404, path
+    response = page.goto(f"{server.url}/console/invoices/{theirs['invoice']['id']}")
+    assert response is not None and response.status == 404
+    assert "Not found" in page.inner_text("main")
+    own = page.request.get(f"{server.url}/console/invoices/{mine['invoice']['id']}/pdf")
+    assert own.status == 200 and own.body().startswith(b"%PDF")
+    page.context.close()
+
+
+@pytest.mark.browser
+def test_a_form_posted_without_its_csrf_token_is_refused(browser: Any, server: Meterline) -> None:
+    page = signed_in(browser, server, ADMIN_TOKEN)
+    name = f"csrf probe {secrets.token_hex(3)}"
+    page.goto(f"{server.url}/console/accounts")
+    # The browser's own form, with its token removed, as a forged page would post it.
+    page.eval_on_selector("#new-account input[name=csrf_token]", "el => el.remove()")
+    page.fill("#new-account input[name=name]", name)
+    with page.expect_response(lambda r: r.request.method == "POST") as posted:
+        page.click("#new-account button[type=submit]")
+    assert posted.value.status == 403
+    assert "did not come from the console" in page.inner_text("main")
+    wrong = page.request.post(
+        f"{server.url}/console/accounts",
+        form={"name": name, "csrf_token": "not-the-token"},
+    )
+    assert wrong.status == 403
+    with server.admin() as api:
+        names = [a["name"] for a in api.get("/billing/accounts?limit=200").json()["data"]]
+    assert name not in names
+    page.context.close()
+
+
+@pytest.mark.browser
+def test_api_docs_render_with_the_network_blocked(browser: Any, server: Meterline) -> None:
+    context = browser.new_context()
+    blocked: list[str] = []
+
+    def only_this_host(route: Any) -> None:
+        host = httpx.URL(route.request.url).host
+        if host in ("127.0.0.1", "localhost"):
+            route.continue_()
+        else:
+            blocked.append(route.request.url)
+            route.abort()
+
+    context.route("**/*", only_this_host)
+    page = context.new_page()
+    page.goto(f"{server.url}/docs")
+    page.wait_for_selector(".swagger-ui .opblock-summary-path", timeout=20_000)
+    paths = page.locator(".opblock-summary-path").all_inner_texts()
+    assert any("/billing/invoices/{invoice_id}/pdf" in p for p in paths)
+    screenshot(page, "docs-desktop")
+    page.goto(f"{server.url}/redoc")
+    page.wait_for_selector("h1:has-text('Meterline')", timeout=20_000)
+    page.wait_for_selector("[role=menuitem] >> text=invoices", timeout=20_000)
+    assert blocked == [], blocked
+    context.close()
+
+
+# -- sign-in and sessions, over plain HTTP ------------------------------------------------
+
+
+def _sign_in(server: Meterline, credential: str) -> tuple[httpx.Client, httpx.Response]:
+    client = httpx.Client(base_url=server.url, timeout=30)
+    form = client.get("/console/sign-in")
+    token = re.search(r'name="csrf_token" value="([^"]+)"', form.text)
+    assert token is not None
+    response = client.post(
+        "/console/sign-in", data={"credential": credential, "csrf_token": token.group(1)}
+    )
+    return client, response
+
+
+def test_a_wrong_credential_answers_the_same_whether_or_not_the_account_exists(
+    server: Meterline,
+) -> None:
+    account_id, key = server.customer()
+    with server.admin() as api:
+        key_id = api.get(f"/billing/accounts/{account_id}/keys").json()["data"][0]["id"]
+        api.delete(f"/billing/keys/{key_id}").raise_for_status()
+    answers = []
+    for credential in (
+        "ml-" + secrets.token_urlsafe(32),  # no such key
+        key,  # a real account's key, revoked
+        ADMIN_TOKEN + "x",  # not the admin token
+        "",
+    ):
+        client, response = _sign_in(server, credential)
+        body = re.sub(r'value="[^"]+"', "", response.text)  # the form's fresh token
+        answers.append((response.status_code, body))
+        assert "meterline_console=" not in response.headers.get("set-cookie", "")
+        client.close()
+    assert answers[0][0] == 401
+    assert all(answer == answers[0] for answer in answers), "the answers differ"
+
+
+def test_sessions_are_http_only_strict_cookies_that_end_with_sign_out_or_their_key(
+    server: Meterline,
+) -> None:
+    account_id, key = server.customer()
+    client, response = _sign_in(server, key)
+    assert response.status_code == 303
+    cookie = next(c for c in response.headers.get_list("set-cookie") if "meterline_console=" in c)
+    assert "HttpOnly" in cookie and "SameSite=strict" in cookie and "Max-Age=43200" in cookie
+    assert client.get("/console").status_code == 200
+
+    # Sign-out needs the CSRF token too, and then the cookie no longer works.
+    page = client.get("/console").text
+    token = re.search(r'name="csrf_token" value="([^"]+)"', page)
+    assert token is not None
+    assert client.post("/console/sign-out", data={}).status_code == 403
+    assert client.post("/console/sign-out", data={"csrf_token": token.group(1)}).status_code == 303
+    stale = dict(client.cookies)
+    client.cookies.clear()
+    again = client.get("/console", cookies=stale)
+    assert again.status_code == 303 and "/console/sign-in" in again.headers["location"]
+    client.close()
+
+    # A session of a key that is then revoked stops at once.
+    client, _ = _sign_in(server, key)
+    assert client.get("/console/account").status_code == 200
+    with server.admin() as api:
+        key_id = api.get(f"/billing/accounts/{account_id}/keys").json()["data"][0]["id"]
+        api.delete(f"/billing/keys/{key_id}").raise_for_status()
+    after = client.get("/console/account")
+    assert after.status_code == 303 and "/console/sign-in" in after.headers["location"]
+    client.close()
+
+
+def test_the_root_leads_to_the_console_and_pages_are_not_cached_or_framed(
+    server: Meterline,
+) -> None:
+    root = httpx.get(f"{server.url}/")
+    assert root.status_code == 307 and root.headers["location"] == "/console"
+    client, _ = _sign_in(server, ADMIN_TOKEN)
+    response = client.get("/console")
+    assert response.headers["cache-control"] == "no-store"
+    assert "frame-ancestors 'none'" in response.headers["content-security-policy"]
+    assert response.headers["x-frame-options"] == "DENY"
+    client.close()
+
+
+def test_the_console_asks_the_same_services_as_the_api(server: Meterline) -> None:
+    """An operator-only page is a 404 for a customer, as the API's admin-only resources are."""
+    _, key = server.customer()
+    client, _ = _sign_in(server, key)
+    for path in ("/console/accounts", f"/console/accounts/{uuid.uuid4()}"):
+        assert client.get(path).status_code == 404
+    client.close()
