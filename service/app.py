@@ -5,16 +5,20 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from typing import Any
 
+import asyncpg
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 from service.accounts.endpoints import router as accounts_router
-from service.errors import ErrorBody, MeterlineError, error_body
+from service.db.engine import database_unavailable
+from service.errors import DatabaseUnavailable, ErrorBody, MeterlineError, error_body
 from service.health.endpoints import router as health_router
 from service.invoices.endpoints import router as invoices_router
 from service.limits.body import BodySizeLimit
@@ -27,6 +31,7 @@ from service.proxy.endpoints import routes as proxy_routes
 from service.quotes.endpoints import router as quotes_router
 from service.reports.endpoints import router as reports_router
 from service.runtime import Runtime
+from service.schemas import CONTROL_CHARACTERS_MESSAGE, NO_CONTROL_CHARACTERS
 from service.settings import Settings, get_settings
 from service.tasks.endpoints import router as tasks_router
 from service.usage.endpoints import router as usage_router
@@ -34,25 +39,58 @@ from service.usage.endpoints import router as usage_router
 log = logging.getLogger("meterline.app")
 
 
+# Seconds a client is asked to wait before retrying while Postgres is unreachable.
+DATABASE_RETRY_AFTER_S = 5
+
+
 def _field_path(location: Sequence[object]) -> str:
     return ".".join(str(part) for part in location)
+
+
+def _validation_message(error: dict[str, Any]) -> str:
+    if (error.get("ctx") or {}).get("pattern") == NO_CONTROL_CHARACTERS:
+        return CONTROL_CHARACTERS_MESSAGE  # rather than the pattern itself
+    return str(error.get("msg"))
+
+
+def _render(error: MeterlineError) -> Response:
+    return JSONResponse(error.body(), status_code=error.status_code, headers=error.headers)
 
 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(MeterlineError)
     async def _meterline_error(request: Request, exc: MeterlineError) -> Response:
-        return JSONResponse(exc.body(), status_code=exc.status_code, headers=exc.headers)
+        return _render(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
         errors = exc.errors()
         first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
         param = _field_path(first.get("loc", ()))
-        message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
+        reason = _validation_message(first)
+        message = f"{param}: {reason}" if param else reason
         return JSONResponse(
             error_body(message, "invalid_request_error", "validation_error", param or None),
             status_code=422,
         )
+
+    async def _database_error(request: Request, exc: Exception) -> Response:
+        if not database_unavailable(exc):
+            return _internal_error(request, exc)
+        log.warning(
+            "event=database_unavailable path=%s error=%s", request.url.path, type(exc).__name__
+        )
+        return _render(
+            DatabaseUnavailable(
+                "the database is unavailable; retry shortly",
+                headers={"Retry-After": str(DATABASE_RETRY_AFTER_S)},
+            )
+        )
+
+    # Whatever the database driver raises, mapped in one place (the proxy never gets here:
+    # it does not wait on Postgres).
+    for database_error in (OSError, SQLAlchemyError, asyncpg.PostgresError, asyncpg.InterfaceError):
+        app.add_exception_handler(database_error, _database_error)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
@@ -67,10 +105,14 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> Response:
-        log.exception("event=unhandled_error path=%s", request.url.path)
-        return JSONResponse(
-            error_body("internal error", "server_error", "internal_error"), status_code=500
-        )
+        return _internal_error(request, exc)
+
+
+def _internal_error(request: Request, exc: Exception) -> Response:
+    log.error("event=unhandled_error path=%s", request.url.path, exc_info=exc)
+    return JSONResponse(
+        error_body("internal error", "server_error", "internal_error"), status_code=500
+    )
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

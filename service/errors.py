@@ -101,3 +101,12 @@ class UpstreamError(MeterlineError):
     status_code = 502
     type = "api_error"
     code = "upstream_unavailable"
+
+
+class DatabaseUnavailable(MeterlineError):
+    """Postgres cannot be reached: the billing API says so and when to retry (the proxy keeps
+    serving, spooling its usage)."""
+
+    status_code = 503
+    type = "api_error"
+    code = "database_unavailable"

@@ -5,8 +5,9 @@ from __future__ import annotations
 from decimal import Decimal
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -72,6 +73,13 @@ class Settings(BaseSettings):
     budget_reservation_ttl_s: float = 3600.0
     # Namespace of every Redis key, so several deployments (or test runs) can share a Redis.
     redis_prefix: str = "meterline:"
+
+    @field_validator("admin_token", mode="before")
+    @classmethod
+    def _blank_admin_token_disables_admin(cls, value: Any) -> Any:
+        # `METERLINE_ADMIN_TOKEN=` must not make an empty credential the administrator.
+        text = value.get_secret_value() if isinstance(value, SecretStr) else value
+        return None if isinstance(text, str) and not text.strip() else value
 
     @property
     def spool_dir(self) -> Path:

@@ -11,7 +11,6 @@ from service.errors import ErrorBody
 from service.invoices import service
 from service.invoices.repository import InvoiceRepository
 from service.invoices.schemas import (
-    PERIOD_PATTERN,
     InvoiceCreate,
     InvoiceOut,
     InvoiceStatus,
@@ -19,7 +18,7 @@ from service.invoices.schemas import (
     UnpricedReport,
     invoice_out,
 )
-from service.schemas import CursorParam, Limit, Page, decode_cursor, encode_cursor
+from service.schemas import CursorParam, Limit, Page, Period, decode_cursor, encode_cursor
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorBody, "description": "Missing, unknown, revoked or expired credential."},
@@ -35,7 +34,7 @@ CONFLICT: dict[int | str, dict[str, Any]] = {
     },
     400: {"model": ErrorBody, "description": "A month that has not begun."},
 }
-Period = Annotated[str, Query(pattern=PERIOD_PATTERN, description="UTC month, `YYYY-MM`.")]
+PeriodQuery = Annotated[Period, Query(description="UTC month, `YYYY-MM`.")]
 
 router = APIRouter(prefix="/billing", tags=["invoices"], responses=ERRORS)
 
@@ -69,7 +68,7 @@ async def list_invoices(
     session: Session,
     caller: Caller,
     account_id: uuid.UUID | None = None,
-    period: Period | None = None,
+    period: PeriodQuery | None = None,
     status_: Annotated[InvoiceStatus | None, Query(alias="status")] = None,
     limit: Limit = 50,
     cursor: CursorParam = None,
@@ -116,7 +115,7 @@ async def void_invoice(
 
 @router.get("/reports/unpriced", response_model=UnpricedReport)
 async def unpriced_usage(
-    session: Session, caller: Caller, period: Period, account_id: uuid.UUID | None = None
+    session: Session, caller: Caller, period: PeriodQuery, account_id: uuid.UUID | None = None
 ) -> UnpricedReport:
     """Usage stored without a price in the month, per account and model.
 
