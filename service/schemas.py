@@ -72,10 +72,11 @@ def _billable(value: datetime) -> datetime:
     return value
 
 
-# A time that is stored (a price's start, a key's expiry): within the months Meterline
+# For a time that is stored (a price's start, a key's expiry): within the months Meterline
 # bills. Outside, Postgres keeps the first instant of year 1 as -infinity (read back as a
 # naive datetime) and a datetime cannot hold the end of 9999-12.
-BillableTime = Annotated[UTCTime, AfterValidator(_billable)]
+Billable = AfterValidator(_billable)
+BillableTime = Annotated[UTCTime, Billable]
 
 # Control characters: C0 (NUL above all: Postgres text cannot hold it), DEL and C1.
 NO_CONTROL_CHARACTERS = r"^[^\x00-\x1f\x7f-\x9f]*$"

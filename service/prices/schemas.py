@@ -4,12 +4,14 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, field_validator
 
-from service.schemas import BillableTime, DecimalString, Text
+from service.schemas import Billable, DecimalString, Text, as_utc
 
 # NUMERIC(18, 6): more decimals would be rounded by the database, so they are refused.
 Rate = Annotated[Decimal, Field(ge=0, max_digits=18, decimal_places=6)]
+# A price's start says its offset (an instant, not a wall-clock time), within what is billed.
+EffectiveFrom = Annotated[AwareDatetime, AfterValidator(as_utc), Billable]
 
 
 class PriceCreate(BaseModel):
@@ -28,10 +30,10 @@ class PriceCreate(BaseModel):
     cached_input_usd_per_mtok: Rate | None = Field(
         default=None, description="USD per 1M cached prompt tokens; unset: the input price."
     )
-    effective_from: BillableTime | None = Field(
+    effective_from: EffectiveFrom | None = Field(
         default=None,
-        description="When the price takes effect (RFC 3339, 1970-01-01 to 9999-11-30 UTC; without"
-        " an offset, UTC); default now. A past instant"
+        description="When the price takes effect (RFC 3339 with an offset, from 1970-01-01 to"
+        " 9999-11-30 UTC); default now. A past instant"
         " never changes a ledger row already priced or a finalized invoice: it prices rows"
         " stored without a price (on drafts, by the version in force at each row's time) and"
         " rows written from now on.",

@@ -106,7 +106,10 @@ class CsvRenderer:
     def __init__(self, period: str) -> None:
         self.period = period
         self.buffer = io.StringIO()
-        self.writer = csv.writer(self.buffer, lineterminator="\n")
+        # CRLF (RFC 4180), and so the writer quotes every cell holding a CR or an LF: with
+        # "\n" alone a bare CR stayed unquoted, and a spreadsheet would start a new row (and
+        # run a formula) right behind the `'` that defused the cell.
+        self.writer = csv.writer(self.buffer, lineterminator="\r\n")
 
     def _take(self) -> bytes:
         chunk = self.buffer.getvalue().encode()
