@@ -39,10 +39,6 @@ from service.usage.endpoints import router as usage_router
 log = logging.getLogger("meterline.app")
 
 
-# Seconds a client is asked to wait before retrying while Postgres is unreachable.
-DATABASE_RETRY_AFTER_S = 5
-
-
 def _field_path(location: Sequence[object]) -> str:
     return ".".join(str(part) for part in location)
 
@@ -80,12 +76,7 @@ def install_error_handlers(app: FastAPI) -> None:
         log.warning(
             "event=database_unavailable path=%s error=%s", request.url.path, type(exc).__name__
         )
-        return _render(
-            DatabaseUnavailable(
-                "the database is unavailable; retry shortly",
-                headers={"Retry-After": str(DATABASE_RETRY_AFTER_S)},
-            )
-        )
+        return _render(DatabaseUnavailable())
 
     # Whatever the database driver raises, mapped in one place (the proxy never gets here:
     # it does not wait on Postgres).
