@@ -125,8 +125,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description="Usage metering and outcome-based billing for OpenAI-compatible LLM APIs.",
         lifespan=lifespan,
         # Any operation can answer 400: a body that cannot be parsed at all (not even as
-        # text), or an Authorization and an X-API-Key header that disagree.
-        responses={400: {"model": ErrorBody, "description": "Malformed request"}},
+        # text), or an Authorization and an X-API-Key header that disagree; and 503 while
+        # Postgres cannot be reached.
+        responses={
+            400: {"model": ErrorBody, "description": "Malformed request"},
+            503: {
+                "model": ErrorBody,
+                "description": "The database is unavailable (`database_unavailable`): retry"
+                " after `Retry-After` seconds.",
+                "headers": {"Retry-After": {"schema": {"type": "integer"}}},
+            },
+        },
     )
     install_error_handlers(app)
     # The proxy's endpoints skip FastAPI's middleware (CORS, when configured, still wraps them).

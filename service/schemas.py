@@ -174,3 +174,24 @@ def decode_cursor(cursor: str, *parts: CursorPart) -> tuple[Any, ...]:
         raise Unprocessable(
             "query.cursor: not a cursor returned by this endpoint", param="query.cursor"
         ) from None
+
+
+def links(**to: tuple[str, str, dict[str, str]]) -> dict[str, Any]:
+    """OpenAPI links of a response: `Name=(method, path, {parameter: expression})`, the
+    parameters named `in.name` and taken from this response (`$response.body#/id`).
+
+    They say which operation takes what a create returns (clients, and schemathesis'
+    stateful tests, follow them).
+    """
+    return {
+        "links": {
+            name: {
+                "operationRef": "#/paths/"
+                + path.replace("~", "~0").replace("/", "~1")
+                + "/"
+                + method.lower(),
+                "parameters": parameters,
+            }
+            for name, (method, path, parameters) in to.items()
+        }
+    }

@@ -18,7 +18,15 @@ from service.invoices.schemas import (
     UnpricedReport,
     invoice_out,
 )
-from service.schemas import CursorParam, Limit, Page, Period, decode_cursor, encode_cursor
+from service.schemas import (
+    CursorParam,
+    Limit,
+    Page,
+    Period,
+    decode_cursor,
+    encode_cursor,
+    links,
+)
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorBody, "description": "Missing, unknown, revoked or expired credential."},
@@ -38,6 +46,13 @@ PeriodQuery = Annotated[Period, Query(description="UTC month, `YYYY-MM`.")]
 
 router = APIRouter(prefix="/billing", tags=["invoices"], responses=ERRORS)
 
+_INVOICE_ID = {"path.invoice_id": "$response.body#/id"}
+INVOICE = links(
+    GetInvoice=("GET", "/billing/invoices/{invoice_id}", _INVOICE_ID),
+    FinalizeInvoice=("POST", "/billing/invoices/{invoice_id}/finalize", _INVOICE_ID),
+    VoidInvoice=("POST", "/billing/invoices/{invoice_id}/void", _INVOICE_ID),
+)
+
 
 @router.post(
     "/invoices",
@@ -45,7 +60,8 @@ router = APIRouter(prefix="/billing", tags=["invoices"], responses=ERRORS)
     status_code=status.HTTP_201_CREATED,
     responses={
         **CONFLICT,
-        200: {"model": InvoiceOut, "description": "An existing draft, refreshed."},
+        200: {"model": InvoiceOut, "description": "An existing draft, refreshed.", **INVOICE},
+        201: INVOICE,
     },
 )
 async def generate_invoice(

@@ -11,7 +11,7 @@ from service.errors import ErrorBody
 from service.prices import service
 from service.prices.schemas import PriceCreate, PriceList, PriceOut
 from service.runtime import get_runtime
-from service.schemas import Text, UTCTime
+from service.schemas import Text, UTCTime, links
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorBody, "description": "Missing, unknown, revoked or expired credential."},
@@ -20,6 +20,8 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 router = APIRouter(prefix="/billing", tags=["prices"], responses=ERRORS)
+
+LOOKUP = {"query.model": "$response.body#/model", "query.at": "$response.body#/effective_from"}
 
 
 @router.get("/prices", response_model=PriceList)
@@ -59,6 +61,10 @@ async def lookup_price(
     status_code=status.HTTP_201_CREATED,
     responses={
         200: {"model": PriceOut, "description": "The same version existed already."},
+        201: links(
+            ListVersions=("GET", "/billing/prices", {"query.model": "$response.body#/model"}),
+            LookupPrice=("GET", "/billing/prices/lookup", LOOKUP),
+        ),
         409: {"model": ErrorBody, "description": "The version exists with other rates."},
     },
 )
