@@ -20,7 +20,7 @@ from tests.conftest import ADMIN_TOKEN, Upstream, start_meterline
 from tests.reliability import meterline_settings, own_database
 
 # Per operation (and per stateful scenario); the run stays under about two minutes of CI.
-MAX_EXAMPLES = os.environ.get("METERLINE_SCHEMATHESIS_EXAMPLES", "100")
+MAX_EXAMPLES = os.environ.get("METERLINE_SCHEMATHESIS_EXAMPLES", "80")
 HOOKS = Path(__file__).with_name("schemathesis_hooks.py")
 CHECKS = ",".join(
     [
