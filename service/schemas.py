@@ -95,7 +95,8 @@ class _NoControlCharacters:
         self, source: Any, handler: GetCoreSchemaHandler
     ) -> CoreSchema:
         schema = handler(source)
-        assert schema["type"] == "str", "Text constrains plain strings only"
+        if schema["type"] != "str":
+            raise TypeError("Text constrains plain strings only")
         cast(core_schema.StringSchema, schema)["pattern"] = NO_CONTROL_CHARACTERS
         return schema
 
@@ -117,12 +118,12 @@ def _period(value: str) -> str:
 Period = Annotated[str, StringConstraints(pattern=PERIOD_PATTERN), AfterValidator(_period)]
 
 
-def parse_period(text: str, param: str = "query.period") -> BillingPeriod:
-    """`YYYY-MM` → its BillingPeriod; a month Meterline cannot bill is a 422 naming `param`."""
+def parse_period(text: str) -> BillingPeriod:
+    """`YYYY-MM` → its BillingPeriod; a month Meterline cannot bill is a 422 naming `period`."""
     try:
         return BillingPeriod.parse(text)
     except ValueError as exc:
-        raise Unprocessable(f"{param}: {exc}", param=param) from None
+        raise Unprocessable(f"query.period: {exc}", param="query.period") from None
 
 
 class Page(BaseModel, Generic[T]):

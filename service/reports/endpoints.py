@@ -10,7 +10,7 @@ from service.accounts.endpoints import ERRORS
 from service.auth.principal import Caller
 from service.db.session import Session
 from service.reports.schemas import MonthlyReport, ReportFormat
-from service.reports.service import export_monthly, parse_period
+from service.reports.service import export_monthly
 from service.runtime import get_runtime
 from service.schemas import Period
 
@@ -48,9 +48,9 @@ async def monthly_report(
     One row per account and model, and task type too for the usage of quoted tasks; then a
     totals row. Streamed in constant memory whatever the month's size.
     """
-    # Everything that can be refused is checked before the first byte: once streaming has
-    # begun, the status is already 200. That includes a database that is down (a 503).
-    parse_period(period)
+    # Everything that can be refused is checked before the first byte (the period by its
+    # type): once streaming has begun, the status is already 200. That includes a database
+    # that is down (a 503).
     account_id = caller.scope(account_id)
     await session.connection()
     suffix = f"-{account_id}" if account_id else ""
