@@ -43,7 +43,7 @@ from enum import StrEnum
 from pricing.cost import TokenUsage, totals_cost
 from pricing.money import exact, round_cents
 from pricing.price_table import format_rate
-from pricing.prices import Price
+from pricing.prices import BEGINNING_OF_TIME, END_OF_TIME, Price
 
 _PERIOD = re.compile(r"^(\d{4})-(0[1-9]|1[0-2])$")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -58,11 +58,19 @@ class BillingPeriod:
 
     @classmethod
     def parse(cls, text: str) -> BillingPeriod:
-        """`"2026-01"` → BillingPeriod(2026, 1); anything else raises ValueError."""
+        """`"2026-01"` → BillingPeriod(2026, 1); anything else raises ValueError.
+
+        Only the months Meterline can bill: from 1970-01 to 9999-11, the last one whose
+        `end` a datetime can hold (9999-12 would fail later, on its bounds).
+        """
         match = _PERIOD.match(text)
-        if match is None or int(match.group(1)) < 1970:
-            raise ValueError(f"period must be YYYY-MM, got {text!r}")
-        return cls(int(match.group(1)), int(match.group(2)))
+        month = (int(match.group(1)), int(match.group(2))) if match else None
+        first = (BEGINNING_OF_TIME.year, BEGINNING_OF_TIME.month)
+        if month is None or not first <= month < (END_OF_TIME.year, END_OF_TIME.month):
+            raise ValueError(
+                f"period must be a month YYYY-MM from 1970-01 to 9999-11, got {text!r}"
+            )
+        return cls(*month)
 
     @classmethod
     def of(cls, at: datetime) -> BillingPeriod:

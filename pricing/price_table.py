@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 import yaml
 
-from pricing.prices import Price
+from pricing.prices import BEGINNING_OF_TIME, END_OF_TIME, Price
 
 TableFormat = Literal["csv", "yaml"]
 
@@ -52,6 +52,10 @@ def validate_price(price: Price) -> Price:
         raise PriceTableError(f"model must be 1-{MAX_MODEL_LENGTH} characters without padding")
     if price.effective_from.tzinfo is None:
         raise PriceTableError("effective_from must carry a UTC offset")
+    if not BEGINNING_OF_TIME <= price.effective_from < END_OF_TIME:
+        # Outside, a datetime cannot hold the end of its month (and Postgres would store the
+        # first instant of year 1 as -infinity).
+        raise PriceTableError("effective_from must be from 1970-01-01 to 9999-11-30 (UTC)")
     rates = {
         "input_usd_per_mtok": price.input_usd_per_mtok,
         "output_usd_per_mtok": price.output_usd_per_mtok,

@@ -16,6 +16,9 @@ from pricing.money import to_money
 # The default table's prices apply to all history: rows recorded before any price existed
 # are priced by it, not left unpriced.
 BEGINNING_OF_TIME = datetime(1970, 1, 1, tzinfo=UTC)
+# The first instant Meterline cannot bill: the end of 9999-11, the last UTC month whose end
+# (the first instant of the next month) a datetime can still hold.
+END_OF_TIME = datetime(9999, 12, 1, tzinfo=UTC)
 
 
 @dataclass(frozen=True, slots=True)

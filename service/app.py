@@ -5,12 +5,15 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from typing import Any
 
+import asyncpg
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
@@ -18,8 +21,9 @@ from service.accounts.endpoints import router as accounts_router
 from service.console import endpoints as console_pages  # noqa: F401  (registers the pages)
 from service.console.pages import STATIC
 from service.console.pages import router as console_router
+from service.db.engine import database_unavailable
 from service.docs.endpoints import router as docs_router
-from service.errors import ErrorBody, MeterlineError, error_body
+from service.errors import DatabaseUnavailable, ErrorBody, MeterlineError, error_body
 from service.health.endpoints import router as health_router
 from service.invoices.endpoints import router as invoices_router
 from service.limits.body import BodySizeLimit
@@ -33,6 +37,7 @@ from service.quotes.endpoints import router as quotes_router
 from service.reports.endpoints import router as reports_router
 from service.review.endpoints import router as review_router
 from service.runtime import Runtime
+from service.schemas import CONTROL_CHARACTERS_MESSAGE, NO_CONTROL_CHARACTERS
 from service.settings import Settings, get_settings
 from service.tasks.endpoints import router as tasks_router
 from service.usage.endpoints import router as usage_router
@@ -44,21 +49,45 @@ def _field_path(location: Sequence[object]) -> str:
     return ".".join(str(part) for part in location)
 
 
+def _validation_message(error: dict[str, Any]) -> str:
+    if (error.get("ctx") or {}).get("pattern") == NO_CONTROL_CHARACTERS:
+        return CONTROL_CHARACTERS_MESSAGE  # rather than the pattern itself
+    return str(error.get("msg"))
+
+
+def _render(error: MeterlineError) -> Response:
+    return JSONResponse(error.body(), status_code=error.status_code, headers=error.headers)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(MeterlineError)
     async def _meterline_error(request: Request, exc: MeterlineError) -> Response:
-        return JSONResponse(exc.body(), status_code=exc.status_code, headers=exc.headers)
+        return _render(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
         errors = exc.errors()
         first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
         param = _field_path(first.get("loc", ()))
-        message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
+        reason = _validation_message(first)
+        message = f"{param}: {reason}" if param else reason
         return JSONResponse(
             error_body(message, "invalid_request_error", "validation_error", param or None),
             status_code=422,
         )
+
+    async def _database_error(request: Request, exc: Exception) -> Response:
+        if not database_unavailable(exc):
+            return _internal_error(request, exc)
+        log.warning(
+            "event=database_unavailable path=%s error=%s", request.url.path, type(exc).__name__
+        )
+        return _render(DatabaseUnavailable())
+
+    # Whatever the database driver raises, mapped in one place (the proxy never gets here:
+    # it does not wait on Postgres).
+    for database_error in (OSError, SQLAlchemyError, asyncpg.PostgresError, asyncpg.InterfaceError):
+        app.add_exception_handler(database_error, _database_error)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
@@ -73,10 +102,14 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> Response:
-        log.exception("event=unhandled_error path=%s", request.url.path)
-        return JSONResponse(
-            error_body("internal error", "server_error", "internal_error"), status_code=500
-        )
+        return _internal_error(request, exc)
+
+
+def _internal_error(request: Request, exc: Exception) -> Response:
+    log.error("event=unhandled_error path=%s", request.url.path, exc_info=exc)
+    return JSONResponse(
+        error_body("internal error", "server_error", "internal_error"), status_code=500
+    )
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -101,8 +134,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         docs_url=None,
         redoc_url=None,
         # Any operation can answer 400: a body that cannot be parsed at all (not even as
-        # text), or an Authorization and an X-API-Key header that disagree.
-        responses={400: {"model": ErrorBody, "description": "Malformed request"}},
+        # text), or an Authorization and an X-API-Key header that disagree; and 503 while
+        # Postgres cannot be reached.
+        responses={
+            400: {"model": ErrorBody, "description": "Malformed request"},
+            503: {
+                "model": ErrorBody,
+                "description": "The database is unavailable (`database_unavailable`): retry"
+                " after `Retry-After` seconds.",
+                "headers": {"Retry-After": {"schema": {"type": "integer"}}},
+            },
+        },
     )
     install_error_handlers(app)
     # The proxy's endpoints skip FastAPI's middleware (CORS, when configured, still wraps them).

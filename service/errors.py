@@ -101,3 +101,16 @@ class UpstreamError(MeterlineError):
     status_code = 502
     type = "api_error"
     code = "upstream_unavailable"
+
+
+class DatabaseUnavailable(MeterlineError):
+    """Postgres cannot be reached: the billing API says so and when to retry (the proxy keeps
+    serving known keys, spooling their usage)."""
+
+    status_code = 503
+    type = "api_error"
+    code = "database_unavailable"
+    retry_after_s = 5
+
+    def __init__(self, message: str = "the database is unavailable; retry shortly") -> None:
+        super().__init__(message, headers={"Retry-After": str(self.retry_after_s)})

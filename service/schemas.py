@@ -11,14 +11,26 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from collections.abc import Callable
+import uuid
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Annotated, Any, Generic, TypeVar
+from typing import Annotated, Any, Generic, TypeVar, cast
 
 from fastapi import Query
-from pydantic import AfterValidator, BaseModel, Field, PlainSerializer
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    Field,
+    GetCoreSchemaHandler,
+    PlainSerializer,
+    StringConstraints,
+    TypeAdapter,
+    ValidationError,
+)
+from pydantic_core import CoreSchema, core_schema
 
+from pricing.invoice import BillingPeriod
+from pricing.prices import BEGINNING_OF_TIME, END_OF_TIME
 from service.errors import Unprocessable
 
 T = TypeVar("T")
@@ -54,6 +66,66 @@ def as_utc(value: datetime) -> datetime:
 UTCTime = Annotated[datetime, AfterValidator(as_utc)]
 
 
+def _billable(value: datetime) -> datetime:
+    if not BEGINNING_OF_TIME <= value < END_OF_TIME:
+        raise ValueError("must be from 1970-01-01 to 9999-11-30 (UTC)")
+    return value
+
+
+# For a time that is stored (a price's start, a key's expiry): within the months Meterline
+# bills. Outside, Postgres keeps the first instant of year 1 as -infinity (read back as a
+# naive datetime) and a datetime cannot hold the end of 9999-12.
+Billable = AfterValidator(_billable)
+BillableTime = Annotated[UTCTime, Billable]
+
+# Control characters: C0 (NUL above all: Postgres text cannot hold it), DEL and C1.
+NO_CONTROL_CHARACTERS = r"^[^\x00-\x1f\x7f-\x9f]*$"
+CONTROL_CHARACTERS_MESSAGE = "must not contain control characters (U+0000-U+001F, U+007F-U+009F)"
+
+
+class _NoControlCharacters:
+    """Refuse control characters as a pattern of the string schema itself.
+
+    Lengths and the like given next to it (`Query(max_length=…)`, `Field(min_length=…)`)
+    join the same string schema, and OpenAPI documents the pattern, so clients and fuzzers
+    know the rule.
+    """
+
+    def __get_pydantic_core_schema__(
+        self, source: Any, handler: GetCoreSchemaHandler
+    ) -> CoreSchema:
+        schema = handler(source)
+        if schema["type"] != "str":
+            raise TypeError("Text constrains plain strings only")
+        cast(core_schema.StringSchema, schema)["pattern"] = NO_CONTROL_CHARACTERS
+        return schema
+
+
+# Every string of the billing API that a client sends (query, path, body, cursor): text
+# Postgres can store and compare, and a header can carry. Give it no other `pattern`, which
+# would replace this one; check further rules in a validator.
+Text = Annotated[str, _NoControlCharacters()]
+
+PERIOD_PATTERN = r"^\d{4}-(0[1-9]|1[0-2])$"
+
+
+def _period(value: str) -> str:
+    BillingPeriod.parse(value)  # the one reading of YYYY-MM: a ValueError names the range
+    return value
+
+
+# A UTC calendar month, `YYYY-MM`, from 1970-01 to 9999-11.
+Period = Annotated[str, StringConstraints(pattern=PERIOD_PATTERN), AfterValidator(_period)]
+
+
+def parse_period(text: str) -> BillingPeriod:
+    """`YYYY-MM` → its BillingPeriod; a month Meterline cannot bill is a 422 naming `period`."""
+    try:
+        return BillingPeriod.parse(text)
+    except ValueError as exc:
+        raise Unprocessable(f"query.period: {exc}", param="query.period") from None
+
+
 class Page(BaseModel, Generic[T]):
     data: list[T]
     has_more: bool = Field(description="Whether another page follows.")
@@ -64,9 +136,18 @@ class Page(BaseModel, Generic[T]):
 
 Limit = Annotated[int, Query(ge=1, le=200, description="Page size.")]
 CursorParam = Annotated[
-    str | None,
+    Text | None,
     Query(max_length=512, description="`next_cursor` of the previous page."),
 ]
+
+# What a cursor's parts may be, each read as the API reads such a value from a client: a
+# forged cursor is client input like any other.
+CursorPart = type[datetime] | type[str] | type[uuid.UUID]
+_CURSOR_PARTS: dict[CursorPart, TypeAdapter[Any]] = {
+    datetime: TypeAdapter(UTCTime),
+    str: TypeAdapter(Text),
+    uuid.UUID: TypeAdapter(uuid.UUID),
+}
 
 
 def encode_cursor(*key: str) -> str:
@@ -74,19 +155,44 @@ def encode_cursor(*key: str) -> str:
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
-def decode_cursor(cursor: str, *parsers: Callable[[str], Any]) -> tuple[Any, ...]:
-    """The sort key inside `cursor`, each part read by its parser.
+def decode_cursor(cursor: str, *parts: CursorPart) -> tuple[Any, ...]:
+    """The sort key inside `cursor`, each part validated as its kind (`datetime`: an RFC 3339
+    time in UTC's range; `str`: Text; `uuid.UUID`).
 
-    A cursor that is not one of ours (tampered, truncated, from another endpoint) is a 422
-    naming `cursor`, never a 500.
+    A cursor that is not one of ours (tampered, truncated, forged, from another endpoint)
+    is a 422 naming `cursor`, never a 500.
     """
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         key = json.loads(raw)
-        if not isinstance(key, list) or len(key) != len(parsers):
+        if not isinstance(key, list) or len(key) != len(parts):
             raise ValueError("wrong shape")
-        return tuple(parse(str(part)) for parse, part in zip(parsers, key, strict=True))
-    except (binascii.Error, ValueError, TypeError):
+        return tuple(
+            _CURSOR_PARTS[kind].validate_python(value)
+            for kind, value in zip(parts, key, strict=True)
+        )
+    except (binascii.Error, ValueError, TypeError, ValidationError):
         raise Unprocessable(
             "query.cursor: not a cursor returned by this endpoint", param="query.cursor"
         ) from None
+
+
+def links(**to: tuple[str, str, dict[str, str]]) -> dict[str, Any]:
+    """OpenAPI links of a response: `Name=(method, path, {parameter: expression})`, the
+    parameters named `in.name` and taken from this response (`$response.body#/id`).
+
+    They say which operation takes what a create returns (clients, and schemathesis'
+    stateful tests, follow them).
+    """
+    return {
+        "links": {
+            name: {
+                "operationRef": "#/paths/"
+                + path.replace("~", "~0").replace("/", "~1")
+                + "/"
+                + method.lower(),
+                "parameters": parameters,
+            }
+            for name, (method, path, parameters) in to.items()
+        }
+    }

@@ -5,8 +5,9 @@ from __future__ import annotations
 from decimal import Decimal
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -79,6 +80,13 @@ class Settings(BaseSettings):
     invoice_issuer_name: str | None = None
     invoice_issuer_address: list[str] = Field(default_factory=list)
     invoice_issuer_tax_id: str | None = None
+
+    @field_validator("admin_token", mode="before")
+    @classmethod
+    def _blank_admin_token_disables_admin(cls, value: Any) -> Any:
+        # `METERLINE_ADMIN_TOKEN=` must not make an empty credential the administrator.
+        text = value.get_secret_value() if isinstance(value, SecretStr) else value
+        return None if isinstance(text, str) and not text.strip() else value
 
     @property
     def spool_dir(self) -> Path:

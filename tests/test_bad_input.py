@@ -7,10 +7,15 @@ proxy and to the billing API of a server with a 64 KiB body limit.
 
 from __future__ import annotations
 
+import base64
+import json
+import secrets
 import time
+import uuid
 from collections.abc import Iterator
 from datetime import datetime
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import pytest
@@ -378,3 +383,183 @@ def test_the_billing_api_refuses_oversized_bodies(server: Meterline) -> None:
         # Just under the limit is an ordinary request (here, a name too long: 422).
         near = client.post("/billing/accounts", json={"name": "x" * (LIMIT - 100)})
         assert_error(near, 422)
+
+
+# Text that reaches SQL with a character Postgres cannot store (NUL) or that no name, model
+# or task id holds (any other control character): a 422 naming the field, never a 500.
+CONTROL_CHARACTERS = ["\x00", "\x1b", "\x7f", "\x85"]
+NOWHERE = "00000000-0000-4000-8000-000000000000"
+CONTROL_IN_QUERIES: list[tuple[str, str]] = [
+    ("/billing/usage", "model"),
+    ("/billing/usage", "task_id"),
+    ("/billing/usage", "group_by"),
+    ("/billing/usage/events", "model"),
+    ("/billing/usage/events", "task_id"),
+    ("/billing/prices", "model"),
+    ("/billing/prices/lookup", "model"),
+    ("/billing/tasks", "model"),
+    ("/billing/tasks", "task_type"),
+]
+
+
+@pytest.mark.parametrize("character", CONTROL_CHARACTERS, ids=repr)
+@pytest.mark.parametrize(("path", "name"), CONTROL_IN_QUERIES)
+def test_control_characters_in_query_strings_are_a_422(
+    server: Meterline, path: str, name: str, character: str
+) -> None:
+    with admin(server.url) as client:
+        response = client.get(path, params={name: f"a{character}b"})
+    error = assert_error(response, 422, "validation_error")
+    assert error["param"] == f"query.{name}"
+    assert "control characters" in error["message"]
+
+
+@pytest.mark.parametrize("character", CONTROL_CHARACTERS, ids=repr)
+def test_control_characters_in_a_task_id_path_are_a_422(server: Meterline, character: str) -> None:
+    task_id = quote(f"a{character}b")
+    with admin(server.url) as client:
+        for path in (f"/billing/tasks/{task_id}", f"/billing/tasks/{task_id}/complete"):
+            method = "POST" if path.endswith("complete") else "GET"
+            response = client.request(
+                method, path, params={"account_id": NOWHERE}, json={"outcome": "failed"}
+            )
+            assert assert_error(response, 422, "validation_error")["param"] == "path.task_id"
+
+
+CONTROL_IN_BODIES: list[tuple[str, str, dict[str, Any], str]] = [
+    ("POST", "/billing/accounts", {"name": "a{c}b"}, "name"),
+    ("PATCH", f"/billing/accounts/{NOWHERE}", {"name": "a{c}b"}, "name"),
+    ("POST", f"/billing/accounts/{NOWHERE}/keys", {"name": "k{c}"}, "name"),
+    (
+        "POST",
+        "/billing/prices",
+        {"model": "m{c}x", "input_usd_per_mtok": "1", "output_usd_per_mtok": "1"},
+        "model",
+    ),
+    (
+        "POST",
+        "/billing/quotes",
+        {"account_id": NOWHERE, "task_type": "t{c}", "model": "mock-chat", "prompt_tokens": 1},
+        "task_type",
+    ),
+    (
+        "POST",
+        "/billing/quotes",
+        {"account_id": NOWHERE, "task_type": "t", "model": "mock{c}", "prompt_tokens": 1},
+        "model",
+    ),
+    ("POST", f"/billing/quotes/{NOWHERE}/accept", {"task_id": "t{c}"}, "task_id"),
+    ("POST", f"/billing/invoices/{NOWHERE}/void", {"reason": "r{c}"}, "reason"),
+]
+
+
+@pytest.mark.parametrize("character", CONTROL_CHARACTERS, ids=repr)
+@pytest.mark.parametrize(
+    ("method", "path", "body", "field"),
+    CONTROL_IN_BODIES,
+    ids=[f"{case[0]} {case[1].replace(NOWHERE, 'ID')} {case[3]}" for case in CONTROL_IN_BODIES],
+)
+def test_control_characters_in_stored_names_are_a_422(
+    server: Meterline,
+    method: str,
+    path: str,
+    body: dict[str, Any],
+    field: str,
+    character: str,
+) -> None:
+    """Account, key and task names, models, reasons: nothing with a NUL reaches Postgres."""
+    sent = {k: v.format(c=character) if isinstance(v, str) else v for k, v in body.items()}
+    with admin(server.url) as client:
+        response = client.request(method, path, json=sent)
+    error = assert_error(response, 422, "validation_error")
+    assert error["param"] == f"body.{field}"
+
+
+def _cursor(*key: object) -> str:
+    raw = json.dumps(list(key)).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+# Each list's cursor holds its sort key: (time, id), events (time, request id), invoices
+# (period, id). Forged ones, part by part.
+BEFORE_YEAR_1 = "0001-01-01T00:00:00+01:00"
+AFTER_9999 = "9999-12-31T23:59:59-01:00"
+FORGED_CURSORS: list[tuple[str, list[Any]]] = [
+    *[
+        (path, [time, NOWHERE])
+        for path in ("/billing/accounts", "/billing/accounts/{own}/keys", "/billing/tasks")
+        for time in (BEFORE_YEAR_1, AFTER_9999)
+    ],
+    ("/billing/accounts", ["yesterday", NOWHERE]),
+    ("/billing/accounts", ["2026-01-01T00:00:00Z", "not-an-id"]),
+    ("/billing/usage/events", [BEFORE_YEAR_1, "req_1"]),
+    ("/billing/usage/events", [AFTER_9999, "req_1"]),
+    ("/billing/usage/events", ["2026-01-01T00:00:00Z", "req_\x00"]),
+    ("/billing/usage/events", ["2026-01-01T00:00:00Z", "req_\ud800"]),
+    ("/billing/usage/events", ["2026-01-01T00:00:00Z", 7]),
+    ("/billing/invoices", ["2026-01\x00", NOWHERE]),
+    ("/billing/invoices", ["2026-01\ud800", NOWHERE]),
+]
+
+
+@pytest.fixture(scope="module")
+def own_account(reliability_server: Meterline) -> uuid.UUID:
+    return new_customer(reliability_server.url)[0]
+
+
+@pytest.mark.parametrize(
+    ("path", "key"), FORGED_CURSORS, ids=[f"{p} {k!r}" for p, k in FORGED_CURSORS]
+)
+def test_forged_cursors_are_a_422(
+    server: Meterline, own_account: uuid.UUID, path: str, key: list[object]
+) -> None:
+    with admin(server.url) as client:
+        response = client.get(path.format(own=own_account), params={"cursor": _cursor(*key)})
+    error = assert_error(response, 422, "validation_error")
+    assert error["param"] == "query.cursor"
+
+
+@pytest.mark.parametrize("period", ["9999-12", "0000-01", "1969-12", "2026-13"])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/billing/reports/unpriced",
+        "/billing/reports/monthly",
+        "/billing/reports/margin",
+        "/billing/invoices",
+    ],
+)
+def test_months_that_cannot_be_billed_are_a_422(server: Meterline, path: str, period: str) -> None:
+    """9999-12 ends in year 10000, which no datetime holds: refused as a month, not a 500."""
+    with admin(server.url) as client:
+        response = client.get(path, params={"period": period})
+        error = assert_error(response, 422, "validation_error")
+        assert error["param"] == "query.period"
+        created = client.post("/billing/invoices", json={"account_id": NOWHERE, "period": period})
+        assert assert_error(created, 422, "validation_error")["param"] == "body.period"
+
+
+@pytest.mark.parametrize(
+    "instant",
+    [
+        "0001-01-01T00:00:00Z",  # Postgres would store it as -infinity
+        "0001-01-01T00:00:00+01:00",  # year 0 in UTC
+        "1969-12-31T23:59:59Z",
+        "9999-12-31T23:59:59.999999Z",  # +infinity
+        "9999-12-31T23:59:59-01:00",  # year 10000 in UTC
+    ],
+)
+def test_stored_times_outside_the_billable_range_are_a_422(
+    server: Meterline, own_account: uuid.UUID, instant: str
+) -> None:
+    """A price's start or a key's expiry must read back as the instant it was."""
+    model = f"range/{secrets.token_hex(4)}"
+    price = {"model": model, "input_usd_per_mtok": "1", "output_usd_per_mtok": "1"}
+    with admin(server.url) as client:
+        response = client.post("/billing/prices", json={**price, "effective_from": instant})
+        assert assert_error(response, 422, "validation_error")["param"] == "body.effective_from"
+        key = client.post(f"/billing/accounts/{own_account}/keys", json={"expires_at": instant})
+        assert assert_error(key, 422, "validation_error")["param"] == "body.expires_at"
+        # Prices and keys still read back whole.
+        assert client.get("/billing/prices/lookup", params={"model": model}).status_code == 404
+        assert client.get(f"/billing/accounts/{own_account}/keys").status_code == 200

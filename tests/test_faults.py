@@ -27,6 +27,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,7 @@ from tests.reliability import (
     Outcome,
     SteadyLoad,
     StoppablePostgres,
+    admin,
     check_ledger,
     meterline_settings,
     new_customer,
@@ -49,6 +51,7 @@ from tests.reliability import (
 from tests.support import ROOT, Database, free_port, wait_for_http
 
 MODEL = "meta-llama/Llama-3.3-70B-Instruct"
+HELLO: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Hello"}]
 OUTAGE_S = 30.0
 
 pytestmark = pytest.mark.slow
@@ -691,3 +694,83 @@ def test_a_customer_sending_nul_and_absurd_usage_costs_no_other_customer_a_row(
         else:
             assert (s.status, row["error_code"]) == (500, "overloaded\\x00")
     assert db.fetchval("SELECT count(*) FROM usage_quarantine") == 0
+
+
+def test_the_billing_api_answers_503_while_postgres_is_down_and_the_proxy_serves_on(
+    postgres: StoppablePostgres,
+    upstream: Upstream,
+    servers: list[Server],
+    db: Database,
+    tmp_path: Path,
+) -> None:
+    server = new_server(servers, postgres, upstream, tmp_path).start()
+    account_id, _, key = new_customer(server.url)
+    period = datetime.now(UTC).strftime("%Y-%m")
+    calls: list[tuple[str, str, dict[str, object] | None]] = [
+        ("GET", "/billing/accounts", None),
+        ("GET", f"/billing/accounts/{account_id}", None),
+        ("POST", "/billing/accounts", {"name": "during the outage"}),
+        ("POST", f"/billing/accounts/{account_id}/keys", {}),
+        ("GET", "/billing/usage?group_by=day", None),
+        ("GET", "/billing/usage/events", None),
+        ("GET", "/billing/prices", None),
+        ("POST", "/billing/invoices", {"account_id": str(account_id), "period": period}),
+        ("GET", f"/billing/reports/monthly?period={period}", None),  # streamed: refused first
+        ("GET", f"/billing/reports/unpriced?period={period}", None),
+    ]
+    client = openai.OpenAI(base_url=server.v1, api_key=key, max_retries=0)
+    warm = client.chat.completions.with_raw_response.create(model=MODEL, messages=HELLO)
+    postgres.stop()
+    try:
+        with admin(server.url) as billing:
+            for method, path, body in calls:
+                response = billing.request(method, path, json=body)
+                assert response.status_code == 503, (method, path, response.text)
+                assert response.json() == {
+                    "error": {
+                        "message": "the database is unavailable; retry shortly",
+                        "type": "api_error",
+                        "code": "database_unavailable",
+                        "param": None,
+                    }
+                }
+                assert int(response.headers["retry-after"]) > 0
+        # A customer key is looked up in Postgres too: the same answer, not a 401 or a 500.
+        as_customer = httpx.get(
+            f"{server.url}/billing/usage", headers={"Authorization": f"Bearer {key}"}
+        )
+        assert as_customer.status_code == 503
+        assert as_customer.json()["error"]["code"] == "database_unavailable"
+        # Meanwhile the proxy serves from memory and spools the usage.
+        served = [
+            client.chat.completions.with_raw_response.create(model=MODEL, messages=HELLO)
+            for _ in range(5)
+        ]
+        assert [r.status_code for r in served] == [200] * 5
+        # A key it has not seen yet cannot be checked: retryable, in OpenAI's shape.
+        unseen = openai.OpenAI(base_url=server.v1, api_key="ml-" + "u" * 43, max_retries=0)
+        with pytest.raises(openai.APIStatusError) as refused:
+            unseen.chat.completions.create(model=MODEL, messages=HELLO)
+        assert refused.value.status_code == 503
+        assert refused.value.code == "database_unavailable"
+        assert int(refused.value.response.headers["retry-after"]) > 0
+        assert wait_for_spool(server), "usage of the outage should go to the spool"
+    finally:
+        postgres.restart()
+
+    # Back: the billing API answers again and the served requests reached the ledger.
+    wait_for_empty_spool(server)
+    with admin(server.url) as billing:
+        assert billing.get(f"/billing/accounts/{account_id}").status_code == 200
+    ids = {r.headers["x-request-id"] for r in [warm, *served]}
+    recorded = db.fetch("SELECT request_id FROM usage_ledger WHERE account_id = $1", account_id)
+    assert {r["request_id"] for r in recorded} == ids
+
+
+def wait_for_spool(server: Server, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not server.spooled():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True

@@ -82,6 +82,8 @@ def test_a_providers_list_with_one_price_is_read_for_input_and_output() -> None:
         ("model,input_usd_per_mtok,output_usd_per_mtok\nm,abc,1\n", "not a number"),
         ("model,input_usd_per_mtok,output_usd_per_mtok\nm,1,\n", "required"),
         ("model,input_usd_per_mtok,output_usd_per_mtok,effective_from\nm,1,1,soon\n", "RFC 3339"),
+        # Postgres would store it as -infinity, which reads back as a naive datetime.
+        ("model,input_usd_per_mtok,output_usd_per_mtok,effective_from\nm,1,1,0001-01-01\n", "1970"),
         ("name,price\nm,1\n", "`model` column"),
     ],
 )

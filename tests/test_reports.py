@@ -261,6 +261,21 @@ def test_cells_that_a_spreadsheet_would_run_are_defused(meterline: Meterline, db
     assert report["data"][0]["account_name"] == '=HYPERLINK("http://x")'
 
 
+def test_formulas_behind_leading_blanks_are_defused_too(meterline: Meterline, db: Database) -> None:
+    """A spreadsheet skips leading spaces (and line breaks) and runs what follows."""
+    account = str(meterline.new_account(name=" =1+1")["id"])
+    # Models as a ledger may hold them (written by the proxy, not the billing API).
+    risky = [" =cmd|' /C calc'!A0", "  @SUM(A1)", "\t+1", "\r-1", "\n=1", " \t=2"]
+    # A CR inside a cell is quoted, so it cannot start a row (and a formula) of its own.
+    safe = ["  plain", "a=b", "x\r=3", "-"]
+    for model in risky + safe:
+        insert_usage(db, usage_row(account, at("2025-05-05T00:00:00"), model=model))
+    lines = [r for r in _csv(_export(meterline, account_id=account)) if r["row_type"] == "line"]
+    assert {line["account_name"] for line in lines} == {"' =1+1"}
+    cells = {line["model"] for line in lines}
+    assert cells == {"'" + m for m in risky} | {"'-"} | set(safe[:3])
+
+
 def test_an_empty_month_still_has_a_header_and_totals(meterline: Meterline) -> None:
     response = _export(meterline, period="1999-01")
     assert response.text.splitlines()[0].startswith("row_type,period,")
@@ -327,7 +342,7 @@ def test_cli_writes_the_same_export_to_a_file(
         may["acme"],
     )
     assert result.returncode == 0, result.stderr
-    assert out.read_text() == _export(meterline, account_id=may["acme"]).text
+    assert out.read_bytes() == _export(meterline, account_id=may["acme"]).content
     assert "wrote 3 rows" in result.stderr
     assert not (tmp_path / "may.csv.part").exists()
 

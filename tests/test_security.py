@@ -4,13 +4,18 @@
   response (but the one creating the key), in any text column of the database, or in the
   files of the data directory (spool, metrics).
 - Keys are stored as SHA-256 only.
-- Every billing operation needs credentials; admin operations refuse customer keys.
+- Every billing operation needs credentials; admin operations refuse customer keys; an empty
+  admin token is no admin token.
+- A provider that echoes its key in an answer (error body, header, streamed chunk) has it
+  blanked before the customer sees it; a failing statement's error carries no parameters.
 - No CORS unless origins are configured.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import traceback
 import uuid
 from pathlib import Path
 from typing import Any, Protocol
@@ -19,12 +24,16 @@ import httpx
 import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
+from sqlalchemy.exc import DBAPIError
 from starlette.testclient import TestClient
 
+from service.accounts import service as accounts_service
 from service.app import create_app
+from service.auth.keys import NewKey, generate_key
+from service.db.engine import create_engine, session_factory, transaction
 from service.settings import Settings
-from tests.conftest import PROVIDER_KEY, Meterline
-from tests.reliability import admin, new_customer
+from tests.conftest import PROVIDER_KEY, Meterline, Upstream, start_meterline
+from tests.reliability import admin, new_customer, own_database
 from tests.support import Database
 
 MODEL = "meta-llama/Llama-3.3-70B-Instruct"
@@ -220,3 +229,104 @@ def test_no_cors_unless_configured(server: Meterline) -> None:
     assert allowed.headers.get("access-control-allow-origin") == "https://app.example"
     refused = client.options("/v1/chat/completions", headers=preflight)
     assert "access-control-allow-origin" not in refused.headers
+
+
+@pytest.mark.parametrize("token", ["", "   "], ids=["empty", "blank"])
+def test_an_empty_admin_token_disables_admin_access(
+    postgres_server: str, template_database: str, upstream: Upstream, tmp_path: Path, token: str
+) -> None:
+    """`METERLINE_ADMIN_TOKEN=` must not make an empty credential the administrator."""
+    assert Settings(admin_token=token).admin_token is None
+    with (
+        own_database(postgres_server, template_database) as url,
+        start_meterline(url, upstream, tmp_path, METERLINE_ADMIN_TOKEN=token) as server,
+    ):
+        # What a client can send of an empty token (HTTP drops the spaces around a value).
+        for headers in ({"X-API-Key": ""}, {"Authorization": "Bearer"}, {}):
+            response = httpx.get(f"{server.url}/billing/accounts", headers=headers)
+            assert response.status_code == 401, (headers, response.text)
+            assert response.json()["error"]["type"] == "authentication_error"
+            create = httpx.post(
+                f"{server.url}/billing/accounts", json={"name": "x"}, headers=headers
+            )
+            assert create.status_code == 401, (headers, create.text)
+
+
+def _echoing(server: Meterline, key: str) -> list[bytes]:
+    """Every way a provider that quotes its credential can answer, as the client saw it."""
+    seen: list[bytes] = []
+    auth = {"Authorization": f"Bearer {key}"}
+    chat: dict[str, Any] = {"model": MODEL, "messages": HELLO, "mock": {"echo_key": True}}
+    with httpx.Client(base_url=server.v1, headers=auth, timeout=30) as http:
+        for body in (
+            {**chat, "mock": {"echo_key": True, "status": 401}},  # error body and header
+            {**chat, "stream": True, "mock": {"echo_key": True, "status": 500}},
+            chat,  # a reply quoting it
+        ):
+            response = http.post("/chat/completions", json=body)
+            seen.append(str(response.headers.raw).encode() + b"\n" + response.content)
+        # Streamed: the key arrives in two pieces, passed through as they come (the client
+        # asked for usage) or re-framed by events (Meterline asked for it on its behalf).
+        for options in ({"stream_options": {"include_usage": True}}, {}):
+            body = {**chat, "stream": True, **options}
+            with http.stream("POST", "/chat/completions", json=body) as streamed:
+                raw = b"".join(streamed.iter_raw())
+                seen.append(str(streamed.headers.raw).encode() + b"\n" + raw)
+    client = openai.OpenAI(base_url=server.v1, api_key=key, max_retries=0)
+    stream = client.chat.completions.create(
+        model=MODEL, messages=HELLO, stream=True, extra_body={"mock": {"echo_key": True}}
+    )
+    text = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+    seen.append(text.encode())
+    return seen
+
+
+def test_a_provider_echoing_its_key_never_shows_it_to_the_customer(server: Meterline) -> None:
+    _, _, key = new_customer(server.url)
+    seen = _echoing(server, key)
+    assert len(seen) == 6
+    leaks = [i for i, answer in enumerate(seen) if PROVIDER_KEY.encode() in answer]
+    assert not leaks, f"answers {leaks} carry the provider key"
+    # Blanked, not dropped: each answer still says what the provider said, key-shaped.
+    mask = b"*" * len(PROVIDER_KEY)
+    assert all(mask in answer for answer in seen)
+    assert b"Incorrect API key provided: " + mask in seen[0]
+    assert b"(b'retry-after', b'" + mask in seen[0]
+
+
+async def _create_key(url: str, account_id: uuid.UUID) -> None:
+    engine = create_engine(url, pool_size=1)
+    try:
+        async with transaction(session_factory(engine)) as session:
+            await accounts_service.create_key(session, account_id, name="hash")
+    finally:
+        await engine.dispose()
+
+
+def test_a_failed_key_insert_never_carries_the_new_key(
+    fresh_database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The error of a failing statement (logged with its traceback) holds no parameters."""
+    db = Database(fresh_database_url)
+    db.execute(
+        "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS "
+        "$$ BEGIN RAISE EXCEPTION 'refused by the test'; END $$"
+    )
+    db.execute(
+        "CREATE TRIGGER refuse BEFORE INSERT ON api_keys FOR EACH ROW EXECUTE FUNCTION refuse()"
+    )
+    account_id = db.fetchval("INSERT INTO accounts (name) VALUES ('hash') RETURNING id")
+    made: list[NewKey] = []
+
+    def generate() -> NewKey:
+        made.append(generate_key())
+        return made[-1]
+
+    monkeypatch.setattr(accounts_service, "generate_key", generate)
+    with pytest.raises(DBAPIError) as failure:
+        asyncio.run(_create_key(fresh_database_url, account_id))
+    [new] = made
+    shown = "".join(traceback.format_exception(failure.value))
+    assert "refused by the test" in shown
+    for secret in (repr(new.key_hash), new.key_hash.hex(), new.plaintext, new.plaintext[11:]):
+        assert secret not in shown

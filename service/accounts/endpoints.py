@@ -18,7 +18,7 @@ from service.auth.principal import Admin, Caller
 from service.db.session import Session
 from service.errors import ErrorBody
 from service.runtime import get_runtime
-from service.schemas import CursorParam, Limit, Page
+from service.schemas import CursorParam, Limit, Page, links
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorBody, "description": "Unreadable body, or two different credentials."},
@@ -33,7 +33,23 @@ FORBIDDEN: dict[int | str, dict[str, Any]] = {
 router = APIRouter(prefix="/billing", tags=["accounts"], responses=ERRORS)
 
 
-@router.post("/accounts", status_code=status.HTTP_201_CREATED, response_model=AccountOut)
+ACCOUNT = {"path.account_id": "$response.body#/id"}
+
+
+@router.post(
+    "/accounts",
+    status_code=status.HTTP_201_CREATED,
+    response_model=AccountOut,
+    responses={
+        201: links(
+            GetAccount=("GET", "/billing/accounts/{account_id}", ACCOUNT),
+            UpdateAccount=("PATCH", "/billing/accounts/{account_id}", ACCOUNT),
+            CreateKey=("POST", "/billing/accounts/{account_id}/keys", ACCOUNT),
+            ListKeys=("GET", "/billing/accounts/{account_id}/keys", ACCOUNT),
+            AccountUsage=("GET", "/billing/usage", {"query.account_id": "$response.body#/id"}),
+        )
+    },
+)
 async def create_account(data: AccountCreate, session: Session, _: Admin) -> AccountOut:
     """Create a customer account (admin)."""
     account = await service.create_account(session, data)
@@ -67,7 +83,13 @@ async def update_account(
     "/accounts/{account_id}/keys",
     status_code=status.HTTP_201_CREATED,
     response_model=KeyCreated,
-    responses=FORBIDDEN,
+    responses={
+        **FORBIDDEN,
+        201: links(
+            RevokeKey=("DELETE", "/billing/keys/{key_id}", {"path.key_id": "$response.body#/id"}),
+            KeyUsage=("GET", "/billing/usage", {"query.key_id": "$response.body#/id"}),
+        ),
+    },
 )
 async def create_key(
     account_id: uuid.UUID, data: KeyCreate, session: Session, caller: Caller

@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, computed_field, field_validator
 
-from service.schemas import DecimalString, as_utc
+from service.schemas import BillableTime, DecimalString, Text
 
 Tier = Literal["basic", "pro", "custom"]
 FailedTaskPolicy = Literal["free", "cost"]
@@ -17,7 +17,7 @@ KeyStatus = Literal["active", "revoked", "expired"]
 BudgetUSD = Annotated[Decimal, Field(ge=0, max_digits=24, decimal_places=12)]
 Margin = Annotated[Decimal, Field(ge=0, max_digits=8, decimal_places=4)]
 PerMinute = Annotated[int, Field(ge=1, le=2_147_483_647)]
-Name = Annotated[str, Field(min_length=1, max_length=200)]
+Name = Annotated[Text, Field(min_length=1, max_length=200)]
 
 
 class AccountCreate(BaseModel):
@@ -99,8 +99,8 @@ class AccountOut(BaseModel):
 class KeyCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str | None = Field(default=None, max_length=200)
-    expires_at: datetime | None = Field(
+    name: Text | None = Field(default=None, max_length=200)
+    expires_at: BillableTime | None = Field(
         default=None, description="RFC 3339; the key stops working at this instant."
     )
 
@@ -109,7 +109,6 @@ class KeyCreate(BaseModel):
     def _in_the_future(cls, value: datetime | None) -> datetime | None:
         if value is None:
             return None
-        value = as_utc(value)
         if value <= datetime.now(UTC):
             raise ValueError("must be in the future")
         return value

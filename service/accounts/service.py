@@ -50,7 +50,7 @@ async def create_account(session: AsyncSession, data: AccountCreate) -> Account:
 
 
 async def list_accounts(session: AsyncSession, limit: int, cursor: str | None) -> Page[AccountOut]:
-    after = decode_cursor(cursor, datetime.fromisoformat, uuid.UUID) if cursor else None
+    after = decode_cursor(cursor, datetime, uuid.UUID) if cursor else None
     rows = await AccountRepository(session).list_accounts(limit, after)
     page = rows[:limit]
     has_more = len(rows) > limit
@@ -151,7 +151,7 @@ async def list_keys(
     cursor: str | None,
 ) -> Page[KeyOut]:
     await get_account(session, principal, account_id)
-    after = decode_cursor(cursor, datetime.fromisoformat, uuid.UUID) if cursor else None
+    after = decode_cursor(cursor, datetime, uuid.UUID) if cursor else None
     rows = await AccountRepository(session).list_keys(account_id, limit, after)
     page = rows[:limit]
     has_more = len(rows) > limit

@@ -24,6 +24,8 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.auth.keys import hash_key, looks_like_key
+from service.db.engine import database_unavailable
+from service.errors import DatabaseUnavailable
 
 log = logging.getLogger("meterline.keys")
 
@@ -125,8 +127,15 @@ class KeyCache:
             del self._pending[digest]
 
     async def _query_one(self, digest: bytes) -> CachedKey | None:
-        async with self._engine.connect() as connection:
-            row = (await connection.execute(_ONE_KEY, {"h": digest})).first()
+        try:
+            async with self._engine.connect() as connection:
+                row = (await connection.execute(_ONE_KEY, {"h": digest})).first()
+        except Exception as exc:
+            # A key not seen yet cannot be checked: a retryable 503, not a 500. Known keys
+            # are served from memory all through the outage.
+            if database_unavailable(exc):
+                raise DatabaseUnavailable("cannot check this key now; retry shortly") from None
+            raise
         if row is None or row.revoked_at is not None or row.id in self._revoked:
             if len(self._unknown) >= _NEGATIVE_LIMIT:
                 self._unknown.clear()

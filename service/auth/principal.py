@@ -58,7 +58,8 @@ def presented_credential(request: Request) -> str | None:
         if scheme.lower() != "bearer" or not value.strip():
             raise Unauthorized("Authorization header must be 'Bearer <key>'")
         bearer = value.strip()
-    header_key = request.headers.get("x-api-key")
+    # An empty or blank header is no credential (never one that matches an empty token).
+    header_key = request.headers.get("x-api-key", "").strip() or None
     # Bytes: compare_digest refuses str with non-ASCII characters (a header may carry any).
     if bearer and header_key and not hmac.compare_digest(bearer.encode(), header_key.encode()):
         raise BadRequest(

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import asyncpg
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
@@ -26,13 +28,52 @@ def asyncpg_dsn(url: str) -> str:
     return parsed.set(drivername="postgresql").render_as_string(hide_password=False)
 
 
+# A Postgres that does not answer a connection attempt within this is down for a caller.
+CONNECT_TIMEOUT_S = 5.0
+
+
 def create_engine(url: str, pool_size: int = 10) -> AsyncEngine:
     return create_async_engine(
         sqlalchemy_url(url),
         pool_size=pool_size,
         max_overflow=pool_size,
         pool_pre_ping=True,
+        # A failed statement's error would otherwise carry its parameters into every log
+        # line and traceback that shows it: a new key's hash, a customer's text.
+        hide_parameters=True,
+        connect_args={"timeout": CONNECT_TIMEOUT_S},
     )
+
+
+# Postgres refusing or dropping connections (down, starting, shutting down, full), and a
+# pool with no connection to give within its timeout; anything else is about a statement.
+_UNAVAILABLE: tuple[type[BaseException], ...] = (
+    OSError,
+    sa_exc.TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
+    asyncpg.TooManyConnectionsError,
+)
+
+
+def database_unavailable(error: BaseException) -> bool:
+    """Whether `error` means Postgres cannot be reached now, rather than refusing a statement.
+
+    The one place that knows how the drivers say so: a connection attempt fails with an
+    OSError (refused, no socket file, timeout) that SQLAlchemy passes through unwrapped; a
+    connection lost mid-use is a DBAPIError whose connection SQLAlchemy invalidated; a full
+    pool times out; asyncpg's own connection and shutdown errors arrive wrapped.
+    """
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, _UNAVAILABLE):
+            return True
+        if isinstance(seen, sa_exc.DBAPIError) and seen.connection_invalidated:
+            return True
+        seen = seen.__cause__
+    return False
 
 
 def session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:

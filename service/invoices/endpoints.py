@@ -11,7 +11,6 @@ from service.errors import ErrorBody
 from service.invoices import service
 from service.invoices.pdf import Issuer
 from service.invoices.schemas import (
-    PERIOD_PATTERN,
     InvoiceCreate,
     InvoiceOut,
     InvoiceStatus,
@@ -20,7 +19,7 @@ from service.invoices.schemas import (
     invoice_out,
 )
 from service.runtime import get_runtime
-from service.schemas import CursorParam, Limit, Page
+from service.schemas import CursorParam, Limit, Page, Period, links
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorBody, "description": "Missing, unknown, revoked or expired credential."},
@@ -36,9 +35,16 @@ CONFLICT: dict[int | str, dict[str, Any]] = {
     },
     400: {"model": ErrorBody, "description": "A month that has not begun."},
 }
-Period = Annotated[str, Query(pattern=PERIOD_PATTERN, description="UTC month, `YYYY-MM`.")]
+PeriodQuery = Annotated[Period, Query(description="UTC month, `YYYY-MM`.")]
 
 router = APIRouter(prefix="/billing", tags=["invoices"], responses=ERRORS)
+
+_INVOICE_ID = {"path.invoice_id": "$response.body#/id"}
+INVOICE = links(
+    GetInvoice=("GET", "/billing/invoices/{invoice_id}", _INVOICE_ID),
+    FinalizeInvoice=("POST", "/billing/invoices/{invoice_id}/finalize", _INVOICE_ID),
+    VoidInvoice=("POST", "/billing/invoices/{invoice_id}/void", _INVOICE_ID),
+)
 
 
 @router.post(
@@ -47,7 +53,8 @@ router = APIRouter(prefix="/billing", tags=["invoices"], responses=ERRORS)
     status_code=status.HTTP_201_CREATED,
     responses={
         **CONFLICT,
-        200: {"model": InvoiceOut, "description": "An existing draft, refreshed."},
+        200: {"model": InvoiceOut, "description": "An existing draft, refreshed.", **INVOICE},
+        201: INVOICE,
     },
 )
 async def generate_invoice(
@@ -70,7 +77,7 @@ async def list_invoices(
     session: Session,
     caller: Caller,
     account_id: uuid.UUID | None = None,
-    period: Period | None = None,
+    period: PeriodQuery | None = None,
     status_: Annotated[InvoiceStatus | None, Query(alias="status")] = None,
     limit: Limit = 50,
     cursor: CursorParam = None,
@@ -123,7 +130,7 @@ async def void_invoice(
 
 @router.get("/reports/unpriced", response_model=UnpricedReport)
 async def unpriced_usage(
-    session: Session, caller: Caller, period: Period, account_id: uuid.UUID | None = None
+    session: Session, caller: Caller, period: PeriodQuery, account_id: uuid.UUID | None = None
 ) -> UnpricedReport:
     """Usage stored without a price in the month, per account and model.
 

@@ -8,9 +8,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from service.db.models import Invoice
-from service.schemas import DecimalString
+from service.schemas import DecimalString, Period, Text
 
-PERIOD_PATTERN = r"^\d{4}-(0[1-9]|1[0-2])$"
 InvoiceStatus = Literal["draft", "finalized", "void"]
 LineKindName = Literal["tokens", "task", "late_usage", "adjustment"]
 
@@ -19,15 +18,13 @@ class InvoiceCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     account_id: uuid.UUID
-    period: str = Field(
-        pattern=PERIOD_PATTERN, description="UTC calendar month, `YYYY-MM`.", examples=["2026-11"]
-    )
+    period: Period = Field(description="UTC calendar month, `YYYY-MM`.", examples=["2026-11"])
 
 
 class InvoiceVoid(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    reason: str = Field(min_length=1, max_length=2000, description="Why; kept on the invoice.")
+    reason: Text = Field(min_length=1, max_length=2000, description="Why; kept on the invoice.")
 
 
 class InvoiceLineOut(BaseModel):

@@ -10,6 +10,7 @@ from service.auth.principal import Admin
 from service.db.session import Session
 from service.margin.schemas import MarginReport
 from service.margin.service import margin_report
+from service.schemas import Period
 
 router = APIRouter(prefix="/billing/reports", tags=["reports"], responses=ERRORS)
 
@@ -18,7 +19,7 @@ router = APIRouter(prefix="/billing/reports", tags=["reports"], responses=ERRORS
 async def get_margin_report(
     session: Session,
     _: Admin,
-    period: Annotated[str, Query(pattern=r"^\d{4}-(0[1-9]|1[0-2])$", examples=["2026-11"])],
+    period: Annotated[Period, Query(examples=["2026-11"])],
     account_id: Annotated[uuid.UUID | None, Query(description="One account (default all).")] = None,
 ) -> MarginReport:
     """Quoted tasks completed in `period`, per task type and model (admin: it shows costs)."""

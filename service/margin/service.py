@@ -10,32 +10,22 @@ against the price (margin included) and against the quote's cost basis, the quan
 
 from __future__ import annotations
 
-import re
 import uuid
-from datetime import UTC, datetime
+from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from pricing.quote import margin, share
-from service.db.partitions import add_months
-from service.errors import Unprocessable
 from service.margin.repository import margin_rows
 from service.margin.schemas import MarginReport, MarginRow
-
-PERIOD = re.compile(r"^(\d{4})-(0[1-9]|1[0-2])$")
+from service.schemas import parse_period
 
 
 def period_bounds(period: str) -> tuple[datetime, datetime]:
-    match = PERIOD.match(period)
-    if match is None:
-        raise Unprocessable("query.period: expected YYYY-MM", param="query.period")
-    try:
-        start = datetime(int(match.group(1)), int(match.group(2)), 1, tzinfo=UTC)
-        return start, add_months(start, 1)
-    except ValueError:  # year 0000, or a month past 9999-12
-        raise Unprocessable("query.period: out of range", param="query.period") from None
+    month = parse_period(period)
+    return month.start, month.end
 
 
 def _row(row: Any) -> MarginRow:

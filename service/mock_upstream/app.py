@@ -10,10 +10,12 @@ Each path prefix behaves like one kind of real provider when streaming:
 
 A request may steer the mock with a `mock` object in its body (the proxy forwards bodies
 unchanged): `status`, `delay_ms`, `chunks`, `chunk_delay_ms`, `drop_after`, `malformed`,
-`cached_tokens`, `reasoning_tokens`, and the absurd reports of a broken provider
-(`usage_override`, `model_override`, `error_code`: see below). Token counts are
-deterministic: prompt tokens are the cl100k tokens of the text sent, completions are one
-token per generated word.
+`cached_tokens`, `reasoning_tokens`, `echo_key` (quote the credential the request
+carried, as careless providers do: in the error body and a `Retry-After` header with
+`status`, else in the reply, and when streaming in a chunk written in two parts split
+mid-key), and the absurd reports of a broken provider (`usage_override`,
+`model_override`, `error_code`: see below). Token counts are deterministic: prompt tokens
+are the cl100k tokens of the text sent, completions are one token per generated word.
 """
 
 from __future__ import annotations
@@ -53,11 +55,18 @@ def _json(body: Any, status: int = 200) -> Response:
     return Response(orjson.dumps(body), status_code=status, media_type="application/json")
 
 
-def _error(status: int, message: str, code: str | None = None) -> Response:
+def _error(
+    status: int, message: str, code: str | None = None, headers: dict[str, str] | None = None
+) -> Response:
     kind = "invalid_request_error" if status < 500 else "server_error"
     if status == 429:
         kind = "rate_limit_error"
-    return _json({"error": {"message": message, "type": kind, "code": code, "param": None}}, status)
+    body = {"error": {"message": message, "type": kind, "code": code, "param": None}}
+    return Response(orjson.dumps(body), status, headers, media_type="application/json")
+
+
+def _credential(request: Request) -> str:
+    return request.headers.get("authorization", "").removeprefix("Bearer ")
 
 
 def _prompt_text(body: dict[str, Any]) -> str:
@@ -122,7 +131,11 @@ async def _chat_or_completion(request: Request) -> Response:
     mock = body.get("mock") or {}
     if mock.get("delay_ms"):
         await asyncio.sleep(int(mock["delay_ms"]) / 1000)
+    echo = _credential(request) if mock.get("echo_key") else None
     if mock.get("status"):
+        if echo is not None:
+            refusal = f"Incorrect API key provided: {echo}"
+            return _error(int(mock["status"]), refusal, "invalid_api_key", {"Retry-After": echo})
         return _error(int(mock["status"]), f"mock failure {mock['status']}", _error_code(mock))
     if behaviour == "strict" and "stream_options" in body:
         return _error(400, "Unrecognized request argument supplied: stream_options")
@@ -135,6 +148,8 @@ async def _chat_or_completion(request: Request) -> Response:
     if tool_call is not None:
         n = count_tokens(tool_call["function"]["name"] + tool_call["function"]["arguments"])
     words = [WORDS[i % len(WORDS)] for i in range(n)]
+    if echo is not None and not body.get("stream"):
+        words.append(f" (your key: {echo})")
     rid = f"{'chatcmpl' if chat else 'cmpl'}-{next(_ids)}"
     created = int(time.time())
     finish = (
@@ -175,6 +190,7 @@ async def _chat_or_completion(request: Request) -> Response:
             mock,
             behaviour,
             include_usage,
+            echo,
         ),
         media_type="text/event-stream",
     )
@@ -192,6 +208,7 @@ async def _stream(
     mock: dict[str, Any],
     behaviour: str,
     include_usage: bool,
+    echo: str | None = None,
 ) -> AsyncIterator[bytes]:
     obj = "chat.completion.chunk" if chat else "text_completion"
     delay = int(mock.get("chunk_delay_ms", 0)) / 1000
@@ -247,6 +264,12 @@ async def _stream(
             yield b"data: {not json\n\n"
         generated = total if tool_call is not None else min(i + (0 if chat else 1), total)
         yield chunk(piece, None, generated)
+        if echo and i == 0:
+            quoted = chunk({"content": f" {echo}"} if chat else f" {echo}", None, generated)
+            middle = quoted.index(echo.encode()) + len(echo) // 2
+            yield quoted[:middle]
+            await asyncio.sleep(0.05)  # two reads for the proxy: the key arrives in halves
+            yield quoted[middle:]
         if delay:
             await asyncio.sleep(delay)
     yield chunk({} if chat else "", finish, total)

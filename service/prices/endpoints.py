@@ -4,7 +4,6 @@ from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, Response, status
-from pydantic import AwareDatetime
 
 from service.auth.principal import Admin, Caller
 from service.db.session import Session
@@ -12,6 +11,7 @@ from service.errors import ErrorBody
 from service.prices import service
 from service.prices.schemas import PriceCreate, PriceList, PriceOut
 from service.runtime import get_runtime
+from service.schemas import Text, UTCTime, links
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorBody, "description": "Missing, unknown, revoked or expired credential."},
@@ -21,16 +21,18 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 
 router = APIRouter(prefix="/billing", tags=["prices"], responses=ERRORS)
 
+LOOKUP = {"query.model": "$response.body#/model", "query.at": "$response.body#/effective_from"}
+
 
 @router.get("/prices", response_model=PriceList)
 async def list_prices(
     session: Session,
     _: Caller,
     model: Annotated[
-        str | None, Query(max_length=256, description="Versions of this exact id or pattern.")
+        Text | None, Query(max_length=256, description="Versions of this exact id or pattern.")
     ] = None,
     at: Annotated[
-        AwareDatetime | None, Query(description="Only the versions in force at this instant.")
+        UTCTime | None, Query(description="Only the versions in force at this instant.")
     ] = None,
     current: Annotated[bool, Query(description="Only the versions in force now.")] = False,
 ) -> PriceList:
@@ -45,8 +47,8 @@ async def list_prices(
 async def lookup_price(
     session: Session,
     _: Caller,
-    model: Annotated[str, Query(min_length=1, max_length=256, description="A model id.")],
-    at: Annotated[AwareDatetime | None, Query(description="Default now.")] = None,
+    model: Annotated[Text, Query(min_length=1, max_length=256, description="A model id.")],
+    at: Annotated[UTCTime | None, Query(description="Default now.")] = None,
 ) -> PriceOut:
     """The version that prices a model at an instant (exact id first, then glob patterns)."""
     version = await service.lookup(session, model, at or datetime.now(UTC))
@@ -59,6 +61,10 @@ async def lookup_price(
     status_code=status.HTTP_201_CREATED,
     responses={
         200: {"model": PriceOut, "description": "The same version existed already."},
+        201: links(
+            ListVersions=("GET", "/billing/prices", {"query.model": "$response.body#/model"}),
+            LookupPrice=("GET", "/billing/prices/lookup", LOOKUP),
+        ),
         409: {"model": ErrorBody, "description": "The version exists with other rates."},
     },
 )

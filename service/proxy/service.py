@@ -41,6 +41,7 @@ from service.providers.config import Provider
 from service.providers.router import ProviderRouter
 from service.proxy import tokens
 from service.proxy.context import ProxyHooks, RequestContext
+from service.proxy.redact import redact_provider_key
 from service.proxy.sse import StreamMeter
 from service.proxy.upstream import UpstreamClient, UpstreamTimeout, UpstreamUnavailable
 from service.proxy.usage import Usage, UsageClaim, flag_of
@@ -322,6 +323,7 @@ class MeteringProxy:
         except MeterlineError as error:
             await send_error(send, error, request_id)
             return
+        send = redact_provider_key(send, ctx.provider.api_key)
         try:
             if ctx.stream:
                 await self._forward_stream(ctx, send, receive, started)

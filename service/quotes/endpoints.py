@@ -12,6 +12,7 @@ from service.errors import ErrorBody
 from service.quotes import service
 from service.quotes.schemas import QuoteAccept, QuoteCreate, QuoteOut
 from service.runtime import get_runtime
+from service.schemas import links
 from service.tasks.endpoints import Guard
 from service.tasks.schemas import TaskOut
 
@@ -23,7 +24,21 @@ ACCEPT_ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, response_model=QuoteOut)
+QUOTE = {"path.quote_id": "$response.body#/id"}
+TASK = {"path.task_id": "$response.body#/id", "query.account_id": "$response.body#/account_id"}
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    response_model=QuoteOut,
+    responses={
+        201: links(
+            GetQuote=("GET", "/billing/quotes/{quote_id}", QUOTE),
+            AcceptQuote=("POST", "/billing/quotes/{quote_id}/accept", QUOTE),
+        )
+    },
+)
 async def create_quote(
     data: QuoteCreate, request: Request, session: Session, caller: Caller
 ) -> QuoteOut:
@@ -41,7 +56,13 @@ async def get_quote(quote_id: uuid.UUID, session: Session, caller: Caller) -> Qu
     "/{quote_id}/accept",
     status_code=status.HTTP_201_CREATED,
     response_model=TaskOut,
-    responses=ACCEPT_ERRORS,
+    responses={
+        **ACCEPT_ERRORS,
+        201: links(
+            GetTask=("GET", "/billing/tasks/{task_id}", TASK),
+            CompleteTask=("POST", "/billing/tasks/{task_id}/complete", TASK),
+        ),
+    },
 )
 async def accept_quote(
     quote_id: uuid.UUID,

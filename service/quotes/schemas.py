@@ -7,10 +7,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.schemas import DecimalString
+from service.schemas import DecimalString, Text
 
-# Text that Postgres can store and a header can carry: no control characters (NUL above all).
-Label = Annotated[str, Field(min_length=1, pattern=r"^[^\x00-\x1f\x7f]+$")]
+Label = Annotated[Text, Field(min_length=1)]
 Confidence = Annotated[Decimal, Field(gt=0, lt=1, max_digits=6, decimal_places=4)]
 TaskIdString = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[\x21-\x7e]+$")]
 

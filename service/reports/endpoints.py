@@ -8,9 +8,11 @@ from fastapi.responses import StreamingResponse
 
 from service.accounts.endpoints import ERRORS
 from service.auth.principal import Caller
+from service.db.session import Session
 from service.reports.schemas import MonthlyReport, ReportFormat
-from service.reports.service import export_monthly, parse_period
+from service.reports.service import export_monthly
 from service.runtime import get_runtime
+from service.schemas import Period
 
 router = APIRouter(prefix="/billing/reports", tags=["reports"], responses=ERRORS)
 
@@ -30,14 +32,10 @@ MEDIA_TYPES = {"csv": "text/csv; charset=utf-8", "json": "application/json"}
 )
 async def monthly_report(
     request: Request,
+    session: Session,
     caller: Caller,
     period: Annotated[
-        str,
-        Query(
-            pattern=r"^\d{4}-(0[1-9]|1[0-2])$",
-            description="The month, `YYYY-MM` (UTC).",
-            examples=["2026-11"],
-        ),
+        Period, Query(description="The month, `YYYY-MM` (UTC).", examples=["2026-11"])
     ],
     fmt: Annotated[ReportFormat, Query(alias="format")] = "csv",
     account_id: Annotated[
@@ -50,10 +48,11 @@ async def monthly_report(
     One row per account and model, and task type too for the usage of quoted tasks; then a
     totals row. Streamed in constant memory whatever the month's size.
     """
-    # Everything that can be refused is checked before the first byte: once streaming has
-    # begun, the status is already 200.
-    parse_period(period)
+    # Everything that can be refused is checked before the first byte (the period by its
+    # type): once streaming has begun, the status is already 200. That includes a database
+    # that is down (a 503).
     account_id = caller.scope(account_id)
+    await session.connection()
     suffix = f"-{account_id}" if account_id else ""
     return StreamingResponse(
         export_monthly(get_runtime(request).engine, period, fmt, account_id),

@@ -8,25 +8,22 @@ from __future__ import annotations
 
 import csv
 import io
-import re
 import uuid
 from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
 import orjson
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from service.db.partitions import add_months
-from service.errors import Unprocessable
+from service import schemas
 from service.reports.repository import monthly_rows
 from service.reports.schemas import COLUMNS, ReportFormat
 
 # A row of the report query, by column name.
 ReportRow = Mapping[Any, Any]
-PERIOD = re.compile(r"^(\d{4})-(0[1-9]|1[0-2])$")
 # Rows per chunk written to the client: big enough to keep the per-chunk overhead small.
 CHUNK_ROWS = 500
 TOKEN_COLUMNS = (
@@ -38,20 +35,16 @@ TOKEN_COLUMNS = (
     "reasoning_tokens",
     "unpriced_requests",
 )
-# A spreadsheet runs a cell starting with one of these as a formula (CSV injection).
+# A spreadsheet runs a cell starting with one of these as a formula (CSV injection), also
+# behind the spaces and line feeds it skips (` =1+1`); a tab or CR first is escaped too.
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+_SKIPPED_BEFORE_FORMULA = " \n"
 
 
 def parse_period(period: str) -> tuple[datetime, datetime]:
-    """`2026-11` → [2026-11-01T00:00Z, 2026-12-01T00:00Z)."""
-    match = PERIOD.match(period)
-    try:
-        if match is None:
-            raise ValueError("not YYYY-MM")
-        start = datetime(int(match[1]), int(match[2]), 1, tzinfo=UTC)
-        return start, add_months(start, 1)
-    except ValueError:  # also years 0000 and 9999, whose bounds datetime cannot hold
-        raise Unprocessable("query.period: expected YYYY-MM", param="query.period") from None
+    """`2026-11` → [2026-11-01T00:00Z, 2026-12-01T00:00Z); a 422 naming `query.period`."""
+    month = schemas.parse_period(period)
+    return month.start, month.end
 
 
 def _money(value: Decimal | None) -> str | None:
@@ -103,7 +96,7 @@ def text_cell(value: str | None) -> str:
     """A CSV text cell a spreadsheet shows rather than runs (`=1+1` → `'=1+1`)."""
     if value is None:
         return ""
-    return "'" + value if value.startswith(FORMULA_START) else value
+    return "'" + value if value.lstrip(_SKIPPED_BEFORE_FORMULA).startswith(FORMULA_START) else value
 
 
 def _money_cell(value: Decimal | None) -> str:
@@ -114,7 +107,10 @@ class CsvRenderer:
     def __init__(self, period: str) -> None:
         self.period = period
         self.buffer = io.StringIO()
-        self.writer = csv.writer(self.buffer, lineterminator="\n")
+        # CRLF (RFC 4180), and so the writer quotes every cell holding a CR or an LF: with
+        # "\n" alone a bare CR stayed unquoted, and a spreadsheet would start a new row (and
+        # run a formula) right behind the `'` that defused the cell.
+        self.writer = csv.writer(self.buffer, lineterminator="\r\n")
 
     def _take(self) -> bytes:
         chunk = self.buffer.getvalue().encode()

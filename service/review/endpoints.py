@@ -19,7 +19,7 @@ from service.review.schemas import (
     FlaggedUsageRow,
     QuarantinedRow,
 )
-from service.schemas import CursorParam, Limit, Page, as_utc, decode_cursor, encode_cursor
+from service.schemas import CursorParam, Limit, Page, Period, decode_cursor, encode_cursor
 
 router = APIRouter(prefix="/billing/reports", tags=["reports"], responses=ERRORS)
 
@@ -32,7 +32,7 @@ RequestId = Annotated[str, Path(max_length=40, pattern=r"^[A-Za-z0-9_]+$")]
 def _position(cursor: str | None) -> tuple[datetime, str] | None:
     if not cursor:
         return None
-    at, request_id = decode_cursor(cursor, lambda s: as_utc(datetime.fromisoformat(s)), str)
+    at, request_id = decode_cursor(cursor, datetime, str)
     return at, request_id
 
 
@@ -40,7 +40,7 @@ def _position(cursor: str | None) -> tuple[datetime, str] | None:
 async def flagged_usage(
     session: Session,
     caller: Caller,
-    period: Annotated[str, Query(description="The month, `YYYY-MM` (UTC).")],
+    period: Annotated[Period, Query(description="The month, `YYYY-MM` (UTC).")],
     account_id: uuid.UUID | None = None,
     unreviewed: Annotated[
         bool, Query(description="Only rows no admin has reviewed yet (they block finalizing).")

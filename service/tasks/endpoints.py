@@ -10,7 +10,7 @@ from service.auth.principal import Caller
 from service.db.session import Session
 from service.errors import ErrorBody
 from service.runtime import get_runtime
-from service.schemas import CursorParam, Limit, Page, UTCTime
+from service.schemas import CursorParam, Limit, Page, Text, UTCTime
 from service.tasks import service
 from service.tasks.guard import TaskGuard
 from service.tasks.repository import TaskFilter
@@ -33,11 +33,7 @@ def get_guard(request: Request) -> TaskGuard | None:
 
 
 Guard = Annotated[TaskGuard | None, Depends(get_guard)]
-# No control characters: Postgres text cannot hold NUL, and a header never carries one.
-_LABEL = r"^[^\x00-\x1f\x7f]+$"
-TaskIdPath = Annotated[
-    str, Path(min_length=1, max_length=128, pattern=_LABEL, description="The `X-Task-Id`.")
-]
+TaskIdPath = Annotated[Text, Path(min_length=1, max_length=128, description="The `X-Task-Id`.")]
 AccountId = Annotated[
     uuid.UUID | None,
     Query(description="Admin: the task's account (required). A customer key: its own."),
@@ -52,8 +48,8 @@ async def list_tasks(
         uuid.UUID | None, Query(description="Admin: one account (default all).")
     ] = None,
     status: Annotated[TaskStatus | None, Query()] = None,
-    task_type: Annotated[str | None, Query(max_length=128, pattern=_LABEL)] = None,
-    model: Annotated[str | None, Query(max_length=256, pattern=_LABEL)] = None,
+    task_type: Annotated[Text | None, Query(min_length=1, max_length=128)] = None,
+    model: Annotated[Text | None, Query(min_length=1, max_length=256)] = None,
     quoted: Annotated[bool | None, Query(description="Only tasks with (or without) quote.")] = None,
     completed_from: Annotated[UTCTime | None, Query(description="RFC 3339, inclusive.")] = None,
     completed_to: Annotated[UTCTime | None, Query(description="RFC 3339, exclusive.")] = None,

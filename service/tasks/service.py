@@ -104,7 +104,7 @@ async def list_tasks(
     where = dataclasses.replace(where, account_id=caller.scope(where.account_id))
     repository = TaskRepository(session)
     await repository.adopt_from_ledger(where.account_id)
-    after = decode_cursor(cursor, datetime.fromisoformat, uuid.UUID) if cursor else None
+    after = decode_cursor(cursor, datetime, uuid.UUID) if cursor else None
     rows = await repository.page(where, limit + 1, after)
     has_more = len(rows) > limit
     rows = rows[:limit]

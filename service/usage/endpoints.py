@@ -9,7 +9,7 @@ from fastapi.responses import JSONResponse
 from service.accounts.endpoints import ERRORS
 from service.auth.principal import Caller
 from service.db.session import Session
-from service.schemas import CursorParam, Page, UTCTime
+from service.schemas import CursorParam, Page, Text, UTCTime
 from service.usage import service
 from service.usage.repository import UsageFilter
 from service.usage.schemas import GROUPS, UsageEvent, UsageReport
@@ -21,12 +21,12 @@ AccountId = Annotated[
     Query(description="Admin: any account (default all). A customer key: only its own."),
 ]
 KeyId = Annotated[uuid.UUID | None, Query()]
-TaskId = Annotated[str | None, Query(max_length=128, description="The `X-Task-Id`.")]
-Model = Annotated[str | None, Query(max_length=256, description="The model asked for.")]
+TaskId = Annotated[Text | None, Query(max_length=128, description="The `X-Task-Id`.")]
+Model = Annotated[Text | None, Query(max_length=256, description="The model asked for.")]
 Start = Annotated[UTCTime | None, Query(description="RFC 3339, inclusive; without an offset, UTC.")]
 End = Annotated[UTCTime | None, Query(description="RFC 3339, exclusive; without an offset, UTC.")]
 GroupByParam = Annotated[
-    str | None,
+    Text | None,
     Query(
         max_length=200,
         description=f"Comma-separated, any of: {', '.join(GROUPS)}. None: one row of totals.",

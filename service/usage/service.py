@@ -116,7 +116,7 @@ def _event(row: UsageRecord) -> UsageEvent:
 async def usage_events(
     session: AsyncSession, where: UsageFilter, limit: int, cursor: str | None
 ) -> Page[UsageEvent]:
-    after = decode_cursor(cursor, datetime.fromisoformat, str) if cursor else None
+    after = decode_cursor(cursor, datetime, str) if cursor else None
     rows = await UsageRepository(session).events(where, limit, after)
     page = rows[:limit]
     has_more = len(rows) > limit
