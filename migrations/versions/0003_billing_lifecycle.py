@@ -8,9 +8,11 @@
   the account's policy never re-bills it. Completed tasks are backfilled from the
   account's current policy, the best record there is of it.
 - `accounts.expired_task_policy`: how an expired task is billed (default `fixed_price`).
-- `invoice_tasks`: the quoted tasks an invoice bills; as with usage windows, only a
-  finalized invoice's rows count as billed. `rows_recorded_until` is the cutoff up to which
-  the task's rows are in its task line (tasks billed at cost).
+- `tasks.billed_invoice_id`: the finalized invoice that bills the completed quoted task
+  (cleared when that invoice is voided), so a task completed after its month's invoice was
+  finalized goes on the next one, once. `tasks.billed_rows_until`: the cutoff of its first
+  finalized invoice, kept through voids: a task billed at cost has the rows recorded up to
+  it in its task line, and each later row is billed once, as late task cost.
 - Invoice line kind `late_task`: a task of an earlier, already finalized month, or rows of
   a task billed at cost that reached the ledger after it was billed.
 - Ledger writers are identifiable: every statement inserting into `usage_ledger` first takes
@@ -57,7 +59,10 @@ def upgrade() -> None:
     op.add_column(
         "accounts",
         sa.Column(
-            "expired_task_policy", sa.String(length=16), server_default="fixed_price", nullable=False
+            "expired_task_policy",
+            sa.String(length=16),
+            server_default="fixed_price",
+            nullable=False,
         ),
     )
     op.create_check_constraint(
@@ -101,26 +106,37 @@ def upgrade() -> None:
         "invoice_lines",
         "kind IN ('tokens', 'task', 'late_usage', 'late_task', 'adjustment')",
     )
-    op.create_table(
-        "invoice_tasks",
-        sa.Column("invoice_id", sa.UUID(), nullable=False),
-        sa.Column("task_id", sa.UUID(), nullable=False),
-        sa.Column("rows_recorded_until", sa.DateTime(timezone=True), nullable=False),
-        sa.ForeignKeyConstraint(
-            ["invoice_id"],
-            ["invoices.id"],
-            name=op.f("fk_invoice_tasks_invoice_id_invoices"),
-            ondelete="CASCADE",
-        ),
-        sa.ForeignKeyConstraint(
-            ["task_id"],
-            ["tasks.id"],
-            name=op.f("fk_invoice_tasks_task_id_tasks"),
-            ondelete="CASCADE",
-        ),
-        sa.PrimaryKeyConstraint("invoice_id", "task_id", name=op.f("pk_invoice_tasks")),
+    op.add_column("tasks", sa.Column("billed_invoice_id", sa.UUID(), nullable=True))
+    op.add_column(
+        "tasks", sa.Column("billed_rows_until", sa.DateTime(timezone=True), nullable=True)
     )
-    op.create_index("ix_invoice_tasks_task_id", "invoice_tasks", ["task_id"], unique=False)
+    op.create_foreign_key(
+        op.f("fk_tasks_billed_invoice_id_invoices"),
+        "tasks",
+        "invoices",
+        ["billed_invoice_id"],
+        ["id"],
+        ondelete="SET NULL",
+    )
+    # Quoted tasks completed before this revision were billed by their month's finalized
+    # invoice if they completed before it was finalized (with the rows up to its cutoff);
+    # the others were billed by none, and go on the next invoice.
+    op.execute(
+        "UPDATE tasks t SET billed_invoice_id = i.id, billed_rows_until = i.usage_cutoff"
+        " FROM invoices i WHERE i.account_id = t.account_id AND i.status = 'finalized'"
+        " AND i.period = to_char(t.completed_at AT TIME ZONE 'UTC', 'YYYY-MM')"
+        " AND t.completed_at <= i.finalized_at"
+        " AND t.quote_id IS NOT NULL AND t.status <> 'open'"
+    )
+    op.create_index(
+        "ix_tasks_unbilled",
+        "tasks",
+        ["account_id", "completed_at"],
+        unique=False,
+        postgresql_where=sa.text(
+            "quote_id IS NOT NULL AND status <> 'open' AND billed_invoice_id IS NULL"
+        ),
+    )
 
     op.alter_column("usage_ledger", "recorded_at", server_default=sa.text("clock_timestamp()"))
     op.execute(LEDGER_WRITE_FUNCTION)
@@ -132,8 +148,16 @@ def downgrade() -> None:
     op.execute("DROP FUNCTION IF EXISTS meterline_ledger_write()")
     op.alter_column("usage_ledger", "recorded_at", server_default=sa.text("now()"))
 
-    op.drop_index("ix_invoice_tasks_task_id", table_name="invoice_tasks")
-    op.drop_table("invoice_tasks")
+    op.drop_index(
+        "ix_tasks_unbilled",
+        table_name="tasks",
+        postgresql_where=sa.text(
+            "quote_id IS NOT NULL AND status <> 'open' AND billed_invoice_id IS NULL"
+        ),
+    )
+    op.drop_constraint(op.f("fk_tasks_billed_invoice_id_invoices"), "tasks", type_="foreignkey")
+    op.drop_column("tasks", "billed_rows_until")
+    op.drop_column("tasks", "billed_invoice_id")
     op.execute("UPDATE invoice_lines SET kind = 'task' WHERE kind = 'late_task'")
     op.drop_constraint(op.f("ck_invoice_lines_kind"), "invoice_lines", type_="check")
     op.create_check_constraint(

@@ -198,6 +198,15 @@ class Task(Base):
             "billed_as IS NULL OR billed_as IN ('fixed_price', 'cost', 'free')", name="billed_as"
         ),
         Index("ix_tasks_account_completed", "account_id", "completed_at"),
+        # Completed quoted tasks no finalized invoice bills yet: few, read by every invoice.
+        Index(
+            "ix_tasks_unbilled",
+            "account_id",
+            "completed_at",
+            postgresql_where=text(
+                "quote_id IS NOT NULL AND status <> 'open' AND billed_invoice_id IS NULL"
+            ),
+        ),
         # The expiry job finds the open quoted tasks past their deadline.
         Index(
             "ix_tasks_expires_at",
@@ -248,6 +257,15 @@ class Task(Base):
     # How the completed quoted task is billed (`fixed_price`, `cost`, `free`), fixed at
     # completion from the outcome and the account's policy in force then.
     billed_as: Mapped[str | None] = mapped_column(String(16))
+    # The finalized invoice billing the completed quoted task (cleared when it is voided):
+    # a task completed after its month's invoice was finalized goes on the next one, once.
+    billed_invoice_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("invoices.id", ondelete="SET NULL")
+    )
+    # The cutoff of the first finalized invoice that billed it, kept through voids: a task
+    # billed at cost has its rows recorded up to here in its task line; each later row is
+    # billed once, as late task cost, by the invoice whose usage window holds it.
+    billed_rows_until: Mapped[UTCDateTime | None]
     # The task's exact ledger cost when it completed (settled again shortly after, for rows
     # still in flight then); the history that quotes learn from reads it.
     completed_cost_usd: Mapped[ExactUSD | None]
@@ -405,25 +423,6 @@ class InvoiceUsageWindow(Base):
     # NULL: from the beginning of time.
     recorded_after: Mapped[UTCDateTime | None]
     recorded_until: Mapped[UTCDateTime]
-
-
-class InvoiceTask(Base):
-    """A quoted task an invoice bills; only a finalized invoice's rows count as billed.
-
-    A task billed at cost has the rows recorded up to `rows_recorded_until` in its task line;
-    the first finalized (or since voided) invoice's value holds for good, so the rows after
-    it are billed once each, as late task cost, by the invoices whose windows hold them.
-    """
-
-    __tablename__ = "invoice_tasks"
-    __table_args__ = (
-        PrimaryKeyConstraint("invoice_id", "task_id"),
-        Index("ix_invoice_tasks_task_id", "task_id"),
-    )
-
-    invoice_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("invoices.id", ondelete="CASCADE"))
-    task_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tasks.id", ondelete="CASCADE"))
-    rows_recorded_until: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
 class UsageRollup(Base):
