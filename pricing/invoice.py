@@ -213,6 +213,14 @@ class UsageTotals:
             self.cached_tokens + other.cached_tokens,
         )
 
+    def __sub__(self, other: UsageTotals) -> UsageTotals:
+        return UsageTotals(
+            self.requests - other.requests,
+            self.prompt_tokens - other.prompt_tokens,
+            self.completion_tokens - other.completion_tokens,
+            self.cached_tokens - other.cached_tokens,
+        )
+
     def as_usage(self) -> TokenUsage:
         return TokenUsage(self.prompt_tokens, self.completion_tokens, self.cached_tokens)
 

@@ -22,6 +22,7 @@ from service.proxy.service import MeteringProxy
 from service.proxy.setup import start_proxy
 from service.proxy.upstream import UpstreamClient
 from service.settings import Settings
+from service.tasks.expiry import ExpiryJob
 from service.tasks.guard import TaskGuard
 
 
@@ -45,6 +46,8 @@ class Runtime:
     tasks: TaskGuard
     # Folds newly recorded ledger rows into the usage rollup that invoices read.
     rollup: RollupJob
+    # Closes open quoted tasks past their deadline.
+    expiry: ExpiryJob
 
     @classmethod
     async def start(cls, settings: Settings) -> Runtime:
@@ -76,6 +79,8 @@ class Runtime:
         parts["hooks"].settlement.insert(0, tasks.settle)
         rollup = RollupJob(sessions, settings.usage_rollup_interval_s)
         rollup.start()
+        expiry = ExpiryJob(sessions, tasks, settings.task_expiry_interval_s)
+        expiry.start()
         return cls(
             settings=settings,
             engine=engine,
@@ -85,6 +90,7 @@ class Runtime:
             metrics=metrics,
             tasks=tasks,
             rollup=rollup,
+            expiry=expiry,
             **parts,
         )
 
@@ -97,6 +103,7 @@ class Runtime:
         await self.metrics.stop()
         await self.tasks.stop()
         await self.rollup.stop()
+        await self.expiry.stop()
         await self.prices.stop()
         await self.engine.dispose()
 

@@ -92,6 +92,12 @@ def upgrade() -> None:
         " FROM accounts a WHERE a.id = t.account_id AND t.quote_id IS NOT NULL"
         " AND t.status IN ('succeeded', 'failed')"
     )
+    # A completed quoted task always says how it is billed.
+    op.create_check_constraint(
+        op.f("ck_tasks_billed_when_completed"),
+        "tasks",
+        "quote_id IS NULL OR status = 'open' OR billed_as IS NOT NULL",
+    )
     op.create_index(
         "ix_tasks_expires_at",
         "tasks",
@@ -173,6 +179,7 @@ def downgrade() -> None:
     )
     # An expired task had no outcome before this revision: it is open again.
     op.execute("UPDATE tasks SET status = 'open', completed_at = NULL WHERE status = 'expired'")
+    op.drop_constraint(op.f("ck_tasks_billed_when_completed"), "tasks", type_="check")
     op.drop_constraint(op.f("ck_tasks_billed_as"), "tasks", type_="check")
     op.drop_constraint(op.f("ck_tasks_status"), "tasks", type_="check")
     op.create_check_constraint(

@@ -29,6 +29,7 @@ ACCOUNT_COLUMNS = [
     "monthly_budget_usd",
     "quote_margin",
     "failed_task_policy",
+    "expired_task_policy",
     "rate_limit_rpm",
     "rate_limit_tpm",
     "created_at",
@@ -41,6 +42,13 @@ Budget = Annotated[Decimal | None, typer.Option("--budget", help="Monthly budget
 Margin = Annotated[Decimal | None, typer.Option(help="Quote margin (0.2 = 20 %).")]
 Policy = Annotated[
     str | None, typer.Option("--failed-task-policy", help="free | cost: billing of failed tasks.")
+]
+ExpiredPolicy = Annotated[
+    str | None,
+    typer.Option(
+        "--expired-task-policy",
+        help="fixed_price | cost | free: billing of quoted tasks that expired open.",
+    ),
 ]
 Rpm = Annotated[int | None, typer.Option("--rpm", help="Requests per minute limit.")]
 Tpm = Annotated[int | None, typer.Option("--tpm", help="Tokens per minute limit.")]
@@ -69,6 +77,7 @@ def create_account(
     budget: Budget = None,
     quote_margin: Margin = None,
     failed_task_policy: Policy = None,
+    expired_task_policy: ExpiredPolicy = None,
     rpm: Rpm = None,
     tpm: Tpm = None,
     url: UrlOption = None,
@@ -82,6 +91,7 @@ def create_account(
         monthly_budget_usd=budget,
         quote_margin=quote_margin,
         failed_task_policy=failed_task_policy,
+        expired_task_policy=expired_task_policy,
         rate_limit_rpm=rpm,
         rate_limit_tpm=tpm,
     )
@@ -122,6 +132,7 @@ def update_account(
     budget: Budget = None,
     quote_margin: Margin = None,
     failed_task_policy: Policy = None,
+    expired_task_policy: ExpiredPolicy = None,
     rpm: Rpm = None,
     tpm: Tpm = None,
     url: UrlOption = None,
@@ -135,6 +146,7 @@ def update_account(
         monthly_budget_usd=budget,
         quote_margin=quote_margin,
         failed_task_policy=failed_task_policy,
+        expired_task_policy=expired_task_policy,
         rate_limit_rpm=rpm,
         rate_limit_tpm=tpm,
     )

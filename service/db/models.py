@@ -197,6 +197,11 @@ class Task(Base):
         CheckConstraint(
             "billed_as IS NULL OR billed_as IN ('fixed_price', 'cost', 'free')", name="billed_as"
         ),
+        # A completed quoted task always says how it is billed.
+        CheckConstraint(
+            "quote_id IS NULL OR status = 'open' OR billed_as IS NOT NULL",
+            name="billed_when_completed",
+        ),
         Index("ix_tasks_account_completed", "account_id", "completed_at"),
         # Completed quoted tasks no finalized invoice bills yet: few, read by every invoice.
         Index(

@@ -3,7 +3,7 @@ from __future__ import annotations
 import uuid
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Response, status
+from fastapi import APIRouter, Query, Request, Response, status
 
 from service.auth.principal import Admin, Caller
 from service.db.session import Session
@@ -19,6 +19,7 @@ from service.invoices.schemas import (
     UnpricedReport,
     invoice_out,
 )
+from service.runtime import get_runtime
 from service.schemas import CursorParam, Limit, Page, decode_cursor, encode_cursor
 
 ERRORS: dict[int | str, dict[str, Any]] = {
@@ -31,7 +32,7 @@ CONFLICT: dict[int | str, dict[str, Any]] = {
         "model": ErrorBody,
         "description": "Not possible in the invoice's state: `error.code` says why"
         " (`invoice_finalized`, `invoice_not_draft`, `invoice_not_finalized`,"
-        " `period_not_over`, `unpriced_usage`).",
+        " `period_not_over`, `ledger_write_in_progress`, `unpriced_usage`).",
     },
     400: {"model": ErrorBody, "description": "A month that has not begun."},
 }
@@ -98,12 +99,17 @@ async def get_invoice(invoice_id: uuid.UUID, session: Session, caller: Caller) -
 
 
 @router.post("/invoices/{invoice_id}/finalize", response_model=InvoiceOut, responses=CONFLICT)
-async def finalize_invoice(invoice_id: uuid.UUID, session: Session, _: Admin) -> InvoiceOut:
+async def finalize_invoice(
+    invoice_id: uuid.UUID, request: Request, session: Session, _: Admin
+) -> InvoiceOut:
     """Refresh the draft from the ledger, freeze it and give it the next number (admin).
 
-    409 while its month is not over, and while usage without a price remains.
+    409 while its month is not over, while a ledger write begun before the month ended is
+    still open (after waiting `METERLINE_INVOICE_FINALIZE_WAIT_S`), and while usage without
+    a price remains.
     """
-    return invoice_out(await service.finalize(session, invoice_id))
+    wait_s = get_runtime(request).settings.invoice_finalize_wait_s
+    return invoice_out(await service.finalize(session, invoice_id, wait_s=wait_s))
 
 
 @router.post("/invoices/{invoice_id}/void", response_model=InvoiceOut, responses=CONFLICT)

@@ -16,10 +16,12 @@ from decimal import Decimal
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from pricing.invoice import ExpiredTaskPolicy, FailedTaskPolicy, TaskOutcome, task_billing
 from service.auth.principal import Principal
 from service.db.models import Task
 from service.errors import Conflict, NotFound, Unprocessable
 from service.schemas import Page, decode_cursor, encode_cursor
+from service.tasks.expiry import expire_tasks
 from service.tasks.guard import TaskGuard
 from service.tasks.repository import TaskFilter, TaskRepository, TaskUsage
 from service.tasks.schemas import Outcome, TaskOut
@@ -58,7 +60,9 @@ def task_out(task: Task | None, usage: TaskUsage, account_id: uuid.UUID, task_id
             cost_usd=usage.cost_usd,
             unpriced_requests=usage.unpriced_requests,
             created_at=usage.first_at,
+            expires_at=None,
             completed_at=None,
+            billed_as=None,
         )
     return TaskOut(
         id=task.external_id,
@@ -77,8 +81,15 @@ def task_out(task: Task | None, usage: TaskUsage, account_id: uuid.UUID, task_id
         cost_usd=usage.cost_usd,
         unpriced_requests=usage.unpriced_requests,
         created_at=task.created_at,
+        expires_at=task.expires_at,
         completed_at=task.completed_at,
+        billed_as=task.billed_as,
     )
+
+
+def covered_since(task: Task | None) -> datetime | None:
+    """A quoted task's own rows are those that occurred from its acceptance on."""
+    return task.created_at if task is not None and task.quote_id is not None else None
 
 
 async def get_task(
@@ -87,7 +98,7 @@ async def get_task(
     account = account_of(caller, account_id)
     repository = TaskRepository(session)
     task = await repository.get(account, task_id)
-    usage = await repository.usage(account, task_id)
+    usage = await repository.usage(account, task_id, covered_since(task))
     if task is None and not usage.seen:
         raise NotFound(f"task {task_id!r} not found", param="task_id")
     return task_out(task, usage, account, task_id)
@@ -122,10 +133,21 @@ async def complete_task(
     task_id: str,
     account_id: uuid.UUID | None,
     outcome: Outcome,
+    now: datetime | None = None,
 ) -> TaskOut:
+    """Record a task's outcome (at `now`, default the database's); a quoted task is billed
+    as `task_billing` decides with the account's policies in force now. A quoted task past
+    its deadline has expired: it is closed as such and the completion refused."""
     account = account_of(caller, account_id)
     repository = TaskRepository(session)
     task = await repository.get(account, task_id, for_update=True)
+    if (
+        task is not None
+        and task.status == "open"
+        and task.expires_at is not None
+        and await expire_tasks(session, now, [account], guard, task_ids=[task.id])
+    ):
+        await session.refresh(task)
     if task is None:
         # A task without quote gets its row now; a concurrent completion may win the insert.
         seen = await repository.usage(account, task_id)
@@ -141,10 +163,17 @@ async def complete_task(
         raise Conflict(
             f"task {task_id!r} is already completed ({task.status})", code="task_already_completed"
         )
-    usage = await repository.usage(account, task_id)
-    cost = await repository.history_cost(account, task_id)
+    since = covered_since(task)
+    usage = await repository.usage(account, task_id, since)
+    cost = await repository.history_cost(account, task_id, since)
+    billed_as = None
+    if task.quote_id is not None:
+        failed, expired = await repository.policies(account)
+        billed_as = task_billing(
+            TaskOutcome(outcome), FailedTaskPolicy(failed), ExpiredTaskPolicy(expired)
+        ).value
     task = await repository.complete(
-        task, outcome, cost, usage.ledger_task_type, usage.ledger_model
+        task, outcome, cost, usage.ledger_task_type, usage.ledger_model, billed_as, now
     )
     await repository.notify(
         json.dumps({"event": "closed", "account_id": str(account), "task_id": task_id})
