@@ -185,14 +185,15 @@ def task_billing(
 
 
 def task_charge(
-    billing: TaskBilling, fixed_price_usd: Decimal | None, cost_usd: Decimal
+    billing: TaskBilling, count: int, fixed_price_usd: Decimal | None, cost_usd: Decimal
 ) -> Decimal:
-    """What one completed quoted task is billed, exactly: its fixed price, its token cost
-    (the rows it covers), or nothing."""
+    """What `count` completed quoted tasks billed `billing` (with one fixed price) are
+    billed, exactly: the fixed price each, their token cost (the exact cost of the rows
+    they cover), or nothing."""
     if billing is TaskBilling.FIXED_PRICE:
         if fixed_price_usd is None:
-            raise ValueError("a task billed its fixed price has none")
-        return fixed_price_usd
+            raise ValueError("tasks billed their fixed price have none")
+        return fixed_price_usd * count
     return cost_usd if billing is TaskBilling.COST else Decimal(0)
 
 
@@ -482,9 +483,7 @@ def _task_line(group: QuotedTaskGroup) -> InvoiceLineDraft | None:
     kind = LineKind.TASK if group.period is None else LineKind.LATE_TASK
     late = "" if group.period is None else f"Late from {group.period}: "
     if group.billing is TaskBilling.FIXED_PRICE and not group.late_rows:
-        if group.fixed_price_usd is None:
-            raise ValueError(f"{what} tasks on {on} billed their fixed price have none")
-        amount = group.fixed_price_usd * group.count
+        amount = task_charge(group.billing, group.count, group.fixed_price_usd, Decimal(0))
         return InvoiceLineDraft(
             kind=kind,
             description=(
@@ -503,7 +502,8 @@ def _task_line(group: QuotedTaskGroup) -> InvoiceLineDraft | None:
         return None
     priced = [u for u in group.usage if not u.is_unpriced]
     totals = sum((u.totals for u in group.usage), UsageTotals())
-    amount = sum((u.exact_cost() for u in priced), Decimal(0))
+    cost = sum((u.exact_cost() for u in priced), Decimal(0))
+    amount = task_charge(group.billing, group.count, group.fixed_price_usd, cost)
     tokens = f"{totals.prompt_tokens:,} prompt + {totals.completion_tokens:,} completion tokens"
     if group.late_rows:
         description = (
