@@ -10,16 +10,19 @@ from __future__ import annotations
 import asyncio
 import secrets
 import uuid
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from typing import Any
+from pathlib import Path
+from typing import Any, TypeVar
 
 import asyncpg
 import httpx
 import pytest
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from pricing.cost import TokenUsage, usage_cost
 from pricing.invoice import BillingPeriod
@@ -31,6 +34,7 @@ from tests.conftest import Meterline, Upstream, _clone, _with_database, start_me
 from tests.support import Database
 
 NOW = datetime.now(UTC)
+T = TypeVar("T")
 
 
 def month(offset: int) -> BillingPeriod:
@@ -139,20 +143,24 @@ class Billing:
 
         asyncio.run(run())
 
-    def roll_up(self) -> int:
-        """What the server's background job does every minute: returns the rows added."""
+    def run(self, work: Callable[[AsyncSession], Awaitable[T]]) -> T:
+        """`work` in one transaction of its own, as a request or the command line runs it."""
 
-        async def run() -> int:
+        async def run() -> T:
             engine = create_engine(self.db.url, pool_size=1)
             try:
                 async with transaction(session_factory(engine)) as session:
-                    done = await roll_up(session)
-                assert done is not None
-                return done.rows
+                    return await work(session)
             finally:
                 await engine.dispose()
 
         return asyncio.run(run())
+
+    def roll_up(self) -> int:
+        """What the server's background job does every minute: returns the rows added."""
+        done = self.run(roll_up)
+        assert done is not None
+        return done.rows
 
     def generate(self, account_id: uuid.UUID, period: BillingPeriod, status: int = 201) -> Any:
         response = self.admin.post(
@@ -172,6 +180,30 @@ class Billing:
         return response.json()
 
 
+@contextmanager
+def billing_server(
+    postgres_server: str, template_database: str, upstream: Upstream, workdir: Path
+) -> Iterator[Billing]:
+    """A Meterline server on a database of its own, with neither background roll-up nor
+    task expiry: tests roll up and expire when they mean to, so each reads what it expects
+    (the rollup and the ledger alone must give the same invoices)."""
+    admin, name = _clone(postgres_server, template_database)
+    url = _with_database(postgres_server, name)
+    try:
+        with start_meterline(
+            url,
+            upstream,
+            workdir,
+            METERLINE_USAGE_ROLLUP_INTERVAL_S="0",
+            METERLINE_TASK_EXPIRY_INTERVAL_S="0",
+        ) as server:
+            billing = Billing(server, Database(url))
+            yield billing
+            billing.admin.close()
+    finally:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
 @pytest.fixture(scope="module")
 def billing(
     postgres_server: str,
@@ -179,20 +211,9 @@ def billing(
     upstream: Upstream,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Billing]:
-    admin, name = _clone(postgres_server, template_database)
-    url = _with_database(postgres_server, name)
-    try:
-        # No background roll-up: tests roll up when they mean to, so each reads what it
-        # expects (the rollup and the ledger alone must give the same invoices).
-        workdir = tmp_path_factory.mktemp("invoices")
-        with start_meterline(
-            url, upstream, workdir, METERLINE_USAGE_ROLLUP_INTERVAL_S="0"
-        ) as server:
-            billing = Billing(server, Database(url))
-            yield billing
-            billing.admin.close()
-    finally:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    workdir = tmp_path_factory.mktemp("invoices")
+    with billing_server(postgres_server, template_database, upstream, workdir) as billing:
+        yield billing
 
 
 def lines(invoice: Any, kind: str | None = None) -> list[Any]:

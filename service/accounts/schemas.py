@@ -11,6 +11,7 @@ from service.schemas import DecimalString, as_utc
 
 Tier = Literal["basic", "pro", "custom"]
 FailedTaskPolicy = Literal["free", "cost"]
+ExpiredTaskPolicy = Literal["fixed_price", "cost", "free"]
 KeyStatus = Literal["active", "revoked", "expired"]
 
 # Column bounds: NUMERIC(24, 12) for money, NUMERIC(8, 4) for a margin, INTEGER for limits.
@@ -33,12 +34,17 @@ class AccountCreate(BaseModel):
         default="free",
         description="What a failed quoted task is billed: `free` (nothing) or `cost` (tokens).",
     )
+    expired_task_policy: ExpiredTaskPolicy = Field(
+        default="fixed_price",
+        description="What a quoted task still open at its deadline is billed: `fixed_price`"
+        " (its quote's price), `cost` (its tokens) or `free`.",
+    )
     rate_limit_rpm: PerMinute | None = None
     rate_limit_tpm: PerMinute | None = None
 
 
 # An account always has these: a PATCH may leave them out, not set them to null.
-NOT_NULLABLE = ("name", "tier", "failed_task_policy")
+NOT_NULLABLE = ("name", "tier", "failed_task_policy", "expired_task_policy")
 
 
 def _drop_null(schema: dict[str, Any]) -> None:
@@ -60,6 +66,7 @@ class AccountUpdate(BaseModel):
     monthly_budget_usd: BudgetUSD | None = None
     quote_margin: Margin | None = None
     failed_task_policy: FailedTaskPolicy | None = None
+    expired_task_policy: ExpiredTaskPolicy | None = None
     rate_limit_rpm: PerMinute | None = None
     rate_limit_tpm: PerMinute | None = None
 
@@ -83,6 +90,7 @@ class AccountOut(BaseModel):
     monthly_budget_usd: DecimalString | None
     quote_margin: DecimalString | None
     failed_task_policy: FailedTaskPolicy
+    expired_task_policy: ExpiredTaskPolicy
     rate_limit_rpm: int | None
     rate_limit_tpm: int | None
     created_at: datetime

@@ -432,8 +432,8 @@ class InvoiceRepository:
         await self.session.execute(text("SET LOCAL hash_mem_multiplier = 16"))
         await self.session.execute(text("SET LOCAL jit = off"))
 
-    async def usage_cutoff(self, at: datetime | None = None) -> datetime:
-        """The latest instant (not after `at`) up to which every ledger row is committed.
+    async def usage_cutoff(self) -> datetime:
+        """The latest instant up to which every ledger row is committed.
 
         A row's `recorded_at` is the time of its insert, taken after its statement took the
         ledger writers' shared advisory lock (trigger `usage_ledger_write`), which its
@@ -450,8 +450,6 @@ class InvoiceRepository:
         cutoff = clock
         if writer is not None:
             cutoff = min(cutoff, writer.xact_start or _EPOCH)
-        if at is not None:
-            cutoff = min(cutoff, at)
         return cutoff - timedelta(microseconds=1)
 
     async def oldest_ledger_writer(self) -> LedgerWriter | None:

@@ -241,16 +241,16 @@ def _billable(
 
 
 async def compute_invoices(
-    session: AsyncSession,
-    period: BillingPeriod,
-    accounts: Sequence[uuid.UUID],
-    now: datetime | None = None,
+    session: AsyncSession, period: BillingPeriod, accounts: Sequence[uuid.UUID]
 ) -> dict[uuid.UUID, ComputedInvoice]:
-    """Each account's invoice for `period` as the ledger stands at `now` (accounts locked)."""
+    """Each account's invoice for `period` as the ledger stands now (accounts locked).
+
+    The ledger is read up to the cutoff, whatever `now` a caller works with: a row belongs
+    to an invoice by when it was recorded, and only committed rows may be billed."""
     repository = InvoiceRepository(session)
     accounts = sorted(accounts)
     await repository.tune_for_aggregation()
-    cutoff = await repository.usage_cutoff(at=now)
+    cutoff = await repository.usage_cutoff()
     rolled_up_to = await repository.rolled_up_to()
     billed = await repository.billed_windows(accounts)
     closed = await repository.finalized_periods(accounts)
@@ -434,7 +434,7 @@ async def generate(
     finalized = {a: i for a, i in live.items() if i.status == "finalized"}
     drafts = {a: i for a, i in live.items() if i.status == "draft"}
     targets = [a for a in accounts if a not in finalized]
-    computed = await compute_invoices(session, period, targets, now)
+    computed = await compute_invoices(session, period, targets)
     result = await _store(repository, period, computed, drafts)
     result.finalized = finalized
     log.info(
@@ -486,9 +486,9 @@ async def _locked(repository: InvoiceRepository, invoice_id: uuid.UUID) -> Invoi
     return invoice
 
 
-def _writer_text(writer: LedgerWriter | None) -> str:
+def _writer_text(writer: LedgerWriter | None, period: BillingPeriod) -> str:
     if writer is None:
-        return "a transaction writing the ledger"
+        return f"the database's clock has not reached the end of {period}"
     if writer.xact_start is None:
         return (
             f"a ledger write of another database role (pid {writer.pid}) whose start this"
@@ -496,8 +496,8 @@ def _writer_text(writer: LedgerWriter | None) -> str:
         )
     name = f", {writer.application_name!r}" if writer.application_name else ""
     return (
-        f"a transaction writing the ledger (pid {writer.pid}{name})"
-        f" open since {writer.xact_start.isoformat()}"
+        f"a transaction writing the ledger (pid {writer.pid}{name}) has been open since"
+        f" {writer.xact_start.isoformat()}, before the month ended"
     )
 
 
@@ -509,15 +509,17 @@ async def _wait_for_month_written(
     freezing now would leave its rows of the month to a later invoice, as late usage."""
     deadline = time.monotonic() + wait_s
     while True:
-        cutoff = await repository.usage_cutoff(at=now)
+        cutoff = await repository.usage_cutoff()
         if cutoff >= period.end:
             return
         if time.monotonic() >= deadline:
             writer = await repository.oldest_ledger_writer()
+            if writer is not None and writer.xact_start is not None:
+                writer = writer if writer.xact_start < period.end else None
             raise Conflict(
-                f"usage of {period} may still be arriving: {_writer_text(writer)} began before"
-                f" the month ended, so the ledger is complete only up to {cutoff.isoformat()}."
-                " Finalize again once it commits",
+                f"usage of {period} may still be arriving: {_writer_text(writer, period)},"
+                f" so the ledger is complete only up to {cutoff.isoformat()}."
+                " Finalize again once it has committed",
                 code="ledger_write_in_progress",
             )
         await asyncio.sleep(0.1)
@@ -553,9 +555,7 @@ async def finalize(
         )
     await _wait_for_month_written(repository, period, now, wait_s)
     await expire_tasks(session, now, [invoice.account_id])
-    computed = (await compute_invoices(session, period, [invoice.account_id], now))[
-        invoice.account_id
-    ]
+    computed = (await compute_invoices(session, period, [invoice.account_id]))[invoice.account_id]
     if not computed.draft.finalizable:
         models = ", ".join(computed.draft.unpriced_models())
         raise Conflict(
