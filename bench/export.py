@@ -133,13 +133,16 @@ async def _populate(dsn: str, rows: int, n_accounts: int, n_models: int, start: 
                 account,
             )
             task_id = f"bench-task-{account.hex[:12]}"
+            # Accepted as the month began, succeeded within it: billed its fixed price.
             await connection.execute(
                 "INSERT INTO tasks (account_id, external_id, task_type, model, quote_id,"
-                " fixed_price_usd, status) VALUES ($1, $2, 'summarize', 'bench-model-0', $3,"
-                " 0.05, 'succeeded')",
+                " fixed_price_usd, status, created_at, completed_at, billed_as)"
+                " VALUES ($1, $2, 'summarize', 'bench-model-0', $3, 0.05, 'succeeded', $4,"
+                " $4 + interval '20 days', 'fixed_price')",
                 account,
                 task_id,
                 quote,
+                start,
             )
             quoted.append((account, task_id))
         models = [f"bench-model-{m}" for m in range(n_models)]

@@ -214,7 +214,10 @@ RowFilter = Literal["all", "covered", "unpriced", "late_task"]
 
 
 def _of_quoted_task(c: Any) -> ColumnElement[bool]:
+    # `task_id IS NOT NULL` lets Postgres reach the rows through the partial index
+    # `ix_usage_ledger_account_task`, task by task, instead of scanning the month.
     return and_(
+        c.task_id.is_not(None),
         Task.account_id == c.account_id,
         Task.external_id == c.task_id,
         Task.quote_id.is_not(None),
@@ -286,6 +289,11 @@ def _source(
     elif part == "quoted_task":
         source = source.join(Task.__table__, _of_quoted_task(L))
         where.append(~_UNROLLED)
+        if rows != "late_task":
+            # A task accepted before the month began covers all its rows of the month: the
+            # rollup leaving them out is then exactly right. Only later ones can have rows
+            # billed per token (sent before their acceptance) to read here.
+            where.append(Task.created_at > start)
     joined = part == "quoted_task"
     if rows in ("covered", "late_task"):
         if joined:
@@ -514,6 +522,9 @@ class InvoiceRepository:
         `bucket`: (usage period, task period, outcome, task type, task model)."""
         if segments is not None and not segments:
             return []
+        accounts = sorted({s.account_id for s in selections})
+        if not await self._any_billed_at_cost(accounts):
+            return []
         sums = await self._sums(selections, "late_task", segments)
         result = []
         for key, (totals, cost) in sums.items():
@@ -530,6 +541,20 @@ class InvoiceRepository:
                 )
             )
         return result
+
+    async def _any_billed_at_cost(self, account_ids: Sequence[uuid.UUID]) -> bool:
+        """Whether any of these accounts has a task billed at cost already invoiced: only
+        such a task can have late rows."""
+        found = await self.session.scalar(
+            select(Task.id)
+            .where(
+                Task.account_id == any_(bindparam("accounts", list(account_ids), type_=UUIDS)),
+                Task.billed_as == "cost",
+                Task.billed_rows_until.is_not(None),
+            )
+            .limit(1)
+        )
+        return found is not None
 
     async def _sums(
         self,
