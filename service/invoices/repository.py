@@ -54,6 +54,7 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from pricing.invoice import BilledWindow, UsageTotals
 from pricing.prices import PriceSegment
+from service.db.engine import tune_for_aggregation
 from service.db.models import (
     Account,
     Invoice,
@@ -431,14 +432,7 @@ class InvoiceRepository:
         return list(rows)
 
     async def tune_for_aggregation(self) -> None:
-        """Settings for this transaction only. Postgres estimates the groups of a month
-        (account x model x version) as their product, often a million where there are
-        tens of thousands, and would then sort millions of rows instead of hashing them:
-        enough hash memory keeps it on a hash aggregate (it uses what it needs, ~50 MB for
-        5M rows and 1,000 accounts). No JIT: its compile time exceeds its gain here."""
-        await self.session.execute(text("SET LOCAL work_mem = '64MB'"))
-        await self.session.execute(text("SET LOCAL hash_mem_multiplier = 16"))
-        await self.session.execute(text("SET LOCAL jit = off"))
+        await tune_for_aggregation(self.session)
 
     async def usage_cutoff(self) -> datetime:
         """The latest instant up to which every ledger row is committed.

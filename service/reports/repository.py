@@ -73,7 +73,8 @@ WITH usage AS (
     UNION ALL
     SELECT i.account_id, 'tokens', '', NULL, 0, 0, 0, 0, 0, 0, 0, 0, 0, NULL, NULL, NULL
     FROM invoice i
-    WHERE NOT EXISTS (SELECT 1 FROM usage u WHERE u.account_id = i.account_id)
+    WHERE NOT EXISTS (SELECT 1 FROM usage_ledger l WHERE l.account_id = i.account_id
+                      AND l.occurred_at >= :start AND l.occurred_at < :end)
       AND NOT EXISTS (SELECT 1 FROM done d WHERE d.account_id = i.account_id)
 )
 SELECT u.account_id,

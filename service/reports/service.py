@@ -30,6 +30,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 from pricing.cost import totals_cost
 from pricing.invoice import TaskBilling, UsageTotals, task_charge
 from pricing.prices import PriceBook
+from service.db.engine import tune_for_aggregation
 from service.db.partitions import add_months
 from service.errors import Unprocessable
 from service.prices.repository import PriceRepository
@@ -285,6 +286,7 @@ async def export_monthly(
     totals = Totals()
     yield renderer.header()
     async with engine.connect() as connection:
+        await tune_for_aggregation(connection)
         repricing = await _repricing(connection, start, end, account_id)
         pending: dict[str, Any] | None = None
         async for rows in monthly_rows(connection, period, start, end, account_id, CHUNK_ROWS):
