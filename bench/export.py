@@ -37,6 +37,7 @@ from sqlalchemy.engine import make_url
 from service.db.engine import asyncpg_dsn
 from service.db.migrate import upgrade
 from service.db.partitions import add_months, month_start
+from service.reports.schemas import COLUMNS
 
 ROOT = Path(__file__).resolve().parents[1]
 ADMIN_TOKEN = "bench-admin-" + secrets.token_hex(8)
@@ -152,13 +153,16 @@ async def _populate(
                 account,
             )
             task_id = f"bench-task-{account.hex[:12]}"
+            # Accepted as the month began, succeeded within it: billed its fixed price.
             await connection.execute(
                 "INSERT INTO tasks (account_id, external_id, task_type, model, quote_id,"
-                " fixed_price_usd, status) VALUES ($1, $2, 'summarize', 'bench-model-0', $3,"
-                " 0.05, 'succeeded')",
+                " fixed_price_usd, status, created_at, completed_at, billed_as)"
+                " VALUES ($1, $2, 'summarize', 'bench-model-0', $3, 0.05, 'succeeded',"
+                " $4::timestamptz, $4::timestamptz + interval '20 days', 'fixed_price')",
                 account,
                 task_id,
                 quote,
+                start,
             )
             quoted.append((account, task_id))
         models = [f"bench-model-{m}" for m in range(n_models)]
@@ -304,7 +308,7 @@ def _measure(url: str, period: str, args: argparse.Namespace) -> None:
                     f" {rate:,.0f} ledger rows/s"
                 )
             if args.format == "csv":
-                requests = int(last.split(b",")[6])
+                requests = int(last.split(b",")[COLUMNS.index("requests")])
                 assert requests == args.rows, f"totals row counts {requests} requests"
             peak_kb = _rss_kb(process.pid, "VmHWM")
         finally:

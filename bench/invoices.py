@@ -178,6 +178,8 @@ async def _seed(url: str, args: argparse.Namespace, period: BillingPeriod) -> fl
                         Decimal("0.25"),
                         "succeeded",
                         period.start + timedelta(days=10 + k),
+                        period.start,  # accepted as the month began: covers its requests
+                        "fixed_price",
                     )
                 )
         await connection.copy_records_to_table(
@@ -211,6 +213,8 @@ async def _seed(url: str, args: argparse.Namespace, period: BillingPeriod) -> fl
                 "fixed_price_usd",
                 "status",
                 "completed_at",
+                "created_at",
+                "billed_as",
             ),
         )
 
@@ -250,7 +254,8 @@ async def _expected_total(url: str, period: BillingPeriod) -> Decimal:
             " (u.prompt_tokens * 1.1 + u.completion_tokens * 2.2) / 1000000)), 0)"
             " FROM usage_ledger u WHERE u.occurred_at >= $1 AND u.occurred_at < $2"
             " AND NOT EXISTS (SELECT 1 FROM tasks t WHERE t.account_id = u.account_id"
-            " AND t.external_id = u.task_id AND t.quote_id IS NOT NULL)",
+            " AND t.external_id = u.task_id AND t.quote_id IS NOT NULL"
+            " AND u.occurred_at >= t.created_at)",
             period.start,
             period.end,
         )

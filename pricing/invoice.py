@@ -140,16 +140,69 @@ class LineKind(StrEnum):
     ADJUSTMENT = "adjustment"
     TASK = "task"
     LATE_USAGE = "late_usage"
+    # A quoted task of an earlier month whose invoice was finalized without it, or rows of a
+    # task billed at cost that reached the ledger after it was billed.
+    LATE_TASK = "late_task"
 
 
 class TaskOutcome(StrEnum):
     SUCCEEDED = "succeeded"
     FAILED = "failed"
+    # Still open at its deadline (`expires_at`): nobody reported an outcome.
+    EXPIRED = "expired"
 
 
 class FailedTaskPolicy(StrEnum):
+    """An account's billing of its failed quoted tasks."""
+
     FREE = "free"
     COST = "cost"
+
+
+class ExpiredTaskPolicy(StrEnum):
+    """An account's billing of its quoted tasks that expired open."""
+
+    FIXED_PRICE = "fixed_price"
+    COST = "cost"
+    FREE = "free"
+
+
+class TaskBilling(StrEnum):
+    """How one completed quoted task is billed; fixed when it completes (`task_billing`)."""
+
+    FIXED_PRICE = "fixed_price"
+    COST = "cost"
+    FREE = "free"
+
+
+def task_billing(
+    outcome: TaskOutcome, failed: FailedTaskPolicy, expired: ExpiredTaskPolicy
+) -> TaskBilling:
+    """The outcome-based billing rule: a succeeded task is billed its fixed price, a failed
+    one by the account's failed-task policy (free by default, else its token cost), an
+    expired one by its expired-task policy (its fixed price by default).
+
+    Decided once, with the account's policies in force at completion, and stored on the
+    task: invoices, exports and the margin report all bill what was decided then.
+    """
+    if outcome is TaskOutcome.SUCCEEDED:
+        return TaskBilling.FIXED_PRICE
+    if outcome is TaskOutcome.FAILED:
+        return TaskBilling.COST if failed is FailedTaskPolicy.COST else TaskBilling.FREE
+    return TaskBilling(expired.value)
+
+
+def task_charge(
+    billing: TaskBilling, count: int, fixed_price_usd: Decimal | None, cost_usd: Decimal
+) -> Decimal:
+    """What `count` completed quoted tasks billed `billing` (with one fixed price) are
+    billed, exactly: the fixed price each, their token cost (the exact cost of the rows
+    they cover), or nothing."""
+    if billing is TaskBilling.FIXED_PRICE:
+        if fixed_price_usd is None:
+            raise ValueError("tasks billed their fixed price have none")
+        return fixed_price_usd * count
+    return cost_usd if billing is TaskBilling.COST else Decimal(0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,6 +220,14 @@ class UsageTotals:
             self.prompt_tokens + other.prompt_tokens,
             self.completion_tokens + other.completion_tokens,
             self.cached_tokens + other.cached_tokens,
+        )
+
+    def __sub__(self, other: UsageTotals) -> UsageTotals:
+        return UsageTotals(
+            self.requests - other.requests,
+            self.prompt_tokens - other.prompt_tokens,
+            self.completion_tokens - other.completion_tokens,
+            self.cached_tokens - other.cached_tokens,
         )
 
     def as_usage(self) -> TokenUsage:
@@ -206,18 +267,23 @@ class UsageGroup:
 
 @dataclass(frozen=True, slots=True)
 class QuotedTaskGroup:
-    """Quoted tasks of one type and model that completed in the period with one outcome.
+    """Quoted tasks of one type and model, one outcome and one billing, on this invoice.
 
-    Succeeded ones are grouped by fixed price too and billed that price each; failed ones
-    carry their own ledger usage, billed at cost only under the `cost` policy.
+    Tasks billed their fixed price are grouped by it too; tasks billed at cost carry the
+    ledger usage they cover; free ones bill nothing. `period` is set for tasks of an earlier
+    month whose invoice was finalized without them. `late_rows` groups carry no task
+    (`count` 0), only rows of tasks billed at cost earlier that reached the ledger after.
     """
 
     task_type: str | None
     model: str | None
     outcome: TaskOutcome
+    billing: TaskBilling
     count: int
     fixed_price_usd: Decimal | None = None
     usage: tuple[UsageGroup, ...] = ()
+    period: str | None = None
+    late_rows: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -266,17 +332,22 @@ class InvoiceDraft:
         return sorted({u.model for u in self.unpriced})
 
 
-_KIND_ORDER = {LineKind.TOKENS: 0, LineKind.ADJUSTMENT: 1, LineKind.TASK: 2, LineKind.LATE_USAGE: 3}
+_KIND_ORDER = {
+    LineKind.TOKENS: 0,
+    LineKind.ADJUSTMENT: 1,
+    LineKind.TASK: 2,
+    LineKind.LATE_USAGE: 3,
+    LineKind.LATE_TASK: 4,
+}
 
 
 def build_invoice(
-    usage: Iterable[UsageGroup],
-    tasks: Iterable[QuotedTaskGroup] = (),
-    failed_task_policy: FailedTaskPolicy = FailedTaskPolicy.FREE,
+    usage: Iterable[UsageGroup], tasks: Iterable[QuotedTaskGroup] = ()
 ) -> InvoiceDraft:
-    """Lines from aggregates: one per (kind, period, model, price version) for token usage,
-    one per (task type, model, fixed price) for succeeded quoted tasks, one per (task type,
-    model) for failed quoted tasks billed at cost (policy `cost`; `free` bills nothing).
+    """Lines from aggregates: one per (kind, period, model, price version) for token usage;
+    for quoted tasks one per (period, outcome, task type, model, fixed price) billed their
+    fixed price and one per (period, outcome, task type, model) billed at cost (free ones
+    bill nothing), each a `late_task` line when it belongs to an earlier month.
 
     Each line's exact amount is the exact sum of what it covers; it is rounded once; the
     total is the sum of the rounded lines. Groups without any price are left out of the
@@ -287,7 +358,7 @@ def build_invoice(
         unpriced = _unpriced(usage)
         lines = _usage_lines(usage)
         for group in _merge_task_groups(tasks):
-            line = _task_line(group, failed_task_policy)
+            line = _task_line(group)
             if line is None:
                 continue
             lines.append(line)
@@ -303,11 +374,20 @@ def build_invoice(
 
 
 def _merge_task_groups(tasks: Iterable[QuotedTaskGroup]) -> list[QuotedTaskGroup]:
-    """One group per line: succeeded by (type, model, fixed price), failed by (type, model)."""
+    """One group per line: by period, outcome, billing, type and model, and by fixed price
+    for tasks billed it."""
     merged: dict[tuple[object, ...], QuotedTaskGroup] = {}
     for group in tasks:
-        price = group.fixed_price_usd if group.outcome is TaskOutcome.SUCCEEDED else None
-        key = (group.outcome, group.task_type, group.model, price)
+        price = group.fixed_price_usd if group.billing is TaskBilling.FIXED_PRICE else None
+        key = (
+            group.period,
+            group.late_rows,
+            group.outcome,
+            group.billing,
+            group.task_type,
+            group.model,
+            price,
+        )
         previous = merged.get(key)
         merged[key] = (
             replace(group, fixed_price_usd=price)
@@ -398,48 +478,59 @@ def _usage_line(
     )
 
 
-def _task_line(group: QuotedTaskGroup, policy: FailedTaskPolicy) -> InvoiceLineDraft | None:
-    """The outcome-based billing rule, in one place.
+def _task_line(group: QuotedTaskGroup) -> InvoiceLineDraft | None:
+    """The outcome-based billing rule, in one place (`task_billing` decided how).
 
-    A succeeded quoted task is billed its fixed price and none of its tokens; a failed one is
-    free under the `free` policy and billed its actual token cost under `cost`. The tokens of
-    quoted tasks never appear on token lines (the service leaves them out of the usage sums).
+    A task billed its fixed price is billed none of its tokens; one billed at cost is billed
+    the exact cost of the rows it covers; a free one nothing. The tokens of quoted tasks
+    never appear on token lines (the service leaves them out of the usage sums).
     """
     what = group.task_type or "task"
     on = group.model or "any model"
-    if group.outcome is TaskOutcome.SUCCEEDED:
-        if group.fixed_price_usd is None:
-            raise ValueError(f"succeeded quoted {what} tasks on {on} have no fixed price")
-        amount = group.fixed_price_usd * group.count
+    outcome = "expired open" if group.outcome is TaskOutcome.EXPIRED else group.outcome.value
+    kind = LineKind.TASK if group.period is None else LineKind.LATE_TASK
+    late = "" if group.period is None else f"Late from {group.period}: "
+    if group.billing is TaskBilling.FIXED_PRICE and not group.late_rows:
+        amount = task_charge(group.billing, group.count, group.fixed_price_usd, Decimal(0))
         return InvoiceLineDraft(
-            kind=LineKind.TASK,
+            kind=kind,
             description=(
-                f"{group.count:,} x {what} on {on} at ${group.fixed_price_usd} each"
-                " (fixed price, succeeded)"
+                f"{late}{group.count:,} x {what} on {on} at ${group.fixed_price_usd} each"
+                f" (fixed price, {outcome})"
             ),
             quantity=group.count,
             amount_exact_usd=amount,
             amount_usd=round_cents(amount),
             model=group.model,
             task_type=group.task_type,
+            period=group.period,
             unit_price_usd=group.fixed_price_usd,
         )
-    if policy is FailedTaskPolicy.FREE or group.count == 0:
+    if group.billing is not TaskBilling.COST or not (group.count or group.usage):
         return None
     priced = [u for u in group.usage if not u.is_unpriced]
     totals = sum((u.totals for u in group.usage), UsageTotals())
-    amount = sum((u.exact_cost() for u in priced), Decimal(0))
+    cost = sum((u.exact_cost() for u in priced), Decimal(0))
+    amount = task_charge(group.billing, group.count, group.fixed_price_usd, cost)
+    tokens = f"{totals.prompt_tokens:,} prompt + {totals.completion_tokens:,} completion tokens"
+    if group.late_rows:
+        description = (
+            f"{late}token cost of {outcome} {what} tasks on {on} recorded after they were"
+            f" billed ({tokens} in {totals.requests:,} requests)"
+        )
+    else:
+        description = (
+            f"{late}{group.count:,} x {outcome} {what} on {on}, billed at token cost ({tokens})"
+        )
     return InvoiceLineDraft(
-        kind=LineKind.TASK,
-        description=(
-            f"{group.count:,} x failed {what} on {on}, billed at token cost"
-            f" ({totals.prompt_tokens:,} prompt + {totals.completion_tokens:,} completion tokens)"
-        ),
-        quantity=group.count,
+        kind=kind,
+        description=description[0].upper() + description[1:],
+        quantity=totals.requests if group.late_rows else group.count,
         amount_exact_usd=amount,
         amount_usd=round_cents(amount),
         model=group.model,
         task_type=group.task_type,
+        period=group.period,
         prompt_tokens=totals.prompt_tokens,
         completion_tokens=totals.completion_tokens,
         cached_tokens=totals.cached_tokens,

@@ -22,6 +22,7 @@ from service.proxy.service import MeteringProxy
 from service.proxy.setup import start_proxy
 from service.proxy.upstream import UpstreamClient
 from service.settings import Settings
+from service.tasks.expiry import ExpiryJob
 from service.tasks.guard import TaskGuard
 from service.usage.rollup import roll_up_daily
 
@@ -46,6 +47,8 @@ class Runtime:
     tasks: TaskGuard
     # Folds newly recorded ledger rows into the usage rollups that invoices and reports read.
     rollup: RollupJob
+    # Closes open quoted tasks past their deadline.
+    expiry: ExpiryJob
 
     @classmethod
     async def start(cls, settings: Settings) -> Runtime:
@@ -79,6 +82,8 @@ class Runtime:
             sessions, settings.usage_rollup_interval_s, (roll_up_if_free, roll_up_daily)
         )
         rollup.start()
+        expiry = ExpiryJob(sessions, tasks, settings.task_expiry_interval_s)
+        expiry.start()
         return cls(
             settings=settings,
             engine=engine,
@@ -88,6 +93,7 @@ class Runtime:
             metrics=metrics,
             tasks=tasks,
             rollup=rollup,
+            expiry=expiry,
             **parts,
         )
 
@@ -100,6 +106,7 @@ class Runtime:
         await self.metrics.stop()
         await self.tasks.stop()
         await self.rollup.stop()
+        await self.expiry.stop()
         await self.prices.stop()
         await self.engine.dispose()
 

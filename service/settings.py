@@ -53,8 +53,15 @@ class Settings(BaseSettings):
     # task's history cost is still settled from late ledger rows.
     task_guard_refresh_s: float = 2.0
     task_settle_window_s: float = 600.0
+    # An open quoted task expires this long after its quote was accepted (then billed by
+    # the account's expired_task_policy); how often the background job looks (0: never;
+    # invoices expire the tasks past their deadline anyway).
+    task_expiry_s: float = 7 * 24 * 3600.0
+    task_expiry_interval_s: float = 60.0
     # Invoices: how often newly recorded usage is folded into the rollup (0: never).
     usage_rollup_interval_s: float = 60.0
+    # How long finalizing waits for a ledger write begun before the month ended to commit.
+    invoice_finalize_wait_s: float = 5.0
 
     # Limits. Per-minute tier defaults (None = unlimited); an account's or key's own
     # rate_limit_rpm / rate_limit_tpm overrides them.

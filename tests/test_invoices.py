@@ -10,16 +10,19 @@ from __future__ import annotations
 import asyncio
 import secrets
 import uuid
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from typing import Any
+from pathlib import Path
+from typing import Any, TypeVar
 
 import asyncpg
 import httpx
 import pytest
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from pricing.cost import TokenUsage, usage_cost
 from pricing.invoice import BillingPeriod
@@ -31,6 +34,7 @@ from tests.conftest import Meterline, Upstream, _clone, _with_database, start_me
 from tests.support import Database
 
 NOW = datetime.now(UTC)
+T = TypeVar("T")
 
 
 def month(offset: int) -> BillingPeriod:
@@ -139,20 +143,24 @@ class Billing:
 
         asyncio.run(run())
 
-    def roll_up(self) -> int:
-        """What the server's background job does every minute: returns the rows added."""
+    def run(self, work: Callable[[AsyncSession], Awaitable[T]]) -> T:
+        """`work` in one transaction of its own, as a request or the command line runs it."""
 
-        async def run() -> int:
+        async def run() -> T:
             engine = create_engine(self.db.url, pool_size=1)
             try:
                 async with transaction(session_factory(engine)) as session:
-                    done = await roll_up(session)
-                assert done is not None
-                return done.rows
+                    return await work(session)
             finally:
                 await engine.dispose()
 
         return asyncio.run(run())
+
+    def roll_up(self) -> int:
+        """What the server's background job does every minute: returns the rows added."""
+        done = self.run(roll_up)
+        assert done is not None
+        return done.rows
 
     def generate(self, account_id: uuid.UUID, period: BillingPeriod, status: int = 201) -> Any:
         response = self.admin.post(
@@ -172,6 +180,30 @@ class Billing:
         return response.json()
 
 
+@contextmanager
+def billing_server(
+    postgres_server: str, template_database: str, upstream: Upstream, workdir: Path
+) -> Iterator[Billing]:
+    """A Meterline server on a database of its own, with neither background roll-up nor
+    task expiry: tests roll up and expire when they mean to, so each reads what it expects
+    (the rollup and the ledger alone must give the same invoices)."""
+    admin, name = _clone(postgres_server, template_database)
+    url = _with_database(postgres_server, name)
+    try:
+        with start_meterline(
+            url,
+            upstream,
+            workdir,
+            METERLINE_USAGE_ROLLUP_INTERVAL_S="0",
+            METERLINE_TASK_EXPIRY_INTERVAL_S="0",
+        ) as server:
+            billing = Billing(server, Database(url))
+            yield billing
+            billing.admin.close()
+    finally:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
 @pytest.fixture(scope="module")
 def billing(
     postgres_server: str,
@@ -179,20 +211,9 @@ def billing(
     upstream: Upstream,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Billing]:
-    admin, name = _clone(postgres_server, template_database)
-    url = _with_database(postgres_server, name)
-    try:
-        # No background roll-up: tests roll up when they mean to, so each reads what it
-        # expects (the rollup and the ledger alone must give the same invoices).
-        workdir = tmp_path_factory.mktemp("invoices")
-        with start_meterline(
-            url, upstream, workdir, METERLINE_USAGE_ROLLUP_INTERVAL_S="0"
-        ) as server:
-            billing = Billing(server, Database(url))
-            yield billing
-            billing.admin.close()
-    finally:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    workdir = tmp_path_factory.mktemp("invoices")
+    with billing_server(postgres_server, template_database, upstream, workdir) as billing:
+        yield billing
 
 
 def lines(invoice: Any, kind: str | None = None) -> list[Any]:
@@ -474,6 +495,11 @@ def test_finalizing_waits_for_the_month_to_end_and_future_months_are_refused(
     assert billing.admin.get(f"/billing/invoices/{uuid.uuid4()}").status_code == 404
 
 
+# Quoted tasks in these tests were accepted long before their requests.
+LONG_AGO = datetime(2000, 1, 1, tzinfo=UTC)
+BILLED_AS = {"succeeded": "fixed_price", "failed": "free", "expired": "fixed_price", "open": None}
+
+
 def _quoted_task(
     billing: Billing,
     account: uuid.UUID,
@@ -482,7 +508,12 @@ def _quoted_task(
     completed_at: datetime | None,
     fixed_price: str,
     model: str,
-) -> None:
+    *,
+    accepted_at: datetime = LONG_AGO,
+    billed_as: str | None = None,
+) -> uuid.UUID:
+    """A task as accepting its quote and completing it leave it (how it is billed: as its
+    outcome and the account's default policies decide, unless `billed_as` says)."""
     quote = billing.db.fetchval(
         "INSERT INTO quotes (account_id, task_type, model, basis, sample_size, confidence,"
         " margin, expected_cost_usd, quantile_cost_usd, price_usd, valid_until, accepted_at)"
@@ -492,9 +523,10 @@ def _quoted_task(
         model,
         Decimal(fixed_price),
     )
-    billing.db.execute(
+    task_id: uuid.UUID = billing.db.fetchval(
         "INSERT INTO tasks (account_id, external_id, task_type, model, quote_id,"
-        " fixed_price_usd, status, completed_at) VALUES ($1, $2, 'summarize', $3, $4, $5, $6, $7)",
+        " fixed_price_usd, status, completed_at, created_at, billed_as)"
+        " VALUES ($1, $2, 'summarize', $3, $4, $5, $6, $7, $8, $9) RETURNING id",
         account,
         external_id,
         model,
@@ -502,7 +534,10 @@ def _quoted_task(
         Decimal(fixed_price),
         status,
         completed_at,
+        accepted_at,
+        billed_as or BILLED_AS[status],
     )
+    return task_id
 
 
 def test_quoted_tasks_are_billed_their_fixed_price_never_their_tokens(billing: Billing) -> None:
@@ -549,15 +584,20 @@ def test_quoted_tasks_are_billed_their_fixed_price_never_their_tokens(billing: B
     assert Decimal(token_line["amount_exact_usd"]) == sum(r.cost_at(price) for r in per_token)
     assert_money_rules(invoice)
 
-    # Under the `cost` policy a failed quoted task is billed its actual token cost.
+    # A failed task completed under the `cost` policy is billed its actual token cost; one
+    # completed under `free` stays free when the account's policy changes later.
     billing.db.execute("UPDATE accounts SET failed_task_policy = 'cost' WHERE id = $1", account)
+    assert billing.generate(account, period, status=200)["lines"] == invoice["lines"]
+    _quoted_task(billing, account, "broke-2", "failed", done, "2.00", model, billed_as="cost")
+    broke_2 = [used("broke-2", 900)]
+    billing.insert(*broke_2)
     at_cost = billing.generate(account, period, status=200)
     failed_line = [x for x in lines(at_cost, "task") if x["unit_price_usd"] is None]
     assert [(x["quantity"], Decimal(x["amount_exact_usd"])) for x in failed_line] == [
-        (1, sum(r.cost_at(price) for r in failed))
+        (1, sum(r.cost_at(price) for r in broke_2))
     ]
     assert Decimal(at_cost["total_exact_usd"]) == Decimal("3.00") + sum(
-        r.cost_at(price) for r in [*failed, *per_token]
+        r.cost_at(price) for r in [*broke_2, *per_token]
     )
 
     # The task completed next month is on next month's invoice, as a fixed price only.

@@ -35,6 +35,7 @@ async def _quoted_task(
     confidence: str,
     status: str,
     completed_at: datetime | None,
+    billed_as: str | None,
 ) -> str:
     connection = await asyncpg.connect(dsn)
     try:
@@ -53,8 +54,8 @@ async def _quoted_task(
         external_id = f"q_{uuid.uuid4().hex[:12]}"
         await connection.execute(
             "INSERT INTO tasks (account_id, external_id, task_type, model, quote_id,"
-            " fixed_price_usd, cost_cap_usd, status, created_at, completed_at)"
-            " VALUES ($1, $2, $3, $4, $5, $6::numeric, $6::numeric * 3, $7, $8, $9)",
+            " fixed_price_usd, cost_cap_usd, status, created_at, completed_at, billed_as)"
+            " VALUES ($1, $2, $3, $4, $5, $6::numeric, $6::numeric * 3, $7, $8, $9, $10)",
             account_id,
             external_id,
             task_type,
@@ -64,6 +65,7 @@ async def _quoted_task(
             status,
             IN_PERIOD,
             completed_at,
+            billed_as,
         )
         return external_id
     finally:
@@ -80,6 +82,8 @@ def quoted_task(
         "price": "1.20",
         "confidence": "0.9",
         "completed_at": IN_PERIOD if status != "open" else None,
+        # As completion fixes it under the account's default policies.
+        "billed_as": {"succeeded": "fixed_price", "failed": "free"}.get(status),
         **quote,
     }
     task_id = asyncio.run(
@@ -139,7 +143,7 @@ def test_margin_and_calibration_per_type_and_model(meterline: Meterline, db: Dat
     row = rows[("summarize", "m-1")]
     assert (row["tasks"], row["succeeded"], row["failed"]) == (10, 8, 2)
     assert Decimal(row["fixed_price_revenue_usd"]) == Decimal("9.60")
-    assert Decimal(row["failed_at_cost_revenue_usd"]) == 0
+    assert Decimal(row["at_cost_revenue_usd"]) == 0
     assert Decimal(row["cost_usd"]) == Decimal("7.70")
     assert Decimal(row["margin_usd"]) == Decimal("1.90")
     assert Decimal(row["margin_pct"]) == Decimal("19.79")
@@ -163,8 +167,8 @@ def test_failed_tasks_earn_their_cost_under_the_cost_policy(
 ) -> None:
     account = meterline.new_account(failed_task_policy="cost")
     account_id = uuid.UUID(str(account["id"]))
-    quoted_task(db, account_id, "0.30", status="failed", task_type="translate")
-    quoted_task(db, account_id, "0.40", status="failed", task_type="translate")
+    for cost in ("0.30", "0.40"):
+        quoted_task(db, account_id, cost, status="failed", task_type="translate", billed_as="cost")
     (row,) = report(meterline, account_id)["rows"]
     assert (row["tasks"], row["succeeded"], row["failed"]) == (2, 0, 2)
     assert Decimal(row["revenue_usd"]) == Decimal(row["cost_usd"]) == Decimal("0.70")

@@ -22,13 +22,17 @@ from pricing.cost import TokenUsage, countable_cached_tokens, totals_cost, usage
 from pricing.invoice import (
     BilledWindow,
     BillingPeriod,
+    ExpiredTaskPolicy,
     FailedTaskPolicy,
     LineKind,
     QuotedTaskGroup,
+    TaskBilling,
     TaskOutcome,
     UsageGroup,
     UsageTotals,
     build_invoice,
+    task_billing,
+    task_charge,
     uncovered_windows,
 )
 from pricing.money import round_cents
@@ -205,25 +209,88 @@ def test_quoted_tasks_bill_fixed_prices_and_failed_ones_follow_the_policy() -> N
     failed_usage = (
         UsageGroup(LineKind.TOKENS, "m", price, UsageTotals(3, 1000, 500, 0), Decimal("0.002")),
     )
-    tasks = [
-        QuotedTaskGroup("summarize", "m", TaskOutcome.SUCCEEDED, 2, Decimal("1.50")),
-        QuotedTaskGroup("summarize", "m", TaskOutcome.SUCCEEDED, 1, Decimal("1.50")),
-        QuotedTaskGroup("summarize", "m", TaskOutcome.SUCCEEDED, 1, Decimal("2.00")),
-        QuotedTaskGroup("summarize", "m", TaskOutcome.FAILED, 4, usage=failed_usage),
+    fixed = TaskBilling.FIXED_PRICE
+    succeeded = [
+        QuotedTaskGroup("summarize", "m", TaskOutcome.SUCCEEDED, fixed, 2, Decimal("1.50")),
+        QuotedTaskGroup("summarize", "m", TaskOutcome.SUCCEEDED, fixed, 1, Decimal("1.50")),
+        QuotedTaskGroup("summarize", "m", TaskOutcome.SUCCEEDED, fixed, 1, Decimal("2.00")),
     ]
-    free = build_invoice([], tasks, FailedTaskPolicy.FREE)
+    free = build_invoice(
+        [],
+        [
+            *succeeded,
+            QuotedTaskGroup(
+                "summarize", "m", TaskOutcome.FAILED, TaskBilling.FREE, 4, usage=failed_usage
+            ),
+        ],
+    )
     assert [(line.quantity, line.unit_price_usd, line.amount_usd) for line in free.lines] == [
         (3, Decimal("1.50"), Decimal("4.50")),
         (1, Decimal("2.00"), Decimal("2.00")),
     ]
     assert free.total_usd == Decimal("6.50")
 
-    at_cost = build_invoice([], tasks, FailedTaskPolicy.COST)
+    failed = QuotedTaskGroup(
+        "summarize", "m", TaskOutcome.FAILED, TaskBilling.COST, 4, usage=failed_usage
+    )
+    at_cost = build_invoice([], [*succeeded, failed])
     failed_line = [line for line in at_cost.lines if line.unit_price_usd is None]
     assert [(line.quantity, line.amount_exact_usd) for line in failed_line] == [
         (4, Decimal("0.002"))
     ]
     assert "failed summarize" in failed_line[0].description
+
+
+def test_the_billing_of_a_task_is_decided_by_its_outcome_and_the_policies() -> None:
+    cases = {
+        (TaskOutcome.SUCCEEDED, FailedTaskPolicy.COST, ExpiredTaskPolicy.FREE): "fixed_price",
+        (TaskOutcome.FAILED, FailedTaskPolicy.FREE, ExpiredTaskPolicy.COST): "free",
+        (TaskOutcome.FAILED, FailedTaskPolicy.COST, ExpiredTaskPolicy.FREE): "cost",
+        (TaskOutcome.EXPIRED, FailedTaskPolicy.COST, ExpiredTaskPolicy.FIXED_PRICE): "fixed_price",
+        (TaskOutcome.EXPIRED, FailedTaskPolicy.FREE, ExpiredTaskPolicy.COST): "cost",
+        (TaskOutcome.EXPIRED, FailedTaskPolicy.COST, ExpiredTaskPolicy.FREE): "free",
+    }
+    for (outcome, failed, expired), billing in cases.items():
+        assert task_billing(outcome, failed, expired) == billing
+    assert task_charge(TaskBilling.FIXED_PRICE, 3, Decimal("0.25"), Decimal(9)) == Decimal("0.75")
+    assert task_charge(TaskBilling.COST, 3, Decimal("0.25"), Decimal("0.0123")) == Decimal("0.0123")
+    assert task_charge(TaskBilling.FREE, 3, Decimal("0.25"), Decimal(9)) == 0
+
+
+def test_late_tasks_are_labelled_with_their_month_and_late_rows_with_their_tasks() -> None:
+    price = Price("m", Decimal("1"), Decimal("1"), T0, version_id=7)
+    rows = (UsageGroup(LineKind.TOKENS, "m", price, UsageTotals(2, 20, 0, 0), Decimal("0.00002")),)
+    invoice = build_invoice(
+        [],
+        [
+            QuotedTaskGroup(
+                "summarize",
+                "m",
+                TaskOutcome.EXPIRED,
+                TaskBilling.FIXED_PRICE,
+                1,
+                Decimal("0.50"),
+                period="2026-02",
+            ),
+            QuotedTaskGroup(
+                "summarize",
+                "m",
+                TaskOutcome.FAILED,
+                TaskBilling.COST,
+                0,
+                usage=rows,
+                period="2026-01",
+                late_rows=True,
+            ),
+        ],
+    )
+    assert [(x.kind, x.period, x.quantity, x.amount_exact_usd) for x in invoice.lines] == [
+        (LineKind.LATE_TASK, "2026-01", 2, Decimal("0.00002")),
+        (LineKind.LATE_TASK, "2026-02", 1, Decimal("0.50")),
+    ]
+    assert invoice.lines[1].description.startswith("Late from 2026-02: 1 x summarize")
+    assert "expired open" in invoice.lines[1].description
+    assert "recorded after they were billed" in invoice.lines[0].description
 
 
 def test_late_usage_lines_are_labelled_with_their_period() -> None:

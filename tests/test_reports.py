@@ -29,7 +29,7 @@ def at(text: str) -> datetime:
 
 
 def quoted_task(db: Database, account_id: str, external_id: str, task_type: str) -> None:
-    """A task opened from an accepted quote, as the quotes API leaves it."""
+    """A task opened from a quote accepted as May began, succeeded on the 20th."""
     quote_id = db.fetchval(
         "INSERT INTO quotes (account_id, task_type, model, basis, sample_size, confidence,"
         " margin, expected_cost_usd, quantile_cost_usd, price_usd, valid_until, accepted_at)"
@@ -40,11 +40,14 @@ def quoted_task(db: Database, account_id: str, external_id: str, task_type: str)
     )
     db.execute(
         "INSERT INTO tasks (account_id, external_id, task_type, model, quote_id,"
-        " fixed_price_usd, status) VALUES ($1, $2, $3, 'm-a', $4, 0.05, 'succeeded')",
+        " fixed_price_usd, status, created_at, completed_at, billed_as)"
+        " VALUES ($1, $2, $3, 'm-a', $4, 0.05, 'succeeded', $5, $6, 'fixed_price')",
         uuid.UUID(account_id),
         external_id,
         task_type,
         quote_id,
+        at("2025-05-01T00:00:00"),
+        at("2025-05-20T00:00:00"),
     )
 
 
@@ -134,12 +137,13 @@ def test_csv_rows_per_account_model_and_quoted_task_type(
 ) -> None:
     rows = _csv(_export(meterline, account_id=may["acme"]))
     lines = [r for r in rows if r["row_type"] == "line"]
-    assert [(r["model"], r["task_type"]) for r in lines] == [
-        ("m-a", ""),
-        ("m-a", "summarize"),
-        ("m-b", ""),
+    assert [(r["kind"], r["model"], r["task_type"]) for r in lines] == [
+        ("tokens", "m-a", ""),
+        ("task_usage", "m-a", "summarize"),
+        ("task", "m-a", "summarize"),
+        ("tokens", "m-b", ""),
     ]
-    plain, quoted, unpriced = lines
+    plain, quoted, task, unpriced = lines
     assert plain["account_name"] == "Report Acme"
     assert plain["account_id"] == may["acme"]
     assert plain["period"] == PERIOD
@@ -156,6 +160,15 @@ def test_csv_rows_per_account_model_and_quoted_task_type(
         "7",
     )
     assert Decimal(quoted["cost_usd"]) == Decimal("0.0003")
+    # Billed: usage per token at its cost; a quoted task's usage through the task, which is
+    # billed its fixed price in the month it completed.
+    assert Decimal(plain["billed_usd"]) == Decimal("0.000032")
+    assert Decimal(quoted["billed_usd"]) == 0
+    assert (task["tasks"], task["requests"], Decimal(task["billed_usd"])) == (
+        "1",
+        "0",
+        Decimal("0.05"),
+    )
     assert (unpriced["unpriced_requests"], Decimal(unpriced["cost_usd"])) == ("1", Decimal(0))
     for line in lines:
         assert line["invoice_number"] == may["number"]
@@ -169,14 +182,17 @@ def test_csv_rows_per_account_model_and_quoted_task_type(
         "235",
     )
     assert Decimal(total["cost_usd"]) == Decimal("0.000332")
+    assert (total["tasks"], Decimal(total["billed_usd"])) == ("1", Decimal("0.050032"))
     assert Decimal(total["invoice_total_usd"]) == Decimal("0.02")
     assert list(rows[0]) == [
         "row_type",
         "period",
         "account_id",
         "account_name",
+        "kind",
         "model",
         "task_type",
+        "tasks",
         "requests",
         "prompt_tokens",
         "completion_tokens",
@@ -185,6 +201,7 @@ def test_csv_rows_per_account_model_and_quoted_task_type(
         "reasoning_tokens",
         "cost_usd",
         "unpriced_requests",
+        "billed_usd",
         "invoice_number",
         "invoice_status",
         "invoice_total_usd",
@@ -343,7 +360,7 @@ def test_cli_writes_the_same_export_to_a_file(
     )
     assert result.returncode == 0, result.stderr
     assert out.read_bytes() == _export(meterline, account_id=may["acme"]).content
-    assert "wrote 3 rows" in result.stderr
+    assert "wrote 4 rows" in result.stderr
     assert not (tmp_path / "may.csv.part").exists()
 
     as_json = _cli(

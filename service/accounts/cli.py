@@ -30,6 +30,7 @@ ACCOUNT_COLUMNS = [
     "quote_margin",
     "failed_task_policy",
     "customer_reported_outcomes",
+    "expired_task_policy",
     "rate_limit_rpm",
     "rate_limit_tpm",
     "created_at",
@@ -48,6 +49,13 @@ Outcomes = Annotated[
     typer.Option(
         "--customer-reported-outcomes/--operator-reported-outcomes",
         help="Whether the account's keys may report task outcomes (default: only the admin).",
+    ),
+]
+ExpiredPolicy = Annotated[
+    str | None,
+    typer.Option(
+        "--expired-task-policy",
+        help="fixed_price | cost | free: billing of quoted tasks that expired open.",
     ),
 ]
 Rpm = Annotated[int | None, typer.Option("--rpm", help="Requests per minute limit.")]
@@ -78,6 +86,7 @@ def create_account(
     quote_margin: Margin = None,
     failed_task_policy: Policy = None,
     customer_reported_outcomes: Outcomes = None,
+    expired_task_policy: ExpiredPolicy = None,
     rpm: Rpm = None,
     tpm: Tpm = None,
     url: UrlOption = None,
@@ -92,6 +101,7 @@ def create_account(
         quote_margin=quote_margin,
         failed_task_policy=failed_task_policy,
         customer_reported_outcomes=customer_reported_outcomes,
+        expired_task_policy=expired_task_policy,
         rate_limit_rpm=rpm,
         rate_limit_tpm=tpm,
     )
@@ -133,6 +143,7 @@ def update_account(
     quote_margin: Margin = None,
     failed_task_policy: Policy = None,
     customer_reported_outcomes: Outcomes = None,
+    expired_task_policy: ExpiredPolicy = None,
     rpm: Rpm = None,
     tpm: Tpm = None,
     url: UrlOption = None,
@@ -147,6 +158,7 @@ def update_account(
         quote_margin=quote_margin,
         failed_task_policy=failed_task_policy,
         customer_reported_outcomes=customer_reported_outcomes,
+        expired_task_policy=expired_task_policy,
         rate_limit_rpm=rpm,
         rate_limit_tpm=tpm,
     )

@@ -11,6 +11,7 @@ from service.schemas import BillableTime, DecimalString, Text
 
 Tier = Literal["basic", "pro", "custom"]
 FailedTaskPolicy = Literal["free", "cost"]
+ExpiredTaskPolicy = Literal["fixed_price", "cost", "free"]
 KeyStatus = Literal["active", "revoked", "expired"]
 
 # Column bounds: NUMERIC(24, 12) for money, NUMERIC(8, 4) for a margin, INTEGER for limits.
@@ -38,12 +39,23 @@ class AccountCreate(BaseModel):
         description="Whether the account's own keys may report task outcomes"
         " (`POST /billing/tasks/{id}/complete`); otherwise only the admin does.",
     )
+    expired_task_policy: ExpiredTaskPolicy = Field(
+        default="fixed_price",
+        description="What a quoted task still open at its deadline is billed: `fixed_price`"
+        " (its quote's price), `cost` (its tokens) or `free`.",
+    )
     rate_limit_rpm: PerMinute | None = None
     rate_limit_tpm: PerMinute | None = None
 
 
 # An account always has these: a PATCH may leave them out, not set them to null.
-NOT_NULLABLE = ("name", "tier", "failed_task_policy", "customer_reported_outcomes")
+NOT_NULLABLE = (
+    "name",
+    "tier",
+    "failed_task_policy",
+    "customer_reported_outcomes",
+    "expired_task_policy",
+)
 
 
 def _drop_null(schema: dict[str, Any]) -> None:
@@ -66,6 +78,7 @@ class AccountUpdate(BaseModel):
     quote_margin: Margin | None = None
     failed_task_policy: FailedTaskPolicy | None = None
     customer_reported_outcomes: bool | None = None
+    expired_task_policy: ExpiredTaskPolicy | None = None
     rate_limit_rpm: PerMinute | None = None
     rate_limit_tpm: PerMinute | None = None
 
@@ -90,6 +103,7 @@ class AccountOut(BaseModel):
     quote_margin: DecimalString | None
     failed_task_policy: FailedTaskPolicy
     customer_reported_outcomes: bool
+    expired_task_policy: ExpiredTaskPolicy
     rate_limit_rpm: int | None
     rate_limit_tpm: int | None
     created_at: datetime

@@ -7,8 +7,10 @@ from contextlib import asynccontextmanager
 
 import asyncpg
 from sqlalchemy import exc as sa_exc
+from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import (
+    AsyncConnection,
     AsyncEngine,
     AsyncSession,
     async_sessionmaker,
@@ -85,3 +87,16 @@ async def transaction(sessions: async_sessionmaker[AsyncSession]) -> AsyncIterat
     """A unit of work for jobs and the CLI: commits on success, rolls back on error."""
     async with sessions() as session, session.begin():
         yield session
+
+
+async def tune_for_aggregation(executor: AsyncSession | AsyncConnection) -> None:
+    """Settings for this transaction only, for a query summing a month of the ledger.
+
+    Postgres estimates the groups of a month (account x model x version) as their product,
+    often a million where there are tens of thousands, and would then sort millions of rows
+    instead of hashing them: enough hash memory keeps it on a hash aggregate (it uses what
+    it needs, ~50 MB for 5M rows and 1,000 accounts). No JIT: its compile time (seconds for
+    the export's expressions) exceeds its gain here."""
+    await executor.execute(text("SET LOCAL work_mem = '64MB'"))
+    await executor.execute(text("SET LOCAL hash_mem_multiplier = 16"))
+    await executor.execute(text("SET LOCAL jit = off"))

@@ -48,6 +48,9 @@ class Account(Base):
     __tablename__ = "accounts"
     __table_args__ = (
         CheckConstraint("failed_task_policy IN ('free', 'cost')", name="failed_task_policy"),
+        CheckConstraint(
+            "expired_task_policy IN ('fixed_price', 'cost', 'free')", name="expired_task_policy"
+        ),
         CheckConstraint("tier IN ('basic', 'pro', 'custom')", name="tier"),
     )
 
@@ -60,6 +63,8 @@ class Account(Base):
     failed_task_policy: Mapped[str] = mapped_column(String(8), server_default="free")
     # Whether the account's own keys may report task outcomes (else only the operator).
     customer_reported_outcomes: Mapped[bool] = mapped_column(Boolean, server_default=false())
+    # How a quoted task that expired open is billed: its fixed price, its token cost, or free.
+    expired_task_policy: Mapped[str] = mapped_column(String(16), server_default="fixed_price")
     # Custom limits override the tier's (None = the tier's default).
     rate_limit_rpm: Mapped[int | None] = mapped_column(Integer)
     rate_limit_tpm: Mapped[int | None] = mapped_column(Integer)
@@ -160,9 +165,12 @@ class UsageRecord(Base):
 
     request_id: Mapped[str] = mapped_column(String(40))
     occurred_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-    # When the row reached Postgres: late rows (replayed from the spool) are found by it.
+    # When the row reached Postgres (its insert, not its transaction's start): late rows
+    # (replayed from the spool) are found by it. Every INSERT statement on the ledger takes
+    # the ledger writers' shared advisory lock first (trigger `usage_ledger_write`), so the
+    # invoice cutoff knows which open transactions may still add rows.
     recorded_at: Mapped[datetime] = mapped_column(
-        DateTime(timezone=True), server_default=func.now()
+        DateTime(timezone=True), server_default=func.clock_timestamp()
     )
     kind: Mapped[str] = mapped_column(String(16), server_default="usage")
     account_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True))
@@ -245,8 +253,31 @@ class Task(Base):
     __tablename__ = "tasks"
     __table_args__ = (
         UniqueConstraint("account_id", "external_id"),
-        CheckConstraint("status IN ('open', 'succeeded', 'failed')", name="status"),
+        CheckConstraint("status IN ('open', 'succeeded', 'failed', 'expired')", name="status"),
+        CheckConstraint(
+            "billed_as IS NULL OR billed_as IN ('fixed_price', 'cost', 'free')", name="billed_as"
+        ),
+        # A completed quoted task always says how it is billed.
+        CheckConstraint(
+            "quote_id IS NULL OR status = 'open' OR billed_as IS NOT NULL",
+            name="billed_when_completed",
+        ),
         Index("ix_tasks_account_completed", "account_id", "completed_at"),
+        # Completed quoted tasks no finalized invoice bills yet: few, read by every invoice.
+        Index(
+            "ix_tasks_unbilled",
+            "account_id",
+            "completed_at",
+            postgresql_where=text(
+                "quote_id IS NOT NULL AND status <> 'open' AND billed_invoice_id IS NULL"
+            ),
+        ),
+        # The expiry job finds the open quoted tasks past their deadline.
+        Index(
+            "ix_tasks_expires_at",
+            "expires_at",
+            postgresql_where=text("status = 'open' AND expires_at IS NOT NULL"),
+        ),
         # Settling recently completed tasks finds them by completion time alone.
         Index("ix_tasks_completed_at", "completed_at"),
         # The proxy's guard reloads the open quoted tasks every few seconds.
@@ -280,8 +311,26 @@ class Task(Base):
     fixed_price_usd: Mapped[CentsUSD | None]
     cost_cap_usd: Mapped[ExactUSD | None]
     status: Mapped[str] = mapped_column(String(16), server_default="open")
+    # For a quoted task: the instant its quote was accepted. It covers the requests that
+    # occurred from then on; earlier ones under the same id are billed per token.
     created_at: Mapped[datetime] = _created_at()
+    # An open quoted task expires here (acceptance + `task_expiry_s`) and is then billed
+    # by the account's `expired_task_policy`.
+    expires_at: Mapped[UTCDateTime | None]
+    # Expired: the deadline, whenever the expiry ran (so it is billed in the same month).
     completed_at: Mapped[UTCDateTime | None]
+    # How the completed quoted task is billed (`fixed_price`, `cost`, `free`), fixed at
+    # completion from the outcome and the account's policy in force then.
+    billed_as: Mapped[str | None] = mapped_column(String(16))
+    # The finalized invoice billing the completed quoted task (cleared when it is voided):
+    # a task completed after its month's invoice was finalized goes on the next one, once.
+    billed_invoice_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("invoices.id", ondelete="SET NULL")
+    )
+    # The cutoff of the first finalized invoice that billed it, kept through voids: a task
+    # billed at cost has its rows recorded up to here in its task line; each later row is
+    # billed once, as late task cost, by the invoice whose usage window holds it.
+    billed_rows_until: Mapped[UTCDateTime | None]
     # The task's exact ledger cost when it completed (settled again shortly after, for rows
     # still in flight then); the history that quotes learn from reads it.
     completed_cost_usd: Mapped[ExactUSD | None]
@@ -393,7 +442,9 @@ class Invoice(Base):
 class InvoiceLine(Base):
     __tablename__ = "invoice_lines"
     __table_args__ = (
-        CheckConstraint("kind IN ('tokens', 'task', 'late_usage', 'adjustment')", name="kind"),
+        CheckConstraint(
+            "kind IN ('tokens', 'task', 'late_usage', 'late_task', 'adjustment')", name="kind"
+        ),
         Index("ix_invoice_lines_invoice_id", "invoice_id"),
     )
 

@@ -17,6 +17,7 @@ from service.invoices.repository import InvoiceRepository
 from service.invoices.rollup import RollUp, roll_up
 from service.invoices.schemas import GenerateSummary, InvoiceOut, invoice_out
 from service.prices.cli import run_in_transaction, run_with_database
+from service.settings import get_settings
 
 invoices_app = typer.Typer(help="Monthly invoices.", no_args_is_help=True)
 
@@ -95,6 +96,7 @@ def finalize(
 ) -> None:
     """Refresh, freeze and number drafts, each in its own transaction."""
     ids = list(invoice_ids or [])
+    wait_s = get_settings().invoice_finalize_wait_s
 
     async def work(
         sessions: async_sessionmaker[AsyncSession],
@@ -108,7 +110,8 @@ def finalize(
         for invoice_id in ids:
             try:
                 async with transaction(sessions) as session:
-                    done.append(invoice_out(await service.finalize(session, invoice_id)))
+                    finalized = await service.finalize(session, invoice_id, wait_s=wait_s)
+                    done.append(invoice_out(finalized))
             except MeterlineError as exc:
                 failed.append(f"{invoice_id}: {exc.message}")
         return done, failed

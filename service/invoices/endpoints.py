@@ -31,7 +31,7 @@ CONFLICT: dict[int | str, dict[str, Any]] = {
         "model": ErrorBody,
         "description": "Not possible in the invoice's state: `error.code` says why"
         " (`invoice_finalized`, `invoice_not_draft`, `invoice_not_finalized`,"
-        " `period_not_over`, `unpriced_usage`).",
+        " `period_not_over`, `ledger_write_in_progress`, `unpriced_usage`).",
     },
     400: {"model": ErrorBody, "description": "A month that has not begun."},
 }
@@ -112,12 +112,17 @@ async def invoice_pdf(
 
 
 @router.post("/invoices/{invoice_id}/finalize", response_model=InvoiceOut, responses=CONFLICT)
-async def finalize_invoice(invoice_id: uuid.UUID, session: Session, _: Admin) -> InvoiceOut:
+async def finalize_invoice(
+    invoice_id: uuid.UUID, request: Request, session: Session, _: Admin
+) -> InvoiceOut:
     """Refresh the draft from the ledger, freeze it and give it the next number (admin).
 
-    409 while its month is not over, and while usage without a price remains.
+    409 while its month is not over, while a ledger write begun before the month ended is
+    still open (after waiting `METERLINE_INVOICE_FINALIZE_WAIT_S`), and while usage without
+    a price remains.
     """
-    return invoice_out(await service.finalize(session, invoice_id))
+    wait_s = get_runtime(request).settings.invoice_finalize_wait_s
+    return invoice_out(await service.finalize(session, invoice_id, wait_s=wait_s))
 
 
 @router.post("/invoices/{invoice_id}/void", response_model=InvoiceOut, responses=CONFLICT)

@@ -1,14 +1,21 @@
 """Every invoice query: the ledger summed in SQL, tasks counted, invoices read and written.
 
 The ledger is never read row by row here. A month's usage is summed per (account, ledger
-kind, model, price version) from `usage_rollup` (the priced rows recorded up to its
-watermark, kept by a background job) plus the ledger rows the rollup does not hold: those
-recorded since its watermark and those without a price. Any other window (late usage, a
-month invoiced again after a void) is summed from the ledger, joined to a small table of
-`recorded_at` windows (see `pricing.invoice`). `occurred_at` is always bounded by
-constants, so Postgres prunes the monthly partitions. Rows stored without a price are
-summed a second time, cut by the spans of their model's price timeline, so each span is
-priced by the version then in force. Rows of quoted tasks are never billed as tokens.
+kind, model, price version) from `usage_rollup` (the priced rows outside quoted tasks
+recorded up to its watermark, kept by a background job) plus the ledger rows the rollup
+does not hold: those recorded since its watermark, those without a price, and those of
+quoted tasks (whose billing depends on when each row occurred and was recorded). Any other
+window (late usage, a month invoiced again after a void) is summed from the ledger, joined
+to a small table of `recorded_at` windows (see `pricing.invoice`). `occurred_at` is always
+bounded by constants, so Postgres prunes the monthly partitions. Rows stored without a
+price are summed a second time, cut by the spans of their model's price timeline, so each
+span is priced by the version then in force.
+
+A quoted task covers the rows under its id that occurred from its acceptance on: they are
+never billed as tokens. It is billed as a task (`billable_tasks`); when that is at cost, its
+rows recorded up to the cutoff of its first finalized invoice are in its task line
+(`task_cost_usage`), and each later one is billed once, by the invoice whose usage window
+holds it (`late_task_sums`).
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any, Literal, cast
 
@@ -47,6 +54,7 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from pricing.invoice import BilledWindow, UsageTotals
 from pricing.prices import PriceSegment
+from service.db.engine import tune_for_aggregation
 from service.db.models import (
     Account,
     Invoice,
@@ -68,6 +76,11 @@ UUIDS = ARRAY(UUID(as_uuid=True))
 TIMES = ARRAY(DateTime(timezone=True))
 TEXTS = ARRAY(String())
 
+# The ledger writers' advisory lock (migration 0003): the trigger `usage_ledger_write`
+# takes it, shared, before every INSERT statement on the ledger, until that transaction ends.
+LEDGER_WRITE_LOCK = (1296387148, 1)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
 
 @dataclass(frozen=True, slots=True)
 class Selection:
@@ -78,14 +91,16 @@ class Selection:
     period_start: datetime
     period_end: datetime
     window: BilledWindow
-    # Only the rows `usage_rollup` leaves out (no price version or no cost): the others of
-    # the window are summed from the rollup instead.
+    # Only the rows `usage_rollup` leaves out (no price version or no cost, or a quoted
+    # task's): the others of the window are summed from the rollup instead.
     unrolled_only: bool = False
 
 
 @dataclass(frozen=True, slots=True)
 class UsageSum:
-    """One group of ledger rows. `bucket` is the usage period, or (task type, model) of tasks."""
+    """One group of ledger rows. `bucket` is the usage period; for the rows of tasks, the
+    task group: (completion period, outcome, task type, task model), after the usage period
+    for late task rows."""
 
     account_id: uuid.UUID
     bucket: tuple[str | None, ...]
@@ -100,13 +115,26 @@ class UsageSum:
 
 
 @dataclass(frozen=True, slots=True)
-class TaskCount:
+class BillableTask:
+    """A completed quoted task that no finalized invoice bills yet."""
+
+    id: uuid.UUID
     account_id: uuid.UUID
-    status: str
+    period: str  # the month it completed (or expired) in
+    outcome: str
+    billed_as: str
     task_type: str | None
     model: str | None
     fixed_price_usd: Decimal | None
-    count: int
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerWriter:
+    """An open transaction that has written the ledger (the oldest holds back the cutoff)."""
+
+    pid: int
+    application_name: str | None
+    xact_start: datetime | None  # None: started by a role whose activity this one cannot see
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,9 +183,7 @@ def _selection_table(selections: Sequence[Selection]) -> FromClause:
 
 @dataclass(frozen=True, slots=True)
 class _Source:
-    rows: FromClause
-    columns: Any  # the column collection of `rows` that carries the ledger's columns
-    where: list[ColumnElement[bool]]
+    rows: FromClause  # the ledger's columns, plus the task's for late task rows
     # Set when the source reads every account's rows (a bulk run): sums of other accounts
     # are dropped by the caller.
     accounts: frozenset[uuid.UUID] | None = None
@@ -181,78 +207,128 @@ _UNROLLED = or_(L.price_version_id.is_(None), L.cost_usd.is_(None))
 # Above this many accounts a month is read whole (one sequential, parallel scan of its
 # partition) rather than account by account through the index.
 BULK_ACCOUNTS = 100
-RowFilter = Literal["all", "quoted", "unpriced"]
+# Which rows of a selection: "all"; those a quoted task "covers" (the caller subtracts
+# them: keeping the big scan free of the anti-join lets Postgres read the month in
+# parallel); the "unpriced" ones no quoted task covers (few: a partial index finds them);
+# the "late_task" ones, of tasks billed at cost, recorded after they were billed.
+RowFilter = Literal["all", "covered", "unpriced", "late_task"]
 
 
-def _quoted_task_join() -> ColumnElement[bool]:
+def _of_quoted_task(c: Any) -> ColumnElement[bool]:
+    # `task_id IS NOT NULL` lets Postgres reach the rows through the partial index
+    # `ix_usage_ledger_account_task`, task by task, instead of scanning the month.
     return and_(
-        Task.account_id == L.account_id,
-        Task.external_id == L.task_id,
+        c.task_id.is_not(None),
+        Task.account_id == c.account_id,
+        Task.external_id == c.task_id,
         Task.quote_id.is_not(None),
     )
 
 
-def _sources(selections: Sequence[Selection], rows: RowFilter) -> Iterator[tuple[str, _Source]]:
-    """The ledger rows of the selections, one source per usage period.
+def _covers(c: Any) -> ColumnElement[bool]:
+    """A quoted task covers the rows under its id that occurred from its acceptance on."""
+    return and_(_of_quoted_task(c), c.occurred_at >= Task.created_at)
 
-    `rows`: "all" of them; only the "quoted" ones (rows of quoted tasks, which the caller
-    subtracts: keeping the big scan free of the anti-join lets Postgres read the month in
-    parallel); or the "unpriced" ones outside quoted tasks (few: a partial index finds them).
+
+def completion_period(completed_at: Any) -> Any:
+    """`YYYY-MM` of a task's completion, in UTC whatever the session's zone."""
+    return func.to_char(func.timezone("UTC", completed_at), "YYYY-MM")
+
+
+# The task columns a late task row carries (grouped into the task's line).
+_TASK_COLUMNS = (
+    completion_period(Task.completed_at).label("t_period"),
+    Task.status.label("t_outcome"),
+    Task.task_type.label("t_type"),
+    Task.model.label("t_model"),
+)
+
+
+def _sources(selections: Sequence[Selection], rows: RowFilter) -> Iterator[tuple[str, _Source]]:
+    """The ledger rows of the selections (filtered by `rows`), a few sources per period.
 
     Each source bounds `occurred_at` (one partition) and `recorded_at` by constants, so
     Postgres prunes partitions and can use the BRIN index on `recorded_at` for late rows.
     When every account of the period has the same window (a month's own usage: all rows
     up to the cutoff), that is the whole filter. Otherwise (late usage, after a void) the
-    candidate rows are read first and matched to each account's window by a join.
+    candidate rows are read first and matched to each account's window by a join. What
+    the rollup leaves out is read in two parts: the rows without a price (through the
+    partial index) and the priced rows of quoted tasks (through the tasks).
     """
     by_period: dict[tuple[str, datetime, datetime, bool], list[Selection]] = {}
     for s in selections:
         key = (s.period, s.period_start, s.period_end, s.unrolled_only)
         by_period.setdefault(key, []).append(s)
     for (period, start, end, unrolled_only), group in by_period.items():
-        windows = {s.window for s in group}
-        afters = [w.after for w in windows]
-        lowest_after = None if None in afters else min(a for a in afters if a is not None)
-        accounts = sorted({s.account_id for s in group})
-        bulk = rows == "all" and len(accounts) > BULK_ACCOUNTS
-        source: FromClause = L.__table__
-        where = [
-            L.occurred_at >= start,
-            L.occurred_at < end,
-            L.recorded_at <= max(w.until for w in windows),
-        ]
-        if lowest_after is not None:
-            where.append(L.recorded_at > lowest_after)
-        if not bulk:
-            where.append(L.account_id == any_(bindparam("accounts", accounts, type_=UUIDS)))
-        if unrolled_only:
-            where.append(_UNROLLED)
-        if rows == "quoted":
-            source = source.join(Task.__table__, _quoted_task_join())
-        elif rows == "unpriced":
-            where += [L.cost_usd.is_(None), ~exists().where(_quoted_task_join())]
-        scope = frozenset(accounts) if bulk else None
-        if len(windows) == 1:
-            yield period, _Source(source, L.__table__.c, where, scope)
-            continue
-        candidates = (
-            select(*_SOURCE_COLUMNS)
-            .select_from(source)
-            .where(*where)
-            .cte("candidates")
-            .prefix_with("MATERIALIZED")
+        parts = ("unpriced", "quoted_task") if unrolled_only else ("whole",)
+        for part in parts:
+            if part == "quoted_task" and rows == "unpriced":
+                continue
+            yield period, _source(group, start, end, part, rows)
+
+
+def _source(
+    group: Sequence[Selection], start: datetime, end: datetime, part: str, rows: RowFilter
+) -> _Source:
+    windows = {s.window for s in group}
+    afters = [w.after for w in windows]
+    lowest_after = None if None in afters else min(a for a in afters if a is not None)
+    accounts = sorted({s.account_id for s in group})
+    bulk = rows == "all" and part == "whole" and len(accounts) > BULK_ACCOUNTS
+    source: FromClause = L.__table__
+    where = [
+        L.occurred_at >= start,
+        L.occurred_at < end,
+        L.recorded_at <= max(w.until for w in windows),
+    ]
+    if lowest_after is not None:
+        where.append(L.recorded_at > lowest_after)
+    if not bulk:
+        where.append(L.account_id == any_(bindparam("accounts", accounts, type_=UUIDS)))
+    if part == "unpriced":
+        where.append(_UNROLLED)
+    elif part == "quoted_task":
+        source = source.join(Task.__table__, _of_quoted_task(L))
+        where.append(~_UNROLLED)
+        if rows != "late_task":
+            # A task accepted before the month began covers all its rows of the month: the
+            # rollup leaving them out is then exactly right. Only later ones can have rows
+            # billed per token (sent before their acceptance) to read here.
+            where.append(Task.created_at > start)
+    joined = part == "quoted_task"
+    if rows in ("covered", "late_task"):
+        if joined:
+            where.append(L.occurred_at >= Task.created_at)
+        else:
+            source = source.join(Task.__table__, _covers(L))
+    if rows == "unpriced":
+        where += [L.cost_usd.is_(None), ~exists().where(_covers(L))]
+    columns: tuple[Any, ...] = _SOURCE_COLUMNS
+    if rows == "late_task":
+        where += [Task.billed_as == "cost", L.recorded_at > Task.billed_rows_until]
+        columns += _TASK_COLUMNS
+    scope = frozenset(accounts) if bulk else None
+    selected = select(*columns).select_from(source).where(*where)
+    if len(windows) == 1:
+        return _Source(selected.subquery("r"), scope)
+    candidates = selected.cte("candidates").prefix_with("MATERIALIZED")
+    sel = _selection_table(group)
+    c = candidates.c
+    matched = (
+        select(*c)
+        .select_from(
+            candidates.join(
+                sel,
+                and_(
+                    c.account_id == sel.c.account_id,
+                    or_(sel.c.recorded_after.is_(None), c.recorded_at > sel.c.recorded_after),
+                    c.recorded_at <= sel.c.recorded_until,
+                ),
+            )
         )
-        sel = _selection_table(group)
-        c = candidates.c
-        joined = candidates.join(
-            sel,
-            and_(
-                c.account_id == sel.c.account_id,
-                or_(sel.c.recorded_after.is_(None), c.recorded_at > sel.c.recorded_after),
-                c.recorded_at <= sel.c.recorded_until,
-            ),
-        )
-        yield period, _Source(joined, c, [], scope)
+        .subquery("r")
+    )
+    return _Source(matched, scope)
 
 
 def _segment_table(segments: dict[str, list[PriceSegment]]) -> FromClause:
@@ -335,19 +411,19 @@ class InvoiceRepository:
 
     # -- accounts, cutoff ------------------------------------------------------------------
 
-    async def lock_accounts(self, account_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, str]:
-        """Serialise invoice work per account; returns each existing account's task policy.
+    async def lock_accounts(self, account_ids: Sequence[uuid.UUID]) -> list[uuid.UUID]:
+        """Serialise invoice work per account; returns the accounts that exist.
 
         FOR NO KEY UPDATE, not FOR UPDATE: new keys and invoices referencing the account
         (foreign keys take KEY SHARE) are not held up.
         """
-        rows = await self.session.execute(
-            select(Account.id, Account.failed_task_policy)
+        rows = await self.session.scalars(
+            select(Account.id)
             .where(Account.id == any_(bindparam("ids", list(account_ids), type_=UUIDS)))
             .order_by(Account.id)
             .with_for_update(key_share=True)
         )
-        return {row.id: row.failed_task_policy for row in rows}
+        return list(rows)
 
     async def account_ids(self, created_before: datetime) -> list[uuid.UUID]:
         rows = await self.session.scalars(
@@ -356,87 +432,67 @@ class InvoiceRepository:
         return list(rows)
 
     async def tune_for_aggregation(self) -> None:
-        """Settings for this transaction only. Postgres estimates the groups of a month
-        (account x model x version) as their product, often a million where there are
-        tens of thousands, and would then sort millions of rows instead of hashing them:
-        enough hash memory keeps it on a hash aggregate (it uses what it needs, ~50 MB for
-        5M rows and 1,000 accounts). No JIT: its compile time exceeds its gain here."""
-        await self.session.execute(text("SET LOCAL work_mem = '64MB'"))
-        await self.session.execute(text("SET LOCAL hash_mem_multiplier = 16"))
-        await self.session.execute(text("SET LOCAL jit = off"))
+        await tune_for_aggregation(self.session)
 
     async def usage_cutoff(self) -> datetime:
-        """The latest instant at which no ledger row can still be uncommitted.
+        """The latest instant up to which every ledger row is committed.
 
-        A row's `recorded_at` is its inserting transaction's start (`now()`), so a row
-        recorded before another open transaction began is committed already, but one of a
-        transaction still open may carry any later time: the cutoff stops just before the
-        oldest open client transaction of this database (ours excepted). Only the backend
-        status snapshot taken first in a transaction is fresh, hence the clear. Meterline's
-        role sees its own sessions' transactions (the ledger writer's included); sessions of
-        other roles count only if it may read all statistics (pg_read_all_stats).
+        A row's `recorded_at` is the time of its insert, taken after its statement took the
+        ledger writers' shared advisory lock (trigger `usage_ledger_write`), which its
+        transaction then holds until it ends. So a row recorded before the oldest open
+        transaction holding that lock began is committed, and a transaction that has not
+        written yet will stamp its rows later than now: the cutoff stops just before the
+        oldest open ledger-writing transaction, and other sessions (a `psql` left in BEGIN,
+        a long report) never hold it back. The clock is read before the locks, so a writer
+        that starts in between stamps its rows after it. A writer of another role whose
+        start this role may not read (no pg_read_all_stats) stops the cutoff altogether.
         """
+        clock: datetime = (await self.session.execute(select(func.clock_timestamp()))).scalar_one()
+        writer = await self.oldest_ledger_writer()
+        cutoff = clock
+        if writer is not None:
+            cutoff = min(cutoff, writer.xact_start or _EPOCH)
+        return cutoff - timedelta(microseconds=1)
+
+    async def oldest_ledger_writer(self) -> LedgerWriter | None:
+        """The open transaction (other than this one) that began first among those holding
+        the ledger writers' lock. Only the backend status snapshot taken first in a
+        transaction is fresh, hence the clear."""
         await self.session.execute(text("SELECT pg_stat_clear_snapshot()"))
-        cutoff: datetime = (
+        row = (
             await self.session.execute(
                 text(
-                    "SELECT least(clock_timestamp(), min(xact_start)) - interval '1 microsecond'"
-                    " FROM pg_stat_activity WHERE datname = current_database()"
-                    " AND pid <> pg_backend_pid() AND backend_type = 'client backend'"
-                    " AND xact_start IS NOT NULL"
-                )
+                    "SELECT k.pid, a.application_name, a.xact_start FROM pg_locks k"
+                    " LEFT JOIN pg_stat_activity a ON a.pid = k.pid"
+                    " WHERE k.locktype = 'advisory' AND k.granted"
+                    " AND k.database = (SELECT oid FROM pg_database"
+                    "   WHERE datname = current_database())"
+                    " AND k.classid = :lock_class AND k.objid = :lock_id AND k.objsubid = 2"
+                    " AND k.pid <> pg_backend_pid()"
+                    " ORDER BY a.xact_start NULLS FIRST LIMIT 1"
+                ),
+                {"lock_class": LEDGER_WRITE_LOCK[0], "lock_id": LEDGER_WRITE_LOCK[1]},
             )
-        ).scalar_one()
-        return cutoff
+        ).first()
+        if row is None:
+            return None
+        return LedgerWriter(row.pid, row.application_name, row.xact_start)
 
     # -- the ledger, summed ----------------------------------------------------------------
 
     async def usage_sums(self, selections: Sequence[Selection]) -> list[UsageSum]:
         """Billable usage per (account, period, ledger kind, model, price version): all rows
-        minus the rows of quoted tasks (billed as tasks, never as tokens)."""
+        minus the rows quoted tasks cover (billed as tasks, never as tokens)."""
         gross = await self._sums(selections, "all")
-        quoted = await self._sums(selections, "quoted")
-        for key, (totals, cost) in quoted.items():
+        for key, (totals, cost) in (await self._sums(selections, "covered")).items():
             all_totals, all_cost = gross[key]
-            gross[key] = (
-                UsageTotals(
-                    all_totals.requests - totals.requests,
-                    all_totals.prompt_tokens - totals.prompt_tokens,
-                    all_totals.completion_tokens - totals.completion_tokens,
-                    all_totals.cached_tokens - totals.cached_tokens,
-                ),
-                None if all_cost is None else all_cost - (cost or Decimal(0)),
-            )
+            remaining = None if all_cost is None else all_cost - (cost or Decimal(0))
+            gross[key] = (all_totals - totals, remaining)
         return [
             UsageSum(account, (period,), kind, model, version, unpriced, totals, cost)
-            for (account, period, kind, model, version, unpriced), (totals, cost) in gross.items()
+            for (period, account, kind, model, version, unpriced), (totals, cost) in gross.items()
             if totals.requests
         ]
-
-    async def _sums(
-        self, selections: Sequence[Selection], rows: RowFilter
-    ) -> dict[tuple[Any, ...], tuple[UsageTotals, Decimal | None]]:
-        sums: dict[tuple[Any, ...], tuple[UsageTotals, Decimal | None]] = {}
-        for period, source in _sources(selections, rows):
-            c = source.columns
-            keys = (
-                c.account_id,
-                c.kind,
-                c.requested_model,
-                c.price_version_id,
-                c.cost_usd.is_(None).label("unpriced"),
-            )
-            result = await self.session.execute(
-                select(*keys, *_measures(c))
-                .select_from(source.rows)
-                .where(*source.where)
-                .group_by(*keys)
-            )
-            for r in result:
-                if source.accounts is None or r.account_id in source.accounts:
-                    key = (r.account_id, period, r.kind, r.requested_model, r.price_version_id)
-                    sums[(*key, r.unpriced)] = (_totals(r), r.cost_usd)
-        return sums
 
     async def unpriced_usage_sums(
         self, selections: Sequence[Selection], segments: dict[str, list[PriceSegment]]
@@ -444,31 +500,96 @@ class InvoiceRepository:
         """The rows stored without a price, summed per span of their model's price timeline."""
         if not segments:
             return []
-        sums = []
-        for period, source in _sources(selections, "unpriced"):
-            c = source.columns
-            seg = _segment_table(segments)
-            keys = (c.account_id, c.kind, c.requested_model, seg.c.segment)
-            rows = await self.session.execute(
-                select(*keys, *_measures(c))
-                .select_from(source.rows.join(seg, _in_segment(c, seg)))
-                .where(*source.where)
-                .group_by(*keys)
-            )
-            sums += [
+        sums = await self._sums(selections, "unpriced", segments)
+        return [
+            UsageSum(account, (period,), kind, model, None, True, totals, None, segment)
+            for (period, account, kind, model, segment), (totals, _) in sums.items()
+        ]
+
+    async def late_task_sums(
+        self,
+        selections: Sequence[Selection],
+        segments: dict[str, list[PriceSegment]] | None = None,
+    ) -> list[UsageSum]:
+        """Rows of tasks billed at cost that were recorded after the cutoff of the task's
+        first finalized invoice: billed once each, by the invoice whose window holds them.
+        `bucket`: (usage period, task period, outcome, task type, task model)."""
+        if segments is not None and not segments:
+            return []
+        accounts = sorted({s.account_id for s in selections})
+        if not await self._any_billed_at_cost(accounts):
+            return []
+        sums = await self._sums(selections, "late_task", segments)
+        result = []
+        for key, (totals, cost) in sums.items():
+            period, account, task_period, outcome, task_type, task_model, model, *rest = key
+            if segments is None:
+                version, unpriced, segment = rest[0], bool(rest[1]), None
+            else:
+                version, unpriced, segment = None, True, int(rest[0])
+            bucket = (period, task_period, outcome, task_type, task_model)
+            stored = None if unpriced else cost
+            result.append(
                 UsageSum(
-                    r.account_id,
-                    (period,),
-                    r.kind,
-                    r.requested_model,
-                    None,
-                    True,
-                    _totals(r),
-                    None,
-                    int(r.segment),
+                    account, bucket, "usage", model, version, unpriced, totals, stored, segment
                 )
-                for r in rows
-            ]
+            )
+        return result
+
+    async def _any_billed_at_cost(self, account_ids: Sequence[uuid.UUID]) -> bool:
+        """Whether any of these accounts has a task billed at cost already invoiced: only
+        such a task can have late rows."""
+        found = await self.session.scalar(
+            select(Task.id)
+            .where(
+                Task.account_id == any_(bindparam("accounts", list(account_ids), type_=UUIDS)),
+                Task.billed_as == "cost",
+                Task.billed_rows_until.is_not(None),
+            )
+            .limit(1)
+        )
+        return found is not None
+
+    async def _sums(
+        self,
+        selections: Sequence[Selection],
+        rows: RowFilter,
+        segments: dict[str, list[PriceSegment]] | None = None,
+    ) -> dict[tuple[Any, ...], tuple[UsageTotals, Decimal | None]]:
+        """Sums keyed by (usage period, account, ledger kind or task columns, model, price
+        version and unpriced | segment). A period is read in several parts (the rollup's
+        complement, the rows since its watermark), so sums of one key are added up."""
+        sums: dict[tuple[Any, ...], tuple[UsageTotals, Decimal | None]] = {}
+        for period, source in _sources(selections, rows):
+            c = source.rows.c
+            keys: list[Any] = [c.account_id]
+            if rows == "late_task":
+                keys += [c.t_period, c.t_outcome, c.t_type, c.t_model]
+            else:
+                keys.append(c.kind)
+            keys.append(c.requested_model)
+            rows_from: FromClause = source.rows
+            where: list[ColumnElement[bool]] = []
+            if segments is not None:
+                seg = _segment_table(segments)
+                rows_from = rows_from.join(seg, _in_segment(c, seg))
+                where.append(c.cost_usd.is_(None))
+                keys.append(seg.c.segment)
+            else:
+                keys += [c.price_version_id, c.cost_usd.is_(None).label("unpriced")]
+            result = await self.session.execute(
+                select(*keys, *_measures(c)).select_from(rows_from).where(*where).group_by(*keys)
+            )
+            for r in result:
+                if source.accounts is not None and r.account_id not in source.accounts:
+                    continue
+                key = (period, *r[: len(keys)])
+                totals, cost = _totals(r), r.cost_usd
+                if key in sums:
+                    before, before_cost = sums[key]
+                    totals = before + totals
+                    cost = None if cost is None or before_cost is None else before_cost + cost
+                sums[key] = (totals, cost)
         return sums
 
     # -- the rollup ------------------------------------------------------------------------
@@ -549,109 +670,112 @@ class InvoiceRepository:
 
     # -- quoted tasks ----------------------------------------------------------------------
 
-    async def quoted_task_counts(
-        self, account_ids: Sequence[uuid.UUID], start: datetime, end: datetime
-    ) -> list[TaskCount]:
-        """Quoted tasks completed in [start, end), per outcome, type, model and fixed price."""
-        keys = (Task.account_id, Task.status, Task.task_type, Task.model, Task.fixed_price_usd)
+    async def billable_tasks(
+        self, account_ids: Sequence[uuid.UUID], before: datetime
+    ) -> list[BillableTask]:
+        """Completed quoted tasks no finalized invoice bills, completed before `before`
+        (the caller keeps those of its period and of the earlier finalized months)."""
+        period = completion_period(Task.completed_at)
         rows = await self.session.execute(
-            select(*keys, func.count().label("tasks"))
-            .where(
+            select(
+                Task.id,
+                Task.account_id,
+                period.label("period"),
+                Task.status,
+                Task.billed_as,
+                Task.task_type,
+                Task.model,
+                Task.fixed_price_usd,
+            ).where(
                 Task.account_id == any_(bindparam("accounts", list(account_ids), type_=UUIDS)),
                 Task.quote_id.is_not(None),
-                Task.status.in_(("succeeded", "failed")),
-                Task.completed_at >= start,
-                Task.completed_at < end,
+                Task.status != "open",
+                Task.billed_invoice_id.is_(None),
+                Task.completed_at < before,
             )
-            .group_by(*keys)
         )
         return [
-            TaskCount(r.account_id, r.status, r.task_type, r.model, r.fixed_price_usd, int(r.tasks))
-            for r in rows
-        ]
-
-    def _failed_task_rows(
-        self, account_ids: Sequence[uuid.UUID], start: datetime, end: datetime, cutoff: datetime
-    ) -> tuple[FromClause, list[ColumnElement[bool]]]:
-        joined = L.__table__.join(
-            Task.__table__,
-            and_(Task.account_id == L.account_id, Task.external_id == L.task_id),
-        )
-        where = [
-            Task.account_id == any_(bindparam("accounts", list(account_ids), type_=UUIDS)),
-            Task.quote_id.is_not(None),
-            Task.status == "failed",
-            Task.completed_at >= start,
-            Task.completed_at < end,
-            L.recorded_at <= cutoff,
-        ]
-        return joined, where
-
-    async def failed_task_usage(
-        self, account_ids: Sequence[uuid.UUID], start: datetime, end: datetime, cutoff: datetime
-    ) -> list[UsageSum]:
-        """The ledger usage of quoted tasks that failed in [start, end), per task type and model."""
-        if not account_ids:
-            return []
-        joined, where = self._failed_task_rows(account_ids, start, end, cutoff)
-        keys = (
-            L.account_id,
-            Task.task_type,
-            Task.model,
-            L.requested_model,
-            L.price_version_id,
-            L.cost_usd.is_(None).label("unpriced"),
-        )
-        rows = await self.session.execute(
-            select(*keys, *_measures(L)).select_from(joined).where(*where).group_by(*keys)
-        )
-        return [
-            UsageSum(
+            BillableTask(
+                r.id,
                 r.account_id,
-                (r.task_type, r.model),
-                "usage",
-                r.requested_model,
-                r.price_version_id,
-                r.unpriced,
-                _totals(r),
-                r.cost_usd,
+                r.period,
+                r.status,
+                r.billed_as,
+                r.task_type,
+                r.model,
+                r.fixed_price_usd,
             )
             for r in rows
         ]
 
-    async def unpriced_failed_task_usage(
+    async def task_cost_usage(
         self,
-        account_ids: Sequence[uuid.UUID],
-        start: datetime,
-        end: datetime,
+        task_ids: Sequence[uuid.UUID],
         cutoff: datetime,
-        segments: dict[str, list[PriceSegment]],
+        segments: dict[str, list[PriceSegment]] | None = None,
     ) -> list[UsageSum]:
-        if not account_ids or not segments:
+        """The rows tasks billed at cost cover, for their task lines: those recorded up to the
+        cutoff of the task's first finalized invoice (kept through voids), else up to
+        `cutoff`; per (completion period, outcome, task type, task model) and model and
+        version (or span of the model's price timeline, for rows stored without a price)."""
+        if not task_ids or (segments is not None and not segments):
             return []
-        joined, where = self._failed_task_rows(account_ids, start, end, cutoff)
-        seg = _segment_table(segments)
-        keys = (L.account_id, Task.task_type, Task.model, L.requested_model, seg.c.segment)
-        rows = await self.session.execute(
-            select(*keys, *_measures(L))
-            .select_from(joined.join(seg, _in_segment(L, seg)))
-            .where(*where, L.cost_usd.is_(None))
-            .group_by(*keys)
-        )
-        return [
-            UsageSum(
-                r.account_id,
-                (r.task_type, r.model),
-                "usage",
-                r.requested_model,
-                None,
-                True,
-                _totals(r),
-                None,
-                int(r.segment),
-            )
-            for r in rows
+        source = L.__table__.join(Task.__table__, _covers(L))
+        where = [
+            Task.id == any_(bindparam("tasks", list(task_ids), type_=UUIDS)),
+            L.recorded_at <= func.coalesce(Task.billed_rows_until, cutoff),
         ]
+        period = completion_period(Task.completed_at).label("period")
+        keys: list[Any] = [L.account_id, period, Task.status, Task.task_type, Task.model]
+        keys.append(L.requested_model)
+        if segments is not None:
+            seg = _segment_table(segments)
+            source = source.join(seg, _in_segment(L, seg))
+            where.append(L.cost_usd.is_(None))
+            keys.append(seg.c.segment)
+        else:
+            keys += [L.price_version_id, L.cost_usd.is_(None).label("unpriced")]
+        rows = await self.session.execute(
+            select(*keys, *_measures(L)).select_from(source).where(*where).group_by(*keys)
+        )
+        sums = []
+        for r in rows:
+            unpriced = segments is not None or bool(r.unpriced)
+            sums.append(
+                UsageSum(
+                    r.account_id,
+                    (r.period, r.status, r.task_type, r.model),
+                    "usage",
+                    r.requested_model,
+                    None if segments is not None else r.price_version_id,
+                    unpriced,
+                    _totals(r),
+                    None if unpriced else r.cost_usd,
+                    int(r.segment) if segments is not None else None,
+                )
+            )
+        return sums
+
+    async def mark_tasks_billed(
+        self, invoice_id: uuid.UUID, task_ids: Sequence[uuid.UUID], cutoff: datetime
+    ) -> None:
+        """The finalized invoice bills these tasks; the first billing's cutoff stays."""
+        if not task_ids:
+            return
+        await self.session.execute(
+            update(Task)
+            .where(Task.id == any_(bindparam("tasks", list(task_ids), type_=UUIDS)))
+            .values(
+                billed_invoice_id=invoice_id,
+                billed_rows_until=func.coalesce(Task.billed_rows_until, cutoff),
+            )
+        )
+
+    async def release_tasks(self, invoice_id: uuid.UUID) -> None:
+        """A voided invoice bills nothing: its tasks go on the next invoice of their month."""
+        await self.session.execute(
+            update(Task).where(Task.billed_invoice_id == invoice_id).values(billed_invoice_id=None)
+        )
 
     # -- the unpriced-usage report ---------------------------------------------------------
 

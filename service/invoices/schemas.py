@@ -11,7 +11,7 @@ from service.db.models import Invoice
 from service.schemas import DecimalString, Period, Text
 
 InvoiceStatus = Literal["draft", "finalized", "void"]
-LineKindName = Literal["tokens", "task", "late_usage", "adjustment"]
+LineKindName = Literal["tokens", "task", "late_usage", "late_task", "adjustment"]
 
 
 class InvoiceCreate(BaseModel):
@@ -34,7 +34,10 @@ class InvoiceLineOut(BaseModel):
     description: str
     model: str | None
     task_type: str | None
-    period: str | None = Field(description="Late usage: the month the usage belongs to.")
+    period: str | None = Field(
+        description="Late usage: the month the usage belongs to; late task: the month the"
+        " task completed in."
+    )
     price_version_id: int | None
     quantity: int = Field(description="Requests for token lines, tasks for task lines.")
     prompt_tokens: int | None

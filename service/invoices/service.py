@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -22,10 +23,10 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from pricing.invoice import (
     BilledWindow,
     BillingPeriod,
-    FailedTaskPolicy,
     InvoiceDraft,
     LineKind,
     QuotedTaskGroup,
+    TaskBilling,
     TaskOutcome,
     UnpricedUsage,
     UsageGroup,
@@ -38,13 +39,23 @@ from service.auth.principal import Principal
 from service.db.models import Invoice
 from service.errors import BadRequest, Conflict, NotFound
 from service.invoices.pdf import Issuer, pdf_filename, render_invoice_pdf
-from service.invoices.repository import InvoiceRepository, Selection, TaskCount, UsageSum
+from service.invoices.repository import (
+    BillableTask,
+    InvoiceRepository,
+    LedgerWriter,
+    Selection,
+    UsageSum,
+)
 from service.invoices.schemas import InvoiceOut, UnpricedReportRow, invoice_out
 from service.prices.repository import PriceRepository
 from service.review.finalization import refuse_unreviewed_flagged_usage
 from service.schemas import Page, decode_cursor, encode_cursor
+from service.tasks.expiry import expire_tasks
 
 log = logging.getLogger("meterline.invoices")
+
+# How long finalize waits for open ledger writes of the month before refusing.
+FINALIZE_WAIT_S = 5.0
 
 
 @dataclass
@@ -52,6 +63,8 @@ class ComputedInvoice:
     draft: InvoiceDraft
     cutoff: datetime
     windows: list[Selection]
+    # The quoted tasks it bills (marked billed when it is finalized).
+    tasks: list[uuid.UUID] = field(default_factory=list)
 
 
 @dataclass
@@ -132,80 +145,115 @@ def _segments(book: PriceBook, sums: Sequence[UsageSum]) -> dict[str, list[Price
     return {model: book.segments(model) for model in sorted({s.model for s in sums if s.unpriced})}
 
 
-def _price_of(
-    s: UsageSum, by_id: dict[int, Price], segments: dict[str, list[PriceSegment]]
-) -> Price | None:
-    if s.segment is not None:
-        return segments[s.model][s.segment].price
-    return by_id.get(s.price_version_id) if s.price_version_id is not None else None
+@dataclass(frozen=True)
+class _Pricing:
+    """Prices of summed rows: stored versions by id, and the spans of unpriced models."""
+
+    by_id: dict[int, Price]
+    segments: dict[str, list[PriceSegment]]
+
+    def price_of(self, s: UsageSum) -> Price | None:
+        if s.segment is not None:
+            return self.segments[s.model][s.segment].price
+        return self.by_id.get(s.price_version_id) if s.price_version_id is not None else None
+
+    def group(self, s: UsageSum, kind: LineKind, period: str | None = None) -> UsageGroup:
+        return UsageGroup(
+            kind=kind,
+            model=s.model,
+            price=self.price_of(s),
+            totals=s.totals,
+            stored_cost_usd=None if s.unpriced else s.stored_cost_usd,
+            period=period,
+        )
 
 
-def _usage_group(
-    s: UsageSum,
-    period: BillingPeriod,
-    by_id: dict[int, Price],
-    segments: dict[str, list[PriceSegment]],
-) -> UsageGroup:
+def _usage_group(s: UsageSum, period: BillingPeriod, pricing: _Pricing) -> UsageGroup:
     usage_period = s.bucket[0]
     if usage_period is not None and usage_period != str(period):
-        kind, late_period = LineKind.LATE_USAGE, usage_period
-    else:
-        kind = LineKind.ADJUSTMENT if s.ledger_kind == "adjustment" else LineKind.TOKENS
-        late_period = None
-    return UsageGroup(
-        kind=kind,
-        model=s.model,
-        price=_price_of(s, by_id, segments),
-        totals=s.totals,
-        stored_cost_usd=None if s.unpriced else s.stored_cost_usd,
-        period=late_period,
-    )
+        return pricing.group(s, LineKind.LATE_USAGE, usage_period)
+    kind = LineKind.ADJUSTMENT if s.ledger_kind == "adjustment" else LineKind.TOKENS
+    return pricing.group(s, kind)
 
 
 def _task_groups(
-    counts: Sequence[TaskCount],
-    failed_usage: Sequence[UsageSum],
-    by_id: dict[int, Price],
-    segments: dict[str, list[PriceSegment]],
+    tasks: Sequence[BillableTask],
+    task_usage: Sequence[UsageSum],
+    late_rows: Sequence[UsageSum],
     period: BillingPeriod,
+    pricing: _Pricing,
 ) -> dict[uuid.UUID, list[QuotedTaskGroup]]:
-    usage: dict[tuple[uuid.UUID, str | None, str | None], list[UsageGroup]] = {}
-    for s in failed_usage:
-        group = _usage_group(s, period, by_id, segments)
-        usage.setdefault((s.account_id, s.bucket[0], s.bucket[1]), []).append(group)
+    """Per account: the tasks it bills, grouped into lines, and the late rows of tasks
+    billed at cost before. A task of an earlier month is labelled with its month."""
+
+    def label(task_period: str | None) -> str | None:
+        return None if task_period == str(period) else task_period
+
+    usage: dict[tuple[Any, ...], list[UsageGroup]] = {}
+    for s in task_usage:
+        usage.setdefault((s.account_id, *s.bucket), []).append(pricing.group(s, LineKind.TASK))
+    counts: dict[tuple[Any, ...], int] = {}
+    for t in tasks:
+        billing = TaskBilling(t.billed_as)
+        price = t.fixed_price_usd if billing is TaskBilling.FIXED_PRICE else None
+        key = (t.account_id, t.period, t.outcome, t.task_type, t.model, billing, price)
+        counts[key] = counts.get(key, 0) + 1
     groups: dict[uuid.UUID, list[QuotedTaskGroup]] = {}
-    failed: dict[tuple[uuid.UUID, str | None, str | None], int] = {}
-    for c in counts:
-        if c.status == TaskOutcome.SUCCEEDED:
-            groups.setdefault(c.account_id, []).append(
-                QuotedTaskGroup(
-                    c.task_type, c.model, TaskOutcome.SUCCEEDED, c.count, c.fixed_price_usd
-                )
-            )
-        else:
-            key = (c.account_id, c.task_type, c.model)
-            failed[key] = failed.get(key, 0) + c.count
-    for (account, task_type, model), count in failed.items():
+    for (account, task_period, outcome, task_type, model, billing, price), count in counts.items():
+        rows = usage.get((account, task_period, outcome, task_type, model), [])
         groups.setdefault(account, []).append(
             QuotedTaskGroup(
                 task_type,
                 model,
-                TaskOutcome.FAILED,
+                TaskOutcome(outcome),
+                billing,
                 count,
-                usage=tuple(usage.get((account, task_type, model), ())),
+                price,
+                usage=tuple(rows) if billing is TaskBilling.COST else (),
+                period=label(task_period),
+            )
+        )
+    for s in late_rows:
+        _, task_period, outcome, task_type, model = s.bucket
+        assert outcome is not None
+        groups.setdefault(s.account_id, []).append(
+            QuotedTaskGroup(
+                task_type,
+                model,
+                TaskOutcome(outcome),
+                TaskBilling.COST,
+                0,
+                usage=(pricing.group(s, LineKind.LATE_TASK),),
+                period=label(task_period),
+                late_rows=True,
             )
         )
     return groups
 
 
+def _billable(
+    tasks: Sequence[BillableTask], period: BillingPeriod, closed: dict[uuid.UUID, set[str]]
+) -> list[BillableTask]:
+    """The tasks this period's invoice bills: completed in it, or in an earlier month whose
+    invoice was finalized without them. Tasks of an earlier month still open for invoicing
+    wait for that month's invoice, as its late rows do."""
+    label = str(period)
+    return [
+        t
+        for t in tasks
+        if t.period == label or (t.period < label and t.period in closed.get(t.account_id, ()))
+    ]
+
+
 async def compute_invoices(
-    session: AsyncSession,
-    period: BillingPeriod,
-    policies: dict[uuid.UUID, str],
+    session: AsyncSession, period: BillingPeriod, accounts: Sequence[uuid.UUID]
 ) -> dict[uuid.UUID, ComputedInvoice]:
-    """Each account's invoice for `period` as the ledger stands now (accounts locked)."""
+    """Each account's invoice for `period` as the ledger stands now (accounts locked).
+
+    The ledger is read up to the cutoff, whatever `now` a caller works with: a row belongs
+    to an invoice by when it was recorded, and only committed rows may be billed."""
     repository = InvoiceRepository(session)
-    accounts = sorted(policies)
+    accounts = sorted(accounts)
     await repository.tune_for_aggregation()
     cutoff = await repository.usage_cutoff()
     rolled_up_to = await repository.rolled_up_to()
@@ -218,63 +266,56 @@ async def compute_invoices(
         + await repository.usage_sums(late)
         + await repository.rollup_sums(reads.from_rollup, str(period))
     )
-
-    counts = await repository.quoted_task_counts(accounts, period.start, period.end)
-    at_cost = sorted(
-        {
-            c.account_id
-            for c in counts
-            if c.status == TaskOutcome.FAILED and policies[c.account_id] == FailedTaskPolicy.COST
-        }
-    )
-    failed = await repository.failed_task_usage(at_cost, period.start, period.end, cutoff)
+    late_rows = await repository.late_task_sums(own + late)
+    tasks = _billable(await repository.billable_tasks(accounts, period.end), period, closed)
+    at_cost = [t.id for t in tasks if t.billed_as == TaskBilling.COST]
+    task_usage = await repository.task_cost_usage(at_cost, cutoff)
 
     book = await _price_book(session)
     by_id = {p.version_id: p for p in book.versions() if p.version_id is not None}
-    segments = _segments(book, [*sums, *failed])
+    segments = _segments(book, [*sums, *late_rows, *task_usage])
     if segments:
         # Rows stored without a price: summed again per span of their model's timeline, so
         # each span is priced by the version in force then (if any exists now).
         with_unpriced = {s.account_id for s in sums if s.unpriced}
+        again = [s for s in own + late if s.account_id in with_unpriced]
         sums = [s for s in sums if not s.unpriced] + (
-            await repository.unpriced_usage_sums(
-                [s for s in own if s.account_id in with_unpriced], segments
-            )
-            + await repository.unpriced_usage_sums(
-                [s for s in late if s.account_id in with_unpriced], segments
-            )
+            await repository.unpriced_usage_sums(again, segments)
         )
-        failed_unpriced = sorted({s.account_id for s in failed if s.unpriced})
-        failed = [s for s in failed if not s.unpriced] + (
-            await repository.unpriced_failed_task_usage(
-                failed_unpriced, period.start, period.end, cutoff, segments
+        if any(s.unpriced for s in late_rows):
+            late_rows = [s for s in late_rows if not s.unpriced] + (
+                await repository.late_task_sums(own + late, segments)
             )
-        )
+        if any(s.unpriced for s in task_usage):
+            task_usage = [s for s in task_usage if not s.unpriced] + (
+                await repository.task_cost_usage(at_cost, cutoff, segments)
+            )
+    pricing = _Pricing(by_id, segments)
 
     usage: dict[uuid.UUID, list[UsageGroup]] = {}
     late_with_rows: set[tuple[uuid.UUID, str | None]] = set()
     for s in sums:
-        usage.setdefault(s.account_id, []).append(_usage_group(s, period, by_id, segments))
+        usage.setdefault(s.account_id, []).append(_usage_group(s, period, pricing))
         late_with_rows.add((s.account_id, s.bucket[0]))
-    tasks = _task_groups(counts, failed, by_id, segments, period)
+    late_with_rows |= {(s.account_id, s.bucket[0]) for s in late_rows}
+    task_groups = _task_groups(tasks, task_usage, late_rows, period, pricing)
+    tasks_of: dict[uuid.UUID, list[uuid.UUID]] = {}
+    for t in tasks:
+        tasks_of.setdefault(t.account_id, []).append(t.id)
 
     late_by_account: dict[uuid.UUID, list[Selection]] = {}
     for selection in late:
         late_by_account.setdefault(selection.account_id, []).append(selection)
     computed = {}
     for account in accounts:
-        draft = build_invoice(
-            usage.get(account, []),
-            tasks.get(account, []),
-            FailedTaskPolicy(policies[account]),
-        )
+        draft = build_invoice(usage.get(account, []), task_groups.get(account, []))
         # A late window that held no row need not be kept: rows recorded up to the cutoff
         # are all visible now, so it can never hold one later.
         windows = reads.windows[account]
         windows += [
             s for s in late_by_account.get(account, []) if (account, s.period) in late_with_rows
         ]
-        computed[account] = ComputedInvoice(draft, cutoff, windows)
+        computed[account] = ComputedInvoice(draft, cutoff, windows, tasks_of.get(account, []))
     return computed
 
 
@@ -373,12 +414,14 @@ async def generate(
     session: AsyncSession,
     period: BillingPeriod,
     account_ids: Sequence[uuid.UUID] | None = None,
+    now: datetime | None = None,
 ) -> GenerateResult:
     """Create or refresh the drafts of `period` for these accounts (default: every account
-    that existed before the period ended). Finalized invoices are left as they are and
-    reported in `finalized`."""
+    that existed before the period ended), as of `now` (default: the database's). Open
+    quoted tasks past their deadline expire first. Finalized invoices are left as they are
+    and reported in `finalized`."""
     repository = InvoiceRepository(session)
-    now = await repository.now()
+    now = now or await repository.now()
     if period > BillingPeriod.of(now):
         raise BadRequest(
             f"period {period} has not begun; invoices are for past or current months",
@@ -387,14 +430,15 @@ async def generate(
         )
     if account_ids is None:
         account_ids = await repository.account_ids(created_before=period.end)
-    policies = await repository.lock_accounts(account_ids)
-    missing = set(account_ids) - policies.keys()
+    accounts = await repository.lock_accounts(account_ids)
+    missing = set(account_ids) - set(accounts)
     if missing:
         raise NotFound(f"account {sorted(missing)[0]} not found", param="account_id")
-    live = await repository.live_invoices(list(policies), str(period))
+    await expire_tasks(session, now, accounts)
+    live = await repository.live_invoices(accounts, str(period))
     finalized = {a: i for a, i in live.items() if i.status == "finalized"}
     drafts = {a: i for a, i in live.items() if i.status == "draft"}
-    targets = {a: p for a, p in policies.items() if a not in finalized}
+    targets = [a for a in accounts if a not in finalized]
     computed = await compute_invoices(session, period, targets)
     result = await _store(repository, period, computed, drafts)
     result.finalized = finalized
@@ -409,10 +453,10 @@ async def generate(
 
 
 async def generate_one(
-    session: AsyncSession, account_id: uuid.UUID, period: BillingPeriod
+    session: AsyncSession, account_id: uuid.UUID, period: BillingPeriod, now: datetime | None = None
 ) -> tuple[Invoice, bool]:
     """The account's draft for `period`, made or refreshed; True when it is new."""
-    result = await generate(session, period, [account_id])
+    result = await generate(session, period, [account_id], now)
     if account_id in result.finalized:
         invoice = result.finalized[account_id]
         raise Conflict(
@@ -478,28 +522,72 @@ async def invoice_document(
     return document, pdf_filename(invoice)
 
 
-async def _locked(
-    repository: InvoiceRepository, invoice_id: uuid.UUID
-) -> tuple[Invoice, dict[uuid.UUID, str]]:
-    """The invoice, read after its account is locked; and the account's task policy."""
+async def _locked(repository: InvoiceRepository, invoice_id: uuid.UUID) -> Invoice:
+    """The invoice, read after its account is locked."""
     account = await repository.account_of(invoice_id)
     if account is None:
         raise invoice_not_found(invoice_id)
-    policies = await repository.lock_accounts([account])
+    locked = await repository.lock_accounts([account])
     invoice = await repository.get(invoice_id)
-    if invoice is None or account not in policies:
+    if invoice is None or account not in locked:
         raise invoice_not_found(invoice_id)
-    return invoice, policies
+    return invoice
 
 
-async def finalize(session: AsyncSession, invoice_id: uuid.UUID) -> Invoice:
-    """Regenerate the draft from the ledger as it stands, freeze it, and number it.
+def _writer_text(writer: LedgerWriter | None, period: BillingPeriod) -> str:
+    if writer is None:
+        return f"the database's clock has not reached the end of {period}"
+    if writer.xact_start is None:
+        return (
+            f"a ledger write of another database role (pid {writer.pid}) whose start this"
+            " role cannot see (grant it pg_read_all_stats)"
+        )
+    name = f", {writer.application_name!r}" if writer.application_name else ""
+    return (
+        f"a transaction writing the ledger (pid {writer.pid}{name}) has been open since"
+        f" {writer.xact_start.isoformat()}, before the month ended"
+    )
 
-    Refused (409) when the invoice is not a draft, when its month is not over, and when
-    usage without any price remains (the message names the models).
+
+async def _wait_for_month_written(
+    repository: InvoiceRepository, period: BillingPeriod, now: datetime, wait_s: float
+) -> None:
+    """Return once every ledger write that began before the month ended has committed (the
+    cutoff has reached the month's end); refuse (409) if one is still open after `wait_s`:
+    freezing now would leave its rows of the month to a later invoice, as late usage."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        cutoff = await repository.usage_cutoff()
+        if cutoff >= period.end:
+            return
+        if time.monotonic() >= deadline:
+            writer = await repository.oldest_ledger_writer()
+            if writer is not None and writer.xact_start is not None:
+                writer = writer if writer.xact_start < period.end else None
+            raise Conflict(
+                f"usage of {period} may still be arriving: {_writer_text(writer, period)},"
+                f" so the ledger is complete only up to {cutoff.isoformat()}."
+                " Finalize again once it has committed",
+                code="ledger_write_in_progress",
+            )
+        await asyncio.sleep(0.1)
+
+
+async def finalize(
+    session: AsyncSession,
+    invoice_id: uuid.UUID,
+    now: datetime | None = None,
+    wait_s: float = FINALIZE_WAIT_S,
+) -> Invoice:
+    """Regenerate the draft from the ledger as it stands at `now`, freeze it, and number it;
+    the quoted tasks it bills are marked billed by it.
+
+    Refused (409) when the invoice is not a draft, when its month is not over, when a write
+    to the ledger that began before the month ended is still open after `wait_s` seconds,
+    and when usage without any price remains (the message names the models).
     """
     repository = InvoiceRepository(session)
-    invoice, policies = await _locked(repository, invoice_id)
+    invoice = await _locked(repository, invoice_id)
     if invoice.status != "draft":
         raise Conflict(
             f"invoice {invoice.number or invoice.id} is {invoice.status};"
@@ -507,14 +595,16 @@ async def finalize(session: AsyncSession, invoice_id: uuid.UUID) -> Invoice:
             code="invoice_not_draft",
         )
     period = BillingPeriod.parse(invoice.period)
-    now = await repository.now()
+    now = now or await repository.now()
     if now < period.end:
         raise Conflict(
             f"{period} is not over until {period.end.isoformat()}; its usage is still arriving",
             code="period_not_over",
         )
+    await _wait_for_month_written(repository, period, now, wait_s)
+    await expire_tasks(session, now, [invoice.account_id])
     await refuse_unreviewed_flagged_usage(session, invoice.account_id, period)
-    computed = (await compute_invoices(session, period, policies))[invoice.account_id]
+    computed = (await compute_invoices(session, period, [invoice.account_id]))[invoice.account_id]
     if not computed.draft.finalizable:
         models = ", ".join(computed.draft.unpriced_models())
         raise Conflict(
@@ -526,6 +616,7 @@ async def finalize(session: AsyncSession, invoice_id: uuid.UUID) -> Invoice:
     number = await repository.next_number(now.year)
     label = f"INV-{now.year}-{number:06d}"
     await repository.mark_finalized(invoice.id, label, now)
+    await repository.mark_tasks_billed(invoice.id, computed.tasks, computed.cutoff)
     log.info(
         "event=invoice_finalized invoice_id=%s number=%s account_id=%s period=%s total_usd=%s",
         invoice.id,
@@ -537,11 +628,13 @@ async def finalize(session: AsyncSession, invoice_id: uuid.UUID) -> Invoice:
     return await get(session, invoice.id)
 
 
-async def void(session: AsyncSession, invoice_id: uuid.UUID, reason: str) -> Invoice:
-    """Void a finalized invoice: it keeps its number and lines, bills nothing any more, and
-    a new draft may be generated for its month."""
+async def void(
+    session: AsyncSession, invoice_id: uuid.UUID, reason: str, now: datetime | None = None
+) -> Invoice:
+    """Void a finalized invoice: it keeps its number and lines, bills nothing any more (its
+    usage windows and tasks are free again), and a new draft may be generated for its month."""
     repository = InvoiceRepository(session)
-    invoice, _ = await _locked(repository, invoice_id)
+    invoice = await _locked(repository, invoice_id)
     if invoice.status != "finalized":
         message = (
             "a draft is not voided: generate it again, or leave it"
@@ -549,7 +642,8 @@ async def void(session: AsyncSession, invoice_id: uuid.UUID, reason: str) -> Inv
             else f"invoice {invoice.number} is already void"
         )
         raise Conflict(message, code="invoice_not_finalized")
-    await repository.mark_void(invoice.id, reason, await repository.now())
+    await repository.mark_void(invoice.id, reason, now or await repository.now())
+    await repository.release_tasks(invoice.id)
     log.info("event=invoice_voided invoice_id=%s number=%s", invoice.id, invoice.number)
     return await get(session, invoice.id)
 

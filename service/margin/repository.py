@@ -10,16 +10,19 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
-# Cost is the task's whole ledger cost (rows of any month), as billed tokens would have been.
+# Cost is the exact ledger cost of the rows the task covers (those from its acceptance on,
+# of any month); revenue is what the task is billed, as fixed at its completion
+# (`tasks.billed_as`, see `pricing.invoice.task_billing`): its fixed price, that cost, or
+# nothing. A later change of the account's policy changes neither its bill nor this report.
 MARGIN_BY_TYPE_AND_MODEL = """
 WITH done AS (
-    SELECT t.task_type, t.model, t.status, t.fixed_price_usd,
-           q.quantile_cost_usd, q.confidence, a.failed_task_policy,
+    SELECT t.task_type, t.model, t.status, t.billed_as, t.fixed_price_usd,
+           q.quantile_cost_usd, q.confidence,
            (SELECT coalesce(sum(l.cost_usd), 0) FROM usage_ledger l
-            WHERE l.account_id = t.account_id AND l.task_id = t.external_id) AS cost
+            WHERE l.account_id = t.account_id AND l.task_id = t.external_id
+              AND l.occurred_at >= t.created_at) AS cost
     FROM tasks t
     JOIN quotes q ON q.id = t.quote_id
-    JOIN accounts a ON a.id = t.account_id
     WHERE t.status <> 'open' AND t.completed_at >= :start AND t.completed_at < :end
       AND (CAST(:account_id AS uuid) IS NULL OR t.account_id = :account_id)
 )
@@ -27,9 +30,10 @@ SELECT task_type, model,
        count(*) AS tasks,
        count(*) FILTER (WHERE status = 'succeeded') AS succeeded,
        count(*) FILTER (WHERE status = 'failed') AS failed,
-       coalesce(sum(fixed_price_usd) FILTER (WHERE status = 'succeeded'), 0) AS fixed_revenue,
-       coalesce(sum(cost) FILTER (WHERE status = 'failed' AND failed_task_policy = 'cost'), 0)
-           AS failed_revenue,
+       count(*) FILTER (WHERE status = 'expired') AS expired,
+       coalesce(sum(fixed_price_usd) FILTER (WHERE billed_as = 'fixed_price'), 0)
+           AS fixed_revenue,
+       coalesce(sum(cost) FILTER (WHERE billed_as = 'cost'), 0) AS cost_revenue,
        coalesce(sum(cost), 0) AS cost,
        count(*) FILTER (WHERE cost <= fixed_price_usd) AS within_price,
        count(*) FILTER (WHERE cost <= quantile_cost_usd) AS within_quantile,

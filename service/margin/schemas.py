@@ -12,15 +12,22 @@ class MarginRow(BaseModel):
 
     task_type: str | None
     model: str | None
-    tasks: int = Field(description="Quoted tasks completed in the period.")
+    tasks: int = Field(description="Quoted tasks completed (or expired) in the period.")
     succeeded: int
     failed: int
-    fixed_price_revenue_usd: DecimalString = Field(description="Fixed prices of succeeded tasks.")
-    failed_at_cost_revenue_usd: DecimalString = Field(
-        description="Cost of failed tasks of accounts whose failed-task policy is `cost`."
+    expired: int = Field(description="Tasks still open at their deadline.")
+    fixed_price_revenue_usd: DecimalString = Field(
+        description="Fixed prices of the tasks billed them (succeeded, or expired under the"
+        " `fixed_price` policy)."
+    )
+    at_cost_revenue_usd: DecimalString = Field(
+        description="Token cost of the tasks billed it (failed or expired under a `cost`"
+        " policy in force at their completion)."
     )
     revenue_usd: DecimalString
-    cost_usd: DecimalString = Field(description="Exact actual token cost of these tasks.")
+    cost_usd: DecimalString = Field(
+        description="Exact token cost of the requests these tasks cover (from acceptance on)."
+    )
     margin_usd: DecimalString = Field(description="Revenue minus cost.")
     margin_pct: DecimalString | None = Field(description="Margin as % of revenue.")
     confidence: DecimalString | None = Field(

@@ -1,9 +1,9 @@
 """The margin report: per task type and model, what fixed prices earned against token cost.
 
-Covers the quoted tasks completed in the period (the month their fixed price is
-invoiced), whatever month their requests ran in. Revenue is the fixed price of each
-succeeded task plus, for accounts whose failed-task policy is `cost`, the cost of failed
-ones; a failed task under the `free` policy earns nothing. Calibration is reported twice:
+Covers the quoted tasks completed (or expired) in the period, the month each is billed in,
+whatever month their requests ran in. Revenue is what each was billed, as fixed at its
+completion: its fixed price (succeeded, or expired under the `fixed_price` policy), its
+token cost (failed or expired under a `cost` policy), or nothing. Calibration is reported twice:
 against the price (margin included) and against the quote's cost basis, the quantile that
 `confidence` asked for — the one a well-calibrated quote keeps at about `confidence`.
 """
@@ -29,7 +29,7 @@ def period_bounds(period: str) -> tuple[datetime, datetime]:
 
 
 def _row(row: Any) -> MarginRow:
-    revenue = row.fixed_revenue + row.failed_revenue
+    revenue = row.fixed_revenue + row.cost_revenue
     kept = margin(revenue, row.cost)
     confidence = None
     if row.tasks:
@@ -40,8 +40,9 @@ def _row(row: Any) -> MarginRow:
         tasks=row.tasks,
         succeeded=row.succeeded,
         failed=row.failed,
+        expired=row.expired,
         fixed_price_revenue_usd=row.fixed_revenue,
-        failed_at_cost_revenue_usd=row.failed_revenue,
+        at_cost_revenue_usd=row.cost_revenue,
         revenue_usd=revenue,
         cost_usd=row.cost,
         margin_usd=kept.amount,

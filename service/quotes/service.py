@@ -15,6 +15,7 @@ import secrets
 import uuid
 from datetime import UTC, datetime, timedelta
 
+from sqlalchemy import func
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from pricing.prices import PriceBook
@@ -204,6 +205,8 @@ async def accept_quote(
             "quote_id": quote.id,
             "fixed_price_usd": quote.price_usd,
             "cost_cap_usd": cap,
+            # Its deadline counts from acceptance: this transaction's time, as `created_at`.
+            "expires_at": func.now() + timedelta(seconds=settings.task_expiry_s),
         },
         cap,
     )

@@ -16,8 +16,10 @@ COLUMNS = (
     "period",
     "account_id",
     "account_name",
+    "kind",
     "model",
     "task_type",
+    "tasks",
     "requests",
     "prompt_tokens",
     "completion_tokens",
@@ -26,33 +28,48 @@ COLUMNS = (
     "reasoning_tokens",
     "cost_usd",
     "unpriced_requests",
+    "billed_usd",
     "invoice_number",
     "invoice_status",
     "invoice_total_usd",
 )
 
 
+LineKind = Literal["tokens", "adjustment", "task_usage", "task"]
+
+
 class ReportTotals(BaseModel):
+    tasks: int = Field(description="Quoted tasks completed in the month (task lines).")
     requests: int
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
     cached_tokens: int
     reasoning_tokens: int
-    cost_usd: DecimalString = Field(description="Exact, unrounded token cost.")
-    unpriced_requests: int
+    cost_usd: DecimalString = Field(
+        description="Exact, unrounded token cost; rows stored without a price are priced by"
+        " the version in force at their time, if one exists now."
+    )
+    unpriced_requests: int = Field(description="Rows no price covers, even now.")
+    billed_usd: DecimalString = Field(
+        description="What the month's invoice bills for this line, exact and unrounded."
+    )
     invoice_total_usd: DecimalString | None = Field(
         description="Sum of the invoices' totals, each account counted once."
     )
 
 
 class ReportLine(ReportTotals):
-    """One account and model (and task type, for the usage of quoted tasks)."""
+    """One account, kind and model (and task type, for quoted tasks and their usage)."""
 
     account_id: uuid.UUID
     account_name: str | None
-    model: str
-    task_type: str | None = Field(description="Set on the usage of quoted tasks only.")
+    kind: LineKind = Field(
+        description="`tokens` and `adjustment`: usage billed per token; `task_usage`: usage"
+        " quoted tasks cover (billed through them); `task`: quoted tasks completed in the month."
+    )
+    model: str = Field(description="The model asked for; a task line's quoted model.")
+    task_type: str | None = Field(description="Set on quoted tasks and their usage only.")
     invoice_number: str | None = Field(description="Given when the invoice is finalized.")
     invoice_status: InvoiceStatus | None
     invoice_total_usd: DecimalString | None

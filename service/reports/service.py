@@ -1,4 +1,12 @@
-"""The monthly report: a row per account and model (and quoted task type), and totals.
+"""The monthly report: a line per account, kind, model (and quoted task type), and totals.
+
+Its billed amounts follow the invoices' rules: usage no quoted task covers is billed its
+exact cost (rows stored without a price priced by the version in force at their time, as
+a draft prices them), usage a quoted task covers is billed through the task, and a quoted
+task completed in the month is billed as fixed at its completion. So each account's
+`billed_usd` adds up to its invoice's exact total, but for the month's rows recorded after
+that invoice was finalized (billed as late usage on a later invoice) and the late lines
+that invoice carries for earlier months.
 
 Rendered as CSV or JSON while the rows arrive from a server-side cursor, so a month of any
 size is exported in constant memory.
@@ -16,10 +24,15 @@ from decimal import Decimal
 from typing import Any
 
 import orjson
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
+from pricing.cost import totals_cost
+from pricing.invoice import TaskBilling, UsageTotals, task_charge
+from pricing.prices import PriceBook
 from service import schemas
-from service.reports.repository import monthly_rows
+from service.db.engine import tune_for_aggregation
+from service.prices.repository import PriceRepository
+from service.reports.repository import monthly_rows, unpriced_models, unpriced_sums
 from service.reports.schemas import COLUMNS, ReportFormat
 
 # A row of the report query, by column name.
@@ -27,6 +40,7 @@ ReportRow = Mapping[Any, Any]
 # Rows per chunk written to the client: big enough to keep the per-chunk overhead small.
 CHUNK_ROWS = 500
 TOKEN_COLUMNS = (
+    "tasks",
     "requests",
     "prompt_tokens",
     "completion_tokens",
@@ -55,6 +69,7 @@ def _money(value: Decimal | None) -> str | None:
 class Totals:
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(TOKEN_COLUMNS, 0))
     cost_usd: Decimal = Decimal(0)
+    billed_usd: Decimal = Decimal(0)
     invoice_total_usd: Decimal | None = None
     _last_account: uuid.UUID | None = None
 
@@ -62,6 +77,7 @@ class Totals:
         for name in TOKEN_COLUMNS:
             self.counts[name] += row[name]
         self.cost_usd += row["cost_usd"]
+        self.billed_usd += row["billed_usd"]
         # Rows of one account are adjacent; its invoice counts once.
         if row["account_id"] != self._last_account:
             self._last_account = row["account_id"]
@@ -74,6 +90,7 @@ class Totals:
         return {
             **self.counts,
             "cost_usd": _money(self.cost_usd),
+            "billed_usd": _money(self.billed_usd),
             "invoice_total_usd": _money(self.invoice_total_usd),
         }
 
@@ -82,10 +99,12 @@ def _line(row: ReportRow) -> dict[str, Any]:
     return {
         "account_id": str(row["account_id"]),
         "account_name": row["account_name"],
+        "kind": row["kind"],
         "model": row["model"],
         "task_type": row["task_type"],
         **{name: row[name] for name in TOKEN_COLUMNS},
         "cost_usd": _money(row["cost_usd"]),
+        "billed_usd": _money(row["billed_usd"]),
         "invoice_number": row["invoice_number"],
         "invoice_status": row["invoice_status"],
         "invoice_total_usd": _money(row["invoice_total_usd"]),
@@ -132,8 +151,10 @@ class CsvRenderer:
                 period,
                 str(r["account_id"]),
                 text_cell(r["account_name"]),
+                r["kind"],
                 text_cell(r["model"]),
                 text_cell(r["task_type"]),
+                r["tasks"],
                 r["requests"],
                 r["prompt_tokens"],
                 r["completion_tokens"],
@@ -142,6 +163,7 @@ class CsvRenderer:
                 r["reasoning_tokens"],
                 format(r["cost_usd"], "f"),
                 r["unpriced_requests"],
+                format(r["billed_usd"], "f"),
                 r["invoice_number"] or "",
                 r["invoice_status"] or "",
                 _money_cell(r["invoice_total_usd"]),
@@ -178,6 +200,80 @@ class JsonRenderer:
         return b'\n],"totals":' + orjson.dumps(totals) + b"}\n"
 
 
+# A line's identity in the stream: task lines of one key arrive as one row per billing.
+LineKey = tuple[uuid.UUID, str, str, str | None]
+
+
+@dataclass
+class _Repricing:
+    """What rows stored without a price add now, priced as a draft prices them."""
+
+    # (account, kind, model, task type) → (exact cost added, requests priced).
+    usage: dict[LineKey, tuple[Decimal, int]] = field(default_factory=dict)
+    # (account, 'task', task model, task type) → cost added to tasks billed at cost.
+    tasks: dict[LineKey, Decimal] = field(default_factory=dict)
+
+
+async def _repricing(
+    connection: AsyncConnection, start: datetime, end: datetime, account_id: uuid.UUID | None
+) -> _Repricing:
+    found = _Repricing()
+    models = await unpriced_models(connection, start, end, account_id)
+    if not models:
+        return found
+    async with AsyncSession(bind=connection) as session:
+        book = PriceBook(await PriceRepository(session).all_prices())
+    segments = {model: book.segments(model) for model in models}
+    usage, tasks = await unpriced_sums(connection, start, end, account_id, segments)
+    for r in usage:
+        price = segments[r["model"]][r["segment"]].price
+        if price is not None:
+            key = (r["account_id"], r["kind"], r["model"], r["task_type"])
+            cost, requests = found.usage.get(key, (Decimal(0), 0))
+            added = totals_cost(_totals(r).as_usage(), price)
+            found.usage[key] = (cost + added, requests + r["requests"])
+    for r in tasks:
+        price = segments[r["model"]][r["segment"]].price
+        if price is not None:
+            key = (r["account_id"], "task", r["task_model"], r["task_type"])
+            added = totals_cost(_totals(r).as_usage(), price)
+            found.tasks[key] = found.tasks.get(key, Decimal(0)) + added
+    return found
+
+
+def _totals(row: ReportRow) -> UsageTotals:
+    return UsageTotals(
+        row["requests"], row["prompt_tokens"], row["completion_tokens"], row["cached_tokens"]
+    )
+
+
+def _line_of(row: ReportRow, repricing: _Repricing) -> dict[str, Any]:
+    """A report line from a query row: rows without a price priced now, and billed."""
+    line = dict(row)
+    key: LineKey = (row["account_id"], row["kind"], row["model"], row["task_type"])
+    if row["kind"] == "task":
+        billing = TaskBilling(row["charge_billed_as"])
+        cost = row["charge_cost_usd"]
+        if billing is TaskBilling.COST:
+            cost += repricing.tasks.get(key, Decimal(0))
+        line["billed_usd"] = task_charge(billing, row["tasks"], row["charge_fixed_price_usd"], cost)
+        return line
+    added, priced = repricing.usage.get(key, (Decimal(0), 0))
+    line["cost_usd"] = row["cost_usd"] + added
+    line["unpriced_requests"] = row["unpriced_requests"] - priced
+    line["billed_usd"] = Decimal(0) if row["kind"] == "task_usage" else line["cost_usd"]
+    return line
+
+
+def _merged(previous: dict[str, Any], line: dict[str, Any]) -> bool:
+    """Add `line` to `previous` if it is the same line (tasks of another billing)."""
+    same = all(previous[k] == line[k] for k in ("account_id", "kind", "model", "task_type"))
+    if same:
+        previous["tasks"] += line["tasks"]
+        previous["billed_usd"] += line["billed_usd"]
+    return same
+
+
 async def export_monthly(
     engine: AsyncEngine, period: str, fmt: ReportFormat, account_id: uuid.UUID | None
 ) -> AsyncIterator[bytes]:
@@ -187,8 +283,22 @@ async def export_monthly(
     totals = Totals()
     yield renderer.header()
     async with engine.connect() as connection:
+        await tune_for_aggregation(connection)
+        repricing = await _repricing(connection, start, end, account_id)
+        pending: dict[str, Any] | None = None
         async for rows in monthly_rows(connection, period, start, end, account_id, CHUNK_ROWS):
+            ready = []
             for row in rows:
-                totals.add(row)
-            yield renderer.rows(rows)
+                line = _line_of(row, repricing)
+                if pending is not None and _merged(pending, line):
+                    continue
+                if pending is not None:
+                    ready.append(pending)
+                pending = line
+            for line in ready:
+                totals.add(line)
+            yield renderer.rows(ready)
+        if pending is not None:
+            totals.add(pending)
+            yield renderer.rows([pending])
     yield renderer.footer(totals.as_dict())

@@ -26,7 +26,7 @@ AccountOption = Annotated[
 @tasks_app.command("list")
 def list_tasks(
     account_id: AccountOption = None,
-    status: Annotated[str | None, typer.Option(help="open | succeeded | failed")] = None,
+    status: Annotated[str | None, typer.Option(help="open | succeeded | failed | expired")] = None,
     limit: Annotated[int, typer.Option(help="At most this many tasks.")] = 50,
     as_json: JsonOption = False,
     url: UrlOption = None,

@@ -20,7 +20,7 @@ from sqlalchemy import func, select, text
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from service.db.models import Task
+from service.db.models import Account, Task
 
 NOTIFY_CHANNEL = "meterline_tasks"
 
@@ -42,17 +42,26 @@ _USAGE = """
 _HISTORY_COST = """
     CASE WHEN bool_or(l.cost_usd IS NULL) THEN NULL ELSE coalesce(sum(l.cost_usd), 0) END
 """
-
-
 # Whether ledger row `l` belongs to its task `t`: a quoted task covers the rows that occurred
 # from its acceptance on (its row's `created_at`: the row is inserted when the quote is
 # accepted); earlier rows on its id are ordinary usage, billed per token.
-_COVERED = "(t.quote_id IS NULL OR l.occurred_at >= t.created_at)"
+COVERED = "(t.quote_id IS NULL OR l.occurred_at >= t.created_at)"
+
+# An expired task is closed at its deadline, so it is billed in the month the deadline
+# passed whenever the expiry runs; its cost joins the history like any completed task's.
+_EXPIRE = f"""
+UPDATE tasks t SET status = 'expired', completed_at = t.expires_at, billed_as = x.billed_as,
+    completed_cost_usd = (SELECT {_HISTORY_COST} FROM usage_ledger l
+        WHERE l.account_id = t.account_id AND l.task_id = t.external_id AND {COVERED})
+FROM unnest(CAST(:ids AS uuid[]), CAST(:billings AS text[])) AS x(id, billed_as)
+WHERE t.id = x.id AND t.status = 'open'
+"""
+
 # The rows of task id `:t` of account `:a` that are its task's (no task row: all of them).
 _ROWS_OF_TASK = f"""
     usage_ledger l LEFT JOIN tasks t
         ON t.account_id = l.account_id AND t.external_id = l.task_id
-    WHERE l.account_id = :a AND l.task_id = :t AND {_COVERED}
+    WHERE l.account_id = :a AND l.task_id = :t AND {COVERED}
 """
 
 
@@ -117,6 +126,7 @@ class TaskRepository:
         return task
 
     async def usage(self, account_id: uuid.UUID, external_id: str) -> TaskUsage:
+        """The task's own rows (a quoted task's from its acceptance on: `COVERED`)."""
         row = (
             await self.session.execute(
                 text(f"SELECT {_USAGE} FROM {_ROWS_OF_TASK}"),
@@ -131,6 +141,40 @@ class TaskRepository:
             {"a": account_id, "t": external_id},
         )
         return value
+
+    async def policies(self, account_id: uuid.UUID) -> tuple[str, str]:
+        """The account's failed-task and expired-task policies, as in force now."""
+        row = (
+            await self.session.execute(
+                select(Account.failed_task_policy, Account.expired_task_policy).where(
+                    Account.id == account_id
+                )
+            )
+        ).one()
+        return row.failed_task_policy, row.expired_task_policy
+
+    async def due_for_expiry(
+        self, now: datetime, account_ids: Sequence[uuid.UUID] | None, skip_locked: bool
+    ) -> list[Any]:
+        """Open quoted tasks past their deadline, locked, with their account's policies."""
+        scope = "" if account_ids is None else "AND t.account_id = ANY(:accounts)"
+        rows = await self.session.execute(
+            text(
+                "SELECT t.id, t.account_id, t.external_id, a.failed_task_policy,"
+                " a.expired_task_policy FROM tasks t JOIN accounts a ON a.id = t.account_id"
+                f" WHERE t.status = 'open' AND t.expires_at <= :now {scope}"
+                " ORDER BY t.id FOR UPDATE OF t" + (" SKIP LOCKED" if skip_locked else "")
+            ),
+            {"now": now, **({} if account_ids is None else {"accounts": list(account_ids)})},
+        )
+        return list(rows)
+
+    async def expire(self, billings: dict[uuid.UUID, str]) -> None:
+        """Close these open tasks as expired at their deadline, billed as given."""
+        await self.session.execute(
+            text(_EXPIRE),
+            {"ids": list(billings), "billings": list(billings.values())},
+        )
 
     async def has_usage(self, account_id: uuid.UUID, external_id: str) -> bool:
         found = await self.session.scalar(
@@ -159,9 +203,12 @@ class TaskRepository:
         cost: Decimal | None,
         task_type: str | None,
         model: str | None,
+        billed_as: str | None,
+        at: datetime | None = None,
     ) -> Task:
         task.status = outcome
-        task.completed_at = func.now()
+        task.completed_at = at or func.now()
+        task.billed_as = billed_as
         task.completed_cost_usd = cost
         task.task_type = task.task_type or task_type
         task.model = task.model or model
@@ -236,12 +283,16 @@ class TaskRepository:
             text(
                 f"SELECT t.id, u.* FROM tasks t CROSS JOIN LATERAL (SELECT {_USAGE}"
                 " FROM usage_ledger l WHERE l.account_id = t.account_id"
-                f" AND l.task_id = t.external_id AND {_COVERED}) u WHERE t.id = ANY(:ids)"
+                f" AND l.task_id = t.external_id AND {COVERED}) u WHERE t.id = ANY(:ids)"
             ),
             {"ids": list(ids)},
         )
         usage = {row.id: TaskUsage.from_row(row) for row in rows}
         return [(tasks[i], usage.get(i, EMPTY_USAGE)) for i in ids]
+
+    async def now(self) -> datetime:
+        value: datetime = await self.session.scalar(text("SELECT now()"))
+        return value
 
     async def notify(self, payload: str) -> None:
         """Tell every Meterline process (at commit) that a task opened or closed."""
@@ -260,7 +311,7 @@ FROM tasks t CROSS JOIN LATERAL (
     SELECT coalesce(sum(l.cost_usd), 0) AS cost_usd,
            coalesce(bool_or(l.kind = 'usage' AND l.cost_usd IS NULL), false) AS unpriced
     FROM usage_ledger l
-    WHERE l.account_id = t.account_id AND l.task_id = t.external_id AND {_COVERED}
+    WHERE l.account_id = t.account_id AND l.task_id = t.external_id AND {COVERED}
 ) u
 WHERE t.status = 'open' AND t.quote_id IS NOT NULL
 """
@@ -279,7 +330,7 @@ WITH recent AS (
     SELECT t.id,
            (SELECT {_HISTORY_COST} FROM usage_ledger l
             WHERE l.account_id = t.account_id AND l.task_id = t.external_id
-              AND {_COVERED}) AS cost
+              AND {COVERED}) AS cost
     FROM tasks t
     WHERE t.completed_at >= now() - make_interval(secs => $1)
 )

@@ -8,7 +8,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from service.schemas import DecimalString
 
-TaskStatus = Literal["open", "succeeded", "failed"]
+TaskStatus = Literal["open", "succeeded", "failed", "expired"]
+TaskBilledAs = Literal["fixed_price", "cost", "free"]
 Outcome = Literal["succeeded", "failed"]
 
 
@@ -40,5 +41,12 @@ class TaskOut(BaseModel):
     total_tokens: int
     cost_usd: DecimalString = Field(description="Exact actual cost of the task's requests.")
     unpriced_requests: int = Field(description="Requests with no price (not in `cost_usd`).")
-    created_at: datetime
-    completed_at: datetime | None
+    created_at: datetime = Field(description="For a quoted task, when its quote was accepted.")
+    expires_at: datetime | None = Field(
+        description="A quoted task still open then expires, billed by the account's"
+        " `expired_task_policy`."
+    )
+    completed_at: datetime | None = Field(description="For an expired task, its deadline.")
+    billed_as: TaskBilledAs | None = Field(
+        description="How the completed quoted task is billed, fixed at completion."
+    )

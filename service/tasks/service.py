@@ -16,11 +16,13 @@ from decimal import Decimal
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from pricing.invoice import ExpiredTaskPolicy, FailedTaskPolicy, TaskOutcome, task_billing
 from service.accounts.repository import AccountRepository
 from service.auth.principal import Principal
 from service.db.models import Task
 from service.errors import Conflict, Forbidden, NotFound, Unprocessable
 from service.schemas import Page, decode_cursor, encode_cursor
+from service.tasks.expiry import expire_tasks
 from service.tasks.guard import TaskGuard
 from service.tasks.repository import TaskFilter, TaskRepository, TaskUsage
 from service.tasks.schemas import Outcome, TaskOut
@@ -59,7 +61,9 @@ def task_out(task: Task | None, usage: TaskUsage, account_id: uuid.UUID, task_id
             cost_usd=usage.cost_usd,
             unpriced_requests=usage.unpriced_requests,
             created_at=usage.first_at,
+            expires_at=None,
             completed_at=None,
+            billed_as=None,
         )
     return TaskOut(
         id=task.external_id,
@@ -78,7 +82,9 @@ def task_out(task: Task | None, usage: TaskUsage, account_id: uuid.UUID, task_id
         cost_usd=usage.cost_usd,
         unpriced_requests=usage.unpriced_requests,
         created_at=task.created_at,
+        expires_at=task.expires_at,
         completed_at=task.completed_at,
+        billed_as=task.billed_as,
     )
 
 
@@ -138,11 +144,22 @@ async def complete_task(
     task_id: str,
     account_id: uuid.UUID | None,
     outcome: Outcome,
+    now: datetime | None = None,
 ) -> TaskOut:
+    """Record a task's outcome (at `now`, default the database's); a quoted task is billed
+    as `task_billing` decides with the account's policies in force now. A quoted task past
+    its deadline has expired: it is closed as such and the completion refused."""
     account = account_of(caller, account_id)
     await _require_outcome_reporter(session, caller, account)
     repository = TaskRepository(session)
     task = await repository.get(account, task_id, for_update=True)
+    if (
+        task is not None
+        and task.status == "open"
+        and task.expires_at is not None
+        and await expire_tasks(session, now, [account], guard, task_ids=[task.id])
+    ):
+        await session.refresh(task)
     if task is None:
         # A task without quote gets its row now; a concurrent completion may win the insert.
         seen = await repository.usage(account, task_id)
@@ -160,8 +177,14 @@ async def complete_task(
         )
     usage = await repository.usage(account, task_id)
     cost = await repository.history_cost(account, task_id)
+    billed_as = None
+    if task.quote_id is not None:
+        failed, expired = await repository.policies(account)
+        billed_as = task_billing(
+            TaskOutcome(outcome), FailedTaskPolicy(failed), ExpiredTaskPolicy(expired)
+        ).value
     task = await repository.complete(
-        task, outcome, cost, usage.ledger_task_type, usage.ledger_model
+        task, outcome, cost, usage.ledger_task_type, usage.ledger_model, billed_as, now
     )
     await repository.notify(
         json.dumps({"event": "closed", "account_id": str(account), "task_id": task_id})

@@ -1,0 +1,98 @@
+"""Expiry of open quoted tasks past their deadline, and the background job that runs it.
+
+A quoted task gets its deadline (`expires_at`) when its quote is accepted. Past it, an
+open task is closed as `expired`, dated at the deadline, and billed by the account's
+`expired_task_policy`. Invoices expire their accounts' due tasks before they are computed,
+and every `interval` seconds the background job expires every account's (skipping tasks
+another transaction holds that round): a bill never depends on when the job last ran.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import uuid
+from collections.abc import Sequence
+from datetime import datetime
+
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from pricing.invoice import ExpiredTaskPolicy, FailedTaskPolicy, TaskOutcome, task_billing
+from service.db.engine import transaction
+from service.tasks.guard import TaskGuard
+from service.tasks.repository import TaskRepository
+
+log = logging.getLogger("meterline.tasks")
+
+
+async def expire_tasks(
+    session: AsyncSession,
+    now: datetime | None = None,
+    account_ids: Sequence[uuid.UUID] | None = None,
+    guard: TaskGuard | None = None,
+    *,
+    task_ids: Sequence[uuid.UUID] | None = None,
+    skip_locked: bool = False,
+) -> int:
+    """Close the open quoted tasks whose deadline is past `now` (of these accounts, or all)
+    as `expired`, at their deadline, billed by each account's expired-task policy. The
+    proxy refuses further requests on them. Idempotent: a task expires once; running it
+    again, from the background job or an invoice, changes nothing. Returns how many."""
+    repository = TaskRepository(session)
+    at = now or await repository.now()
+    due = await repository.due_for_expiry(at, account_ids, skip_locked)
+    if task_ids is not None:
+        due = [row for row in due if row.id in set(task_ids)]
+    if not due:
+        return 0
+    await repository.expire(
+        {
+            row.id: task_billing(
+                TaskOutcome.EXPIRED,
+                FailedTaskPolicy(row.failed_task_policy),
+                ExpiredTaskPolicy(row.expired_task_policy),
+            ).value
+            for row in due
+        }
+    )
+    for row in due:
+        await repository.notify(
+            json.dumps(
+                {"event": "closed", "account_id": str(row.account_id), "task_id": row.external_id}
+            )
+        )
+        if guard is not None:
+            guard.mark_closed(row.account_id, row.external_id)
+        log.info("event=task_expired account_id=%s task_id=%s", row.account_id, row.external_id)
+    return len(due)
+
+
+class ExpiryJob:
+    def __init__(
+        self, sessions: async_sessionmaker[AsyncSession], guard: TaskGuard, interval: float
+    ) -> None:
+        self._sessions = sessions
+        self._guard = guard
+        self._interval = interval
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self._interval > 0:
+            self._task = asyncio.create_task(self._run_forever(), name="task-expiry")
+
+    async def _run_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval)
+            try:
+                async with transaction(self._sessions) as session:
+                    await expire_tasks(session, guard=self._guard, skip_locked=True)
+            except Exception as exc:  # the database may be down; the next round catches up
+                log.warning("event=task_expiry_failed error=%s", type(exc).__name__)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
