@@ -38,9 +38,9 @@ MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Say s
 # The mock generates 16 words and honours max_tokens: the completion uses its whole budget,
 # so each request really costs close to what it reserves.
 MAX_TOKENS = 16
-# What a request reserves: the prompt estimate (4 tokens per message + the content's 2)
-# plus max_tokens, at list price.
-WORST_CASE = (4 + 2 + MAX_TOKENS) * PRICE / 1_000_000
+# What a request reserves: the prompt estimate (4 tokens per message, its role's 1 and its
+# content's 2, and 3 that prime the reply) plus max_tokens, at list price.
+WORST_CASE = (4 + 1 + 2 + 3 + MAX_TOKENS) * PRICE / 1_000_000
 BUDGET = 10 * WORST_CASE
 # Requests stay in flight long enough for all hundred to be there at once.
 SLOW = {"mock": {"delay_ms": 300}}
@@ -119,11 +119,14 @@ def test_a_hundred_requests_against_a_budget_that_fits_ten(
     before = spent(db, account_id)
 
     # A new server knows nothing in memory: it starts from the ledger's sum for the month.
+    # A request whose worst case fits the whole budget but not what is left is refused.
+    larger = 100
+    assert BUDGET - before < (10 + larger) * PRICE / 1_000_000 < BUDGET
     with start_meterline(database, upstream, tmp_path / "b", **meterline_settings()) as m:
         key = m.new_key(account_id)
         client = openai.OpenAI(base_url=m.v1, api_key=key, max_retries=0)
         with pytest.raises(openai.RateLimitError) as refused:
-            client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=MAX_TOKENS)
+            client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=larger)
         _assert_budget_refusal(refused.value, "account", account_id)
     assert spent(db, account_id) == before
 

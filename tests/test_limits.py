@@ -88,12 +88,15 @@ class Windows:
 
 
 class Budgets:
-    """The budget half of a `Counters`."""
+    """The budget half of a `Counters`, on budgets whose spend was synced from the ledger
+    (an empty one unless the test syncs more)."""
 
     def __init__(self, counters: Counters) -> None:
         self.counters = counters
 
     async def reserve(self, holds: list[Hold], reservation: str, ttl_s: float) -> HoldResult:
+        for hold in holds:
+            await self.counters.sync(hold.counter, 0)  # never lowers what was synced
         admitted = await self.counters.admit([], holds, reservation, ttl_s, time.time())
         return admitted.budget
 
@@ -358,6 +361,7 @@ async def test_a_request_refused_by_its_budget_uses_none_of_its_rate_limit(
     counters = shared_counters[0]
     window = [Charge("account:j:requests", 10, 1)]
     budget = [Hold("account:j:2026-07", limit=1_000, amount=600)]
+    await counters.sync("account:j:2026-07", 0)
     assert (await counters.admit(window, budget, "r1", 60, NOW)).allowed
     refused = await counters.admit(window, budget, "r2", 60, NOW)
     assert refused.window.allowed and refused.budget.refused == 0
