@@ -10,9 +10,8 @@ Each path prefix behaves like one kind of real provider when streaming:
 
 A request may steer the mock with a `mock` object in its body (the proxy forwards bodies
 unchanged): `status`, `delay_ms`, `chunks`, `chunk_delay_ms`, `drop_after`, `malformed`,
-`cached_tokens`, `reasoning_tokens`, `unlimited_tokens`, `ignore_max_tokens`. Token counts
-are deterministic: prompt tokens are the cl100k tokens of the text sent, completions are
-one token per generated word.
+`cached_tokens`, `reasoning_tokens`. Token counts are deterministic: prompt tokens are
+the cl100k tokens of the text sent, completions are one token per generated word.
 """
 
 from __future__ import annotations
