@@ -211,8 +211,10 @@ class Limits:
         if not settings.redis_url:
             if settings.workers > 1:
                 log.warning(
-                    "event=limits_per_worker workers=%d detail=set METERLINE_REDIS_URL to "
-                    "share rate limits and budgets across workers",
+                    "event=limits_per_worker workers=%d detail=limits are per process: "
+                    "each worker counts rate limits and budgets on its own, so a budget may "
+                    "be spent up to %d times over; set METERLINE_REDIS_URL to share them",
+                    settings.workers,
                     settings.workers,
                 )
             return cls(settings, engine, prices, MemoryCounters())
