@@ -581,10 +581,10 @@ async def test_a_settlement_made_while_a_batch_is_on_its_way_is_sent_promptly(
             direct = Redis.from_url(REDIS_URL)
             try:
                 base = f"{redis_prefix}budget:{budget}"
-                spent, reserved = await direct.mget(f"{base}:spent", f"{base}:reserved")
+                values = await direct.mget(f"{base}:spent", f"{base}:reserved")
             finally:
                 await direct.aclose()
-            assert (int(spent), int(reserved)) == (200, 0)
+            assert [int(v or 0) for v in values] == [200, 0]
         finally:
             await counters.close()
             await client.aclose()
