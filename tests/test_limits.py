@@ -405,8 +405,8 @@ def test_a_request_reserves_the_larger_of_its_two_completion_limits() -> None:
     """Providers differ on which of `max_tokens` and `max_completion_tokens` wins."""
     chat = {"messages": [{"role": "user", "content": "hi"}], "n": 2}
     both = {**chat, "max_tokens": 10_000, "max_completion_tokens": 1}
-    assert estimate.completion_limit(both) == 10_000
     assert estimate.completion_tokens(both, default=4096) == 20_000
+    assert estimate.completion_limit(both) == 10_000
     assert estimate.completion_tokens({**chat, "max_completion_tokens": 300}, 4096) == 600
     assert estimate.completion_limit({**chat, "max_tokens": None}) is None
 
