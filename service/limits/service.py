@@ -453,7 +453,7 @@ class Limits:
         limit = Limit("account", found.account_id, to_nano_down(found.budget_usd))
         hold = Hold(_counter(limit, month), limit.limit, to_nano_up(found.price_usd))
         self._budgeted.setdefault(hold.counter, _Budgeted(limit, found.account_id, month))
-        reservation = f"quote:{quote_id}"
+        reservation = f"quote:{quote_id}:{uuid.uuid4().hex}"  # two tries hold apart
         try:
             admission = await self._admit_synced([], [hold], reservation, now)
         except (RedisError, OSError) as exc:
