@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import secrets
 import time
 import uuid
@@ -23,6 +24,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from redis.asyncio import Redis
 
+from pricing.cost import TokenUsage, usage_cost
 from pricing.prices import Price
 from service.limits import estimate
 from service.limits.budgets import Hold, HoldResult
@@ -485,10 +487,11 @@ def test_a_capped_completion_never_costs_more_than_was_granted(
     rate: Decimal, prompt: int, extra: int, n: int
 ) -> None:
     price = Price("m", rate, rate, datetime(2026, 1, 1, tzinfo=UTC))
-    prompt_nano = to_nano_up(estimate.worst_case_cost(price, prompt, 0))
+    prompt_nano = math.ceil(prompt * estimate.nano_per_token(price)[0])
+    assert prompt_nano == to_nano_up(usage_cost(TokenUsage(prompt, 0), price))
     granted = prompt_nano + extra
     per_choice = estimate.affordable_completion(price, prompt_nano, granted, n)
-    assert to_nano_up(estimate.worst_case_cost(price, prompt, per_choice * n)) <= granted
+    assert to_nano_up(usage_cost(TokenUsage(prompt, per_choice * n), price)) <= granted
     if rate > 0:  # and one more token a choice would not have been paid for
         assert (per_choice + 1) * n * rate * 1000 > extra
 

@@ -65,14 +65,6 @@ class _Budget:
                 self.reserved -= amount
 
 
-def grant(holds: Sequence[Hold], lefts: Sequence[int]) -> tuple[int | None, int]:
-    """(index of the first budget that refuses, or None; the amount granted otherwise)."""
-    for index, (hold, left) in enumerate(zip(holds, lefts, strict=True)):
-        if left <= 0 or hold.least > left:
-            return index, 0
-    return None, min(min(hold.amount, left) for hold, left in zip(holds, lefts, strict=True))
-
-
 class MemoryBudgetStore:
     def __init__(self) -> None:
         self._budgets: dict[str, _Budget] = {}
@@ -87,18 +79,20 @@ class MemoryBudgetStore:
         # No await inside: checked and charged in one step of the event loop.
         now = time.monotonic()
         budgets = [self._get(h.counter) for h in holds]
-        for index, budget in enumerate(budgets):
+        granted: int | None = None
+        for index, (hold, budget) in enumerate(zip(holds, budgets, strict=True)):
             if not budget.synced:
                 return HoldResult(index, unsynced=True)
             budget.expire(now)
-        lefts = [h.limit - b.spent - b.reserved for h, b in zip(holds, budgets, strict=True)]
-        refused, granted = grant(holds, lefts)
-        if refused is not None:
-            return HoldResult(refused, budgets[refused].spent, budgets[refused].reserved)
+            left = hold.limit - budget.spent - budget.reserved
+            if left <= 0 or hold.least > left:
+                return HoldResult(index, budget.spent, budget.reserved)
+            fits = min(hold.amount, left)
+            granted = fits if granted is None else min(granted, fits)
         for budget in budgets:
-            budget.holds[reservation] = (granted, now + ttl_s)
-            budget.reserved += granted
-        return HoldResult(granted=granted)
+            budget.holds[reservation] = (granted or 0, now + ttl_s)
+            budget.reserved += granted or 0
+        return HoldResult(granted=granted or 0)
 
     async def settle(self, counters: Sequence[str], reservation: str, cost: int) -> None:
         for counter in counters:

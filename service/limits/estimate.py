@@ -21,7 +21,6 @@ from typing import Any
 
 import orjson
 
-from pricing.cost import TokenUsage, usage_cost
 from pricing.prices import Price
 from service.proxy.tokens import count_tokens
 
@@ -50,13 +49,17 @@ def _message_texts(value: Any, texts: list[str]) -> int:
     if isinstance(value, str):
         texts.append(value)
         return 0
-    if isinstance(value, dict):
-        return sum(
-            1 if key in _MEDIA_PARTS else _message_texts(item, texts) for key, item in value.items()
-        )
-    if isinstance(value, list):
-        return sum(_message_texts(item, texts) for item in value)
-    return 0
+    if not isinstance(value, dict | list):
+        return 0
+    media = 0
+    for key, item in value.items() if isinstance(value, dict) else enumerate(value):
+        if isinstance(item, str):  # most fields: no call for them
+            texts.append(item)
+        elif key in _MEDIA_PARTS:
+            media += 1
+        elif isinstance(item, dict | list):
+            media += _message_texts(item, texts)
+    return media
 
 
 def _prompt_items(value: Any) -> tuple[list[str], int]:
@@ -115,8 +118,11 @@ def completion_limit(body: dict[str, Any]) -> int | None:
     With both `max_tokens` and `max_completion_tokens`, providers differ on which one wins,
     so the larger one is what the request may generate.
     """
-    limits = [_positive_int(body.get(f)) for f in ("max_tokens", "max_completion_tokens")]
-    return max((limit for limit in limits if limit is not None), default=None)
+    tokens = _positive_int(body.get("max_tokens"))
+    completion = _positive_int(body.get("max_completion_tokens"))
+    if tokens is None or completion is None:
+        return tokens or completion
+    return max(tokens, completion)
 
 
 def choices(body: dict[str, Any]) -> int:
@@ -131,11 +137,10 @@ def completion_tokens(body: dict[str, Any], default: int) -> int:
     return (completion_limit(body) or default) * choices(body)
 
 
-def worst_case_cost(price: Price | None, prompt: int, completion: int) -> Decimal:
-    """List price of the prompt plus the whole completion budget; 0 for an unpriced model."""
-    if price is None:
-        return Decimal(0)
-    return usage_cost(TokenUsage(prompt_tokens=prompt, completion_tokens=completion), price)
+def nano_per_token(price: Price) -> tuple[Decimal, Decimal]:
+    """(prompt, completion) list price in nano-USD per token, exact: a list price is linear
+    in tokens, so a worst case is `ceil(tokens * rate)` summed, never below its cost."""
+    return price.input_usd_per_mtok * 1000, price.output_usd_per_mtok * 1000
 
 
 def affordable_completion(price: Price, prompt_nano: int, granted_nano: int, n: int) -> int:
@@ -144,7 +149,7 @@ def affordable_completion(price: Price, prompt_nano: int, granted_nano: int, n: 
     `c` tokens per choice cost `c * n * rate` nano-USD, so the prompt's cost plus theirs,
     rounded up to a nano-USD, never exceeds `granted_nano`.
     """
-    rate = price.output_usd_per_mtok * 1000  # nano-USD per completion token
+    rate = nano_per_token(price)[1]
     left = granted_nano - prompt_nano
     if left <= 0 or n <= 0:
         return 0

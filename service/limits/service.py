@@ -101,23 +101,31 @@ class _Need:
     price: Price | None
     prompt_nano: int  # the prompt alone
     amount: int  # the prompt and the whole completion budget
-    per_choice: int  # completion tokens per choice that budget assumes
+    minimum: int | None  # least worth sending when it may be granted less (else None)
+    per_choice: int  # completion tokens per choice the amount pays for
     choices: int
-    unbounded: bool  # the request sets no completion limit: it may be granted less
 
-    @property
-    def minimum(self) -> int | None:
-        """Least worth sending for an unbounded request: its prompt and a token a choice."""
-        if not self.unbounded or self.price is None or not self.choices:
-            return None
-        one_each = estimate.worst_case_cost(self.price, 0, self.choices)
-        return min(self.prompt_nano + to_nano_up(one_each), self.amount)
+    @classmethod
+    def of(
+        cls, price: Price | None, prompt: int, per_choice: int, choices: int, unbounded: bool
+    ) -> _Need:
+        """An `unbounded` request (no completion limit of its own) may be granted as little
+        as its prompt and one token a choice, and is then capped to what it was granted."""
+        if price is None:  # an unpriced model reserves nothing
+            return cls(None, 0, 0, None, per_choice, choices)
+        prompt_rate, completion_rate = estimate.nano_per_token(price)
+        prompt_nano = math.ceil(prompt * prompt_rate)
+        amount = prompt_nano + math.ceil(per_choice * choices * completion_rate)
+        minimum = None
+        if unbounded and choices:
+            minimum = prompt_nano + math.ceil(choices * completion_rate)
+        return cls(price, prompt_nano, amount, minimum, per_choice, choices)
 
     def grant(self, granted: int) -> tuple[int | None, int | None]:
         """(max_tokens cap, completion allowance) of a request granted `granted` nano-USD."""
         if self.price is None or not self.choices:
             return None, None
-        if not self.unbounded:
+        if self.minimum is None:
             return None, self.per_choice * self.choices
         affordable = estimate.affordable_completion(
             self.price, self.prompt_nano, granted, self.choices
@@ -285,14 +293,7 @@ class Limits:
             tokens = prompt + per_choice * choices
             if budgeted:
                 price = self._prices.book.price_for(model, now)
-                need = _Need(
-                    price,
-                    to_nano_up(estimate.worst_case_cost(price, prompt, 0)),
-                    to_nano_up(estimate.worst_case_cost(price, prompt, per_choice * choices)),
-                    per_choice,
-                    choices,
-                    unbounded=limit is None,
-                )
+                need = _Need.of(price, prompt, per_choice, choices, unbounded=limit is None)
         if time.monotonic() < self._store_down_until:
             metrics.LIMIT_ERRORS.labels("skipped").inc()
             return Grant(reservation)
