@@ -626,6 +626,13 @@ def test_a_stream_is_cut_at_the_first_chunk_past_its_allowance() -> None:
     for size in (1, 7, 50):
         out, cut = _passed_on(OutputCounter(3), b"".join(stream), size)
         assert cut and out in (within, b"".join(stream[:5]))
+    counter, out = OutputCounter(3), b""  # one event a piece, as providers mostly send
+    for event in stream:
+        keep = counter.feed(event)
+        out += event[: len(event) if keep is None else keep]
+        if keep is not None:
+            break
+    assert out == within
     # A stream within its allowance (the provider honoured max_tokens) is never cut.
     honoured = _sse(role, *words[:3], {"choices": [], "usage": {"completion_tokens": 3}}, "[DONE]")
     assert _passed_on(OutputCounter(3), b"".join(honoured), 100) == (b"".join(honoured), False)

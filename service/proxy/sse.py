@@ -186,18 +186,25 @@ class OutputCounter:
     def feed(self, chunk: bytes) -> int | None:
         """None while within the allowance; else how many bytes of `chunk` to pass on (up to
         the chunk past the allowance, or through it when part of it was passed on already)."""
+        if (
+            not self._tail
+            and chunk.startswith(b"data: ")
+            and chunk.endswith(b"\n\n")
+            and chunk.count(b"\n") == 2
+        ):  # the usual piece: exactly one whole event
+            return 0 if self._count(chunk[6:-2]) else None
         raw = self._tail + chunk
         passed = len(self._tail)  # bytes of `raw` the client already has
         start = 0
         for match in _EVENT_END.finditer(raw):
-            if self._count(raw[start : match.start()]):
+            if self._count(_data_of(raw[start : match.start()])):
                 return start - passed if start >= passed else match.end() - passed
             start = match.end()
         self._tail = raw[start:]
         return None
 
-    def _count(self, event: bytes) -> bool:
-        data = _data_of(event)
+    def _count(self, data: bytes | None) -> bool:
+        """Count the output of one event's data; True once past the allowance."""
         if data is None or data == _DONE:
             return False
         try:
