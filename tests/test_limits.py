@@ -411,6 +411,8 @@ def test_a_request_reserves_the_larger_of_its_two_completion_limits() -> None:
     assert estimate.completion_limit(both) == 10_000
     assert estimate.completion_tokens({**chat, "max_completion_tokens": 300}, 4096) == 600
     assert estimate.completion_limit({**chat, "max_tokens": None}) is None
+    # A text completion without a limit generates OpenAI's default of 16 tokens.
+    assert estimate.completion_tokens({"prompt": "Once upon a time"}, default=4096) == 16
 
 
 def test_every_text_the_provider_bills_counts_in_the_prompt() -> None:

@@ -132,9 +132,22 @@ def choices(body: dict[str, Any]) -> int:
     return _positive_int(body.get("n")) or 1
 
 
+# What a text completion generates when it sets no `max_tokens` (OpenAI's documented
+# default for /v1/completions, which vLLM follows).
+TEXT_COMPLETION_DEFAULT = 16
+
+
+def default_completion(body: dict[str, Any], chat_default: int) -> int:
+    """Completion tokens per choice assumed for a request that sets no limit."""
+    if "messages" not in body and "prompt" in body:
+        return TEXT_COMPLETION_DEFAULT
+    return chat_default
+
+
 def completion_tokens(body: dict[str, Any], default: int) -> int:
-    """The most completion tokens the request allows (`default` per choice when unbounded)."""
-    return (completion_limit(body) or default) * choices(body)
+    """The most completion tokens the request allows (`default` per choice for a chat that
+    sets no bound)."""
+    return (completion_limit(body) or default_completion(body, default)) * choices(body)
 
 
 def nano_per_token(price: Price) -> tuple[Decimal, Decimal]:

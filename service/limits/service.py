@@ -289,7 +289,9 @@ class Limits:
             prompt = estimate.prompt_tokens(body)
             limit = estimate.completion_limit(body)
             choices = estimate.choices(body)
-            per_choice = limit or self.settings.budget_default_completion_tokens
+            per_choice = limit or estimate.default_completion(
+                body, self.settings.budget_default_completion_tokens
+            )
             tokens = prompt + per_choice * choices
             if budgeted:
                 price = self._prices.book.price_for(model, now)
