@@ -285,7 +285,7 @@ def _against_five_cents(
 
 def _budgets_hold_against_long_answers(m: Meterline, db: Database, store: str) -> None:
     # 1. Nothing stops the model but the budget: every request is capped to what it pays.
-    slow = {"delay_ms": 300}  # every request is in flight before the first one settles
+    slow = {"delay_ms": 1000}  # every request is in flight before the first one settles
     served, rows = _against_five_cents(
         m,
         db,
