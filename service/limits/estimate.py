@@ -31,8 +31,8 @@ _PER_MESSAGE = 4
 _REPLY_PRIMING = 3
 # Request fields rendered into the prompt besides the messages (counted as their JSON).
 _PROMPT_FIELDS = ("tools", "functions", "tool_choice", "function_call", "response_format")
-# Fields of content parts that carry media, and what one may cost: the largest per-image count of
-# the common providers (an image is billed by its size in tiles or patches, not as text).
+# Fields of content parts that carry media, and what one may cost: the largest per-image
+# count of the common providers (an image is billed by its size in tiles, not as text).
 _MEDIA_PARTS = frozenset({"image_url", "input_audio", "audio", "file"})
 _PER_MEDIA_PART = 1_536
 

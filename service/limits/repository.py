@@ -97,7 +97,7 @@ _ROWS = (
 _PRICED = (
     "SELECT l.{owner} AS owner, SUM(l.cost_usd) AS spent "
     + _ROWS
-    + (" AND l.cost_usd IS NOT NULL GROUP BY 1")
+    + " AND l.cost_usd IS NOT NULL GROUP BY 1"
 )
 _UNPRICED_MODELS = "SELECT DISTINCT l.requested_model " + _ROWS + " AND l.cost_usd IS NULL"
 # Rows without a stored cost, summed per span of their model's price timeline (the spans
