@@ -78,6 +78,7 @@ class Runtime:
         # task's cost is counted before any other hook yields to the next request.
         parts["hooks"].admission.insert(0, tasks.admit)
         parts["hooks"].settlement.insert(0, tasks.settle)
+        limits.cover_quoted_tasks(tasks.open_cost)
         rollup = RollupJob(
             sessions, settings.usage_rollup_interval_s, (roll_up_if_free, roll_up_daily)
         )

@@ -8,16 +8,24 @@ processes). The proxy-level behaviour is in test_limits_proxy.py.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import math
 import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from decimal import Decimal
+from typing import Any
 
+import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from redis.asyncio import Redis
 
+from pricing.cost import TokenUsage, usage_cost
+from pricing.prices import Price
 from service.limits import estimate
 from service.limits.budgets import Hold, HoldResult
 from service.limits.counters import Counters, MemoryCounters, RedisCounters
@@ -32,6 +40,7 @@ from service.limits.policy import (
     to_nano_up,
 )
 from service.limits.ratelimit import Charge, WindowResult
+from service.proxy.sse import OutputCounter
 from service.settings import Settings
 from tests.support import free_port
 
@@ -88,12 +97,15 @@ class Windows:
 
 
 class Budgets:
-    """The budget half of a `Counters`."""
+    """The budget half of a `Counters`, on budgets whose spend was synced from the ledger
+    (an empty one unless the test syncs more)."""
 
     def __init__(self, counters: Counters) -> None:
         self.counters = counters
 
     async def reserve(self, holds: list[Hold], reservation: str, ttl_s: float) -> HoldResult:
+        for hold in holds:
+            await self.counters.sync(hold.counter, 0)  # never lowers what was synced
         admitted = await self.counters.admit([], holds, reservation, ttl_s, time.time())
         return admitted.budget
 
@@ -358,6 +370,7 @@ async def test_a_request_refused_by_its_budget_uses_none_of_its_rate_limit(
     counters = shared_counters[0]
     window = [Charge("account:j:requests", 10, 1)]
     budget = [Hold("account:j:2026-07", limit=1_000, amount=600)]
+    await counters.sync("account:j:2026-07", 0)
     assert (await counters.admit(window, budget, "r1", 60, NOW)).allowed
     refused = await counters.admit(window, budget, "r2", 60, NOW)
     assert refused.window.allowed and refused.budget.refused == 0
@@ -385,3 +398,246 @@ async def test_a_burst_larger_than_any_connection_pool_is_counted_exactly(
         await client.aclose(close_connection_pool=True)
     assert sum(r.allowed for r in results) == 700
     assert sorted(r.window.counts[0] for r in results if r.allowed) == list(range(1, 701))
+
+
+# -- hard budgets ----------------------------------------------------------------------
+
+
+def test_a_request_reserves_the_larger_of_its_two_completion_limits() -> None:
+    """Providers differ on which of `max_tokens` and `max_completion_tokens` wins."""
+    chat = {"messages": [{"role": "user", "content": "hi"}], "n": 2}
+    both = {**chat, "max_tokens": 10_000, "max_completion_tokens": 1}
+    assert estimate.completion_tokens(both, default=4096) == 20_000
+    assert estimate.completion_limit(both) == 10_000
+    assert estimate.completion_tokens({**chat, "max_completion_tokens": 300}, 4096) == 600
+    assert estimate.completion_limit({**chat, "max_tokens": None}) is None
+    # A text completion without a limit generates OpenAI's default of 16 tokens.
+    assert estimate.completion_tokens({"prompt": "Once upon a time"}, default=4096) == 16
+
+
+def test_every_text_the_provider_bills_counts_in_the_prompt() -> None:
+    """Roles, names, content parts, tool calls, legacy function calls, tool and function
+    definitions, forced tool choice and response schema are all rendered into the prompt."""
+    long = "ledger " * 400  # 400 tokens
+    plain = estimate.prompt_tokens({"messages": [{"role": "user", "content": "hi"}]})
+    bodies: dict[str, dict[str, Any]] = {
+        "role": {"messages": [{"role": long, "content": "hi"}]},
+        "name": {"messages": [{"role": "user", "name": long, "content": "hi"}]},
+        "content part": {
+            "messages": [{"role": "user", "content": [{"type": "text", "text": long}]}]
+        },
+        "tool call": {
+            "messages": [
+                {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [
+                        {
+                            "id": "c1",
+                            "type": "function",
+                            "function": {"name": "f", "arguments": long},
+                        }
+                    ],
+                },
+                {"role": "tool", "tool_call_id": "c1", "content": "ok"},
+            ]
+        },
+        "function call": {
+            "messages": [{"role": "assistant", "function_call": {"name": "f", "arguments": long}}]
+        },
+        "tools": {
+            "messages": [{"role": "user", "content": "hi"}],
+            "tools": [{"type": "function", "function": {"name": "f", "description": long}}],
+        },
+        "functions": {
+            "messages": [{"role": "user", "content": "hi"}],
+            "functions": [{"name": "f", "description": long}],
+        },
+        "response schema": {
+            "messages": [{"role": "user", "content": "hi"}],
+            "response_format": {"type": "json_schema", "json_schema": {"description": long}},
+        },
+    }
+    for field, body in bodies.items():
+        assert estimate.prompt_tokens(body) >= plain + 400, field
+    # A media part counts as a bounded allowance, never as its (base64) data.
+    image = {
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "what is this?"},
+                    {
+                        "type": "image_url",
+                        "image_url": {"url": "data:image/png;base64," + "A" * 500_000},
+                    },
+                ],
+            }
+        ]
+    }
+    assert 1_536 < estimate.prompt_tokens(image) < 1_600
+
+
+@given(
+    rate=st.decimals(min_value=0, max_value=1000, places=6),
+    prompt=st.integers(min_value=0, max_value=1_000_000),
+    extra=st.integers(min_value=0, max_value=10**12),
+    n=st.integers(min_value=1, max_value=4),
+)
+@settings(max_examples=300, deadline=None)
+def test_a_capped_completion_never_costs_more_than_was_granted(
+    rate: Decimal, prompt: int, extra: int, n: int
+) -> None:
+    price = Price("m", rate, rate, datetime(2026, 1, 1, tzinfo=UTC))
+    prompt_nano = math.ceil(prompt * estimate.nano_per_token(price)[0])
+    assert prompt_nano == to_nano_up(usage_cost(TokenUsage(prompt, 0), price))
+    granted = prompt_nano + extra
+    per_choice = estimate.affordable_completion(price, prompt_nano, granted, n)
+    assert to_nano_up(usage_cost(TokenUsage(prompt, per_choice * n), price)) <= granted
+    if rate > 0:  # and one more token a choice would not have been paid for
+        assert (per_choice + 1) * n * rate * 1000 > extra
+
+
+async def test_an_unbounded_request_is_granted_what_is_left(budget_stores: list[Budgets]) -> None:
+    """A request without a completion limit holds its default budget, or what is left of the
+    budget when less (it is then capped to it); one with a limit must fit whole."""
+    store = budget_stores[0]
+    counter = "account:m:2026-07"
+    unbounded = [Hold(counter, 10_000, amount=4_000, minimum=500)]
+    granted = [(await store.reserve(unbounded, f"u{i}", ttl_s=60)).granted for i in range(3)]
+    assert granted == [4_000, 4_000, 2_000]
+    assert not (await store.reserve(unbounded, "u3", ttl_s=60)).allowed
+    await store.settle([counter], "u2", 1_000)  # 1,000 of its 2,000 freed again
+    assert not (await store.reserve([Hold(counter, 10_000, 4_000)], "b", ttl_s=60)).allowed
+    assert (await store.reserve(unbounded, "u4", ttl_s=60)).granted == 1_000
+    assert await store.state(counter) == (1_000, 9_000)
+
+
+async def test_a_budget_never_synced_from_the_ledger_admits_nothing(
+    shared_counters: list[Counters], request: pytest.FixtureRequest
+) -> None:
+    """A new process or month (or a Redis that came back empty) must not admit against a
+    counter at 0: the budget says it is unsynced, and the refused request counts nowhere."""
+    counters = shared_counters[0]
+    window = [Charge("account:n:requests", 10, 1)]
+    budget = "account:n:2026-07"
+    hold = [Hold(budget, 10_000, 100)]
+    refused = await counters.admit(window, hold, "r1", 60, NOW)
+    assert not refused.allowed and refused.budget.unsynced and refused.budget.refused == 0
+    await counters.sync(budget, 9_950)
+    admitted = await counters.admit(window, hold, "r2", 60, NOW)
+    assert not admitted.allowed and not admitted.budget.unsynced  # only 50 left
+    assert (await counters.admit(window, [Hold(budget, 10_000, 50)], "r3", 60, NOW)).allowed
+    assert (await counters.admit(window, [], "r4", 60, NOW)).window.counts == (2,)
+    if isinstance(counters, RedisCounters):  # Redis restarted empty: unsynced again
+        prefix = request.getfixturevalue("redis_prefix")
+        client = Redis.from_url(REDIS_URL)
+        try:
+            await client.delete(*[k async for k in client.scan_iter(match=f"{prefix}*")])
+        finally:
+            await client.aclose()
+        assert (await counters.admit(window, hold, "r5", 60, NOW)).budget.unsynced
+
+
+@contextlib.asynccontextmanager
+async def slow_link_to_redis(delay_s: float) -> AsyncIterator[int]:
+    """A TCP relay to the test Redis that delays each of its answers: a slow network."""
+
+    async def relay(source: asyncio.StreamReader, sink: asyncio.StreamWriter, delay: float) -> None:
+        try:
+            while data := await source.read(65536):
+                await asyncio.sleep(delay)
+                sink.write(data)
+                await sink.drain()
+        except ConnectionError:
+            pass
+        finally:
+            sink.close()
+
+    async def connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        redis_reader, redis_writer = await asyncio.open_connection("127.0.0.1", 6379)
+        await asyncio.gather(relay(reader, redis_writer, 0), relay(redis_reader, writer, delay_s))
+
+    server = await asyncio.start_server(connect, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+
+
+async def test_a_settlement_made_while_a_batch_is_on_its_way_is_sent_promptly(
+    redis_prefix: str,
+) -> None:
+    """A settlement arriving while the previous batch waits for Redis must not wait (holding
+    its reservation) until some later request settles too."""
+    async with slow_link_to_redis(0.3) as port:
+        client = Redis(host="127.0.0.1", port=port)
+        counters = RedisCounters(client, redis_prefix)
+        budget = "account:o:2026-07"
+        try:
+            await counters.sync(budget, 0)
+            for rid in ("r1", "r2"):
+                hold = [Hold(budget, 10_000, 1_000)]
+                assert (await counters.admit([], hold, rid, 60, time.time())).allowed
+            await counters.settle(0, [], [budget], "r1", 100)
+            await asyncio.sleep(0.1)  # r1's batch is sent, its answer 0.2 s away
+            await counters.settle(0, [], [budget], "r2", 100)
+            await asyncio.sleep(1.5)  # no other request settles meanwhile
+            direct = Redis.from_url(REDIS_URL)
+            try:
+                base = f"{redis_prefix}budget:{budget}"
+                values = await direct.mget(f"{base}:spent", f"{base}:reserved")
+            finally:
+                await direct.aclose()
+            assert [int(v or 0) for v in values] == [200, 0]
+        finally:
+            await counters.close()
+            await client.aclose()
+
+
+def _sse(*events: dict[str, Any] | str) -> list[bytes]:
+    return [
+        b"data: " + (e.encode() if isinstance(e, str) else orjson.dumps(e)) + b"\n\n"
+        for e in events
+    ]
+
+
+def _delta(content: str, **more: Any) -> dict[str, Any]:
+    return {"choices": [{"index": 0, "delta": {"content": content}, "finish_reason": None}], **more}
+
+
+def _passed_on(counter: OutputCounter, stream: bytes, piece: int) -> tuple[bytes, bool]:
+    """What the proxy passes on when the stream arrives in pieces of `piece` bytes."""
+    out = b""
+    for start in range(0, len(stream), piece):
+        chunk = stream[start : start + piece]
+        keep = counter.feed(chunk)
+        out += chunk if keep is None else chunk[:keep]
+        if keep is not None:
+            return out, True
+    return out, False
+
+
+def test_a_stream_is_cut_at_the_first_chunk_past_its_allowance() -> None:
+    role = {"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}
+    words = [_delta(f" w{i}") for i in range(10)]
+    stream = _sse(role, *words, "[DONE]")
+    within = b"".join(stream[:4])  # the role chunk and three words
+    # Whole events per piece, or pieces cutting events anywhere: never more than one chunk.
+    assert _passed_on(OutputCounter(3), b"".join(stream), 10_000) == (within, True)
+    for size in (1, 7, 50):
+        out, cut = _passed_on(OutputCounter(3), b"".join(stream), size)
+        assert cut and out in (within, b"".join(stream[:5]))
+    counter, out = OutputCounter(3), b""  # one event a piece, as providers mostly send
+    for event in stream:
+        keep = counter.feed(event)
+        out += event[: len(event) if keep is None else keep]
+        if keep is not None:
+            break
+    assert out == within
+    # A stream within its allowance (the provider honoured max_tokens) is never cut.
+    honoured = _sse(role, *words[:3], {"choices": [], "usage": {"completion_tokens": 3}}, "[DONE]")
+    assert _passed_on(OutputCounter(3), b"".join(honoured), 100) == (b"".join(honoured), False)
+    # A provider's running usage counts when it says more than the chunks do.
+    running = _sse(_delta(" many", usage={"completion_tokens": 40}), *words)
+    assert _passed_on(OutputCounter(30), b"".join(running), 10_000) == (b"", True)

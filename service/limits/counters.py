@@ -29,6 +29,9 @@ log = logging.getLogger("meterline.limits")
 # Settlements wait at most this long, or until this many are waiting, to go to Redis.
 _SETTLE_DELAY_S = 0.02
 _SETTLE_BATCH = 256
+# A batch that failed is sent again after this pause, at most this many times in a row.
+_SETTLE_RETRY_S = 0.5
+_SETTLE_ATTEMPTS = 3
 # Window counters outlive their minute by one more, for late token corrections.
 _WINDOW_TTL_MS = 120_000
 # Budget counters of a month are kept a little longer than the month itself.
@@ -136,7 +139,10 @@ class MemoryCounters:
 
 # Lua numbers are doubles: exact for integers below 2**53 (for budgets, about 9 million USD
 # a month in nano-USD); INCRBY/DECRBY, which do the arithmetic that is stored, use int64.
-# A budget is four keys: spent, reserved (total), holds (hash id → amount), deadlines (zset).
+# A budget is five keys: spent, reserved (total), holds (hash id → amount), deadlines
+# (zset), and the mark that `spent` was synced from the ledger (gone after Redis lost its
+# data: the budget then refuses until it is synced again).
+_BUDGET_KEYS = ("spent", "reserved", "holds", "deadlines", "synced")
 _LIBRARY = """
 local function expire_holds(b, now)
   for _, id in ipairs(redis.call('ZRANGEBYSCORE', b[4], '-inf', now)) do
@@ -152,8 +158,8 @@ end
 local function budget_keys(first, count)
   local budgets = {}
   for i = 0, count - 1 do
-    local k = first + 4 * i
-    budgets[i + 1] = {KEYS[k], KEYS[k + 1], KEYS[k + 2], KEYS[k + 3]}
+    local k = first + 5 * i
+    budgets[i + 1] = {KEYS[k], KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], KEYS[k + 4]}
   end
   return budgets
 end
@@ -168,52 +174,62 @@ local function release(b, rid)
 end
 """
 
-# KEYS: n window counters, then four keys per budget.
+# KEYS: n window counters, then five keys per budget.
 # ARGV: n, window ttl_ms, now_ms, deadline_ms, keep_ms, reservation id, then limit and
-# cost per window, then limit and amount per budget.
-# Returns {0, 0, 0, 0, counts…} when admitted (counts after it), {1, i, 0, 0, counts…}
-# when window i refused it, {2, b, spent, reserved, counts…} when budget b did.
+# cost per window, then limit, amount and minimum per budget.
+# Returns {0, 0, 0, 0, granted, counts…} when admitted (counts after it), {1, i, 0, 0, 0,
+# counts…} when window i refused it, {2, b, spent, reserved, 0, counts…} when budget b did,
+# {3, b, 0, 0, 0, counts…} when budget b was never synced from the ledger.
 _ADMIT = (
     _LIBRARY
     + """
 local n = tonumber(ARGV[1])
 local ttl, now, deadline, keep, rid = ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
-local budgets = budget_keys(n + 1, (#KEYS - n) / 4)
+local budgets = budget_keys(n + 1, (#KEYS - n) / 5)
 local counts = {}
 for i = 1, n do
   counts[i] = tonumber(redis.call('GET', KEYS[i]) or '0')
 end
 for i = 1, n do
   if counts[i] + tonumber(ARGV[6 + 2 * i]) > tonumber(ARGV[5 + 2 * i]) then
-    return {1, i, 0, 0, unpack(counts)}
+    return {1, i, 0, 0, 0, unpack(counts)}
+  end
+end
+for b, keys in ipairs(budgets) do
+  if redis.call('EXISTS', keys[5]) == 0 then
+    return {3, b, 0, 0, 0, unpack(counts)}
   end
 end
 local first = 6 + 2 * n
+local granted = nil
 for b, keys in ipairs(budgets) do
   expire_holds(keys, now)
   local spent = tonumber(redis.call('GET', keys[1]) or '0')
   local reserved = tonumber(redis.call('GET', keys[2]) or '0')
-  local left = tonumber(ARGV[first + 2 * b - 1]) - spent - reserved
-  if left <= 0 or tonumber(ARGV[first + 2 * b]) > left then
-    return {2, b, spent, reserved, unpack(counts)}
+  local left = tonumber(ARGV[first + 3 * b - 2]) - spent - reserved
+  local amount = tonumber(ARGV[first + 3 * b - 1])
+  if left <= 0 or tonumber(ARGV[first + 3 * b]) > left then
+    return {2, b, spent, reserved, 0, unpack(counts)}
   end
+  local fits = math.min(amount, left)
+  if granted == nil or fits < granted then granted = fits end
 end
 for i = 1, n do
   counts[i] = redis.call('INCRBY', KEYS[i], ARGV[6 + 2 * i])
   redis.call('PEXPIRE', KEYS[i], ttl)
 end
+granted = granted or 0
 for b, keys in ipairs(budgets) do
-  local amount = ARGV[first + 2 * b]
-  redis.call('INCRBY', keys[2], amount)
-  redis.call('HSET', keys[3], rid, amount)
+  redis.call('INCRBY', keys[2], granted)
+  redis.call('HSET', keys[3], rid, granted)
   redis.call('ZADD', keys[4], deadline, rid)
   for k = 1, 4 do redis.call('PEXPIRE', keys[k], keep) end
 end
-return {0, 0, 0, 0, unpack(counts)}
+return {0, 0, 0, 0, granted, unpack(counts)}
 """
 )
 
-# KEYS: n window counters to correct, then four keys per budget.
+# KEYS: n window counters to correct, then five keys per budget.
 # ARGV: n, reservation id, cost, keep_ms, then the delta of each window counter.
 # A window that expired is not corrected: it has nothing left to limit.
 _SETTLE = (
@@ -226,7 +242,7 @@ for i = 1, n do
     redis.call('INCRBY', KEYS[i], ARGV[4 + i])
   end
 end
-for _, keys in ipairs(budget_keys(n + 1, (#KEYS - n) / 4)) do
+for _, keys in ipairs(budget_keys(n + 1, (#KEYS - n) / 5)) do
   release(keys, rid)
   redis.call('INCRBY', keys[1], cost)
   redis.call('PEXPIRE', keys[1], keep)
@@ -235,12 +251,13 @@ return 0
 """
 )
 
-# KEYS: spent. ARGV: the ledger's sum, keep_ms.
+# KEYS: spent, synced. ARGV: the ledger's sum, keep_ms.
 _SYNC = """
 local spent = tonumber(redis.call('GET', KEYS[1]) or '0')
 if tonumber(ARGV[1]) > spent then
   redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 end
+redis.call('SET', KEYS[2], '1', 'PX', ARGV[2])
 return 0
 """
 
@@ -329,6 +346,7 @@ class RedisCounters:
         self._pipeliner = _Pipeliner(redis)
         self._pending: list[tuple[list[str], list[int | str]]] = []
         self._flusher: asyncio.Task[None] | None = None
+        self._closing = False
         self._last_failure_log = 0.0
         self._admit: Any = redis.register_script(_ADMIT)
         self._settle: Any = redis.register_script(_SETTLE)
@@ -340,7 +358,7 @@ class RedisCounters:
 
     def _budget_keys(self, budget: str) -> list[str]:
         base = f"{self._prefix}budget:{budget}"
-        return [f"{base}:spent", f"{base}:reserved", f"{base}:holds", f"{base}:deadlines"]
+        return [f"{base}:{part}" for part in _BUDGET_KEYS]
 
     async def admit(
         self,
@@ -366,8 +384,8 @@ class RedisCounters:
             args += [charge.limit, charge.cost]
         for hold in holds:
             keys += self._budget_keys(hold.counter)
-            args += [hold.limit, hold.amount]
-        status, index, spent, reserved, *counts = (
+            args += [hold.limit, hold.amount, hold.least]
+        status, index, spent, reserved, granted, *counts = (
             int(v) for v in await self._pipeliner.call(self._admit, keys, args)
         )
         windows = WindowResult(
@@ -375,7 +393,9 @@ class RedisCounters:
         )
         if status == 2:
             return Admission(windows, HoldResult(index - 1, spent, reserved))
-        return Admission(windows, HoldResult())
+        if status == 3:
+            return Admission(windows, HoldResult(index - 1, unsynced=True))
+        return Admission(windows, HoldResult(granted=granted))
 
     async def settle(
         self,
@@ -395,33 +415,63 @@ class RedisCounters:
         self._pending.append((keys, args))
         if len(self._pending) >= _SETTLE_BATCH:
             await self.flush()
-        elif self._flusher is None or self._flusher.done():
+        else:
+            self._ensure_flusher()
+
+    def _ensure_flusher(self) -> None:
+        if not self._closing and (self._flusher is None or self._flusher.done()):
             self._flusher = asyncio.create_task(self._flush_soon(), name="limits-settle")
 
     async def _flush_soon(self) -> None:
-        await asyncio.sleep(_SETTLE_DELAY_S)
-        try:
-            await self.flush()
-        except (RedisError, OSError) as exc:
-            # Lost settlements cost nothing but time: their reservations expire by their
-            # deadline and the ledger resync restores the spend.
-            metrics.LIMIT_ERRORS.labels("settle").inc()
-            now = time.monotonic()
-            if now - self._last_failure_log >= 10:
-                self._last_failure_log = now
-                log.warning("event=limits_settle_failed error=%s", type(exc).__name__)
+        """Send settlements until none is waiting.
+
+        A settlement that arrives while a batch is on its way to Redis goes with the next
+        batch, a few milliseconds later: it must not wait (holding its reservation) for
+        whichever request happens to settle next. A batch that fails is sent again after a
+        pause; after `_SETTLE_ATTEMPTS` failures in a row what waits is dropped (counted):
+        the reservations then expire by their deadline and the ledger resync restores the
+        spend.
+        """
+        failures = 0
+        while self._pending:
+            await asyncio.sleep(_SETTLE_RETRY_S if failures else _SETTLE_DELAY_S)
+            try:
+                await self.flush()
+                failures = 0
+            except (RedisError, OSError) as exc:
+                failures += 1
+                metrics.LIMIT_ERRORS.labels("settle").inc()
+                now = time.monotonic()
+                if now - self._last_failure_log >= 10:
+                    self._last_failure_log = now
+                    log.warning(
+                        "event=limits_settle_failed error=%s waiting=%d",
+                        type(exc).__name__,
+                        len(self._pending),
+                    )
+                if failures >= _SETTLE_ATTEMPTS:
+                    self._pending = []
 
     async def flush(self) -> None:
         batch, self._pending = self._pending, []
         if not batch:
             return
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for keys, args in batch:
-                await self._settle(keys=keys, args=args, client=pipe)
-            await pipe.execute()
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for keys, args in batch:
+                    await self._settle(keys=keys, args=args, client=pipe)
+                await pipe.execute()
+        except BaseException:
+            # Usually nothing reached Redis (it is down or the connection could not be
+            # had): the flusher sends the batch again. Should a part have been applied, a
+            # cost counted twice only makes the budget stricter for the rest of the month.
+            self._pending[:0] = batch
+            self._ensure_flusher()
+            raise
 
     async def close(self) -> None:
         """Send what is still waiting (graceful shutdown)."""
+        self._closing = True
         if self._flusher is not None:
             self._flusher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -429,7 +479,8 @@ class RedisCounters:
         await self.flush()
 
     async def sync(self, budget: str, ledger_spent: int) -> None:
-        await self._sync(keys=self._budget_keys(budget)[:1], args=[ledger_spent, _KEEP_MS])
+        spent, *_, synced = self._budget_keys(budget)
+        await self._sync(keys=[spent, synced], args=[ledger_spent, _KEEP_MS])
 
     async def state(self, budget: str) -> tuple[int, int]:
         await self.flush()

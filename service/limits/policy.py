@@ -153,6 +153,27 @@ def budget_error(
     return BudgetExhausted(message, headers={"retry-after": str(retry_after)})
 
 
+class BudgetUnavailable(MeterlineError):
+    """A budget whose spend is not known yet (never synced from the ledger): 503, retry."""
+
+    status_code = 503
+    type = "api_error"
+    code = "budget_unavailable"
+
+
+# A client told to retry comes back after this long (the OpenAI SDKs honour Retry-After).
+UNAVAILABLE_RETRY_S = 2
+
+
+def budget_unavailable(limit: Limit) -> BudgetUnavailable:
+    message = (
+        f"The monthly budget of {limit.scope} {limit.owner} cannot be checked right now: "
+        "what it has spent this month is read from the ledger, which is unreachable. "
+        "Nothing was sent; try again shortly."
+    )
+    return BudgetUnavailable(message, headers={"retry-after": str(UNAVAILABLE_RETRY_S)})
+
+
 def rate_error(kind: str, limit: Limit, used: int, cost: int, reset_s: float) -> RateLimited:
     noun = "requests" if kind == "requests" else "tokens"
     if cost > limit.limit:

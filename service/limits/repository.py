@@ -1,16 +1,20 @@
-"""Every query of the limits: the limits of keys and their accounts, and a month's spend."""
+"""Every query of the limits: the limits of keys and their accounts, a month's spend, and
+the budget a quote's acceptance holds its fixed price against."""
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy import TextClause, text
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
+from pricing.cost import TokenUsage, totals_cost
+from pricing.prices import PriceBook
 from service.limits.policy import KeyLimits
 
 _COLUMNS = (
@@ -24,18 +28,6 @@ _ACTIVE = text(
     _COLUMNS + "WHERE k.revoked_at IS NULL AND (k.expires_at IS NULL OR k.expires_at > now())"
 )
 _ONE = text(_COLUMNS + "WHERE k.id = :key_id")
-
-_ACCOUNT_SPEND = text(
-    "SELECT account_id, COALESCE(SUM(cost_usd), 0) AS spent FROM usage_ledger "
-    "WHERE account_id = ANY(:ids) AND occurred_at >= :start AND occurred_at < :end "
-    "GROUP BY account_id"
-)
-# The account's index narrows the scan to its month; the key is a filter within it.
-_KEY_SPEND = text(
-    "SELECT key_id, COALESCE(SUM(cost_usd), 0) AS spent FROM usage_ledger "
-    "WHERE account_id = ANY(:accounts) AND key_id = ANY(:ids) "
-    "AND occurred_at >= :start AND occurred_at < :end GROUP BY key_id"
-)
 
 
 def _limits(row: Any) -> KeyLimits:
@@ -61,30 +53,124 @@ async def key_limits(connection: AsyncConnection, key_id: uuid.UUID) -> KeyLimit
     return None if row is None else _limits(row)
 
 
-async def account_spend(
-    connection: AsyncConnection, accounts: Sequence[uuid.UUID], start: datetime, end: datetime
-) -> dict[uuid.UUID, Decimal]:
-    """Ledger cost of each account between `start` and `end` (absent: nothing spent)."""
-    rows = await connection.execute(
-        _ACCOUNT_SPEND, {"ids": list(accounts), "start": start, "end": end}
-    )
-    return {row.account_id: row.spent for row in rows}
+@dataclass(frozen=True, slots=True)
+class QuoteBudget:
+    account_id: uuid.UUID
+    price_usd: Decimal
+    budget_usd: Decimal
 
 
-async def key_spend(
+_QUOTE_BUDGET = text(
+    "SELECT q.account_id, q.price_usd, a.monthly_budget_usd FROM quotes q "
+    "JOIN accounts a ON a.id = q.account_id "
+    "WHERE q.id = :id AND q.accepted_at IS NULL AND a.monthly_budget_usd IS NOT NULL"
+)
+
+
+async def quote_budget(session: AsyncSession, quote_id: uuid.UUID) -> QuoteBudget | None:
+    """The fixed price of a quote not yet accepted, and its account's budget (if it has one)."""
+    row = (await session.execute(_QUOTE_BUDGET, {"id": quote_id})).first()
+    return None if row is None else QuoteBudget(row[0], row[1], row[2])
+
+
+# A month's spend against a budget is what the month bills, as far as it is known now:
+#
+# - the cost of its ledger rows (usage and adjustments), priced at their own `occurred_at`:
+#   their stored cost, else the price in force then when one was added since;
+# - minus the rows a quoted task covers (from its acceptance on, while it is open or
+#   succeeded): those are billed as its fixed price, not as tokens;
+# - plus the fixed prices of the quoted tasks accepted in the month (an account's budget
+#   only), reserved when the quote was accepted. A failed quoted task's tokens count
+#   instead: its bill depends on the account's policy, and the budget assumes the larger.
+#
+# `{owner}` is `account_id` (account budgets) or `key_id` (key budgets, their account
+# given too so the account's index narrows the scan to its month).
+_COVERED = (
+    "EXISTS (SELECT 1 FROM tasks t JOIN quotes q ON q.id = t.quote_id "
+    "WHERE t.account_id = l.account_id AND t.external_id = l.task_id "
+    "AND t.status <> 'failed' AND l.occurred_at >= q.accepted_at)"
+)
+_ROWS = (
+    "FROM usage_ledger l WHERE l.account_id = ANY(:accounts) {keys}"
+    "AND l.occurred_at >= :start AND l.occurred_at < :end AND NOT " + _COVERED
+)
+_PRICED = (
+    "SELECT l.{owner} AS owner, SUM(l.cost_usd) AS spent "
+    + _ROWS
+    + " AND l.cost_usd IS NOT NULL GROUP BY 1"
+)
+_UNPRICED_MODELS = "SELECT DISTINCT l.requested_model " + _ROWS + " AND l.cost_usd IS NULL"
+# Rows without a stored cost, summed per span of their model's price timeline (the spans
+# with a price, given as arrays): each span is then priced by the version of that time.
+_UNPRICED = (
+    "SELECT l.{owner} AS owner, s.segment, SUM(l.prompt_tokens) AS prompt, "
+    "SUM(l.completion_tokens) AS completion, "
+    "SUM(least(greatest(l.cached_tokens, 0), l.prompt_tokens)) AS cached "
+    "FROM usage_ledger l JOIN unnest(CAST(:models AS text[]), CAST(:segments AS int[]), "
+    "CAST(:starts AS timestamptz[]), CAST(:ends AS timestamptz[])) "
+    "AS s(model, segment, span_start, span_end) ON l.requested_model = s.model "
+    "AND (s.span_start IS NULL OR l.occurred_at >= s.span_start) "
+    "AND (s.span_end IS NULL OR l.occurred_at < s.span_end) "
+    "WHERE l.account_id = ANY(:accounts) {keys}AND l.occurred_at >= :start "
+    "AND l.occurred_at < :end AND l.cost_usd IS NULL AND NOT " + _COVERED + " GROUP BY 1, 2"
+)
+_FIXED_PRICES = text(
+    "SELECT t.account_id AS owner, SUM(t.fixed_price_usd) AS spent FROM tasks t "
+    "JOIN quotes q ON q.id = t.quote_id WHERE t.account_id = ANY(:accounts) "
+    "AND q.accepted_at >= :start AND q.accepted_at < :end AND t.status <> 'failed' "
+    "GROUP BY 1"
+)
+
+
+def _spend_sql(template: str, by_key: bool) -> TextClause:
+    keys = "AND l.key_id = ANY(:keys) " if by_key else ""
+    return text(template.format(owner="key_id" if by_key else "account_id", keys=keys))
+
+
+async def budget_spend(
     connection: AsyncConnection,
-    keys: Sequence[tuple[uuid.UUID, uuid.UUID]],
+    accounts: Sequence[uuid.UUID],
+    keys: Sequence[uuid.UUID] | None,
     start: datetime,
     end: datetime,
+    book: PriceBook,
 ) -> dict[uuid.UUID, Decimal]:
-    """Ledger cost of each (account, key) pair's key between `start` and `end`."""
-    rows = await connection.execute(
-        _KEY_SPEND,
-        {
-            "accounts": list({account for account, _ in keys}),
-            "ids": [key for _, key in keys],
-            "start": start,
-            "end": end,
-        },
-    )
-    return {row.key_id: row.spent for row in rows}
+    """The month's spend of each account (`keys` None) or of each key of `accounts`."""
+    by_key = keys is not None
+    params: dict[str, Any] = {"accounts": list(accounts), "start": start, "end": end}
+    if by_key:
+        params["keys"] = list(keys or ())
+    spent: dict[uuid.UUID, Decimal] = {}
+
+    def add(owner: uuid.UUID, amount: Decimal | None) -> None:
+        spent[owner] = spent.get(owner, Decimal(0)) + (amount or Decimal(0))
+
+    for row in await connection.execute(_spend_sql(_PRICED, by_key), params):
+        add(row.owner, row.spent)
+    models = (await connection.execute(_spend_sql(_UNPRICED_MODELS, by_key), params)).scalars()
+    spans = [
+        (model, index, span)
+        for model in models
+        for index, span in enumerate(book.segments(model))
+        if span.price is not None
+    ]
+    if spans:
+        rows = await connection.execute(
+            _spend_sql(_UNPRICED, by_key),
+            {
+                **params,
+                "models": [model for model, _, _ in spans],
+                "segments": list(range(len(spans))),
+                "starts": [span.start for _, _, span in spans],
+                "ends": [span.end for _, _, span in spans],
+            },
+        )
+        for row in rows:
+            price = spans[row.segment][2].price
+            assert price is not None
+            usage = TokenUsage(int(row.prompt), int(row.completion), int(row.cached))
+            add(row.owner, totals_cost(usage, price))
+    if not by_key:
+        for row in await connection.execute(_FIXED_PRICES, params):
+            add(row.owner, row.spent)
+    return spent

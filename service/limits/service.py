@@ -7,6 +7,15 @@ record: the window is corrected to the real tokens and the reservation replaced 
 real cost. If the counter store (Redis) fails, requests are let through and the failure
 is logged and counted: the ledger still records every request, and an outage of a
 counter must not become an outage of the proxy.
+
+A budget is hard: a request reserves the most it may cost; one that sets no completion
+limit is granted what the budget has left (up to the default completion budget) and its
+upstream `max_tokens` is capped to what that pays for; a stream that generates past its
+reservation is cut by the proxy. A budget whose spend was never read from the ledger (a
+new process or month, a Redis that came back empty) is synced before it admits anything;
+while the ledger cannot be read, its requests are refused with a 503 rather than admitted
+against a counter at 0. Requests on an open quoted task reserve nothing: the task's fixed
+price was reserved when its quote was accepted.
 """
 
 from __future__ import annotations
@@ -17,7 +26,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -25,8 +34,9 @@ from typing import Any
 
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.exceptions import RedisError
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
+from pricing.prices import Price
 from service.errors import MeterlineError
 from service.ledger.record import LedgerRecord
 from service.limits import estimate, repository
@@ -39,10 +49,12 @@ from service.limits.policy import (
     Limit,
     applied_limits,
     budget_error,
+    budget_unavailable,
     duration,
     month_bounds,
     month_of,
     rate_error,
+    to_nano_down,
     to_nano_up,
 )
 from service.limits.ratelimit import Charge, WindowResult
@@ -57,6 +69,11 @@ _SYNC_TIMEOUT_S = 2.0
 # Failures of the counter store are logged at most this often (they come per request).
 _LOG_EVERY_S = 10.0
 _STORE_RETRY_S = 1.0
+# After a failed sync the ledger is not asked again for this long (requests needing it are
+# refused at once meanwhile, instead of each waiting for the database).
+_LEDGER_RETRY_S = 1.0
+# The response header that tells a client its request was capped to this many tokens.
+_MAX_TOKENS_HEADER = "x-meterline-max-tokens-capped"
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +87,51 @@ class Grant:
     budget_counters: tuple[str, ...] = ()
     # x-ratelimit-* headers for the response, as OpenAI sends them.
     headers: dict[str, str] = field(default_factory=dict)
+    # Under a budget: the `max_tokens` the upstream request is capped to (it set no limit
+    # of its own), and the completion tokens its reservation pays for (a stream generating
+    # more is cut). None: no cap, no cut.
+    max_tokens_cap: int | None = None
+    completion_allowance: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Need:
+    """What a request asks of its budgets, in nano-USD at the model's list price."""
+
+    price: Price | None
+    prompt_nano: int  # the prompt alone
+    amount: int  # the prompt and the whole completion budget
+    minimum: int | None  # least worth sending when it may be granted less (else None)
+    per_choice: int  # completion tokens per choice the amount pays for
+    choices: int
+
+    @classmethod
+    def of(
+        cls, price: Price | None, prompt: int, per_choice: int, choices: int, unbounded: bool
+    ) -> _Need:
+        """An `unbounded` request (no completion limit of its own) may be granted as little
+        as its prompt and one token a choice, and is then capped to what it was granted."""
+        if price is None:  # an unpriced model reserves nothing
+            return cls(None, 0, 0, None, per_choice, choices)
+        prompt_rate, completion_rate = estimate.nano_per_token(price)
+        prompt_nano = math.ceil(prompt * prompt_rate)
+        amount = prompt_nano + math.ceil(per_choice * choices * completion_rate)
+        minimum = None
+        if unbounded and choices:
+            minimum = prompt_nano + math.ceil(choices * completion_rate)
+        return cls(price, prompt_nano, amount, minimum, per_choice, choices)
+
+    def grant(self, granted: int) -> tuple[int | None, int | None]:
+        """(max_tokens cap, completion allowance) of a request granted `granted` nano-USD."""
+        if self.price is None or not self.choices:
+            return None, None
+        if self.minimum is None:
+            return None, self.per_choice * self.choices
+        affordable = estimate.affordable_completion(
+            self.price, self.prompt_nano, granted, self.choices
+        )
+        cap = max(min(self.per_choice, affordable), 1)
+        return cap, cap * self.choices
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,8 +206,9 @@ class Limits:
         self.cache = LimitsCache(engine, settings.key_cache_refresh_s)
         self._plans: dict[KeyLimits, _Plan] = {}
         self._budgeted: dict[str, _Budgeted] = {}
-        self._synced: set[str] = set()
-        self._syncing: dict[str, asyncio.Task[None]] = {}
+        self._syncing: dict[str, asyncio.Task[bool]] = {}
+        self._ledger_down_until = 0.0
+        self._quoted_cost: Callable[[uuid.UUID, str], Decimal | None] = lambda _a, _t: None
         self._task: asyncio.Task[None] | None = None
         self._last_failure_log = 0.0
         self._store_down_until = 0.0
@@ -156,8 +219,10 @@ class Limits:
         if not settings.redis_url:
             if settings.workers > 1:
                 log.warning(
-                    "event=limits_per_worker workers=%d detail=set METERLINE_REDIS_URL to "
-                    "share rate limits and budgets across workers",
+                    "event=limits_per_worker workers=%d detail=limits are per process: "
+                    "each worker counts rate limits and budgets on its own, so a budget may "
+                    "be spent up to %d times over; set METERLINE_REDIS_URL to share them",
+                    settings.workers,
                     settings.workers,
                 )
             return cls(settings, engine, prices, MemoryCounters())
@@ -203,8 +268,9 @@ class Limits:
         body: dict[str, Any],
         reservation: str | None = None,
         now: datetime | None = None,
+        task_id: str | None = None,
     ) -> Grant:
-        """Count the request and hold its worst-case cost, or raise a 429."""
+        """Count the request and hold its worst-case cost, or raise a 429 (503: budget unknown)."""
         reservation = reservation or uuid.uuid4().hex
         row = await self.cache.get(key_id, account_id)
         plan = self._plans.get(row)
@@ -216,24 +282,31 @@ class Limits:
         if applied.empty:
             return Grant(reservation)
         now = now or datetime.now(UTC)
-        tokens = cost = 0
-        if applied.tokens or applied.budgets:
+        budgeted = bool(applied.budgets) and not self._covered_by_quote(account_id, task_id)
+        tokens = 0
+        need = None
+        if applied.tokens or budgeted:
             prompt = estimate.prompt_tokens(body)
-            completion = estimate.completion_tokens(
+            limit = estimate.completion_limit(body)
+            choices = estimate.choices(body)
+            per_choice = limit or estimate.default_completion(
                 body, self.settings.budget_default_completion_tokens
             )
-            tokens = prompt + completion
-            if applied.budgets:
+            tokens = prompt + per_choice * choices
+            if budgeted:
                 price = self._prices.book.price_for(model, now)
-                cost = to_nano_up(estimate.worst_case_cost(price, prompt, completion))
+                need = _Need.of(price, prompt, per_choice, choices, unbounded=limit is None)
         if time.monotonic() < self._store_down_until:
             metrics.LIMIT_ERRORS.labels("skipped").inc()
             return Grant(reservation)
         try:
-            return await self._admit(plan, reservation, account_id, tokens, cost, now)
+            return await self._admit(plan, reservation, account_id, tokens, need, now)
         except (RedisError, OSError) as exc:
             self._store_failed("admit", exc)
             return Grant(reservation)
+
+    def _covered_by_quote(self, account_id: uuid.UUID, task_id: str | None) -> bool:
+        return bool(task_id) and self._quoted_cost(account_id, task_id or "") is not None
 
     async def _admit(
         self,
@@ -241,7 +314,7 @@ class Limits:
         reservation: str,
         account_id: uuid.UUID,
         tokens: int,
-        cost: int,
+        need: _Need | None,
         now: datetime,
     ) -> Grant:
         applied = plan.applied
@@ -252,31 +325,49 @@ class Limits:
         ]
         holds: list[Hold] = []
         month = ""
-        if applied.budgets:
+        if need is not None:
             month = month_of(now)
-            holds = [Hold(_counter(lim, month), lim.limit, cost) for lim in applied.budgets]
+            holds = [
+                Hold(_counter(lim, month), lim.limit, need.amount, need.minimum)
+                for lim in applied.budgets
+            ]
             for lim, hold in zip(applied.budgets, holds, strict=True):
                 self._budgeted.setdefault(hold.counter, _Budgeted(lim, account_id, month))
-            await self._ensure_synced(hold.counter for hold in holds)
-        admission = await self.counters.admit(
-            requests + by_tokens,
-            holds,
-            reservation,
-            self.settings.budget_reservation_ttl_s,
-            now.timestamp(),
-        )
+        admission = await self._admit_synced(requests + by_tokens, holds, reservation, now)
         if not admission.allowed:
             raise self._refusal(plan, requests, by_tokens, holds, admission, month)
+        cap, allowance = need.grant(admission.budget.granted) if need else (None, None)
+        headers = {}
+        if requests or by_tokens:
+            headers = rate_headers(requests, by_tokens, admission.window)
+        if cap is not None:
+            headers[_MAX_TOKENS_HEADER] = str(cap)
         return Grant(
             reservation=reservation,
             window=admission.window.window,
             token_counters=tuple(c.counter for c in by_tokens),
             estimated_tokens=tokens,
             budget_counters=tuple(hold.counter for hold in holds),
-            headers=rate_headers(requests, by_tokens, admission.window)
-            if requests or by_tokens
-            else {},
+            headers=headers,
+            max_tokens_cap=cap,
+            completion_allowance=allowance,
         )
+
+    async def _admit_synced(
+        self, charges: list[Charge], holds: list[Hold], reservation: str, now: datetime
+    ) -> Admission:
+        """Admit; a budget never synced from the ledger is synced first, else a 503."""
+        ttl = self.settings.budget_reservation_ttl_s
+        admission = await self.counters.admit(charges, holds, reservation, ttl, now.timestamp())
+        if not admission.budget.unsynced:
+            return admission
+        counters = [hold.counter for hold in holds]
+        if await self._sync_now(counters):
+            admission = await self.counters.admit(charges, holds, reservation, ttl, now.timestamp())
+            if not admission.budget.unsynced:
+                return admission
+        refused = admission.budget.refused or 0
+        raise budget_unavailable(self._budgeted[counters[refused]].limit)
 
     def _refusal(
         self,
@@ -320,8 +411,11 @@ class Limits:
             body=ctx.body,
             reservation=ctx.request_id,
             now=ctx.occurred_at,
+            task_id=ctx.task_id,
         )
         ctx.response_headers.update(grant.headers)
+        ctx.max_tokens_cap = grant.max_tokens_cap
+        ctx.completion_allowance = grant.completion_allowance
         return grant
 
     async def settlement(self, ctx: RequestContext, record: LedgerRecord | None) -> None:
@@ -337,6 +431,51 @@ class Limits:
         hooks.admission.append(self.admission)
         hooks.settlement.append(self.settlement)
 
+    def cover_quoted_tasks(self, open_cost: Callable[[uuid.UUID, str], Decimal | None]) -> None:
+        """Requests on an open quoted task (`open_cost` not None) reserve no budget: the
+        task's fixed price was reserved when its quote was accepted."""
+        self._quoted_cost = open_cost
+
+    # -- quotes -----------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def quote_acceptance(
+        self, session: AsyncSession, quote_id: uuid.UUID
+    ) -> AsyncIterator[None]:
+        """Hold a quote's fixed price against its account's budget while it is accepted.
+
+        Refused (429, nothing accepted) when the budget cannot pay it; released if the
+        acceptance fails; charged as spent once it succeeded.
+        """
+        found = await repository.quote_budget(session, quote_id)
+        if found is None:  # no such quote, accepted already, or no budget: nothing to hold
+            yield
+            return
+        now = datetime.now(UTC)
+        month = month_of(now)
+        limit = Limit("account", found.account_id, to_nano_down(found.budget_usd))
+        hold = Hold(_counter(limit, month), limit.limit, to_nano_up(found.price_usd))
+        self._budgeted.setdefault(hold.counter, _Budgeted(limit, found.account_id, month))
+        reservation = f"quote:{quote_id}:{uuid.uuid4().hex}"  # two tries hold apart
+        try:
+            admission = await self._admit_synced([], [hold], reservation, now)
+        except (RedisError, OSError) as exc:
+            self._store_failed("admit", exc)
+            yield
+            return
+        if not admission.allowed:
+            metrics.LIMIT_REFUSALS.labels("budget").inc()
+            budget = admission.budget
+            raise budget_error(
+                limit, budget.spent, budget.reserved, hold.amount, month_bounds(month)[1]
+            )
+        try:
+            yield
+        except BaseException:
+            await self._settle_counters(0, [], [hold.counter], reservation, 0)
+            raise
+        await self._settle_counters(0, [], [hold.counter], reservation, hold.amount)
+
     # -- settlement -------------------------------------------------------------------
 
     async def settle(self, grant: Grant, total_tokens: int, cost_usd: Decimal | None) -> None:
@@ -345,14 +484,24 @@ class Limits:
             return
         delta = total_tokens - grant.estimated_tokens
         cost = to_nano_up(cost_usd) if cost_usd is not None and cost_usd > 0 else 0
+        await self._settle_counters(
+            grant.window,
+            [(counter, delta) for counter in grant.token_counters],
+            grant.budget_counters,
+            grant.reservation,
+            cost,
+        )
+
+    async def _settle_counters(
+        self,
+        window: int,
+        corrections: Sequence[tuple[str, int]],
+        budgets: Sequence[str],
+        reservation: str,
+        cost: int,
+    ) -> None:
         try:
-            await self.counters.settle(
-                grant.window,
-                [(counter, delta) for counter in grant.token_counters],
-                grant.budget_counters,
-                grant.reservation,
-                cost,
-            )
+            await self.counters.settle(window, corrections, budgets, reservation, cost)
         except (RedisError, OSError) as exc:
             self._store_failed("settle", exc)
 
@@ -372,52 +521,62 @@ class Limits:
 
     # -- spend from the ledger --------------------------------------------------------
 
-    async def _ensure_synced(self, counters: Iterable[str]) -> None:
-        """A budget's first use in this process starts from the ledger's sum for the month."""
-        missing = [c for c in counters if c not in self._synced]
-        if not missing:
-            return
-        pending = {self._syncing[c] for c in missing if c in self._syncing}
-        fresh = [c for c in missing if c not in self._syncing]
+    async def _sync_now(self, counters: Sequence[str]) -> bool:
+        """Sync these budgets from the ledger (joining syncs already running); True when
+        all of them were synced within `_SYNC_TIMEOUT_S`."""
+        if time.monotonic() < self._ledger_down_until:
+            return False
+        pending = {self._syncing[c] for c in counters if c in self._syncing}
+        fresh = [c for c in counters if c not in self._syncing]
         if fresh:
             task = asyncio.create_task(self._sync(fresh), name="budget-sync")
             for counter in fresh:
                 self._syncing[counter] = task
             task.add_done_callback(self._synced_done)
             pending.add(task)
-        # A database outage must not hold requests: past the timeout the counter is used as
-        # it is (asyncio.wait leaves the query running), and the periodic resync catches up.
-        await asyncio.wait(pending, timeout=_SYNC_TIMEOUT_S)
-        self._synced.update(missing)
+        # asyncio.wait leaves a slow query running: a later request finds it done.
+        done, late = await asyncio.wait(pending, timeout=_SYNC_TIMEOUT_S)
+        return not late and all(task.result() for task in done)
 
-    def _synced_done(self, task: asyncio.Task[None]) -> None:
+    def _synced_done(self, task: asyncio.Task[bool]) -> None:
         for counter in [c for c, t in self._syncing.items() if t is task]:
             del self._syncing[counter]
 
-    async def _sync(self, counters: Sequence[str]) -> None:
-        budgeted = [self._budgeted[c] for c in counters if c in self._budgeted]
-        by_month: dict[str, list[_Budgeted]] = {}
-        for item in budgeted:
-            by_month.setdefault(item.month, []).append(item)
+    async def _sync(self, counters: Sequence[str]) -> bool:
+        """Raise each budget's spend to the ledger's figure for its month, and mark it synced."""
+        budgeted = [(c, self._budgeted[c]) for c in counters if c in self._budgeted]
+        by_month: dict[str, list[tuple[str, _Budgeted]]] = {}
+        for counter, item in budgeted:
+            by_month.setdefault(item.month, []).append((counter, item))
+        book = self._prices.book
         try:
             async with self._engine.connect() as connection:
                 for month, items in by_month.items():
                     start, end = month_bounds(month)
-                    accounts = [b.limit.owner for b in items if b.limit.scope == "account"]
-                    keys = [(b.account_id, b.limit.owner) for b in items if b.limit.scope == "key"]
+                    accounts = [b.limit.owner for _, b in items if b.limit.scope == "account"]
+                    keys = [b for _, b in items if b.limit.scope == "key"]
                     spent: dict[uuid.UUID, Decimal] = {}
                     if accounts:
-                        spent |= await repository.account_spend(connection, accounts, start, end)
+                        spent |= await repository.budget_spend(
+                            connection, accounts, None, start, end, book
+                        )
                     if keys:
-                        spent |= await repository.key_spend(connection, keys, start, end)
-                    for item in items:
-                        amount = spent.get(item.limit.owner)
-                        if amount is not None and amount > 0:
-                            await self.counters.sync(
-                                _counter(item.limit, month), to_nano_up(amount)
-                            )
+                        spent |= await repository.budget_spend(
+                            connection,
+                            list({b.account_id for b in keys}),
+                            [b.limit.owner for b in keys],
+                            start,
+                            end,
+                            book,
+                        )
+                    for counter, item in items:
+                        amount = spent.get(item.limit.owner, Decimal(0))
+                        await self.counters.sync(counter, to_nano_up(max(amount, Decimal(0))))
         except Exception as exc:  # the database or Redis may be down; the next resync retries
+            self._ledger_down_until = time.monotonic() + _LEDGER_RETRY_S
             log.warning("event=budget_sync_failed error=%s", type(exc).__name__)
+            return False
+        return True
 
     async def _resync_forever(self) -> None:
         while True:
@@ -426,5 +585,4 @@ class Limits:
             for counter, item in list(self._budgeted.items()):
                 if item.month != current:  # a past month's counters are no longer used
                     del self._budgeted[counter]
-                    self._synced.discard(counter)
             await self._sync(list(self._budgeted))

@@ -100,7 +100,27 @@ def _usage(prompt: int, completion: int, mock: dict[str, Any]) -> dict[str, Any]
 def _completion_length(body: dict[str, Any], mock: dict[str, Any]) -> int:
     n = int(mock.get("chunks", 16))
     limit = body.get("max_tokens") or body.get("max_completion_tokens")
+    unbounded = _unbounded_length(body, mock, limit)
+    if unbounded is not None:
+        return unbounded
     return min(n, int(limit)) if limit else n
+
+
+# -- Models that run long: what budgets must withstand ------------------------------------
+# `unlimited_tokens: N`: a request that sets no limit generates N tokens (a real model
+# writes until its context ends). `ignore_max_tokens: true`: a streamed answer runs to its
+# `chunks` whatever its limit (a provider that ignores max_tokens).
+
+
+def _unbounded_length(body: dict[str, Any], mock: dict[str, Any], limit: Any) -> int | None:
+    if not limit and mock.get("unlimited_tokens"):
+        return int(mock["unlimited_tokens"])
+    if limit and mock.get("ignore_max_tokens") and body.get("stream"):
+        return int(mock.get("chunks", 16))
+    return None
+
+
+# ------------------------------------------------------------------------------------------
 
 
 def _tool_call(body: dict[str, Any]) -> dict[str, Any] | None:

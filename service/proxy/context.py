@@ -42,6 +42,11 @@ class RequestContext:
     # Headers admission hooks add to the forwarded response (x-ratelimit-*: Meterline's own
     # limits, which replace the provider's limits on its shared key).
     response_headers: dict[str, str] = field(default_factory=dict)
+    # Set by the budget admission (service/limits): the `max_tokens` the upstream request is
+    # capped to (the client set no limit), and the completion tokens the reservation pays
+    # for (a stream generating more is cut). None: neither applies.
+    max_tokens_cap: int | None = None
+    completion_allowance: int | None = None
     # Set once the settlement hooks have run (exactly once per admitted request).
     settled: bool = False
 

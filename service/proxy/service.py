@@ -42,7 +42,7 @@ from service.providers.router import ProviderRouter
 from service.proxy import tokens
 from service.proxy.context import ProxyHooks, RequestContext
 from service.proxy.redact import redact_provider_key
-from service.proxy.sse import StreamMeter
+from service.proxy.sse import OutputCounter, StreamMeter
 from service.proxy.upstream import UpstreamClient, UpstreamTimeout, UpstreamUnavailable
 from service.proxy.usage import Usage, UsageClaim, flag_of
 
@@ -66,6 +66,10 @@ _THREAD_TOKENIZE_CHARS = 50_000
 _STREAM_ERRORS = {
     "upstream_timeout": "the provider stopped sending before the stream was complete",
     "upstream_disconnected": "the provider closed the stream before it was complete",
+    "max_tokens_exceeded": (
+        "the provider generated past the completion tokens this request's budget "
+        "reservation pays for (it ignored max_tokens); the stream was cut there"
+    ),
 }
 
 
@@ -272,6 +276,22 @@ def _error_code(raw: bytes, status: int) -> str:
     return f"upstream_{status}"
 
 
+def _capped_body(ctx: RequestContext) -> dict[str, Any]:
+    """The body with `max_tokens` set to what the budget pays for, when a cap applies (the
+    client set no completion limit); otherwise the client's body itself."""
+    if ctx.max_tokens_cap is None:
+        return ctx.body
+    return {**ctx.body, "max_tokens": ctx.max_tokens_cap}
+
+
+def _cut_past_allowance(counter: OutputCounter | None, piece: bytes) -> tuple[bytes, bool]:
+    """The part of an upstream piece to pass on, and whether the stream is cut after it."""
+    if counter is None:
+        return piece, False
+    keep = counter.feed(piece)
+    return (piece, False) if keep is None else (piece[:keep], True)
+
+
 class MeteringProxy:
     """One per worker; the ASGI endpoints call `forward` and `models`."""
 
@@ -384,7 +404,7 @@ class MeteringProxy:
         """The body to send and whether the client must not see injected usage.
 
         The client's bytes go as they are unless a documented edit applies."""
-        body = ctx.body
+        body = _capped_body(ctx)
         provider = ctx.provider
         options = body.get("stream_options")
         if provider.stream_usage == "none" and "stream_options" in body:
@@ -394,7 +414,7 @@ class MeteringProxy:
         if ctx.stream and provider.stream_usage == "inject" and not asked:
             edited = {**body, "stream_options": {**(options or {}), "include_usage": True}}
             return _json_bytes(edited), True
-        return ctx.raw_body, False
+        return (ctx.raw_body if body is ctx.body else _json_bytes(body)), False
 
     def _upstream_headers(self, provider: Provider, stream: bool) -> dict[str, str]:
         cached = self._headers_cache.get((provider.name, stream))
@@ -552,7 +572,10 @@ class MeteringProxy:
                 }
             )
             content = response.content
+            allowance = ctx.completion_allowance
+            counter = OutputCounter(allowance) if allowance is not None else None
             while piece := await content.readany():  # whatever arrived: no buffering
+                piece, cut = _cut_past_allowance(counter, piece)
                 out = meter.feed(piece)
                 if out:
                     if ttft_ms is None:
@@ -560,7 +583,10 @@ class MeteringProxy:
                     await send({"type": "http.response.body", "body": out, "more_body": True})
                 if state.disconnected:
                     break
-            if not state.disconnected:
+                if cut:
+                    status, error_code = 502, "max_tokens_exceeded"
+                    break
+            if not state.disconnected and error_code is None:
                 state.done = True
                 watcher.cancel()
                 await send({"type": "http.response.body", "body": meter.flush()})

@@ -145,3 +145,80 @@ class StreamMeter:
                 model: str = obj["model"]
                 return model
         return None
+
+
+# Fields of a streamed choice's delta that carry generated output.
+_OUTPUT_FIELDS = ("content", "reasoning_content", "reasoning", "refusal")
+
+
+def _has_output(choice: Any) -> bool:
+    if not isinstance(choice, dict):
+        return False
+    if isinstance(choice.get("text"), str) and choice["text"]:
+        return True
+    delta = choice.get("delta")
+    if not isinstance(delta, dict):
+        return False
+    if any(isinstance(delta.get(f), str) and delta[f] for f in _OUTPUT_FIELDS):
+        return True
+    for call in delta.get("tool_calls") or []:
+        fn = call.get("function") if isinstance(call, dict) else None
+        if isinstance(fn, dict) and (fn.get("arguments") or fn.get("name")):
+            return True
+    return False
+
+
+class OutputCounter:
+    """Counts what a stream generates as it passes, to cut one that runs past its allowance.
+
+    A provider that honours `max_tokens` sends at most one chunk per token it generates (a
+    token of its own tokenizer, whatever that is), so the running count is the choices
+    carrying output, chunk by chunk, or the provider's running `completion_tokens` when it
+    reports one: a stream within its limit is never cut, and one whose provider ignores
+    the limit is cut at the first chunk past its allowance.
+    """
+
+    def __init__(self, allowance: int) -> None:
+        self.allowance = allowance
+        self.generated = 0
+        self._tail = b""
+
+    def feed(self, chunk: bytes) -> int | None:
+        """None while within the allowance; else how many bytes of `chunk` to pass on (up to
+        the chunk past the allowance, or through it when part of it was passed on already)."""
+        if (
+            not self._tail
+            and chunk.startswith(b"data: ")
+            and chunk.endswith(b"\n\n")
+            and chunk.count(b"\n") == 2
+        ):  # the usual piece: exactly one whole event
+            return 0 if self._count(chunk[6:-2]) else None
+        raw = self._tail + chunk
+        passed = len(self._tail)  # bytes of `raw` the client already has
+        start = 0
+        for match in _EVENT_END.finditer(raw):
+            if self._count(_data_of(raw[start : match.start()])):
+                return start - passed if start >= passed else match.end() - passed
+            start = match.end()
+        self._tail = raw[start:]
+        return None
+
+    def _count(self, data: bytes | None) -> bool:
+        """Count the output of one event's data; True once past the allowance."""
+        if data is None or data == _DONE:
+            return False
+        try:
+            obj = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            return False
+        if not isinstance(obj, dict):
+            return False
+        choices = obj.get("choices")
+        if isinstance(choices, list):
+            self.generated += sum(1 for choice in choices if _has_output(choice))
+        usage = obj.get("usage")
+        if isinstance(usage, dict):
+            reported = usage.get("completion_tokens")
+            if isinstance(reported, int) and not isinstance(reported, bool):
+                self.generated = max(self.generated, reported)
+        return self.generated > self.allowance

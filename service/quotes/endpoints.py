@@ -21,6 +21,7 @@ router = APIRouter(prefix="/billing/quotes", tags=["quotes"], responses=ERRORS)
 ACCEPT_ERRORS: dict[int | str, dict[str, Any]] = {
     409: {"model": ErrorBody, "description": "Already accepted, or the task id is in use."},
     410: {"model": ErrorBody, "description": "The quote expired."},
+    429: {"model": ErrorBody, "description": "The account's budget cannot pay the price."},
 }
 
 
@@ -72,8 +73,12 @@ async def accept_quote(
     guard: Guard,
     data: QuoteAccept | None = None,
 ) -> TaskOut:
-    """Open a task bound to the quote's fixed price; send its id as `X-Task-Id`."""
-    settings = get_runtime(request).settings
-    return await service.accept_quote(
-        session, settings, guard, caller, quote_id, data or QuoteAccept()
-    )
+    """Open a task bound to the quote's fixed price; send its id as `X-Task-Id`.
+
+    The fixed price is reserved against the account's monthly budget (429
+    `insufficient_quota` when the budget cannot pay it)."""
+    runtime = get_runtime(request)
+    async with runtime.limits.quote_acceptance(session, quote_id):
+        return await service.accept_quote(
+            session, runtime.settings, guard, caller, quote_id, data or QuoteAccept()
+        )
