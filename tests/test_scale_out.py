@@ -142,7 +142,7 @@ class Cluster:
     def v1(self) -> str:
         return f"{self.haproxy.url}/v1"
 
-    def served_by(self, replica: Server, request_ids: set[str], since: int = 0) -> int:
+    def answered_by(self, replica: Server, request_ids: set[str], since: int = 0) -> int:
         """How many of these requests the replica answered, by its access log (from byte
         `since` of the log on)."""
         text = replica.log.read_bytes()[since:].decode(errors="replace")
@@ -240,7 +240,7 @@ def test_a_replica_killed_under_load_loses_nothing_and_bills_nothing_twice(
             "SELECT request_id FROM usage_ledger WHERE account_id = $1", account_id
         )
     }
-    after_restart = cluster.served_by(victim, ids, since=restart_offset)
+    after_restart = cluster.answered_by(victim, ids, since=restart_offset)
     print(
         f"\n[HAProxy, 2 replicas x 2 workers, one SIGKILLed and restarted] sent={len(outcomes)}"
         f" served={check.served} recorded={check.recorded} in_flight_at_kill={len(in_flight)}"
@@ -248,7 +248,7 @@ def test_a_replica_killed_under_load_loses_nothing_and_bills_nothing_twice(
         f" lost={check.lost} duplicated={check.duplicated}"
         f" wrong_tokens={check.wrong_tokens} unanswered_recorded={check.unanswered_recorded}"
         f" marked_down_after_s={down_s:.1f} served_by_restarted_replica={after_restart}"
-        f" served_by_survivor={cluster.served_by(survivor, ids)}"
+        f" served_by_survivor={cluster.answered_by(survivor, ids)}"
     )
     assert in_flight, "the kill should catch requests in flight"
     assert check.served <= check.recorded <= check.served + len(in_flight)
@@ -288,7 +288,7 @@ def test_sixty_requests_a_minute_across_both_replicas(cluster: Cluster) -> None:
     served, refused = _split(results)
     ids = _request_ids(served)
     time.sleep(0.5)  # access lines are written every 100 ms
-    per_replica = [cluster.served_by(r, ids) for r in cluster.replicas]
+    per_replica = [cluster.answered_by(r, ids) for r in cluster.replicas]
     recorded = wait_for_rows(
         cluster.database,
         "SELECT count(*) FROM usage_ledger WHERE account_id = $1",
@@ -333,8 +333,8 @@ def test_a_monthly_budget_holds_across_both_replicas(cluster: Cluster) -> None:
     served, refused = _split(results)
     time.sleep(0.5)
     # Served or refused: each replica checked part of the requests against the one budget.
-    answered = [cluster.served_by(r, _request_ids(results)) for r in cluster.replicas]
-    per_replica = [cluster.served_by(r, _request_ids(served)) for r in cluster.replicas]
+    answered = [cluster.answered_by(r, _request_ids(results)) for r in cluster.replicas]
+    per_replica = [cluster.answered_by(r, _request_ids(served)) for r in cluster.replicas]
     wait_for_rows(
         cluster.database,
         "SELECT count(*) FROM usage_ledger WHERE account_id = $1",
