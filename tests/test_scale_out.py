@@ -153,6 +153,15 @@ class Cluster:
 ALL_UP = {"meterline-1": "UP", "meterline-2": "UP"}
 
 
+def unflushed(database: Database, replica: Server) -> set[str]:
+    """Request ids in the replica's journals that are not in the ledger yet."""
+    journaled = journaled_ids(replica)
+    stored = database.fetch(
+        "SELECT request_id FROM usage_ledger WHERE request_id = ANY($1)", list(journaled)
+    )
+    return journaled - {r["request_id"] for r in stored}
+
+
 @pytest.fixture(scope="module")
 def cluster(
     postgres_server: str,
@@ -207,17 +216,14 @@ def test_a_replica_killed_under_load_loses_nothing_and_bills_nothing_twice(
     # Streams of 10 chunks 50 ms apart: half a second each, so some are cut by the kill.
     load = SteadyLoad(cluster.v1, key, MODEL, rate=20, chunks=10, chunk_delay_ms=50).start()
     time.sleep(4)
+    # Kill while the victim holds rows in its journals (and memory) only, not yet in Postgres.
+    deadline = time.monotonic() + 5
+    while not unflushed(cluster.database, victim) and time.monotonic() < deadline:
+        time.sleep(0.05)
     kill_started = time.monotonic()
     victim.kill()
     killed_at = time.monotonic()
-    journaled = journaled_ids(victim)
-    # Rows of the last second were in the killed workers' memory and journals only.
-    only_in_journal = journaled - {
-        r["request_id"]
-        for r in cluster.database.fetch(
-            "SELECT request_id FROM usage_ledger WHERE request_id = ANY($1)", list(journaled)
-        )
-    }
+    only_in_journal = unflushed(cluster.database, victim)
     cluster.haproxy.wait_for_states({"meterline-1": "DOWN", "meterline-2": "UP"})
     down_s = time.monotonic() - killed_at
     time.sleep(2)
