@@ -13,6 +13,7 @@ import time
 
 import typer
 import uvicorn
+import yaml
 
 from service.accounts.cli import accounts_app, keys_app
 from service.db.embedded import database_url
@@ -21,8 +22,10 @@ from service.invoices.cli import invoices_app
 from service.margin.cli import margin
 from service.metrics import multiproc as metrics_multiproc
 from service.prices.cli import prices_app
+from service.providers.config import Provider, load_providers
 from service.reports.cli import report_app
 from service.settings import Settings, get_settings
+from service.startup import Serving, startup_summary
 from service.tasks.cli import quote, tasks_app
 from service.usage.cli import usage
 
@@ -100,6 +103,35 @@ async def _create_demo_account(settings: Settings) -> str:
     return key.key
 
 
+def _start_demo(settings: Settings, host: str, port: int) -> subprocess.Popen[bytes]:
+    """The mock provider, an admin token unless one is set, and a demo account's key."""
+    upstream = _start_demo_upstream(settings)
+    if settings.admin_token is None:
+        os.environ["METERLINE_ADMIN_TOKEN"] = "mla-" + secrets.token_urlsafe(24)
+        get_settings.cache_clear()
+    key = asyncio.run(_create_demo_account(get_settings()))
+    admin = os.environ["METERLINE_ADMIN_TOKEN"]
+    typer.echo(
+        f"\nMeterline demo on http://{host}:{port}\n"
+        f"  demo API key:  {key}\n"
+        f"  admin token:   {admin}\n\n"
+        "  from openai import OpenAI\n"
+        f"  client = OpenAI(base_url='http://{host}:{port}/v1', api_key='{key}')\n"
+        "  client.chat.completions.create(model='mock-chat',\n"
+        "      messages=[{'role': 'user', 'content': 'Hello'}])\n"
+    )
+    return upstream
+
+
+def _providers_or_exit(settings: Settings) -> list[Provider]:
+    """The providers file read now, so a broken one stops `serve` with one clear line."""
+    try:
+        return load_providers(settings.providers)
+    except (OSError, ValueError, yaml.YAMLError) as exc:
+        typer.echo(f"error: providers file {settings.providers}: {exc}", err=True)
+        raise typer.Exit(1) from None
+
+
 def _exit_on_signal(signum: int, frame: object) -> None:
     raise SystemExit(0)
 
@@ -120,8 +152,10 @@ def serve(
     # their metrics where /metrics can sum them, whichever worker answers.
     os.environ["METERLINE_WORKERS"] = str(workers)
     get_settings.cache_clear()
+    providers = [] if demo else _providers_or_exit(settings)
     metrics_multiproc.prepare(settings.data_dir)
     upstream = None
+    embedded_pgdata = None if settings.database_url else (settings.data_dir / "pg").resolve()
     # uvicorn re-raises the signal that stopped it once it has shut down gracefully; turning
     # it into SystemExit lets the `finally` blocks below stop the embedded Postgres.
     signal.signal(signal.SIGTERM, _exit_on_signal)
@@ -131,21 +165,11 @@ def serve(
             upgrade(url)
         try:
             if demo:
-                upstream = _start_demo_upstream(settings)
-                if settings.admin_token is None:
-                    os.environ["METERLINE_ADMIN_TOKEN"] = "mla-" + secrets.token_urlsafe(24)
-                    get_settings.cache_clear()
-                key = asyncio.run(_create_demo_account(get_settings()))
-                admin = os.environ["METERLINE_ADMIN_TOKEN"]
-                typer.echo(
-                    f"\nMeterline demo on http://{host}:{port}\n"
-                    f"  demo API key:  {key}\n"
-                    f"  admin token:   {admin}\n\n"
-                    "  from openai import OpenAI\n"
-                    f"  client = OpenAI(base_url='http://{host}:{port}/v1', api_key='{key}')\n"
-                    "  client.chat.completions.create(model='mock-chat',\n"
-                    "      messages=[{'role': 'user', 'content': 'Hello'}])\n"
-                )
+                upstream = _start_demo(settings, host, port)
+                settings = get_settings()
+                providers = _providers_or_exit(settings)
+            serving = Serving(host, port, workers, url, embedded_pgdata)
+            typer.echo(startup_summary(settings, serving, providers, dict(os.environ)), err=True)
             uvicorn.run(
                 "service.app:create_app",
                 factory=True,

@@ -17,6 +17,7 @@ from service.limits.service import Limits
 from service.metrics.sampler import LedgerSampler, observe_settlement
 from service.prices.cache import PriceCache, seed_default_prices
 from service.providers.router import ProviderRouter
+from service.proxy.access import AccessLog
 from service.proxy.context import ProxyHooks
 from service.proxy.service import MeteringProxy
 from service.proxy.setup import start_proxy
@@ -40,6 +41,7 @@ class Runtime:
     ledger: LedgerWriter
     hooks: ProxyHooks
     proxy: MeteringProxy
+    access_log: AccessLog | None
     # Rate limits and budgets (admission hooks), and the metrics fed by the running parts.
     limits: Limits
     metrics: LedgerSampler
@@ -104,6 +106,8 @@ class Runtime:
         await self.keys.stop()
         await self.limits.stop()
         await self.ledger.close()
+        if self.access_log is not None:
+            self.access_log.close()
         await self.metrics.stop()
         await self.tasks.stop()
         await self.rollup.stop()

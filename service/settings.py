@@ -26,6 +26,8 @@ class Settings(BaseSettings):
     workers: int = 1
     auto_migrate: bool = True
     log_level: str = "info"
+    # One key=value line per proxied request on stderr (service/proxy/access.py).
+    access_log: bool = True
     cors_origins: list[str] = Field(default_factory=list)
 
     db_pool_size: int = 10

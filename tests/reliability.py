@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import secrets
+import signal
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -20,8 +24,15 @@ import openai
 import redis
 
 from service.db.embedded import EmbeddedPostgres
-from tests.conftest import ADMIN_TOKEN, Meterline, Upstream, providers_yaml, start_meterline
-from tests.support import Database, free_port
+from tests.conftest import (
+    ADMIN_TOKEN,
+    Meterline,
+    Upstream,
+    meterline_env,
+    providers_yaml,
+    start_meterline,
+)
+from tests.support import ROOT, Database, free_port, wait_for_http
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -170,6 +181,102 @@ class StoppablePostgres:
     def close(self) -> None:
         with contextlib.suppress(Exception):
             self.embedded.stop()
+
+
+class Server:
+    """`meterline serve` as a process the test signals itself (SIGTERM, SIGKILL).
+
+    It runs in a process group of its own, as a container's processes do: `kill()` takes the
+    server down with all its workers at once, and `stop()` leaves none of them behind. A
+    restart (`start()` again) keeps its port, data directory (spool, journal) and log.
+    """
+
+    def __init__(
+        self, database_url: str, upstream: Upstream, workdir: Path, *args: str, **env: str
+    ) -> None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        providers = workdir / "providers.yaml"
+        providers.write_text(providers_yaml(upstream))
+        self.data_dir = workdir / "data"
+        self.log = workdir / "meterline.log"
+        self.env = {
+            **os.environ,
+            **meterline_env(database_url, self.data_dir, providers),
+            **meterline_settings(),
+            **env,
+        }
+        self.args = args
+        self.process: subprocess.Popen[bytes] | None = None
+        self.port: int | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def v1(self) -> str:
+        return f"{self.url}/v1"
+
+    @property
+    def spool(self) -> Path:
+        return self.data_dir / "spool"
+
+    def start(self) -> Server:
+        self.port = self.port or free_port()
+        with open(self.log, "ab") as out:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "service", "serve", "--port", str(self.port), *self.args],
+                env=self.env,
+                cwd=ROOT,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        wait_for_http(f"{self.url}/healthz", 60, self.process)
+        return self
+
+    def signal(self, signum: int) -> None:
+        assert self.process is not None
+        self.process.send_signal(signum)
+
+    def kill(self) -> None:
+        """SIGKILL to the server and every worker at once: a container killed, a host lost."""
+        assert self.process is not None
+        os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(timeout=30)
+
+    def wait(self, timeout: float = 60) -> int:
+        assert self.process is not None
+        return self.process.wait(timeout=timeout)
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        # Workers whose parent was killed would otherwise outlive the test.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+
+    def spooled(self) -> list[Path]:
+        """Batches waiting in the spool, claimed for replay or not."""
+        if not self.spool.exists():
+            return []
+        return [p for p in self.spool.iterdir() if p.is_file() and ".jsonl" in p.name]
+
+
+def journaled_ids(server: Server) -> set[str]:
+    """Request ids in the journal segments on disk (JSON lines, read without parsing)."""
+    ids = set()
+    for path in (server.spool / "journal").glob("*.journal"):
+        for line in path.read_bytes().splitlines():
+            ids.add(line.split(b'"request_id":"', 1)[1].split(b'"', 1)[0].decode())
+    return ids
 
 
 @dataclass

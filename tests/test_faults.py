@@ -20,7 +20,6 @@ import random
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -37,18 +36,19 @@ import pytest
 from openai.types.chat import ChatCompletionMessageParam
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import Upstream, meterline_env, providers_yaml
+from tests.conftest import Upstream
 from tests.reliability import (
     Outcome,
+    Server,
     SteadyLoad,
     StoppablePostgres,
     admin,
     check_ledger,
-    meterline_settings,
+    journaled_ids,
     new_customer,
     wait_until_settled,
 )
-from tests.support import ROOT, Database, free_port, wait_for_http
+from tests.support import Database
 
 MODEL = "meta-llama/Llama-3.3-70B-Instruct"
 HELLO: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Hello"}]
@@ -74,70 +74,6 @@ def postgres() -> Iterator[StoppablePostgres]:
 @pytest.fixture
 def db(postgres: StoppablePostgres) -> Database:
     return Database(postgres.url)
-
-
-class Server:
-    """`meterline serve` as a process the test signals itself (SIGTERM, SIGKILL)."""
-
-    def __init__(self, database_url: str, upstream: Upstream, workdir: Path, *args: str) -> None:
-        workdir.mkdir(parents=True, exist_ok=True)
-        providers = workdir / "providers.yaml"
-        providers.write_text(providers_yaml(upstream))
-        self.data_dir = workdir / "data"
-        self.log = workdir / "meterline.log"
-        self.env = {
-            **os.environ,
-            **meterline_env(database_url, self.data_dir, providers),
-            **meterline_settings(),
-        }
-        self.args = args
-        self.process: subprocess.Popen[bytes] | None = None
-        self.url = ""
-
-    @property
-    def v1(self) -> str:
-        return f"{self.url}/v1"
-
-    @property
-    def spool(self) -> Path:
-        return self.data_dir / "spool"
-
-    def start(self) -> Server:
-        port = free_port()
-        self.url = f"http://127.0.0.1:{port}"
-        with open(self.log, "ab") as out:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "service", "serve", "--port", str(port), *self.args],
-                env=self.env,
-                cwd=ROOT,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-        wait_for_http(f"{self.url}/healthz", 60, self.process)
-        return self
-
-    def signal(self, signum: int) -> None:
-        assert self.process is not None
-        self.process.send_signal(signum)
-
-    def wait(self, timeout: float = 60) -> int:
-        assert self.process is not None
-        return self.process.wait(timeout=timeout)
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-    def spooled(self) -> list[Path]:
-        """Batches waiting in the spool, claimed for replay or not."""
-        if not self.spool.exists():
-            return []
-        return [p for p in self.spool.iterdir() if p.is_file() and ".jsonl" in p.name]
 
 
 @pytest.fixture
@@ -370,15 +306,6 @@ def no_new_files(directory: Path) -> Iterator[None]:
             subprocess.run(["chattr", "-i", str(directory)], check=True)
         else:
             directory.chmod(mode)
-
-
-def journaled_ids(server: Server) -> set[str]:
-    """Request ids in the journal segments on disk (JSON lines, read without parsing)."""
-    ids = set()
-    for path in (server.spool / "journal").glob("*.journal"):
-        for line in path.read_bytes().splitlines():
-            ids.add(line.split(b'"request_id":"', 1)[1].split(b'"', 1)[0].decode())
-    return ids
 
 
 def ledger_errors(server: Server, step: str) -> float:

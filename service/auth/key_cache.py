@@ -34,11 +34,12 @@ _NEGATIVE_TTL_S = 2.0
 _NEGATIVE_LIMIT = 10_000
 
 _ACTIVE_KEYS = text(
-    "SELECT id, account_id, key_hash, expires_at FROM api_keys "
+    "SELECT id, account_id, prefix, key_hash, expires_at FROM api_keys "
     "WHERE revoked_at IS NULL AND (expires_at IS NULL OR expires_at > now())"
 )
 _ONE_KEY = text(
-    "SELECT id, account_id, key_hash, expires_at, revoked_at FROM api_keys WHERE key_hash = :h"
+    "SELECT id, account_id, prefix, key_hash, expires_at, revoked_at FROM api_keys "
+    "WHERE key_hash = :h"
 )
 
 
@@ -47,6 +48,7 @@ class CachedKey:
     key_id: uuid.UUID
     account_id: uuid.UUID
     expires_at: datetime | None
+    prefix: str  # what lists (and the access log) show of the key
 
     def usable(self, now: datetime) -> bool:
         return self.expires_at is None or self.expires_at > now
@@ -89,7 +91,7 @@ class KeyCache:
         async with self._engine.connect() as connection:
             rows = (await connection.execute(_ACTIVE_KEYS)).all()
         self._by_hash = {
-            bytes(row.key_hash): CachedKey(row.id, row.account_id, row.expires_at)
+            bytes(row.key_hash): CachedKey(row.id, row.account_id, row.expires_at, row.prefix)
             for row in rows
             if row.id not in self._revoked
         }
@@ -141,7 +143,7 @@ class KeyCache:
                 self._unknown.clear()
             self._unknown[digest] = time.monotonic() + _NEGATIVE_TTL_S
             return None
-        key = CachedKey(row.id, row.account_id, row.expires_at)
+        key = CachedKey(row.id, row.account_id, row.expires_at, row.prefix)
         self._by_hash[digest] = key
         return key
 

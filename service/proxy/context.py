@@ -29,6 +29,7 @@ class RequestContext:
     occurred_at: datetime
     account_id: uuid.UUID
     key_id: uuid.UUID
+    key_prefix: str  # as the billing API lists it (never the key)
     endpoint: str  # chat | completions | embeddings
     model: str
     task_id: str | None

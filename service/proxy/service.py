@@ -40,6 +40,7 @@ from service.prices.cache import PriceCache
 from service.providers.config import Provider
 from service.providers.router import ProviderRouter
 from service.proxy import tokens
+from service.proxy.access import AccessLog
 from service.proxy.context import ProxyHooks, RequestContext
 from service.proxy.redact import redact_provider_key
 from service.proxy.sse import OutputCounter, StreamMeter
@@ -305,6 +306,7 @@ class MeteringProxy:
         prices: PriceCache,
         hooks: ProxyHooks,
         max_body_bytes: int,
+        access_log: AccessLog | None = None,
     ) -> None:
         self.keys = keys
         self.router = router
@@ -313,6 +315,7 @@ class MeteringProxy:
         self.prices = prices
         self.hooks = hooks
         self.max_body_bytes = max_body_bytes
+        self.access_log = access_log
         self._prices = PriceMemo()
         self._headers_cache: dict[tuple[str, bool], dict[str, str]] = {}
         self._models_cache: tuple[float, list[dict[str, Any]]] | None = None
@@ -331,10 +334,14 @@ class MeteringProxy:
         started = time.perf_counter()
         occurred_at = datetime.now(UTC)
         request_id = new_request_id()
+        headers = _headers(scope)
+        key: CachedKey | None = None
         try:
-            ctx = await self._admit(endpoint, scope, receive, request_id, occurred_at)
+            key = await self.authenticate(headers)
+            ctx = await self._admit(endpoint, headers, key, receive, request_id, occurred_at)
         except MeterlineError as error:
             await send_error(send, error, request_id)
+            self._log_refusal(request_id, endpoint, error, started, key)
             return
         except _ClientGone:
             return
@@ -342,6 +349,7 @@ class MeteringProxy:
             await self._run_admission(ctx)
         except MeterlineError as error:
             await send_error(send, error, request_id)
+            self._log_refusal(request_id, endpoint, error, started, key, ctx.model)
             return
         send = redact_provider_key(send, ctx.provider.api_key)
         try:
@@ -353,16 +361,31 @@ class MeteringProxy:
             if not ctx.settled:  # an unexpected failure: reservations must not leak
                 await self._settle(ctx, None)
 
+    def _log_refusal(
+        self,
+        request_id: str,
+        endpoint: str,
+        error: MeterlineError,
+        started: float,
+        key: CachedKey | None,
+        model: str | None = None,
+    ) -> None:
+        if self.access_log is None:
+            return
+        account_id, prefix = (key.account_id, key.prefix) if key is not None else (None, None)
+        self.access_log.refused(
+            request_id, endpoint, error.status_code, error.code, started, account_id, prefix, model
+        )
+
     async def _admit(
         self,
         endpoint: str,
-        scope: Scope,
+        headers: Mapping[bytes, bytes],
+        key: CachedKey,
         receive: Receive,
         request_id: str,
         occurred_at: datetime,
     ) -> RequestContext:
-        headers = _headers(scope)
-        key = await self.authenticate(headers)
         task_id = _task_header(headers, b"x-task-id")
         task_type = _task_header(headers, b"x-task-type")
         raw = await _read_body(receive, self.max_body_bytes, headers.get(b"content-length"))
@@ -380,6 +403,7 @@ class MeteringProxy:
             occurred_at=occurred_at,
             account_id=key.account_id,
             key_id=key.key_id,
+            key_prefix=key.prefix,
             endpoint=endpoint,
             model=model,
             task_id=task_id,
@@ -692,6 +716,8 @@ class MeteringProxy:
 
     async def _settle(self, ctx: RequestContext, record: LedgerRecord | None) -> None:
         ctx.settled = True
+        if record is not None and self.access_log is not None:
+            self.access_log.request(record, ctx.key_prefix)
         for hook in self.hooks.settlement:
             try:
                 await hook(ctx, record)

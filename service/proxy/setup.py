@@ -14,6 +14,7 @@ from service.prices.cache import PriceCache
 from service.providers.config import load_providers
 from service.providers.router import ProviderRouter
 from service.proxy import tokens
+from service.proxy.access import AccessLog
 from service.proxy.context import ProxyHooks
 from service.proxy.service import MeteringProxy
 from service.proxy.upstream import UpstreamClient
@@ -44,6 +45,9 @@ async def start_proxy(
     await upstream.start()
     providers = ProviderRouter(load_providers(settings.providers))
     hooks = ProxyHooks()
+    access_log = AccessLog() if settings.access_log else None
+    if access_log is not None:
+        access_log.start()
     proxy = MeteringProxy(
         keys=keys,
         router=providers,
@@ -52,6 +56,7 @@ async def start_proxy(
         prices=prices,
         hooks=hooks,
         max_body_bytes=settings.max_request_body_bytes,
+        access_log=access_log,
     )
     return {
         "keys": keys,
@@ -60,4 +65,5 @@ async def start_proxy(
         "ledger": ledger,
         "hooks": hooks,
         "proxy": proxy,
+        "access_log": access_log,
     }
