@@ -22,6 +22,7 @@ from service.console import endpoints as console_pages  # noqa: F401  (registers
 from service.console.pages import STATIC
 from service.console.pages import router as console_router
 from service.db.engine import database_unavailable
+from service.deps import provide
 from service.docs.endpoints import router as docs_router
 from service.errors import DatabaseUnavailable, ErrorBody, MeterlineError, error_body
 from service.health.endpoints import router as health_router
@@ -119,7 +120,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         runtime = await Runtime.start(settings)
-        app.state.runtime = runtime
+        provide(app, runtime)
         try:
             yield
         finally:

@@ -27,10 +27,9 @@ from pricing.money import format_usd
 from pricing.price_table import format_rate
 from service.console import sessions
 from service.console.sessions import COOKIE, SignedIn
-from service.db.session import Session
+from service.deps import Config, Session
 from service.errors import Forbidden, MeterlineError, NotFound
 from service.invoices.pdf import unit_price
-from service.runtime import get_runtime
 
 STATIC = "/console/static"
 # Pages hold account data: never cached, never framed, scripts and styles from here only.
@@ -126,8 +125,7 @@ def page(
 # -- who is signed in, and CSRF -----------------------------------------------------------
 
 
-async def _viewer(request: Request, session: Session) -> SignedIn:
-    settings = get_runtime(request).settings
+async def _viewer(request: Request, session: Session, settings: Config) -> SignedIn:
     found = await sessions.resolve(session, request.cookies.get(COOKIE), settings.admin_token)
     if found is None:
         target = request.url.path + (f"?{request.url.query}" if request.url.query else "")

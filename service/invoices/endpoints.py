@@ -3,10 +3,9 @@ from __future__ import annotations
 import uuid
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Request, Response, status
+from fastapi import APIRouter, Query, Response, status
 
-from service.auth.principal import Admin, Caller
-from service.db.session import Session
+from service.deps import Admin, Caller, Config, Session
 from service.errors import ErrorBody
 from service.invoices import service
 from service.invoices.pdf import Issuer
@@ -18,7 +17,6 @@ from service.invoices.schemas import (
     UnpricedReport,
     invoice_out,
 )
-from service.runtime import get_runtime
 from service.schemas import CursorParam, Limit, Page, Period, links
 
 ERRORS: dict[int | str, dict[str, Any]] = {
@@ -98,11 +96,11 @@ async def get_invoice(invoice_id: uuid.UUID, session: Session, caller: Caller) -
     responses={200: {"content": {"application/pdf": {}}, "description": "The invoice as PDF."}},
 )
 async def invoice_pdf(
-    invoice_id: uuid.UUID, request: Request, session: Session, caller: Caller
+    invoice_id: uuid.UUID, session: Session, caller: Caller, settings: Config
 ) -> Response:
     """The invoice as a PDF document (a draft or void one is marked so on every page)."""
     document, filename = await service.invoice_document(
-        session, caller, invoice_id, Issuer.from_settings(get_runtime(request).settings)
+        session, caller, invoice_id, Issuer.from_settings(settings)
     )
     return Response(
         document,
@@ -113,7 +111,7 @@ async def invoice_pdf(
 
 @router.post("/invoices/{invoice_id}/finalize", response_model=InvoiceOut, responses=CONFLICT)
 async def finalize_invoice(
-    invoice_id: uuid.UUID, request: Request, session: Session, _: Admin
+    invoice_id: uuid.UUID, session: Session, settings: Config, _: Admin
 ) -> InvoiceOut:
     """Refresh the draft from the ledger, freeze it and give it the next number (admin).
 
@@ -121,7 +119,7 @@ async def finalize_invoice(
     still open (after waiting `METERLINE_INVOICE_FINALIZE_WAIT_S`), and while usage without
     a price remains.
     """
-    wait_s = get_runtime(request).settings.invoice_finalize_wait_s
+    wait_s = settings.invoice_finalize_wait_s
     return invoice_out(await service.finalize(session, invoice_id, wait_s=wait_s))
 
 

@@ -61,6 +61,8 @@ from service.limits.ratelimit import Charge, WindowResult
 from service.metrics import registry as metrics
 from service.prices.cache import PriceCache
 from service.proxy.context import ProxyHooks, RequestContext
+from service.proxy.tokens import choices as requested_choices
+from service.proxy.tokens import completion_limit, default_completion
 from service.settings import Settings
 
 log = logging.getLogger("meterline.limits")
@@ -287,9 +289,9 @@ class Limits:
         need = None
         if applied.tokens or budgeted:
             prompt = estimate.prompt_tokens(body)
-            limit = estimate.completion_limit(body)
-            choices = estimate.choices(body)
-            per_choice = limit or estimate.default_completion(
+            limit = completion_limit(body)
+            choices = requested_choices(body)
+            per_choice = limit or default_completion(
                 body, self.settings.budget_default_completion_tokens
             )
             tokens = prompt + per_choice * choices

@@ -6,8 +6,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 
 from service.accounts.endpoints import ERRORS
-from service.auth.principal import Admin
-from service.db.session import Session
+from service.deps import Admin, Session
 from service.margin.schemas import MarginReport
 from service.margin.service import margin_report
 from service.schemas import Period

@@ -3,14 +3,13 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Request, Response, status
+from fastapi import APIRouter, Query, Response, status
 
-from service.auth.principal import Admin, Caller
-from service.db.session import Session
+from service.db.session import after_commit
+from service.deps import Admin, Caller, Prices, Session
 from service.errors import ErrorBody
 from service.prices import service
 from service.prices.schemas import PriceCreate, PriceList, PriceOut
-from service.runtime import get_runtime
 from service.schemas import Text, UTCTime, links
 
 ERRORS: dict[int | str, dict[str, Any]] = {
@@ -69,15 +68,14 @@ async def lookup_price(
     },
 )
 async def add_price(
-    data: PriceCreate, session: Session, request: Request, response: Response, _: Admin
+    data: PriceCreate, session: Session, response: Response, prices: Prices, _: Admin
 ) -> PriceOut:
     """Add a price version (admin). Past rows and finalized invoices never change."""
     version, created = await service.add_price(session, data)
     out = PriceOut.model_validate(version)
     # Durable first, then this worker prices with it at once; the others pick it up
     # within their refresh interval.
-    await session.commit()
-    await get_runtime(request).prices.refresh()
+    after_commit(session, prices.refresh)
     if not created:
         response.status_code = status.HTTP_200_OK
     return out

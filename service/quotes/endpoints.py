@@ -3,17 +3,14 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from fastapi import APIRouter, Request, status
+from fastapi import APIRouter, status
 
 from service.accounts.endpoints import ERRORS
-from service.auth.principal import Caller
-from service.db.session import Session
+from service.deps import Budgets, Caller, Config, Guard, Prices, Session
 from service.errors import ErrorBody
 from service.quotes import service
 from service.quotes.schemas import QuoteAccept, QuoteCreate, QuoteOut
-from service.runtime import get_runtime
 from service.schemas import links
-from service.tasks.endpoints import Guard
 from service.tasks.schemas import TaskOut
 
 router = APIRouter(prefix="/billing/quotes", tags=["quotes"], responses=ERRORS)
@@ -41,11 +38,10 @@ TASK = {"path.task_id": "$response.body#/id", "query.account_id": "$response.bod
     },
 )
 async def create_quote(
-    data: QuoteCreate, request: Request, session: Session, caller: Caller
+    data: QuoteCreate, session: Session, caller: Caller, settings: Config, prices: Prices
 ) -> QuoteOut:
     """Price one task of `task_type` on `model` in advance (from history, else an estimate)."""
-    runtime = get_runtime(request)
-    return await service.create_quote(session, runtime.settings, runtime.prices.book, caller, data)
+    return await service.create_quote(session, settings, prices.book, caller, data)
 
 
 @router.get("/{quote_id}", response_model=QuoteOut)
@@ -67,18 +63,18 @@ async def get_quote(quote_id: uuid.UUID, session: Session, caller: Caller) -> Qu
 )
 async def accept_quote(
     quote_id: uuid.UUID,
-    request: Request,
     session: Session,
     caller: Caller,
+    settings: Config,
     guard: Guard,
+    budgets: Budgets,
     data: QuoteAccept | None = None,
 ) -> TaskOut:
     """Open a task bound to the quote's fixed price; send its id as `X-Task-Id`.
 
     The fixed price is reserved against the account's monthly budget (429
     `insufficient_quota` when the budget cannot pay it)."""
-    runtime = get_runtime(request)
-    async with runtime.limits.quote_acceptance(session, quote_id):
+    async with budgets.quote_acceptance(session, quote_id):
         return await service.accept_quote(
-            session, runtime.settings, guard, caller, quote_id, data or QuoteAccept()
+            session, settings, guard, caller, quote_id, data or QuoteAccept()
         )

@@ -30,11 +30,11 @@ from pricing.quote import (
 from service.auth.principal import Principal
 from service.db.models import Quote
 from service.errors import Conflict, MeterlineError, NotFound, Unprocessable
+from service.parts import LiveTasks
 from service.proxy.tokens import count_tokens, prompt_text
 from service.quotes.repository import QuoteRepository
 from service.quotes.schemas import QuoteAccept, QuoteCreate, QuoteOut
 from service.settings import Settings
-from service.tasks.guard import TaskGuard
 from service.tasks.repository import EMPTY_USAGE
 from service.tasks.schemas import TaskOut
 from service.tasks.service import open_quoted_task, task_out
@@ -172,7 +172,7 @@ async def get_quote(session: AsyncSession, caller: Principal, quote_id: uuid.UUI
 async def accept_quote(
     session: AsyncSession,
     settings: Settings,
-    guard: TaskGuard | None,
+    guard: LiveTasks | None,
     caller: Principal,
     quote_id: uuid.UUID,
     data: QuoteAccept,

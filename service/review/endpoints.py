@@ -7,8 +7,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Path, Query
 
 from service.accounts.endpoints import ERRORS
-from service.auth.principal import Admin, Caller
-from service.db.session import Session
+from service.deps import Admin, Caller, Session
 from service.errors import ErrorBody
 from service.reports.service import parse_period
 from service.review import service

@@ -3,16 +3,13 @@ from __future__ import annotations
 import uuid
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Path, Query, Request
+from fastapi import APIRouter, Path, Query
 
 from service.accounts.endpoints import ERRORS
-from service.auth.principal import Caller
-from service.db.session import Session
+from service.deps import Caller, Guard, Session
 from service.errors import ErrorBody
-from service.runtime import get_runtime
 from service.schemas import CursorParam, Limit, Page, Text, UTCTime
 from service.tasks import service
-from service.tasks.guard import TaskGuard
 from service.tasks.repository import TaskFilter
 from service.tasks.schemas import TaskComplete, TaskOut, TaskStatus
 
@@ -27,12 +24,6 @@ COMPLETE: dict[int | str, dict[str, Any]] = {
 }
 
 
-def get_guard(request: Request) -> TaskGuard | None:
-    guard: TaskGuard | None = getattr(get_runtime(request), "tasks", None)
-    return guard
-
-
-Guard = Annotated[TaskGuard | None, Depends(get_guard)]
 TaskIdPath = Annotated[Text, Path(min_length=1, max_length=128, description="The `X-Task-Id`.")]
 AccountId = Annotated[
     uuid.UUID | None,

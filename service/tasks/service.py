@@ -21,9 +21,9 @@ from service.accounts.repository import AccountRepository
 from service.auth.principal import Principal
 from service.db.models import Task
 from service.errors import Conflict, Forbidden, NotFound, Unprocessable
+from service.parts import LiveTasks
 from service.schemas import Page, decode_cursor, encode_cursor
 from service.tasks.expiry import expire_tasks
-from service.tasks.guard import TaskGuard
 from service.tasks.repository import TaskFilter, TaskRepository, TaskUsage
 from service.tasks.schemas import Outcome, TaskOut
 
@@ -139,7 +139,7 @@ async def _require_outcome_reporter(
 
 async def complete_task(
     session: AsyncSession,
-    guard: TaskGuard | None,
+    guard: LiveTasks | None,
     caller: Principal,
     task_id: str,
     account_id: uuid.UUID | None,
@@ -203,7 +203,7 @@ async def complete_task(
 
 async def open_quoted_task(
     session: AsyncSession,
-    guard: TaskGuard | None,
+    guard: LiveTasks | None,
     values: dict[str, object],
     cap: Decimal,
 ) -> Task:

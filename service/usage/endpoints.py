@@ -7,8 +7,7 @@ from fastapi import APIRouter, Depends, Query
 from fastapi.responses import JSONResponse
 
 from service.accounts.endpoints import ERRORS
-from service.auth.principal import Caller
-from service.db.session import Session
+from service.deps import Caller, Session
 from service.schemas import CursorParam, Page, Text, UTCTime
 from service.usage import service
 from service.usage.repository import UsageFilter
