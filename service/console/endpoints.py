@@ -32,7 +32,7 @@ from service.console.pages import (
     router,
 )
 from service.db.session import after_commit
-from service.deps import Config, Engine, Guard, Keys, Prices, Session
+from service.deps import Budgets, Config, Engine, Guard, Keys, Prices, Session
 from service.errors import Unauthorized
 from service.invoices import service as invoices
 from service.invoices.pdf import Issuer
@@ -489,9 +489,12 @@ async def accept_quote(
     form: Posted,
     settings: Config,
     guard: Guard,
+    budgets: Budgets,
 ) -> Response:
     data = QuoteAccept.model_validate({"task_id": form.get("task_id")})
-    task = await quotes.accept_quote(session, settings, guard, viewer.principal, quote_id, data)
+    # As in the API: the fixed price is held against the budget, or nothing is accepted.
+    async with budgets.quote_acceptance(session, quote_id):
+        task = await quotes.accept_quote(session, settings, guard, viewer.principal, quote_id, data)
     return redirect(f"/console/tasks?status=open&task_type={task.task_type or ''}")
 
 
