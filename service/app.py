@@ -24,7 +24,16 @@ from service.console.pages import router as console_router
 from service.db.engine import database_unavailable
 from service.deps import provide
 from service.docs.endpoints import router as docs_router
-from service.errors import DatabaseUnavailable, ErrorBody, MeterlineError, error_body
+from service.errors import (
+    DatabaseUnavailable,
+    MalformedRequest,
+    MeterlineError,
+    MethodNotAllowed,
+    NotFound,
+    PayloadTooLarge,
+    Unprocessable,
+    error_body,
+)
 from service.health.endpoints import router as health_router
 from service.invoices.endpoints import router as invoices_router
 from service.limits.body import BodySizeLimit
@@ -56,6 +65,13 @@ def _validation_message(error: dict[str, Any]) -> str:
     return str(error.get("msg"))
 
 
+# What Starlette's own refusals (routing, body reading, the body limit) are called.
+_HTTP_ERRORS = {
+    kind.status_code: kind
+    for kind in (MalformedRequest, NotFound, MethodNotAllowed, PayloadTooLarge)
+}
+
+
 def _render(error: MeterlineError) -> Response:
     return JSONResponse(error.body(), status_code=error.status_code, headers=error.headers)
 
@@ -72,10 +88,7 @@ def install_error_handlers(app: FastAPI) -> None:
         param = _field_path(first.get("loc", ()))
         reason = _validation_message(first)
         message = f"{param}: {reason}" if param else reason
-        return JSONResponse(
-            error_body(message, "invalid_request_error", "validation_error", param or None),
-            status_code=422,
-        )
+        return _render(Unprocessable(message, param=param or None))
 
     async def _database_error(request: Request, exc: Exception) -> Response:
         if not database_unavailable(exc):
@@ -92,9 +105,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
-        code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(
-            exc.status_code, "http_error"
-        )
+        code = _HTTP_ERRORS.get(exc.status_code, MalformedRequest).code
         return JSONResponse(
             error_body(str(exc.detail), "invalid_request_error", code),
             status_code=exc.status_code,
@@ -134,18 +145,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # Served by service.docs from vendored assets, so they work without internet.
         docs_url=None,
         redoc_url=None,
-        # Any operation can answer 400: a body that cannot be parsed at all (not even as
-        # text), or an Authorization and an X-API-Key header that disagree; and 503 while
-        # Postgres cannot be reached.
-        responses={
-            400: {"model": ErrorBody, "description": "Malformed request"},
-            503: {
-                "model": ErrorBody,
-                "description": "The database is unavailable (`database_unavailable`): retry"
-                " after `Retry-After` seconds.",
-                "headers": {"Retry-After": {"schema": {"type": "integer"}}},
-            },
-        },
     )
     install_error_handlers(app)
     # The proxy's endpoints skip FastAPI's middleware (CORS, when configured, still wraps them).

@@ -565,5 +565,7 @@ def test_a_quote_accepted_in_the_console_holds_its_price_against_the_budget(
     client.close()
     assert refused.status_code == 429
     with server.admin() as api:
-        task = api.get("/billing/tasks/console-over-budget", params={"account_id": account["id"]})
+        task = api.get(
+            "/billing/tasks/console-over-budget", params={"account_id": str(account["id"])}
+        )
     assert task.status_code == 404

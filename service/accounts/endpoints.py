@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import uuid
 from functools import partial
-from typing import Any
 
 from fastapi import APIRouter, status
 
@@ -17,20 +16,13 @@ from service.accounts.schemas import (
 )
 from service.db.session import after_commit
 from service.deps import Admin, Caller, Keys, Session
-from service.errors import ErrorBody
+from service.errors import API_ERRORS, Forbidden, errors
 from service.schemas import CursorParam, Limit, Page, links
 
-ERRORS: dict[int | str, dict[str, Any]] = {
-    400: {"model": ErrorBody, "description": "Unreadable body, or two different credentials."},
-    401: {"model": ErrorBody, "description": "Missing, unknown, revoked or expired credential."},
-    404: {"model": ErrorBody, "description": "No such object visible to the caller."},
-    422: {"model": ErrorBody, "description": "Invalid parameter; `error.param` names it."},
-}
-FORBIDDEN: dict[int | str, dict[str, Any]] = {
-    403: {"model": ErrorBody, "description": "A customer key asked for an admin-only change."}
-}
+# A customer key may read its own account, not change it or its keys.
+FORBIDDEN = errors(*API_ERRORS, Forbidden)
 
-router = APIRouter(prefix="/billing", tags=["accounts"], responses=ERRORS)
+router = APIRouter(prefix="/billing", tags=["accounts"], responses=errors(*API_ERRORS))
 
 
 ACCOUNT = {"path.account_id": "$response.body#/id"}

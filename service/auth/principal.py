@@ -14,7 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.auth.keys import hash_key
 from service.db.models import ApiKey
-from service.errors import BadRequest, NotFound, Unauthorized
+from service.errors import ConflictingCredentials, NotFound, Unauthorized
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,10 +59,7 @@ def presented_credential(request: Request) -> str | None:
     header_key = request.headers.get("x-api-key", "").strip() or None
     # Bytes: compare_digest refuses str with non-ASCII characters (a header may carry any).
     if bearer and header_key and not hmac.compare_digest(bearer.encode(), header_key.encode()):
-        raise BadRequest(
-            "Authorization and X-API-Key carry different keys; send one",
-            code="conflicting_credentials",
-        )
+        raise ConflictingCredentials("Authorization and X-API-Key carry different keys; send one")
     return bearer or header_key
 
 

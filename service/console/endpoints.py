@@ -173,7 +173,7 @@ async def usage(
         first,
         last,
         group or "day",
-        optional_uuid(account_id, "account_id"),
+        optional_uuid(account_id, "query.account_id"),
         model,
     )
     chart = None
@@ -213,7 +213,7 @@ async def usage_csv(
         first,
         last,
         group or "day",
-        optional_uuid(account_id, "account_id"),
+        optional_uuid(account_id, "query.account_id"),
         model,
     )
     name = f"meterline-usage-{first}-{last}-by-{data.group}.csv"
@@ -330,7 +330,7 @@ async def invoice_list(
     listed = await invoices.list_invoices(
         session,
         viewer.principal,
-        optional_uuid(account_id, "account_id"),
+        optional_uuid(account_id, "query.account_id"),
         period or None,
         status or None,
         50,
@@ -352,7 +352,7 @@ async def invoice_list(
 
 @router.post("/invoices", response_class=HTMLResponse)
 async def generate_invoice(session: Session, viewer: Operator, form: Posted) -> Response:
-    account_id = optional_uuid(form.get("account_id"), "account_id")
+    account_id = optional_uuid(form.get("account_id"), "body.account_id")
     if account_id is None:
         return redirect("/console/invoices")
     invoice, _ = await invoices.generate_one(
@@ -418,7 +418,7 @@ async def task_list(
     cursor: Text = None,
 ) -> Response:
     where = TaskFilter(
-        account_id=optional_uuid(account_id, "account_id"),
+        account_id=optional_uuid(account_id, "query.account_id"),
         status=status or None,
         task_type=task_type,
         model=model,
@@ -448,7 +448,7 @@ async def complete_task(session: Session, viewer: Operator, form: Posted, guard:
         guard,
         viewer.principal,
         form.get("task_id") or "",
-        optional_uuid(form.get("account_id"), "account_id"),
+        optional_uuid(form.get("account_id"), "body.account_id"),
         data.outcome,
     )
     back = form.get("back") or ""

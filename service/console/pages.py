@@ -45,6 +45,11 @@ SECURITY_HEADERS = {
 }
 
 
+class CsrfFailed(Forbidden):
+    code = "csrf_failed"
+    description = "The form has expired or did not come from the console."
+
+
 class SignInRequired(Exception):
     def __init__(self, next_path: str) -> None:
         self.next_path = next_path
@@ -172,10 +177,8 @@ async def _posted(request: Request, viewer: Viewer) -> Form:
     form = await read_form(request)
     presented = form.fields.get("csrf_token") or request.headers.get("x-csrf-token")
     if not sessions.csrf_matches(viewer.csrf_token, presented):
-        raise Forbidden(
-            "This form has expired or did not come from the console; reload the page and try"
-            " again.",
-            code="csrf_failed",
+        raise CsrfFailed(
+            "This form has expired or did not come from the console; reload the page and try again."
         )
     return form
 
@@ -183,13 +186,15 @@ async def _posted(request: Request, viewer: Viewer) -> Form:
 Posted = Annotated[Form, Depends(_posted)]
 
 
-def optional_uuid(value: str | None, name: str) -> uuid.UUID | None:
+def optional_uuid(value: str | None, param: str) -> uuid.UUID | None:
+    """An id from a query (`query.account_id`) or a form (`body.account_id`)."""
     if value is None:
         return None
     try:
         return uuid.UUID(value)
     except ValueError:
-        raise NotFound(f"{name} {value!r} not found", param=name) from None
+        name = param.rpartition(".")[2]
+        raise NotFound(f"{name} {value!r} not found", param=param) from None
 
 
 # -- HTML ---------------------------------------------------------------------------------

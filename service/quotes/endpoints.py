@@ -1,25 +1,19 @@
 from __future__ import annotations
 
 import uuid
-from typing import Any
 
 from fastapi import APIRouter, status
 
-from service.accounts.endpoints import ERRORS
 from service.deps import Budgets, Caller, Config, Guard, Prices, Session
-from service.errors import ErrorBody
+from service.errors import API_ERRORS, errors
+from service.limits.policy import BudgetExhausted, BudgetUnavailable
 from service.quotes import service
 from service.quotes.schemas import QuoteAccept, QuoteCreate, QuoteOut
 from service.schemas import links
 from service.tasks.schemas import TaskOut
+from service.tasks.service import TaskIdInUse
 
-router = APIRouter(prefix="/billing/quotes", tags=["quotes"], responses=ERRORS)
-
-ACCEPT_ERRORS: dict[int | str, dict[str, Any]] = {
-    409: {"model": ErrorBody, "description": "Already accepted, or the task id is in use."},
-    410: {"model": ErrorBody, "description": "The quote expired."},
-    429: {"model": ErrorBody, "description": "The account's budget cannot pay the price."},
-}
+router = APIRouter(prefix="/billing/quotes", tags=["quotes"], responses=errors(*API_ERRORS))
 
 
 QUOTE = {"path.quote_id": "$response.body#/id"}
@@ -31,10 +25,11 @@ TASK = {"path.task_id": "$response.body#/id", "query.account_id": "$response.bod
     status_code=status.HTTP_201_CREATED,
     response_model=QuoteOut,
     responses={
+        **errors(*API_ERRORS, service.ModelNotPriced, service.QuoteNeedsEstimateInputs),
         201: links(
             GetQuote=("GET", "/billing/quotes/{quote_id}", QUOTE),
             AcceptQuote=("POST", "/billing/quotes/{quote_id}/accept", QUOTE),
-        )
+        ),
     },
 )
 async def create_quote(
@@ -54,7 +49,14 @@ async def get_quote(quote_id: uuid.UUID, session: Session, caller: Caller) -> Qu
     status_code=status.HTTP_201_CREATED,
     response_model=TaskOut,
     responses={
-        **ACCEPT_ERRORS,
+        **errors(
+            *API_ERRORS,
+            service.QuoteAlreadyAccepted,
+            TaskIdInUse,
+            service.QuoteExpired,
+            BudgetExhausted,
+            BudgetUnavailable,
+        ),
         201: links(
             GetTask=("GET", "/billing/tasks/{task_id}", TASK),
             CompleteTask=("POST", "/billing/tasks/{task_id}/complete", TASK),

@@ -6,13 +6,13 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 from fastapi.responses import StreamingResponse
 
-from service.accounts.endpoints import ERRORS
 from service.deps import Caller, Engine, Session
+from service.errors import API_ERRORS, errors
 from service.reports.schemas import MonthlyReport, ReportFormat
 from service.reports.service import export_monthly
 from service.schemas import Period
 
-router = APIRouter(prefix="/billing/reports", tags=["reports"], responses=ERRORS)
+router = APIRouter(prefix="/billing/reports", tags=["reports"], responses=errors(*API_ERRORS))
 
 MEDIA_TYPES = {"csv": "text/csv; charset=utf-8", "json": "application/json"}
 
