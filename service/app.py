@@ -37,7 +37,7 @@ from service.errors import (
 from service.health.endpoints import router as health_router
 from service.invoices.endpoints import router as invoices_router
 from service.limits.body import BodySizeLimit
-from service.logs import configure_logging
+from service.logs import RequestIds, configure_logging
 from service.margin.endpoints import router as margin_router
 from service.metrics.endpoints import router as metrics_router
 from service.prices.endpoints import router as prices_router
@@ -147,6 +147,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         redoc_url=None,
     )
     install_error_handlers(app)
+    # Request ids outside everything else, Starlette's own 500s included; only the proxy's
+    # fast path is put in front of them (its responses carry the ledger's request id).
+    build = app.build_middleware_stack
+    app.build_middleware_stack = lambda: RequestIds(build())  # type: ignore[method-assign]
     # The proxy's endpoints skip FastAPI's middleware (CORS, when configured, still wraps them).
     install_fast_path(app, behind_cors=bool(settings.cors_origins))
     # The billing API's bodies are bounded like the proxy's (inside CORS: a 413 keeps them).

@@ -221,11 +221,11 @@ class Limits:
         if not settings.redis_url:
             if settings.workers > 1:
                 log.warning(
-                    "event=limits_per_worker workers=%d detail=limits are per process: "
-                    "each worker counts rate limits and budgets on its own, so a budget may "
-                    "be spent up to %d times over; set METERLINE_REDIS_URL to share them",
+                    "event=limits_per_worker workers=%d detail=%s",
                     settings.workers,
-                    settings.workers,
+                    "limits are per process: each worker counts rate limits and budgets on"
+                    f" its own, so a budget may be spent up to {settings.workers} times over;"
+                    " set METERLINE_REDIS_URL to share them",
                 )
             return cls(settings, engine, prices, MemoryCounters())
         # Short timeouts: a slow Redis must not hold requests; admission then fails open.
