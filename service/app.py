@@ -47,7 +47,11 @@ from service.quotes.endpoints import router as quotes_router
 from service.reports.endpoints import router as reports_router
 from service.review.endpoints import router as review_router
 from service.runtime import Runtime
-from service.schemas import CONTROL_CHARACTERS_MESSAGE, NO_CONTROL_CHARACTERS
+from service.schemas import (
+    CONTROL_CHARACTERS_MESSAGE,
+    NO_CONTROL_CHARACTERS,
+    NO_CONTROL_CHARACTERS_BUT_LINES,
+)
 from service.settings import Settings, get_settings
 from service.tasks.endpoints import router as tasks_router
 from service.usage.endpoints import router as usage_router
@@ -60,7 +64,8 @@ def _field_path(location: Sequence[object]) -> str:
 
 
 def _validation_message(error: dict[str, Any]) -> str:
-    if (error.get("ctx") or {}).get("pattern") == NO_CONTROL_CHARACTERS:
+    pattern = (error.get("ctx") or {}).get("pattern")
+    if pattern in (NO_CONTROL_CHARACTERS, NO_CONTROL_CHARACTERS_BUT_LINES):
         return CONTROL_CHARACTERS_MESSAGE  # rather than the pattern itself
     return str(error.get("msg"))
 
