@@ -22,12 +22,22 @@ from service.console import endpoints as console_pages  # noqa: F401  (registers
 from service.console.pages import STATIC
 from service.console.pages import router as console_router
 from service.db.engine import database_unavailable
+from service.deps import provide
 from service.docs.endpoints import router as docs_router
-from service.errors import DatabaseUnavailable, ErrorBody, MeterlineError, error_body
+from service.errors import (
+    DatabaseUnavailable,
+    MalformedRequest,
+    MeterlineError,
+    MethodNotAllowed,
+    NotFound,
+    PayloadTooLarge,
+    Unprocessable,
+    error_body,
+)
 from service.health.endpoints import router as health_router
 from service.invoices.endpoints import router as invoices_router
 from service.limits.body import BodySizeLimit
-from service.logs import configure_logging
+from service.logs import RequestIds, configure_logging
 from service.margin.endpoints import router as margin_router
 from service.metrics.endpoints import router as metrics_router
 from service.prices.endpoints import router as prices_router
@@ -37,7 +47,11 @@ from service.quotes.endpoints import router as quotes_router
 from service.reports.endpoints import router as reports_router
 from service.review.endpoints import router as review_router
 from service.runtime import Runtime
-from service.schemas import CONTROL_CHARACTERS_MESSAGE, NO_CONTROL_CHARACTERS
+from service.schemas import (
+    CONTROL_CHARACTERS_MESSAGE,
+    NO_CONTROL_CHARACTERS,
+    NO_CONTROL_CHARACTERS_BUT_LINES,
+)
 from service.settings import Settings, get_settings
 from service.tasks.endpoints import router as tasks_router
 from service.usage.endpoints import router as usage_router
@@ -50,9 +64,17 @@ def _field_path(location: Sequence[object]) -> str:
 
 
 def _validation_message(error: dict[str, Any]) -> str:
-    if (error.get("ctx") or {}).get("pattern") == NO_CONTROL_CHARACTERS:
+    pattern = (error.get("ctx") or {}).get("pattern")
+    if pattern in (NO_CONTROL_CHARACTERS, NO_CONTROL_CHARACTERS_BUT_LINES):
         return CONTROL_CHARACTERS_MESSAGE  # rather than the pattern itself
     return str(error.get("msg"))
+
+
+# What Starlette's own refusals (routing, body reading, the body limit) are called.
+_HTTP_ERRORS = {
+    kind.status_code: kind
+    for kind in (MalformedRequest, NotFound, MethodNotAllowed, PayloadTooLarge)
+}
 
 
 def _render(error: MeterlineError) -> Response:
@@ -71,10 +93,7 @@ def install_error_handlers(app: FastAPI) -> None:
         param = _field_path(first.get("loc", ()))
         reason = _validation_message(first)
         message = f"{param}: {reason}" if param else reason
-        return JSONResponse(
-            error_body(message, "invalid_request_error", "validation_error", param or None),
-            status_code=422,
-        )
+        return _render(Unprocessable(message, param=param or None))
 
     async def _database_error(request: Request, exc: Exception) -> Response:
         if not database_unavailable(exc):
@@ -91,9 +110,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
-        code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(
-            exc.status_code, "http_error"
-        )
+        code = _HTTP_ERRORS.get(exc.status_code, MalformedRequest).code
         return JSONResponse(
             error_body(str(exc.detail), "invalid_request_error", code),
             status_code=exc.status_code,
@@ -119,7 +136,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         runtime = await Runtime.start(settings)
-        app.state.runtime = runtime
+        provide(app, runtime)
         try:
             yield
         finally:
@@ -133,20 +150,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # Served by service.docs from vendored assets, so they work without internet.
         docs_url=None,
         redoc_url=None,
-        # Any operation can answer 400: a body that cannot be parsed at all (not even as
-        # text), or an Authorization and an X-API-Key header that disagree; and 503 while
-        # Postgres cannot be reached.
-        responses={
-            400: {"model": ErrorBody, "description": "Malformed request"},
-            503: {
-                "model": ErrorBody,
-                "description": "The database is unavailable (`database_unavailable`): retry"
-                " after `Retry-After` seconds.",
-                "headers": {"Retry-After": {"schema": {"type": "integer"}}},
-            },
-        },
     )
     install_error_handlers(app)
+    # Request ids outside everything else, Starlette's own 500s included; only the proxy's
+    # fast path is put in front of them (its responses carry the ledger's request id).
+    build = app.build_middleware_stack
+    app.build_middleware_stack = lambda: RequestIds(build())  # type: ignore[method-assign]
     # The proxy's endpoints skip FastAPI's middleware (CORS, when configured, still wraps them).
     install_fast_path(app, behind_cors=bool(settings.cors_origins))
     # The billing API's bodies are bounded like the proxy's (inside CORS: a 413 keeps them).

@@ -6,7 +6,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
-from starlette.requests import Request
 
 from service.auth.key_cache import KeyCache
 from service.db.engine import asyncpg_dsn, create_engine, session_factory
@@ -114,8 +113,3 @@ class Runtime:
         await self.expiry.stop()
         await self.prices.stop()
         await self.engine.dispose()
-
-
-def get_runtime(request: Request) -> Runtime:
-    runtime: Runtime = request.app.state.runtime
-    return runtime

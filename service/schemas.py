@@ -32,6 +32,7 @@ from pydantic_core import CoreSchema, core_schema
 from pricing.invoice import BillingPeriod
 from pricing.prices import BEGINNING_OF_TIME, END_OF_TIME
 from service.errors import Unprocessable
+from service.ledger.record import CONTROL_CHARACTERS
 
 T = TypeVar("T")
 
@@ -78,8 +79,10 @@ def _billable(value: datetime) -> datetime:
 Billable = AfterValidator(_billable)
 BillableTime = Annotated[UTCTime, Billable]
 
-# Control characters: C0 (NUL above all: Postgres text cannot hold it), DEL and C1.
-NO_CONTROL_CHARACTERS = r"^[^\x00-\x1f\x7f-\x9f]*$"
+# Control characters: C0 (NUL above all: Postgres text cannot hold it), DEL and C1; a
+# person's free text may hold line breaks and tabs.
+NO_CONTROL_CHARACTERS = rf"^[^{CONTROL_CHARACTERS}]*$"
+NO_CONTROL_CHARACTERS_BUT_LINES = r"^[^\x00-\x08\x0b-\x1f\x7f-\x9f]*$"
 CONTROL_CHARACTERS_MESSAGE = "must not contain control characters (U+0000-U+001F, U+007F-U+009F)"
 
 
@@ -91,13 +94,16 @@ class _NoControlCharacters:
     know the rule.
     """
 
+    def __init__(self, pattern: str = NO_CONTROL_CHARACTERS) -> None:
+        self.pattern = pattern
+
     def __get_pydantic_core_schema__(
         self, source: Any, handler: GetCoreSchemaHandler
     ) -> CoreSchema:
         schema = handler(source)
         if schema["type"] != "str":
             raise TypeError("Text constrains plain strings only")
-        cast(core_schema.StringSchema, schema)["pattern"] = NO_CONTROL_CHARACTERS
+        cast(core_schema.StringSchema, schema)["pattern"] = self.pattern
         return schema
 
 
@@ -105,6 +111,8 @@ class _NoControlCharacters:
 # Postgres can store and compare, and a header can carry. Give it no other `pattern`, which
 # would replace this one; check further rules in a validator.
 Text = Annotated[str, _NoControlCharacters()]
+# What a person writes at length (a review's note): the same, line breaks and tabs allowed.
+Prose = Annotated[str, _NoControlCharacters(NO_CONTROL_CHARACTERS_BUT_LINES)]
 
 PERIOD_PATTERN = r"^\d{4}-(0[1-9]|1[0-2])$"
 

@@ -86,3 +86,21 @@ def flatmap_path_parameters(context: Any, path_parameters: Any) -> st.SearchStra
 @schemathesis.hook
 def flatmap_body(context: Any, body: Any) -> st.SearchStrategy[Any]:
     return half_odd(body)
+
+
+@schemathesis.check
+def documented_error_code(ctx: Any, response: Any, case: Any) -> None:
+    """An error answers with a code its operation documents for that status (service/errors.py
+    makes each operation's entries from the error classes it declares)."""
+    if response.status_code < 400:
+        return
+    entry = case.operation.definition.raw.get("responses", {}).get(str(response.status_code))
+    if entry is None:
+        return  # an undocumented status: `status_code_conformance` reports it
+    examples = entry.get("content", {}).get("application/json", {}).get("examples", {})
+    codes = {example["value"]["error"]["code"] for example in examples.values()}
+    code = response.json()["error"]["code"]
+    if code not in codes:
+        raise AssertionError(
+            f"{response.status_code} `{code}` is not documented for this operation: {sorted(codes)}"
+        )

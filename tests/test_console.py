@@ -531,3 +531,41 @@ def test_the_console_asks_the_same_services_as_the_api(server: Meterline) -> Non
     for path in ("/console/accounts", f"/console/accounts/{uuid.uuid4()}"):
         assert client.get(path).status_code == 404
     client.close()
+
+
+def test_a_quote_accepted_in_the_console_holds_its_price_against_the_budget(
+    server: Meterline,
+) -> None:
+    """As through the API: a budget that cannot pay the fixed price opens no task (429)."""
+    model = f"mock-console-quote-{uuid.uuid4().hex[:6]}"
+    account = server.new_account(monthly_budget_usd="0.03")
+    with server.admin() as api:
+        api.post(
+            "/billing/prices",
+            json={"model": model, "input_usd_per_mtok": "1000", "output_usd_per_mtok": "1000"},
+        ).raise_for_status()
+        quote = api.post(
+            "/billing/quotes",
+            json={
+                "account_id": account["id"],
+                "task_type": "console",
+                "model": model,
+                "prompt_tokens": 10,
+                "max_completion_tokens": 20,
+            },
+        ).json()
+    assert Decimal(quote["price_usd"]) > Decimal("0.03")
+    client, _ = _sign_in(server, ADMIN_TOKEN)
+    token = re.search(r'name="csrf_token" value="([^"]+)"', client.get("/console/quotes").text)
+    assert token is not None
+    refused = client.post(
+        f"/console/quotes/{quote['id']}/accept",
+        data={"task_id": "console-over-budget", "csrf_token": token.group(1)},
+    )
+    client.close()
+    assert refused.status_code == 429
+    with server.admin() as api:
+        task = api.get(
+            "/billing/tasks/console-over-budget", params={"account_id": str(account["id"])}
+        )
+    assert task.status_code == 404

@@ -9,8 +9,11 @@ from pathlib import Path
 
 import httpx
 import pytest
+from sqlalchemy import text
 
+from service.db.engine import create_engine, session_factory, transaction
 from service.db.migrate import downgrade, upgrade
+from service.db.session import after_commit
 from tests.conftest import Meterline
 from tests.support import ROOT, Database, free_port, running
 
@@ -59,6 +62,36 @@ def test_migrations_downgrade_to_base_and_upgrade_again(fresh_database_url: str)
     assert db.fetchval("SELECT to_regclass('usage_ledger')") is None
     upgrade(fresh_database_url)
     assert db.fetchval("SELECT to_regclass('usage_ledger')") is not None
+
+
+async def test_after_commit_effects_follow_a_commit_and_never_a_rollback(
+    database_url: str,
+) -> None:
+    engine = create_engine(database_url, pool_size=2)
+    sessions = session_factory(engine)
+    seen: list[str] = []
+
+    async def committed(xid: str, name: str) -> None:
+        # Another connection sees the transaction committed when its effects run.
+        async with sessions() as other:
+            status = await other.scalar(text(f"SELECT pg_xact_status('{xid}'::xid8)"))
+        seen.append(f"{name}:{status}")
+
+    try:
+        async with transaction(sessions) as session:
+            xid = str(await session.scalar(text("SELECT pg_current_xact_id()")))
+            after_commit(session, lambda: seen.append("plain"))
+            after_commit(session, lambda: committed(xid, "awaited"))
+            assert seen == []
+        assert seen == ["plain", "awaited:committed"]
+        with pytest.raises(ZeroDivisionError):
+            async with transaction(sessions) as session:
+                await session.execute(text("SELECT 1"))
+                after_commit(session, lambda: seen.append("rolled back"))
+                1 / 0  # noqa: B018
+        assert seen == ["plain", "awaited:committed"]
+    finally:
+        await engine.dispose()
 
 
 def test_billing_api_requires_credentials(meterline: Meterline) -> None:

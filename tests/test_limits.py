@@ -40,6 +40,7 @@ from service.limits.policy import (
     to_nano_up,
 )
 from service.limits.ratelimit import Charge, WindowResult
+from service.proxy import tokens
 from service.proxy.sse import OutputCounter
 from service.settings import Settings
 from tests.support import free_port
@@ -323,9 +324,9 @@ def test_the_worst_case_of_a_request() -> None:
     }
     prompt = estimate.prompt_tokens(chat)
     assert 100 <= prompt <= 110
-    assert estimate.completion_tokens(chat, default=4096) == 200
-    assert estimate.completion_tokens({"messages": []}, default=4096) == 4096
-    assert estimate.completion_tokens({"input": "x"}, default=4096) == 0  # embeddings
+    assert tokens.completion_tokens(chat, default=4096) == 200
+    assert tokens.completion_tokens({"messages": []}, default=4096) == 4096
+    assert tokens.completion_tokens({"input": "x"}, default=4096) == 0  # embeddings
     assert estimate.prompt_tokens({"prompt": [[1, 2, 3], "hello"]}) == 4
     # A huge prompt is extrapolated from a sample, still close to the real count.
     text = "the quick brown fox " * 50_000
@@ -407,12 +408,12 @@ def test_a_request_reserves_the_larger_of_its_two_completion_limits() -> None:
     """Providers differ on which of `max_tokens` and `max_completion_tokens` wins."""
     chat = {"messages": [{"role": "user", "content": "hi"}], "n": 2}
     both = {**chat, "max_tokens": 10_000, "max_completion_tokens": 1}
-    assert estimate.completion_tokens(both, default=4096) == 20_000
-    assert estimate.completion_limit(both) == 10_000
-    assert estimate.completion_tokens({**chat, "max_completion_tokens": 300}, 4096) == 600
-    assert estimate.completion_limit({**chat, "max_tokens": None}) is None
+    assert tokens.completion_tokens(both, default=4096) == 20_000
+    assert tokens.completion_limit(both) == 10_000
+    assert tokens.completion_tokens({**chat, "max_completion_tokens": 300}, 4096) == 600
+    assert tokens.completion_limit({**chat, "max_tokens": None}) is None
     # A text completion without a limit generates OpenAI's default of 16 tokens.
-    assert estimate.completion_tokens({"prompt": "Once upon a time"}, default=4096) == 16
+    assert tokens.completion_tokens({"prompt": "Once upon a time"}, default=4096) == 16
 
 
 def test_every_text_the_provider_bills_counts_in_the_prompt() -> None:

@@ -1,6 +1,7 @@
 """The billing API survives schema-driven fuzzing: schemathesis, run as its users run it (the
-`st` command) against a live `meterline serve` with the admin token, finds no 500 and no
-response that breaks the published OpenAPI schema.
+`st` command) against a live `meterline serve` with the admin token, finds no 500, no
+response that breaks the published OpenAPI schema, and no error code its operation does not
+document.
 
 Besides what the schema implies, strings carry NUL and other control characters, edge
 months and instants and forged cursors (`tests/schemathesis_hooks.py`), and the stateful
@@ -28,6 +29,7 @@ CHECKS = ",".join(
         "response_schema_conformance",
         "content_type_conformance",
         "status_code_conformance",
+        "documented_error_code",  # tests/schemathesis_hooks.py
     ]
 )
 

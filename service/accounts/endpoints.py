@@ -1,9 +1,9 @@
 from __future__ import annotations
 
 import uuid
-from typing import Any
+from functools import partial
 
-from fastapi import APIRouter, Request, status
+from fastapi import APIRouter, status
 
 from service.accounts import service
 from service.accounts.schemas import (
@@ -14,23 +14,15 @@ from service.accounts.schemas import (
     KeyCreated,
     KeyOut,
 )
-from service.auth.principal import Admin, Caller
-from service.db.session import Session
-from service.errors import ErrorBody
-from service.runtime import get_runtime
+from service.db.session import after_commit
+from service.deps import Admin, Caller, Keys, Session
+from service.errors import API_ERRORS, Forbidden, errors
 from service.schemas import CursorParam, Limit, Page, links
 
-ERRORS: dict[int | str, dict[str, Any]] = {
-    400: {"model": ErrorBody, "description": "Unreadable body, or two different credentials."},
-    401: {"model": ErrorBody, "description": "Missing, unknown, revoked or expired credential."},
-    404: {"model": ErrorBody, "description": "No such object visible to the caller."},
-    422: {"model": ErrorBody, "description": "Invalid parameter; `error.param` names it."},
-}
-FORBIDDEN: dict[int | str, dict[str, Any]] = {
-    403: {"model": ErrorBody, "description": "A customer key asked for an admin-only change."}
-}
+# A customer key may read its own account, not change it or its keys.
+FORBIDDEN = errors(*API_ERRORS, Forbidden)
 
-router = APIRouter(prefix="/billing", tags=["accounts"], responses=ERRORS)
+router = APIRouter(prefix="/billing", tags=["accounts"], responses=errors(*API_ERRORS))
 
 
 ACCOUNT = {"path.account_id": "$response.body#/id"}
@@ -111,14 +103,11 @@ async def list_keys(
 
 
 @router.delete("/keys/{key_id}", response_model=KeyOut, responses=FORBIDDEN)
-async def revoke_key(
-    key_id: uuid.UUID, request: Request, session: Session, caller: Caller
-) -> KeyOut:
+async def revoke_key(key_id: uuid.UUID, session: Session, caller: Caller, keys: Keys) -> KeyOut:
     """Revoke a key (admin). Idempotent; the proxy refuses the key from this response on."""
     key = await service.revoke_key(session, caller, key_id)
     # Every worker drops the key when the NOTIFY sent in this transaction reaches it. This
     # worker does not wait for its own copy: once the revocation is durable it forgets the
     # key itself, so a client's next request here is refused however loaded the host is.
-    await session.commit()
-    get_runtime(request).keys.revoke(key.id)
+    after_commit(session, partial(keys.revoke, key.id))
     return key

@@ -34,7 +34,7 @@ log = logging.getLogger("meterline.accounts")
 
 
 def _not_found(account_id: uuid.UUID) -> NotFound:
-    return NotFound(f"account {account_id} not found", param="account_id")
+    return NotFound(f"account {account_id} not found", param="path.account_id")
 
 
 def _admin_only(principal: Principal, action: str) -> None:
@@ -169,7 +169,7 @@ async def revoke_key(session: AsyncSession, principal: Principal, key_id: uuid.U
     repository = AccountRepository(session)
     key = await repository.get_key(key_id)
     if key is None or (not principal.is_admin and key.account_id != principal.account_id):
-        raise NotFound(f"key {key_id} not found", param="key_id")
+        raise NotFound(f"key {key_id} not found", param="path.key_id")
     _admin_only(principal, "revoke keys")
     already = key.revoked_at is not None
     key = await repository.revoke_key(key)

@@ -6,18 +6,15 @@ import hmac
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Request
 from pydantic import SecretStr
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.auth.keys import hash_key
 from service.db.models import ApiKey
-from service.db.session import Session
-from service.errors import BadRequest, NotFound, Unauthorized
-from service.runtime import get_runtime
+from service.errors import ConflictingCredentials, NotFound, Unauthorized
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,10 +59,7 @@ def presented_credential(request: Request) -> str | None:
     header_key = request.headers.get("x-api-key", "").strip() or None
     # Bytes: compare_digest refuses str with non-ASCII characters (a header may carry any).
     if bearer and header_key and not hmac.compare_digest(bearer.encode(), header_key.encode()):
-        raise BadRequest(
-            "Authorization and X-API-Key carry different keys; send one",
-            code="conflicting_credentials",
-        )
+        raise ConflictingCredentials("Authorization and X-API-Key carry different keys; send one")
     return bearer or header_key
 
 
@@ -98,21 +92,3 @@ async def principal_for(
     if key is None or not key_is_usable(key, datetime.now(UTC)):
         raise Unauthorized("invalid, revoked or expired API key")
     return Principal(account_id=key.account_id, key_id=key.id)
-
-
-async def current_principal(request: Request, session: Session) -> Principal:
-    token = presented_credential(request)
-    if token is None:
-        raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
-    return await principal_for(session, token, get_runtime(request).settings.admin_token)
-
-
-async def require_admin(principal: Annotated[Principal, Depends(current_principal)]) -> Principal:
-    if not principal.is_admin:
-        # Admin-only resources do not exist for a customer key.
-        raise NotFound("not found")
-    return principal
-
-
-Caller = Annotated[Principal, Depends(current_principal)]
-Admin = Annotated[Principal, Depends(require_admin)]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime
+from functools import partial
 from typing import Annotated, Any
 
 from fastapi import Query, Request
@@ -30,22 +31,21 @@ from service.console.pages import (
     render,
     router,
 )
-from service.db.session import Session
+from service.db.session import after_commit
+from service.deps import Budgets, Config, Engine, Guard, Keys, Prices, Session
 from service.errors import Unauthorized
 from service.invoices import service as invoices
 from service.invoices.pdf import Issuer
 from service.invoices.schemas import InvoiceVoid, invoice_out
 from service.margin.service import margin_report
-from service.prices import service as prices
+from service.prices import service as price_service
 from service.prices.schemas import PriceCreate, PriceOut
 from service.quotes import service as quotes
 from service.quotes.schemas import QuoteAccept, QuoteCreate
 from service.reports.endpoints import MEDIA_TYPES
 from service.reports.schemas import ReportFormat
 from service.reports.service import export_monthly, parse_period
-from service.runtime import get_runtime
 from service.tasks import service as tasks
-from service.tasks.endpoints import get_guard
 from service.tasks.repository import TaskFilter
 from service.tasks.schemas import TaskComplete
 
@@ -100,13 +100,12 @@ async def sign_in_form(request: Request) -> Response:
 
 
 @router.post("/sign-in", response_class=HTMLResponse)
-async def sign_in(request: Request, session: Session) -> Response:
+async def sign_in(request: Request, session: Session, settings: Config) -> Response:
     form = await read_form(request)
     if not sessions.csrf_matches(
         request.cookies.get(sessions.SIGN_IN_COOKIE, ""), form.get("csrf_token")
     ):
         return error_page(request, 403, "The sign-in form expired; reload it and try again.")
-    settings = get_runtime(request).settings
     try:
         new = await sessions.sign_in(
             session,
@@ -174,7 +173,7 @@ async def usage(
         first,
         last,
         group or "day",
-        optional_uuid(account_id, "account_id"),
+        optional_uuid(account_id, "query.account_id"),
         model,
     )
     chart = None
@@ -214,7 +213,7 @@ async def usage_csv(
         first,
         last,
         group or "day",
-        optional_uuid(account_id, "account_id"),
+        optional_uuid(account_id, "query.account_id"),
         model,
     )
     name = f"meterline-usage-{first}-{last}-by-{data.group}.csv"
@@ -308,11 +307,10 @@ async def create_key(
 
 @router.post("/keys/{key_id}/revoke", response_class=HTMLResponse)
 async def revoke_key(
-    request: Request, key_id: uuid.UUID, session: Session, viewer: Viewer, _: Posted
+    key_id: uuid.UUID, session: Session, viewer: Viewer, keys: Keys, _: Posted
 ) -> Response:
     key: KeyOut = await accounts.revoke_key(session, viewer.principal, key_id)
-    await session.commit()
-    get_runtime(request).keys.revoke(key.id)
+    after_commit(session, partial(keys.revoke, key.id))  # as the API does
     return redirect(f"/console/accounts/{key.account_id}")
 
 
@@ -332,7 +330,7 @@ async def invoice_list(
     listed = await invoices.list_invoices(
         session,
         viewer.principal,
-        optional_uuid(account_id, "account_id"),
+        optional_uuid(account_id, "query.account_id"),
         period or None,
         status or None,
         50,
@@ -354,7 +352,7 @@ async def invoice_list(
 
 @router.post("/invoices", response_class=HTMLResponse)
 async def generate_invoice(session: Session, viewer: Operator, form: Posted) -> Response:
-    account_id = optional_uuid(form.get("account_id"), "account_id")
+    account_id = optional_uuid(form.get("account_id"), "body.account_id")
     if account_id is None:
         return redirect("/console/invoices")
     invoice, _ = await invoices.generate_one(
@@ -374,9 +372,9 @@ async def invoice_detail(
 
 @router.get("/invoices/{invoice_id}/pdf")
 async def invoice_pdf(
-    request: Request, invoice_id: uuid.UUID, session: Session, viewer: Viewer
+    invoice_id: uuid.UUID, session: Session, viewer: Viewer, settings: Config
 ) -> Response:
-    issuer = Issuer.from_settings(get_runtime(request).settings)
+    issuer = Issuer.from_settings(settings)
     document, filename = await invoices.invoice_document(
         session, viewer.principal, invoice_id, issuer
     )
@@ -420,7 +418,7 @@ async def task_list(
     cursor: Text = None,
 ) -> Response:
     where = TaskFilter(
-        account_id=optional_uuid(account_id, "account_id"),
+        account_id=optional_uuid(account_id, "query.account_id"),
         status=status or None,
         task_type=task_type,
         model=model,
@@ -443,16 +441,14 @@ async def task_list(
 
 
 @router.post("/tasks/complete", response_class=HTMLResponse)
-async def complete_task(
-    request: Request, session: Session, viewer: Operator, form: Posted
-) -> Response:
+async def complete_task(session: Session, viewer: Operator, form: Posted, guard: Guard) -> Response:
     data = TaskComplete.model_validate({"outcome": form.get("outcome")})
     await tasks.complete_task(
         session,
-        get_guard(request),
+        guard,
         viewer.principal,
         form.get("task_id") or "",
-        optional_uuid(form.get("account_id"), "account_id"),
+        optional_uuid(form.get("account_id"), "body.account_id"),
         data.outcome,
     )
     back = form.get("back") or ""
@@ -468,16 +464,18 @@ async def quote_form(request: Request, session: Session, viewer: Viewer) -> Resp
 
 @router.post("/quotes", response_class=HTMLResponse)
 async def create_quote(
-    request: Request, session: Session, viewer: Viewer, form: Posted
+    request: Request,
+    session: Session,
+    viewer: Viewer,
+    form: Posted,
+    settings: Config,
+    prices: Prices,
 ) -> Response:
     fields = form.present(
         "account_id", "task_type", "model", "prompt_tokens", "max_completion_tokens"
     )
     data = QuoteCreate.model_validate({k: v for k, v in fields.items() if v is not None})
-    runtime = get_runtime(request)
-    quote = await quotes.create_quote(
-        session, runtime.settings, runtime.prices.book, viewer.principal, data
-    )
+    quote = await quotes.create_quote(session, settings, prices.book, viewer.principal, data)
     return render(
         request, "quotes.html", quote=quote, account_choices=await _account_choices(session, viewer)
     )
@@ -485,12 +483,18 @@ async def create_quote(
 
 @router.post("/quotes/{quote_id}/accept", response_class=HTMLResponse)
 async def accept_quote(
-    request: Request, quote_id: uuid.UUID, session: Session, viewer: Viewer, form: Posted
+    quote_id: uuid.UUID,
+    session: Session,
+    viewer: Viewer,
+    form: Posted,
+    settings: Config,
+    guard: Guard,
+    budgets: Budgets,
 ) -> Response:
     data = QuoteAccept.model_validate({"task_id": form.get("task_id")})
-    task = await quotes.accept_quote(
-        session, get_runtime(request).settings, get_guard(request), viewer.principal, quote_id, data
-    )
+    # As in the API: the fixed price is held against the budget, or nothing is accepted.
+    async with budgets.quote_acceptance(session, quote_id):
+        task = await quotes.accept_quote(session, settings, guard, viewer.principal, quote_id, data)
     return redirect(f"/console/tasks?status=open&task_type={task.task_type or ''}")
 
 
@@ -525,8 +529,8 @@ async def reports(
 
 @router.get("/reports/monthly")
 async def monthly_export(
-    request: Request,
     viewer: Viewer,
+    engine: Engine,
     period: Annotated[str, Query(pattern=r"^\d{4}-(0[1-9]|1[0-2])$")],
     fmt: Annotated[ReportFormat, Query(alias="format")] = "csv",
 ) -> Response:
@@ -534,7 +538,7 @@ async def monthly_export(
     account_id = viewer.principal.scope(None)
     suffix = f"-{account_id}" if account_id else ""
     return StreamingResponse(
-        export_monthly(get_runtime(request).engine, period, fmt, account_id),
+        export_monthly(engine, period, fmt, account_id),
         media_type=MEDIA_TYPES[fmt],
         headers={"Content-Disposition": f'attachment; filename="meterline-{period}{suffix}.{fmt}"'},
     )
@@ -547,7 +551,7 @@ async def monthly_export(
 async def price_list(
     request: Request, session: Session, viewer: Viewer, model: Text = None
 ) -> Response:
-    versions = await prices.list_prices(session, model, _now())
+    versions = await price_service.list_prices(session, model, _now())
     return render(
         request,
         "prices.html",
@@ -558,7 +562,7 @@ async def price_list(
 
 
 @router.post("/prices", response_class=HTMLResponse)
-async def add_price(request: Request, session: Session, viewer: Operator, form: Posted) -> Response:
+async def add_price(session: Session, viewer: Operator, form: Posted, prices: Prices) -> Response:
     fields = form.present(
         "model",
         "input_usd_per_mtok",
@@ -567,7 +571,6 @@ async def add_price(request: Request, session: Session, viewer: Operator, form: 
         "effective_from",
     )
     data = PriceCreate.model_validate({k: v for k, v in fields.items() if v is not None})
-    await prices.add_price(session, data)
-    await session.commit()
-    await get_runtime(request).prices.refresh()
+    await price_service.add_price(session, data)
+    after_commit(session, prices.refresh)  # as the API does
     return redirect(f"/console/prices?model={data.model}")

@@ -27,10 +27,9 @@ from pricing.money import format_usd
 from pricing.price_table import format_rate
 from service.console import sessions
 from service.console.sessions import COOKIE, SignedIn
-from service.db.session import Session
+from service.deps import Config, Session
 from service.errors import Forbidden, MeterlineError, NotFound
 from service.invoices.pdf import unit_price
-from service.runtime import get_runtime
 
 STATIC = "/console/static"
 # Pages hold account data: never cached, never framed, scripts and styles from here only.
@@ -44,6 +43,11 @@ SECURITY_HEADERS = {
     "Referrer-Policy": "same-origin",
     "Cache-Control": "no-store",
 }
+
+
+class CsrfFailed(Forbidden):
+    code = "csrf_failed"
+    description = "The form has expired or did not come from the console."
 
 
 class SignInRequired(Exception):
@@ -126,8 +130,7 @@ def page(
 # -- who is signed in, and CSRF -----------------------------------------------------------
 
 
-async def _viewer(request: Request, session: Session) -> SignedIn:
-    settings = get_runtime(request).settings
+async def _viewer(request: Request, session: Session, settings: Config) -> SignedIn:
     found = await sessions.resolve(session, request.cookies.get(COOKIE), settings.admin_token)
     if found is None:
         target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
@@ -174,10 +177,8 @@ async def _posted(request: Request, viewer: Viewer) -> Form:
     form = await read_form(request)
     presented = form.fields.get("csrf_token") or request.headers.get("x-csrf-token")
     if not sessions.csrf_matches(viewer.csrf_token, presented):
-        raise Forbidden(
-            "This form has expired or did not come from the console; reload the page and try"
-            " again.",
-            code="csrf_failed",
+        raise CsrfFailed(
+            "This form has expired or did not come from the console; reload the page and try again."
         )
     return form
 
@@ -185,13 +186,15 @@ async def _posted(request: Request, viewer: Viewer) -> Form:
 Posted = Annotated[Form, Depends(_posted)]
 
 
-def optional_uuid(value: str | None, name: str) -> uuid.UUID | None:
+def optional_uuid(value: str | None, param: str) -> uuid.UUID | None:
+    """An id from a query (`query.account_id`) or a form (`body.account_id`)."""
     if value is None:
         return None
     try:
         return uuid.UUID(value)
     except ValueError:
-        raise NotFound(f"{name} {value!r} not found", param=name) from None
+        name = param.rpartition(".")[2]
+        raise NotFound(f"{name} {value!r} not found", param=param) from None
 
 
 # -- HTML ---------------------------------------------------------------------------------

@@ -261,9 +261,9 @@ def parse_range(start: str | None, end: str | None, today: date) -> tuple[date, 
         first = date.fromisoformat(start) if start else today.replace(day=1)
         last = date.fromisoformat(end) if end else today
     except ValueError:
-        raise Unprocessable("dates are YYYY-MM-DD", param="start") from None
+        raise Unprocessable("dates are YYYY-MM-DD", param="query.start") from None
     if last < first:
-        raise Unprocessable("the range ends before it starts", param="end")
+        raise Unprocessable("the range ends before it starts", param="query.end")
     return first, last
 
 
@@ -278,7 +278,7 @@ async def explore(
 ) -> Exploration:
     groups = explorer_groups(principal)
     if group not in groups:
-        raise Unprocessable(f"group by one of: {', '.join(groups)}", param="group")
+        raise Unprocessable(f"group by one of: {', '.join(groups)}", param="query.group")
     report = await _report(
         session,
         principal,

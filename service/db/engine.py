@@ -17,6 +17,8 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
+from service.db.session import commit
+
 
 def sqlalchemy_url(url: str) -> str:
     """`postgresql://…` (libpq style) → `postgresql+asyncpg://…` for SQLAlchemy."""
@@ -84,9 +86,11 @@ def session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
 
 @asynccontextmanager
 async def transaction(sessions: async_sessionmaker[AsyncSession]) -> AsyncIterator[AsyncSession]:
-    """A unit of work for jobs and the CLI: commits on success, rolls back on error."""
-    async with sessions() as session, session.begin():
+    """A unit of work for jobs and the CLI: commits on success (then runs its after-commit
+    effects), rolls back on error."""
+    async with sessions() as session:
         yield session
+        await commit(session)
 
 
 async def tune_for_aggregation(executor: AsyncSession | AsyncConnection) -> None:

@@ -1,10 +1,10 @@
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 from pydantic import BaseModel
 from sqlalchemy import text
 
-from service.runtime import get_runtime
+from service.deps import Engine
 
 router = APIRouter(tags=["health"])
 
@@ -15,11 +15,11 @@ class Health(BaseModel):
 
 
 @router.get("/healthz", response_model=Health)
-async def healthz(request: Request) -> Health:
+async def healthz(engine: Engine) -> Health:
     # The proxy keeps serving while Postgres is down (usage is spooled), so a database outage
     # degrades health rather than failing it.
     try:
-        async with get_runtime(request).engine.connect() as connection:
+        async with engine.connect() as connection:
             await connection.execute(text("SELECT 1"))
         database = "ok"
     except Exception:  # any failure to reach the database means the same thing here

@@ -1,13 +1,12 @@
 from __future__ import annotations
 
 import uuid
-from typing import Annotated, Any
+from typing import Annotated
 
-from fastapi import APIRouter, Query, Request, Response, status
+from fastapi import APIRouter, Query, Response, status
 
-from service.auth.principal import Admin, Caller
-from service.db.session import Session
-from service.errors import ErrorBody
+from service.deps import Admin, Caller, Config, Session
+from service.errors import API_ERRORS, errors
 from service.invoices import service
 from service.invoices.pdf import Issuer
 from service.invoices.schemas import (
@@ -18,26 +17,12 @@ from service.invoices.schemas import (
     UnpricedReport,
     invoice_out,
 )
-from service.runtime import get_runtime
+from service.review.finalization import FlaggedUsage
 from service.schemas import CursorParam, Limit, Page, Period, links
 
-ERRORS: dict[int | str, dict[str, Any]] = {
-    401: {"model": ErrorBody, "description": "Missing, unknown, revoked or expired credential."},
-    404: {"model": ErrorBody, "description": "No such object visible to the caller."},
-    422: {"model": ErrorBody, "description": "Invalid parameter; `error.param` names it."},
-}
-CONFLICT: dict[int | str, dict[str, Any]] = {
-    409: {
-        "model": ErrorBody,
-        "description": "Not possible in the invoice's state: `error.code` says why"
-        " (`invoice_finalized`, `invoice_not_draft`, `invoice_not_finalized`,"
-        " `period_not_over`, `ledger_write_in_progress`, `unpriced_usage`).",
-    },
-    400: {"model": ErrorBody, "description": "A month that has not begun."},
-}
 PeriodQuery = Annotated[Period, Query(description="UTC month, `YYYY-MM`.")]
 
-router = APIRouter(prefix="/billing", tags=["invoices"], responses=ERRORS)
+router = APIRouter(prefix="/billing", tags=["invoices"], responses=errors(*API_ERRORS))
 
 _INVOICE_ID = {"path.invoice_id": "$response.body#/id"}
 INVOICE = links(
@@ -52,7 +37,7 @@ INVOICE = links(
     response_model=InvoiceOut,
     status_code=status.HTTP_201_CREATED,
     responses={
-        **CONFLICT,
+        **errors(*API_ERRORS, service.PeriodInFuture, service.InvoiceFinalized),
         200: {"model": InvoiceOut, "description": "An existing draft, refreshed.", **INVOICE},
         201: INVOICE,
     },
@@ -98,11 +83,11 @@ async def get_invoice(invoice_id: uuid.UUID, session: Session, caller: Caller) -
     responses={200: {"content": {"application/pdf": {}}, "description": "The invoice as PDF."}},
 )
 async def invoice_pdf(
-    invoice_id: uuid.UUID, request: Request, session: Session, caller: Caller
+    invoice_id: uuid.UUID, session: Session, caller: Caller, settings: Config
 ) -> Response:
     """The invoice as a PDF document (a draft or void one is marked so on every page)."""
     document, filename = await service.invoice_document(
-        session, caller, invoice_id, Issuer.from_settings(get_runtime(request).settings)
+        session, caller, invoice_id, Issuer.from_settings(settings)
     )
     return Response(
         document,
@@ -111,9 +96,20 @@ async def invoice_pdf(
     )
 
 
-@router.post("/invoices/{invoice_id}/finalize", response_model=InvoiceOut, responses=CONFLICT)
+@router.post(
+    "/invoices/{invoice_id}/finalize",
+    response_model=InvoiceOut,
+    responses=errors(
+        *API_ERRORS,
+        service.InvoiceNotDraft,
+        service.PeriodNotOver,
+        service.LedgerWriteInProgress,
+        FlaggedUsage,
+        service.UsageWithoutPrice,
+    ),
+)
 async def finalize_invoice(
-    invoice_id: uuid.UUID, request: Request, session: Session, _: Admin
+    invoice_id: uuid.UUID, session: Session, settings: Config, _: Admin
 ) -> InvoiceOut:
     """Refresh the draft from the ledger, freeze it and give it the next number (admin).
 
@@ -121,11 +117,15 @@ async def finalize_invoice(
     still open (after waiting `METERLINE_INVOICE_FINALIZE_WAIT_S`), and while usage without
     a price remains.
     """
-    wait_s = get_runtime(request).settings.invoice_finalize_wait_s
+    wait_s = settings.invoice_finalize_wait_s
     return invoice_out(await service.finalize(session, invoice_id, wait_s=wait_s))
 
 
-@router.post("/invoices/{invoice_id}/void", response_model=InvoiceOut, responses=CONFLICT)
+@router.post(
+    "/invoices/{invoice_id}/void",
+    response_model=InvoiceOut,
+    responses=errors(*API_ERRORS, service.InvoiceNotFinalized),
+)
 async def void_invoice(
     invoice_id: uuid.UUID, data: InvoiceVoid, session: Session, _: Admin
 ) -> InvoiceOut:

@@ -58,6 +58,49 @@ log = logging.getLogger("meterline.invoices")
 FINALIZE_WAIT_S = 5.0
 
 
+class InvalidPeriod(BadRequest):
+    code = "invalid_period"
+    description = "Not a month Meterline bills (`YYYY-MM`, 1970-01 to 9999-11)."
+
+
+class PeriodInFuture(BadRequest):
+    code = "period_in_future"
+    description = "A month that has not begun."
+
+
+class InvoiceFinalized(Conflict):
+    code = "invoice_finalized"
+    description = "The month's invoice is finalized and never changes: void it first."
+
+
+class InvoiceNotDraft(Conflict):
+    code = "invoice_not_draft"
+    description = "Only a draft is finalized."
+
+
+class PeriodNotOver(Conflict):
+    code = "period_not_over"
+    description = "The month is not over: its usage is still arriving."
+
+
+class LedgerWriteInProgress(Conflict):
+    code = "ledger_write_in_progress"
+    description = (
+        "A ledger write begun before the month ended is still open after"
+        " `METERLINE_INVOICE_FINALIZE_WAIT_S`; the message names the session."
+    )
+
+
+class UsageWithoutPrice(Conflict):
+    code = "unpriced_usage"
+    description = "Usage of models without a price remains (the message names them)."
+
+
+class InvoiceNotFinalized(Conflict):
+    code = "invoice_not_finalized"
+    description = "Only a finalized invoice is voided."
+
+
 @dataclass
 class ComputedInvoice:
     draft: InvoiceDraft
@@ -78,7 +121,7 @@ def parse_period(text: str) -> BillingPeriod:
     try:
         return BillingPeriod.parse(text)
     except ValueError as exc:
-        raise BadRequest(str(exc), code="invalid_period", param="period") from None
+        raise InvalidPeriod(str(exc), param="query.period") from None
 
 
 # -- computing ----------------------------------------------------------------------------
@@ -423,17 +466,16 @@ async def generate(
     repository = InvoiceRepository(session)
     now = now or await repository.now()
     if period > BillingPeriod.of(now):
-        raise BadRequest(
+        raise PeriodInFuture(
             f"period {period} has not begun; invoices are for past or current months",
-            code="period_in_future",
-            param="period",
+            param="body.period",
         )
     if account_ids is None:
         account_ids = await repository.account_ids(created_before=period.end)
     accounts = await repository.lock_accounts(account_ids)
     missing = set(account_ids) - set(accounts)
     if missing:
-        raise NotFound(f"account {sorted(missing)[0]} not found", param="account_id")
+        raise NotFound(f"account {sorted(missing)[0]} not found", param="body.account_id")
     await expire_tasks(session, now, accounts)
     live = await repository.live_invoices(accounts, str(period))
     finalized = {a: i for a, i in live.items() if i.status == "finalized"}
@@ -459,17 +501,16 @@ async def generate_one(
     result = await generate(session, period, [account_id], now)
     if account_id in result.finalized:
         invoice = result.finalized[account_id]
-        raise Conflict(
+        raise InvoiceFinalized(
             f"the invoice of {period} is finalized ({invoice.number}) and never changes;"
-            " void it to issue a new one",
-            code="invoice_finalized",
+            " void it to issue a new one"
         )
     invoice_id = result.invoice_ids[account_id]
     return await get(session, invoice_id), invoice_id in result.created
 
 
 def invoice_not_found(invoice_id: uuid.UUID) -> NotFound:
-    return NotFound(f"invoice {invoice_id} not found", param="invoice_id")
+    return NotFound(f"invoice {invoice_id} not found", param="path.invoice_id")
 
 
 async def get(session: AsyncSession, invoice_id: uuid.UUID) -> Invoice:
@@ -564,11 +605,10 @@ async def _wait_for_month_written(
             writer = await repository.oldest_ledger_writer()
             if writer is not None and writer.xact_start is not None:
                 writer = writer if writer.xact_start < period.end else None
-            raise Conflict(
+            raise LedgerWriteInProgress(
                 f"usage of {period} may still be arriving: {_writer_text(writer, period)},"
                 f" so the ledger is complete only up to {cutoff.isoformat()}."
-                " Finalize again once it has committed",
-                code="ledger_write_in_progress",
+                " Finalize again once it has committed"
             )
         await asyncio.sleep(0.1)
 
@@ -589,17 +629,14 @@ async def finalize(
     repository = InvoiceRepository(session)
     invoice = await _locked(repository, invoice_id)
     if invoice.status != "draft":
-        raise Conflict(
-            f"invoice {invoice.number or invoice.id} is {invoice.status};"
-            " only a draft is finalized",
-            code="invoice_not_draft",
+        raise InvoiceNotDraft(
+            f"invoice {invoice.number or invoice.id} is {invoice.status}; only a draft is finalized"
         )
     period = BillingPeriod.parse(invoice.period)
     now = now or await repository.now()
     if now < period.end:
-        raise Conflict(
-            f"{period} is not over until {period.end.isoformat()}; its usage is still arriving",
-            code="period_not_over",
+        raise PeriodNotOver(
+            f"{period} is not over until {period.end.isoformat()}; its usage is still arriving"
         )
     await _wait_for_month_written(repository, period, now, wait_s)
     await expire_tasks(session, now, [invoice.account_id])
@@ -607,10 +644,9 @@ async def finalize(
     computed = (await compute_invoices(session, period, [invoice.account_id]))[invoice.account_id]
     if not computed.draft.finalizable:
         models = ", ".join(computed.draft.unpriced_models())
-        raise Conflict(
+        raise UsageWithoutPrice(
             f"usage of models without a price blocks finalization: {models}."
-            " Add a price in force at that usage's time (POST /billing/prices) and finalize again",
-            code="unpriced_usage",
+            " Add a price in force at that usage's time (POST /billing/prices) and finalize again"
         )
     await _store(repository, period, {invoice.account_id: computed}, {invoice.account_id: invoice})
     number = await repository.next_number(now.year)
@@ -641,7 +677,7 @@ async def void(
             if invoice.status == "draft"
             else f"invoice {invoice.number} is already void"
         )
-        raise Conflict(message, code="invoice_not_finalized")
+        raise InvoiceNotFinalized(message)
     await repository.mark_void(invoice.id, reason, now or await repository.now())
     await repository.release_tasks(invoice.id)
     log.info("event=invoice_voided invoice_id=%s number=%s", invoice.id, invoice.number)

@@ -83,8 +83,10 @@ COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(LedgerRecord))
 _ROW = attrgetter(*COLUMNS)
 
 
-# C0 and C1 control characters, NUL among them (Postgres text cannot hold it at all).
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# C0 and C1 control characters, NUL among them (Postgres text cannot hold it at all): the
+# one definition, for the texts the proxy stores and those the billing API accepts.
+CONTROL_CHARACTERS = r"\x00-\x1f\x7f-\x9f"
+_CONTROL = re.compile(f"[{CONTROL_CHARACTERS}]")
 
 
 def has_control_characters(text: str) -> bool:

@@ -11,7 +11,7 @@ import orjson
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import error_body
+from service.errors import PayloadTooLarge
 
 # The proxy's own paths: it reads and limits its bodies itself, in OpenAI's error shape.
 _PROXY_PREFIX = "/v1/"
@@ -49,9 +49,7 @@ class BodySizeLimit:
         await self.app(scope, counted, send)
 
     async def _refuse(self, send: Send) -> None:
-        body = orjson.dumps(
-            error_body(_too_large(self.max_bytes), "invalid_request_error", "request_too_large")
-        )
+        body = orjson.dumps(PayloadTooLarge(_too_large(self.max_bytes)).body())
         await send(
             {
                 "type": "http.response.start",

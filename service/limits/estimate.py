@@ -106,50 +106,6 @@ def prompt_tokens(body: dict[str, Any]) -> int:
     return ids + sum(count_text(text) for text in texts)
 
 
-def _positive_int(value: Any) -> int | None:
-    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-        return value
-    return None
-
-
-def completion_limit(body: dict[str, Any]) -> int | None:
-    """The request's own bound on completion tokens per choice, None when it sets none.
-
-    With both `max_tokens` and `max_completion_tokens`, providers differ on which one wins,
-    so the larger one is what the request may generate.
-    """
-    tokens = _positive_int(body.get("max_tokens"))
-    completion = _positive_int(body.get("max_completion_tokens"))
-    if tokens is None or completion is None:
-        return tokens or completion
-    return max(tokens, completion)
-
-
-def choices(body: dict[str, Any]) -> int:
-    """How many completions the request generates (0 for embeddings)."""
-    if "messages" not in body and "prompt" not in body:
-        return 0
-    return _positive_int(body.get("n")) or 1
-
-
-# What a text completion generates when it sets no `max_tokens` (OpenAI's documented
-# default for /v1/completions, which vLLM follows).
-TEXT_COMPLETION_DEFAULT = 16
-
-
-def default_completion(body: dict[str, Any], chat_default: int) -> int:
-    """Completion tokens per choice assumed for a request that sets no limit."""
-    if "messages" not in body and "prompt" in body:
-        return TEXT_COMPLETION_DEFAULT
-    return chat_default
-
-
-def completion_tokens(body: dict[str, Any], default: int) -> int:
-    """The most completion tokens the request allows (`default` per choice for a chat that
-    sets no bound)."""
-    return (completion_limit(body) or default_completion(body, default)) * choices(body)
-
-
 def nano_per_token(price: Price) -> tuple[Decimal, Decimal]:
     """(prompt, completion) list price in nano-USD per token, exact: a list price is linear
     in tokens, so a worst case is `ceil(tokens * rate)` summed, never below its cost."""

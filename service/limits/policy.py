@@ -129,6 +129,11 @@ class BudgetExhausted(MeterlineError):
     status_code = 429
     type = "insufficient_quota"
     code = "insufficient_quota"
+    description = (
+        "The monthly budget cannot pay it (the message says what was spent and held);"
+        " `Retry-After` counts down to the next month."
+    )
+    documented_headers = {"Retry-After": "integer"}
 
 
 def budget_error(
@@ -159,6 +164,10 @@ class BudgetUnavailable(MeterlineError):
     status_code = 503
     type = "api_error"
     code = "budget_unavailable"
+    description = (
+        "The budget's spend cannot be read from the ledger now: retry after `Retry-After` seconds."
+    )
+    documented_headers = {"Retry-After": "integer"}
 
 
 # A client told to retry comes back after this long (the OpenAI SDKs honour Retry-After).

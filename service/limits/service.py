@@ -61,6 +61,8 @@ from service.limits.ratelimit import Charge, WindowResult
 from service.metrics import registry as metrics
 from service.prices.cache import PriceCache
 from service.proxy.context import ProxyHooks, RequestContext
+from service.proxy.tokens import choices as requested_choices
+from service.proxy.tokens import completion_limit, default_completion
 from service.settings import Settings
 
 log = logging.getLogger("meterline.limits")
@@ -219,11 +221,11 @@ class Limits:
         if not settings.redis_url:
             if settings.workers > 1:
                 log.warning(
-                    "event=limits_per_worker workers=%d detail=limits are per process: "
-                    "each worker counts rate limits and budgets on its own, so a budget may "
-                    "be spent up to %d times over; set METERLINE_REDIS_URL to share them",
+                    "event=limits_per_worker workers=%d detail=%s",
                     settings.workers,
-                    settings.workers,
+                    "limits are per process: each worker counts rate limits and budgets on"
+                    f" its own, so a budget may be spent up to {settings.workers} times over;"
+                    " set METERLINE_REDIS_URL to share them",
                 )
             return cls(settings, engine, prices, MemoryCounters())
         # Short timeouts: a slow Redis must not hold requests; admission then fails open.
@@ -287,9 +289,9 @@ class Limits:
         need = None
         if applied.tokens or budgeted:
             prompt = estimate.prompt_tokens(body)
-            limit = estimate.completion_limit(body)
-            choices = estimate.choices(body)
-            per_choice = limit or estimate.default_completion(
+            limit = completion_limit(body)
+            choices = requested_choices(body)
+            per_choice = limit or default_completion(
                 body, self.settings.budget_default_completion_tokens
             )
             tokens = prompt + per_choice * choices

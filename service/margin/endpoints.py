@@ -5,14 +5,13 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
-from service.accounts.endpoints import ERRORS
-from service.auth.principal import Admin
-from service.db.session import Session
+from service.deps import Admin, Session
+from service.errors import API_ERRORS, errors
 from service.margin.schemas import MarginReport
 from service.margin.service import margin_report
 from service.schemas import Period
 
-router = APIRouter(prefix="/billing/reports", tags=["reports"], responses=ERRORS)
+router = APIRouter(prefix="/billing/reports", tags=["reports"], responses=errors(*API_ERRORS))
 
 
 @router.get("/margin", response_model=MarginReport)

@@ -3,6 +3,9 @@
 Requests are counted by a settlement hook of the proxy (one call per ledger record, after
 the response is sent) and flushed to the exported values every second, when each worker
 also samples the writer's queue, spool and row counts.
+
+What is read of the writer and of a record is declared here (protocols), so the metrics
+import neither: the ledger and the proxy feed the registry, and a cycle would close.
 """
 
 from __future__ import annotations
@@ -10,11 +13,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+from decimal import Decimal
 from typing import Any, Protocol
 
-from service.ledger.record import LedgerRecord
 from service.metrics import registry
-from service.proxy.context import RequestContext
 
 _EVERY_S = 1.0
 
@@ -36,7 +38,34 @@ class WriterStats(Protocol):
     spool_bytes: int
 
 
-async def observe_settlement(ctx: RequestContext, record: LedgerRecord | None) -> None:
+class FinishedRequest(Protocol):
+    """What the metrics read of a request's final ledger record (`LedgerRecord`)."""
+
+    @property
+    def endpoint(self) -> str: ...
+    @property
+    def requested_model(self) -> str: ...
+    @property
+    def status_code(self) -> int: ...
+    @property
+    def provider(self) -> str | None: ...
+    @property
+    def prompt_tokens(self) -> int: ...
+    @property
+    def completion_tokens(self) -> int: ...
+    @property
+    def cached_tokens(self) -> int: ...
+    @property
+    def reasoning_tokens(self) -> int: ...
+    @property
+    def cost_usd(self) -> Decimal | None: ...
+    @property
+    def latency_ms(self) -> int | None: ...
+    @property
+    def ttft_ms(self) -> int | None: ...
+
+
+async def observe_settlement(ctx: object, record: FinishedRequest | None) -> None:
     """A proxy settlement hook: count the request from its final ledger record."""
     if record is None:
         return

@@ -1,25 +1,18 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated
 
-from fastapi import APIRouter, Query, Request, Response, status
+from fastapi import APIRouter, Query, Response, status
 
-from service.auth.principal import Admin, Caller
-from service.db.session import Session
-from service.errors import ErrorBody
+from service.db.session import after_commit
+from service.deps import Admin, Caller, Prices, Session
+from service.errors import API_ERRORS, errors
 from service.prices import service
 from service.prices.schemas import PriceCreate, PriceList, PriceOut
-from service.runtime import get_runtime
 from service.schemas import Text, UTCTime, links
 
-ERRORS: dict[int | str, dict[str, Any]] = {
-    401: {"model": ErrorBody, "description": "Missing, unknown, revoked or expired credential."},
-    404: {"model": ErrorBody, "description": "No such object visible to the caller."},
-    422: {"model": ErrorBody, "description": "Invalid parameter; `error.param` names it."},
-}
-
-router = APIRouter(prefix="/billing", tags=["prices"], responses=ERRORS)
+router = APIRouter(prefix="/billing", tags=["prices"], responses=errors(*API_ERRORS))
 
 LOOKUP = {"query.model": "$response.body#/model", "query.at": "$response.body#/effective_from"}
 
@@ -43,7 +36,11 @@ async def list_prices(
     return PriceList(data=[PriceOut.model_validate(v) for v in versions])
 
 
-@router.get("/prices/lookup", response_model=PriceOut)
+@router.get(
+    "/prices/lookup",
+    response_model=PriceOut,
+    responses=errors(*API_ERRORS, service.UnpricedModel),
+)
 async def lookup_price(
     session: Session,
     _: Caller,
@@ -65,19 +62,18 @@ async def lookup_price(
             ListVersions=("GET", "/billing/prices", {"query.model": "$response.body#/model"}),
             LookupPrice=("GET", "/billing/prices/lookup", LOOKUP),
         ),
-        409: {"model": ErrorBody, "description": "The version exists with other rates."},
+        **errors(*API_ERRORS, service.PriceVersionExists),
     },
 )
 async def add_price(
-    data: PriceCreate, session: Session, request: Request, response: Response, _: Admin
+    data: PriceCreate, session: Session, response: Response, prices: Prices, _: Admin
 ) -> PriceOut:
     """Add a price version (admin). Past rows and finalized invoices never change."""
     version, created = await service.add_price(session, data)
     out = PriceOut.model_validate(version)
     # Durable first, then this worker prices with it at once; the others pick it up
     # within their refresh interval.
-    await session.commit()
-    await get_runtime(request).prices.refresh()
+    after_commit(session, prices.refresh)
     if not created:
         response.status_code = status.HTTP_200_OK
     return out

@@ -50,12 +50,22 @@ async def list_prices(
     return [v for v in versions if v.id in in_force]
 
 
+class UnpricedModel(NotFound):
+    code = "unpriced_model"
+    description = "No price version prices the model at that instant."
+
+
+class PriceVersionExists(Conflict):
+    code = "price_version_exists"
+    description = "A version of the model from the same instant exists with other rates."
+
+
 async def lookup(session: AsyncSession, model: str, at: datetime) -> PriceVersion:
     """The version that prices `model` (a concrete id) at `at`, through exact ids and globs."""
     repository = PriceRepository(session)
     price = PriceBook(await repository.all_prices()).price_for(model, at)
     if price is None or price.version_id is None:
-        raise NotFound(f"no price for {model} at {at.isoformat()}", code="unpriced_model")
+        raise UnpricedModel(f"no price for {model} at {at.isoformat()}")
     return (await repository.versions(ids=[price.version_id]))[0]
 
 
@@ -99,11 +109,10 @@ async def import_prices(session: AsyncSession, prices: list[Price], source: str)
         else:
             conflicts.append(f"{price.model} from {price.effective_from.isoformat()}")
     if conflicts:
-        raise Conflict(
+        raise PriceVersionExists(
             "a version with other rates already exists for: "
             + "; ".join(conflicts[:10])
-            + ". Versions are never edited: give the new price a later effective_from",
-            code="price_version_exists",
+            + ". Versions are never edited: give the new price a later effective_from"
         )
     log.info(
         "event=prices_imported source=%s added=%d unchanged=%d",

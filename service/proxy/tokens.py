@@ -4,6 +4,9 @@
 `usage_source = "estimated"` in the ledger; it is never a silent zero. The prompt is
 counted the way the request is usually rendered for the model: role and text of each
 message (tool calls' names and arguments included), or the prompt/input strings.
+
+What a request allows the model to generate is read here too, for the usage claims
+(service/proxy/usage.py) and the reservations of the limits alike.
 """
 
 from __future__ import annotations
@@ -115,3 +118,47 @@ def completion_text_of_body(body: dict[str, Any]) -> str:
                 if isinstance(fn, dict):
                     parts.append(str(fn.get("name") or "") + str(fn.get("arguments") or ""))
     return "".join(parts)
+
+
+def _positive_int(value: Any) -> int | None:
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    return None
+
+
+def completion_limit(body: dict[str, Any]) -> int | None:
+    """The request's own bound on completion tokens per choice, None when it sets none.
+
+    With both `max_tokens` and `max_completion_tokens`, providers differ on which one wins,
+    so the larger one is what the request may generate.
+    """
+    tokens = _positive_int(body.get("max_tokens"))
+    completion = _positive_int(body.get("max_completion_tokens"))
+    if tokens is None or completion is None:
+        return tokens or completion
+    return max(tokens, completion)
+
+
+def choices(body: dict[str, Any]) -> int:
+    """How many completions the request generates (0 for embeddings)."""
+    if "messages" not in body and "prompt" not in body:
+        return 0
+    return _positive_int(body.get("n")) or 1
+
+
+# What a text completion generates when it sets no `max_tokens` (OpenAI's documented
+# default for /v1/completions, which vLLM follows).
+TEXT_COMPLETION_DEFAULT = 16
+
+
+def default_completion(body: dict[str, Any], chat_default: int) -> int:
+    """Completion tokens per choice assumed for a request that sets no limit."""
+    if "messages" not in body and "prompt" in body:
+        return TEXT_COMPLETION_DEFAULT
+    return chat_default
+
+
+def completion_tokens(body: dict[str, Any], default: int) -> int:
+    """The most completion tokens the request allows (`default` per choice for a chat that
+    sets no bound)."""
+    return (completion_limit(body) or default_completion(body, default)) * choices(body)

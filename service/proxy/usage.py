@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from service.limits.estimate import completion_tokens
+from service.proxy.tokens import completion_tokens
 
 # Beyond this a number is not a token count (a trillion tokens in one request); it is
 # treated as missing. Kept far below bigint's range, so sums of rows cannot overflow.

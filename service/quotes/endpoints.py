@@ -1,28 +1,19 @@
 from __future__ import annotations
 
 import uuid
-from typing import Any
 
-from fastapi import APIRouter, Request, status
+from fastapi import APIRouter, status
 
-from service.accounts.endpoints import ERRORS
-from service.auth.principal import Caller
-from service.db.session import Session
-from service.errors import ErrorBody
+from service.deps import Budgets, Caller, Config, Guard, Prices, Session
+from service.errors import API_ERRORS, errors
+from service.limits.policy import BudgetExhausted, BudgetUnavailable
 from service.quotes import service
 from service.quotes.schemas import QuoteAccept, QuoteCreate, QuoteOut
-from service.runtime import get_runtime
 from service.schemas import links
-from service.tasks.endpoints import Guard
 from service.tasks.schemas import TaskOut
+from service.tasks.service import TaskIdInUse
 
-router = APIRouter(prefix="/billing/quotes", tags=["quotes"], responses=ERRORS)
-
-ACCEPT_ERRORS: dict[int | str, dict[str, Any]] = {
-    409: {"model": ErrorBody, "description": "Already accepted, or the task id is in use."},
-    410: {"model": ErrorBody, "description": "The quote expired."},
-    429: {"model": ErrorBody, "description": "The account's budget cannot pay the price."},
-}
+router = APIRouter(prefix="/billing/quotes", tags=["quotes"], responses=errors(*API_ERRORS))
 
 
 QUOTE = {"path.quote_id": "$response.body#/id"}
@@ -34,18 +25,18 @@ TASK = {"path.task_id": "$response.body#/id", "query.account_id": "$response.bod
     status_code=status.HTTP_201_CREATED,
     response_model=QuoteOut,
     responses={
+        **errors(*API_ERRORS, service.ModelNotPriced, service.QuoteNeedsEstimateInputs),
         201: links(
             GetQuote=("GET", "/billing/quotes/{quote_id}", QUOTE),
             AcceptQuote=("POST", "/billing/quotes/{quote_id}/accept", QUOTE),
-        )
+        ),
     },
 )
 async def create_quote(
-    data: QuoteCreate, request: Request, session: Session, caller: Caller
+    data: QuoteCreate, session: Session, caller: Caller, settings: Config, prices: Prices
 ) -> QuoteOut:
     """Price one task of `task_type` on `model` in advance (from history, else an estimate)."""
-    runtime = get_runtime(request)
-    return await service.create_quote(session, runtime.settings, runtime.prices.book, caller, data)
+    return await service.create_quote(session, settings, prices.book, caller, data)
 
 
 @router.get("/{quote_id}", response_model=QuoteOut)
@@ -58,7 +49,14 @@ async def get_quote(quote_id: uuid.UUID, session: Session, caller: Caller) -> Qu
     status_code=status.HTTP_201_CREATED,
     response_model=TaskOut,
     responses={
-        **ACCEPT_ERRORS,
+        **errors(
+            *API_ERRORS,
+            service.QuoteAlreadyAccepted,
+            TaskIdInUse,
+            service.QuoteExpired,
+            BudgetExhausted,
+            BudgetUnavailable,
+        ),
         201: links(
             GetTask=("GET", "/billing/tasks/{task_id}", TASK),
             CompleteTask=("POST", "/billing/tasks/{task_id}/complete", TASK),
@@ -67,18 +65,18 @@ async def get_quote(quote_id: uuid.UUID, session: Session, caller: Caller) -> Qu
 )
 async def accept_quote(
     quote_id: uuid.UUID,
-    request: Request,
     session: Session,
     caller: Caller,
+    settings: Config,
     guard: Guard,
+    budgets: Budgets,
     data: QuoteAccept | None = None,
 ) -> TaskOut:
     """Open a task bound to the quote's fixed price; send its id as `X-Task-Id`.
 
     The fixed price is reserved against the account's monthly budget (429
     `insufficient_quota` when the budget cannot pay it)."""
-    runtime = get_runtime(request)
-    async with runtime.limits.quote_acceptance(session, quote_id):
+    async with budgets.quote_acceptance(session, quote_id):
         return await service.accept_quote(
-            session, runtime.settings, guard, caller, quote_id, data or QuoteAccept()
+            session, settings, guard, caller, quote_id, data or QuoteAccept()
         )

@@ -30,11 +30,11 @@ from pricing.quote import (
 from service.auth.principal import Principal
 from service.db.models import Quote
 from service.errors import Conflict, MeterlineError, NotFound, Unprocessable
+from service.parts import LiveTasks
 from service.proxy.tokens import count_tokens, prompt_text
 from service.quotes.repository import QuoteRepository
 from service.quotes.schemas import QuoteAccept, QuoteCreate, QuoteOut
 from service.settings import Settings
-from service.tasks.guard import TaskGuard
 from service.tasks.repository import EMPTY_USAGE
 from service.tasks.schemas import TaskOut
 from service.tasks.service import open_quoted_task, task_out
@@ -45,6 +45,25 @@ log = logging.getLogger("meterline.quotes")
 class QuoteExpired(MeterlineError):
     status_code = 410
     code = "quote_expired"
+    description = "The quote expired: ask for a new one."
+
+
+class QuoteAlreadyAccepted(Conflict):
+    code = "quote_already_accepted"
+    description = "The quote is accepted already."
+
+
+class ModelNotPriced(Unprocessable):
+    code = "model_not_priced"
+    description = "The model has no price: a task on it cannot be quoted."
+
+
+class QuoteNeedsEstimateInputs(Unprocessable):
+    code = "quote_needs_estimate_inputs"
+    description = (
+        "Too little history to quote from: send `messages` or `prompt_tokens`, and"
+        " `max_completion_tokens`, for an estimate."
+    )
 
 
 def history_start(now: datetime, lookback_days: int) -> datetime:
@@ -92,10 +111,8 @@ async def create_quote(
     now = datetime.now(UTC)
     price = book.price_for(data.model, now)
     if price is None:
-        raise Unprocessable(
-            f"model {data.model!r} has no price; a task on it cannot be quoted",
-            code="model_not_priced",
-            param="body.model",
+        raise ModelNotPriced(
+            f"model {data.model!r} has no price; a task on it cannot be quoted", param="body.model"
         )
     confidence = data.confidence if data.confidence is not None else settings.quote_confidence
     margin = account.quote_margin if account.quote_margin is not None else settings.quote_margin
@@ -118,13 +135,12 @@ async def create_quote(
         basis_cost = walked if walked is not None else expected
     else:
         if prompt_tokens is None or data.max_completion_tokens is None:
-            raise Unprocessable(
+            raise QuoteNeedsEstimateInputs(
                 f"not enough history for {data.task_type!r} on {data.model!r}: "
                 f"{histogram.sample_size} completed tasks in the last "
                 f"{settings.quote_lookback_days} days, {settings.quote_min_sample} needed; "
                 "send `messages` or `prompt_tokens`, and `max_completion_tokens`, to get an "
                 "estimate",
-                code="quote_needs_estimate_inputs",
                 param="body.max_completion_tokens",
             )
         basis = "estimate"
@@ -162,7 +178,7 @@ async def create_quote(
 async def get_quote(session: AsyncSession, caller: Principal, quote_id: uuid.UUID) -> QuoteOut:
     repository = QuoteRepository(session)
     quote = await repository.get(quote_id)
-    missing = NotFound(f"quote {quote_id} not found", param="quote_id")
+    missing = NotFound(f"quote {quote_id} not found", param="path.quote_id")
     if quote is None:
         raise missing
     caller.require_account(quote.account_id, missing)
@@ -172,21 +188,20 @@ async def get_quote(session: AsyncSession, caller: Principal, quote_id: uuid.UUI
 async def accept_quote(
     session: AsyncSession,
     settings: Settings,
-    guard: TaskGuard | None,
+    guard: LiveTasks | None,
     caller: Principal,
     quote_id: uuid.UUID,
     data: QuoteAccept,
 ) -> TaskOut:
     repository = QuoteRepository(session)
     quote = await repository.get(quote_id, for_update=True)
-    missing = NotFound(f"quote {quote_id} not found", param="quote_id")
+    missing = NotFound(f"quote {quote_id} not found", param="path.quote_id")
     if quote is None:
         raise missing
     caller.require_account(quote.account_id, missing)
     if quote.accepted_at is not None:
-        raise Conflict(
-            f"quote {quote_id} was already accepted (task {await repository.task_of(quote.id)!r})",
-            code="quote_already_accepted",
+        raise QuoteAlreadyAccepted(
+            f"quote {quote_id} was already accepted (task {await repository.task_of(quote.id)!r})"
         )
     if quote.valid_until <= await repository.now():
         raise QuoteExpired(

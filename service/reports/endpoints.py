@@ -3,18 +3,16 @@ from __future__ import annotations
 import uuid
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Query
 from fastapi.responses import StreamingResponse
 
-from service.accounts.endpoints import ERRORS
-from service.auth.principal import Caller
-from service.db.session import Session
+from service.deps import Caller, Engine, Session
+from service.errors import API_ERRORS, errors
 from service.reports.schemas import MonthlyReport, ReportFormat
 from service.reports.service import export_monthly
-from service.runtime import get_runtime
 from service.schemas import Period
 
-router = APIRouter(prefix="/billing/reports", tags=["reports"], responses=ERRORS)
+router = APIRouter(prefix="/billing/reports", tags=["reports"], responses=errors(*API_ERRORS))
 
 MEDIA_TYPES = {"csv": "text/csv; charset=utf-8", "json": "application/json"}
 
@@ -31,8 +29,8 @@ MEDIA_TYPES = {"csv": "text/csv; charset=utf-8", "json": "application/json"}
     },
 )
 async def monthly_report(
-    request: Request,
     session: Session,
+    engine: Engine,
     caller: Caller,
     period: Annotated[
         Period, Query(description="The month, `YYYY-MM` (UTC).", examples=["2026-11"])
@@ -55,7 +53,7 @@ async def monthly_report(
     await session.connection()
     suffix = f"-{account_id}" if account_id else ""
     return StreamingResponse(
-        export_monthly(get_runtime(request).engine, period, fmt, account_id),
+        export_monthly(engine, period, fmt, account_id),
         media_type=MEDIA_TYPES[fmt],
         headers={"Content-Disposition": f'attachment; filename="meterline-{period}{suffix}.{fmt}"'},
     )

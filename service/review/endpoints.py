@@ -2,14 +2,12 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Path, Query
 
-from service.accounts.endpoints import ERRORS
-from service.auth.principal import Admin, Caller
-from service.db.session import Session
-from service.errors import ErrorBody
+from service.deps import Admin, Caller, Session
+from service.errors import API_ERRORS, errors
 from service.reports.service import parse_period
 from service.review import service
 from service.review.schemas import (
@@ -21,11 +19,9 @@ from service.review.schemas import (
 )
 from service.schemas import CursorParam, Limit, Page, Period, decode_cursor, encode_cursor
 
-router = APIRouter(prefix="/billing/reports", tags=["reports"], responses=ERRORS)
+router = APIRouter(prefix="/billing/reports", tags=["reports"], responses=errors(*API_ERRORS))
 
-REVIEWED: dict[int | str, dict[str, Any]] = {
-    409: {"model": ErrorBody, "description": "Reviewed already (`already_reviewed`)."}
-}
+REVIEWED = errors(*API_ERRORS, service.AlreadyReviewed)
 RequestId = Annotated[str, Path(max_length=40, pattern=r"^[A-Za-z0-9_]+$")]
 
 

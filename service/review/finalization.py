@@ -13,6 +13,11 @@ from service.review.repository import ReviewRepository
 _NAMED = 5
 
 
+class FlaggedUsage(Conflict):
+    code = "flagged_usage"
+    description = "Flagged usage the invoice bills is not reviewed yet (the message names it)."
+
+
 async def refuse_unreviewed_flagged_usage(
     session: AsyncSession, account_id: uuid.UUID, period: BillingPeriod
 ) -> None:
@@ -24,10 +29,9 @@ async def refuse_unreviewed_flagged_usage(
     if not count:
         return
     more = f" and {count - len(ids)} more" if count > len(ids) else ""
-    raise Conflict(
+    raise FlaggedUsage(
         f"usage the provider claimed implausibly blocks finalization: {', '.join(ids)}{more}."
         " Review each (GET /billing/reports/flagged): accept it as claimed"
         " (POST /billing/reports/flagged/{request_id}/accept) or correct it"
-        " (POST …/adjust) and finalize again",
-        code="flagged_usage",
+        " (POST …/adjust) and finalize again"
     )

@@ -5,21 +5,13 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field
 
-from service.ledger.record import has_control_characters
-from service.schemas import DecimalString
+from service.schemas import DecimalString, Prose
 
 ReviewDecision = Literal["accepted", "adjusted"]
 
-
-def _printable(text: str) -> str:
-    if has_control_characters(text.replace("\n", "").replace("\t", "")):
-        raise ValueError("must not contain control characters (such as NUL)")
-    return text
-
-
-Note = Annotated[str, Field(max_length=2000), AfterValidator(_printable)]
+Note = Annotated[Prose, Field(max_length=2000)]
 
 
 class ReviewOut(BaseModel):

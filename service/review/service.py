@@ -59,8 +59,13 @@ def quarantined_out(row: QuarantinedUsage) -> QuarantinedRow:
     )
 
 
+class AlreadyReviewed(Conflict):
+    code = "already_reviewed"
+    description = "The flagged usage was reviewed already, the other way."
+
+
 def flagged_not_found(request_id: str) -> NotFound:
-    return NotFound(f"no flagged usage with request id {request_id}", param="request_id")
+    return NotFound(f"no flagged usage with request id {request_id}", param="path.request_id")
 
 
 async def _flagged(repository: ReviewRepository, request_id: str) -> FlaggedRow:
@@ -70,11 +75,10 @@ async def _flagged(repository: ReviewRepository, request_id: str) -> FlaggedRow:
     return found
 
 
-def _reviewed_already(request_id: str, review: FlaggedUsageReview) -> Conflict:
-    return Conflict(
+def _reviewed_already(request_id: str, review: FlaggedUsageReview) -> AlreadyReviewed:
+    return AlreadyReviewed(
         f"flagged usage {request_id} was reviewed already ({review.decision}"
-        f" at {review.reviewed_at.isoformat()})",
-        code="already_reviewed",
+        f" at {review.reviewed_at.isoformat()})"
     )
 
 

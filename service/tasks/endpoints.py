@@ -1,38 +1,20 @@
 from __future__ import annotations
 
 import uuid
-from typing import Annotated, Any
+from typing import Annotated
 
-from fastapi import APIRouter, Depends, Path, Query, Request
+from fastapi import APIRouter, Path, Query
 
-from service.accounts.endpoints import ERRORS
-from service.auth.principal import Caller
-from service.db.session import Session
-from service.errors import ErrorBody
-from service.runtime import get_runtime
+from service.deps import Caller, Guard, Session
+from service.errors import API_ERRORS, errors
 from service.schemas import CursorParam, Limit, Page, Text, UTCTime
 from service.tasks import service
-from service.tasks.guard import TaskGuard
 from service.tasks.repository import TaskFilter
 from service.tasks.schemas import TaskComplete, TaskOut, TaskStatus
 
-router = APIRouter(prefix="/billing/tasks", tags=["tasks"], responses=ERRORS)
-
-COMPLETE: dict[int | str, dict[str, Any]] = {
-    403: {
-        "model": ErrorBody,
-        "description": "A customer key, on an account that leaves outcomes to the operator.",
-    },
-    409: {"model": ErrorBody, "description": "The task is already completed."},
-}
+router = APIRouter(prefix="/billing/tasks", tags=["tasks"], responses=errors(*API_ERRORS))
 
 
-def get_guard(request: Request) -> TaskGuard | None:
-    guard: TaskGuard | None = getattr(get_runtime(request), "tasks", None)
-    return guard
-
-
-Guard = Annotated[TaskGuard | None, Depends(get_guard)]
 TaskIdPath = Annotated[Text, Path(min_length=1, max_length=128, description="The `X-Task-Id`.")]
 AccountId = Annotated[
     uuid.UUID | None,
@@ -77,7 +59,11 @@ async def get_task(
     return await service.get_task(session, caller, task_id, account_id)
 
 
-@router.post("/{task_id:path}/complete", response_model=TaskOut, responses=COMPLETE)
+@router.post(
+    "/{task_id:path}/complete",
+    response_model=TaskOut,
+    responses=errors(*API_ERRORS, service.OutcomeReportedByOperator, service.TaskAlreadyCompleted),
+)
 async def complete_task(
     task_id: TaskIdPath,
     data: TaskComplete,

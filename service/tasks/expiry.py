@@ -21,7 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from pricing.invoice import ExpiredTaskPolicy, FailedTaskPolicy, TaskOutcome, task_billing
 from service.db.engine import transaction
-from service.tasks.guard import TaskGuard
+from service.parts import LiveTasks
 from service.tasks.repository import TaskRepository
 
 log = logging.getLogger("meterline.tasks")
@@ -31,7 +31,7 @@ async def expire_tasks(
     session: AsyncSession,
     now: datetime | None = None,
     account_ids: Sequence[uuid.UUID] | None = None,
-    guard: TaskGuard | None = None,
+    guard: LiveTasks | None = None,
     *,
     task_ids: Sequence[uuid.UUID] | None = None,
     skip_locked: bool = False,
@@ -71,7 +71,7 @@ async def expire_tasks(
 
 class ExpiryJob:
     def __init__(
-        self, sessions: async_sessionmaker[AsyncSession], guard: TaskGuard, interval: float
+        self, sessions: async_sessionmaker[AsyncSession], guard: LiveTasks, interval: float
     ) -> None:
         self._sessions = sessions
         self._guard = guard

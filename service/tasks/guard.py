@@ -146,7 +146,7 @@ class TaskGuard:
         if self.is_closed(key):
             raise TaskClosed(
                 f"task {task_id!r} is already completed; start a new task id for more work",
-                param="X-Task-Id",
+                param="x-task-id",
                 headers=_NO_RETRY,
             )
         quoted = self._open.get(key)
@@ -163,14 +163,14 @@ class TaskGuard:
             raise TaskCostCapReached(
                 f"task {task_id!r} has usage without a price, so its cost cannot be held to"
                 f" its cap of {quoted.cap} USD; it accepts no more requests",
-                param="X-Task-Id",
+                param="x-task-id",
                 headers=_NO_RETRY,
             )
         if quoted.cost >= quoted.cap:
             raise TaskCostCapReached(
                 f"task {task_id!r} reached its cost cap of {quoted.cap} USD"
                 " (a multiple of its fixed price); it accepts no more requests",
-                param="X-Task-Id",
+                param="x-task-id",
                 headers=_NO_RETRY,
             )
 

@@ -21,13 +21,27 @@ from service.accounts.repository import AccountRepository
 from service.auth.principal import Principal
 from service.db.models import Task
 from service.errors import Conflict, Forbidden, NotFound, Unprocessable
+from service.parts import LiveTasks
 from service.schemas import Page, decode_cursor, encode_cursor
 from service.tasks.expiry import expire_tasks
-from service.tasks.guard import TaskGuard
 from service.tasks.repository import TaskFilter, TaskRepository, TaskUsage
 from service.tasks.schemas import Outcome, TaskOut
 
 log = logging.getLogger("meterline.tasks")
+
+
+class OutcomeReportedByOperator(Forbidden):
+    description = "A customer key, on an account that leaves outcomes to the operator."
+
+
+class TaskAlreadyCompleted(Conflict):
+    code = "task_already_completed"
+    description = "The task is already completed."
+
+
+class TaskIdInUse(Conflict):
+    code = "task_id_in_use"
+    description = "The task id is in use in the account (or has usage already)."
 
 
 def account_of(caller: Principal, account_id: uuid.UUID | None) -> uuid.UUID:
@@ -96,7 +110,7 @@ async def get_task(
     task = await repository.get(account, task_id)
     usage = await repository.usage(account, task_id)
     if task is None and not usage.seen:
-        raise NotFound(f"task {task_id!r} not found", param="task_id")
+        raise NotFound(f"task {task_id!r} not found", param="path.task_id")
     return task_out(task, usage, account, task_id)
 
 
@@ -131,7 +145,7 @@ async def _require_outcome_reporter(
         return
     account = await AccountRepository(session).get_account(account_id)
     if account is None or not account.customer_reported_outcomes:
-        raise Forbidden(
+        raise OutcomeReportedByOperator(
             "a customer key cannot report a task's outcome on this account; the operator"
             " reports it with the admin token (or sets customer_reported_outcomes)"
         )
@@ -139,7 +153,7 @@ async def _require_outcome_reporter(
 
 async def complete_task(
     session: AsyncSession,
-    guard: TaskGuard | None,
+    guard: LiveTasks | None,
     caller: Principal,
     task_id: str,
     account_id: uuid.UUID | None,
@@ -164,7 +178,7 @@ async def complete_task(
         # A task without quote gets its row now; a concurrent completion may win the insert.
         seen = await repository.usage(account, task_id)
         if not seen.seen:
-            raise NotFound(f"task {task_id!r} not found", param="task_id")
+            raise NotFound(f"task {task_id!r} not found", param="path.task_id")
         # Dated by its first request, as a listed task is: lists stay in creation order.
         await repository.insert(
             {"account_id": account, "external_id": task_id, "created_at": seen.first_at}
@@ -172,9 +186,7 @@ async def complete_task(
         task = await repository.get(account, task_id, for_update=True)
         assert task is not None
     if task.status != "open":
-        raise Conflict(
-            f"task {task_id!r} is already completed ({task.status})", code="task_already_completed"
-        )
+        raise TaskAlreadyCompleted(f"task {task_id!r} is already completed ({task.status})")
     usage = await repository.usage(account, task_id)
     cost = await repository.history_cost(account, task_id)
     billed_as = None
@@ -203,7 +215,7 @@ async def complete_task(
 
 async def open_quoted_task(
     session: AsyncSession,
-    guard: TaskGuard | None,
+    guard: LiveTasks | None,
     values: dict[str, object],
     cap: Decimal,
 ) -> Task:
@@ -213,17 +225,14 @@ async def open_quoted_task(
     task_id = values["external_id"]
     assert isinstance(account, uuid.UUID) and isinstance(task_id, str)
     if await repository.has_usage(account, task_id):
-        raise Conflict(
+        raise TaskIdInUse(
             f"task id {task_id!r} already has usage; a quoted task needs a new id",
-            code="task_id_in_use",
-            param="task_id",
+            param="body.task_id",
         )
     task = await repository.insert(values)
     if task is None:
-        raise Conflict(
-            f"task id {task_id!r} is already in use in this account",
-            code="task_id_in_use",
-            param="task_id",
+        raise TaskIdInUse(
+            f"task id {task_id!r} is already in use in this account", param="body.task_id"
         )
     # The row's `created_at` is the acceptance: the task covers requests from then on.
     await repository.notify(

@@ -6,15 +6,14 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Query
 from fastapi.responses import JSONResponse
 
-from service.accounts.endpoints import ERRORS
-from service.auth.principal import Caller
-from service.db.session import Session
+from service.deps import Caller, Session
+from service.errors import API_ERRORS, errors
 from service.schemas import CursorParam, Page, Text, UTCTime
 from service.usage import service
 from service.usage.repository import UsageFilter
 from service.usage.schemas import GROUPS, UsageEvent, UsageReport
 
-router = APIRouter(prefix="/billing/usage", tags=["usage"], responses=ERRORS)
+router = APIRouter(prefix="/billing/usage", tags=["usage"], responses=errors(*API_ERRORS))
 
 AccountId = Annotated[
     uuid.UUID | None,

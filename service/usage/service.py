@@ -67,7 +67,7 @@ async def scoped_filter(
     if key_id is not None:
         owner = await UsageRepository(session).key_account(key_id)
         if owner is None or not (principal.is_admin or owner == principal.account_id):
-            raise NotFound(f"key {key_id} not found", param="key_id")
+            raise NotFound(f"key {key_id} not found", param="query.key_id")
         # An admin naming an account and another account's key simply gets no rows.
         account_id = account_id or owner
     return UsageFilter(
