@@ -34,8 +34,8 @@ from typing import Any
 
 from bench.export import _populate
 from bench.support import bench_database, free_port, run
+from pricing.invoice import BillingPeriod
 from service.db.engine import asyncpg_dsn, create_engine, session_factory, transaction
-from service.db.partitions import month_start
 from service.usage.rollup import roll_up_daily
 
 ADMIN_TOKEN = "bench-admin-" + secrets.token_hex(8)
@@ -139,7 +139,7 @@ def main(argv: list[str]) -> None:
     ensure_chromium()
     from playwright.sync_api import sync_playwright
 
-    start = month_start(datetime.now(UTC))
+    start = BillingPeriod.of(datetime.now(UTC)).start
     with bench_database() as url, tempfile.TemporaryDirectory() as tmp:
         began = time.perf_counter()
         asyncio.run(

@@ -34,9 +34,9 @@ import asyncpg
 import httpx
 from sqlalchemy.engine import make_url
 
+from pricing.invoice import BillingPeriod
 from service.db.engine import asyncpg_dsn
 from service.db.migrate import upgrade
-from service.db.partitions import add_months, month_start
 from service.reports.schemas import COLUMNS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -248,8 +248,8 @@ def main(argv: list[str]) -> None:
     server = os.environ.get("METERLINE_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
     name = f"meterline_bench_export_{secrets.token_hex(4)}"
     url = _with_database(server, name)
-    start = add_months(month_start(datetime.now(UTC)), -1)
-    period = f"{start:%Y-%m}"
+    month = BillingPeriod.of(datetime.now(UTC)).previous()
+    start, period = month.start, str(month)
     admin = asyncpg_dsn(server)
     asyncio.run(_admin(admin, f'CREATE DATABASE "{name}"'))
     try:

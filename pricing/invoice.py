@@ -39,22 +39,54 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from decimal import Decimal
 from enum import StrEnum
+from functools import total_ordering
 
 from pricing.cost import TokenUsage, totals_cost
 from pricing.money import exact, round_cents
 from pricing.price_table import format_rate
 from pricing.prices import BEGINNING_OF_TIME, END_OF_TIME, Price
 
-_PERIOD = re.compile(r"^(\d{4})-(0[1-9]|1[0-2])$")
+# The one spelling of a month, `YYYY-MM`; schemas that document it (OpenAPI) quote this.
+PERIOD_PATTERN = r"^(\d{4})-(0[1-9]|1[0-2])$"
+_PERIOD = re.compile(PERIOD_PATTERN)
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
-@dataclass(frozen=True, slots=True, order=True)
+@total_ordering
 class BillingPeriod:
-    """A UTC calendar month, written `YYYY-MM`."""
+    """A UTC calendar month, written `YYYY-MM`.
 
+    A value like a frozen dataclass, but not one: FastAPI reads a dataclass parameter as a
+    body, and a period is a query parameter too.
+    """
+
+    __slots__ = ("month", "year")
     year: int
     month: int
+
+    def __init__(self, year: int, month: int) -> None:
+        object.__setattr__(self, "year", year)
+        object.__setattr__(self, "month", month)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"a BillingPeriod does not change ({name})")
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, BillingPeriod):
+            return NotImplemented
+        return (self.year, self.month) == (other.year, other.month)
+
+    def __lt__(self, other: BillingPeriod) -> bool:
+        return (self.year, self.month) < (other.year, other.month)
+
+    def __hash__(self) -> int:
+        return hash((self.year, self.month))
+
+    def __repr__(self) -> str:
+        return f"BillingPeriod(year={self.year}, month={self.month})"
+
+    def __reduce__(self) -> tuple[type[BillingPeriod], tuple[int, int]]:
+        return BillingPeriod, (self.year, self.month)  # copy and pickle, past __setattr__
 
     @classmethod
     def parse(cls, text: str) -> BillingPeriod:
@@ -63,7 +95,7 @@ class BillingPeriod:
         Only the months Meterline can bill: from 1970-01 to 9999-11, the last one whose
         `end` a datetime can hold (9999-12 would fail later, on its bounds).
         """
-        match = _PERIOD.match(text)
+        match = _PERIOD.fullmatch(text)  # `$` alone would let a trailing line feed through
         month = (int(match.group(1)), int(match.group(2))) if match else None
         first = (BEGINNING_OF_TIME.year, BEGINNING_OF_TIME.month)
         if month is None or not first <= month < (END_OF_TIME.year, END_OF_TIME.month):
@@ -74,7 +106,10 @@ class BillingPeriod:
 
     @classmethod
     def of(cls, at: datetime) -> BillingPeriod:
-        """The period holding the instant `at`."""
+        """The period holding the instant `at`; a naive datetime raises ValueError (read in
+        the machine's zone, it would land hours off, in the wrong month)."""
+        if at.tzinfo is None:
+            raise ValueError(f"a month needs an instant; {at.isoformat()} has no zone")
         at = at.astimezone(UTC)
         return cls(at.year, at.month)
 
@@ -88,13 +123,18 @@ class BillingPeriod:
         """First instant of the next month (exclusive)."""
         return self.next().start
 
+    def shifted(self, months: int) -> BillingPeriod:
+        """The month `months` later (earlier when negative)."""
+        year, month = divmod(self.year * 12 + self.month - 1 + months, 12)
+        return BillingPeriod(year, month + 1)
+
     def next(self) -> BillingPeriod:
         """The following month."""
-        return BillingPeriod(self.year + self.month // 12, self.month % 12 + 1)
+        return self.shifted(1)
 
     def previous(self) -> BillingPeriod:
         """The month before."""
-        return BillingPeriod(self.year - (self.month == 1), (self.month - 2) % 12 + 1)
+        return self.shifted(-1)
 
     def __str__(self) -> str:
         return f"{self.year:04d}-{self.month:02d}"

@@ -19,6 +19,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from pricing.invoice import BillingPeriod
 from service.settings import get_settings
 
 UrlOption = Annotated[
@@ -47,6 +48,21 @@ err = Console(stderr=True)
 def fail(message: str, code: int = 1) -> NoReturn:
     err.print(f"[red]error:[/red] {message}", highlight=False)
     raise typer.Exit(code)
+
+
+def parse_period(text: str) -> BillingPeriod:
+    """`--period YYYY-MM`, read as the API reads a period; a bad month stops the command
+    before it sends or changes anything."""
+    try:
+        return BillingPeriod.parse(text)
+    except ValueError as exc:
+        fail(f"--period: {exc}")
+
+
+PeriodOption = Annotated[
+    BillingPeriod,
+    typer.Option(parser=parse_period, metavar="YYYY-MM", help="The month, YYYY-MM (UTC)."),
+]
 
 
 class BillingClient:

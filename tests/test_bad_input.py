@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import secrets
 import time
 import uuid
@@ -19,8 +20,12 @@ from urllib.parse import quote
 
 import httpx
 import pytest
+from fastapi.routing import APIRoute
+from markupsafe import escape
 
-from tests.conftest import Meterline
+from service.app import create_app  # noqa: F401  (registers the console's pages)
+from service.console.pages import router as console_router
+from tests.conftest import ADMIN_TOKEN, Meterline
 from tests.reliability import (
     LIMIT_BYTES,
     admin,
@@ -519,24 +524,143 @@ def test_forged_cursors_are_a_422(
     assert error["param"] == "query.cursor"
 
 
-@pytest.mark.parametrize("period", ["9999-12", "0000-01", "1969-12", "2026-13"])
-@pytest.mark.parametrize(
-    "path",
-    [
-        "/billing/reports/unpriced",
-        "/billing/reports/monthly",
-        "/billing/reports/margin",
-        "/billing/invoices",
-    ],
-)
-def test_months_that_cannot_be_billed_are_a_422(server: Meterline, path: str, period: str) -> None:
-    """9999-12 ends in year 10000, which no datetime holds: refused as a month, not a 500."""
+# Months no route may take: past the last one a datetime can end (9999-12 ends in year
+# 10000), before the first billed one, no such month, not zero-padded, a line feed behind.
+BAD_PERIODS = ["9999-12", "0000-01", "1969-12", "2026-13", "2026-1", "", "2026-01\n"]
+PERIOD_REFUSAL = "Value error, period must be a month YYYY-MM from 1970-01 to 9999-11, got {!r}"
+
+
+def _resolved(spec: dict[str, Any], schema: dict[str, Any]) -> dict[str, Any]:
+    while "$ref" in schema:
+        schema = spec["components"]["schemas"][schema["$ref"].rsplit("/", 1)[-1]]
+    return schema
+
+
+def _valid_value(schema: dict[str, Any]) -> Any:
+    """A value of `schema` that passes validation (what fills the other required fields)."""
+    if "enum" in schema:
+        return schema["enum"][0]
+    if schema.get("format") == "uuid":
+        return NOWHERE
+    return {"integer": 1, "boolean": False}.get(schema.get("type", "string"), "x")
+
+
+def period_operations(spec: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(method, path, where) of every operation that takes a `period`, by the OpenAPI schema:
+    a query parameter (`query`) or a field of the JSON body (`body`)."""
+    found = []
+    for path, methods in spec["paths"].items():
+        for method, operation in methods.items():
+            if any(p["name"] == "period" for p in operation.get("parameters", [])):
+                found.append((method, path, "query"))
+            content = operation.get("requestBody", {}).get("content", {})
+            body = content.get("application/json", {}).get("schema")
+            if body and "period" in _resolved(spec, body).get("properties", {}):
+                found.append((method, path, "body"))
+    return found
+
+
+def _request_with_period(
+    spec: dict[str, Any], method: str, path: str, where: str, period: str
+) -> dict[str, Any]:
+    """The request's parts, every required field valid but `period`."""
+    operation = spec["paths"][path][method]
+    params: dict[str, Any] = {}
+    for parameter in operation.get("parameters", []):
+        if parameter["in"] == "path":
+            path = path.replace(f"{{{parameter['name']}}}", str(_valid_value(parameter["schema"])))
+        elif parameter["in"] == "query" and parameter.get("required"):
+            params[parameter["name"]] = _valid_value(parameter["schema"])
+    json_body = None
+    if where == "body":
+        schema = _resolved(spec, operation["requestBody"]["content"]["application/json"]["schema"])
+        json_body = {
+            name: _valid_value(_resolved(spec, schema["properties"][name]))
+            for name in schema.get("required", [])
+        }
+        json_body["period"] = period
+    else:
+        params["period"] = period
+    return {"method": method.upper(), "url": path, "params": params, "json": json_body}
+
+
+def test_every_route_that_takes_a_period_refuses_a_bad_one_alike(server: Meterline) -> None:
+    """One validator reads every month: the same 422, code and message on every route, the
+    param named where it was sent (`query.period`, `body.period`). The routes come from the
+    OpenAPI schema, so a new one is held to the same answer."""
     with admin(server.url) as client:
-        response = client.get(path, params={"period": period})
-        error = assert_error(response, 422, "validation_error")
-        assert error["param"] == "query.period"
-        created = client.post("/billing/invoices", json={"account_id": NOWHERE, "period": period})
-        assert assert_error(created, 422, "validation_error")["param"] == "body.period"
+        spec = client.get("/openapi.json").json()
+        operations = period_operations(spec)
+        expected = {
+            ("get", "/billing/reports/monthly", "query"),
+            ("post", "/billing/invoices", "body"),
+        }
+        assert expected <= set(operations), operations
+        assert len(operations) >= 6, operations
+        for method, path, where in operations:
+            for period in BAD_PERIODS:
+                sent = _request_with_period(spec, method, path, where, period)
+                response = client.request(**sent)
+                assert_error(response, 422, "validation_error")
+                param = f"{where}.period"
+                assert response.json() == {
+                    "error": {
+                        "message": f"{param}: {PERIOD_REFUSAL.format(period)}",
+                        "type": "invalid_request_error",
+                        "code": "validation_error",
+                        "param": param,
+                    }
+                }, (method, path, period)
+
+
+def test_a_period_that_is_not_a_string_is_refused_as_a_month(server: Meterline) -> None:
+    with admin(server.url) as client:
+        response = client.post("/billing/invoices", json={"account_id": NOWHERE, "period": 202611})
+    error = assert_error(response, 422, "validation_error")
+    assert (error["param"], error["message"]) == (
+        "body.period",
+        "body.period: Value error, period must be a month YYYY-MM",
+    )
+
+
+def _console_period_pages() -> list[str]:
+    """Console GET routes with a `period` query parameter (the console is not in OpenAPI)."""
+    return [
+        route.path
+        for route in console_router.routes
+        if isinstance(route, APIRoute)
+        and "GET" in (route.methods or ())
+        and any(p.name == "period" for p in route.dependant.query_params)
+    ]
+
+
+def test_the_console_refuses_a_bad_period_as_the_api_does(server: Meterline) -> None:
+    """Its pages and its invoice form read a month with the same validator: 422, the same words."""
+    pages = _console_period_pages()
+    assert {"/console/invoices", "/console/reports", "/console/reports/monthly"} <= set(pages)
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        form = client.get("/console/sign-in")
+        token = re.search(r'name="csrf_token" value="([^"]+)"', form.text)
+        assert token is not None
+        signed_in = client.post(
+            "/console/sign-in", data={"credential": ADMIN_TOKEN, "csrf_token": token.group(1)}
+        )
+        assert signed_in.status_code == 303, signed_in.text
+        csrf = re.search(r'name="csrf_token" value="([^"]+)"', client.get("/console/invoices").text)
+        assert csrf is not None
+        for period in [p for p in BAD_PERIODS if p]:  # a blank filter means "any month"
+            words = str(escape(f"period: {PERIOD_REFUSAL.format(period)}"))
+            for path in pages:
+                response = client.get(path, params={"period": period})
+                assert response.status_code == 422, (path, period)
+                assert words in response.text, (path, period)
+            if period != period.strip():
+                continue  # a form's fields are read stripped of blanks
+            posted = client.post(
+                "/console/invoices",
+                data={"account_id": NOWHERE, "period": period, "csrf_token": csrf.group(1)},
+            )
+            assert posted.status_code == 422 and words in posted.text, period
 
 
 @pytest.mark.parametrize(

@@ -27,7 +27,7 @@ import pytest
 import redis
 from openai.types.chat import ChatCompletionMessageParam
 
-from service.limits.policy import month_bounds, month_of
+from pricing.invoice import BillingPeriod
 from tests.conftest import Meterline, Upstream, start_meterline
 from tests.reliability import (
     REDIS_URL,
@@ -129,7 +129,7 @@ def _assert_budget_refusal(error: openai.APIStatusError, scope: str, owner: uuid
     assert body["code"] == "insufficient_quota"
     assert body["type"] == "insufficient_quota"
     assert f"monthly budget of {scope} {owner}" in body["message"]
-    reset = month_bounds(month_of(datetime.now(UTC)))[1]
+    reset = BillingPeriod.of(datetime.now(UTC)).end
     assert f"resets at {reset:%Y-%m-%dT%H:%M:%SZ}" in body["message"]
     assert int(error.response.headers["retry-after"]) > 0
 

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from pricing.invoice import BillingPeriod
 from service.db.engine import asyncpg_dsn
-from service.ledger.record import LedgerRecord, month_of, new_request_id
+from service.ledger.record import LedgerRecord, new_request_id
 from service.ledger.spool import Spool
 from service.ledger.writer import LedgerWriter
 from tests.support import Database, free_port
@@ -400,4 +401,4 @@ async def test_partitions_are_found_by_the_utc_month_of_each_row(
     )
     assert [r["part"] for r in rows] == ["usage_ledger_p203307", "usage_ledger_p203308"]
     with pytest.raises(ValueError, match="no zone"):
-        month_of(datetime(2033, 8, 1))  # naive: whose midnight would it be?
+        BillingPeriod.of(datetime(2033, 8, 1))  # naive: whose midnight would it be?

@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 from redis.asyncio import Redis
 
 from pricing.cost import TokenUsage, usage_cost
+from pricing.invoice import BillingPeriod
 from pricing.prices import Price
 from service.limits import estimate
 from service.limits.budgets import Hold, HoldResult
@@ -35,7 +36,6 @@ from service.limits.policy import (
     applied_limits,
     budget_error,
     duration,
-    month_bounds,
     to_nano_down,
     to_nano_up,
 )
@@ -298,7 +298,8 @@ def test_money_becomes_integer_nano_usd_rounded_the_safe_way() -> None:
 
 def test_budget_refusal_says_which_budget_and_when_it_resets() -> None:
     owner = uuid.uuid4()
-    start, end = month_bounds("2026-12")
+    month = BillingPeriod.parse("2026-12")
+    start, end = month.start, month.end
     assert (start, end) == (datetime(2026, 12, 1, tzinfo=UTC), datetime(2027, 1, 1, tzinfo=UTC))
     error = budget_error(Limit("key", owner, 1_000_000_000), 999_000_000, 0, 5_000_000, end)
     assert error.status_code == 429

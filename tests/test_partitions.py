@@ -14,8 +14,8 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from pricing.invoice import BillingPeriod
 from service.db.migrate import upgrade
-from service.db.partitions import add_months, month_start
 from tests.conftest import _with_database
 from tests.support import Database
 
@@ -41,8 +41,8 @@ def edges(year: int) -> list[datetime]:
     month, and the last hours of its last days (where a zone offset used to cut)."""
     instants = []
     for k in range(12):
-        start = datetime(year, k + 1, 1, tzinfo=UTC)
-        end = add_months(start, 1)
+        month = BillingPeriod(year, k + 1)
+        start, end = month.start, month.end
         instants += [start, start + timedelta(hours=1), end - timedelta(microseconds=1)]
         instants += [end - timedelta(days=d, hours=1) for d in range(4)]
     return sorted(instants)
@@ -74,8 +74,8 @@ def partition_bounds(db: Database) -> dict[str, tuple[datetime, datetime]]:
 
 def assert_utc_months(db: Database) -> None:
     for name, (low, high) in partition_bounds(db).items():
-        start = datetime(int(name[-6:-2]), int(name[-2:]), 1, tzinfo=UTC)
-        assert (low, high) == (start, add_months(start, 1)), name
+        month = BillingPeriod(int(name[-6:-2]), int(name[-2:]))
+        assert (low, high) == (month.start, month.end), name
 
 
 def rows_by_partition(db: Database, account_id: uuid.UUID) -> list[tuple[datetime, str]]:
@@ -88,7 +88,7 @@ def rows_by_partition(db: Database, account_id: uuid.UUID) -> list[tuple[datetim
 
 
 def expected_partition(at: datetime) -> str:
-    return f"usage_ledger_p{month_start(at):%Y%m}"
+    return f"usage_ledger_p{BillingPeriod.of(at).start:%Y%m}"
 
 
 @pytest.mark.parametrize("zoned_database", ZONES, indirect=True)
@@ -100,7 +100,7 @@ def test_every_month_of_a_year_is_its_utc_month_in_any_database_zone(
     for k in range(13):  # January to the next January: December's end meets a new year
         db.execute(
             "SELECT meterline_ensure_usage_partition($1)",
-            add_months(datetime(YEAR, 1, 1, tzinfo=UTC), k),
+            BillingPeriod(YEAR, 1).shifted(k).start,
         )
     assert_utc_months(db)
     account_id = uuid.uuid4()

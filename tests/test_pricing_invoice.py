@@ -324,9 +324,30 @@ def test_billing_periods() -> None:
     assert str(period.next()) == "2027-01"
     assert BillingPeriod.of(datetime(2026, 12, 31, 23, 59, tzinfo=UTC)) == period
     # 9999-12 ends in year 10000, which no datetime holds; nothing is billed before 1970.
-    for bad in ("2026-13", "2026-1", "26-01", "2026-00", "", "9999-12", "1969-12", "0000-01"):
+    bad_months = ("2026-13", "2026-1", "26-01", "2026-00", "", "9999-12", "1969-12", "0000-01")
+    for bad in (*bad_months, "2026-01\n", " 2026-01"):
         with pytest.raises(ValueError):
             BillingPeriod.parse(bad)
+    with pytest.raises(ValueError, match="no zone"):
+        BillingPeriod.of(datetime(2026, 12, 31, 23, 59))  # whose midnight would it be?
+    with pytest.raises(AttributeError):
+        period.month = 1
+
+
+@given(st.integers(1970 * 12, 9999 * 12 + 10), st.integers(-2400, 2400))
+def test_billing_periods_are_months_in_order(index: int, months: int) -> None:
+    period = BillingPeriod(index // 12, index % 12 + 1)
+    assert BillingPeriod.parse(str(period)) == period
+    assert hash(BillingPeriod.parse(str(period))) == hash(period)
+    assert period.shifted(months).shifted(-months) == period
+    assert period.next().previous() == period == period.previous().next()
+    assert period < period.next() and not period < period
+    assert (period < period.shifted(months)) == (months > 0)
+    assert (
+        BillingPeriod.of(period.start)
+        == period
+        == BillingPeriod.of(period.end - timedelta.resolution)
+    )
 
 
 # -- the late-usage rule ---------------------------------------------------------------------

@@ -379,7 +379,7 @@ def test_cli_writes_the_same_export_to_a_file(
 
     bad = _cli(meterline, "report", "monthly", "--period", "2025-5", "-o", str(tmp_path / "x"))
     assert bad.returncode == 1
-    assert "query.period" in bad.stderr
+    assert "--period: period must be a month YYYY-MM" in bad.stderr
     assert not (tmp_path / "x").exists()
 
 

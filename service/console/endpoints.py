@@ -20,6 +20,7 @@ from service.accounts import service as accounts
 from service.accounts.schemas import AccountCreate, AccountOut, AccountUpdate, KeyOut
 from service.console import service, sessions
 from service.console.pages import (
+    ChosenPeriod,
     Operator,
     Posted,
     Viewer,
@@ -36,7 +37,7 @@ from service.deps import Budgets, Config, Engine, Guard, Keys, Prices, Session
 from service.errors import Unauthorized
 from service.invoices import service as invoices
 from service.invoices.pdf import Issuer
-from service.invoices.schemas import InvoiceVoid, invoice_out
+from service.invoices.schemas import InvoiceCreate, InvoiceVoid, invoice_out
 from service.margin.service import margin_report
 from service.prices import service as price_service
 from service.prices.schemas import PriceCreate, PriceOut
@@ -44,7 +45,8 @@ from service.quotes import service as quotes
 from service.quotes.schemas import QuoteAccept, QuoteCreate
 from service.reports.endpoints import MEDIA_TYPES
 from service.reports.schemas import ReportFormat
-from service.reports.service import export_monthly, parse_period
+from service.reports.service import export_monthly
+from service.schemas import Period
 from service.tasks import service as tasks
 from service.tasks.repository import TaskFilter
 from service.tasks.schemas import TaskComplete
@@ -57,9 +59,8 @@ def _now() -> datetime:
 
 
 def _recent_periods(count: int = 12) -> list[str]:
-    period = BillingPeriod.of(_now())
-    index = period.year * 12 + period.month - 1
-    return [f"{(index - i) // 12:04d}-{(index - i) % 12 + 1:02d}" for i in range(count)]
+    current = BillingPeriod.of(_now())
+    return [str(current.shifted(-i)) for i in range(count)]
 
 
 async def _account_choices(session: Session, viewer: Viewer) -> list[AccountOut]:
@@ -323,7 +324,7 @@ async def invoice_list(
     session: Session,
     viewer: Viewer,
     account_id: Text = None,
-    period: Annotated[str | None, Query(pattern=r"^(\d{4}-\d{2})?$")] = None,
+    period: ChosenPeriod = None,
     status: Annotated[str | None, Query(pattern=r"^(draft|finalized|void)?$")] = None,
     cursor: Text = None,
 ) -> Response:
@@ -331,7 +332,7 @@ async def invoice_list(
         session,
         viewer.principal,
         optional_uuid(account_id, "query.account_id"),
-        period or None,
+        period,
         status or None,
         50,
         cursor,
@@ -346,7 +347,7 @@ async def invoice_list(
         names={k: v.name for k, v in names.items()},
         account_choices=choices,
         periods=_recent_periods(),
-        filters={"account_id": account_id, "period": period, "status": status},
+        filters={"account_id": account_id, "period": period and str(period), "status": status},
     )
 
 
@@ -355,9 +356,8 @@ async def generate_invoice(session: Session, viewer: Operator, form: Posted) -> 
     account_id = optional_uuid(form.get("account_id"), "body.account_id")
     if account_id is None:
         return redirect("/console/invoices")
-    invoice, _ = await invoices.generate_one(
-        session, account_id, invoices.parse_period(form.get("period") or "")
-    )
+    data = InvoiceCreate.model_validate({"account_id": account_id, "period": form.get("period")})
+    invoice, _ = await invoices.generate_one(session, data.account_id, data.period)
     return redirect(f"/console/invoices/{invoice.id}")
 
 
@@ -506,20 +506,18 @@ async def reports(
     request: Request,
     session: Session,
     viewer: Viewer,
-    period: Annotated[str | None, Query(pattern=r"^(\d{4}-(0[1-9]|1[0-2]))?$")] = None,
+    period: ChosenPeriod = None,
 ) -> Response:
-    chosen = period or _recent_periods()[0]
+    chosen = period or BillingPeriod.of(_now())
     margin = None
     if viewer.principal.is_admin:
         margin = await margin_report(session, chosen, None)
-    unpriced = await invoices.unpriced_report(
-        session, invoices.parse_period(chosen), viewer.principal.scope(None)
-    )
+    unpriced = await invoices.unpriced_report(session, chosen, viewer.principal.scope(None))
     top = max((max(r.revenue_usd, r.cost_usd) for r in (margin.rows if margin else [])), default=0)
     return render(
         request,
         "reports.html",
-        period=chosen,
+        period=str(chosen),
         periods=_recent_periods(),
         margin=margin,
         margin_top=top or 1,
@@ -531,10 +529,9 @@ async def reports(
 async def monthly_export(
     viewer: Viewer,
     engine: Engine,
-    period: Annotated[str, Query(pattern=r"^\d{4}-(0[1-9]|1[0-2])$")],
+    period: Annotated[Period, Query()],
     fmt: Annotated[ReportFormat, Query(alias="format")] = "csv",
 ) -> Response:
-    parse_period(period)
     account_id = viewer.principal.scope(None)
     suffix = f"-{account_id}" if account_id else ""
     return StreamingResponse(

@@ -21,7 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.routing import APIRoute
 from jinja2 import Environment, PackageLoader, select_autoescape
-from pydantic import ValidationError
+from pydantic import BeforeValidator, ValidationError
 
 from pricing.money import format_usd
 from pricing.price_table import format_rate
@@ -30,6 +30,7 @@ from service.console.sessions import COOKIE, SignedIn
 from service.deps import Config, Session
 from service.errors import Forbidden, MeterlineError, NotFound
 from service.invoices.pdf import unit_price
+from service.schemas import Period
 
 STATIC = "/console/static"
 # Pages hold account data: never cached, never framed, scripts and styles from here only.
@@ -184,6 +185,14 @@ async def _posted(request: Request, viewer: Viewer) -> Form:
 
 
 Posted = Annotated[Form, Depends(_posted)]
+
+
+def _blank_is_none(value: object) -> object:
+    return value or None
+
+
+# A month a filter may leave blank ("any"), otherwise read as the API reads a period.
+ChosenPeriod = Annotated[Period | None, BeforeValidator(_blank_is_none)]
 
 
 def optional_uuid(value: str | None, param: str) -> uuid.UUID | None:

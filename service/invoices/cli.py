@@ -9,7 +9,8 @@ from typing import Annotated, Any
 import typer
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from service.api_client import err, print_json, print_table
+from pricing.invoice import BillingPeriod
+from service.api_client import PeriodOption, err, parse_period, print_json, print_table
 from service.db.engine import transaction
 from service.errors import MeterlineError
 from service.invoices import service
@@ -45,7 +46,7 @@ def _show(invoice: InvoiceOut, as_json: bool) -> None:
 
 @invoices_app.command("generate")
 def generate(
-    period: Annotated[str, typer.Option(help="The month, YYYY-MM (UTC).")],
+    period: PeriodOption,
     account_id: Annotated[
         list[uuid.UUID] | None,
         typer.Option("--account-id", help="Only this account (repeatable) [default: all]."),
@@ -55,10 +56,10 @@ def generate(
     """Make or refresh the month's drafts; finalized invoices are left as they are."""
 
     async def work(session: AsyncSession) -> tuple[GenerateSummary, list[InvoiceOut]]:
-        result = await service.generate(session, service.parse_period(period), account_id)
+        result = await service.generate(session, period, account_id)
         invoices = await InvoiceRepository(session).get_many(list(result.invoice_ids.values()))
         summary = GenerateSummary(
-            period=period,
+            period=str(period),
             drafts=len(result.invoice_ids),
             created=len(result.created),
             skipped_finalized=len(result.finalized),
@@ -90,7 +91,10 @@ def finalize(
         list[uuid.UUID] | None, typer.Argument(help="Invoices to finalize.", show_default=False)
     ] = None,
     period: Annotated[
-        str | None, typer.Option(help="Finalize every draft of this month (YYYY-MM).")
+        BillingPeriod | None,
+        typer.Option(
+            parser=parse_period, metavar="YYYY-MM", help="Finalize every draft of this month."
+        ),
     ] = None,
     as_json: JsonOption = False,
 ) -> None:
@@ -103,7 +107,7 @@ def finalize(
     ) -> tuple[list[InvoiceOut], list[str]]:
         if period is not None:
             async with transaction(sessions) as session:
-                month = str(service.parse_period(period))
+                month = str(period)
                 rows = await InvoiceRepository(session).list(None, month, "draft", 10**6, None)
                 ids.extend(i.id for i in rows)
         done, failed = [], []
@@ -159,14 +163,14 @@ def show(
 
 @invoices_app.command("unpriced")
 def unpriced(
-    period: Annotated[str, typer.Option(help="The month, YYYY-MM (UTC).")],
+    period: PeriodOption,
     account_id: Annotated[uuid.UUID | None, typer.Option("--account-id")] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Usage stored without a price in the month, per account and model."""
 
     async def work(session: AsyncSession) -> list[dict[str, Any]]:
-        rows = await service.unpriced_report(session, service.parse_period(period), account_id)
+        rows = await service.unpriced_report(session, period, account_id)
         return [r.model_dump(mode="json") for r in rows]
 
     rows = run_in_transaction(work)

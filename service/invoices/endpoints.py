@@ -49,9 +49,7 @@ async def generate_invoice(
 
     A finalized invoice never changes: 409 (void it first to issue a new one).
     """
-    invoice, created = await service.generate_one(
-        session, data.account_id, service.parse_period(data.period)
-    )
+    invoice, created = await service.generate_one(session, data.account_id, data.period)
     if not created:
         response.status_code = status.HTTP_200_OK
     return invoice_out(invoice)
@@ -142,7 +140,5 @@ async def unpriced_usage(
     `requests_priced_now` counts rows a price added since covers (a draft prices them by the
     version in force at each row's time); `requests_without_price` block finalization.
     """
-    rows = await service.unpriced_report(
-        session, service.parse_period(period), caller.scope(account_id)
-    )
-    return UnpricedReport(period=period, data=rows)
+    rows = await service.unpriced_report(session, period, caller.scope(account_id))
+    return UnpricedReport(period=str(period), data=rows)

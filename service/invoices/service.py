@@ -58,11 +58,6 @@ log = logging.getLogger("meterline.invoices")
 FINALIZE_WAIT_S = 5.0
 
 
-class InvalidPeriod(BadRequest):
-    code = "invalid_period"
-    description = "Not a month Meterline bills (`YYYY-MM`, 1970-01 to 9999-11)."
-
-
 class PeriodInFuture(BadRequest):
     code = "period_in_future"
     description = "A month that has not begun."
@@ -115,13 +110,6 @@ class GenerateResult:
     invoice_ids: dict[uuid.UUID, uuid.UUID] = field(default_factory=dict)  # account → invoice
     created: set[uuid.UUID] = field(default_factory=set)  # invoice ids that are new
     finalized: dict[uuid.UUID, Invoice] = field(default_factory=dict)  # account → left as is
-
-
-def parse_period(text: str) -> BillingPeriod:
-    try:
-        return BillingPeriod.parse(text)
-    except ValueError as exc:
-        raise InvalidPeriod(str(exc), param="query.period") from None
 
 
 # -- computing ----------------------------------------------------------------------------
@@ -531,7 +519,7 @@ async def list_invoices(
     session: AsyncSession,
     caller: Principal,
     account_id: uuid.UUID | None,
-    period: str | None,
+    period: BillingPeriod | None,
     status: str | None,
     limit: int,
     cursor: str | None,
@@ -539,8 +527,9 @@ async def list_invoices(
     """Invoices newest month first, a page at a time; a customer key sees its own only."""
     scoped = caller.scope(account_id)
     after = decode_cursor(cursor, str, uuid.UUID) if cursor else None
+    month = str(period) if period else None
     invoices = await InvoiceRepository(session).list(
-        scoped, period, status, limit + 1, (after[0], after[1]) if after else None
+        scoped, month, status, limit + 1, (after[0], after[1]) if after else None
     )
     page = invoices[:limit]
     more = len(invoices) > limit

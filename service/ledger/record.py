@@ -8,12 +8,14 @@ import time
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, fields
-from datetime import UTC, datetime
+from datetime import datetime
 from decimal import Decimal
 from operator import attrgetter
 from typing import Any
 
 import orjson
+
+from pricing.invoice import BillingPeriod
 
 
 def new_request_id() -> str:
@@ -102,19 +104,9 @@ def storable_text(text: str, limit: int) -> str:
     return text[:limit]
 
 
-def month_of(at: datetime) -> datetime:
-    """The first instant (UTC) of the month of `at`: the ledger partition it lands in."""
-    return datetime(at.year, at.month, 1, tzinfo=UTC) if at.tzinfo is UTC else _month(at)
-
-
-def _month(at: datetime) -> datetime:
-    if at.tzinfo is None:
-        # `astimezone` would read it in the machine's zone: a partition off by hours.
-        raise ValueError(f"ledger times are UTC instants; {at.isoformat()} has no zone")
-    at = at.astimezone(UTC)
-    return datetime(at.year, at.month, 1, tzinfo=UTC)
-
-
-def months_of(lines: Iterable[bytes]) -> set[datetime]:
+def months_of(lines: Iterable[bytes]) -> set[BillingPeriod]:
     """Partition months of JSON lines (replays: the lines' records are not in memory)."""
-    return {_month(datetime.fromisoformat(orjson.loads(line)["occurred_at"])) for line in lines}
+    return {
+        BillingPeriod.of(datetime.fromisoformat(orjson.loads(line)["occurred_at"]))
+        for line in lines
+    }

@@ -24,6 +24,7 @@ from datetime import datetime
 import asyncpg
 import orjson
 
+from pricing.invoice import BillingPeriod
 from service.ledger.record import COLUMNS, storable_text
 
 _SQL_TYPES = {
@@ -80,19 +81,22 @@ class Stored:
 
 class LedgerRepository:
     def __init__(self) -> None:
-        self._months: set[datetime] = set()  # partitions known to exist
+        self._months: set[BillingPeriod] = set()  # partitions known to exist
 
     async def insert(
-        self, connection: asyncpg.Connection, lines: Sequence[bytes], months: Iterable[datetime]
+        self,
+        connection: asyncpg.Connection,
+        lines: Sequence[bytes],
+        months: Iterable[BillingPeriod],
     ) -> int:
         """Insert the rows (JSON lines) not already present; returns how many were new.
 
-        `months` holds at least the month start of every row's `occurred_at`; their
+        `months` holds at least the month of every row's `occurred_at`; their
         partitions are created first if this process has not seen them yet.
         """
         missing = set(months) - self._months
         for month in sorted(missing):
-            await connection.execute("SELECT meterline_ensure_usage_partition($1)", month)
+            await connection.execute("SELECT meterline_ensure_usage_partition($1)", month.start)
         self._months |= missing
         payload = (b"[" + b",".join(lines) + b"]").decode()
         status: str = await connection.execute(INSERT_BATCH, payload)
@@ -102,7 +106,7 @@ class LedgerRepository:
         self,
         connection: asyncpg.Connection,
         lines: Sequence[bytes],
-        months: Iterable[datetime],
+        months: Iterable[BillingPeriod],
         source: str,
     ) -> Stored:
         """`insert`, except that rows Postgres refuses are quarantined instead of failing

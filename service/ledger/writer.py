@@ -23,13 +23,13 @@ import contextlib
 import logging
 import time
 from collections import deque
-from datetime import datetime
 from pathlib import Path
 
 import asyncpg
 
+from pricing.invoice import BillingPeriod
 from service.ledger.journal import Journal
-from service.ledger.record import LedgerRecord, month_of, months_of
+from service.ledger.record import LedgerRecord, months_of
 from service.ledger.repository import BAD_DATA, LedgerRepository, Stored
 from service.ledger.spool import Spool
 from service.metrics import registry as metrics
@@ -63,7 +63,7 @@ class LedgerWriter:
         self.flush_interval_s = flush_interval_s
         self.queue_max = queue_max
         self._queue: deque[bytes] = deque()  # records as JSON lines
-        self._months: set[datetime] = set()  # partition months submitted
+        self._months: set[BillingPeriod] = set()  # partition months submitted
         self._wake = asyncio.Event()
         self._repository = LedgerRepository()
         self._pool: asyncpg.Pool | None = None
@@ -106,7 +106,7 @@ class LedgerWriter:
         """Hand a record over; never blocks, never fails, never touches the database."""
         line = record.to_json()
         self.journal.append(line)  # survives a killed process from here on
-        self._months.add(month_of(record.occurred_at))
+        self._months.add(BillingPeriod.of(record.occurred_at))
         queue = self._queue
         queue.append(line)
         if len(queue) >= self.batch_size:

@@ -34,19 +34,6 @@ def from_nano(amount: int) -> Decimal:
     return Decimal(amount) / NANO
 
 
-def month_of(at: datetime) -> str:
-    at = at.astimezone(UTC)
-    return f"{at.year:04d}-{at.month:02d}"
-
-
-def month_bounds(month: str) -> tuple[datetime, datetime]:
-    """Start (inclusive) and end (exclusive) of a `YYYY-MM` month, UTC."""
-    year, number = (int(part) for part in month.split("-"))
-    start = datetime(year, number, 1, tzinfo=UTC)
-    end = datetime(year + number // 12, number % 12 + 1, 1, tzinfo=UTC)
-    return start, end
-
-
 @dataclass(frozen=True, slots=True)
 class KeyLimits:
     """What the database says about the limits of one key and its account."""

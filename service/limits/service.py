@@ -36,6 +36,7 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.exceptions import RedisError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
+from pricing.invoice import BillingPeriod
 from pricing.prices import Price
 from service.errors import MeterlineError
 from service.ledger.record import LedgerRecord
@@ -51,8 +52,6 @@ from service.limits.policy import (
     budget_error,
     budget_unavailable,
     duration,
-    month_bounds,
-    month_of,
     rate_error,
     to_nano_down,
     to_nano_up,
@@ -140,7 +139,7 @@ class _Need:
 class _Budgeted:
     limit: Limit
     account_id: uuid.UUID
-    month: str
+    month: BillingPeriod
 
 
 def _counter(limit: Limit, what: str) -> str:
@@ -326,11 +325,10 @@ class Limits:
             for counter, lim in zip(plan.token_counters, applied.tokens, strict=True)
         ]
         holds: list[Hold] = []
-        month = ""
+        month = BillingPeriod.of(now)
         if need is not None:
-            month = month_of(now)
             holds = [
-                Hold(_counter(lim, month), lim.limit, need.amount, need.minimum)
+                Hold(_counter(lim, str(month)), lim.limit, need.amount, need.minimum)
                 for lim in applied.budgets
             ]
             for lim, hold in zip(applied.budgets, holds, strict=True):
@@ -378,7 +376,7 @@ class Limits:
         by_tokens: list[Charge],
         holds: list[Hold],
         admission: Admission,
-        month: str,
+        month: BillingPeriod,
     ) -> MeterlineError:
         window, budget = admission.window, admission.budget
         if budget.refused is not None:
@@ -388,7 +386,7 @@ class Limits:
                 budget.spent,
                 budget.reserved,
                 holds[budget.refused].amount,
-                month_bounds(month)[1],
+                month.end,
             )
         index = window.refused
         assert index is not None
@@ -454,9 +452,9 @@ class Limits:
             yield
             return
         now = datetime.now(UTC)
-        month = month_of(now)
+        month = BillingPeriod.of(now)
         limit = Limit("account", found.account_id, to_nano_down(found.budget_usd))
-        hold = Hold(_counter(limit, month), limit.limit, to_nano_up(found.price_usd))
+        hold = Hold(_counter(limit, str(month)), limit.limit, to_nano_up(found.price_usd))
         self._budgeted.setdefault(hold.counter, _Budgeted(limit, found.account_id, month))
         reservation = f"quote:{quote_id}:{uuid.uuid4().hex}"  # two tries hold apart
         try:
@@ -468,9 +466,7 @@ class Limits:
         if not admission.allowed:
             metrics.LIMIT_REFUSALS.labels("budget").inc()
             budget = admission.budget
-            raise budget_error(
-                limit, budget.spent, budget.reserved, hold.amount, month_bounds(month)[1]
-            )
+            raise budget_error(limit, budget.spent, budget.reserved, hold.amount, month.end)
         try:
             yield
         except BaseException:
@@ -547,14 +543,14 @@ class Limits:
     async def _sync(self, counters: Sequence[str]) -> bool:
         """Raise each budget's spend to the ledger's figure for its month, and mark it synced."""
         budgeted = [(c, self._budgeted[c]) for c in counters if c in self._budgeted]
-        by_month: dict[str, list[tuple[str, _Budgeted]]] = {}
+        by_month: dict[BillingPeriod, list[tuple[str, _Budgeted]]] = {}
         for counter, item in budgeted:
             by_month.setdefault(item.month, []).append((counter, item))
         book = self._prices.book
         try:
             async with self._engine.connect() as connection:
                 for month, items in by_month.items():
-                    start, end = month_bounds(month)
+                    start, end = month.start, month.end
                     accounts = [b.limit.owner for _, b in items if b.limit.scope == "account"]
                     keys = [b for _, b in items if b.limit.scope == "key"]
                     spent: dict[uuid.UUID, Decimal] = {}
@@ -583,7 +579,7 @@ class Limits:
     async def _resync_forever(self) -> None:
         while True:
             await asyncio.sleep(self.settings.budget_resync_s)
-            current = month_of(datetime.now(UTC))
+            current = BillingPeriod.of(datetime.now(UTC))
             for counter, item in list(self._budgeted.items()):
                 if item.month != current:  # a past month's counters are no longer used
                     del self._budgeted[counter]

@@ -9,6 +9,7 @@ import typer
 from service.api_client import (
     BillingClient,
     JsonOption,
+    PeriodOption,
     TokenOption,
     UrlOption,
     print_json,
@@ -31,14 +32,14 @@ COLUMNS = [
 
 
 def margin(
-    period: Annotated[str, typer.Option(help="The month, YYYY-MM (UTC).")],
+    period: PeriodOption,
     account_id: Annotated[str | None, typer.Option("--account-id")] = None,
     as_json: JsonOption = False,
     url: UrlOption = None,
     token: TokenOption = None,
 ) -> None:
     """Quoted tasks completed in the month per task type and model: revenue, cost, calibration."""
-    params = {"period": period}
+    params = {"period": str(period)}
     if account_id:
         params["account_id"] = account_id
     with BillingClient(url, token) as client:

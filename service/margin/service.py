@@ -11,21 +11,15 @@ against the price (margin included) and against the quote's cost basis, the quan
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from pricing.invoice import BillingPeriod
 from pricing.quote import margin, share
 from service.margin.repository import margin_rows
 from service.margin.schemas import MarginReport, MarginRow
-from service.schemas import parse_period
-
-
-def period_bounds(period: str) -> tuple[datetime, datetime]:
-    month = parse_period(period)
-    return month.start, month.end
 
 
 def _row(row: Any) -> MarginRow:
@@ -54,11 +48,10 @@ def _row(row: Any) -> MarginRow:
 
 
 async def margin_report(
-    session: AsyncSession, period: str, account_id: uuid.UUID | None
+    session: AsyncSession, period: BillingPeriod, account_id: uuid.UUID | None
 ) -> MarginReport:
-    start, end = period_bounds(period)
-    rows = [_row(r) for r in await margin_rows(session, start, end, account_id)]
+    rows = [_row(r) for r in await margin_rows(session, period.start, period.end, account_id)]
     # The grand total (grouping set `()`) is always the last row; with no task it is all zero.
     total = rows.pop()
     total.task_type = total.model = None
-    return MarginReport(period=period, account_id=account_id, rows=rows, total=total)
+    return MarginReport(period=str(period), account_id=account_id, rows=rows, total=total)

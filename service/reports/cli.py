@@ -17,7 +17,7 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from service.api_client import BillingClient, TokenOption, UrlOption, err, fail
+from service.api_client import BillingClient, PeriodOption, TokenOption, UrlOption, err, fail
 
 report_app = typer.Typer(help="Report exports.", no_args_is_help=True)
 
@@ -31,7 +31,7 @@ def _complete(fmt: str, tail: bytes) -> bool:
 
 @report_app.command("monthly")
 def monthly(
-    period: Annotated[str, typer.Option(help="The month, YYYY-MM (UTC).")],
+    period: PeriodOption,
     fmt: Annotated[str, typer.Option("--format", "-f", help="csv | json.")] = "csv",
     output: Annotated[
         Path | None, typer.Option("--output", "-o", help="File to write [default: stdout].")
@@ -41,7 +41,7 @@ def monthly(
     token: TokenOption = None,
 ) -> None:
     """One row per account and model (and quoted task type), exact cost, invoice, totals."""
-    params = {"period": period, "format": fmt}
+    params = {"period": str(period), "format": fmt}
     if account_id:
         params["account_id"] = account_id
     # A file appears only once complete: a cut export never passes for a whole one.

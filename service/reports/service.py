@@ -27,9 +27,8 @@ import orjson
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
 from pricing.cost import totals_cost
-from pricing.invoice import TaskBilling, UsageTotals, task_charge
+from pricing.invoice import BillingPeriod, TaskBilling, UsageTotals, task_charge
 from pricing.prices import PriceBook
-from service import schemas
 from service.db.engine import tune_for_aggregation
 from service.prices.repository import PriceRepository
 from service.reports.repository import monthly_rows, unpriced_models, unpriced_sums
@@ -53,12 +52,6 @@ TOKEN_COLUMNS = (
 # behind the spaces and line feeds it skips (` =1+1`); a tab or CR first is escaped too.
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 _SKIPPED_BEFORE_FORMULA = " \n"
-
-
-def parse_period(period: str) -> tuple[datetime, datetime]:
-    """`2026-11` → [2026-11-01T00:00Z, 2026-12-01T00:00Z); a 422 naming `query.period`."""
-    month = schemas.parse_period(period)
-    return month.start, month.end
 
 
 def _money(value: Decimal | None) -> str | None:
@@ -275,18 +268,18 @@ def _merged(previous: dict[str, Any], line: dict[str, Any]) -> bool:
 
 
 async def export_monthly(
-    engine: AsyncEngine, period: str, fmt: ReportFormat, account_id: uuid.UUID | None
+    engine: AsyncEngine, period: BillingPeriod, fmt: ReportFormat, account_id: uuid.UUID | None
 ) -> AsyncIterator[bytes]:
     """The report as chunks of bytes. Holds one database connection while it streams."""
-    start, end = parse_period(period)
-    renderer = CsvRenderer(period) if fmt == "csv" else JsonRenderer(period)
+    start, end = period.start, period.end
+    renderer = CsvRenderer(str(period)) if fmt == "csv" else JsonRenderer(str(period))
     totals = Totals()
     yield renderer.header()
     async with engine.connect() as connection:
         await tune_for_aggregation(connection)
         repricing = await _repricing(connection, start, end, account_id)
         pending: dict[str, Any] | None = None
-        async for rows in monthly_rows(connection, period, start, end, account_id, CHUNK_ROWS):
+        async for rows in monthly_rows(connection, str(period), start, end, account_id, CHUNK_ROWS):
             ready = []
             for row in rows:
                 line = _line_of(row, repricing)

@@ -8,7 +8,6 @@ from fastapi import APIRouter, Path, Query
 
 from service.deps import Admin, Caller, Session
 from service.errors import API_ERRORS, errors
-from service.reports.service import parse_period
 from service.review import service
 from service.review.schemas import (
     FlaggedUsageAccept,
@@ -49,11 +48,10 @@ async def flagged_usage(
     Like unpriced usage, an unreviewed row blocks finalization of the invoice that bills
     it, until an admin accepts it or corrects it with an adjustment.
     """
-    start, end = parse_period(period)
     rows = await service.flagged_report(
         session,
-        start,
-        end,
+        period.start,
+        period.end,
         caller.scope(account_id),
         unreviewed,
         limit + 1,
@@ -63,7 +61,7 @@ async def flagged_usage(
     more = len(rows) > limit
     last = page[-1][0] if page else None
     return FlaggedUsagePage(
-        period=period,
+        period=str(period),
         data=[service.flagged_out(row, review) for row, review in page],
         has_more=more,
         next_cursor=encode_cursor(last.occurred_at.isoformat(), last.request_id)
