@@ -175,20 +175,38 @@ def uncovered_windows(cutoff: datetime, billed: Iterable[BilledWindow]) -> list[
     return free
 
 
+class InvoiceStatus(StrEnum):
+    """A draft is recomputed at will; a finalized invoice never changes; a void one bills
+    nothing (its month may be invoiced again)."""
+
+    DRAFT = "draft"
+    FINALIZED = "finalized"
+    VOID = "void"
+
+
 class LineKind(StrEnum):
     TOKENS = "tokens"
-    ADJUSTMENT = "adjustment"
     TASK = "task"
     LATE_USAGE = "late_usage"
     # A quoted task of an earlier month whose invoice was finalized without it, or rows of a
     # task billed at cost that reached the ledger after it was billed.
     LATE_TASK = "late_task"
+    ADJUSTMENT = "adjustment"
 
 
 class TaskOutcome(StrEnum):
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     # Still open at its deadline (`expires_at`): nobody reported an outcome.
+    EXPIRED = "expired"
+
+
+class TaskStatus(StrEnum):
+    """A task is open until its outcome is reported or it expires (`TaskOutcome`)."""
+
+    OPEN = "open"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
     EXPIRED = "expired"
 
 

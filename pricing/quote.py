@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from decimal import ROUND_CEILING, ROUND_HALF_UP, Decimal
+from enum import StrEnum
 
 from pricing.cost import TokenUsage, usage_cost
 from pricing.money import round_up_cents
@@ -24,6 +25,13 @@ from pricing.prices import Price
 # Exact costs are kept to 12 decimal places (NUMERIC(24, 12)); statistics of them too.
 COST_QUANTUM = Decimal("1E-12")
 ONE = Decimal(1)
+
+
+class QuoteBasis(StrEnum):
+    """What a quote's cost basis was drawn from: past tasks, or the request's own tokens."""
+
+    HISTORY = "history"
+    ESTIMATE = "estimate"
 
 
 def validate_confidence(confidence: Decimal) -> Decimal:

@@ -7,11 +7,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, computed_field, field_validator
 
+from pricing.invoice import ExpiredTaskPolicy, FailedTaskPolicy
+from service.db.models import Tier
 from service.schemas import BillableTime, DecimalString, Text
 
-Tier = Literal["basic", "pro", "custom"]
-FailedTaskPolicy = Literal["free", "cost"]
-ExpiredTaskPolicy = Literal["fixed_price", "cost", "free"]
 KeyStatus = Literal["active", "revoked", "expired"]
 
 # Column bounds: NUMERIC(24, 12) for money, NUMERIC(8, 4) for a margin, INTEGER for limits.
@@ -25,13 +24,13 @@ class AccountCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: Name
-    tier: Tier = "basic"
+    tier: Tier = Tier.BASIC
     monthly_budget_usd: BudgetUSD | None = None
     quote_margin: Margin | None = Field(
         default=None, description="Margin on quotes (0.20 = 20 %); null: the server default."
     )
     failed_task_policy: FailedTaskPolicy = Field(
-        default="free",
+        default=FailedTaskPolicy.FREE,
         description="What a failed quoted task is billed: `free` (nothing) or `cost` (tokens).",
     )
     customer_reported_outcomes: bool = Field(
@@ -40,7 +39,7 @@ class AccountCreate(BaseModel):
         " (`POST /billing/tasks/{id}/complete`); otherwise only the admin does.",
     )
     expired_task_policy: ExpiredTaskPolicy = Field(
-        default="fixed_price",
+        default=ExpiredTaskPolicy.FIXED_PRICE,
         description="What a quoted task still open at its deadline is billed: `fixed_price`"
         " (its quote's price), `cost` (its tokens) or `free`.",
     )

@@ -15,11 +15,12 @@ from typing import Annotated, Any
 from fastapi import Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
 
-from pricing.invoice import BillingPeriod
+from pricing.invoice import BillingPeriod, InvoiceStatus, TaskStatus
 from service.accounts import service as accounts
 from service.accounts.schemas import AccountCreate, AccountOut, AccountUpdate, KeyOut
 from service.console import service, sessions
 from service.console.pages import (
+    BlankIsNone,
     ChosenPeriod,
     Operator,
     Posted,
@@ -325,7 +326,7 @@ async def invoice_list(
     viewer: Viewer,
     account_id: Text = None,
     period: ChosenPeriod = None,
-    status: Annotated[str | None, Query(pattern=r"^(draft|finalized|void)?$")] = None,
+    status: Annotated[InvoiceStatus | None, BlankIsNone] = None,
     cursor: Text = None,
 ) -> Response:
     listed = await invoices.list_invoices(
@@ -333,7 +334,7 @@ async def invoice_list(
         viewer.principal,
         optional_uuid(account_id, "query.account_id"),
         period,
-        status or None,
+        status,
         50,
         cursor,
     )
@@ -411,7 +412,7 @@ async def task_list(
     session: Session,
     viewer: Viewer,
     account_id: Text = None,
-    status: Annotated[str | None, Query(pattern=r"^(open|succeeded|failed)?$")] = None,
+    status: Annotated[TaskStatus | None, BlankIsNone] = None,
     task_type: Text = None,
     model: Text = None,
     quoted: Annotated[str | None, Query(pattern=r"^(yes|no)?$")] = None,
@@ -419,7 +420,7 @@ async def task_list(
 ) -> Response:
     where = TaskFilter(
         account_id=optional_uuid(account_id, "query.account_id"),
-        status=status or None,
+        status=status,
         task_type=task_type,
         model=model,
         quoted={"yes": True, "no": False}.get(quoted or ""),

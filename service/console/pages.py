@@ -191,8 +191,9 @@ def _blank_is_none(value: object) -> object:
     return value or None
 
 
-# A month a filter may leave blank ("any"), otherwise read as the API reads a period.
-ChosenPeriod = Annotated[Period | None, BeforeValidator(_blank_is_none)]
+# A filter left blank ("any") is none; a choice is read as the API reads it.
+BlankIsNone = BeforeValidator(_blank_is_none)
+ChosenPeriod = Annotated[Period | None, BlankIsNone]
 
 
 def optional_uuid(value: str | None, param: str) -> uuid.UUID | None:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from datetime import datetime
 from decimal import Decimal
-from typing import Annotated, Any
+from enum import StrEnum
+from typing import Annotated, Any, Generic, TypeVar
 
-from sqlalchemy import BigInteger, DateTime, Dialect, MetaData, Numeric
+from sqlalchemy import BigInteger, CheckConstraint, DateTime, Dialect, MetaData, Numeric, String
 from sqlalchemy.orm import DeclarativeBase, mapped_column
 from sqlalchemy.types import TypeDecorator
 
@@ -39,6 +40,38 @@ class TokenCount(TypeDecorator[int]):
 
     def process_result_value(self, value: Any, dialect: Dialect) -> int | None:
         return None if value is None else int(value)
+
+
+E = TypeVar("E", bound=StrEnum)
+
+
+class Vocabulary(TypeDecorator[E], Generic[E]):
+    """A column holding one value of a StrEnum, stored as its text (`varchar(length)`) and
+    read back as the enum member; its check constraint is `one_of(column, enum)`."""
+
+    impl = String
+    cache_ok = True
+
+    def __init__(self, vocabulary: type[E], length: int) -> None:
+        super().__init__(length)
+        self.vocabulary = vocabulary
+
+    def process_bind_param(self, value: Any, dialect: Dialect) -> str | None:
+        return None if value is None else self.vocabulary(value).value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> E | None:
+        return None if value is None else self.vocabulary(value)
+
+
+def one_of(column: str, vocabulary: type[StrEnum], nullable: bool = False) -> CheckConstraint:
+    """The check that `column` holds one of the enum's values (or NULL), named after the
+    column. The SQL lists the values in the enum's order, as the migrations wrote it."""
+    values = ", ".join(f"'{member.value}'" for member in vocabulary)
+    condition = f"{column} IN ({values})"
+    if nullable:
+        condition = f"{column} IS NULL OR {condition}"
+    info = {"vocabulary": vocabulary, "column": column}
+    return CheckConstraint(condition, name=column, info=info)
 
 
 class Base(DeclarativeBase):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 from datetime import date, datetime
 from decimal import Decimal
+from enum import StrEnum
 
 from sqlalchemy import (
     BigInteger,
@@ -31,7 +32,43 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB, UUID
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
-from service.db.base import Base, CentsUSD, ExactUSD, RateUSD, TokenCount, UTCDateTime
+from pricing.invoice import (
+    ExpiredTaskPolicy,
+    FailedTaskPolicy,
+    InvoiceStatus,
+    LineKind,
+    TaskBilling,
+    TaskStatus,
+)
+from pricing.quote import QuoteBasis
+from service.db.base import (
+    Base,
+    CentsUSD,
+    ExactUSD,
+    RateUSD,
+    TokenCount,
+    UTCDateTime,
+    Vocabulary,
+    one_of,
+)
+from service.ledger.record import BatchSource, LedgerKind, UsageSource
+
+
+# The vocabularies of the columns below that no domain package owns (the others come from
+# `pricing` and the ledger). Each is the column's type, its check constraint and its schema.
+class Tier(StrEnum):
+    """An account's default rate limits (`service.limits.policy`); `custom` sets its own."""
+
+    BASIC = "basic"
+    PRO = "pro"
+    CUSTOM = "custom"
+
+
+class ReviewDecision(StrEnum):
+    """An operator's decision on a flagged ledger row."""
+
+    ACCEPTED = "accepted"  # billed as the provider claimed it
+    ADJUSTED = "adjusted"  # corrected by an adjustment row
 
 
 def _uuid_pk() -> Mapped[uuid.UUID]:
@@ -47,24 +84,26 @@ def _created_at() -> Mapped[datetime]:
 class Account(Base):
     __tablename__ = "accounts"
     __table_args__ = (
-        CheckConstraint("failed_task_policy IN ('free', 'cost')", name="failed_task_policy"),
-        CheckConstraint(
-            "expired_task_policy IN ('fixed_price', 'cost', 'free')", name="expired_task_policy"
-        ),
-        CheckConstraint("tier IN ('basic', 'pro', 'custom')", name="tier"),
+        one_of("failed_task_policy", FailedTaskPolicy),
+        one_of("expired_task_policy", ExpiredTaskPolicy),
+        one_of("tier", Tier),
     )
 
     id: Mapped[uuid.UUID] = _uuid_pk()
     name: Mapped[str] = mapped_column(String(200))
-    tier: Mapped[str] = mapped_column(String(16), server_default="basic")
+    tier: Mapped[Tier] = mapped_column(Vocabulary(Tier, 16), server_default=Tier.BASIC.value)
     monthly_budget_usd: Mapped[ExactUSD | None]
     # Outcome pricing: margin added on top of a quote's cost basis (0.20 = 20 %).
     quote_margin: Mapped[Decimal | None] = mapped_column(Numeric(8, 4))
-    failed_task_policy: Mapped[str] = mapped_column(String(8), server_default="free")
+    failed_task_policy: Mapped[FailedTaskPolicy] = mapped_column(
+        Vocabulary(FailedTaskPolicy, 8), server_default=FailedTaskPolicy.FREE.value
+    )
     # Whether the account's own keys may report task outcomes (else only the operator).
     customer_reported_outcomes: Mapped[bool] = mapped_column(Boolean, server_default=false())
     # How a quoted task that expired open is billed: its fixed price, its token cost, or free.
-    expired_task_policy: Mapped[str] = mapped_column(String(16), server_default="fixed_price")
+    expired_task_policy: Mapped[ExpiredTaskPolicy] = mapped_column(
+        Vocabulary(ExpiredTaskPolicy, 16), server_default=ExpiredTaskPolicy.FIXED_PRICE.value
+    )
     # Custom limits override the tier's (None = the tier's default).
     rate_limit_rpm: Mapped[int | None] = mapped_column(Integer)
     rate_limit_tpm: Mapped[int | None] = mapped_column(Integer)
@@ -158,8 +197,8 @@ class UsageRecord(Base):
             "occurred_at",
             postgresql_where=text("usage_flag IS NOT NULL"),
         ),
-        CheckConstraint("usage_source IN ('upstream', 'estimated', 'none')", name="usage_source"),
-        CheckConstraint("kind IN ('usage', 'adjustment')", name="kind"),
+        one_of("usage_source", UsageSource),
+        one_of("kind", LedgerKind),
         {"postgresql_partition_by": "RANGE (occurred_at)"},
     )
 
@@ -172,7 +211,9 @@ class UsageRecord(Base):
     recorded_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), server_default=func.clock_timestamp()
     )
-    kind: Mapped[str] = mapped_column(String(16), server_default="usage")
+    kind: Mapped[LedgerKind] = mapped_column(
+        Vocabulary(LedgerKind, 16), server_default=LedgerKind.USAGE.value
+    )
     account_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True))
     key_id: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True))
     task_id: Mapped[str | None] = mapped_column(String(128))
@@ -189,7 +230,7 @@ class UsageRecord(Base):
     total_tokens: Mapped[int] = mapped_column(TokenCount)
     cached_tokens: Mapped[int] = mapped_column(TokenCount, server_default="0")
     reasoning_tokens: Mapped[int] = mapped_column(TokenCount, server_default="0")
-    usage_source: Mapped[str] = mapped_column(String(16))
+    usage_source: Mapped[UsageSource] = mapped_column(Vocabulary(UsageSource, 16))
     latency_ms: Mapped[int | None] = mapped_column(Integer)
     ttft_ms: Mapped[int | None] = mapped_column(Integer)
     # Exact, unrounded; NULL when no price covered the model at `occurred_at` (unpriced).
@@ -207,14 +248,14 @@ class FlaggedUsageReview(Base):
     __tablename__ = "flagged_usage_reviews"
     __table_args__ = (
         PrimaryKeyConstraint("request_id", "occurred_at"),
-        CheckConstraint("decision IN ('accepted', 'adjusted')", name="decision"),
+        one_of("decision", ReviewDecision),
         Index("ix_flagged_usage_reviews_account_id", "account_id"),
     )
 
     request_id: Mapped[str] = mapped_column(String(40))
     occurred_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     account_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True))
-    decision: Mapped[str] = mapped_column(String(16))
+    decision: Mapped[ReviewDecision] = mapped_column(Vocabulary(ReviewDecision, 16))
     adjustment_request_id: Mapped[str | None] = mapped_column(String(40))
     note: Mapped[str | None] = mapped_column(Text)
     reviewed_at: Mapped[datetime] = mapped_column(
@@ -231,7 +272,7 @@ class QuarantinedUsage(Base):
 
     __tablename__ = "usage_quarantine"
     __table_args__ = (
-        CheckConstraint("source IN ('live', 'replay')", name="source"),
+        one_of("source", BatchSource),
         Index("ix_usage_quarantine_quarantined_at", "quarantined_at", "request_id"),
     )
 
@@ -241,7 +282,7 @@ class QuarantinedUsage(Base):
     quarantined_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), server_default=func.now()
     )
-    source: Mapped[str] = mapped_column(String(16))  # live batch, or spool replay
+    source: Mapped[BatchSource] = mapped_column(Vocabulary(BatchSource, 16))
     sqlstate: Mapped[str | None] = mapped_column(String(5))
     reason: Mapped[str] = mapped_column(Text)
     record: Mapped[bytes] = mapped_column(LargeBinary)
@@ -253,10 +294,8 @@ class Task(Base):
     __tablename__ = "tasks"
     __table_args__ = (
         UniqueConstraint("account_id", "external_id"),
-        CheckConstraint("status IN ('open', 'succeeded', 'failed', 'expired')", name="status"),
-        CheckConstraint(
-            "billed_as IS NULL OR billed_as IN ('fixed_price', 'cost', 'free')", name="billed_as"
-        ),
+        one_of("status", TaskStatus),
+        one_of("billed_as", TaskBilling, nullable=True),
         # A completed quoted task always says how it is billed.
         CheckConstraint(
             "quote_id IS NULL OR status = 'open' OR billed_as IS NOT NULL",
@@ -310,7 +349,9 @@ class Task(Base):
     )
     fixed_price_usd: Mapped[CentsUSD | None]
     cost_cap_usd: Mapped[ExactUSD | None]
-    status: Mapped[str] = mapped_column(String(16), server_default="open")
+    status: Mapped[TaskStatus] = mapped_column(
+        Vocabulary(TaskStatus, 16), server_default=TaskStatus.OPEN.value
+    )
     # For a quoted task: the instant its quote was accepted. It covers the requests that
     # occurred from then on; earlier ones under the same id are billed per token.
     created_at: Mapped[datetime] = _created_at()
@@ -321,7 +362,7 @@ class Task(Base):
     completed_at: Mapped[UTCDateTime | None]
     # How the completed quoted task is billed (`fixed_price`, `cost`, `free`), fixed at
     # completion from the outcome and the account's policy in force then.
-    billed_as: Mapped[str | None] = mapped_column(String(16))
+    billed_as: Mapped[TaskBilling | None] = mapped_column(Vocabulary(TaskBilling, 16))
     # The finalized invoice billing the completed quoted task (cleared when it is voided):
     # a task completed after its month's invoice was finalized goes on the next one, once.
     billed_invoice_id: Mapped[uuid.UUID | None] = mapped_column(
@@ -373,7 +414,7 @@ class Quote(Base):
 
     __tablename__ = "quotes"
     __table_args__ = (
-        CheckConstraint("basis IN ('history', 'estimate')", name="basis"),
+        one_of("basis", QuoteBasis),
         Index("ix_quotes_account_id", "account_id"),
     )
 
@@ -381,7 +422,7 @@ class Quote(Base):
     account_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("accounts.id", ondelete="CASCADE"))
     task_type: Mapped[str] = mapped_column(String(128))
     model: Mapped[str] = mapped_column(String(256))
-    basis: Mapped[str] = mapped_column(String(16))
+    basis: Mapped[QuoteBasis] = mapped_column(Vocabulary(QuoteBasis, 16))
     sample_size: Mapped[int] = mapped_column(Integer)
     confidence: Mapped[Decimal] = mapped_column(Numeric(6, 4))
     margin: Mapped[Decimal] = mapped_column(Numeric(8, 4))
@@ -400,7 +441,7 @@ class Invoice(Base):
 
     __tablename__ = "invoices"
     __table_args__ = (
-        CheckConstraint("status IN ('draft', 'finalized', 'void')", name="status"),
+        one_of("status", InvoiceStatus),
         # One live (draft or finalized) invoice per account and month; voided ones stay beside it.
         Index(
             "uq_invoices_account_period_live",
@@ -416,7 +457,9 @@ class Invoice(Base):
     number: Mapped[str | None] = mapped_column(String(32), unique=True)
     account_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("accounts.id", ondelete="RESTRICT"))
     period: Mapped[str] = mapped_column(String(7))
-    status: Mapped[str] = mapped_column(String(16), server_default="draft")
+    status: Mapped[InvoiceStatus] = mapped_column(
+        Vocabulary(InvoiceStatus, 16), server_default=InvoiceStatus.DRAFT.value
+    )
     currency: Mapped[str] = mapped_column(String(3), server_default="USD")
     total_usd: Mapped[CentsUSD] = mapped_column(server_default="0")
     # The ledger rows this invoice covers are those recorded up to this instant.
@@ -442,16 +485,14 @@ class Invoice(Base):
 class InvoiceLine(Base):
     __tablename__ = "invoice_lines"
     __table_args__ = (
-        CheckConstraint(
-            "kind IN ('tokens', 'task', 'late_usage', 'late_task', 'adjustment')", name="kind"
-        ),
+        one_of("kind", LineKind),
         Index("ix_invoice_lines_invoice_id", "invoice_id"),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
     invoice_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("invoices.id", ondelete="CASCADE"))
     position: Mapped[int] = mapped_column(Integer)
-    kind: Mapped[str] = mapped_column(String(16))
+    kind: Mapped[LineKind] = mapped_column(Vocabulary(LineKind, 16))
     description: Mapped[str] = mapped_column(Text)
     model: Mapped[str | None] = mapped_column(String(256))
     task_type: Mapped[str | None] = mapped_column(String(128))

@@ -5,6 +5,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Response, status
 
+from pricing.invoice import InvoiceStatus
 from service.deps import Admin, Caller, Config, Session
 from service.errors import API_ERRORS, errors
 from service.invoices import service
@@ -12,7 +13,6 @@ from service.invoices.pdf import Issuer
 from service.invoices.schemas import (
     InvoiceCreate,
     InvoiceOut,
-    InvoiceStatus,
     InvoiceVoid,
     UnpricedReport,
     invoice_out,

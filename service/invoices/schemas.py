@@ -3,15 +3,12 @@ from __future__ import annotations
 import uuid
 from datetime import datetime
 from decimal import Decimal
-from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from pricing.invoice import InvoiceStatus, LineKind
 from service.db.models import Invoice
 from service.schemas import DecimalString, Period, Text
-
-InvoiceStatus = Literal["draft", "finalized", "void"]
-LineKindName = Literal["tokens", "task", "late_usage", "late_task", "adjustment"]
 
 
 class InvoiceCreate(BaseModel):
@@ -30,7 +27,7 @@ class InvoiceVoid(BaseModel):
 class InvoiceLineOut(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 
-    kind: LineKindName
+    kind: LineKind
     description: str
     model: str | None
     task_type: str | None

@@ -10,6 +10,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, fields
 from datetime import datetime
 from decimal import Decimal
+from enum import StrEnum
 from operator import attrgetter
 from typing import Any
 
@@ -25,6 +26,28 @@ def new_request_id() -> str:
     differ by their random part, and a replay of a row keeps its id.
     """
     return f"req_{time.time_ns() // 1_000_000:012x}{os.urandom(10).hex()}"
+
+
+class UsageSource(StrEnum):
+    """Where a row's token counts come from."""
+
+    UPSTREAM = "upstream"  # the provider's `usage`
+    ESTIMATED = "estimated"  # counted by Meterline's tokenizer (no usage, or an unusable one)
+    NONE = "none"  # nothing to count (a refusal before the upstream answered)
+
+
+class LedgerKind(StrEnum):
+    """A ledger row is a request's usage, or a correction (the ledger is never edited)."""
+
+    USAGE = "usage"
+    ADJUSTMENT = "adjustment"
+
+
+class BatchSource(StrEnum):
+    """How a quarantined row reached the writer: a live batch, or a replay of the spool."""
+
+    LIVE = "live"
+    REPLAY = "replay"
 
 
 @dataclass(slots=True)
@@ -49,12 +72,12 @@ class LedgerRecord:
     total_tokens: int
     cached_tokens: int
     reasoning_tokens: int
-    usage_source: str  # upstream | estimated | none
+    usage_source: str  # a UsageSource (the proxy's `Usage.source` writes it as text)
     latency_ms: int | None
     ttft_ms: int | None
     cost_usd: Decimal | None  # exact; None = unpriced, never a silent $0
     price_version_id: int | None
-    kind: str = "usage"
+    kind: LedgerKind = LedgerKind.USAGE
     # Why the provider's usage claim is implausible (`service.proxy.usage`); None when it is not.
     usage_flag: str | None = None
 

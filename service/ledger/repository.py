@@ -25,7 +25,7 @@ import asyncpg
 import orjson
 
 from pricing.invoice import BillingPeriod
-from service.ledger.record import COLUMNS, storable_text
+from service.ledger.record import COLUMNS, BatchSource, storable_text
 
 _SQL_TYPES = {
     "request_id": "text",
@@ -107,7 +107,7 @@ class LedgerRepository:
         connection: asyncpg.Connection,
         lines: Sequence[bytes],
         months: Iterable[BillingPeriod],
-        source: str,
+        source: BatchSource,
     ) -> Stored:
         """`insert`, except that rows Postgres refuses are quarantined instead of failing
         their batch. Any other failure (the database went away) propagates: the caller keeps
@@ -125,7 +125,7 @@ class LedgerRepository:
         return Stored(first.inserted + second.inserted, first.quarantined + second.quarantined)
 
     async def quarantine(
-        self, connection: asyncpg.Connection, line: bytes, error: Exception, source: str
+        self, connection: asyncpg.Connection, line: bytes, error: Exception, source: BatchSource
     ) -> None:
         fields = _identity(line)
         await connection.execute(

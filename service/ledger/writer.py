@@ -29,7 +29,7 @@ import asyncpg
 
 from pricing.invoice import BillingPeriod
 from service.ledger.journal import Journal
-from service.ledger.record import LedgerRecord, months_of
+from service.ledger.record import BatchSource, LedgerRecord, months_of
 from service.ledger.repository import BAD_DATA, LedgerRepository, Stored
 from service.ledger.spool import Spool
 from service.metrics import registry as metrics
@@ -279,7 +279,9 @@ class LedgerWriter:
                 pool = await self._connect()
                 started = time.perf_counter()
                 async with pool.acquire() as connection:
-                    stored = await self._repository.store(connection, batch, self._months, "live")
+                    stored = await self._repository.store(
+                        connection, batch, self._months, BatchSource.LIVE
+                    )
                 metrics.BATCH_SECONDS.observe(time.perf_counter() - started)
                 self._count_stored(stored, len(batch))
                 self.records_written += len(batch) - stored.quarantined
@@ -362,7 +364,7 @@ class LedgerWriter:
                 pool = await self._connect()
                 async with pool.acquire() as connection:
                     stored = await self._repository.store(
-                        connection, records, months_of(records), "replay"
+                        connection, records, months_of(records), BatchSource.REPLAY
                     )
         except BAD_DATA as exc:
             # Only if even the quarantine refused a row: set the file aside, never block.

@@ -3,10 +3,11 @@ from __future__ import annotations
 import uuid
 from datetime import datetime
 from decimal import Decimal
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from pricing.quote import QuoteBasis
 from service.schemas import DecimalString, Text
 
 Label = Annotated[Text, Field(min_length=1)]
@@ -55,7 +56,7 @@ class QuoteOut(BaseModel):
     account_id: uuid.UUID
     task_type: str
     model: str
-    basis: Literal["history", "estimate"] = Field(
+    basis: QuoteBasis = Field(
         description="`history`: a quantile of the account's completed tasks' actual costs;"
         " `estimate`: prompt tokens plus the completion budget at list price."
     )

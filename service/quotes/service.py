@@ -20,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from pricing.prices import PriceBook
 from pricing.quote import (
+    QuoteBasis,
     cost_cap,
     estimate_cost,
     locate_rank,
@@ -121,7 +122,7 @@ async def create_quote(
     since = history_start(now, settings.quote_lookback_days)
     histogram = await repository.cost_histogram(account_id, data.task_type, data.model, since)
     if histogram.sample_size >= settings.quote_min_sample:
-        basis = "history"
+        basis = QuoteBasis.HISTORY
         expected = mean_cost(histogram.total_cost, histogram.sample_size)
         position = locate_rank(histogram.buckets, quantile_rank(histogram.sample_size, confidence))
         walked = await repository.cost_at(account_id, data.task_type, data.model, since, position)
@@ -143,7 +144,7 @@ async def create_quote(
                 "estimate",
                 param="body.max_completion_tokens",
             )
-        basis = "estimate"
+        basis = QuoteBasis.ESTIMATE
         expected = estimate_cost(prompt_tokens, data.max_completion_tokens, price)
         basis_cost = expected
 

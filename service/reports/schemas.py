@@ -5,10 +5,10 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from pricing.invoice import InvoiceStatus
 from service.schemas import DecimalString
 
 ReportFormat = Literal["csv", "json"]
-InvoiceStatus = Literal["draft", "finalized", "void"]
 
 # The CSV header, in order; the README documents each column.
 COLUMNS = (
@@ -35,7 +35,8 @@ COLUMNS = (
 )
 
 
-LineKind = Literal["tokens", "adjustment", "task_usage", "task"]
+# A report line's kind (not an invoice line's: the report splits a task's usage from its price).
+ReportLineKind = Literal["tokens", "adjustment", "task_usage", "task"]
 
 
 class ReportTotals(BaseModel):
@@ -64,7 +65,7 @@ class ReportLine(ReportTotals):
 
     account_id: uuid.UUID
     account_name: str | None
-    kind: LineKind = Field(
+    kind: ReportLineKind = Field(
         description="`tokens` and `adjustment`: usage billed per token; `task_usage`: usage"
         " quoted tasks cover (billed through them); `task`: quoted tasks completed in the month."
     )

@@ -11,6 +11,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.db.models import FlaggedUsageReview, Invoice, QuarantinedUsage, UsageRecord
+from service.ledger.record import LedgerKind, UsageSource
 
 L = UsageRecord
 R = FlaggedUsageReview
@@ -87,7 +88,7 @@ class ReviewRepository:
             insert(L).values(
                 request_id=request_id,
                 occurred_at=row.occurred_at,
-                kind="adjustment",
+                kind=LedgerKind.ADJUSTMENT,
                 account_id=row.account_id,
                 endpoint=row.endpoint,
                 requested_model=row.requested_model,
@@ -98,7 +99,7 @@ class ReviewRepository:
                 total_tokens=0,
                 cached_tokens=0,
                 reasoning_tokens=0,
-                usage_source="none",
+                usage_source=UsageSource.NONE,
                 cost_usd=amount,
             )
         )

@@ -3,13 +3,13 @@ from __future__ import annotations
 import uuid
 from datetime import datetime
 from decimal import Decimal
-from typing import Annotated, Literal
+from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from service.db.models import ReviewDecision
+from service.ledger.record import BatchSource
 from service.schemas import DecimalString, Prose
-
-ReviewDecision = Literal["accepted", "adjusted"]
 
 Note = Annotated[Prose, Field(max_length=2000)]
 
@@ -85,7 +85,7 @@ class QuarantinedRow(BaseModel):
     account_id: uuid.UUID | None
     occurred_at: datetime | None
     quarantined_at: datetime
-    source: Literal["live", "replay"] = Field(
+    source: BatchSource = Field(
         description="Refused in a live batch, or when a spooled batch was replayed."
     )
     sqlstate: str | None = Field(description="Postgres' error code (`22P05`, `22003`, …).")

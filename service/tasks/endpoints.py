@@ -5,12 +5,13 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path, Query
 
+from pricing.invoice import TaskStatus
 from service.deps import Caller, Guard, Session
 from service.errors import API_ERRORS, errors
 from service.schemas import CursorParam, Limit, Page, Text, UTCTime
 from service.tasks import service
 from service.tasks.repository import TaskFilter
-from service.tasks.schemas import TaskComplete, TaskOut, TaskStatus
+from service.tasks.schemas import TaskComplete, TaskOut
 
 router = APIRouter(prefix="/billing/tasks", tags=["tasks"], responses=errors(*API_ERRORS))
 

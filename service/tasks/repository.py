@@ -20,6 +20,7 @@ from sqlalchemy import func, select, text
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from pricing.invoice import TaskBilling, TaskOutcome, TaskStatus
 from service.db.models import Account, Task
 
 NOTIFY_CHANNEL = "meterline_tasks"
@@ -199,14 +200,14 @@ class TaskRepository:
     async def complete(
         self,
         task: Task,
-        outcome: str,
+        outcome: TaskOutcome,
         cost: Decimal | None,
         task_type: str | None,
         model: str | None,
-        billed_as: str | None,
+        billed_as: TaskBilling | None,
         at: datetime | None = None,
     ) -> Task:
-        task.status = outcome
+        task.status = TaskStatus(outcome.value)
         task.completed_at = at or func.now()
         task.billed_as = billed_as
         task.completed_cost_usd = cost

@@ -6,10 +6,11 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from pricing.invoice import TaskBilling, TaskStatus
 from service.schemas import DecimalString
 
-TaskStatus = Literal["open", "succeeded", "failed", "expired"]
-TaskBilledAs = Literal["fixed_price", "cost", "free"]
+# What a client reports: a TaskOutcome but `expired`, which only the deadline decides (as
+# plain values, so a refusal names them as they are sent).
 Outcome = Literal["succeeded", "failed"]
 
 
@@ -47,6 +48,6 @@ class TaskOut(BaseModel):
         " `expired_task_policy`."
     )
     completed_at: datetime | None = Field(description="For an expired task, its deadline.")
-    billed_as: TaskBilledAs | None = Field(
+    billed_as: TaskBilling | None = Field(
         description="How the completed quoted task is billed, fixed at completion."
     )

@@ -16,7 +16,13 @@ from decimal import Decimal
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from pricing.invoice import ExpiredTaskPolicy, FailedTaskPolicy, TaskOutcome, task_billing
+from pricing.invoice import (
+    ExpiredTaskPolicy,
+    FailedTaskPolicy,
+    TaskBilling,
+    TaskOutcome,
+    task_billing,
+)
 from service.accounts.repository import AccountRepository
 from service.auth.principal import Principal
 from service.db.models import Task
@@ -189,14 +195,14 @@ async def complete_task(
         raise TaskAlreadyCompleted(f"task {task_id!r} is already completed ({task.status})")
     usage = await repository.usage(account, task_id)
     cost = await repository.history_cost(account, task_id)
-    billed_as = None
+    billed_as: TaskBilling | None = None
     if task.quote_id is not None:
         failed, expired = await repository.policies(account)
         billed_as = task_billing(
             TaskOutcome(outcome), FailedTaskPolicy(failed), ExpiredTaskPolicy(expired)
-        ).value
+        )
     task = await repository.complete(
-        task, outcome, cost, usage.ledger_task_type, usage.ledger_model, billed_as, now
+        task, TaskOutcome(outcome), cost, usage.ledger_task_type, usage.ledger_model, billed_as, now
     )
     await repository.notify(
         json.dumps({"event": "closed", "account_id": str(account), "task_id": task_id})

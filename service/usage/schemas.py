@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from service.ledger.record import UsageSource
 from service.schemas import DecimalString
 
 GroupBy = Literal[
@@ -93,7 +94,7 @@ class UsageEvent(BaseModel):
     total_tokens: int
     cached_tokens: int
     reasoning_tokens: int
-    usage_source: Literal["upstream", "estimated", "none"]
+    usage_source: UsageSource
     latency_ms: int | None
     ttft_ms: int | None
     cost_usd: DecimalString | None = Field(description="Exact; null when unpriced.")
