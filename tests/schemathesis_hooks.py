@@ -17,6 +17,8 @@ from typing import Any
 import schemathesis
 from hypothesis import strategies as st
 
+from pricing.invoice import PERIOD_PATTERN
+
 # NUL half of the time: it is the one Postgres refuses outright.
 CONTROL_CHARACTERS = st.one_of(
     st.just("\x00"), st.sampled_from(["\x01", "\t", "\n", "\r", "\x1b", "\x7f", "\x85"])
@@ -31,7 +33,7 @@ EDGE_INSTANTS = st.sampled_from(
         "9999-12-31T23:59:59-01:00",
     ]
 )
-MONTH = re.compile(r"^\d{4}-\d{2}$")
+MONTH = re.compile(PERIOD_PATTERN)
 INSTANT = re.compile(r"^\d{4}-\d{2}-\d{2}T")
 
 
