@@ -133,3 +133,16 @@ def test_the_providers_file_refuses_unusable_auth_and_static_headers(tmp_path: P
     ]:
         with pytest.raises(ProvidersFileError, match=says.replace(".", r"\.")):
             parse_providers(base + extra, {})
+
+
+def test_an_openai_endpoint_meterline_does_not_proxy_is_an_openai_shaped_404(
+    server: Meterline,
+) -> None:
+    _, _, key = new_customer(server.url)
+    client = openai.OpenAI(base_url=server.v1, api_key=key, max_retries=0)
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.responses.create(model="infuzu/chat", input="Hello")
+    body = missing.value.body
+    assert isinstance(body, dict) and body["type"] == "invalid_request_error"
+    assert body["message"].startswith("Invalid URL (POST /v1/responses): Meterline proxies ")
+    assert "POST /v1/chat/completions" in body["message"]
