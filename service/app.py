@@ -40,6 +40,7 @@ from service.limits.body import BodySizeLimit
 from service.logs import RequestIds, configure_logging
 from service.margin.endpoints import router as margin_router
 from service.metrics.endpoints import router as metrics_router
+from service.openai_usage.endpoints import router as openai_usage_router
 from service.prices.endpoints import router as prices_router
 from service.proxy.endpoints import PROXIED_ENDPOINTS, install_fast_path
 from service.proxy.endpoints import routes as proxy_routes
@@ -188,6 +189,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(margin_router)
     app.include_router(prices_router)
     app.include_router(invoices_router)
+    app.include_router(openai_usage_router)
     app.include_router(docs_router)
     app.include_router(console_router)
     app.mount(STATIC, StaticFiles(packages=[("service.console", "static")]), name="console-static")
