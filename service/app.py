@@ -34,6 +34,7 @@ from service.errors import (
     Unprocessable,
     error_body,
 )
+from service.events.endpoints import router as events_router
 from service.health.endpoints import router as health_router
 from service.invoices.endpoints import router as invoices_router
 from service.limits.body import BodySizeLimit
@@ -182,6 +183,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(metrics_router)
     app.include_router(accounts_router)
     app.include_router(usage_router)
+    app.include_router(events_router)
     app.include_router(reports_router)
     app.include_router(review_router)
     app.include_router(quotes_router)
