@@ -71,8 +71,10 @@ class Periodic:
     async def _run(self) -> None:
         while True:
             if not self._wake.is_set():
+                # A timeout, not wait_for: no task of its own for each wait.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), self.interval)
+                    async with asyncio.timeout(self.interval):
+                        await self._wake.wait()
             self._wake.clear()
             try:
                 await self._job()
