@@ -20,9 +20,8 @@ from sqlalchemy import func, select, text
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from service.db.channels import Channel, notify
 from service.db.models import Account, Task
-
-NOTIFY_CHANNEL = "meterline_tasks"
 
 # The ledger rows of one task (`l`), summed. Adjustment rows count in cost, not in requests.
 _USAGE = """
@@ -296,10 +295,7 @@ class TaskRepository:
 
     async def notify(self, payload: str) -> None:
         """Tell every Meterline process (at commit) that a task opened or closed."""
-        await self.session.execute(
-            text("SELECT pg_notify(:channel, :payload)"),
-            {"channel": NOTIFY_CHANNEL, "payload": payload},
-        )
+        await notify(self.session, Channel.TASKS, payload)
 
 
 # ---- The proxy-side guard's queries (a dedicated asyncpg connection, off the hot path) ----
