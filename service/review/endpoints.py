@@ -8,7 +8,6 @@ from fastapi import APIRouter, Path, Query
 
 from service.deps import Admin, Caller, Session
 from service.errors import API_ERRORS, errors
-from service.reports.service import parse_period
 from service.review import service
 from service.review.schemas import (
     FlaggedUsageAccept,
@@ -17,7 +16,15 @@ from service.review.schemas import (
     FlaggedUsageRow,
     QuarantinedRow,
 )
-from service.schemas import CursorParam, Limit, Page, Period, decode_cursor, encode_cursor
+from service.schemas import (
+    CursorParam,
+    Limit,
+    Page,
+    Period,
+    decode_cursor,
+    encode_cursor,
+    parse_period,
+)
 
 router = APIRouter(prefix="/billing/reports", tags=["reports"], responses=errors(*API_ERRORS))
 
@@ -49,11 +56,11 @@ async def flagged_usage(
     Like unpriced usage, an unreviewed row blocks finalization of the invoice that bills
     it, until an admin accepts it or corrects it with an adjustment.
     """
-    start, end = parse_period(period)
+    month = parse_period(period)
     rows = await service.flagged_report(
         session,
-        start,
-        end,
+        month.start,
+        month.end,
         caller.scope(account_id),
         unreviewed,
         limit + 1,

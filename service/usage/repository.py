@@ -36,7 +36,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.sql.elements import ColumnElement
 
 from service.db.models import ApiKey, UsageDaily, UsageDailyState, UsageRecord
-from service.invoices.repository import InvoiceRepository
+from service.invoices.repository.cutoff import CutoffRepository
 from service.usage.schemas import GroupBy
 
 L = UsageRecord
@@ -341,7 +341,7 @@ class UsageRepository:
         )
         if since is None:
             return None
-        until = await InvoiceRepository(self.session).usage_cutoff()
+        until = await CutoffRepository(self.session).usage_cutoff()
         if until <= since:
             return since, since, 0
         parameters = {"since": since, "until": until, "no_key": NO_KEY}
