@@ -36,7 +36,7 @@ from service.invoices.repository.invoices import InvoiceRepository
 from service.invoices.repository.tasks import TaskBillingRepository
 from service.invoices.schemas import InvoiceOut, invoice_out
 from service.review.finalization import refuse_unreviewed_flagged_usage
-from service.schemas import Page, decode_cursor, encode_cursor
+from service.schemas import Page, decode_cursor, keyset_page
 from service.tasks.expiry import expire_tasks
 
 log = logging.getLogger("meterline.invoices")
@@ -282,12 +282,8 @@ async def list_invoices(
     invoices = await InvoiceRepository(session).list(
         scoped, period, status, limit + 1, (after[0], after[1]) if after else None
     )
-    page = invoices[:limit]
-    more = len(invoices) > limit
-    return Page[InvoiceOut](
-        data=[invoice_out(i) for i in page],
-        has_more=more,
-        next_cursor=encode_cursor(page[-1].period, str(page[-1].id)) if more else None,
+    return keyset_page(
+        Page[InvoiceOut], invoices, limit, invoice_out, lambda i: (i.period, str(i.id))
     )
 
 

@@ -11,11 +11,12 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import RowMapping, func, select, text
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql import FromClause
 
 from pricing.invoice import UsageTotals
 from pricing.prices import PriceSegment
+from service.db.repository import Repository, readable
 from service.invoices.repository.sums import L, in_segment, measures, segment_table, totals_of
 
 # A ledger row's line: usage a quoted task covers (from its acceptance on) is `task_usage`,
@@ -257,10 +258,7 @@ class UnpricedRow:
     segment: int | None = None
 
 
-class UnpricedUsageRepository:
-    def __init__(self, session: AsyncSession) -> None:
-        self.session = session
-
+class UnpricedUsageRepository(Repository):
     async def unpriced_rows(
         self,
         start: datetime,
@@ -270,15 +268,13 @@ class UnpricedUsageRepository:
     ) -> list[UnpricedRow]:
         """Rows of [start, end) stored without a price, per account and model (and span)."""
         where = [L.occurred_at >= start, L.occurred_at < end, L.cost_usd.is_(None)]
-        if account_id is not None:
-            where.append(L.account_id == account_id)
         source: FromClause = L.__table__
         keys: tuple[Any, ...] = (L.account_id, L.requested_model)
         if segments is not None:
             seg = segment_table(segments)
             source = source.join(seg, in_segment(L, seg))
             keys = (*keys, seg.c.segment)
-        rows = await self.session.execute(
+        statement = (
             select(
                 *keys,
                 *measures(L),
@@ -290,6 +286,7 @@ class UnpricedUsageRepository:
             .group_by(*keys)
             .order_by(*keys)
         )
+        rows = await self.session.execute(readable(statement, L.account_id, account_id))
         return [
             UnpricedRow(
                 r.account_id,

@@ -6,7 +6,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import func, select, text
-from sqlalchemy.ext.asyncio import AsyncSession
+
+from service.db.repository import Repository
 
 # The ledger writers' advisory lock (migration 0003): the trigger `usage_ledger_write`
 # takes it, shared, before every INSERT statement on the ledger, until that transaction ends.
@@ -23,10 +24,7 @@ class LedgerWriter:
     xact_start: datetime | None  # None: started by a role whose activity this one cannot see
 
 
-class CutoffRepository:
-    def __init__(self, session: AsyncSession) -> None:
-        self.session = session
-
+class CutoffRepository(Repository):
     async def usage_cutoff(self) -> datetime:
         """The latest instant up to which every ledger row is committed.
 

@@ -9,11 +9,11 @@ from datetime import datetime
 from typing import Any, cast
 
 from sqlalchemy import Table, and_, any_, bindparam, delete, func, insert, or_, select, text, update
-from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import selectinload
 
 from pricing.invoice import BilledWindow
 from service.db.models import Account, Invoice, InvoiceLine, InvoiceUsageWindow
+from service.db.repository import Repository, readable
 from service.invoices.repository.sums import UUIDS
 
 INVOICES = cast(Table, Invoice.__table__)
@@ -21,10 +21,7 @@ LINES = cast(Table, InvoiceLine.__table__)
 WINDOWS = cast(Table, InvoiceUsageWindow.__table__)
 
 
-class InvoiceRepository:
-    def __init__(self, session: AsyncSession) -> None:
-        self.session = session
-
+class InvoiceRepository(Repository):
     # -- accounts --------------------------------------------------------------------------
 
     async def lock_accounts(self, account_ids: Sequence[uuid.UUID]) -> list[uuid.UUID]:
@@ -186,9 +183,9 @@ class InvoiceRepository:
         after: tuple[str, uuid.UUID] | None,
     ) -> list[Invoice]:
         """Newest period first, then by id; `after` is the (period, id) of the previous page."""
-        statement = select(Invoice).options(selectinload(Invoice.lines))
-        if account_id is not None:
-            statement = statement.where(Invoice.account_id == account_id)
+        statement = readable(
+            select(Invoice).options(selectinload(Invoice.lines)), Invoice.account_id, account_id
+        )
         if period is not None:
             statement = statement.where(Invoice.period == period)
         if status is not None:
@@ -233,7 +230,3 @@ class InvoiceRepository:
             .where(Invoice.id == invoice_id, Invoice.status == "finalized")
             .values(status="void", void_reason=reason, voided_at=at, updated_at=func.now())
         )
-
-    async def now(self) -> datetime:
-        at: datetime = (await self.session.execute(select(func.now()))).scalar_one()
-        return at

@@ -8,9 +8,9 @@ from collections.abc import Sequence
 from datetime import datetime
 
 from sqlalchemy import any_, bindparam, exists, func, or_, select, text, update
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.db.models import Task, UsageRollup, UsageRollupState
+from service.db.repository import Repository
 from service.invoices.repository.cutoff import CutoffRepository
 from service.invoices.repository.sums import BULK_ACCOUNTS, UUIDS, UsageSum, totals_of
 
@@ -52,10 +52,7 @@ ROLL_UP = text(
 )
 
 
-class RollupRepository:
-    def __init__(self, session: AsyncSession) -> None:
-        self.session = session
-
+class RollupRepository(Repository):
     async def rolled_up_to(self) -> datetime:
         """The rollup's watermark, share-locked for this transaction: the background job
         cannot move it (and add rows) until this transaction ends, so the rollup and the

@@ -40,13 +40,13 @@ from sqlalchemy import (
     select,
 )
 from sqlalchemy.dialects.postgresql import UUID
-from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.sql import FromClause
 from sqlalchemy.sql.elements import ColumnElement
 
 from pricing.invoice import BilledWindow, UsageTotals
 from pricing.prices import PriceSegment
 from service.db.models import Task, UsageRecord
+from service.db.repository import Repository
 
 L = UsageRecord
 
@@ -307,10 +307,7 @@ def totals_of(row: Any) -> UsageTotals:
     )
 
 
-class UsageSumRepository:
-    def __init__(self, session: AsyncSession) -> None:
-        self.session = session
-
+class UsageSumRepository(Repository):
     async def usage_sums(self, selections: Sequence[Selection]) -> list[UsageSum]:
         """Billable usage per (account, period, ledger kind, model, price version): all rows
         minus the rows quoted tasks cover (billed as tasks, never as tokens)."""

@@ -17,10 +17,10 @@ from decimal import Decimal
 from typing import Any
 
 from sqlalchemy import any_, bindparam, func, select, update
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from pricing.prices import PriceSegment
 from service.db.models import Task
+from service.db.repository import Repository
 from service.invoices.repository.sums import (
     UUIDS,
     L,
@@ -48,10 +48,7 @@ class BillableTask:
     fixed_price_usd: Decimal | None
 
 
-class TaskBillingRepository:
-    def __init__(self, session: AsyncSession) -> None:
-        self.session = session
-
+class TaskBillingRepository(Repository):
     async def billable_tasks(
         self, account_ids: Sequence[uuid.UUID], before: datetime
     ) -> list[BillableTask]:
