@@ -22,7 +22,7 @@ from service.schemas import (
     Page,
     Period,
     decode_cursor,
-    encode_cursor,
+    keyset_page,
     parse_period,
 )
 
@@ -66,16 +66,13 @@ async def flagged_usage(
         limit + 1,
         _position(cursor),
     )
-    page = rows[:limit]
-    more = len(rows) > limit
-    last = page[-1][0] if page else None
-    return FlaggedUsagePage(
+    return keyset_page(
+        FlaggedUsagePage,
+        rows,
+        limit,
+        lambda row: service.flagged_out(*row),
+        lambda row: (row[0].occurred_at.isoformat(), row[0].request_id),
         period=period,
-        data=[service.flagged_out(row, review) for row, review in page],
-        has_more=more,
-        next_cursor=encode_cursor(last.occurred_at.isoformat(), last.request_id)
-        if more and last is not None
-        else None,
     )
 
 
@@ -110,12 +107,10 @@ async def quarantined_usage(
     ledger, each with Postgres' reason and the record as it was to be stored.
     """
     rows = await service.quarantined_report(session, account_id, limit + 1, _position(cursor))
-    page = rows[:limit]
-    more = len(rows) > limit
-    return Page[QuarantinedRow](
-        data=[service.quarantined_out(r) for r in page],
-        has_more=more,
-        next_cursor=encode_cursor(page[-1].quarantined_at.isoformat(), page[-1].request_id)
-        if more
-        else None,
+    return keyset_page(
+        Page[QuarantinedRow],
+        rows,
+        limit,
+        service.quarantined_out,
+        lambda row: (row.quarantined_at.isoformat(), row.request_id),
     )

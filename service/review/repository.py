@@ -8,9 +8,9 @@ from datetime import datetime
 
 from sqlalchemy import and_, func, insert, literal, or_, select, tuple_
 from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.db.models import FlaggedUsageReview, Invoice, QuarantinedUsage, UsageRecord
+from service.db.repository import Repository, readable
 
 L = UsageRecord
 R = FlaggedUsageReview
@@ -19,10 +19,7 @@ Q = QuarantinedUsage
 _REVIEW_JOIN = and_(R.request_id == L.request_id, R.occurred_at == L.occurred_at)
 
 
-class ReviewRepository:
-    def __init__(self, session: AsyncSession) -> None:
-        self.session = session
-
+class ReviewRepository(Repository):
     async def flagged(
         self,
         start: datetime,
@@ -33,15 +30,15 @@ class ReviewRepository:
         after: tuple[datetime, str] | None,
     ) -> Sequence[tuple[UsageRecord, FlaggedUsageReview | None]]:
         """Flagged rows that occurred in [start, end), oldest first, with their review."""
-        query = (
+        query = readable(
             select(L, R)
             .outerjoin(R, _REVIEW_JOIN)
             .where(L.usage_flag.is_not(None), L.occurred_at >= start, L.occurred_at < end)
             .order_by(L.occurred_at, L.request_id)
-            .limit(limit)
+            .limit(limit),
+            L.account_id,
+            account_id,
         )
-        if account_id is not None:
-            query = query.where(L.account_id == account_id)
         if unreviewed_only:
             query = query.where(R.request_id.is_(None))
         if after is not None:
@@ -134,9 +131,11 @@ class ReviewRepository:
     async def quarantined(
         self, account_id: uuid.UUID | None, limit: int, after: tuple[datetime, str] | None
     ) -> Sequence[QuarantinedUsage]:
-        query = select(Q).order_by(Q.quarantined_at, Q.request_id).limit(limit)
-        if account_id is not None:
-            query = query.where(Q.account_id == account_id)
+        query = readable(
+            select(Q).order_by(Q.quarantined_at, Q.request_id).limit(limit),
+            Q.account_id,
+            account_id,
+        )
         if after is not None:
             query = query.where(tuple_(Q.quarantined_at, Q.request_id) > tuple_(*after))
         return (await self.session.scalars(query)).all()
