@@ -6,18 +6,15 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import func, select, text, tuple_, update
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.db.models import Account, ApiKey, UsageRecord
+from service.db.repository import Repository
 
 # The channel the proxy's key cache listens on; the payload is the key's id.
 KEYS_CHANNEL = "meterline_keys"
 
 
-class AccountRepository:
-    def __init__(self, session: AsyncSession) -> None:
-        self.session = session
-
+class AccountRepository(Repository):
     async def add(self, obj: Account | ApiKey) -> None:
         self.session.add(obj)
         await self.session.flush()

@@ -32,10 +32,10 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import Row
-from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.sql.elements import ColumnElement
 
 from service.db.models import ApiKey, UsageDaily, UsageDailyState, UsageRecord
+from service.db.repository import Repository
 from service.invoices.repository.cutoff import CutoffRepository
 from service.usage.schemas import GroupBy
 
@@ -280,10 +280,7 @@ def _daily_aggregate(where: UsageFilter, group_by: Sequence[GroupBy]) -> Select[
     return select(*(u[DAILY_GROUPS[g][0]] for g in group_by), *_daily_totals(u))
 
 
-class UsageRepository:
-    def __init__(self, session: AsyncSession) -> None:
-        self.session = session
-
+class UsageRepository(Repository):
     async def key_account(self, key_id: uuid.UUID) -> uuid.UUID | None:
         return await self.session.scalar(select(ApiKey.account_id).where(ApiKey.id == key_id))
 
