@@ -45,7 +45,7 @@ from service.proxy.endpoints import routes as proxy_routes
 from service.quotes.endpoints import router as quotes_router
 from service.reports.endpoints import router as reports_router
 from service.reports.margin.endpoints import router as margin_router
-from service.review.endpoints import router as review_router
+from service.reports.review.endpoints import router as review_router
 from service.runtime import Runtime
 from service.schemas import (
     CONTROL_CHARACTERS_MESSAGE,

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Query, Response, status
 from service.deps import Admin, Caller, Config, Session
 from service.errors import API_ERRORS, errors
 from service.invoices import service
+from service.invoices.flagged import FlaggedUsage
 from service.invoices.pdf import Issuer
 from service.invoices.schemas import (
     InvoiceCreate,
@@ -16,7 +17,6 @@ from service.invoices.schemas import (
     InvoiceVoid,
     invoice_out,
 )
-from service.review.finalization import FlaggedUsage
 from service.schemas import CursorParam, Limit, Page, Period, links
 
 PeriodQuery = Annotated[Period, Query(description="UTC month, `YYYY-MM`.")]

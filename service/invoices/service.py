@@ -30,12 +30,12 @@ from service.auth.principal import Principal
 from service.db.models import Invoice
 from service.errors import BadRequest, Conflict, NotFound
 from service.invoices.compute import ComputedInvoice, compute_invoices
+from service.invoices.flagged import refuse_unreviewed_flagged_usage
 from service.invoices.pdf import Issuer, pdf_filename, render_invoice_pdf
 from service.invoices.repository.cutoff import CutoffRepository, LedgerWriter
 from service.invoices.repository.invoices import InvoiceRepository
 from service.invoices.repository.tasks import TaskBillingRepository
 from service.invoices.schemas import InvoiceOut, invoice_out
-from service.review.finalization import refuse_unreviewed_flagged_usage
 from service.schemas import Page, decode_cursor, keyset_page
 from service.tasks.expiry import expire_tasks
 

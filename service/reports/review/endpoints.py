@@ -8,8 +8,8 @@ from fastapi import APIRouter, Path, Query
 
 from service.deps import Admin, Caller, Session
 from service.errors import API_ERRORS, errors
-from service.review import service
-from service.review.schemas import (
+from service.reports.review import service
+from service.reports.review.schemas import (
     FlaggedUsageAccept,
     FlaggedUsageAdjust,
     FlaggedUsagePage,
