@@ -39,7 +39,6 @@ from service.health.endpoints import router as health_router
 from service.invoices.endpoints import router as invoices_router
 from service.limits.body import BodySizeLimit
 from service.logs import RequestIds, configure_logging
-from service.margin.endpoints import router as margin_router
 from service.metrics.endpoints import router as metrics_router
 from service.openai_usage.endpoints import router as openai_usage_router
 from service.prices.endpoints import router as prices_router
@@ -47,7 +46,8 @@ from service.proxy.endpoints import PROXIED_ENDPOINTS, install_fast_path
 from service.proxy.endpoints import routes as proxy_routes
 from service.quotes.endpoints import router as quotes_router
 from service.reports.endpoints import router as reports_router
-from service.review.endpoints import router as review_router
+from service.reports.margin.endpoints import router as margin_router
+from service.reports.review.endpoints import router as review_router
 from service.runtime import Runtime
 from service.schemas import (
     CONTROL_CHARACTERS_MESSAGE,

@@ -6,16 +6,13 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import func, select, tuple_, update
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.db.channels import Channel, notify
 from service.db.models import Account, ApiKey, UsageRecord
+from service.db.repository import Repository
 
 
-class AccountRepository:
-    def __init__(self, session: AsyncSession) -> None:
-        self.session = session
-
+class AccountRepository(Repository):
     async def add(self, obj: Account | ApiKey) -> None:
         self.session.add(obj)
         await self.session.flush()

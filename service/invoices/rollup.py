@@ -18,7 +18,7 @@ from datetime import datetime
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from service.db.engine import transaction
-from service.invoices.repository import InvoiceRepository
+from service.invoices.repository.rollup import RollupRepository
 from service.lifecycle import Periodic
 
 log = logging.getLogger("meterline.invoices")
@@ -36,7 +36,7 @@ async def roll_up(session: AsyncSession, wait: bool = True) -> RollUp | None:
     """Add the ledger rows recorded since the last roll-up; None if another one is running
     (with `wait=False`)."""
     started = time.perf_counter()
-    done = await InvoiceRepository(session).roll_up(wait=wait)
+    done = await RollupRepository(session).roll_up(wait=wait)
     if done is None:
         return None
     since, until, rows = done
