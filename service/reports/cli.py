@@ -17,7 +17,8 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from service.api_client import BillingClient, TokenOption, UrlOption, err, fail
+from service.commands.api import BillingClient, TokenOption, UrlOption
+from service.commands.output import err, fail
 
 report_app = typer.Typer(help="Report exports.", no_args_is_help=True)
 
@@ -34,7 +35,7 @@ def monthly(
     period: Annotated[str, typer.Option(help="The month, YYYY-MM (UTC).")],
     fmt: Annotated[str, typer.Option("--format", "-f", help="csv | json.")] = "csv",
     output: Annotated[
-        Path | None, typer.Option("--output", "-o", help="File to write [default: stdout].")
+        Path | None, typer.Option("--output", "-o", help="File to write.", show_default="stdout")
     ] = None,
     account_id: Annotated[str | None, typer.Option("--account-id")] = None,
     url: UrlOption = None,
@@ -46,7 +47,10 @@ def monthly(
         params["account_id"] = account_id
     # A file appears only once complete: a cut export never passes for a whole one.
     partial = output.with_name(output.name + ".part") if output else None
-    sink: BinaryIO = partial.open("wb") if partial else sys.stdout.buffer
+    try:
+        sink: BinaryIO = partial.open("wb") if partial else sys.stdout.buffer
+    except OSError as exc:
+        fail(f"cannot write {output}: {exc.strerror or exc}")
     lines = 0
     tail = b""
     progress = Progress(
