@@ -10,7 +10,7 @@ import socket
 import subprocess
 import sys
 import time
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 import uvicorn
@@ -158,6 +158,22 @@ def _providers_or_exit(settings: Settings) -> list[Provider]:
         raise typer.Exit(1) from None
 
 
+def _run_app(factory: str, host: str, port: int, workers: int, **options: Any) -> None:
+    """Serve the app `factory` builds in each worker, on uvloop and httptools; uvicorn's
+    own logs only for warnings (Meterline writes its own access lines)."""
+    uvicorn.run(
+        factory,
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        loop="uvloop",
+        http="httptools",
+        log_level="warning",
+        **options,
+    )
+
+
 def _exit_on_signal(signum: int, frame: object) -> None:
     raise SystemExit(0)
 
@@ -202,17 +218,7 @@ def serve(
                 providers = _providers_or_exit(settings)
             serving = Serving(host, port, workers, url, embedded_pgdata)
             typer.echo(startup_summary(settings, serving, providers, dict(os.environ)), err=True)
-            uvicorn.run(
-                "service.app:create_app",
-                factory=True,
-                host=host,
-                port=port,
-                workers=workers,
-                loop="uvloop",
-                http="httptools",
-                log_level="warning",
-                timeout_graceful_shutdown=30,
-            )
+            _run_app("service.app:create_app", host, port, workers, timeout_graceful_shutdown=30)
         finally:
             if upstream is not None:
                 upstream.terminate()
@@ -221,24 +227,15 @@ def serve(
 
 @app.command("mock-upstream")
 def mock_upstream(
-    host: str = typer.Option("127.0.0.1"),
-    port: int = typer.Option(9090),
+    host: str = typer.Option("127.0.0.1", help="Interface to listen on."),
+    port: int = typer.Option(9090, help="Port."),
     api_key: str = typer.Option(None, help="Require this provider key (Bearer)."),
-    workers: int = typer.Option(1),
+    workers: int = typer.Option(1, help="Worker processes."),
 ) -> None:
     """Run the OpenAI-compatible mock provider (tests, benchmarks, the demo)."""
     if api_key:
         os.environ["METERLINE_MOCK_API_KEY"] = api_key
-    uvicorn.run(
-        "service.mock_upstream.app:create_app_from_env",
-        factory=True,
-        host=host,
-        port=port,
-        workers=workers,
-        loop="uvloop",
-        http="httptools",
-        log_level="warning",
-    )
+    _run_app("service.mock_upstream.app:create_app_from_env", host, port, workers)
 
 
 @db_app.command("upgrade")

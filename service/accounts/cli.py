@@ -19,7 +19,7 @@ from service.commands.output import (
     fail,
     print_json,
     print_record,
-    print_table,
+    print_result,
 )
 
 accounts_app = typer.Typer(help="Customer accounts.", no_args_is_help=True)
@@ -116,13 +116,6 @@ def _fields(**values: Any) -> dict[str, Any]:
     }
 
 
-def _show_account(account: dict[str, Any], as_json: bool) -> None:
-    if as_json:
-        print_json(account)
-    else:
-        print_record(account)
-
-
 @accounts_app.command("create")
 @with_account_options
 def create_account(
@@ -136,7 +129,7 @@ def create_account(
     """Create an account (admin)."""
     with BillingClient(url, token) as client:
         account = client.request("POST", "/billing/accounts", json=_fields(name=name, **fields))
-    _show_account(account, as_json)
+    print_result(account, as_json)
 
 
 @accounts_app.command("list")
@@ -146,10 +139,7 @@ def list_accounts(
     """List every account (admin)."""
     with BillingClient(url, token) as client:
         accounts = list(client.pages("/billing/accounts", {"limit": 200}))
-    if as_json:
-        print_json(accounts)
-    else:
-        print_table(accounts, LIST_COLUMNS, title=f"{len(accounts)} accounts")
+    print_result(accounts, as_json, LIST_COLUMNS, f"{len(accounts)} accounts")
 
 
 @accounts_app.command("show")
@@ -161,7 +151,7 @@ def show_account(
 ) -> None:
     """Show one account."""
     with BillingClient(url, token) as client:
-        _show_account(client.request("GET", f"/billing/accounts/{account_id}"), as_json)
+        print_result(client.request("GET", f"/billing/accounts/{account_id}"), as_json)
 
 
 @accounts_app.command("update")
@@ -187,7 +177,7 @@ def update_account(
         body[option.field] = None  # the API's way to clear a field: null
     with BillingClient(url, token) as client:
         account = client.request("PATCH", f"/billing/accounts/{account_id}", json=body)
-    _show_account(account, as_json)
+    print_result(account, as_json)
 
 
 @keys_app.command("create")
@@ -223,10 +213,7 @@ def list_keys(
     """List an account's keys (revoked and expired included)."""
     with BillingClient(url, token) as client:
         keys = list(client.pages(f"/billing/accounts/{account_id}/keys", {"limit": 200}))
-    if as_json:
-        print_json(keys)
-    else:
-        print_table(keys, KEY_COLUMNS, title=f"{len(keys)} keys")
+    print_result(keys, as_json, KEY_COLUMNS, f"{len(keys)} keys")
 
 
 @keys_app.command("revoke")
@@ -239,7 +226,4 @@ def revoke_key(
     """Revoke a key (admin); the proxy refuses it at once. Revoking twice is harmless."""
     with BillingClient(url, token) as client:
         key = client.request("DELETE", f"/billing/keys/{key_id}")
-    if as_json:
-        print_json(key)
-    else:
-        print_record(key, [*KEY_COLUMNS[:4], "revoked_at"])
+    print_result(key, as_json, [*KEY_COLUMNS[:4], "revoked_at"])

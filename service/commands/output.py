@@ -120,6 +120,23 @@ def print_table(rows: list[dict[str, Any]], columns: list[str], title: str | Non
         print_record(row, columns)
 
 
+def print_result(
+    value: dict[str, Any] | list[dict[str, Any]],
+    as_json: bool,
+    columns: list[str] | None = None,
+    title: str | None = None,
+) -> None:
+    """What a command answers: JSON for scripts; for people a list as a table, an object as
+    a record (`columns`: its fields, by default all)."""
+    if as_json:
+        print_json(value)
+    elif isinstance(value, list):
+        assert columns is not None, "a table needs its columns"
+        print_table(value, columns, title)
+    else:
+        print_record(value, columns)
+
+
 def print_record(record: dict[str, Any], fields: list[str] | None = None) -> None:
     """One object as `field  value` lines: readable however many fields it has."""
     table = Table(show_header=False, box=None, pad_edge=False)

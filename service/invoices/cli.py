@@ -11,7 +11,7 @@ import typer
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from service.commands.database import run_in_transaction, run_with_database
-from service.commands.output import JsonOption, err, print_json, print_table
+from service.commands.output import JsonOption, err, print_json, print_result, print_table
 from service.db.engine import transaction
 from service.errors import MeterlineError
 from service.invoices import service
@@ -170,13 +170,8 @@ def unpriced(
         return [r.model_dump(mode="json") for r in rows]
 
     rows = run_in_transaction(work)
-    if as_json:
-        print_json(rows)
-    else:
-        print_table(
-            rows,
-            ["account_id", "model", "requests", "requests_priced_now", "requests_without_price"],
-        )
+    columns = ["account_id", "model", "requests", "requests_priced_now", "requests_without_price"]
+    print_result(rows, as_json, columns)
 
 
 @invoices_app.command("rollup")

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 import typer
 
 from service.commands.api import AccountOption, BillingClient, TokenOption, UrlOption
-from service.commands.output import JsonOption, print_json, print_table
+from service.commands.output import JsonOption, print_json, print_result
 
 tasks_app = typer.Typer(help="Tasks (X-Task-Id) and their outcome.", no_args_is_help=True)
 
@@ -35,10 +35,7 @@ def list_tasks(
             rows.append(row)
             if len(rows) >= limit:
                 break
-    if as_json:
-        print_json(rows)
-    else:
-        print_table(rows, COLUMNS)
+    print_result(rows, as_json, COLUMNS)
 
 
 @tasks_app.command("complete")
