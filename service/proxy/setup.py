@@ -56,6 +56,7 @@ async def start_proxy(
         prices=prices,
         hooks=hooks,
         max_body_bytes=settings.max_request_body_bytes,
+        key_headers=settings.key_headers,
         access_log=access_log,
     )
     return {
