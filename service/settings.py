@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 from decimal import Decimal
 from functools import lru_cache
 from pathlib import Path
@@ -11,6 +13,15 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
+def default_data_dir() -> Path:
+    """The user's data directory (XDG): one for every command, from whatever folder it runs,
+    so `meterline invoices …` finds the embedded Postgres `meterline serve` made."""
+    # The XDG spec ignores a relative XDG_DATA_HOME, as it would move with the folder.
+    xdg = os.environ.get("XDG_DATA_HOME", "")
+    base = Path(xdg) if xdg and Path(xdg).is_absolute() else Path.home() / ".local" / "share"
+    return base / "meterline"
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="METERLINE_", extra="ignore")
 
@@ -18,7 +29,7 @@ class Settings(BaseSettings):
     database_url: str | None = None
     admin_token: SecretStr | None = None
     providers: Path | None = None
-    data_dir: Path = Path(".meterline")
+    data_dir: Path = Field(default_factory=default_data_dir)
     redis_url: str | None = None
 
     host: str = "127.0.0.1"
@@ -42,6 +53,11 @@ class Settings(BaseSettings):
     upstream_connect_retries: int = 2
     max_request_body_bytes: int = 8 * 1024 * 1024
     key_cache_refresh_s: float = 5.0
+    # Headers a client may carry its Meterline key in besides `Authorization: Bearer`, so a
+    # client written for a provider that reads its own header migrates by base URL alone.
+    key_headers: list[str] = Field(
+        default_factory=lambda: ["X-API-Key", "Infuzu-API-Key", "X-Infuzu-API-Key"]
+    )
 
     # Outcome-based pricing defaults; accounts may override margin and failed-task policy.
     quote_margin: Decimal = Decimal("0.20")
@@ -89,6 +105,16 @@ class Settings(BaseSettings):
     invoice_issuer_name: str | None = None
     invoice_issuer_address: list[str] = Field(default_factory=list)
     invoice_issuer_tax_id: str | None = None
+
+    @field_validator("key_headers")
+    @classmethod
+    def _key_headers_are_names(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if not re.fullmatch(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+", name):
+                raise ValueError(f"{name!r} is not a header name")
+            if name.lower() == "authorization":
+                raise ValueError("Authorization is always read (as Bearer); do not list it")
+        return value
 
     @field_validator("admin_token", mode="before")
     @classmethod

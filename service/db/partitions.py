@@ -5,17 +5,15 @@ from __future__ import annotations
 from collections.abc import Iterable
 from datetime import datetime
 
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from pricing.invoice import BillingPeriod
+from service.db.repository import ensure_usage_partition
 
 
 async def ensure_partitions(connection: AsyncConnection, months: Iterable[BillingPeriod]) -> None:
     for month in sorted(set(months)):
-        await connection.execute(
-            text("SELECT meterline_ensure_usage_partition(:at)"), {"at": month.start}
-        )
+        await ensure_usage_partition(connection, month.start)
 
 
 def around(now: datetime, before: int = 1, after: int = 2) -> list[BillingPeriod]:

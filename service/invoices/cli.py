@@ -1,28 +1,35 @@
-"""`meterline invoices generate|finalize|void|show|unpriced`, straight to the database."""
+"""`meterline invoices generate|finalize|void|show|rollup`, straight to the database (a
+direct-database command: `service/commands/database.py`; `unpriced` is `service.reports.cli`'s)."""
 
 from __future__ import annotations
 
 import uuid
 from decimal import Decimal
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from pricing.invoice import BillingPeriod
-from service.api_client import PeriodOption, err, parse_period, print_json, print_table
+from service.commands.database import run_in_transaction, run_with_database
+from service.commands.output import (
+    JsonOption,
+    PeriodOption,
+    err,
+    parse_period,
+    print_json,
+    print_table,
+)
 from service.db.engine import transaction
 from service.errors import MeterlineError
 from service.invoices import service
-from service.invoices.repository import InvoiceRepository
+from service.invoices.repository.invoices import InvoiceRepository
 from service.invoices.rollup import RollUp, roll_up
 from service.invoices.schemas import GenerateSummary, InvoiceOut, invoice_out
-from service.prices.cli import run_in_transaction, run_with_database
 from service.settings import get_settings
 
 invoices_app = typer.Typer(help="Monthly invoices.", no_args_is_help=True)
 
-JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
 LINE_COLUMNS = ["kind", "description", "quantity", "amount_exact_usd", "amount_usd"]
 
 
@@ -49,7 +56,7 @@ def generate(
     period: PeriodOption,
     account_id: Annotated[
         list[uuid.UUID] | None,
-        typer.Option("--account-id", help="Only this account (repeatable) [default: all]."),
+        typer.Option("--account-id", help="Only this account (repeatable).", show_default="all"),
     ] = None,
     as_json: JsonOption = False,
 ) -> None:
@@ -159,28 +166,6 @@ def show(
         return invoice_out(await service.get(session, invoice_id))
 
     _show(run_in_transaction(work), as_json)
-
-
-@invoices_app.command("unpriced")
-def unpriced(
-    period: PeriodOption,
-    account_id: Annotated[uuid.UUID | None, typer.Option("--account-id")] = None,
-    as_json: JsonOption = False,
-) -> None:
-    """Usage stored without a price in the month, per account and model."""
-
-    async def work(session: AsyncSession) -> list[dict[str, Any]]:
-        rows = await service.unpriced_report(session, period, account_id)
-        return [r.model_dump(mode="json") for r in rows]
-
-    rows = run_in_transaction(work)
-    if as_json:
-        print_json(rows)
-    else:
-        print_table(
-            rows,
-            ["account_id", "model", "requests", "requests_priced_now", "requests_without_price"],
-        )
 
 
 @invoices_app.command("rollup")

@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
@@ -76,6 +76,15 @@ _STREAM_ERRORS = {
 
 class ModelNotFound(NotFound):
     code = "model_not_found"
+
+
+class ProviderNotConfigured(MeterlineError):
+    """The provider of a model has no key (its `api_key_env` is unset): the operator's to
+    fix, so the provider's 401 never reaches a customer as if their key were bad."""
+
+    status_code = 503
+    type = "api_error"
+    code = "provider_not_configured"
 
 
 def _json_bytes(body: dict[str, Any]) -> bytes:
@@ -149,28 +158,30 @@ async def _read_body(receive: Receive, limit: int, declared: bytes | None) -> by
             return b"".join(chunks)
 
 
-def _credential(headers: Mapping[bytes, bytes]) -> str:
-    bearer = None
+def _credential(headers: Mapping[bytes, bytes], key_headers: tuple[tuple[bytes, str], ...]) -> str:
+    """The one key the request carries: `Authorization: Bearer` or any of `key_headers`."""
+    found: dict[str, str] = {}
     authorization = headers.get(b"authorization")
     if authorization:
         scheme, _, value = authorization.decode("latin-1").partition(" ")
         if scheme.lower() != "bearer" or not value.strip():
             raise Unauthorized("Authorization header must be 'Bearer <key>'")
-        bearer = value.strip()
-    raw = headers.get(b"x-api-key")
-    header_key = raw.decode("latin-1").strip() if raw else None
-    if bearer and header_key and bearer != header_key:
+        found["Authorization"] = value.strip()
+    for name, shown in key_headers:
+        raw = headers.get(name)
+        if raw and raw.strip():
+            found[shown] = raw.decode("latin-1").strip()
+    if len(set(found.values())) > 1:
         raise BadRequest(
-            "Authorization and X-API-Key carry different keys; send one",
+            f"{' and '.join(found)} carry different keys; send one",
             code="conflicting_credentials",
         )
-    token = bearer or header_key
-    if not token:
+    if not found:
         raise Unauthorized(
             "You didn't provide an API key: send 'Authorization: Bearer <key>'",
             code="missing_api_key",
         )
-    return token
+    return next(iter(found.values()))
 
 
 def _task_header(headers: Mapping[bytes, bytes], name: bytes) -> str | None:
@@ -306,6 +317,7 @@ class MeteringProxy:
         prices: PriceCache,
         hooks: ProxyHooks,
         max_body_bytes: int,
+        key_headers: Sequence[str] = ("X-API-Key",),
         access_log: AccessLog | None = None,
     ) -> None:
         self.keys = keys
@@ -315,6 +327,8 @@ class MeteringProxy:
         self.prices = prices
         self.hooks = hooks
         self.max_body_bytes = max_body_bytes
+        # ASGI header names arrive lower-cased; messages name them as configured.
+        self.key_headers = tuple((name.lower().encode("latin-1"), name) for name in key_headers)
         self.access_log = access_log
         self._prices = PriceMemo()
         self._headers_cache: dict[tuple[str, bool], dict[str, str]] = {}
@@ -323,7 +337,7 @@ class MeteringProxy:
     # -- authentication -------------------------------------------------------------
 
     async def authenticate(self, headers: Mapping[bytes, bytes]) -> CachedKey:
-        key = await self.keys.lookup(_credential(headers))
+        key = await self.keys.lookup(_credential(headers, self.key_headers))
         if key is None:
             raise Unauthorized("Incorrect API key provided, or the key was revoked or expired.")
         return key
@@ -397,6 +411,12 @@ class MeteringProxy:
                 f"The model `{model}` does not exist or you do not have access to it.",
                 param="model",
             )
+        if not provider.configured:
+            raise ProviderNotConfigured(
+                f"The model `{model}` cannot be served now: its provider is not configured "
+                "on this server (the operator has been told at start-up).",
+                headers={"x-should-retry": "false"},
+            )
         stream = endpoint != "embeddings" and body.get("stream") is True
         return RequestContext(
             request_id=request_id,
@@ -449,8 +469,7 @@ class MeteringProxy:
             "Accept": "text/event-stream" if stream else "application/json",
             "Accept-Encoding": "identity",
         }
-        if provider.api_key:
-            headers["Authorization"] = f"Bearer {provider.api_key}"
+        headers.update(provider.auth_headers())
         self._headers_cache[(provider.name, stream)] = headers
         return headers
 

@@ -1,11 +1,13 @@
-"""`meterline report monthly`: the monthly export to a file or stdout, with progress."""
+"""`meterline report monthly`: the monthly export to a file or stdout, with progress; and
+`meterline invoices unpriced`, the unpriced-usage report straight from the database."""
 
 from __future__ import annotations
 
 import os
 import sys
+import uuid
 from pathlib import Path
-from typing import Annotated, BinaryIO
+from typing import Annotated, Any, BinaryIO
 
 import typer
 from rich.progress import (
@@ -16,8 +18,12 @@ from rich.progress import (
     TimeElapsedColumn,
     TransferSpeedColumn,
 )
+from sqlalchemy.ext.asyncio import AsyncSession
 
-from service.api_client import BillingClient, PeriodOption, TokenOption, UrlOption, err, fail
+from service.commands.api import BillingClient, TokenOption, UrlOption
+from service.commands.database import run_in_transaction
+from service.commands.output import JsonOption, PeriodOption, err, fail, print_result
+from service.reports.service import unpriced_report
 
 report_app = typer.Typer(help="Report exports.", no_args_is_help=True)
 
@@ -34,7 +40,7 @@ def monthly(
     period: PeriodOption,
     fmt: Annotated[str, typer.Option("--format", "-f", help="csv | json.")] = "csv",
     output: Annotated[
-        Path | None, typer.Option("--output", "-o", help="File to write [default: stdout].")
+        Path | None, typer.Option("--output", "-o", help="File to write.", show_default="stdout")
     ] = None,
     account_id: Annotated[str | None, typer.Option("--account-id")] = None,
     url: UrlOption = None,
@@ -46,7 +52,10 @@ def monthly(
         params["account_id"] = account_id
     # A file appears only once complete: a cut export never passes for a whole one.
     partial = output.with_name(output.name + ".part") if output else None
-    sink: BinaryIO = partial.open("wb") if partial else sys.stdout.buffer
+    try:
+        sink: BinaryIO = partial.open("wb") if partial else sys.stdout.buffer
+    except OSError as exc:
+        fail(f"cannot write {output}: {exc.strerror or exc}")
     lines = 0
     tail = b""
     progress = Progress(
@@ -82,3 +91,20 @@ def monthly(
     if output:
         # The header and the totals line are not rows of the report.
         err.print(f"wrote {max(lines - 2, 0)} rows to {output}", highlight=False)
+
+
+# `meterline invoices unpriced` (registered in `service.cli`): straight to the database.
+def unpriced(
+    period: PeriodOption,
+    account_id: Annotated[uuid.UUID | None, typer.Option("--account-id")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Usage stored without a price in the month, per account and model."""
+
+    async def work(session: AsyncSession) -> list[dict[str, Any]]:
+        rows = await unpriced_report(session, period, account_id)
+        return [r.model_dump(mode="json") for r in rows]
+
+    rows = run_in_transaction(work)
+    columns = ["account_id", "model", "requests", "requests_priced_now", "requests_without_price"]
+    print_result(rows, as_json, columns)
