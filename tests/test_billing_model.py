@@ -589,11 +589,16 @@ class BillingLifecycle(RuleBasedStateMachine):
         wait=st.sampled_from(WAITS),
         requests=st.lists(REQUESTS, min_size=0, max_size=4),
         gap=st.sampled_from(GAPS),
+        adjust=st.none() | amounts,
     )
-    def traffic(self, wait: timedelta | None, requests: list[Request], gap: timedelta) -> None:
+    def traffic(
+        self, wait: timedelta | None, requests: list[Request], gap: timedelta, adjust: str | None
+    ) -> None:
         """Time passes (`None`: to a minute before the month ends, so what follows straddles
-        it), then a few proxied requests, `gap` apart."""
+        it), then a few proxied requests, `gap` apart, and maybe an adjustment."""
         self.step()
+        if adjust is not None:
+            self.adjust(0, adjust, 0)
         if wait is None:
             self.now = max(self.now, BillingPeriod.of(self.now).end - timedelta(minutes=1))
         else:
@@ -690,6 +695,9 @@ class BillingLifecycle(RuleBasedStateMachine):
     @rule(which=st.integers(0, 1), amount=amounts, days_back=st.sampled_from([0, 0, 25, 45]))
     def adjustment(self, which: int, amount: str, days_back: int) -> None:
         self.step()
+        self.adjust(which, amount, days_back)
+
+    def adjust(self, which: int, amount: str, days_back: int) -> None:
         at = max(START, self.now - timedelta(days=days_back))
         row = Row(
             "adj_" + new_request_id().removeprefix("req_"),
@@ -861,9 +869,14 @@ class BillingLifecycle(RuleBasedStateMachine):
             self.check_invoice(invoice_id, self.oracle.expected(account, str(period)))
         return invoice_id
 
-    @rule(which=st.integers(0, 1), back=st.integers(0, 3))
-    def generate_a_draft(self, which: int, back: int) -> None:
+    def maybe_roll_up(self, roll_up: bool) -> None:
+        if roll_up:
+            self.world.unit(lambda s: InvoiceRepository(s).roll_up())
+
+    @rule(which=st.integers(0, 1), back=st.integers(0, 3), roll_up=st.booleans())
+    def generate_a_draft(self, which: int, back: int, roll_up: bool) -> None:
         self.step()
+        self.maybe_roll_up(roll_up)
         months = self.periods()
         self.draft(self.accounts[which], months[max(0, len(months) - 1 - back)])
 
@@ -892,9 +905,10 @@ class BillingLifecycle(RuleBasedStateMachine):
         self.oracle.finalized(Invoice(invoice_id, account, str(period)), expected)
         self.world.figures.finalized += 1
 
-    @rule(which=st.integers(0, 1), back=st.integers(0, 3))
-    def finalize(self, which: int, back: int) -> None:
+    @rule(which=st.integers(0, 1), back=st.integers(0, 3), roll_up=st.booleans())
+    def finalize(self, which: int, back: int, roll_up: bool) -> None:
         self.step()
+        self.maybe_roll_up(roll_up)
         months = self.periods()
         self.finalize_month(self.accounts[which], months[max(0, len(months) - 1 - back)])
 
