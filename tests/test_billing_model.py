@@ -17,7 +17,7 @@ month, at the price in force at its `occurred_at`), each line rounded once, the 
 sum of the rounded lines. At the end of every run each month is closed, and every row and
 task must have been billed exactly once.
 
-`METERLINE_MODEL_EXAMPLES` (default 20) and `METERLINE_MODEL_STEPS` (default 30) bound the
+`METERLINE_MODEL_EXAMPLES` (default 15) and `METERLINE_MODEL_STEPS` (default 30) bound the
 run; it prints how many examples and steps ran.
 """
 
@@ -66,7 +66,7 @@ from service.tasks.expiry import expire_tasks
 from service.tasks.guard import TaskClosed, TaskCostCapReached, TaskGuard, TaskModelMismatch
 from service.tasks.schemas import Outcome
 
-EXAMPLES = int(os.environ.get("METERLINE_MODEL_EXAMPLES", "20"))
+EXAMPLES = int(os.environ.get("METERLINE_MODEL_EXAMPLES", "15"))
 STEPS = int(os.environ.get("METERLINE_MODEL_STEPS", "30"))
 
 ADMIN = Principal(account_id=None, key_id=None)
