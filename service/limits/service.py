@@ -94,6 +94,9 @@ class Grant:
     # more is cut). None: no cap, no cut.
     max_tokens_cap: int | None = None
     completion_allowance: int | None = None
+    # Nano-USD its reservation held in every budget: the most a flagged (implausible) usage
+    # claim is charged until an admin reviews it.
+    reserved_nano: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -359,6 +362,7 @@ class Limits:
             headers=headers,
             max_tokens_cap=cap,
             completion_allowance=allowance,
+            reserved_nano=admission.budget.granted,
         )
 
     async def _admit_synced(
@@ -433,7 +437,9 @@ class Limits:
         if record is None:  # refused after this admission: nothing was forwarded
             await self.release(grant)
         else:
-            await self.settle(grant, record.total_tokens, record.cost_usd)
+            await self.settle(
+                grant, record.total_tokens, record.cost_usd, flagged=record.usage_flag is not None
+            )
 
     def install(self, hooks: ProxyHooks) -> None:
         hooks.admission.append(self.admission)
@@ -486,12 +492,22 @@ class Limits:
 
     # -- settlement -------------------------------------------------------------------
 
-    async def settle(self, grant: Grant, total_tokens: int, cost_usd: Decimal | None) -> None:
-        """Replace the estimates of an admitted request by what it really used."""
+    async def settle(
+        self, grant: Grant, total_tokens: int, cost_usd: Decimal | None, flagged: bool = False
+    ) -> None:
+        """Replace the estimates of an admitted request by what it really used.
+
+        A `flagged` record (a usage claim the provider made implausibly) bills nothing until
+        an admin reviews it, so it is charged at most what its reservation held: a
+        provider's absurd count never exhausts a customer's month, and what the budget
+        allowed the request is still counted. The review's verdict reaches the budget from
+        the ledger (`budget_spend`)."""
         if not grant.token_counters and not grant.budget_counters:
             return
         delta = total_tokens - grant.estimated_tokens
         cost = to_nano_up(cost_usd) if cost_usd is not None and cost_usd > 0 else 0
+        if flagged:
+            cost = min(cost, grant.reserved_nano)
         await self._settle_counters(
             grant.window,
             [(counter, delta) for counter in grant.token_counters],
