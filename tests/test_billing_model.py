@@ -50,7 +50,7 @@ from service.auth.principal import Principal
 from service.db.engine import asyncpg_dsn, create_engine, session_factory, transaction
 from service.errors import MeterlineError
 from service.invoices import service as invoices
-from service.invoices.repository import InvoiceRepository
+from service.invoices.repository.rollup import RollupRepository
 from service.ledger.record import LedgerRecord, months_of, new_request_id
 from service.ledger.repository import LedgerRepository
 from service.prices.repository import PriceRepository
@@ -845,7 +845,7 @@ class BillingLifecycle(RuleBasedStateMachine):
         their deadline."""
         self.step()
         if roll_up:
-            self.world.unit(lambda s: InvoiceRepository(s).roll_up())
+            self.world.unit(lambda s: RollupRepository(s).roll_up())
         if expire:
             self.world.unit(lambda s: expire_tasks(s, self.now, self.accounts))
             for account in self.accounts:
@@ -871,7 +871,7 @@ class BillingLifecycle(RuleBasedStateMachine):
 
     def maybe_roll_up(self, roll_up: bool) -> None:
         if roll_up:
-            self.world.unit(lambda s: InvoiceRepository(s).roll_up())
+            self.world.unit(lambda s: RollupRepository(s).roll_up())
 
     @rule(which=st.integers(0, 1), back=st.integers(0, 3), roll_up=st.booleans())
     def generate_a_draft(self, which: int, back: int, roll_up: bool) -> None:

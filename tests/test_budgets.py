@@ -30,6 +30,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from pricing.invoice import BillingPeriod
 from pricing.prices import PriceBook
+from service.auth.key_cache import KeyLimits
 from service.db.engine import create_engine, session_factory, transaction
 from service.invoices import service as invoices
 from service.limits.budgets import Hold
@@ -38,7 +39,7 @@ from service.limits.policy import month_bounds, month_of
 from service.limits.repository import budget_spend
 from service.limits.service import Grant, Limits
 from service.prices.cache import PriceCache
-from service.review import service as flagged
+from service.reports.review import service as flagged
 from service.settings import Settings
 from tests.conftest import Meterline, Upstream, start_meterline
 from tests.reliability import (
@@ -723,7 +724,13 @@ def test_a_flagged_claim_counts_against_the_budget_once_reviewed_as_billed(
 def test_a_flagged_claim_is_settled_at_most_at_its_reservation() -> None:
     async def run() -> tuple[int, int]:
         store = MemoryCounters()
-        limits = Limits(Settings(), cast(AsyncEngine, None), cast(PriceCache, None), store)
+
+        async def no_limits(key_id: uuid.UUID, account_id: uuid.UUID) -> KeyLimits:
+            raise AssertionError("settling reads no key's limits")
+
+        limits = Limits(
+            Settings(), cast(AsyncEngine, None), cast(PriceCache, None), store, no_limits
+        )
         counter = "account:x:2025-03"
         await store.sync(counter, 0)
         held = Grant("r1", budget_counters=(counter,), reserved_nano=20_000_000)
