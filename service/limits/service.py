@@ -49,6 +49,7 @@ from service.limits.policy import (
     Limit,
     applied_limits,
     budget_error,
+    budget_store_unavailable,
     budget_unavailable,
     duration,
     month_bounds,
@@ -242,7 +243,7 @@ class Limits:
         pool = BlockingConnectionPool.from_url(
             settings.redis_url,
             max_connections=16,
-            timeout=0.5,
+            timeout=2.0,  # waiting for a free connection: a burst queues (budgets refuse past it)
             socket_timeout=0.5,
             socket_connect_timeout=0.5,
         )
@@ -309,12 +310,21 @@ class Limits:
                 need = _Need.of(price, prompt, per_choice, choices, unbounded=limit is None)
         if time.monotonic() < self._store_down_until:
             metrics.LIMIT_ERRORS.labels("skipped").inc()
-            return Grant(reservation)
+            return self._without_store(applied.budgets, budgeted, reservation)
         try:
             return await self._admit(plan, reservation, account_id, tokens, need, now)
         except (RedisError, OSError) as exc:
             self._store_failed("admit", exc)
-            return Grant(reservation)
+            return self._without_store(applied.budgets, budgeted, reservation)
+
+    @staticmethod
+    def _without_store(budgets: Sequence[Limit], budgeted: bool, reservation: str) -> Grant:
+        """Admission while the counter store fails: rate limits let the request pass (the
+        ledger still records it), a budget refuses it — admitted unheld, a burst would
+        spend the budget many times over, and money is never overspent for availability."""
+        if budgeted:
+            raise budget_store_unavailable(budgets[0])
+        return Grant(reservation)
 
     def _covered_by_quote(self, account_id: uuid.UUID, task_id: str | None) -> bool:
         return bool(task_id) and self._quoted_cost(account_id, task_id or "") is not None
