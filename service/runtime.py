@@ -17,7 +17,7 @@ from service.metrics.sampler import LedgerSampler, observe_settlement
 from service.prices.cache import PriceCache, seed_default_prices
 from service.providers.router import ProviderRouter
 from service.proxy.access import AccessLog
-from service.proxy.context import ProxyHooks
+from service.proxy.context import Hook, ProxyHooks
 from service.proxy.service import MeteringProxy
 from service.proxy.setup import start_proxy
 from service.proxy.upstream import UpstreamClient
@@ -65,8 +65,6 @@ class Runtime:
         parts = await start_proxy(settings, engine, prices)
         limits = Limits.create(settings, engine, prices)
         await limits.start()
-        limits.install(parts["hooks"])
-        parts["hooks"].settlement.append(observe_settlement)
         metrics = LedgerSampler(parts["ledger"])
         await metrics.start()
         tasks = TaskGuard(
@@ -75,10 +73,16 @@ class Runtime:
             settings.task_settle_window_s,
         )
         await tasks.start()
-        # First in both: a refused task must not hold budget or rate-limit tokens, and a
-        # task's cost is counted before any other hook yields to the next request.
-        parts["hooks"].admission.insert(0, tasks.admit)
-        parts["hooks"].settlement.insert(0, tasks.settle)
+        # In the order they run. Tasks first: a refused task must not hold budget or
+        # rate-limit tokens, and a task's cost is counted before any other hook yields to
+        # the next request.
+        parts["hooks"].update(
+            {
+                "tasks": Hook(tasks.admit, tasks.settle),
+                "limits": Hook(limits.admission, limits.settlement),
+                "metrics": Hook(settle=observe_settlement),
+            }
+        )
         limits.cover_quoted_tasks(tasks.open_cost)
         rollup = RollupJob(
             sessions, settings.usage_rollup_interval_s, (roll_up_if_free, roll_up_daily)

@@ -13,12 +13,12 @@ from service.ledger.writer import LedgerWriter
 from service.prices.cache import PriceCache
 from service.providers.config import load_providers
 from service.providers.router import ProviderRouter
-from service.proxy import tokens
 from service.proxy.access import AccessLog
 from service.proxy.context import ProxyHooks
 from service.proxy.service import MeteringProxy
 from service.proxy.upstream import UpstreamClient
 from service.settings import Settings
+from service.tokens import estimate
 
 
 async def start_proxy(
@@ -26,7 +26,7 @@ async def start_proxy(
 ) -> dict[str, Any]:
     """The Runtime fields of the proxy, started: keys, ledger writer, upstream client, …"""
     dsn = asyncpg_dsn(settings.database_url or "")
-    await asyncio.to_thread(tokens.warm_up)
+    await asyncio.to_thread(estimate.warm_up)
     keys = KeyCache(engine, dsn, settings.key_cache_refresh_s)
     await keys.start()
     ledger = LedgerWriter(
@@ -44,7 +44,7 @@ async def start_proxy(
     )
     await upstream.start()
     providers = ProviderRouter(load_providers(settings.providers))
-    hooks = ProxyHooks()
+    hooks: ProxyHooks = {}  # declared by service/runtime.py once their parts have started
     access_log = AccessLog() if settings.access_log else None
     if access_log is not None:
         access_log.start()
