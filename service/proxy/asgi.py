@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 
 import orjson
 from starlette.types import Send
@@ -13,13 +13,17 @@ Headers = list[tuple[bytes, bytes]]
 JSON = b"application/json"
 
 
-async def start(send: Send, status: int, headers: Headers) -> None:
-    await send({"type": "http.response.start", "status": status, "headers": headers})
+# `start` and `send_part` are not coroutines: they hand back `send`'s own awaitable, so no
+# frame is added per message (a stream sends one per chunk).
 
 
-async def send_part(send: Send, body: bytes, more: bool = True) -> None:
+def start(send: Send, status: int, headers: Headers) -> Awaitable[None]:
+    return send({"type": "http.response.start", "status": status, "headers": headers})
+
+
+def send_part(send: Send, body: bytes, more: bool = True) -> Awaitable[None]:
     """One piece of a streamed body; `more=False` ends it."""
-    await send({"type": "http.response.body", "body": body, "more_body": more})
+    return send({"type": "http.response.body", "body": body, "more_body": more})
 
 
 async def send_whole(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from typing import Any
 
 import aiohttp
@@ -101,10 +101,11 @@ class UpstreamClient:
             except UPSTREAM_FAILURES as exc:
                 raise upstream_failure(exc) from exc
 
-    async def forward(self, ctx: RequestContext, body: bytes) -> aiohttp.ClientResponse:
-        """`body` sent to the provider of `ctx` at the endpoint's path (see `send`)."""
+    def forward(self, ctx: RequestContext, body: bytes) -> Awaitable[aiohttp.ClientResponse]:
+        """`body` sent to the provider of `ctx` at the endpoint's path (see `send`); not a
+        coroutine of its own, so a request costs no extra frame."""
         url = ctx.provider.url(ENDPOINT_PATHS[ctx.endpoint])
-        return await self.send("POST", url, body, self.headers_for(ctx.provider, ctx.stream))
+        return self.send("POST", url, body, self.headers_for(ctx.provider, ctx.stream))
 
     def headers_for(self, provider: Provider, stream: bool) -> dict[str, str]:
         """The headers of a request to `provider`: its key, never the client's."""
