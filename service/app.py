@@ -34,18 +34,20 @@ from service.errors import (
     Unprocessable,
     error_body,
 )
+from service.events.endpoints import router as events_router
 from service.health.endpoints import router as health_router
 from service.invoices.endpoints import router as invoices_router
 from service.limits.body import BodySizeLimit
 from service.logs import RequestIds, configure_logging
-from service.margin.endpoints import router as margin_router
 from service.metrics.endpoints import router as metrics_router
+from service.openai_usage.endpoints import router as openai_usage_router
 from service.prices.endpoints import router as prices_router
-from service.proxy.endpoints import install_fast_path
+from service.proxy.endpoints import PROXIED_ENDPOINTS, install_fast_path
 from service.proxy.endpoints import routes as proxy_routes
 from service.quotes.endpoints import router as quotes_router
 from service.reports.endpoints import router as reports_router
-from service.review.endpoints import router as review_router
+from service.reports.margin.endpoints import router as margin_router
+from service.reports.review.endpoints import router as review_router
 from service.runtime import Runtime
 from service.schemas import (
     CONTROL_CHARACTERS_MESSAGE,
@@ -111,8 +113,16 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
         code = _HTTP_ERRORS.get(exc.status_code, MalformedRequest).code
+        message = str(exc.detail)
+        if exc.status_code == 404 and request.url.path.startswith("/v1/"):
+            # OpenAI's wording, so an SDK user calling an endpoint Meterline does not proxy
+            # (`/v1/responses`, `/v1/files`…) reads what happened and what is served.
+            message = (
+                f"Invalid URL ({request.method} {request.url.path}): Meterline proxies "
+                f"{', '.join(PROXIED_ENDPOINTS)}"
+            )
         return JSONResponse(
-            error_body(str(exc.detail), "invalid_request_error", code),
+            error_body(message, "invalid_request_error", code),
             status_code=exc.status_code,
             headers=getattr(exc, "headers", None),
         )
@@ -173,6 +183,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(metrics_router)
     app.include_router(accounts_router)
     app.include_router(usage_router)
+    app.include_router(events_router)
     app.include_router(reports_router)
     app.include_router(review_router)
     app.include_router(quotes_router)
@@ -180,6 +191,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(margin_router)
     app.include_router(prices_router)
     app.include_router(invoices_router)
+    app.include_router(openai_usage_router)
     app.include_router(docs_router)
     app.include_router(console_router)
     app.mount(STATIC, StaticFiles(packages=[("service.console", "static")]), name="console-static")

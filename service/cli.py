@@ -19,11 +19,11 @@ from service.accounts.cli import accounts_app, keys_app
 from service.db.embedded import database_url
 from service.db.migrate import downgrade, upgrade
 from service.invoices.cli import invoices_app
-from service.margin.cli import margin
 from service.metrics import multiproc as metrics_multiproc
 from service.prices.cli import prices_app
 from service.providers.config import Provider, load_providers
-from service.reports.cli import report_app
+from service.reports.cli import report_app, unpriced
+from service.reports.margin.cli import margin
 from service.settings import Settings, get_settings
 from service.startup import Serving, startup_summary
 from service.tasks.cli import quote, tasks_app
@@ -45,6 +45,7 @@ app.add_typer(invoices_app, name="invoices")
 app.add_typer(tasks_app, name="tasks")
 app.command("quote")(quote)
 report_app.command("margin")(margin)
+invoices_app.command("unpriced")(unpriced)
 
 
 def _use_database(url: str) -> Settings:

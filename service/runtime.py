@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from service.auth.key_cache import KeyCache
 from service.db.engine import asyncpg_dsn, create_engine, session_factory
+from service.db.listener import Listener
 from service.db.partitions import around, ensure_partitions
-from service.invoices.rollup import RollupJob, roll_up_if_free
+from service.invoices.rollup import roll_up_if_free, rollup_job
 from service.ledger.writer import LedgerWriter
+from service.lifecycle import Periodic
 from service.limits.service import Limits
 from service.metrics.sampler import LedgerSampler, observe_settlement
 from service.prices.cache import PriceCache, seed_default_prices
@@ -22,7 +25,7 @@ from service.proxy.service import MeteringProxy
 from service.proxy.setup import start_proxy
 from service.proxy.upstream import UpstreamClient
 from service.settings import Settings
-from service.tasks.expiry import ExpiryJob
+from service.tasks.expiry import expiry_job
 from service.tasks.guard import TaskGuard
 from service.usage.rollup import roll_up_daily
 
@@ -33,6 +36,8 @@ class Runtime:
     engine: AsyncEngine
     sessions: async_sessionmaker[AsyncSession]
     prices: PriceCache
+    # The worker's one LISTEN connection, dispatching to the key directory and the tasks.
+    listener: Listener
     # The metering proxy's long-lived parts (service/proxy, service/ledger).
     keys: KeyCache
     providers: ProviderRouter
@@ -46,37 +51,75 @@ class Runtime:
     metrics: LedgerSampler
     # Tasks: the in-memory view refusing requests on completed or capped tasks (admission).
     tasks: TaskGuard
-    # Folds newly recorded ledger rows into the usage rollups that invoices and reports read.
-    rollup: RollupJob
-    # Closes open quoted tasks past their deadline.
-    expiry: ExpiryJob
+    # Fold newly recorded ledger rows into the usage rollups that invoices and reports read,
+    # and close open quoted tasks past their deadline.
+    jobs: list[Periodic]
+    # Closes every part started, in the reverse order of their start.
+    _started: AsyncExitStack = field(repr=False)
 
     @classmethod
     async def start(cls, settings: Settings) -> Runtime:
+        """Start every part; should one fail to start, those already started are closed, in
+        the reverse order of their start."""
         if not settings.database_url:
             raise RuntimeError("database_url must be resolved before the app starts")
-        engine = create_engine(settings.database_url, settings.db_pool_size)
+        started = AsyncExitStack()
+        try:
+            return await cls._start(settings, settings.database_url, started)
+        except BaseException:
+            await started.aclose()
+            raise
+
+    @classmethod
+    async def _start(cls, settings: Settings, url: str, stack: AsyncExitStack) -> Runtime:
+        dsn = asyncpg_dsn(url)
+        engine = create_engine(url, settings.db_pool_size)
+        stack.push_async_callback(engine.dispose)
         async with engine.begin() as connection:
             await ensure_partitions(connection, around(datetime.now(UTC)))
         sessions = session_factory(engine)
         await seed_default_prices(sessions)
         prices = PriceCache(sessions)
         await prices.start()
-        parts = await start_proxy(settings, engine, prices)
-        limits = Limits.create(settings, engine, prices)
-        await limits.start()
-        metrics = LedgerSampler(parts["ledger"])
-        await metrics.start()
+        stack.push_async_callback(prices.stop)
+        # Everything that follows a channel subscribes before the connection opens, and
+        # loads after it listens: no change falls between the load and the listening.
+        listener = Listener(dsn)
+        keys = KeyCache(engine, settings.key_cache_refresh_s, listener)
         tasks = TaskGuard(
-            asyncpg_dsn(settings.database_url),
+            dsn,
             settings.task_guard_refresh_s,
             settings.task_settle_window_s,
+            listener=listener,
         )
+        await listener.start()
+        stack.push_async_callback(listener.close)
+        await keys.start()
+        stack.push_async_callback(keys.stop)
+        ledger = LedgerWriter(
+            dsn,
+            settings.spool_dir,
+            settings.ledger_batch_size,
+            settings.ledger_flush_interval_s,
+            settings.ledger_queue_max,
+        )
+        # The sampler closes after the ledger drained, to count what the drain wrote.
+        metrics = LedgerSampler(ledger)
+        await metrics.start()
+        stack.push_async_callback(metrics.stop)
+        await ledger.start()
+        stack.push_async_callback(ledger.close)
+        parts = await start_proxy(settings, stack, keys=keys, ledger=ledger, prices=prices)
+        hooks: ProxyHooks = parts["hooks"]
+        limits = Limits.create(settings, engine, prices, keys.limits)
+        limits.start()
+        stack.push_async_callback(limits.stop)
         await tasks.start()
+        stack.push_async_callback(tasks.stop)
         # In the order they run. Tasks first: a refused task must not hold budget or
         # rate-limit tokens, and a task's cost is counted before any other hook yields to
         # the next request.
-        parts["hooks"].update(
+        hooks.update(
             {
                 "tasks": Hook(tasks.admit, tasks.settle),
                 "limits": Hook(limits.admission, limits.settlement),
@@ -84,36 +127,40 @@ class Runtime:
             }
         )
         limits.cover_quoted_tasks(tasks.open_cost)
-        rollup = RollupJob(
-            sessions, settings.usage_rollup_interval_s, (roll_up_if_free, roll_up_daily)
-        )
-        rollup.start()
-        expiry = ExpiryJob(sessions, tasks, settings.task_expiry_interval_s)
-        expiry.start()
+        jobs = _jobs(settings, sessions, tasks)
+        for job in jobs:
+            await stack.enter_async_context(job)
         return cls(
             settings=settings,
             engine=engine,
             sessions=sessions,
             prices=prices,
+            listener=listener,
+            keys=keys,
+            ledger=ledger,
             limits=limits,
             metrics=metrics,
             tasks=tasks,
-            rollup=rollup,
-            expiry=expiry,
+            jobs=jobs,
+            _started=stack,
             **parts,
         )
 
     async def close(self) -> None:
-        # In-flight requests are done (uvicorn waits for them): drain the ledger last.
-        await self.upstream.close()
-        await self.keys.stop()
-        await self.limits.stop()
-        await self.ledger.close()
-        if self.access_log is not None:
-            self.access_log.close()
-        await self.metrics.stop()
-        await self.tasks.stop()
-        await self.rollup.stop()
-        await self.expiry.stop()
-        await self.prices.stop()
-        await self.engine.dispose()
+        # In-flight requests are done (uvicorn waits for them): the jobs stop, then the
+        # proxy's parts, the ledger drains, and the database goes last.
+        await self._started.aclose()
+
+
+def _jobs(
+    settings: Settings, sessions: async_sessionmaker[AsyncSession], tasks: TaskGuard
+) -> list[Periodic]:
+    """The background jobs (an interval of 0 turns one off)."""
+    jobs: list[Periodic] = []
+    if settings.usage_rollup_interval_s > 0:
+        interval = settings.usage_rollup_interval_s
+        jobs.append(rollup_job("usage_rollup", sessions, interval, roll_up_if_free))
+        jobs.append(rollup_job("usage_daily_rollup", sessions, interval, roll_up_daily))
+    if settings.task_expiry_interval_s > 0:
+        jobs.append(expiry_job(sessions, tasks, settings.task_expiry_interval_s))
+    return jobs

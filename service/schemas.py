@@ -12,6 +12,7 @@ import base64
 import binascii
 import json
 import uuid
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Annotated, Any, Generic, TypeVar, cast
@@ -35,6 +36,8 @@ from service.errors import Unprocessable
 from service.ledger.record import CONTROL_CHARACTERS
 
 T = TypeVar("T")
+R = TypeVar("R")
+P = TypeVar("P", bound=BaseModel)
 
 
 def _fixed_point(value: Decimal) -> str:
@@ -183,6 +186,27 @@ def decode_cursor(cursor: str, *parts: CursorPart) -> tuple[Any, ...]:
         raise Unprocessable(
             "query.cursor: not a cursor returned by this endpoint", param="query.cursor"
         ) from None
+
+
+def keyset_page(
+    page: type[P],
+    rows: Sequence[R],
+    limit: int,
+    out: Callable[[R], Any],
+    position: Callable[[R], Sequence[str]],
+    **fields: Any,
+) -> P:
+    """One page of a keyset-paged list: `rows` as read, up to `limit + 1` (the one more says
+    that another page follows), each shaped by `out`; the next cursor is the position (the
+    sort key, as strings) of the page's last row. `fields`: the rest of the page's body."""
+    shown = rows[:limit]
+    more = len(rows) > limit
+    return page(
+        **fields,
+        data=[out(row) for row in shown],
+        has_more=more,
+        next_cursor=encode_cursor(*position(shown[-1])) if more and shown else None,
+    )
 
 
 def links(**to: tuple[str, str, dict[str, str]]) -> dict[str, Any]:

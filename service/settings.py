@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from decimal import Decimal
 from functools import lru_cache
 from pathlib import Path
@@ -42,6 +43,11 @@ class Settings(BaseSettings):
     upstream_connect_retries: int = 2
     max_request_body_bytes: int = 8 * 1024 * 1024
     key_cache_refresh_s: float = 5.0
+    # Headers a client may carry its Meterline key in besides `Authorization: Bearer`, so a
+    # client written for a provider that reads its own header migrates by base URL alone.
+    key_headers: list[str] = Field(
+        default_factory=lambda: ["X-API-Key", "Infuzu-API-Key", "X-Infuzu-API-Key"]
+    )
 
     # Outcome-based pricing defaults; accounts may override margin and failed-task policy.
     quote_margin: Decimal = Decimal("0.20")
@@ -89,6 +95,16 @@ class Settings(BaseSettings):
     invoice_issuer_name: str | None = None
     invoice_issuer_address: list[str] = Field(default_factory=list)
     invoice_issuer_tax_id: str | None = None
+
+    @field_validator("key_headers")
+    @classmethod
+    def _key_headers_are_names(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if not re.fullmatch(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+", name):
+                raise ValueError(f"{name!r} is not a header name")
+            if name.lower() == "authorization":
+                raise ValueError("Authorization is always read (as Bearer); do not list it")
+        return value
 
     @field_validator("admin_token", mode="before")
     @classmethod

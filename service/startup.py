@@ -66,8 +66,8 @@ def startup_warnings(
     for provider in providers:
         if provider.api_key_env and not environ.get(provider.api_key_env):
             warnings.append(
-                f"provider {provider.name}: {provider.api_key_env} is not set, so requests reach"
-                " it without a key and customers will read its 401 as their own key refused"
+                f"provider {provider.name}: {provider.api_key_env} is not set, so requests for"
+                " its models answer 503 provider_not_configured until it is"
             )
     if settings.admin_token is None:
         warnings.append(

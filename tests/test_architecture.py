@@ -1,4 +1,5 @@
-"""The import graph keeps the layering: no package cycle, `pricing` pure, one composition root.
+"""The import graph keeps the layering: no package cycle, `pricing` pure, one composition root;
+and every query lives in a repository.
 
 A node is a package of `service/` (`service.invoices`), a top-level module of it
 (`service.deps`) or `pricing`; an edge is any import between two nodes, wherever it
@@ -20,6 +21,30 @@ RUNTIME = "service.runtime"
 RUNTIME_IMPORTERS = {"service/app.py", "service/deps.py"}
 # What the pure library never imports (beside `service`).
 IMPURE = ("sqlalchemy", "fastapi", "starlette", "asyncpg")
+
+# A query is a statement built with SQLAlchemy (`select(`, `text(`, …), or one run on a
+# session or connection (`.execute(`, `.fetch(`, …) by a module that imports SQLAlchemy or
+# asyncpg (so a Redis pipeline's `execute` is none). Its home is a repository module
+# (`repository.py`, or a module of a `repository/` package; `service/db/repository.py`
+# holds the idiom). Raw asyncpg is for the ledger writer and the task guard, which hold
+# connections of their own: their queries too are in repositories (`ledger`, `tasks`).
+SQL_BUILDERS = {"select", "text", "insert", "update", "delete", "exists", "union_all"}
+RUN_METHODS = {
+    "execute",
+    "executemany",
+    "scalar",
+    "scalars",
+    "fetch",
+    "fetchrow",
+    "fetchval",
+    "copy_records_to_table",
+    "copy_to_table",
+}
+QUERY_HOMES = {
+    "service/db/models.py": "the schema: server defaults and constraints are SQL expressions",
+    "service/db/engine.py": "the transaction's settings (SET LOCAL), no data",
+    "service/db/channels.py": "pg_notify, beside the channel names it is sent on",
+}
 
 
 def node_of(module: str) -> str | None:
@@ -55,6 +80,42 @@ def _imported(tree: ast.AST, module: str, is_package: bool) -> list[tuple[str, i
             found.append((base, node.lineno))
             found += [(f"{base}.{alias.name}", node.lineno) for alias in node.names]
     return found
+
+
+def is_repository(path: str) -> bool:
+    parts = path.removesuffix(".py").split("/")
+    return parts[-1] == "repository" or "repository" in parts[:-1]
+
+
+def queries(source: str) -> list[tuple[int, str]]:
+    """The queries a module writes, with their lines (see `SQL_BUILDERS`, `RUN_METHODS`)."""
+    tree = ast.parse(source)
+    builders: set[str] = set()
+    speaks_sql = False
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            if node.module.split(".")[0] in ("sqlalchemy", "asyncpg"):
+                speaks_sql = True
+                builders |= {a.asname or a.name for a in node.names if a.name in SQL_BUILDERS}
+        elif isinstance(node, ast.Import):
+            speaks_sql |= any(a.name.split(".")[0] in ("sqlalchemy", "asyncpg") for a in node.names)
+    found = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call):
+            continue
+        if isinstance(node.func, ast.Name) and node.func.id in builders:
+            found.append((node.lineno, f"{node.func.id}("))
+        elif speaks_sql and isinstance(node.func, ast.Attribute) and node.func.attr in RUN_METHODS:
+            found.append((node.lineno, f".{node.func.attr}("))
+    return sorted(found)
+
+
+def queries_by_module(root: Path = ROOT) -> dict[str, list[tuple[int, str]]]:
+    return {
+        path.relative_to(root).as_posix(): found
+        for path in sorted(root.glob("service/**/*.py"))
+        if (found := queries(path.read_text()))
+    }
 
 
 @dataclass
@@ -174,6 +235,37 @@ def test_the_graph_sees_the_imports_it_checks() -> None:
     cyclic.edges["service.a"]["service.b"] = ["a.py:1"]
     cyclic.edges["service.b"]["service.a"] = ["b.py:1"]
     assert cyclic.cycles() == [["service.a", "service.b"]]
+
+
+QUERIES = queries_by_module()
+
+
+def test_queries_live_in_repositories() -> None:
+    stray = [
+        f"{path}:{line} {what}"
+        for path, found in QUERIES.items()
+        if not is_repository(path) and path not in QUERY_HOMES
+        for line, what in found
+    ]
+    assert not stray, "queries outside a repository:\n" + "\n".join(stray)
+
+
+def test_every_exception_to_the_repository_rule_is_still_needed() -> None:
+    assert not QUERY_HOMES.keys() - QUERIES.keys()
+
+
+def test_the_query_check_sees_the_queries_it_checks() -> None:
+    """The check above would pass if it found nothing: this one says it reads queries."""
+    assert {"service/accounts/repository.py", "service/invoices/repository/sums.py"} <= set(QUERIES)
+    assert is_repository("service/invoices/repository/sums.py")
+    assert not is_repository("service/invoices/service.py")
+    stray = "from sqlalchemy import select as s\nasync def f(db):\n    await db.scalars(s(1))\n"
+    assert queries(stray) == [(3, ".scalars("), (3, "s(")]
+    assert queries("import asyncpg\nasync def f(c):\n    await c.fetchval('x')\n") == [
+        (3, ".fetchval(")
+    ]
+    # A Redis pipeline's `execute` is no query.
+    assert queries("async def f(pipe):\n    await pipe.execute()\n") == []
 
 
 def main(root: Path) -> None:

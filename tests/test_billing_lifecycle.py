@@ -30,7 +30,7 @@ from pricing.invoice import BillingPeriod
 from service.auth.principal import Principal
 from service.errors import Conflict
 from service.invoices import service as invoices
-from service.invoices.repository import InvoiceRepository
+from service.invoices.repository.cutoff import CutoffRepository
 from service.tasks import service as tasks
 from service.tasks.expiry import expire_tasks
 from tests.conftest import Meterline, Upstream, start_meterline
@@ -203,7 +203,7 @@ def test_the_cutoff_waits_for_ledger_writes_only(billing: Billing) -> None:
     insert_usage(billing.db, usage_row(account, at))  # the month's partition
 
     def cutoff() -> datetime:
-        return billing.run(lambda s: InvoiceRepository(s).usage_cutoff())
+        return billing.run(lambda s: CutoffRepository(s).usage_cutoff())
 
     with open_transaction(billing.db) as writer, open_transaction(billing.db) as idle:
         idle("SELECT 1")

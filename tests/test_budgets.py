@@ -209,6 +209,8 @@ class Answer:
     status: int = 0
     capped: int | None = None  # x-meterline-max-tokens-capped
     error: str | None = None  # code of the error answered, or of the event ending a stream
+    request_id: str | None = None  # x-request-id: its ledger row's key
+    failure: str | None = None  # an error the client raised without a status (connection)
 
 
 def _capped(headers: httpx.Headers) -> int | None:
@@ -232,13 +234,18 @@ async def _twelve_at_once(base_url: str, key: str, **create: Any) -> list[Answer
                     stream=True, **create
                 ) as response:
                     answer.status, answer.capped = response.status_code, _capped(response.headers)
+                    answer.request_id = response.headers.get("x-request-id")
                     async for _ in await response.parse():
                         pass
             else:
                 raw = await client.chat.completions.with_raw_response.create(**create)
                 answer.status, answer.capped = raw.status_code, _capped(raw.headers)
+                answer.request_id = raw.headers.get("x-request-id")
         except openai.APIStatusError as error:
             answer.status, answer.error = error.status_code, _code(error.body)
+            answer.request_id = error.response.headers.get("x-request-id")
+        except openai.APIConnectionError as error:  # no answer at all: say which and why
+            answer.failure = f"{type(error).__name__}: {error!r} {error.__cause__!r}"
         except openai.APIError as error:  # the error event that ends a cut stream
             answer.error = _code(error.body)
         return answer
@@ -262,8 +269,8 @@ def _against_five_cents(
         db, "SELECT count(*) FROM usage_ledger WHERE account_id = $1", account_id, count=len(served)
     )
     rows = db.fetch(
-        "SELECT stream, status_code, error_code, completion_tokens, cost_usd FROM usage_ledger "
-        "WHERE account_id = $1",
+        "SELECT request_id, stream, status_code, error_code, completion_tokens, cost_usd "
+        "FROM usage_ledger WHERE account_id = $1",
         account_id,
     )
     total = sum((r["cost_usd"] for r in rows), Decimal(0))
@@ -274,7 +281,8 @@ def _against_five_cents(
         f"capped={sorted(a.capped for a in served if a.capped is not None)} "
         f"completion_tokens={sorted(r['completion_tokens'] for r in rows)}"
     )
-    assert len(rows) == len(served)
+    # Every row is a request the client was served, and every served request has its row.
+    assert {r["request_id"] for r in rows} == {a.request_id for a in served}, (answers, rows)
     assert 0 < len(served) < 12
     assert all(
         (a.status, a.error) == (429, "insufficient_quota") for a in answers if a not in served

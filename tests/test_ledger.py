@@ -252,8 +252,8 @@ async def test_records_still_in_memory_survive_a_killed_process(
     for _ in range(12):
         killed.submit(record(account_id))
     # The process dies here (SIGKILL): no flush, no drain, the queue is gone.
-    for task in killed._tasks:
-        task.cancel()
+    await killed._flusher.stop()
+    await killed._replayer.stop()
     assert await acount(db, account_id) == 0
     restarted = LedgerWriter(dsn, tmp_path)  # same pid: at start-up, that is a stale one
     await restarted.start()

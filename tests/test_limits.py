@@ -26,11 +26,11 @@ from redis.asyncio import Redis
 
 from pricing.cost import TokenUsage, usage_cost
 from pricing.prices import Price
+from service.auth.key_cache import KeyLimits
 from service.limits import estimate
 from service.limits.budgets import Hold, HoldResult
 from service.limits.counters import Counters, MemoryCounters, RedisCounters
 from service.limits.policy import (
-    KeyLimits,
     Limit,
     applied_limits,
     budget_error,
@@ -346,14 +346,18 @@ async def test_a_redis_outage_lets_requests_through() -> None:
 
     dead = Redis.from_url(f"redis://127.0.0.1:{free_port()}/0", socket_connect_timeout=0.2)
     settings = Settings(tier_basic_rpm=1)
+    key, account = uuid.uuid4(), uuid.uuid4()
+
+    async def held(key_id: uuid.UUID, account_id: uuid.UUID) -> KeyLimits:
+        return KeyLimits(key_id, account_id, "basic")  # as the key directory holds it
+
     limits = Limits(
         settings,
-        cast(Any, None),  # no database: the limits below are already cached
+        cast(Any, None),  # no database: the key directory holds the key's limits
         cast(Any, _NoPrices()),
         RedisCounters(dead, "x:"),
+        held,
     )
-    key, account = uuid.uuid4(), uuid.uuid4()
-    limits.cache._by_key[key] = KeyLimits(key, account, "basic")
     failed = registry.LIMIT_ERRORS.labels("admit")._value.get()
     skipped = registry.LIMIT_ERRORS.labels("skipped")._value.get()
     for _ in range(3):  # far past the limit of 1, yet admitted

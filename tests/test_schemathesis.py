@@ -82,4 +82,16 @@ def test_the_billing_api_under_schemathesis(
     print("\n" + summary)
     # What failed, however long the output: the lines marked as failures or errors.
     flagged = [line for line in run.stdout.splitlines() if "❌" in line or "Error" in line]
-    assert run.returncode == 0, "\n".join([*flagged[:40], run.stderr[-2000:], summary])
+    assert run.returncode == 0, "\n".join(
+        [*flagged[:40], _errors_section(run.stdout), run.stderr[-2000:], summary]
+    )
+
+
+def _errors_section(output: str) -> str:
+    """The run's ERRORS section (an error inside schemathesis, with its traceback): the
+    summary names only its kind."""
+    start = output.find("= ERRORS =")
+    if start < 0:
+        return ""
+    end = output.find("= WARNINGS =", start)
+    return output[start : end if end > 0 else start + 4000][:4000]

@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from service.db.engine import asyncpg_dsn
+from service.db.listener import Listener
 from service.ledger.record import LedgerRecord
 from service.proxy.context import RequestContext
 from service.tasks.guard import TaskClosed, TaskCostCapReached, TaskGuard, TaskModelMismatch
@@ -78,12 +79,15 @@ def record(
 @pytest.fixture
 async def guard(database_url: str) -> AsyncIterator[TaskGuard]:
     # A refresh period far beyond the test: only notifications and explicit reloads act.
-    guard = TaskGuard(asyncpg_dsn(database_url), refresh_s=3600)
+    listener = Listener(asyncpg_dsn(database_url))
+    guard = TaskGuard(asyncpg_dsn(database_url), refresh_s=3600, listener=listener)
+    await listener.start()
     await guard.start()
     try:
         yield guard
     finally:
         await guard.stop()
+        await listener.close()
 
 
 async def eventually(condition: object, timeout: float = 5.0) -> None:

@@ -5,19 +5,14 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select, text, tuple_, update
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy import func, select, tuple_, update
 
+from service.db.channels import Channel, notify
 from service.db.models import Account, ApiKey, UsageRecord
-
-# The channel the proxy's key cache listens on; the payload is the key's id.
-KEYS_CHANNEL = "meterline_keys"
+from service.db.repository import Repository
 
 
-class AccountRepository:
-    def __init__(self, session: AsyncSession) -> None:
-        self.session = session
-
+class AccountRepository(Repository):
     async def add(self, obj: Account | ApiKey) -> None:
         self.session.add(obj)
         await self.session.flush()
@@ -114,9 +109,6 @@ class AccountRepository:
             .where(ApiKey.id == key.id, ApiKey.revoked_at.is_(None))
             .values(revoked_at=func.now())
         )
-        await self.session.execute(
-            text("SELECT pg_notify(:channel, :key_id)"),
-            {"channel": KEYS_CHANNEL, "key_id": str(key.id)},
-        )
+        await notify(self.session, Channel.KEYS, str(key.id))
         await self.session.refresh(key)
         return key

@@ -7,12 +7,12 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, computed_field, field_validator
 
+from service.auth.usability import KeyStatus, key_status
 from service.schemas import BillableTime, DecimalString, Text
 
 Tier = Literal["basic", "pro", "custom"]
 FailedTaskPolicy = Literal["free", "cost"]
 ExpiredTaskPolicy = Literal["fixed_price", "cost", "free"]
-KeyStatus = Literal["active", "revoked", "expired"]
 
 # Column bounds: NUMERIC(24, 12) for money, NUMERIC(8, 4) for a margin, INTEGER for limits.
 BudgetUSD = Annotated[Decimal, Field(ge=0, max_digits=24, decimal_places=12)]
@@ -145,11 +145,7 @@ class KeyOut(BaseModel):
     @computed_field  # type: ignore[prop-decorator]
     @property
     def status(self) -> KeyStatus:
-        if self.revoked_at is not None:
-            return "revoked"
-        if self.expires_at is not None and self.expires_at <= datetime.now(UTC):
-            return "expired"
-        return "active"
+        return key_status(self.revoked_at, self.expires_at, datetime.now(UTC))
 
 
 class KeyCreated(KeyOut):

@@ -28,7 +28,7 @@ from service.auth.keys import generate_key
 from service.auth.principal import Principal
 from service.db.models import Account, ApiKey
 from service.errors import Forbidden, NotFound
-from service.schemas import Page, decode_cursor, encode_cursor
+from service.schemas import Page, decode_cursor, keyset_page
 
 log = logging.getLogger("meterline.accounts")
 
@@ -52,15 +52,12 @@ async def create_account(session: AsyncSession, data: AccountCreate) -> Account:
 async def list_accounts(session: AsyncSession, limit: int, cursor: str | None) -> Page[AccountOut]:
     after = decode_cursor(cursor, datetime, uuid.UUID) if cursor else None
     rows = await AccountRepository(session).list_accounts(limit, after)
-    page = rows[:limit]
-    has_more = len(rows) > limit
-    last = page[-1] if page else None
-    return Page[AccountOut](
-        data=[AccountOut.model_validate(a) for a in page],
-        has_more=has_more,
-        next_cursor=encode_cursor(last.created_at.isoformat(), str(last.id))
-        if has_more and last
-        else None,
+    return keyset_page(
+        Page[AccountOut],
+        rows,
+        limit,
+        AccountOut.model_validate,
+        lambda a: (a.created_at.isoformat(), str(a.id)),
     )
 
 
@@ -153,15 +150,12 @@ async def list_keys(
     await get_account(session, principal, account_id)
     after = decode_cursor(cursor, datetime, uuid.UUID) if cursor else None
     rows = await AccountRepository(session).list_keys(account_id, limit, after)
-    page = rows[:limit]
-    has_more = len(rows) > limit
-    last = page[-1][0] if page else None
-    return Page[KeyOut](
-        data=[_key_out(key, used) for key, used in page],
-        has_more=has_more,
-        next_cursor=encode_cursor(last.created_at.isoformat(), str(last.id))
-        if has_more and last
-        else None,
+    return keyset_page(
+        Page[KeyOut],
+        rows,
+        limit,
+        lambda row: _key_out(*row),
+        lambda row: (row[0].created_at.isoformat(), str(row[0].id)),
     )
 
 

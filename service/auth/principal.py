@@ -9,11 +9,11 @@ from datetime import UTC, datetime
 
 from fastapi import Request
 from pydantic import SecretStr
-from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from service.auth import repository
 from service.auth.keys import hash_key
-from service.db.models import ApiKey
+from service.auth.usability import key_usable
 from service.errors import ConflictingCredentials, NotFound, Unauthorized
 
 
@@ -70,14 +70,6 @@ def is_admin_token(token: str, admin_token: SecretStr | None) -> bool:
     )
 
 
-def key_is_usable(key: ApiKey | None, now: datetime) -> bool:
-    return (
-        key is not None
-        and key.revoked_at is None
-        and not (key.expires_at and key.expires_at <= now)
-    )
-
-
 async def principal_for(
     session: AsyncSession, token: str, admin_token: SecretStr | None
 ) -> Principal:
@@ -88,7 +80,7 @@ async def principal_for(
     """
     if is_admin_token(token, admin_token):
         return ADMIN
-    key = await session.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(token)))
-    if key is None or not key_is_usable(key, datetime.now(UTC)):
+    key = await repository.key_with_hash(session, hash_key(token))
+    if key is None or not key_usable(key.revoked_at, key.expires_at, datetime.now(UTC)):
         raise Unauthorized("invalid, revoked or expired API key")
     return Principal(account_id=key.account_id, key_id=key.id)

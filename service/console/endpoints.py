@@ -37,14 +37,14 @@ from service.errors import Unauthorized
 from service.invoices import service as invoices
 from service.invoices.pdf import Issuer
 from service.invoices.schemas import InvoiceVoid, invoice_out
-from service.margin.service import margin_report
 from service.prices import service as price_service
 from service.prices.schemas import PriceCreate, PriceOut
 from service.quotes import service as quotes
 from service.quotes.schemas import QuoteAccept, QuoteCreate
 from service.reports.endpoints import MEDIA_TYPES
+from service.reports.margin.service import margin_report
 from service.reports.schemas import ReportFormat
-from service.reports.service import export_monthly, parse_period
+from service.reports.service import export_monthly, parse_period, unpriced_report
 from service.tasks import service as tasks
 from service.tasks.repository import TaskFilter
 from service.tasks.schemas import TaskComplete
@@ -512,7 +512,7 @@ async def reports(
     margin = None
     if viewer.principal.is_admin:
         margin = await margin_report(session, chosen, None)
-    unpriced = await invoices.unpriced_report(
+    unpriced = await unpriced_report(
         session, invoices.parse_period(chosen), viewer.principal.scope(None)
     )
     top = max((max(r.revenue_usd, r.cost_usd) for r in (margin.rows if margin else [])), default=0)

@@ -6,15 +6,12 @@ import uuid
 from datetime import datetime
 
 from sqlalchemy import delete, select
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.db.models import ApiKey, ConsoleSession
+from service.db.repository import Repository
 
 
-class ConsoleSessionRepository:
-    def __init__(self, session: AsyncSession) -> None:
-        self.session = session
-
+class ConsoleSessionRepository(Repository):
     async def add(
         self,
         token_hash: bytes,

@@ -19,7 +19,8 @@ from datetime import UTC, datetime, timedelta
 from pydantic import SecretStr
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from service.auth.principal import ADMIN, Principal, key_is_usable, principal_for
+from service.auth.principal import ADMIN, Principal, principal_for
+from service.auth.usability import key_usable
 from service.console.repository import ConsoleSessionRepository
 
 COOKIE = "meterline_console"
@@ -89,7 +90,7 @@ async def resolve(
         if not hmac.compare_digest(current, stored.admin_token_hash):
             return None
         return SignedIn(ADMIN, stored.csrf_token, token_hash)
-    if key is None or not key_is_usable(key, now):
+    if key is None or not key_usable(key.revoked_at, key.expires_at, now):
         return None
     return SignedIn(Principal(key.account_id, key.id), stored.csrf_token, token_hash)
 

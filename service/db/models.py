@@ -607,3 +607,19 @@ class ConsoleSession(Base):
     csrf_token: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = _created_at()
     expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class IngestedEvent(Base):
+    """A usage event ingested as a CloudEvent (`POST /billing/events`), by its identity.
+
+    CloudEvents are unique by (`source`, `id`); the ledger's key holds `occurred_at`, so
+    this table is what makes a replayed event (even with another `time`) change nothing.
+    """
+
+    __tablename__ = "ingested_events"
+
+    source: Mapped[str] = mapped_column(String(256), primary_key=True)
+    event_id: Mapped[str] = mapped_column(String(256), primary_key=True)
+    request_id: Mapped[str] = mapped_column(String(40))  # its ledger row's
+    occurred_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    ingested_at: Mapped[datetime] = _created_at()

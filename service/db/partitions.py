@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
+
+from service.db.repository import ensure_usage_partition
 
 
 def month_start(at: datetime) -> datetime:
@@ -23,9 +24,7 @@ def add_months(start: datetime, months: int) -> datetime:
 
 async def ensure_partitions(connection: AsyncConnection, months: list[datetime]) -> None:
     for month in sorted({month_start(m) for m in months}):
-        await connection.execute(
-            text("SELECT meterline_ensure_usage_partition(:at)"), {"at": month}
-        )
+        await ensure_usage_partition(connection, month)
 
 
 def around(now: datetime, before: int = 1, after: int = 2) -> list[datetime]:

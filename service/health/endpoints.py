@@ -2,8 +2,8 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 from pydantic import BaseModel
-from sqlalchemy import text
 
+from service.db.repository import ping
 from service.deps import Engine
 
 router = APIRouter(tags=["health"])
@@ -20,7 +20,7 @@ async def healthz(engine: Engine) -> Health:
     # degrades health rather than failing it.
     try:
         async with engine.connect() as connection:
-            await connection.execute(text("SELECT 1"))
+            await ping(connection)
         database = "ok"
     except Exception:  # any failure to reach the database means the same thing here
         database = "unavailable"

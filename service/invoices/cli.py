@@ -1,10 +1,11 @@
-"""`meterline invoices generate|finalize|void|show|unpriced`, straight to the database."""
+"""`meterline invoices generate|finalize|void|show|rollup`, straight to the database (and
+`unpriced`, from `service.reports.cli`)."""
 
 from __future__ import annotations
 
 import uuid
 from decimal import Decimal
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -13,7 +14,7 @@ from service.api_client import err, print_json, print_table
 from service.db.engine import transaction
 from service.errors import MeterlineError
 from service.invoices import service
-from service.invoices.repository import InvoiceRepository
+from service.invoices.repository.invoices import InvoiceRepository
 from service.invoices.rollup import RollUp, roll_up
 from service.invoices.schemas import GenerateSummary, InvoiceOut, invoice_out
 from service.prices.cli import run_in_transaction, run_with_database
@@ -155,28 +156,6 @@ def show(
         return invoice_out(await service.get(session, invoice_id))
 
     _show(run_in_transaction(work), as_json)
-
-
-@invoices_app.command("unpriced")
-def unpriced(
-    period: Annotated[str, typer.Option(help="The month, YYYY-MM (UTC).")],
-    account_id: Annotated[uuid.UUID | None, typer.Option("--account-id")] = None,
-    as_json: JsonOption = False,
-) -> None:
-    """Usage stored without a price in the month, per account and model."""
-
-    async def work(session: AsyncSession) -> list[dict[str, Any]]:
-        rows = await service.unpriced_report(session, service.parse_period(period), account_id)
-        return [r.model_dump(mode="json") for r in rows]
-
-    rows = run_in_transaction(work)
-    if as_json:
-        print_json(rows)
-    else:
-        print_table(
-            rows,
-            ["account_id", "model", "requests", "requests_priced_now", "requests_without_price"],
-        )
 
 
 @invoices_app.command("rollup")

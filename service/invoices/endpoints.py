@@ -8,16 +8,15 @@ from fastapi import APIRouter, Query, Response, status
 from service.deps import Admin, Caller, Config, Session
 from service.errors import API_ERRORS, errors
 from service.invoices import service
+from service.invoices.flagged import FlaggedUsage
 from service.invoices.pdf import Issuer
 from service.invoices.schemas import (
     InvoiceCreate,
     InvoiceOut,
     InvoiceStatus,
     InvoiceVoid,
-    UnpricedReport,
     invoice_out,
 )
-from service.review.finalization import FlaggedUsage
 from service.schemas import CursorParam, Limit, Page, Period, links
 
 PeriodQuery = Annotated[Period, Query(description="UTC month, `YYYY-MM`.")]
@@ -131,18 +130,3 @@ async def void_invoice(
 ) -> InvoiceOut:
     """Void a finalized invoice (admin): it keeps its number and records the reason."""
     return invoice_out(await service.void(session, invoice_id, data.reason))
-
-
-@router.get("/reports/unpriced", response_model=UnpricedReport)
-async def unpriced_usage(
-    session: Session, caller: Caller, period: PeriodQuery, account_id: uuid.UUID | None = None
-) -> UnpricedReport:
-    """Usage stored without a price in the month, per account and model.
-
-    `requests_priced_now` counts rows a price added since covers (a draft prices them by the
-    version in force at each row's time); `requests_without_price` block finalization.
-    """
-    rows = await service.unpriced_report(
-        session, service.parse_period(period), caller.scope(account_id)
-    )
-    return UnpricedReport(period=period, data=rows)

@@ -9,18 +9,17 @@ month of ledger rows.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from service.db.engine import transaction
-from service.invoices.repository import InvoiceRepository
+from service.invoices.repository.rollup import RollupRepository
+from service.lifecycle import Periodic
 
 log = logging.getLogger("meterline.invoices")
 
@@ -37,7 +36,7 @@ async def roll_up(session: AsyncSession, wait: bool = True) -> RollUp | None:
     """Add the ledger rows recorded since the last roll-up; None if another one is running
     (with `wait=False`)."""
     started = time.perf_counter()
-    done = await InvoiceRepository(session).roll_up(wait=wait)
+    done = await RollupRepository(session).roll_up(wait=wait)
     if done is None:
         return None
     since, until, rows = done
@@ -60,40 +59,14 @@ async def roll_up_if_free(session: AsyncSession) -> RollUp | None:
     return await roll_up(session, wait=False)
 
 
-class RollupJob:
-    """Runs each fold every `interval` seconds, each in its own transaction."""
+def rollup_job(
+    name: str, sessions: async_sessionmaker[AsyncSession], interval: float, fold: Fold
+) -> Periodic:
+    """Run `fold` every `interval` seconds, each round in its own transaction (a round that
+    fails, the database down, is caught up by the next)."""
 
-    def __init__(
-        self,
-        sessions: async_sessionmaker[AsyncSession],
-        interval: float,
-        folds: Sequence[Fold] = (roll_up_if_free,),
-    ) -> None:
-        self._sessions = sessions
-        self._interval = interval
-        self._folds = folds
-        self._task: asyncio.Task[None] | None = None
+    async def one_round() -> None:
+        async with transaction(sessions) as session:
+            await fold(session)
 
-    def start(self) -> None:
-        if self._interval > 0:
-            self._task = asyncio.create_task(self._run_forever(), name="usage-rollup")
-
-    async def _run_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self._interval)
-            for fold in self._folds:
-                try:
-                    async with transaction(self._sessions) as session:
-                        await fold(session)
-                except Exception as exc:  # the database may be down; the next round catches up
-                    log.warning(
-                        "event=usage_rollup_failed fold=%s error=%s",
-                        getattr(fold, "__name__", "fold"),
-                        type(exc).__name__,
-                    )
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+    return Periodic(name, interval, one_round, log)

@@ -84,27 +84,6 @@ class InvoiceOut(BaseModel):
     void_reason: str | None
 
 
-class UnpricedReportRow(BaseModel):
-    account_id: uuid.UUID
-    model: str
-    requests: int
-    prompt_tokens: int
-    completion_tokens: int
-    first_occurred_at: datetime
-    last_occurred_at: datetime
-    requests_priced_now: int = Field(
-        description="Rows a price added since covers: a draft prices them by that version."
-    )
-    requests_without_price: int = Field(
-        description="Rows no price covers even now: they block finalization."
-    )
-
-
-class UnpricedReport(BaseModel):
-    period: str
-    data: list[UnpricedReportRow]
-
-
 class GenerateSummary(BaseModel):
     period: str
     drafts: int

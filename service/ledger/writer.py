@@ -32,6 +32,7 @@ from service.ledger.journal import Journal
 from service.ledger.record import LedgerRecord, month_of, months_of
 from service.ledger.repository import BAD_DATA, LedgerRepository, Stored
 from service.ledger.spool import Spool
+from service.lifecycle import Periodic
 from service.metrics import registry as metrics
 
 log = logging.getLogger("meterline.ledger")
@@ -64,12 +65,13 @@ class LedgerWriter:
         self.queue_max = queue_max
         self._queue: deque[bytes] = deque()  # records as JSON lines
         self._months: set[datetime] = set()  # partition months submitted
-        self._wake = asyncio.Event()
         self._repository = LedgerRepository()
         self._pool: asyncpg.Pool | None = None
         self._down_until = 0.0
         self._spool_down_until = 0.0
-        self._tasks: list[asyncio.Task[None]] = []
+        self._flusher = Periodic("ledger_flush", flush_interval_s, self._flush_round, log)
+        self._replayer = Periodic("spool_replay", _REPLAY_EVERY_S, self._replay_round, log)
+        self._orphans_checked = time.monotonic()
         self._spilling: set[asyncio.Task[None]] = set()
         self._writing: set[asyncio.Task[None]] = set()
         # Journal segments whose records are not all durable yet; and how many times rows
@@ -109,7 +111,7 @@ class LedgerWriter:
         queue = self._queue
         queue.append(line)
         if len(queue) >= self.batch_size:
-            self._wake.set()
+            self._flusher.wake()
             if len(queue) >= self.queue_max and time.monotonic() >= self._spool_down_until:
                 self._spill()
 
@@ -137,18 +139,14 @@ class LedgerWriter:
         if self.spool_files:
             log.info("event=spool_replay_at_start files=%d", self.spool_files)
             await self._replay_all()
-        self._tasks = [
-            asyncio.create_task(self._flush_forever(), name="ledger-flush"),
-            asyncio.create_task(self._replay_forever(), name="ledger-replay"),
-        ]
+        self._orphans_checked = time.monotonic()
+        self._flusher.start()
+        self._replayer.start()
 
     async def close(self, timeout_s: float = 20.0) -> None:
         """Drain: everything still in memory ends in Postgres or, failing that, the spool."""
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await self._flusher.stop()
+        await self._replayer.stop()
         # Writes in flight are tasks of their own: stopping the loop above did not cut them.
         if self._writing or self._spilling:
             await asyncio.gather(*self._writing, *self._spilling, return_exceptions=True)
@@ -214,24 +212,21 @@ class LedgerWriter:
             )
         return self._pool
 
-    async def _flush_forever(self) -> None:
-        while True:
-            if len(self._queue) < self.batch_size:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), self.flush_interval_s)
-            self._wake.clear()
-            if not self._queue:
-                continue
-            try:
-                stored = await self._flush_queued()
-            except Exception:
-                # Whatever broke, the loop goes on: a dead flush task would leave every
-                # later record in memory until a restart.
-                self.flush_errors += 1
-                log.exception("event=ledger_flush_failed action=retry")
-                stored = False
-            if not stored:
-                await asyncio.sleep(_RETRY_AFTER_S)
+    async def _flush_round(self) -> None:
+        """Every flush interval, or at once when a batch is full."""
+        if not self._queue:
+            return
+        try:
+            stored = await self._flush_queued()
+        except Exception:
+            # Counted, with its traceback: whatever broke, the next round goes on.
+            self.flush_errors += 1
+            log.exception("event=ledger_flush_failed action=retry")
+            stored = False
+        if not stored:
+            await asyncio.sleep(_RETRY_AFTER_S)
+        if len(self._queue) >= self.batch_size:
+            self._flusher.wake()
 
     async def _flush_queued(self) -> bool:
         """Store what is queued now; True when all of it reached Postgres or the spool."""
@@ -326,21 +321,15 @@ class LedgerWriter:
     def _update_spool_stats(self) -> None:
         self.spool_files, self.spool_bytes = self.spool.stats()
 
-    async def _replay_forever(self) -> None:
-        last_orphan_check = time.monotonic()
-        while True:
-            await asyncio.sleep(_REPLAY_EVERY_S)
-            try:
-                if time.monotonic() - last_orphan_check > _ORPHANS_EVERY_S:
-                    last_orphan_check = time.monotonic()
-                    await asyncio.to_thread(self.spool.recover_orphans)
-                    # A worker killed while the others run: its journal is theirs to replay.
-                    await asyncio.to_thread(self.journal.recover_into, self.spool.directory, False)
-                await asyncio.to_thread(self._update_spool_stats)
-                if self.spool_files:
-                    await self._replay_all()
-            except Exception as exc:
-                log.warning("event=spool_replay_error error=%s", type(exc).__name__)
+    async def _replay_round(self) -> None:
+        if time.monotonic() - self._orphans_checked > _ORPHANS_EVERY_S:
+            self._orphans_checked = time.monotonic()
+            await asyncio.to_thread(self.spool.recover_orphans)
+            # A worker killed while the others run: its journal is theirs to replay.
+            await asyncio.to_thread(self.journal.recover_into, self.spool.directory, False)
+        await asyncio.to_thread(self._update_spool_stats)
+        if self.spool_files:
+            await self._replay_all()
 
     async def _replay_all(self) -> None:
         for path in await asyncio.to_thread(self.spool.pending):

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
 
+from service.auth.key_cache import KeyLimits
 from service.errors import MeterlineError, RateLimited
 from service.settings import Settings
 
@@ -45,21 +46,6 @@ def month_bounds(month: str) -> tuple[datetime, datetime]:
     start = datetime(year, number, 1, tzinfo=UTC)
     end = datetime(year + number // 12, number % 12 + 1, 1, tzinfo=UTC)
     return start, end
-
-
-@dataclass(frozen=True, slots=True)
-class KeyLimits:
-    """What the database says about the limits of one key and its account."""
-
-    key_id: uuid.UUID
-    account_id: uuid.UUID
-    tier: str
-    account_rpm: int | None = None
-    account_tpm: int | None = None
-    account_budget_usd: Decimal | None = None
-    key_rpm: int | None = None
-    key_tpm: int | None = None
-    key_budget_usd: Decimal | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,5 +1,6 @@
-"""Every query of the limits: the limits of keys and their accounts, a month's spend, and
-the budget a quote's acceptance holds its fixed price against."""
+"""Every query of the limits: a month's spend, and the budget a quote's acceptance holds its
+fixed price against (the limits of keys and their accounts come with the key directory,
+service/auth/repository.py)."""
 
 from __future__ import annotations
 
@@ -15,42 +16,6 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from pricing.cost import TokenUsage, totals_cost
 from pricing.prices import PriceBook
-from service.limits.policy import KeyLimits
-
-_COLUMNS = (
-    "SELECT k.id AS key_id, k.account_id, a.tier, a.rate_limit_rpm AS account_rpm, "
-    "a.rate_limit_tpm AS account_tpm, a.monthly_budget_usd AS account_budget_usd, "
-    "k.rate_limit_rpm AS key_rpm, k.rate_limit_tpm AS key_tpm, "
-    "k.monthly_budget_usd AS key_budget_usd "
-    "FROM api_keys k JOIN accounts a ON a.id = k.account_id "
-)
-_ACTIVE = text(
-    _COLUMNS + "WHERE k.revoked_at IS NULL AND (k.expires_at IS NULL OR k.expires_at > now())"
-)
-_ONE = text(_COLUMNS + "WHERE k.id = :key_id")
-
-
-def _limits(row: Any) -> KeyLimits:
-    return KeyLimits(
-        key_id=row.key_id,
-        account_id=row.account_id,
-        tier=row.tier,
-        account_rpm=row.account_rpm,
-        account_tpm=row.account_tpm,
-        account_budget_usd=row.account_budget_usd,
-        key_rpm=row.key_rpm,
-        key_tpm=row.key_tpm,
-        key_budget_usd=row.key_budget_usd,
-    )
-
-
-async def active_key_limits(connection: AsyncConnection) -> list[KeyLimits]:
-    return [_limits(row) for row in await connection.execute(_ACTIVE)]
-
-
-async def key_limits(connection: AsyncConnection, key_id: uuid.UUID) -> KeyLimits | None:
-    row = (await connection.execute(_ONE, {"key_id": key_id})).first()
-    return None if row is None else _limits(row)
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,7 +26,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -37,15 +37,15 @@ from redis.exceptions import RedisError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from pricing.prices import Price
+from service.auth.key_cache import KeyLimits
 from service.errors import MeterlineError
 from service.ledger.record import LedgerRecord
+from service.lifecycle import Periodic
 from service.limits import estimate, repository
 from service.limits.budgets import Hold
-from service.limits.cache import LimitsCache
 from service.limits.counters import Admission, Counters, MemoryCounters, RedisCounters
 from service.limits.policy import (
     AppliedLimits,
-    KeyLimits,
     Limit,
     applied_limits,
     budget_error,
@@ -167,6 +167,9 @@ class _Plan:
 # Distinct limit settings remembered; past it the memo starts over (keys come and go).
 _PLANS_MAX = 100_000
 
+# The limits of an authenticated key and its account (the key directory's `limits`).
+LimitsOf = Callable[[uuid.UUID, uuid.UUID], Awaitable[KeyLimits]]
+
 
 def _tightest(charges: Sequence[Charge], counts: Sequence[int]) -> tuple[int, int] | None:
     """(limit, remaining) of the charge with the least left."""
@@ -198,25 +201,28 @@ class Limits:
         engine: AsyncEngine,
         prices: PriceCache,
         counters: Counters,
+        limits_of: LimitsOf,
         redis: Redis | None = None,
     ) -> None:
         self.settings = settings
         self._engine = engine
         self._prices = prices
         self.counters = counters
+        self._limits_of = limits_of
         self._redis = redis
-        self.cache = LimitsCache(engine, settings.key_cache_refresh_s)
         self._plans: dict[KeyLimits, _Plan] = {}
         self._budgeted: dict[str, _Budgeted] = {}
         self._syncing: dict[str, asyncio.Task[bool]] = {}
         self._ledger_down_until = 0.0
         self._quoted_cost: Callable[[uuid.UUID, str], Decimal | None] = lambda _a, _t: None
-        self._task: asyncio.Task[None] | None = None
+        self._resync = Periodic("budget_resync", settings.budget_resync_s, self._resync_all, log)
         self._last_failure_log = 0.0
         self._store_down_until = 0.0
 
     @classmethod
-    def create(cls, settings: Settings, engine: AsyncEngine, prices: PriceCache) -> Limits:
+    def create(
+        cls, settings: Settings, engine: AsyncEngine, prices: PriceCache, limits_of: LimitsOf
+    ) -> Limits:
         """Counters in Redis when `redis_url` is set, in this process otherwise."""
         if not settings.redis_url:
             if settings.workers > 1:
@@ -227,7 +233,7 @@ class Limits:
                     f" its own, so a budget may be spent up to {settings.workers} times over;"
                     " set METERLINE_REDIS_URL to share them",
                 )
-            return cls(settings, engine, prices, MemoryCounters())
+            return cls(settings, engine, prices, MemoryCounters(), limits_of)
         # Short timeouts: a slow Redis must not hold requests; admission then fails open.
         # A bounded pool that waits for a free connection: a burst must queue, not fail.
         pool = BlockingConnectionPool.from_url(
@@ -238,18 +244,18 @@ class Limits:
             socket_connect_timeout=0.5,
         )
         redis = Redis(connection_pool=pool)
-        return cls(settings, engine, prices, RedisCounters(redis, settings.redis_prefix), redis)
+        counters = RedisCounters(redis, settings.redis_prefix)
+        return cls(settings, engine, prices, counters, limits_of, redis)
 
-    async def start(self) -> None:
-        await self.cache.start()
-        self._task = asyncio.create_task(self._resync_forever(), name="budget-resync")
+    def start(self) -> None:
+        self._resync.start()
 
     async def stop(self) -> None:
-        await self.cache.stop()
-        tasks = [t for t in (self._task, *self._syncing.values()) if t is not None]
-        for task in tasks:
+        await self._resync.stop()
+        syncs = list(self._syncing.values())
+        for task in syncs:
             task.cancel()
-        for task in tasks:
+        for task in syncs:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         try:
@@ -274,7 +280,7 @@ class Limits:
     ) -> Grant:
         """Count the request and hold its worst-case cost, or raise a 429 (503: budget unknown)."""
         reservation = reservation or uuid.uuid4().hex
-        row = await self.cache.get(key_id, account_id)
+        row = await self._limits_of(key_id, account_id)
         plan = self._plans.get(row)
         if plan is None:
             if len(self._plans) >= _PLANS_MAX:
@@ -577,11 +583,9 @@ class Limits:
             return False
         return True
 
-    async def _resync_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self.settings.budget_resync_s)
-            current = month_of(datetime.now(UTC))
-            for counter, item in list(self._budgeted.items()):
-                if item.month != current:  # a past month's counters are no longer used
-                    del self._budgeted[counter]
-            await self._sync(list(self._budgeted))
+    async def _resync_all(self) -> None:
+        current = month_of(datetime.now(UTC))
+        for counter, item in list(self._budgeted.items()):
+            if item.month != current:  # a past month's counters are no longer used
+                del self._budgeted[counter]
+        await self._sync(list(self._budgeted))

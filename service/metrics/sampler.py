@@ -10,13 +10,15 @@ import neither: the ledger and the proxy feed the registry, and a cycle would cl
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
+import logging
 import os
 from decimal import Decimal
 from typing import Any, Protocol
 
+from service.lifecycle import Periodic
 from service.metrics import registry
+
+log = logging.getLogger("meterline.metrics")
 
 _EVERY_S = 1.0
 
@@ -90,7 +92,7 @@ class LedgerSampler:
     def __init__(self, writer: WriterStats) -> None:
         self._writer = writer
         self._seen: dict[tuple[Any, str], int] = {}
-        self._task: asyncio.Task[None] | None = None
+        self._sampler = Periodic("metrics_sample", _EVERY_S, self._sample_async, log)
 
     def sample(self) -> None:
         registry.flush()
@@ -112,19 +114,14 @@ class LedgerSampler:
                 counter.labels(label).inc(total - seen)
                 self._seen[(counter, label)] = total
 
+    async def _sample_async(self) -> None:
+        self.sample()
+
     async def start(self) -> None:
         self.sample()
-        self._task = asyncio.create_task(self._run(), name="metrics-sampler")
-
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(_EVERY_S)
-            self.sample()
+        self._sampler.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await self._sampler.stop()
         self.sample()
         registry.process_exited(os.getpid())

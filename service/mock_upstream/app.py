@@ -378,20 +378,24 @@ async def _models(request: Request) -> Response:
 
 
 class _RequireProviderKey:
-    """Plain ASGI check of the provider key, so tests can prove the proxy swaps keys."""
+    """Plain ASGI check of the provider key, so tests can prove the proxy swaps keys.
+
+    As Infuzu does, the key may come as `Authorization: Bearer <key>` or as the bare key in
+    `Infuzu-API-Key`, never both."""
 
     def __init__(self, app: ASGIApp, api_key: str) -> None:
         self.app = app
-        self.expected = f"Bearer {api_key}".encode()
+        self.expected = {b"authorization": f"Bearer {api_key}".encode()}
+        self.expected[b"infuzu-api-key"] = api_key.encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (
-            scope["type"] == "http"
-            and dict(scope["headers"]).get(b"authorization") != self.expected
-        ):
-            response = _error(401, "mock upstream: wrong provider key", "invalid_api_key")
-            await response(scope, receive, send)
-            return
+        if scope["type"] == "http":
+            headers = dict(scope["headers"])
+            sent = [name for name in self.expected if name in headers]
+            if len(sent) != 1 or headers[sent[0]] != self.expected[sent[0]]:
+                response = _error(401, "mock upstream: wrong provider key", "invalid_api_key")
+                await response(scope, receive, send)
+                return
         await self.app(scope, receive, send)
 
 

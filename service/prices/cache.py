@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from pricing.prices import PriceBook
+from service.lifecycle import Periodic
 from service.prices.repository import PriceRepository, default_prices
 
 log = logging.getLogger("meterline.prices")
@@ -28,9 +27,9 @@ class PriceCache:
 
     def __init__(self, sessions: async_sessionmaker[AsyncSession], interval: float = 2.0) -> None:
         self._sessions = sessions
-        self._interval = interval
         self.book = PriceBook([])
-        self._task: asyncio.Task[None] | None = None
+        # The database may be down; the last good book stays.
+        self._refresher = Periodic("price_refresh", interval, self.refresh, log)
 
     async def refresh(self) -> None:
         async with self._sessions() as session:
@@ -38,18 +37,7 @@ class PriceCache:
 
     async def start(self) -> None:
         await self.refresh()
-        self._task = asyncio.create_task(self._refresh_forever(), name="price-cache")
-
-    async def _refresh_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self._interval)
-            try:
-                await self.refresh()
-            except Exception as exc:  # the database may be down; keep the last good book
-                log.warning("event=price_refresh_failed error=%s", type(exc).__name__)
+        self._refresher.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await self._refresher.stop()

@@ -5,10 +5,10 @@ from importlib.resources import files
 
 from sqlalchemy import select
 from sqlalchemy.dialects.postgresql import insert
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from pricing.prices import Price, parse_list_prices
 from service.db.models import PriceVersion
+from service.db.repository import Repository
 
 
 def default_prices() -> list[Price]:
@@ -28,10 +28,7 @@ def to_price(row: PriceVersion) -> Price:
     )
 
 
-class PriceRepository:
-    def __init__(self, session: AsyncSession) -> None:
-        self.session = session
-
+class PriceRepository(Repository):
     async def all_prices(self) -> list[Price]:
         rows = await self.session.scalars(select(PriceVersion))
         return [to_price(row) for row in rows]

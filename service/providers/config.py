@@ -7,7 +7,17 @@ providers:
     api_key_env: HYPERBOLIC_API_KEY     # the provider key never leaves the server
     models: ["meta-llama/*", "deepseek-ai/*", "Qwen/*"]   # glob patterns
     stream_usage: inject                # inject | native | none
+  - name: infuzu
+    base_url: https://chat.infuzu.com/api/v1
+    api_key_env: INFUZU_API_KEY
+    auth_header: Infuzu-API-Key         # sent as the bare key (default: Authorization: Bearer)
+    headers: {X-Client: meterline}      # optional static headers, never a secret
+    models: ["infuzu/*"]
 ```
+
+A provider whose `api_key_env` is unset is reported at start-up, and requests for its
+models answer 503 `provider_not_configured`: the provider's own 401 would read to a customer
+as "your key is bad".
 
 `stream_usage` says how the provider reports usage when streaming:
 
@@ -21,11 +31,14 @@ providers:
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, cast
 
 import yaml
+
+from service.ledger.record import has_control_characters
 
 StreamUsage = Literal["inject", "native", "none"]
 STREAM_USAGE_MODES: tuple[StreamUsage, ...] = ("inject", "native", "none")
@@ -44,6 +57,22 @@ class Provider:
     # Resolved from `api_key_env` at load time. Kept out of repr so it never reaches a log.
     api_key: str | None = None
     api_key_env: str | None = None
+    # The header carrying the key: `Authorization` as `Bearer <key>`, any other as the bare key.
+    auth_header: str = "Authorization"
+    headers: tuple[tuple[str, str], ...] = ()  # static, sent with every request
+
+    @property
+    def configured(self) -> bool:
+        """False when the file names a key variable that is not set: nothing can be sent."""
+        return self.api_key_env is None or bool(self.api_key)
+
+    def auth_headers(self) -> dict[str, str]:
+        """The static headers and the key, as the provider expects them."""
+        headers = dict(self.headers)
+        if self.api_key:
+            bearer = self.auth_header.lower() == "authorization"
+            headers[self.auth_header] = f"Bearer {self.api_key}" if bearer else self.api_key
+        return headers
 
     def __repr__(self) -> str:
         return f"Provider(name={self.name!r}, base_url={self.base_url!r})"
@@ -80,6 +109,9 @@ def _provider(index: int, raw: Any, environ: dict[str, str]) -> Provider:
     if "api_key" in raw:
         # A key written in the file would end up in backups and repositories.
         raise ProvidersFileError(f"provider {name}: use api_key_env, not api_key")
+    auth_header = raw.get("auth_header", "Authorization")
+    if not isinstance(auth_header, str) or not _HEADER_NAME.fullmatch(auth_header):
+        raise ProvidersFileError(f"provider {name}: auth_header must be a header name")
     return Provider(
         name=name,
         base_url=base_url.rstrip("/"),
@@ -87,7 +119,31 @@ def _provider(index: int, raw: Any, environ: dict[str, str]) -> Provider:
         stream_usage=cast(StreamUsage, mode),
         api_key=environ.get(key_env) if key_env else None,
         api_key_env=key_env,
+        auth_header=auth_header,
+        headers=_static_headers(name, raw.get("headers", {}), auth_header),
     )
+
+
+_HEADER_NAME = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+")
+# Set by the proxy itself for every request: a static header must not override them.
+_PROXY_HEADERS = frozenset({"content-type", "accept", "accept-encoding", "content-length", "host"})
+
+
+def _static_headers(name: str, raw: Any, auth_header: str) -> tuple[tuple[str, str], ...]:
+    if not isinstance(raw, dict):
+        raise ProvidersFileError(f"provider {name}: headers must be a mapping of name: value")
+    headers = []
+    for header, value in raw.items():
+        if not isinstance(header, str) or not _HEADER_NAME.fullmatch(header):
+            raise ProvidersFileError(f"provider {name}: headers: {header!r} is not a header name")
+        if not isinstance(value, str) or has_control_characters(value):
+            raise ProvidersFileError(f"provider {name}: headers.{header} must be one line of text")
+        lowered = header.lower()
+        if lowered in _PROXY_HEADERS or lowered in {auth_header.lower(), "authorization"}:
+            # The key comes from api_key_env only, so it never sits in the file.
+            raise ProvidersFileError(f"provider {name}: headers.{header} is set by Meterline")
+        headers.append((header, value))
+    return tuple(headers)
 
 
 def parse_providers(text: str, environ: dict[str, str] | None = None) -> list[Provider]:

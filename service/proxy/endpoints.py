@@ -57,6 +57,8 @@ _FAST: dict[tuple[str, str], ASGIApp] = {
     ("POST", "/v1/embeddings"): _Forward("embeddings"),
     ("GET", "/v1/models"): _Models(),
 }
+# What the 404 of any other `/v1/…` path names as served.
+PROXIED_ENDPOINTS = tuple(f"{method} {path}" for method, path in _FAST)
 
 
 class ProxyFastPath:

@@ -14,7 +14,7 @@ import orjson
 from starlette.types import Receive, Scope
 
 from service.auth.key_cache import CachedKey, KeyCache
-from service.errors import BadRequest, NotFound, PayloadTooLarge, Unauthorized
+from service.errors import BadRequest, MeterlineError, NotFound, PayloadTooLarge, Unauthorized
 from service.ledger.record import has_control_characters
 from service.providers.router import ProviderRouter
 from service.proxy.context import RequestContext
@@ -27,6 +27,15 @@ class ModelNotFound(NotFound):
     code = "model_not_found"
 
 
+class ProviderNotConfigured(MeterlineError):
+    """The provider of a model has no key (its `api_key_env` is unset): the operator's to
+    fix, so the provider's 401 never reaches a customer as if their key were bad."""
+
+    status_code = 503
+    type = "api_error"
+    code = "provider_not_configured"
+
+
 class ClientGone(Exception):
     """The client left before sending its whole request: there is nothing to answer."""
 
@@ -36,35 +45,41 @@ def headers_of(scope: Scope) -> dict[bytes, bytes]:
     return dict(scope["headers"])
 
 
-async def authenticate(keys: KeyCache, headers: Mapping[bytes, bytes]) -> CachedKey:
-    key = await keys.lookup(_credential(headers))
+async def authenticate(
+    keys: KeyCache, headers: Mapping[bytes, bytes], key_headers: tuple[tuple[bytes, str], ...]
+) -> CachedKey:
+    """The key the request carries (`Authorization: Bearer` or one of `key_headers`: each a
+    lower-cased ASGI name and the name as configured, for messages)."""
+    key = await keys.lookup(_credential(headers, key_headers))
     if key is None:
         raise Unauthorized("Incorrect API key provided, or the key was revoked or expired.")
     return key
 
 
-def _credential(headers: Mapping[bytes, bytes]) -> str:
-    bearer = None
+def _credential(headers: Mapping[bytes, bytes], key_headers: tuple[tuple[bytes, str], ...]) -> str:
+    """The one key the request carries: `Authorization: Bearer` or any of `key_headers`."""
+    found: dict[str, str] = {}
     authorization = headers.get(b"authorization")
     if authorization:
         scheme, _, value = authorization.decode("latin-1").partition(" ")
         if scheme.lower() != "bearer" or not value.strip():
             raise Unauthorized("Authorization header must be 'Bearer <key>'")
-        bearer = value.strip()
-    raw = headers.get(b"x-api-key")
-    header_key = raw.decode("latin-1").strip() if raw else None
-    if bearer and header_key and bearer != header_key:
+        found["Authorization"] = value.strip()
+    for name, shown in key_headers:
+        raw = headers.get(name)
+        if raw and raw.strip():
+            found[shown] = raw.decode("latin-1").strip()
+    if len(set(found.values())) > 1:
         raise BadRequest(
-            "Authorization and X-API-Key carry different keys; send one",
+            f"{' and '.join(found)} carry different keys; send one",
             code="conflicting_credentials",
         )
-    token = bearer or header_key
-    if not token:
+    if not found:
         raise Unauthorized(
             "You didn't provide an API key: send 'Authorization: Bearer <key>'",
             code="missing_api_key",
         )
-    return token
+    return next(iter(found.values()))
 
 
 async def read_request(
@@ -89,6 +104,12 @@ async def read_request(
         raise ModelNotFound(
             f"The model `{model}` does not exist or you do not have access to it.",
             param="model",
+        )
+    if not provider.configured:
+        raise ProviderNotConfigured(
+            f"The model `{model}` cannot be served now: its provider is not configured "
+            "on this server (the operator has been told at start-up).",
+            headers={"x-should-retry": "false"},
         )
     return RequestContext(
         request_id=request_id,

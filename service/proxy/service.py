@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
 
@@ -61,6 +62,7 @@ class MeteringProxy:
         prices: PriceCache,
         hooks: ProxyHooks,
         max_body_bytes: int,
+        key_headers: Sequence[str] = ("X-API-Key",),
         access_log: AccessLog | None = None,
     ) -> None:
         self.keys = keys
@@ -70,6 +72,8 @@ class MeteringProxy:
         self.prices = prices
         self.hooks = hooks
         self.max_body_bytes = max_body_bytes
+        # ASGI header names arrive lower-cased; messages name them as configured.
+        self.key_headers = tuple((name.lower().encode("latin-1"), name) for name in key_headers)
         self.access_log = access_log
         self.model_list = ModelList(router, upstream)
 
@@ -82,7 +86,7 @@ class MeteringProxy:
         headers = headers_of(scope)
         key: CachedKey | None = None
         try:
-            key = await authenticate(self.keys, headers)
+            key = await authenticate(self.keys, headers, self.key_headers)
             ctx = await read_request(
                 endpoint,
                 headers,
@@ -283,7 +287,7 @@ class MeteringProxy:
     async def models(self, scope: Scope, send: Send) -> None:
         request_id = new_request_id()
         try:
-            await authenticate(self.keys, headers_of(scope))
+            await authenticate(self.keys, headers_of(scope), self.key_headers)
         except MeterlineError as error:
             await send_error(send, error, request_id)
             return

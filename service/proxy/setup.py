@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+from contextlib import AsyncExitStack
 from typing import Any
 
-from sqlalchemy.ext.asyncio import AsyncEngine
-
 from service.auth.key_cache import KeyCache
-from service.db.engine import asyncpg_dsn
 from service.ledger.writer import LedgerWriter
 from service.prices.cache import PriceCache
 from service.providers.config import load_providers
@@ -22,32 +20,28 @@ from service.tokens import estimate
 
 
 async def start_proxy(
-    settings: Settings, engine: AsyncEngine, prices: PriceCache
+    settings: Settings,
+    stack: AsyncExitStack,
+    *,
+    keys: KeyCache,
+    ledger: LedgerWriter,
+    prices: PriceCache,
 ) -> dict[str, Any]:
-    """The Runtime fields of the proxy, started: keys, ledger writer, upstream client, …"""
-    dsn = asyncpg_dsn(settings.database_url or "")
+    """The Runtime fields of the proxy, started, each closed by `stack`: upstream client, …"""
     await asyncio.to_thread(estimate.warm_up)
-    keys = KeyCache(engine, dsn, settings.key_cache_refresh_s)
-    await keys.start()
-    ledger = LedgerWriter(
-        dsn,
-        settings.spool_dir,
-        settings.ledger_batch_size,
-        settings.ledger_flush_interval_s,
-        settings.ledger_queue_max,
-    )
-    await ledger.start()
     upstream = UpstreamClient(
         settings.upstream_connect_timeout_s,
         settings.upstream_read_timeout_s,
         settings.upstream_connect_retries,
     )
     await upstream.start()
+    stack.push_async_callback(upstream.close)
     providers = ProviderRouter(load_providers(settings.providers))
     hooks: ProxyHooks = {}  # declared by service/runtime.py once their parts have started
     access_log = AccessLog() if settings.access_log else None
     if access_log is not None:
         access_log.start()
+        stack.callback(access_log.close)
     proxy = MeteringProxy(
         keys=keys,
         router=providers,
@@ -56,13 +50,12 @@ async def start_proxy(
         prices=prices,
         hooks=hooks,
         max_body_bytes=settings.max_request_body_bytes,
+        key_headers=settings.key_headers,
         access_log=access_log,
     )
     return {
-        "keys": keys,
         "providers": providers,
         "upstream": upstream,
-        "ledger": ledger,
         "hooks": hooks,
         "proxy": proxy,
         "access_log": access_log,

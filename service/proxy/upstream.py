@@ -117,8 +117,7 @@ class UpstreamClient:
             "Accept": "text/event-stream" if stream else "application/json",
             "Accept-Encoding": "identity",
         }
-        if provider.api_key:
-            headers["Authorization"] = f"Bearer {provider.api_key}"
+        headers.update(provider.auth_headers())
         self._headers[(provider.name, stream)] = headers
         return headers
 

@@ -15,10 +15,10 @@ from datetime import datetime
 from decimal import Decimal
 
 from sqlalchemy import select, text, update
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from pricing.quote import BucketPosition
 from service.db.models import Account, Quote, Task
+from service.db.repository import Repository
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,10 +28,7 @@ class CostHistogram:
     total_cost: Decimal
 
 
-class QuoteRepository:
-    def __init__(self, session: AsyncSession) -> None:
-        self.session = session
-
+class QuoteRepository(Repository):
     async def account(self, account_id: uuid.UUID) -> Account | None:
         return await self.session.get(Account, account_id)
 
@@ -109,7 +106,3 @@ class QuoteRepository:
             update(Quote).where(Quote.id == quote.id).values(accepted_at=text("now()"))
         )
         await self.session.refresh(quote)
-
-    async def now(self) -> datetime:
-        value: datetime = await self.session.scalar(text("SELECT now()"))
-        return value

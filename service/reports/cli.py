@@ -1,11 +1,13 @@
-"""`meterline report monthly`: the monthly export to a file or stdout, with progress."""
+"""`meterline report monthly`: the monthly export to a file or stdout, with progress; and
+`meterline invoices unpriced`, the unpriced-usage report straight from the database."""
 
 from __future__ import annotations
 
 import os
 import sys
+import uuid
 from pathlib import Path
-from typing import Annotated, BinaryIO
+from typing import Annotated, Any, BinaryIO
 
 import typer
 from rich.progress import (
@@ -16,8 +18,21 @@ from rich.progress import (
     TimeElapsedColumn,
     TransferSpeedColumn,
 )
+from sqlalchemy.ext.asyncio import AsyncSession
 
-from service.api_client import BillingClient, TokenOption, UrlOption, err, fail
+from service.api_client import (
+    BillingClient,
+    TokenOption,
+    UrlOption,
+    err,
+    fail,
+    print_json,
+    print_table,
+)
+from service.invoices import service as invoices
+from service.invoices.cli import JsonOption
+from service.prices.cli import run_in_transaction
+from service.reports.service import unpriced_report
 
 report_app = typer.Typer(help="Report exports.", no_args_is_help=True)
 
@@ -82,3 +97,25 @@ def monthly(
     if output:
         # The header and the totals line are not rows of the report.
         err.print(f"wrote {max(lines - 2, 0)} rows to {output}", highlight=False)
+
+
+# `meterline invoices unpriced` (registered in `service.cli`): straight to the database.
+def unpriced(
+    period: Annotated[str, typer.Option(help="The month, YYYY-MM (UTC).")],
+    account_id: Annotated[uuid.UUID | None, typer.Option("--account-id")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Usage stored without a price in the month, per account and model."""
+
+    async def work(session: AsyncSession) -> list[dict[str, Any]]:
+        rows = await unpriced_report(session, invoices.parse_period(period), account_id)
+        return [r.model_dump(mode="json") for r in rows]
+
+    rows = run_in_transaction(work)
+    if as_json:
+        print_json(rows)
+    else:
+        print_table(
+            rows,
+            ["account_id", "model", "requests", "requests_priced_now", "requests_without_price"],
+        )

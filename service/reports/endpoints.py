@@ -8,8 +8,9 @@ from fastapi.responses import StreamingResponse
 
 from service.deps import Caller, Engine, Session
 from service.errors import API_ERRORS, errors
-from service.reports.schemas import MonthlyReport, ReportFormat
-from service.reports.service import export_monthly
+from service.invoices import service as invoices
+from service.reports.schemas import MonthlyReport, ReportFormat, UnpricedReport
+from service.reports.service import export_monthly, unpriced_report
 from service.schemas import Period
 
 router = APIRouter(prefix="/billing/reports", tags=["reports"], responses=errors(*API_ERRORS))
@@ -57,3 +58,19 @@ async def monthly_report(
         media_type=MEDIA_TYPES[fmt],
         headers={"Content-Disposition": f'attachment; filename="meterline-{period}{suffix}.{fmt}"'},
     )
+
+
+@router.get("/unpriced", response_model=UnpricedReport)
+async def unpriced_usage(
+    session: Session,
+    caller: Caller,
+    period: Annotated[Period, Query(description="UTC month, `YYYY-MM`.")],
+    account_id: uuid.UUID | None = None,
+) -> UnpricedReport:
+    """Usage stored without a price in the month, per account and model.
+
+    `requests_priced_now` counts rows a price added since covers (a draft prices them by the
+    version in force at each row's time); `requests_without_price` block finalization.
+    """
+    rows = await unpriced_report(session, invoices.parse_period(period), caller.scope(account_id))
+    return UnpricedReport(period=period, data=rows)

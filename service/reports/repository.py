@@ -1,15 +1,23 @@
-"""The monthly report's queries: the month's rows streamed from a server-side cursor, and the
-few rows stored without a price, summed per span of their model's price timeline."""
+"""The reports' queries. The monthly report's: the month's rows streamed from a server-side
+cursor, and the few rows stored without a price, summed per span of their model's price
+timeline. The unpriced-usage report's: those rows per account and model."""
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import RowMapping, text
+from sqlalchemy import RowMapping, func, select, text
 from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.sql import FromClause
+
+from pricing.invoice import UsageTotals
+from pricing.prices import PriceSegment
+from service.db.repository import Repository, readable
+from service.invoices.repository.sums import L, in_segment, measures, segment_table, totals_of
 
 # A ledger row's line: usage a quoted task covers (from its acceptance on) is `task_usage`,
 # billed through the task; the rest is billed per token, as `tokens` or `adjustment`.
@@ -238,3 +246,55 @@ async def unpriced_sums(
     usage = await connection.execute(text(_statement(UNPRICED_SQL, account_id)), params)
     tasks = await connection.execute(text(_statement(UNPRICED_TASK_SQL, account_id)), params)
     return usage.mappings().all(), tasks.mappings().all()
+
+
+@dataclass(frozen=True, slots=True)
+class UnpricedRow:
+    account_id: uuid.UUID
+    model: str
+    totals: UsageTotals
+    first_occurred_at: datetime
+    last_occurred_at: datetime
+    segment: int | None = None
+
+
+class UnpricedUsageRepository(Repository):
+    async def unpriced_rows(
+        self,
+        start: datetime,
+        end: datetime,
+        account_id: uuid.UUID | None,
+        segments: dict[str, list[PriceSegment]] | None = None,
+    ) -> list[UnpricedRow]:
+        """Rows of [start, end) stored without a price, per account and model (and span)."""
+        where = [L.occurred_at >= start, L.occurred_at < end, L.cost_usd.is_(None)]
+        source: FromClause = L.__table__
+        keys: tuple[Any, ...] = (L.account_id, L.requested_model)
+        if segments is not None:
+            seg = segment_table(segments)
+            source = source.join(seg, in_segment(L, seg))
+            keys = (*keys, seg.c.segment)
+        statement = (
+            select(
+                *keys,
+                *measures(L),
+                func.min(L.occurred_at).label("first"),
+                func.max(L.occurred_at).label("last"),
+            )
+            .select_from(source)
+            .where(*where)
+            .group_by(*keys)
+            .order_by(*keys)
+        )
+        rows = await self.session.execute(readable(statement, L.account_id, account_id))
+        return [
+            UnpricedRow(
+                r.account_id,
+                r.requested_model,
+                totals_of(r),
+                r.first,
+                r.last,
+                int(r.segment) if segments is not None else None,
+            )
+            for r in rows
+        ]

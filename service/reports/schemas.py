@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import uuid
+from datetime import datetime
 from typing import Literal
 
 from pydantic import BaseModel, Field
@@ -81,3 +82,24 @@ class MonthlyReport(BaseModel):
     period: str = Field(examples=["2026-11"])
     data: list[ReportLine]
     totals: ReportTotals
+
+
+class UnpricedReportRow(BaseModel):
+    account_id: uuid.UUID
+    model: str
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+    first_occurred_at: datetime
+    last_occurred_at: datetime
+    requests_priced_now: int = Field(
+        description="Rows a price added since covers: a draft prices them by that version."
+    )
+    requests_without_price: int = Field(
+        description="Rows no price covers even now: they block finalization."
+    )
+
+
+class UnpricedReport(BaseModel):
+    period: str
+    data: list[UnpricedReportRow]

@@ -10,6 +10,8 @@ that invoice carries for earlier months.
 
 Rendered as CSV or JSON while the rows arrive from a server-side cursor, so a month of any
 size is exported in constant memory.
+
+The unpriced-usage report: the month's rows stored without a price, per account and model.
 """
 
 from __future__ import annotations
@@ -27,13 +29,18 @@ import orjson
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
 from pricing.cost import totals_cost
-from pricing.invoice import TaskBilling, UsageTotals, task_charge
+from pricing.invoice import BillingPeriod, TaskBilling, UsageTotals, task_charge
 from pricing.prices import PriceBook
 from service import schemas
 from service.db.engine import tune_for_aggregation
 from service.prices.repository import PriceRepository
-from service.reports.repository import monthly_rows, unpriced_models, unpriced_sums
-from service.reports.schemas import COLUMNS, ReportFormat
+from service.reports.repository import (
+    UnpricedUsageRepository,
+    monthly_rows,
+    unpriced_models,
+    unpriced_sums,
+)
+from service.reports.schemas import COLUMNS, ReportFormat, UnpricedReportRow
 
 # A row of the report query, by column name.
 ReportRow = Mapping[Any, Any]
@@ -302,3 +309,41 @@ async def export_monthly(
             totals.add(pending)
             yield renderer.rows([pending])
     yield renderer.footer(totals.as_dict())
+
+
+async def unpriced_report(
+    session: AsyncSession, period: BillingPeriod, account_id: uuid.UUID | None
+) -> list[UnpricedReportRow]:
+    """Ledger rows of `period` stored without a price, per account and model, with how many
+    a price added since would now cover."""
+    repository = UnpricedUsageRepository(session)
+    rows = await repository.unpriced_rows(period.start, period.end, account_id)
+    if not rows:
+        return []
+    # Read fresh, not from the in-process cache: a price added a moment ago by another
+    # worker covers rows now, as it does in a draft.
+    book = PriceBook(await PriceRepository(session).all_prices())
+    segments = {model: book.segments(model) for model in sorted({r.model for r in rows})}
+    priced_now: dict[tuple[uuid.UUID, str], int] = {}
+    for r in await repository.unpriced_rows(period.start, period.end, account_id, segments):
+        assert r.segment is not None
+        if segments[r.model][r.segment].price is not None:
+            key = (r.account_id, r.model)
+            priced_now[key] = priced_now.get(key, 0) + r.totals.requests
+    report = []
+    for r in rows:
+        covered = priced_now.get((r.account_id, r.model), 0)
+        report.append(
+            UnpricedReportRow(
+                account_id=r.account_id,
+                model=r.model,
+                requests=r.totals.requests,
+                prompt_tokens=r.totals.prompt_tokens,
+                completion_tokens=r.totals.completion_tokens,
+                first_occurred_at=r.first_occurred_at,
+                last_occurred_at=r.last_occurred_at,
+                requests_priced_now=covered,
+                requests_without_price=r.totals.requests - covered,
+            )
+        )
+    return report

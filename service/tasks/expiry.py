@@ -9,8 +9,6 @@ another transaction holds that round): a bill never depends on when the job last
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import logging
 import uuid
@@ -21,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from pricing.invoice import ExpiredTaskPolicy, FailedTaskPolicy, TaskOutcome, task_billing
 from service.db.engine import transaction
+from service.lifecycle import Periodic
 from service.parts import LiveTasks
 from service.tasks.repository import TaskRepository
 
@@ -69,30 +68,14 @@ async def expire_tasks(
     return len(due)
 
 
-class ExpiryJob:
-    def __init__(
-        self, sessions: async_sessionmaker[AsyncSession], guard: LiveTasks, interval: float
-    ) -> None:
-        self._sessions = sessions
-        self._guard = guard
-        self._interval = interval
-        self._task: asyncio.Task[None] | None = None
+def expiry_job(
+    sessions: async_sessionmaker[AsyncSession], guard: LiveTasks, interval: float
+) -> Periodic:
+    """Expire every account's due tasks every `interval` seconds (a round that fails, the
+    database down, is caught up by the next)."""
 
-    def start(self) -> None:
-        if self._interval > 0:
-            self._task = asyncio.create_task(self._run_forever(), name="task-expiry")
+    async def one_round() -> None:
+        async with transaction(sessions) as session:
+            await expire_tasks(session, guard=guard, skip_locked=True)
 
-    async def _run_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self._interval)
-            try:
-                async with transaction(self._sessions) as session:
-                    await expire_tasks(session, guard=self._guard, skip_locked=True)
-            except Exception as exc:  # the database may be down; the next round catches up
-                log.warning("event=task_expiry_failed error=%s", type(exc).__name__)
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+    return Periodic("task_expiry", interval, one_round, log)

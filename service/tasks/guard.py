@@ -39,7 +39,6 @@ can be overshot by the requests in flight at that moment, never by later ones.
 from __future__ import annotations
 
 import array
-import asyncio
 import bisect
 import contextlib
 import hashlib
@@ -49,12 +48,14 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from typing import Any
 
 import asyncpg
 
+from service.db.channels import Channel
+from service.db.listener import Listener
 from service.errors import MeterlineError
 from service.ledger.record import LedgerRecord
+from service.lifecycle import Periodic
 from service.proxy.context import RequestContext
 from service.tasks import repository
 
@@ -117,16 +118,26 @@ class QuotedTaskCost:
 class TaskGuard:
     """The in-memory view (see the module docstring); `admit` and `settle` are proxy hooks."""
 
-    def __init__(self, dsn: str | None, refresh_s: float = 2.0, settle_window_s: float = 600.0):
+    def __init__(
+        self,
+        dsn: str | None,
+        refresh_s: float = 2.0,
+        settle_window_s: float = 600.0,
+        *,
+        listener: Listener | None = None,
+    ) -> None:
         self._dsn = dsn
-        self._refresh_s = refresh_s
         self._settle_window_s = settle_window_s
         self._closed = array.array("q")
         self._closed_recent: set[int] = set()
         self._open: dict[int, QuotedTaskCost] = {}
         self._closed_mark: datetime | None = None
-        self._connection: asyncpg.Connection | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._connection: asyncpg.Connection | None = None  # the reloads' own
+        self._full_reload_due = False
+        # The database may be down; the last good view stays.
+        self._follower = Periodic("task_guard_refresh", refresh_s, self._follow, log)
+        if listener is not None:
+            listener.subscribe(Channel.TASKS, self._on_notify, self._listening)
 
     # ---- the hot path -------------------------------------------------------------------
 
@@ -218,13 +229,10 @@ class TaskGuard:
             await self._connect_and_load()
         except (OSError, asyncpg.PostgresError) as exc:
             log.warning("event=task_guard_load_failed error=%s", type(exc).__name__)
-        self._task = asyncio.create_task(self._follow(), name="task-guard")
+        self._follower.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await self._follower.stop()
         await self._close_connection()
 
     async def _close_connection(self) -> None:
@@ -235,12 +243,18 @@ class TaskGuard:
 
     async def _connect_and_load(self) -> None:
         await self._close_connection()
-        connection = await asyncpg.connect(self._dsn)
-        await connection.add_listener(repository.NOTIFY_CHANNEL, self._on_notify)
-        self._connection = connection
+        self._connection = await asyncpg.connect(self._dsn)
+        self._full_reload_due = False
         await self.reload(full=True)
 
-    def _on_notify(self, _connection: Any, _pid: int, _channel: str, payload: str) -> None:
+    def _listening(self) -> None:
+        # The listening connection (re)opened: what was notified while it was down was
+        # missed, so the next round reloads everything. Before the first load, nothing to do.
+        if self._connection is not None:
+            self._full_reload_due = True
+            self._follower.wake()
+
+    def _on_notify(self, payload: str) -> None:
         try:
             message = json.loads(payload)
             account_id = uuid.UUID(message["account_id"])
@@ -300,16 +314,15 @@ class TaskGuard:
         self._closed_mark = started - _CLOSED_OVERLAP
 
     async def _follow(self) -> None:
-        while True:
-            await asyncio.sleep(self._refresh_s)
-            try:
-                if self._connection is None or self._connection.is_closed():
-                    await self._connect_and_load()
-                    continue
+        try:
+            if self._connection is None or self._connection.is_closed():
+                await self._connect_and_load()
+            elif self._full_reload_due:
+                self._full_reload_due = False
+                await self.reload(full=True)
+            else:
                 await self.reload()
                 await repository.settle_recent(self._connection, self._settle_window_s)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # the database may be down; keep the last good view
-                log.warning("event=task_guard_refresh_failed error=%s", type(exc).__name__)
-                await self._close_connection()
+        except Exception:
+            await self._close_connection()  # the next round starts over with a full load
+            raise

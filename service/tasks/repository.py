@@ -16,13 +16,12 @@ from decimal import Decimal
 from typing import Any
 
 import asyncpg
-from sqlalchemy import func, select, text
+from sqlalchemy import func, select, text, tuple_
 from sqlalchemy.dialects.postgresql import insert
-from sqlalchemy.ext.asyncio import AsyncSession
 
+from service.db.channels import Channel, notify
 from service.db.models import Account, Task
-
-NOTIFY_CHANNEL = "meterline_tasks"
+from service.db.repository import Repository, readable
 
 # The ledger rows of one task (`l`), summed. Adjustment rows count in cost, not in requests.
 _USAGE = """
@@ -110,10 +109,7 @@ class TaskFilter:
     completed_to: datetime | None = None
 
 
-class TaskRepository:
-    def __init__(self, session: AsyncSession) -> None:
-        self.session = session
-
+class TaskRepository(Repository):
     async def get(
         self, account_id: uuid.UUID, external_id: str, *, for_update: bool = False
     ) -> Task | None:
@@ -239,40 +235,24 @@ class TaskRepository:
         self, where: TaskFilter, limit: int, after: tuple[datetime, uuid.UUID] | None
     ) -> list[tuple[Task, TaskUsage]]:
         """Newest first, keyset-paginated on (created_at, id); usage summed for the page only."""
-        conditions = ["true"]
-        params: dict[str, Any] = {"limit": limit}
-        if where.account_id is not None:
-            conditions.append("t.account_id = :account_id")
-            params["account_id"] = where.account_id
+        statement = readable(select(Task.id), Task.account_id, where.account_id)
         if where.status is not None:
-            conditions.append("t.status = :status")
-            params["status"] = where.status
+            statement = statement.where(Task.status == where.status)
         if where.task_type is not None:
-            conditions.append("t.task_type = :task_type")
-            params["task_type"] = where.task_type
+            statement = statement.where(Task.task_type == where.task_type)
         if where.model is not None:
-            conditions.append("t.model = :model")
-            params["model"] = where.model
+            statement = statement.where(Task.model == where.model)
         if where.quoted is not None:
-            conditions.append("t.quote_id IS NOT NULL" if where.quoted else "t.quote_id IS NULL")
+            quoted = Task.quote_id.is_not(None) if where.quoted else Task.quote_id.is_(None)
+            statement = statement.where(quoted)
         if where.completed_from is not None:
-            conditions.append("t.completed_at >= :completed_from")
-            params["completed_from"] = where.completed_from
+            statement = statement.where(Task.completed_at >= where.completed_from)
         if where.completed_to is not None:
-            conditions.append("t.completed_at < :completed_to")
-            params["completed_to"] = where.completed_to
+            statement = statement.where(Task.completed_at < where.completed_to)
         if after is not None:
-            conditions.append("(t.created_at, t.id) < (:after_at, :after_id)")
-            params["after_at"], params["after_id"] = after
-        ids = (
-            await self.session.scalars(
-                text(
-                    f"SELECT t.id FROM tasks t WHERE {' AND '.join(conditions)}"
-                    " ORDER BY t.created_at DESC, t.id DESC LIMIT :limit"
-                ),
-                params,
-            )
-        ).all()
+            statement = statement.where(tuple_(Task.created_at, Task.id) < tuple_(*after))
+        statement = statement.order_by(Task.created_at.desc(), Task.id.desc()).limit(limit)
+        ids = (await self.session.scalars(statement)).all()
         if not ids:
             return []
         tasks = {
@@ -290,16 +270,9 @@ class TaskRepository:
         usage = {row.id: TaskUsage.from_row(row) for row in rows}
         return [(tasks[i], usage.get(i, EMPTY_USAGE)) for i in ids]
 
-    async def now(self) -> datetime:
-        value: datetime = await self.session.scalar(text("SELECT now()"))
-        return value
-
     async def notify(self, payload: str) -> None:
         """Tell every Meterline process (at commit) that a task opened or closed."""
-        await self.session.execute(
-            text("SELECT pg_notify(:channel, :payload)"),
-            {"channel": NOTIFY_CHANNEL, "payload": payload},
-        )
+        await notify(self.session, Channel.TASKS, payload)
 
 
 # ---- The proxy-side guard's queries (a dedicated asyncpg connection, off the hot path) ----

@@ -22,7 +22,7 @@ from service.auth.principal import Principal
 from service.db.models import Task
 from service.errors import Conflict, Forbidden, NotFound, Unprocessable
 from service.parts import LiveTasks
-from service.schemas import Page, decode_cursor, encode_cursor
+from service.schemas import Page, decode_cursor, keyset_page
 from service.tasks.expiry import expire_tasks
 from service.tasks.repository import TaskFilter, TaskRepository, TaskUsage
 from service.tasks.schemas import Outcome, TaskOut
@@ -126,14 +126,13 @@ async def list_tasks(
     await repository.adopt_from_ledger(where.account_id)
     after = decode_cursor(cursor, datetime, uuid.UUID) if cursor else None
     rows = await repository.page(where, limit + 1, after)
-    has_more = len(rows) > limit
-    rows = rows[:limit]
-    data = [task_out(task, usage, task.account_id, task.external_id) for task, usage in rows]
-    next_cursor = None
-    if has_more:
-        last = rows[-1][0]
-        next_cursor = encode_cursor(last.created_at.isoformat(), str(last.id))
-    return Page[TaskOut](data=data, has_more=has_more, next_cursor=next_cursor)
+    return keyset_page(
+        Page[TaskOut],
+        rows,
+        limit,
+        lambda row: task_out(row[0], row[1], row[0].account_id, row[0].external_id),
+        lambda row: (row[0].created_at.isoformat(), str(row[0].id)),
+    )
 
 
 async def _require_outcome_reporter(

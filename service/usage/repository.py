@@ -32,11 +32,11 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import Row
-from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.sql.elements import ColumnElement
 
 from service.db.models import ApiKey, UsageDaily, UsageDailyState, UsageRecord
-from service.invoices.repository import InvoiceRepository
+from service.db.repository import Repository
+from service.invoices.repository.cutoff import CutoffRepository
 from service.usage.schemas import GroupBy
 
 L = UsageRecord
@@ -280,10 +280,7 @@ def _daily_aggregate(where: UsageFilter, group_by: Sequence[GroupBy]) -> Select[
     return select(*(u[DAILY_GROUPS[g][0]] for g in group_by), *_daily_totals(u))
 
 
-class UsageRepository:
-    def __init__(self, session: AsyncSession) -> None:
-        self.session = session
-
+class UsageRepository(Repository):
     async def key_account(self, key_id: uuid.UUID) -> uuid.UUID | None:
         return await self.session.scalar(select(ApiKey.account_id).where(ApiKey.id == key_id))
 
@@ -341,7 +338,7 @@ class UsageRepository:
         )
         if since is None:
             return None
-        until = await InvoiceRepository(self.session).usage_cutoff()
+        until = await CutoffRepository(self.session).usage_cutoff()
         if until <= since:
             return since, since, 0
         parameters = {"since": since, "until": until, "no_key": NO_KEY}

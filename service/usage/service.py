@@ -11,7 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from service.auth.principal import Principal
 from service.db.models import UsageRecord
 from service.errors import NotFound, Unprocessable
-from service.schemas import Page, decode_cursor, encode_cursor
+from service.schemas import Page, decode_cursor, keyset_page
 from service.usage.repository import UsageFilter, UsageRepository
 from service.usage.schemas import (
     GROUP_FIELDS,
@@ -118,14 +118,6 @@ async def usage_events(
 ) -> Page[UsageEvent]:
     after = decode_cursor(cursor, datetime, str) if cursor else None
     rows = await UsageRepository(session).events(where, limit, after)
-    page = rows[:limit]
-    has_more = len(rows) > limit
-    data = [_event(row) for row in page]
-    last = page[-1] if page else None
-    return Page[UsageEvent](
-        data=data,
-        has_more=has_more,
-        next_cursor=encode_cursor(last.occurred_at.isoformat(), last.request_id)
-        if has_more and last
-        else None,
+    return keyset_page(
+        Page[UsageEvent], rows, limit, _event, lambda e: (e.occurred_at.isoformat(), e.request_id)
     )

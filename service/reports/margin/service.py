@@ -18,8 +18,8 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from pricing.quote import margin, share
-from service.margin.repository import margin_rows
-from service.margin.schemas import MarginReport, MarginRow
+from service.reports.margin.repository import margin_rows
+from service.reports.margin.schemas import MarginReport, MarginRow
 from service.schemas import parse_period
 
 

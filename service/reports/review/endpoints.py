@@ -8,16 +8,23 @@ from fastapi import APIRouter, Path, Query
 
 from service.deps import Admin, Caller, Session
 from service.errors import API_ERRORS, errors
-from service.reports.service import parse_period
-from service.review import service
-from service.review.schemas import (
+from service.reports.review import service
+from service.reports.review.schemas import (
     FlaggedUsageAccept,
     FlaggedUsageAdjust,
     FlaggedUsagePage,
     FlaggedUsageRow,
     QuarantinedRow,
 )
-from service.schemas import CursorParam, Limit, Page, Period, decode_cursor, encode_cursor
+from service.schemas import (
+    CursorParam,
+    Limit,
+    Page,
+    Period,
+    decode_cursor,
+    keyset_page,
+    parse_period,
+)
 
 router = APIRouter(prefix="/billing/reports", tags=["reports"], responses=errors(*API_ERRORS))
 
@@ -49,26 +56,23 @@ async def flagged_usage(
     Like unpriced usage, an unreviewed row blocks finalization of the invoice that bills
     it, until an admin accepts it or corrects it with an adjustment.
     """
-    start, end = parse_period(period)
+    month = parse_period(period)
     rows = await service.flagged_report(
         session,
-        start,
-        end,
+        month.start,
+        month.end,
         caller.scope(account_id),
         unreviewed,
         limit + 1,
         _position(cursor),
     )
-    page = rows[:limit]
-    more = len(rows) > limit
-    last = page[-1][0] if page else None
-    return FlaggedUsagePage(
+    return keyset_page(
+        FlaggedUsagePage,
+        rows,
+        limit,
+        lambda row: service.flagged_out(*row),
+        lambda row: (row[0].occurred_at.isoformat(), row[0].request_id),
         period=period,
-        data=[service.flagged_out(row, review) for row, review in page],
-        has_more=more,
-        next_cursor=encode_cursor(last.occurred_at.isoformat(), last.request_id)
-        if more and last is not None
-        else None,
     )
 
 
@@ -103,12 +107,10 @@ async def quarantined_usage(
     ledger, each with Postgres' reason and the record as it was to be stored.
     """
     rows = await service.quarantined_report(session, account_id, limit + 1, _position(cursor))
-    page = rows[:limit]
-    more = len(rows) > limit
-    return Page[QuarantinedRow](
-        data=[service.quarantined_out(r) for r in page],
-        has_more=more,
-        next_cursor=encode_cursor(page[-1].quarantined_at.isoformat(), page[-1].request_id)
-        if more
-        else None,
+    return keyset_page(
+        Page[QuarantinedRow],
+        rows,
+        limit,
+        service.quarantined_out,
+        lambda row: (row.quarantined_at.isoformat(), row.request_id),
     )

@@ -3,7 +3,7 @@
 A flagged row is billed as the provider claimed it once an admin accepts it, or corrected
 by an adjustment row the review adds to the ledger (the ledger is append-only: the review
 is a row of `flagged_usage_reviews`). Until then it blocks finalization of the invoice
-that would bill it (`service.review.finalization`).
+that would bill it (`service.invoices.flagged`).
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from service.db.models import FlaggedUsageReview, QuarantinedUsage, UsageRecord
 from service.errors import Conflict, NotFound
 from service.ledger.record import new_request_id
-from service.review.repository import ReviewRepository
-from service.review.schemas import FlaggedUsageRow, QuarantinedRow, ReviewOut
+from service.reports.review.repository import ReviewRepository
+from service.reports.review.schemas import FlaggedUsageRow, QuarantinedRow, ReviewOut
 
 FlaggedRow = tuple[UsageRecord, FlaggedUsageReview | None]
 

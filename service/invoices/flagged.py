@@ -1,4 +1,4 @@
-"""The one check invoice finalization makes for flagged usage (kept apart from invoices)."""
+"""The one check invoice finalization makes for flagged usage (reviewed under reports)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from pricing.invoice import BillingPeriod
 from service.errors import Conflict
-from service.review.repository import ReviewRepository
+from service.invoices.repository.flagged import UnreviewedUsageRepository
 
 _NAMED = 5
 
@@ -23,7 +23,7 @@ async def refuse_unreviewed_flagged_usage(
 ) -> None:
     """409 `flagged_usage` while the invoice would bill a flagged usage claim no admin has
     reviewed (accepted or adjusted); the message names them."""
-    ids, count = await ReviewRepository(session).unreviewed_billed_by(
+    ids, count = await UnreviewedUsageRepository(session).unreviewed_billed_by(
         account_id, period.start, period.end, _NAMED
     )
     if not count:

@@ -6,23 +6,19 @@ import uuid
 from collections.abc import Sequence
 from datetime import datetime
 
-from sqlalchemy import and_, func, insert, literal, or_, select, tuple_
+from sqlalchemy import func, insert, literal, select, tuple_
 from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.ext.asyncio import AsyncSession
 
-from service.db.models import FlaggedUsageReview, Invoice, QuarantinedUsage, UsageRecord
+from service.db.models import FlaggedUsageReview, QuarantinedUsage, UsageRecord
+from service.db.repository import Repository, readable
+from service.invoices.repository.flagged import REVIEW_JOIN
 
 L = UsageRecord
 R = FlaggedUsageReview
 Q = QuarantinedUsage
 
-_REVIEW_JOIN = and_(R.request_id == L.request_id, R.occurred_at == L.occurred_at)
 
-
-class ReviewRepository:
-    def __init__(self, session: AsyncSession) -> None:
-        self.session = session
-
+class ReviewRepository(Repository):
     async def flagged(
         self,
         start: datetime,
@@ -33,15 +29,15 @@ class ReviewRepository:
         after: tuple[datetime, str] | None,
     ) -> Sequence[tuple[UsageRecord, FlaggedUsageReview | None]]:
         """Flagged rows that occurred in [start, end), oldest first, with their review."""
-        query = (
+        query = readable(
             select(L, R)
-            .outerjoin(R, _REVIEW_JOIN)
+            .outerjoin(R, REVIEW_JOIN)
             .where(L.usage_flag.is_not(None), L.occurred_at >= start, L.occurred_at < end)
             .order_by(L.occurred_at, L.request_id)
-            .limit(limit)
+            .limit(limit),
+            L.account_id,
+            account_id,
         )
-        if account_id is not None:
-            query = query.where(L.account_id == account_id)
         if unreviewed_only:
             query = query.where(R.request_id.is_(None))
         if after is not None:
@@ -53,7 +49,7 @@ class ReviewRepository:
     ) -> tuple[UsageRecord, FlaggedUsageReview | None] | None:
         query = (
             select(L, R)
-            .outerjoin(R, _REVIEW_JOIN)
+            .outerjoin(R, REVIEW_JOIN)
             .where(L.request_id == request_id, L.usage_flag.is_not(None))
         )
         return (await self.session.execute(query)).tuples().first()
@@ -103,40 +99,14 @@ class ReviewRepository:
             )
         )
 
-    async def unreviewed_billed_by(
-        self, account_id: uuid.UUID, start: datetime, end: datetime, limit: int
-    ) -> tuple[list[str], int]:
-        """Unreviewed flagged rows the account's invoice of [start, end) bills: its own
-        month's, and late ones of months already finalized. (A few ids, and how many.)"""
-        finalized = select(Invoice.period).where(
-            Invoice.account_id == account_id, Invoice.status == "finalized"
-        )
-        month = func.to_char(func.timezone("UTC", L.occurred_at), "YYYY-MM")
-        where = and_(
-            L.account_id == account_id,
-            L.usage_flag.is_not(None),
-            L.occurred_at < end,
-            or_(L.occurred_at >= start, month.in_(finalized)),
-            R.request_id.is_(None),
-        )
-        ids = await self.session.scalars(
-            select(L.request_id)
-            .outerjoin(R, _REVIEW_JOIN)
-            .where(where)
-            .order_by(L.occurred_at, L.request_id)
-            .limit(limit)
-        )
-        count = await self.session.scalar(
-            select(func.count()).select_from(L).outerjoin(R, _REVIEW_JOIN).where(where)
-        )
-        return list(ids), int(count or 0)
-
     async def quarantined(
         self, account_id: uuid.UUID | None, limit: int, after: tuple[datetime, str] | None
     ) -> Sequence[QuarantinedUsage]:
-        query = select(Q).order_by(Q.quarantined_at, Q.request_id).limit(limit)
-        if account_id is not None:
-            query = query.where(Q.account_id == account_id)
+        query = readable(
+            select(Q).order_by(Q.quarantined_at, Q.request_id).limit(limit),
+            Q.account_id,
+            account_id,
+        )
         if after is not None:
             query = query.where(tuple_(Q.quarantined_at, Q.request_id) > tuple_(*after))
         return (await self.session.scalars(query)).all()

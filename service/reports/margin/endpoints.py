@@ -7,8 +7,8 @@ from fastapi import APIRouter, Query
 
 from service.deps import Admin, Session
 from service.errors import API_ERRORS, errors
-from service.margin.schemas import MarginReport
-from service.margin.service import margin_report
+from service.reports.margin.schemas import MarginReport
+from service.reports.margin.service import margin_report
 from service.schemas import Period
 
 router = APIRouter(prefix="/billing/reports", tags=["reports"], responses=errors(*API_ERRORS))
