@@ -12,13 +12,12 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1
 RUN python -m venv /opt/meterline
 WORKDIR /app
-# Dependencies first, so a change of code alone rebuilds from the next step. The lock pins
-# the test and lint toolchain too (its last line installs `.[test]`): only the project's
-# runtime dependencies are installed, each at the version the lock pins.
-COPY pyproject.toml requirements.lock ./
-RUN grep -v '^-e ' requirements.lock > /tmp/constraints.txt \
- && python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" > /tmp/runtime.txt \
- && /opt/meterline/bin/pip install -r /tmp/runtime.txt -c /tmp/constraints.txt
+# Dependencies first, so a change of code alone rebuilds from the next step: the runtime
+# lock's pins (not the test and bench extras of requirements.lock), without its last line,
+# `-e .`, which needs the code (installed below).
+COPY pyproject.toml requirements-runtime.lock ./
+RUN grep -v '^-e ' requirements-runtime.lock > /tmp/runtime.txt \
+ && /opt/meterline/bin/pip install -r /tmp/runtime.txt
 COPY README.md alembic.ini ./
 COPY pricing ./pricing
 COPY service ./service

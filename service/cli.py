@@ -10,23 +10,26 @@ import socket
 import subprocess
 import sys
 import time
+from typing import Annotated, Any
 
 import typer
 import uvicorn
 import yaml
 
 from service.accounts.cli import accounts_app, keys_app
-from service.db.embedded import database_url
+from service.commands.output import fail
+from service.db.embedded import NoEmbeddedDatabase, database_url
 from service.db.migrate import downgrade, upgrade
 from service.invoices.cli import invoices_app
 from service.metrics import multiproc as metrics_multiproc
 from service.prices.cli import prices_app
 from service.providers.config import Provider, load_providers
+from service.quotes.cli import quote
 from service.reports.cli import report_app, unpriced
 from service.reports.margin.cli import margin
 from service.settings import Settings, get_settings
-from service.startup import Serving, startup_summary
-from service.tasks.cli import quote, tasks_app
+from service.startup import Serving, meterline_version, startup_summary
+from service.tasks.cli import tasks_app
 from service.usage.cli import usage
 
 app = typer.Typer(
@@ -34,18 +37,41 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
+# The two families of commands, each under its own heading of `meterline --help`.
+API_CLIENTS = "Billing API clients (a running Meterline at --url, with --token)"
+DIRECT = "Straight to the database (METERLINE_DATABASE_URL or the embedded Postgres)"
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
-app.add_typer(db_app, name="db")
-app.add_typer(accounts_app, name="accounts")
-app.add_typer(keys_app, name="keys")
-app.command("usage")(usage)
-app.add_typer(report_app, name="report")
-app.add_typer(prices_app, name="prices")
-app.add_typer(invoices_app, name="invoices")
-app.add_typer(tasks_app, name="tasks")
-app.command("quote")(quote)
+app.add_typer(db_app, name="db", rich_help_panel=DIRECT)
+app.add_typer(accounts_app, name="accounts", rich_help_panel=API_CLIENTS)
+app.add_typer(keys_app, name="keys", rich_help_panel=API_CLIENTS)
+app.command("usage", rich_help_panel=API_CLIENTS)(usage)
+app.add_typer(report_app, name="report", rich_help_panel=API_CLIENTS)
+app.add_typer(tasks_app, name="tasks", rich_help_panel=API_CLIENTS)
+app.command("quote", rich_help_panel=API_CLIENTS)(quote)
+app.add_typer(prices_app, name="prices", rich_help_panel=DIRECT)
+app.add_typer(invoices_app, name="invoices", rich_help_panel=DIRECT)
 report_app.command("margin")(margin)
 invoices_app.command("unpriced")(unpriced)
+# The defaults `serve` falls back on when neither an option nor its variable is given.
+DEFAULTS = Settings.model_construct()
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"meterline {meterline_version()}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
+    pass
 
 
 def _use_database(url: str) -> Settings:
@@ -133,15 +159,37 @@ def _providers_or_exit(settings: Settings) -> list[Provider]:
         raise typer.Exit(1) from None
 
 
+def _run_app(factory: str, host: str, port: int, workers: int, **options: Any) -> None:
+    """Serve the app `factory` builds in each worker, on uvloop and httptools; uvicorn's
+    own logs only for warnings (Meterline writes its own access lines)."""
+    uvicorn.run(
+        factory,
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        loop="uvloop",
+        http="httptools",
+        log_level="warning",
+        **options,
+    )
+
+
 def _exit_on_signal(signum: int, frame: object) -> None:
     raise SystemExit(0)
 
 
 @app.command()
 def serve(
-    host: str = typer.Option(None, help="Interface to listen on [default: 127.0.0.1]."),
-    port: int = typer.Option(None, help="Port [default: 8080]."),
-    workers: int = typer.Option(None, help="Worker processes [default: 1]."),
+    host: str = typer.Option(
+        None, help="Interface to listen on (or METERLINE_HOST).", show_default=DEFAULTS.host
+    ),
+    port: int = typer.Option(
+        None, help="Port (or METERLINE_PORT).", show_default=str(DEFAULTS.port)
+    ),
+    workers: int = typer.Option(
+        None, help="Worker processes (or METERLINE_WORKERS).", show_default=str(DEFAULTS.workers)
+    ),
     demo: bool = typer.Option(False, help="Also run the mock provider and print a demo key."),
 ) -> None:
     """Run the proxy and the billing API on one port."""
@@ -160,7 +208,7 @@ def serve(
     # uvicorn re-raises the signal that stopped it once it has shut down gracefully; turning
     # it into SystemExit lets the `finally` blocks below stop the embedded Postgres.
     signal.signal(signal.SIGTERM, _exit_on_signal)
-    with database_url(settings) as url:
+    with database_url(settings, create=True) as url:
         settings = _use_database(url)
         if settings.auto_migrate:
             upgrade(url)
@@ -171,17 +219,7 @@ def serve(
                 providers = _providers_or_exit(settings)
             serving = Serving(host, port, workers, url, embedded_pgdata)
             typer.echo(startup_summary(settings, serving, providers, dict(os.environ)), err=True)
-            uvicorn.run(
-                "service.app:create_app",
-                factory=True,
-                host=host,
-                port=port,
-                workers=workers,
-                loop="uvloop",
-                http="httptools",
-                log_level="warning",
-                timeout_graceful_shutdown=30,
-            )
+            _run_app("service.app:create_app", host, port, workers, timeout_graceful_shutdown=30)
         finally:
             if upstream is not None:
                 upstream.terminate()
@@ -190,30 +228,21 @@ def serve(
 
 @app.command("mock-upstream")
 def mock_upstream(
-    host: str = typer.Option("127.0.0.1"),
-    port: int = typer.Option(9090),
+    host: str = typer.Option("127.0.0.1", help="Interface to listen on."),
+    port: int = typer.Option(9090, help="Port."),
     api_key: str = typer.Option(None, help="Require this provider key (Bearer)."),
-    workers: int = typer.Option(1),
+    workers: int = typer.Option(1, help="Worker processes."),
 ) -> None:
     """Run the OpenAI-compatible mock provider (tests, benchmarks, the demo)."""
     if api_key:
         os.environ["METERLINE_MOCK_API_KEY"] = api_key
-    uvicorn.run(
-        "service.mock_upstream.app:create_app_from_env",
-        factory=True,
-        host=host,
-        port=port,
-        workers=workers,
-        loop="uvloop",
-        http="httptools",
-        log_level="warning",
-    )
+    _run_app("service.mock_upstream.app:create_app_from_env", host, port, workers)
 
 
 @db_app.command("upgrade")
 def db_upgrade(revision: str = typer.Argument("head")) -> None:
-    """Apply migrations up to REVISION."""
-    with database_url(get_settings()) as url:
+    """Apply migrations up to REVISION (and create the embedded Postgres if there is none)."""
+    with database_url(get_settings(), create=True) as url:
         upgrade(url, revision)
     typer.echo(f"database at {revision}")
 
@@ -221,8 +250,11 @@ def db_upgrade(revision: str = typer.Argument("head")) -> None:
 @db_app.command("downgrade")
 def db_downgrade(revision: str = typer.Argument(...)) -> None:
     """Revert migrations down to REVISION (`base` for an empty database)."""
-    with database_url(get_settings()) as url:
-        downgrade(url, revision)
+    try:
+        with database_url(get_settings()) as url:
+            downgrade(url, revision)
+    except NoEmbeddedDatabase as exc:
+        fail(str(exc))
     typer.echo(f"database at {revision}")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from decimal import Decimal
 from functools import lru_cache
@@ -12,6 +13,15 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
+def default_data_dir() -> Path:
+    """The user's data directory (XDG): one for every command, from whatever folder it runs,
+    so `meterline invoices …` finds the embedded Postgres `meterline serve` made."""
+    # The XDG spec ignores a relative XDG_DATA_HOME, as it would move with the folder.
+    xdg = os.environ.get("XDG_DATA_HOME", "")
+    base = Path(xdg) if xdg and Path(xdg).is_absolute() else Path.home() / ".local" / "share"
+    return base / "meterline"
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="METERLINE_", extra="ignore")
 
@@ -19,7 +29,7 @@ class Settings(BaseSettings):
     database_url: str | None = None
     admin_token: SecretStr | None = None
     providers: Path | None = None
-    data_dir: Path = Path(".meterline")
+    data_dir: Path = Field(default_factory=default_data_dir)
     redis_url: str | None = None
 
     host: str = "127.0.0.1"

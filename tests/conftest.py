@@ -39,7 +39,7 @@ def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         return
     embedded = EmbeddedPostgres(tmp_path_factory.mktemp("embedded"))
     try:
-        yield embedded.start()
+        yield embedded.start(create=True)
     finally:
         embedded.stop()
 

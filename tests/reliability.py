@@ -158,7 +158,7 @@ class StoppablePostgres:
         self.url = ""
 
     def start(self) -> str:
-        self.url = self.embedded.start()
+        self.url = self.embedded.start(create=True)
         return self.url
 
     def _pg_ctl(self, *args: str) -> None:

@@ -369,6 +369,46 @@ async def test_a_redis_outage_lets_requests_through() -> None:
     await dead.aclose()
 
 
+async def test_a_redis_outage_refuses_budgeted_requests_rather_than_overspend() -> None:
+    """Counters unreachable: a request under a budget is refused with 503 (retry), since
+    admitted without a hold, a burst would spend the budget many times over; a request
+    under rate limits only still passes."""
+    from typing import cast
+
+    from pricing.prices import PriceBook
+    from service.limits.policy import BudgetUnavailable
+    from service.limits.service import Limits
+
+    dead = Redis.from_url(f"redis://127.0.0.1:{free_port()}/0", socket_connect_timeout=0.2)
+    budgeted, unbudgeted = uuid.uuid4(), uuid.uuid4()
+
+    async def held(key_id: uuid.UUID, account_id: uuid.UUID) -> KeyLimits:
+        budget = Decimal("0.26") if account_id == budgeted else None
+        return KeyLimits(key_id, account_id, "basic", account_budget_usd=budget)
+
+    class Prices:
+        book = PriceBook(
+            [Price("m", Decimal(1000), Decimal(1000), datetime(2020, 1, 1, tzinfo=UTC))]
+        )
+
+    limits = Limits(
+        Settings(tier_basic_rpm=1),
+        cast(Any, None),
+        cast(Any, Prices()),
+        RedisCounters(dead, "x:"),
+        held,
+    )
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 16}
+    for _ in range(2):  # the failing call, and one while the store is left alone
+        with pytest.raises(BudgetUnavailable) as refused:
+            await limits.admit(key_id=uuid.uuid4(), account_id=budgeted, model="m", body=body)
+        assert refused.value.status_code == 503 and "Redis" in refused.value.message
+        assert refused.value.headers["retry-after"]
+        grant = await limits.admit(key_id=uuid.uuid4(), account_id=unbudgeted, model="m", body=body)
+        assert grant.budget_counters == ()
+    await dead.aclose()
+
+
 async def test_a_request_refused_by_its_budget_uses_none_of_its_rate_limit(
     shared_counters: list[Counters],
 ) -> None:

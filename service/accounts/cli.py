@@ -1,22 +1,25 @@
-"""`meterline accounts …` and `meterline keys …`: the billing API from the command line."""
+"""`meterline accounts …` and `meterline keys …`: the billing API from the command line
+(API clients: `service/commands/api.py`)."""
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
 from datetime import datetime
 from decimal import Decimal
+from enum import StrEnum
 from typing import Annotated, Any
 
 import typer
 
-from service.api_client import (
-    BillingClient,
+from service.commands.api import BillingClient, TokenOption, UrlOption
+from service.commands.output import (
     JsonOption,
-    TokenOption,
-    UrlOption,
     err,
+    fail,
     print_json,
     print_record,
-    print_table,
+    print_result,
 )
 
 accounts_app = typer.Typer(help="Customer accounts.", no_args_is_help=True)
@@ -38,28 +41,70 @@ ACCOUNT_COLUMNS = [
 LIST_COLUMNS = ["id", "name", "tier", "monthly_budget_usd", "created_at"]
 KEY_COLUMNS = ["id", "name", "prefix", "status", "created_at", "last_used_at", "expires_at"]
 
-Tier = Annotated[str | None, typer.Option(help="basic | pro | custom.")]
-Budget = Annotated[Decimal | None, typer.Option("--budget", help="Monthly budget, USD.")]
-Margin = Annotated[Decimal | None, typer.Option(help="Quote margin (0.2 = 20 %).")]
-Policy = Annotated[
-    str | None, typer.Option("--failed-task-policy", help="free | cost: billing of failed tasks.")
+# The account's settings, as options of `accounts create` and `accounts update` alike:
+# each parameter is named after the API field it sets.
+ACCOUNT_OPTIONS = [
+    inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=option)
+    for name, option in {
+        "tier": Annotated[str | None, typer.Option(help="basic | pro | custom.")],
+        "monthly_budget_usd": Annotated[
+            Decimal | None, typer.Option("--budget", help="Monthly budget, USD.")
+        ],
+        "quote_margin": Annotated[Decimal | None, typer.Option(help="Quote margin (0.2 = 20 %).")],
+        "failed_task_policy": Annotated[
+            str | None, typer.Option(help="free | cost: billing of failed tasks.")
+        ],
+        "customer_reported_outcomes": Annotated[
+            bool | None,
+            typer.Option(
+                "--customer-reported-outcomes/--operator-reported-outcomes",
+                help="Whether the account's keys may report task outcomes"
+                " (a new account: only the admin may).",
+                show_default=False,
+            ),
+        ],
+        "expired_task_policy": Annotated[
+            str | None,
+            typer.Option(
+                help="fixed_price | cost | free: billing of quoted tasks that expired open."
+            ),
+        ],
+        "rate_limit_rpm": Annotated[
+            int | None, typer.Option("--rpm", help="Requests per minute limit.")
+        ],
+        "rate_limit_tpm": Annotated[
+            int | None, typer.Option("--tpm", help="Tokens per minute limit.")
+        ],
+    }.items()
 ]
-Outcomes = Annotated[
-    bool | None,
-    typer.Option(
-        "--customer-reported-outcomes/--operator-reported-outcomes",
-        help="Whether the account's keys may report task outcomes (default: only the admin).",
-    ),
-]
-ExpiredPolicy = Annotated[
-    str | None,
-    typer.Option(
-        "--expired-task-policy",
-        help="fixed_price | cost | free: billing of quoted tasks that expired open.",
-    ),
-]
-Rpm = Annotated[int | None, typer.Option("--rpm", help="Requests per minute limit.")]
-Tpm = Annotated[int | None, typer.Option("--tpm", help="Tokens per minute limit.")]
+
+
+class Clearable(StrEnum):
+    """The optional settings `accounts update --clear` sets back to none, by option name."""
+
+    budget = "budget"
+    quote_margin = "quote-margin"
+    rpm = "rpm"
+    tpm = "tpm"
+
+    @property
+    def field(self) -> str:
+        return {
+            "budget": "monthly_budget_usd",
+            "quote-margin": "quote_margin",
+            "rpm": "rate_limit_rpm",
+            "tpm": "rate_limit_tpm",
+        }[self.value]
+
+
+def with_account_options(command: Callable[..., None]) -> Callable[..., None]:
+    """Give `command` the account's options, before `--url`; it takes them as **fields."""
+    signature = inspect.signature(command, eval_str=True)
+    own = [p for p in signature.parameters.values() if p.kind is not p.VAR_KEYWORD]
+    at = next(i for i, p in enumerate(own) if p.name == "url")
+    parameters = [*own[:at], *ACCOUNT_OPTIONS, *own[at:]]
+    command.__signature__ = signature.replace(parameters=parameters)  # type: ignore[attr-defined]
+    return command
 
 
 def _fields(**values: Any) -> dict[str, Any]:
@@ -71,42 +116,20 @@ def _fields(**values: Any) -> dict[str, Any]:
     }
 
 
-def _show_account(account: dict[str, Any], as_json: bool) -> None:
-    if as_json:
-        print_json(account)
-    else:
-        print_record(account)
-
-
 @accounts_app.command("create")
+@with_account_options
 def create_account(
     name: Annotated[str, typer.Argument(help="The account's name.")],
-    tier: Tier = None,
-    budget: Budget = None,
-    quote_margin: Margin = None,
-    failed_task_policy: Policy = None,
-    customer_reported_outcomes: Outcomes = None,
-    expired_task_policy: ExpiredPolicy = None,
-    rpm: Rpm = None,
-    tpm: Tpm = None,
+    *,
     url: UrlOption = None,
     token: TokenOption = None,
     as_json: JsonOption = False,
+    **fields: Any,
 ) -> None:
     """Create an account (admin)."""
-    body = _fields(
-        name=name,
-        tier=tier,
-        monthly_budget_usd=budget,
-        quote_margin=quote_margin,
-        failed_task_policy=failed_task_policy,
-        customer_reported_outcomes=customer_reported_outcomes,
-        expired_task_policy=expired_task_policy,
-        rate_limit_rpm=rpm,
-        rate_limit_tpm=tpm,
-    )
     with BillingClient(url, token) as client:
-        _show_account(client.request("POST", "/billing/accounts", json=body), as_json)
+        account = client.request("POST", "/billing/accounts", json=_fields(name=name, **fields))
+    print_result(account, as_json)
 
 
 @accounts_app.command("list")
@@ -116,10 +139,7 @@ def list_accounts(
     """List every account (admin)."""
     with BillingClient(url, token) as client:
         accounts = list(client.pages("/billing/accounts", {"limit": 200}))
-    if as_json:
-        print_json(accounts)
-    else:
-        print_table(accounts, LIST_COLUMNS, title=f"{len(accounts)} accounts")
+    print_result(accounts, as_json, LIST_COLUMNS, f"{len(accounts)} accounts")
 
 
 @accounts_app.command("show")
@@ -131,40 +151,33 @@ def show_account(
 ) -> None:
     """Show one account."""
     with BillingClient(url, token) as client:
-        _show_account(client.request("GET", f"/billing/accounts/{account_id}"), as_json)
+        print_result(client.request("GET", f"/billing/accounts/{account_id}"), as_json)
 
 
 @accounts_app.command("update")
+@with_account_options
 def update_account(
     account_id: str,
+    *,
     name: Annotated[str | None, typer.Option(help="New name.")] = None,
-    tier: Tier = None,
-    budget: Budget = None,
-    quote_margin: Margin = None,
-    failed_task_policy: Policy = None,
-    customer_reported_outcomes: Outcomes = None,
-    expired_task_policy: ExpiredPolicy = None,
-    rpm: Rpm = None,
-    tpm: Tpm = None,
+    clear: Annotated[
+        list[Clearable] | None,
+        typer.Option(help="Set this back to none (repeatable).", show_default=False),
+    ] = None,
     url: UrlOption = None,
     token: TokenOption = None,
     as_json: JsonOption = False,
+    **fields: Any,
 ) -> None:
     """Change the fields given (admin)."""
-    body = _fields(
-        name=name,
-        tier=tier,
-        monthly_budget_usd=budget,
-        quote_margin=quote_margin,
-        failed_task_policy=failed_task_policy,
-        customer_reported_outcomes=customer_reported_outcomes,
-        expired_task_policy=expired_task_policy,
-        rate_limit_rpm=rpm,
-        rate_limit_tpm=tpm,
-    )
+    body = _fields(name=name, **fields)
+    for option in clear or []:
+        if option.field in body:
+            fail(f"--{option.value} and --clear {option.value} contradict each other")
+        body[option.field] = None  # the API's way to clear a field: null
     with BillingClient(url, token) as client:
         account = client.request("PATCH", f"/billing/accounts/{account_id}", json=body)
-    _show_account(account, as_json)
+    print_result(account, as_json)
 
 
 @keys_app.command("create")
@@ -200,10 +213,7 @@ def list_keys(
     """List an account's keys (revoked and expired included)."""
     with BillingClient(url, token) as client:
         keys = list(client.pages(f"/billing/accounts/{account_id}/keys", {"limit": 200}))
-    if as_json:
-        print_json(keys)
-    else:
-        print_table(keys, KEY_COLUMNS, title=f"{len(keys)} keys")
+    print_result(keys, as_json, KEY_COLUMNS, f"{len(keys)} keys")
 
 
 @keys_app.command("revoke")
@@ -216,7 +226,4 @@ def revoke_key(
     """Revoke a key (admin); the proxy refuses it at once. Revoking twice is harmless."""
     with BillingClient(url, token) as client:
         key = client.request("DELETE", f"/billing/keys/{key_id}")
-    if as_json:
-        print_json(key)
-    else:
-        print_record(key, [*KEY_COLUMNS[:4], "revoked_at"])
+    print_result(key, as_json, [*KEY_COLUMNS[:4], "revoked_at"])

@@ -46,6 +46,11 @@ async def ping(connection: AsyncConnection) -> None:
     await connection.execute(text("SELECT 1"))
 
 
+async def migrated(connection: AsyncConnection) -> bool:
+    """Whether `meterline db upgrade` ever ran on the database."""
+    return await connection.scalar(text("SELECT to_regclass('alembic_version')")) is not None
+
+
 async def ensure_usage_partition(connection: AsyncConnection, month: Any) -> None:
     """Create the ledger's partition of `month` unless it exists (migration 0001's function)."""
     await connection.execute(text("SELECT meterline_ensure_usage_partition(:at)"), {"at": month})

@@ -1,5 +1,5 @@
-"""`meterline invoices generate|finalize|void|show|rollup`, straight to the database (and
-`unpriced`, from `service.reports.cli`)."""
+"""`meterline invoices generate|finalize|void|show|rollup`, straight to the database (a
+direct-database command: `service/commands/database.py`; `unpriced` is `service.reports.cli`'s)."""
 
 from __future__ import annotations
 
@@ -10,19 +10,18 @@ from typing import Annotated
 import typer
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from service.api_client import err, print_json, print_table
+from service.commands.database import run_in_transaction, run_with_database
+from service.commands.output import JsonOption, err, print_json, print_table
 from service.db.engine import transaction
 from service.errors import MeterlineError
 from service.invoices import service
 from service.invoices.repository.invoices import InvoiceRepository
 from service.invoices.rollup import RollUp, roll_up
 from service.invoices.schemas import GenerateSummary, InvoiceOut, invoice_out
-from service.prices.cli import run_in_transaction, run_with_database
 from service.settings import get_settings
 
 invoices_app = typer.Typer(help="Monthly invoices.", no_args_is_help=True)
 
-JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
 LINE_COLUMNS = ["kind", "description", "quantity", "amount_exact_usd", "amount_usd"]
 
 
@@ -49,7 +48,7 @@ def generate(
     period: Annotated[str, typer.Option(help="The month, YYYY-MM (UTC).")],
     account_id: Annotated[
         list[uuid.UUID] | None,
-        typer.Option("--account-id", help="Only this account (repeatable) [default: all]."),
+        typer.Option("--account-id", help="Only this account (repeatable).", show_default="all"),
     ] = None,
     as_json: JsonOption = False,
 ) -> None:

@@ -1,55 +1,20 @@
-"""`meterline prices import|export`: price tables as CSV or YAML, straight to the database."""
+"""`meterline prices import|export`: price tables as CSV or YAML, straight to the database
+(a direct-database command: `service/commands/database.py`)."""
 
 from __future__ import annotations
 
-import asyncio
 import sys
-from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Annotated, TypeVar
+from typing import Annotated
 
 import typer
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from pricing.price_table import PriceTableError, TableFormat
-from service.api_client import err, fail
-from service.db.embedded import database_url
-from service.db.engine import create_engine, session_factory, transaction
-from service.errors import MeterlineError
+from pricing.price_table import TableFormat
+from service.commands.database import run_in_transaction
+from service.commands.output import err, fail
 from service.prices import service
-from service.settings import get_settings
-
-T = TypeVar("T")
 
 prices_app = typer.Typer(help="Price tables (USD per 1M tokens).", no_args_is_help=True)
-
-
-def run_with_database(work: Callable[[async_sessionmaker[AsyncSession]], Awaitable[T]]) -> T:
-    """Run `work` against the configured (or embedded) database; it opens its own
-    transactions. An expected error is printed and exits 1."""
-
-    async def _run(url: str) -> T:
-        engine = create_engine(url, pool_size=1)
-        try:
-            return await work(session_factory(engine))
-        finally:
-            await engine.dispose()
-
-    with database_url(get_settings()) as url:
-        try:
-            return asyncio.run(_run(url))
-        except (MeterlineError, PriceTableError) as exc:
-            fail(str(exc.message if isinstance(exc, MeterlineError) else exc))
-
-
-def run_in_transaction(work: Callable[[AsyncSession], Awaitable[T]]) -> T:
-    """Run `work` in one transaction: committed on success, nothing on error."""
-
-    async def _one(sessions: async_sessionmaker[AsyncSession]) -> T:
-        async with transaction(sessions) as session:
-            return await work(session)
-
-    return run_with_database(_one)
 
 
 def _format_of(path: Path | None, given: str | None) -> TableFormat:
@@ -65,7 +30,8 @@ def _format_of(path: Path | None, given: str | None) -> TableFormat:
 def import_prices(
     file: Annotated[Path, typer.Argument(help="CSV or YAML price table ('-' for stdin).")],
     fmt: Annotated[
-        str | None, typer.Option("--format", "-f", help="csv | yaml [default: by extension].")
+        str | None,
+        typer.Option("--format", "-f", help="csv | yaml.", show_default="by extension"),
     ] = None,
 ) -> None:
     """Add the table's versions (rows without effective_from take effect now).
@@ -74,7 +40,10 @@ def import_prices(
     import. Past ledger rows and finalized invoices never change.
     """
     stdin = str(file) == "-"
-    text = sys.stdin.read() if stdin else file.read_text()
+    try:
+        text = sys.stdin.read() if stdin else file.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        fail(f"cannot read {file}: {getattr(exc, 'strerror', None) or exc}")
     table_format = _format_of(None if stdin else file, fmt)
     result = run_in_transaction(lambda s: service.import_table(s, text, table_format))
     err.print(f"imported {len(result.added)} new versions, {result.unchanged} already present")
@@ -84,7 +53,7 @@ def import_prices(
 def export_prices(
     fmt: Annotated[str | None, typer.Option("--format", "-f", help="csv | yaml.")] = None,
     output: Annotated[
-        Path | None, typer.Option("--output", "-o", help="File to write [default: stdout].")
+        Path | None, typer.Option("--output", "-o", help="File to write.", show_default="stdout")
     ] = None,
 ) -> None:
     """Every price version, readable back by `meterline prices import`."""
@@ -93,5 +62,8 @@ def export_prices(
     if output is None:
         sys.stdout.write(text)
     else:
-        output.write_text(text)
+        try:
+            output.write_text(text)
+        except OSError as exc:
+            fail(f"cannot write {output}: {exc.strerror or exc}")
         err.print(f"wrote {output}")

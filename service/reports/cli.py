@@ -20,18 +20,10 @@ from rich.progress import (
 )
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from service.api_client import (
-    BillingClient,
-    TokenOption,
-    UrlOption,
-    err,
-    fail,
-    print_json,
-    print_table,
-)
+from service.commands.api import BillingClient, TokenOption, UrlOption
+from service.commands.database import run_in_transaction
+from service.commands.output import JsonOption, err, fail, print_result
 from service.invoices import service as invoices
-from service.invoices.cli import JsonOption
-from service.prices.cli import run_in_transaction
 from service.reports.service import unpriced_report
 
 report_app = typer.Typer(help="Report exports.", no_args_is_help=True)
@@ -49,7 +41,7 @@ def monthly(
     period: Annotated[str, typer.Option(help="The month, YYYY-MM (UTC).")],
     fmt: Annotated[str, typer.Option("--format", "-f", help="csv | json.")] = "csv",
     output: Annotated[
-        Path | None, typer.Option("--output", "-o", help="File to write [default: stdout].")
+        Path | None, typer.Option("--output", "-o", help="File to write.", show_default="stdout")
     ] = None,
     account_id: Annotated[str | None, typer.Option("--account-id")] = None,
     url: UrlOption = None,
@@ -61,7 +53,10 @@ def monthly(
         params["account_id"] = account_id
     # A file appears only once complete: a cut export never passes for a whole one.
     partial = output.with_name(output.name + ".part") if output else None
-    sink: BinaryIO = partial.open("wb") if partial else sys.stdout.buffer
+    try:
+        sink: BinaryIO = partial.open("wb") if partial else sys.stdout.buffer
+    except OSError as exc:
+        fail(f"cannot write {output}: {exc.strerror or exc}")
     lines = 0
     tail = b""
     progress = Progress(
@@ -112,10 +107,5 @@ def unpriced(
         return [r.model_dump(mode="json") for r in rows]
 
     rows = run_in_transaction(work)
-    if as_json:
-        print_json(rows)
-    else:
-        print_table(
-            rows,
-            ["account_id", "model", "requests", "requests_priced_now", "requests_without_price"],
-        )
+    columns = ["account_id", "model", "requests", "requests_priced_now", "requests_without_price"]
+    print_result(rows, as_json, columns)

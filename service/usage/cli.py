@@ -6,14 +6,8 @@ from typing import Annotated, Any
 
 import typer
 
-from service.api_client import (
-    BillingClient,
-    JsonOption,
-    TokenOption,
-    UrlOption,
-    print_json,
-    print_table,
-)
+from service.commands.api import BillingClient, TokenOption, UrlOption
+from service.commands.output import JsonOption, print_json, print_table
 from service.usage.schemas import GROUP_FIELDS, GROUPS
 
 TOTAL_COLUMNS = ["requests", "prompt_tokens", "completion_tokens", "total_tokens", "cost_usd"]

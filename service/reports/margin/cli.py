@@ -6,14 +6,8 @@ from typing import Annotated
 
 import typer
 
-from service.api_client import (
-    BillingClient,
-    JsonOption,
-    TokenOption,
-    UrlOption,
-    print_json,
-    print_table,
-)
+from service.commands.api import BillingClient, TokenOption, UrlOption
+from service.commands.output import JsonOption, print_json, print_table
 
 COLUMNS = [
     "task_type",

@@ -1,6 +1,7 @@
-"""The billing API as the command line speaks to it: over HTTP, like any other client.
+"""The API-client commands: the billing API as the command line speaks to it, over HTTP,
+like any other client.
 
-`meterline accounts|keys|usage|report` talk to a running Meterline (`--url`, default
+`meterline accounts|keys|usage|report|tasks|quote` talk to a running Meterline (`--url`, default
 `http://METERLINE_HOST:METERLINE_PORT`) with the admin token (`--token`, default
 `METERLINE_ADMIN_TOKEN`) or a customer key, so they work from any machine and obey the
 same rules as the API.
@@ -8,17 +9,14 @@ same rules as the API.
 
 from __future__ import annotations
 
-import json
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any
 
 import httpx
 import typer
-from rich.console import Console
-from rich.table import Table
 
+from service.commands.output import fail
 from service.settings import get_settings
 
 UrlOption = Annotated[
@@ -26,8 +24,8 @@ UrlOption = Annotated[
     typer.Option(
         "--url",
         envvar="METERLINE_URL",
-        help="Meterline's base URL [default: http://METERLINE_HOST:METERLINE_PORT].",
-        show_default=False,
+        help="Meterline's base URL.",
+        show_default="http://METERLINE_HOST:METERLINE_PORT",
     ),
 ]
 TokenOption = Annotated[
@@ -35,18 +33,16 @@ TokenOption = Annotated[
     typer.Option(
         "--token",
         envvar="METERLINE_TOKEN",
-        help="Admin token or customer key [default: METERLINE_ADMIN_TOKEN].",
-        show_default=False,
+        help="Admin token or customer key.",
+        show_default="METERLINE_ADMIN_TOKEN",
     ),
 ]
-JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
 
-err = Console(stderr=True)
-
-
-def fail(message: str, code: int = 1) -> NoReturn:
-    err.print(f"[red]error:[/red] {message}", highlight=False)
-    raise typer.Exit(code)
+# Tasks and quotes belong to one account: a customer key names it, the admin must.
+AccountOption = Annotated[
+    str | None,
+    typer.Option("--account-id", help="The account; required with the admin token."),
+]
 
 
 class BillingClient:
@@ -106,47 +102,3 @@ class BillingClient:
                 yield response
         except httpx.TransportError as exc:
             fail(f"cannot reach {self.http.base_url} or the export was cut: {exc}", 2)
-
-
-def print_json(value: Any) -> None:
-    sys.stdout.write(json.dumps(value, indent=2) + "\n")
-
-
-def human(column: str, value: Any) -> str:
-    """A cell for people: times to the second, money without its trailing zeros.
-
-    Only the tables: `--json` keeps the API's exact values.
-    """
-    if value is None:
-        return ""
-    text = str(value)
-    if column.endswith("_at") and len(text) >= 19 and text[10] == "T":
-        return text[:19].replace("T", " ") + "Z"
-    if column.endswith("_usd") and "." in text:
-        whole, _, fraction = text.partition(".")
-        return f"{whole}.{fraction.rstrip('0').ljust(2, '0')}"
-    return text
-
-
-def print_table(rows: list[dict[str, Any]], columns: list[str], title: str | None = None) -> None:
-    table = Table(title=title)
-    for column in columns:
-        numeric = column.endswith(("_usd", "tokens", "requests", "_rpm", "_tpm"))
-        # Ids are copied from the screen: never wrap them.
-        whole = column == "id" or column.endswith("_id")
-        table.add_column(
-            column, justify="right" if numeric else "left", overflow="fold", no_wrap=whole
-        )
-    for row in rows:
-        table.add_row(*(human(c, row.get(c)) for c in columns))
-    Console().print(table)
-
-
-def print_record(record: dict[str, Any], fields: list[str] | None = None) -> None:
-    """One object as `field  value` lines: readable however many fields it has."""
-    table = Table(show_header=False, box=None, pad_edge=False)
-    table.add_column(style="bold")
-    table.add_column(overflow="fold")
-    for name in fields or list(record):
-        table.add_row(name, human(name, record.get(name)))
-    Console().print(table)
