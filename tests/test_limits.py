@@ -686,3 +686,35 @@ def test_a_stream_is_cut_at_the_first_chunk_past_its_allowance() -> None:
     # A provider's running usage counts when it says more than the chunks do.
     running = _sse(_delta(" many", usage={"completion_tokens": 40}), *words)
     assert _passed_on(OutputCounter(30), b"".join(running), 10_000) == (b"", True)
+
+
+_TEXT = st.text(st.characters(codec="utf-8"), max_size=40)
+_MESSAGE = st.fixed_dictionaries(
+    {"role": st.sampled_from(["system", "user", "assistant", "tool"]), "content": _TEXT},
+    optional={
+        "name": _TEXT,
+        "tool_calls": st.lists(
+            st.fixed_dictionaries(
+                {
+                    "id": _TEXT,
+                    "type": st.just("function"),
+                    "function": st.fixed_dictionaries({"name": _TEXT, "arguments": _TEXT}),
+                }
+            ),
+            max_size=2,
+        ),
+    },
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(messages=st.lists(_MESSAGE, min_size=1, max_size=6))
+def test_a_chat_reserves_at_least_the_prompt_its_usage_would_be_estimated_at(
+    messages: list[dict[str, Any]],
+) -> None:
+    """One module, two questions: the usage estimate is the best guess of what the provider
+    counted (the prompt as the model reads it), the reservation a bound on what it may bill
+    (every text field, plus each message's markers). The bound is never below the guess,
+    so a request is never recorded above what it was allowed to reserve for its prompt."""
+    body = {"model": "m", "messages": messages}
+    assert tokens.prompt_tokens(body) >= tokens.count_tokens(tokens.prompt_text(body))
