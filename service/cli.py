@@ -17,6 +17,8 @@ import uvicorn
 import yaml
 
 from service.accounts.cli import accounts_app, keys_app
+from service.commands.api import API_CLIENTS
+from service.commands.database import DIRECT
 from service.commands.output import fail
 from service.db.embedded import NoEmbeddedDatabase, database_url
 from service.db.migrate import downgrade, upgrade
@@ -37,9 +39,8 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-# The two families of commands, each under its own heading of `meterline --help`.
-API_CLIENTS = "Billing API clients (a running Meterline at --url, with --token)"
-DIRECT = "Straight to the database (METERLINE_DATABASE_URL or the embedded Postgres)"
+# The two families of commands, each under its own heading of `meterline --help`; `prices`
+# and `invoices` mix them, each subcommand under its family's heading.
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
 app.add_typer(db_app, name="db", rich_help_panel=DIRECT)
 app.add_typer(accounts_app, name="accounts", rich_help_panel=API_CLIENTS)
@@ -48,10 +49,10 @@ app.command("usage", rich_help_panel=API_CLIENTS)(usage)
 app.add_typer(report_app, name="report", rich_help_panel=API_CLIENTS)
 app.add_typer(tasks_app, name="tasks", rich_help_panel=API_CLIENTS)
 app.command("quote", rich_help_panel=API_CLIENTS)(quote)
-app.add_typer(prices_app, name="prices", rich_help_panel=DIRECT)
-app.add_typer(invoices_app, name="invoices", rich_help_panel=DIRECT)
+app.add_typer(prices_app, name="prices", rich_help_panel=API_CLIENTS)
+app.add_typer(invoices_app, name="invoices", rich_help_panel=API_CLIENTS)
 report_app.command("margin")(margin)
-invoices_app.command("unpriced")(unpriced)
+invoices_app.command("unpriced", rich_help_panel=API_CLIENTS)(unpriced)
 # The defaults `serve` falls back on when neither an option nor its variable is given.
 DEFAULTS = Settings.model_construct()
 
