@@ -18,10 +18,10 @@ import uvicorn
 import yaml
 
 from service.accounts.cli import accounts_app, keys_app
-from service.commands.demo import prepare_demo, write_demo_file
 from service.commands.output import fail
 from service.db.embedded import NoEmbeddedDatabase, database_url
 from service.db.migrate import downgrade, upgrade
+from service.demo import prepare_demo, write_demo_file
 from service.invoices.cli import invoices_app
 from service.metrics import multiproc as metrics_multiproc
 from service.prices.cli import prices_app
@@ -118,7 +118,7 @@ def _start_demo_upstream(settings: Settings) -> subprocess.Popen[bytes]:
 
 def _start_demo(settings: Settings, host: str, port: int) -> subprocess.Popen[bytes]:
     """The mock provider, and the demo's admin token (unless one is set), account and key,
-    the same ones on every restart (service/commands/demo.py)."""
+    the same ones on every restart (service/demo.py)."""
     upstream = _start_demo_upstream(settings)
     admin_from_env = settings.admin_token is not None
     assert settings.database_url

@@ -65,7 +65,9 @@ def readme_examples(text: str) -> list[Example]:
         language = match.group(1)
         marked = start > 0 and NOT_RUN.match(lines[start - 1]) is not None
         code = "\n".join(lines[start + 1 : index]) + "\n"
-        examples.append(Example(start + 1, language, code, language in RUN_LANGUAGES and not marked))
+        examples.append(
+            Example(start + 1, language, code, language in RUN_LANGUAGES and not marked)
+        )
         index += 1
     return examples
 
@@ -85,7 +87,9 @@ env -0 > "$STATE/env"
 """
 
 
-def run_example(example: Example, state: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+def run_example(
+    example: Example, state: Path, env: dict[str, str]
+) -> subprocess.CompletedProcess[str]:
     if example.language == "python":
         exported = state / "env"
         if exported.exists():
