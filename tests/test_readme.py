@@ -2,7 +2,8 @@
 
 The rule: every ```bash, ```sh and ```python block is run, in the order of the README, unless
 the line just before its fence is `<!-- not run: why -->` (installing, a compose deployment,
-anything that cannot run in a test). Other fences (```yaml, plain ```) are not examples to run.
+anything that cannot run in a test). A ```yaml block holding `providers:` is a providers file
+and must parse as one. Other fences (plain ```: sample output) are not examples to run.
 
 Shell blocks run with `bash` under `set -euo pipefail`, each in its own process; the shell
 variables one block defines (the demo's `ML`, `KEY`, …, a `QUOTE_ID`) are handed to the next,
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import pytest
 
+from service.providers.config import parse_providers
 from tests.support import ROOT, free_port, running
 
 README = ROOT / "README.md"
@@ -103,7 +105,7 @@ def run_example(
     )
 
 
-def test_every_runnable_block_is_marked_or_run() -> None:
+def test_not_run_markers_are_well_formed() -> None:
     """The README keeps its examples in fences this test knows: a typo'd marker is an error."""
     text = README.read_text()
     examples = readme_examples(text)
@@ -113,6 +115,17 @@ def test_every_runnable_block_is_marked_or_run() -> None:
             assert NOT_RUN.match(line), f"README.md:{number}: malformed marker {line!r}"
             following = text.splitlines()[number]
             assert FENCE.match(following), f"README.md:{number}: a marker must precede a fence"
+
+
+def test_the_providers_file_example_is_a_valid_providers_file() -> None:
+    files = [
+        e
+        for e in readme_examples(README.read_text())
+        if e.language == "yaml" and e.code.startswith("providers:")
+    ]
+    assert files
+    for example in files:
+        assert parse_providers(example.code), f"README.md:{example.line}"
 
 
 @pytest.fixture
