@@ -43,7 +43,13 @@ class LiveTasks(Protocol):
     def mark_closed(self, account_id: uuid.UUID, task_id: str) -> None: ...
 
     def mark_open_quoted(
-        self, account_id: uuid.UUID, task_id: str, model: str, accepted_at: datetime, cap: Decimal
+        self,
+        account_id: uuid.UUID,
+        task_id: str,
+        model: str,
+        accepted_at: datetime,
+        cap: Decimal,
+        expires_at: datetime | None = None,
     ) -> None: ...
 
 

@@ -19,15 +19,28 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import openai
 import pytest
 import redis
 from openai.types.chat import ChatCompletionMessageParam
+from sqlalchemy.ext.asyncio import AsyncEngine
 
+from pricing.invoice import BillingPeriod
+from pricing.prices import PriceBook
+from service.auth.key_cache import KeyLimits
+from service.db.engine import create_engine, session_factory, transaction
+from service.invoices import service as invoices
+from service.limits.budgets import Hold
+from service.limits.counters import MemoryCounters
 from service.limits.policy import month_bounds, month_of
+from service.limits.repository import budget_spend
+from service.limits.service import Grant, Limits
+from service.prices.cache import PriceCache
+from service.reports.review import service as flagged
+from service.settings import Settings
 from tests.conftest import Meterline, Upstream, start_meterline
 from tests.reliability import (
     REDIS_URL,
@@ -574,3 +587,160 @@ def test_two_workers_without_redis_warn_that_limits_are_per_process(
         line = next(x for x in m.log.read_text().splitlines() if "limits_per_worker" in x)
     assert "level=WARNING" in line and "workers=2" in line
     assert "limits are per process" in line and "METERLINE_REDIS_URL" in line
+
+
+# -- what the ledger says a month spent, against what its invoice bills --------------------
+
+SPEND_MONTH = BillingPeriod(2025, 3)
+
+
+def _task(
+    db: Database, account: uuid.UUID, external_id: str, status: str, billed_as: str | None
+) -> None:
+    """A quoted task accepted on 3 March at a fixed price of $0.10, as completing it (or
+    not) leaves it, completed on 20 March."""
+    accepted = datetime(2025, 3, 3, tzinfo=UTC)
+    quote = db.fetchval(
+        "INSERT INTO quotes (account_id, task_type, model, basis, sample_size, confidence,"
+        " margin, expected_cost_usd, quantile_cost_usd, price_usd, valid_until, accepted_at)"
+        " VALUES ($1, 'summarize', $2, 'estimate', 0, 0.9, 0.2, 0.01, 0.01, 0.10, $3, $3)"
+        " RETURNING id",
+        account,
+        MODEL,
+        accepted,
+    )
+    db.execute(
+        "INSERT INTO tasks (account_id, external_id, task_type, model, quote_id,"
+        " fixed_price_usd, status, completed_at, created_at, expires_at, billed_as)"
+        " VALUES ($1, $2, 'summarize', $3, $4, 0.10, $5, $6, $7,"
+        " $7::timestamptz + interval '30 days', $8)",
+        account,
+        external_id,
+        MODEL,
+        quote,
+        status,
+        None if status == "open" else datetime(2025, 3, 20, tzinfo=UTC),
+        accepted,
+        billed_as,
+    )
+
+
+def _month_spend(url: str, account: uuid.UUID) -> Decimal:
+    async def read() -> Decimal:
+        engine = create_engine(url, pool_size=1)
+        try:
+            async with engine.connect() as connection:
+                spent = await budget_spend(
+                    connection, [account], None, SPEND_MONTH.start, SPEND_MONTH.end, PriceBook([])
+                )
+        finally:
+            await engine.dispose()
+        return spent.get(account, Decimal(0))
+
+    return asyncio.run(read())
+
+
+def _draft_exact_total(url: str, account: uuid.UUID) -> Decimal:
+    async def draft() -> Decimal:
+        engine = create_engine(url, pool_size=1)
+        try:
+            async with transaction(session_factory(engine)) as session:
+                now = datetime(2025, 3, 25, tzinfo=UTC)
+                result = await invoices.generate(session, SPEND_MONTH, [account], now=now)
+                invoice = await invoices.get(session, result.invoice_ids[account])
+                return sum((line.amount_exact_usd for line in invoice.lines), Decimal(0))
+        finally:
+            await engine.dispose()
+
+    return asyncio.run(draft())
+
+
+@pytest.mark.parametrize(
+    ("status", "billed_as", "spend"),
+    [
+        ("open", None, "0.11"),  # the fixed price, reserved at acceptance
+        ("succeeded", "fixed_price", "0.11"),
+        ("failed", "free", "0.01"),  # neither its tokens nor its price: it bills nothing
+        ("failed", "cost", "0.26"),
+        ("expired", "fixed_price", "0.11"),
+        ("expired", "cost", "0.26"),  # its tokens, not the price it will not be billed
+        ("expired", "free", "0.01"),
+    ],
+)
+def test_a_quoted_task_counts_against_the_budget_as_it_is_billed(
+    fresh_database_url: str, status: str, billed_as: str | None, spend: str
+) -> None:
+    db = Database(fresh_database_url)
+    account = db.fetchval("INSERT INTO accounts (name) VALUES ('spend') RETURNING id")
+    _task(db, account, "quoted", status, billed_as)
+    at = datetime(2025, 3, 10, tzinfo=UTC)
+    insert_usage(
+        db,
+        usage_row(account, at, cost="0.15", model=MODEL, task_id="quoted"),
+        usage_row(account, at, cost="0.10", model=MODEL, task_id="quoted"),
+        usage_row(account, at, cost="0.01", model=MODEL),  # outside the task
+    )
+    assert _month_spend(fresh_database_url, account) == Decimal(spend)
+    if status != "open":
+        # What the month's invoice bills, exactly: the budget counted the same.
+        assert _draft_exact_total(fresh_database_url, account) == Decimal(spend)
+
+
+def test_a_flagged_claim_counts_against_the_budget_once_reviewed_as_billed(
+    fresh_database_url: str,
+) -> None:
+    db = Database(fresh_database_url)
+    at = datetime(2025, 3, 10, tzinfo=UTC)
+    accounts = [
+        db.fetchval("INSERT INTO accounts (name) VALUES ('flagged') RETURNING id") for _ in range(3)
+    ]
+    claims = [
+        usage_row(account, at, completion=4_294_967_295, cost="4294.97", flag="implausible_count")
+        for account in accounts
+    ]
+    insert_usage(db, *claims, *(usage_row(a, at, cost="0.01") for a in accounts))
+    # Unreviewed, a claim bills nothing yet (it blocks finalization): it does not exhaust
+    # the month's budget.
+    assert [_month_spend(fresh_database_url, a) for a in accounts] == [Decimal("0.01")] * 3
+
+    async def review() -> None:
+        engine = create_engine(fresh_database_url, pool_size=1)
+        try:
+            async with transaction(session_factory(engine)) as session:
+                await flagged.accept(session, claims[1]["request_id"], None)
+                await flagged.adjust(session, claims[2]["request_id"], Decimal("-4294.96"), None)
+        finally:
+            await engine.dispose()
+
+    asyncio.run(review())
+    # Accepted: as claimed. Corrected: as claimed plus the adjustment.
+    assert [_month_spend(fresh_database_url, a) for a in accounts] == [
+        Decimal("0.01"),
+        Decimal("4294.98"),
+        Decimal("0.02"),
+    ]
+
+
+def test_a_flagged_claim_is_settled_at_most_at_its_reservation() -> None:
+    async def run() -> tuple[int, int]:
+        store = MemoryCounters()
+
+        async def no_limits(key_id: uuid.UUID, account_id: uuid.UUID) -> KeyLimits:
+            raise AssertionError("settling reads no key's limits")
+
+        limits = Limits(
+            Settings(), cast(AsyncEngine, None), cast(PriceCache, None), store, no_limits
+        )
+        counter = "account:x:2025-03"
+        await store.sync(counter, 0)
+        held = Grant("r1", budget_counters=(counter,), reserved_nano=20_000_000)
+        await store.admit([], [Hold(counter, 10**12, 20_000_000)], "r1", 60, 0)
+        await limits.settle(held, 10, Decimal("4294.97"), flagged=True)
+        plain = Grant("r2", budget_counters=(counter,), reserved_nano=20_000_000)
+        await store.admit([], [Hold(counter, 10**12, 20_000_000)], "r2", 60, 0)
+        await limits.settle(plain, 10, Decimal("0.01"))
+        return await store.state(counter)
+
+    spent, reserved = asyncio.run(run())
+    # The flagged claim is charged what its reservation held ($0.02), the other its cost.
+    assert (spent, reserved) == (30_000_000, 0)

@@ -40,9 +40,9 @@ from service.limits.policy import (
     to_nano_up,
 )
 from service.limits.ratelimit import Charge, WindowResult
-from service.proxy import tokens
 from service.proxy.sse import OutputCounter
 from service.settings import Settings
+from service.tokens import estimate as tokens
 from tests.support import free_port
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -322,15 +322,15 @@ def test_the_worst_case_of_a_request() -> None:
         "max_tokens": 100,
         "n": 2,
     }
-    prompt = estimate.prompt_tokens(chat)
+    prompt = tokens.prompt_tokens(chat)
     assert 100 <= prompt <= 110
     assert tokens.completion_tokens(chat, default=4096) == 200
     assert tokens.completion_tokens({"messages": []}, default=4096) == 4096
     assert tokens.completion_tokens({"input": "x"}, default=4096) == 0  # embeddings
-    assert estimate.prompt_tokens({"prompt": [[1, 2, 3], "hello"]}) == 4
+    assert tokens.prompt_tokens({"prompt": [[1, 2, 3], "hello"]}) == 4
     # A huge prompt is extrapolated from a sample, still close to the real count.
     text = "the quick brown fox " * 50_000
-    assert estimate.count_text(text) == pytest.approx(200_000, rel=0.05)
+    assert tokens.count_text(text) == pytest.approx(200_000, rel=0.05)
 
 
 class _NoPrices:
@@ -366,6 +366,46 @@ async def test_a_redis_outage_lets_requests_through() -> None:
     # One attempt failed; the next requests did not wait on Redis again.
     assert registry.LIMIT_ERRORS.labels("admit")._value.get() == failed + 1
     assert registry.LIMIT_ERRORS.labels("skipped")._value.get() == skipped + 2
+    await dead.aclose()
+
+
+async def test_a_redis_outage_refuses_budgeted_requests_rather_than_overspend() -> None:
+    """Counters unreachable: a request under a budget is refused with 503 (retry), since
+    admitted without a hold, a burst would spend the budget many times over; a request
+    under rate limits only still passes."""
+    from typing import cast
+
+    from pricing.prices import PriceBook
+    from service.limits.policy import BudgetUnavailable
+    from service.limits.service import Limits
+
+    dead = Redis.from_url(f"redis://127.0.0.1:{free_port()}/0", socket_connect_timeout=0.2)
+    budgeted, unbudgeted = uuid.uuid4(), uuid.uuid4()
+
+    async def held(key_id: uuid.UUID, account_id: uuid.UUID) -> KeyLimits:
+        budget = Decimal("0.26") if account_id == budgeted else None
+        return KeyLimits(key_id, account_id, "basic", account_budget_usd=budget)
+
+    class Prices:
+        book = PriceBook(
+            [Price("m", Decimal(1000), Decimal(1000), datetime(2020, 1, 1, tzinfo=UTC))]
+        )
+
+    limits = Limits(
+        Settings(tier_basic_rpm=1),
+        cast(Any, None),
+        cast(Any, Prices()),
+        RedisCounters(dead, "x:"),
+        held,
+    )
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 16}
+    for _ in range(2):  # the failing call, and one while the store is left alone
+        with pytest.raises(BudgetUnavailable) as refused:
+            await limits.admit(key_id=uuid.uuid4(), account_id=budgeted, model="m", body=body)
+        assert refused.value.status_code == 503 and "Redis" in refused.value.message
+        assert refused.value.headers["retry-after"]
+        grant = await limits.admit(key_id=uuid.uuid4(), account_id=unbudgeted, model="m", body=body)
+        assert grant.budget_counters == ()
     await dead.aclose()
 
 
@@ -424,7 +464,7 @@ def test_every_text_the_provider_bills_counts_in_the_prompt() -> None:
     """Roles, names, content parts, tool calls, legacy function calls, tool and function
     definitions, forced tool choice and response schema are all rendered into the prompt."""
     long = "ledger " * 400  # 400 tokens
-    plain = estimate.prompt_tokens({"messages": [{"role": "user", "content": "hi"}]})
+    plain = tokens.prompt_tokens({"messages": [{"role": "user", "content": "hi"}]})
     bodies: dict[str, dict[str, Any]] = {
         "role": {"messages": [{"role": long, "content": "hi"}]},
         "name": {"messages": [{"role": "user", "name": long, "content": "hi"}]},
@@ -464,7 +504,7 @@ def test_every_text_the_provider_bills_counts_in_the_prompt() -> None:
         },
     }
     for field, body in bodies.items():
-        assert estimate.prompt_tokens(body) >= plain + 400, field
+        assert tokens.prompt_tokens(body) >= plain + 400, field
     # A media part counts as a bounded allowance, never as its (base64) data.
     image = {
         "messages": [
@@ -480,7 +520,7 @@ def test_every_text_the_provider_bills_counts_in_the_prompt() -> None:
             }
         ]
     }
-    assert 1_536 < estimate.prompt_tokens(image) < 1_600
+    assert 1_536 < tokens.prompt_tokens(image) < 1_600
 
 
 @given(

@@ -269,3 +269,23 @@ async def test_only_requests_from_the_acceptance_on_count_toward_the_cap(
     await guard.settle(NO_CONTEXT, record(account_id, task_id, "0.03"))
     with pytest.raises(TaskCostCapReached):
         admit(guard, account_id, task_id)
+
+
+async def test_a_request_past_a_quoted_tasks_deadline_is_refused_before_it_expires(
+    guard: TaskGuard, meterline: Meterline
+) -> None:
+    account_id, key = meterline.customer()
+    task = await accept_quote(guard, meterline, account_id, key)
+    deadline = datetime.fromisoformat(task["expires_at"])
+    # The expiry job has not run (the task is open in the database): the deadline alone
+    # refuses, as learnt from the acceptance's notification and from a reload.
+    for _ in ("notified", "reloaded"):
+        admit(guard, account_id, task["id"], at=deadline - timedelta(milliseconds=1))
+        with pytest.raises(TaskClosed, match="expired at its deadline") as refused:
+            admit(guard, account_id, task["id"], at=deadline)
+        assert refused.value.status_code == 409
+        assert refused.value.code == "task_completed"
+        await guard.reload(full=True)
+    # A request sent before the acceptance under the same id is ordinary usage still.
+    accepted = datetime.fromisoformat(task["created_at"])
+    admit(guard, account_id, task["id"], at=accepted - timedelta(milliseconds=1))

@@ -169,6 +169,15 @@ def budget_unavailable(limit: Limit) -> BudgetUnavailable:
     return BudgetUnavailable(message, headers={"retry-after": str(UNAVAILABLE_RETRY_S)})
 
 
+def budget_store_unavailable(limit: Limit) -> BudgetUnavailable:
+    message = (
+        f"The monthly budget of {limit.scope} {limit.owner} cannot be checked right now: "
+        "its counters are kept in Redis, which did not answer. Nothing was sent; try again "
+        "shortly."
+    )
+    return BudgetUnavailable(message, headers={"retry-after": str(UNAVAILABLE_RETRY_S)})
+
+
 def rate_error(kind: str, limit: Limit, used: int, cost: int, reset_s: float) -> RateLimited:
     noun = "requests" if kind == "requests" else "tokens"
     if cost > limit.limit:

@@ -42,22 +42,34 @@ async def quote_budget(session: AsyncSession, quote_id: uuid.UUID) -> QuoteBudge
 #
 # - the cost of its ledger rows (usage and adjustments), priced at their own `occurred_at`:
 #   their stored cost, else the price in force then when one was added since;
-# - minus the rows a quoted task covers (from its acceptance on, while it is open or
-#   succeeded): those are billed as its fixed price, not as tokens;
+# - minus the rows a quoted task covers (from its acceptance on) unless the task is billed
+#   at cost (`billed_as`): while it is open, or billed its fixed price or nothing, its
+#   tokens are not billed;
 # - plus the fixed prices of the quoted tasks accepted in the month (an account's budget
-#   only), reserved when the quote was accepted. A failed quoted task's tokens count
-#   instead: its bill depends on the account's policy, and the budget assumes the larger.
+#   only) while they are open (reserved when the quote was accepted) or once billed their
+#   fixed price: a task billed at cost counts its tokens instead, a free one nothing;
+# - minus the flagged usage claims no admin has reviewed: they bill nothing until an admin
+#   accepts one (then it counts as claimed) or corrects it (as claimed plus the adjustment).
+#   The serving process counts such a request at most at what its reservation held.
 #
 # `{owner}` is `account_id` (account budgets) or `key_id` (key budgets, their account
 # given too so the account's index narrows the scan to its month).
 _COVERED = (
-    "EXISTS (SELECT 1 FROM tasks t JOIN quotes q ON q.id = t.quote_id "
+    "EXISTS (SELECT 1 FROM tasks t "
     "WHERE t.account_id = l.account_id AND t.external_id = l.task_id "
-    "AND t.status <> 'failed' AND l.occurred_at >= q.accepted_at)"
+    "AND t.quote_id IS NOT NULL AND l.occurred_at >= t.created_at "
+    "AND (t.status = 'open' OR t.billed_as <> 'cost'))"
+)
+_UNREVIEWED = (
+    "(l.usage_flag IS NOT NULL AND NOT EXISTS (SELECT 1 FROM flagged_usage_reviews r "
+    "WHERE r.request_id = l.request_id AND r.occurred_at = l.occurred_at))"
 )
 _ROWS = (
     "FROM usage_ledger l WHERE l.account_id = ANY(:accounts) {keys}"
-    "AND l.occurred_at >= :start AND l.occurred_at < :end AND NOT " + _COVERED
+    "AND l.occurred_at >= :start AND l.occurred_at < :end AND NOT "
+    + _COVERED
+    + " AND NOT "
+    + _UNREVIEWED
 )
 _PRICED = (
     "SELECT l.{owner} AS owner, SUM(l.cost_usd) AS spent "
@@ -77,12 +89,17 @@ _UNPRICED = (
     "AND (s.span_start IS NULL OR l.occurred_at >= s.span_start) "
     "AND (s.span_end IS NULL OR l.occurred_at < s.span_end) "
     "WHERE l.account_id = ANY(:accounts) {keys}AND l.occurred_at >= :start "
-    "AND l.occurred_at < :end AND l.cost_usd IS NULL AND NOT " + _COVERED + " GROUP BY 1, 2"
+    "AND l.occurred_at < :end AND l.cost_usd IS NULL AND NOT "
+    + _COVERED
+    + " AND NOT "
+    + _UNREVIEWED
+    + " GROUP BY 1, 2"
 )
 _FIXED_PRICES = text(
     "SELECT t.account_id AS owner, SUM(t.fixed_price_usd) AS spent FROM tasks t "
-    "JOIN quotes q ON q.id = t.quote_id WHERE t.account_id = ANY(:accounts) "
-    "AND q.accepted_at >= :start AND q.accepted_at < :end AND t.status <> 'failed' "
+    "WHERE t.account_id = ANY(:accounts) AND t.quote_id IS NOT NULL "
+    "AND t.created_at >= :start AND t.created_at < :end "
+    "AND (t.status = 'open' OR t.billed_as = 'fixed_price') "
     "GROUP BY 1"
 )
 

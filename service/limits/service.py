@@ -49,6 +49,7 @@ from service.limits.policy import (
     Limit,
     applied_limits,
     budget_error,
+    budget_store_unavailable,
     budget_unavailable,
     duration,
     month_bounds,
@@ -60,10 +61,10 @@ from service.limits.policy import (
 from service.limits.ratelimit import Charge, WindowResult
 from service.metrics import registry as metrics
 from service.prices.cache import PriceCache
-from service.proxy.context import ProxyHooks, RequestContext
-from service.proxy.tokens import choices as requested_choices
-from service.proxy.tokens import completion_limit, default_completion
+from service.proxy.context import RequestContext
 from service.settings import Settings
+from service.tokens.estimate import choices as requested_choices
+from service.tokens.estimate import completion_limit, default_completion, prompt_tokens
 
 log = logging.getLogger("meterline.limits")
 
@@ -94,6 +95,9 @@ class Grant:
     # more is cut). None: no cap, no cut.
     max_tokens_cap: int | None = None
     completion_allowance: int | None = None
+    # Nano-USD its reservation held in every budget: the most a flagged (implausible) usage
+    # claim is charged until an admin reviews it.
+    reserved_nano: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,7 +243,7 @@ class Limits:
         pool = BlockingConnectionPool.from_url(
             settings.redis_url,
             max_connections=16,
-            timeout=0.5,
+            timeout=2.0,  # waiting for a free connection: a burst queues (budgets refuse past it)
             socket_timeout=0.5,
             socket_connect_timeout=0.5,
         )
@@ -294,7 +298,7 @@ class Limits:
         tokens = 0
         need = None
         if applied.tokens or budgeted:
-            prompt = estimate.prompt_tokens(body)
+            prompt = prompt_tokens(body)
             limit = completion_limit(body)
             choices = requested_choices(body)
             per_choice = limit or default_completion(
@@ -306,12 +310,21 @@ class Limits:
                 need = _Need.of(price, prompt, per_choice, choices, unbounded=limit is None)
         if time.monotonic() < self._store_down_until:
             metrics.LIMIT_ERRORS.labels("skipped").inc()
-            return Grant(reservation)
+            return self._without_store(applied.budgets, budgeted, reservation)
         try:
             return await self._admit(plan, reservation, account_id, tokens, need, now)
         except (RedisError, OSError) as exc:
             self._store_failed("admit", exc)
-            return Grant(reservation)
+            return self._without_store(applied.budgets, budgeted, reservation)
+
+    @staticmethod
+    def _without_store(budgets: Sequence[Limit], budgeted: bool, reservation: str) -> Grant:
+        """Admission while the counter store fails: rate limits let the request pass (the
+        ledger still records it), a budget refuses it — admitted unheld, a burst would
+        spend the budget many times over, and money is never overspent for availability."""
+        if budgeted:
+            raise budget_store_unavailable(budgets[0])
+        return Grant(reservation)
 
     def _covered_by_quote(self, account_id: uuid.UUID, task_id: str | None) -> bool:
         return bool(task_id) and self._quoted_cost(account_id, task_id or "") is not None
@@ -359,6 +372,7 @@ class Limits:
             headers=headers,
             max_tokens_cap=cap,
             completion_allowance=allowance,
+            reserved_nano=admission.budget.granted,
         )
 
     async def _admit_synced(
@@ -426,18 +440,17 @@ class Limits:
         ctx.completion_allowance = grant.completion_allowance
         return grant
 
-    async def settlement(self, ctx: RequestContext, record: LedgerRecord | None) -> None:
-        grant = next((r for r in ctx.reservations if isinstance(r, Grant)), None)
-        if grant is None:
+    async def settlement(
+        self, ctx: RequestContext, record: LedgerRecord | None, grant: Grant | None
+    ) -> None:
+        if grant is None:  # refused before this admission
             return
         if record is None:  # refused after this admission: nothing was forwarded
             await self.release(grant)
         else:
-            await self.settle(grant, record.total_tokens, record.cost_usd)
-
-    def install(self, hooks: ProxyHooks) -> None:
-        hooks.admission.append(self.admission)
-        hooks.settlement.append(self.settlement)
+            await self.settle(
+                grant, record.total_tokens, record.cost_usd, flagged=record.usage_flag is not None
+            )
 
     def cover_quoted_tasks(self, open_cost: Callable[[uuid.UUID, str], Decimal | None]) -> None:
         """Requests on an open quoted task (`open_cost` not None) reserve no budget: the
@@ -486,12 +499,22 @@ class Limits:
 
     # -- settlement -------------------------------------------------------------------
 
-    async def settle(self, grant: Grant, total_tokens: int, cost_usd: Decimal | None) -> None:
-        """Replace the estimates of an admitted request by what it really used."""
+    async def settle(
+        self, grant: Grant, total_tokens: int, cost_usd: Decimal | None, flagged: bool = False
+    ) -> None:
+        """Replace the estimates of an admitted request by what it really used.
+
+        A `flagged` record (a usage claim the provider made implausibly) bills nothing until
+        an admin reviews it, so it is charged at most what its reservation held: a
+        provider's absurd count never exhausts a customer's month, and what the budget
+        allowed the request is still counted. The review's verdict reaches the budget from
+        the ledger (`budget_spend`)."""
         if not grant.token_counters and not grant.budget_counters:
             return
         delta = total_tokens - grant.estimated_tokens
         cost = to_nano_up(cost_usd) if cost_usd is not None and cost_usd > 0 else 0
+        if flagged:
+            cost = min(cost, grant.reserved_nano)
         await self._settle_counters(
             grant.window,
             [(counter, delta) for counter in grant.token_counters],

@@ -101,8 +101,6 @@ class QuoteRepository(Repository):
         )
         return external_id
 
-    async def mark_accepted(self, quote: Quote) -> None:
-        await self.session.execute(
-            update(Quote).where(Quote.id == quote.id).values(accepted_at=text("now()"))
-        )
+    async def mark_accepted(self, quote: Quote, at: datetime) -> None:
+        await self.session.execute(update(Quote).where(Quote.id == quote.id).values(accepted_at=at))
         await self.session.refresh(quote)

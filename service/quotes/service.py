@@ -15,7 +15,6 @@ import secrets
 import uuid
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import func
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from pricing.prices import PriceBook
@@ -31,13 +30,13 @@ from service.auth.principal import Principal
 from service.db.models import Quote
 from service.errors import Conflict, MeterlineError, NotFound, Unprocessable
 from service.parts import LiveTasks
-from service.proxy.tokens import count_tokens, prompt_text
 from service.quotes.repository import QuoteRepository
 from service.quotes.schemas import QuoteAccept, QuoteCreate, QuoteOut
 from service.settings import Settings
 from service.tasks.repository import EMPTY_USAGE
 from service.tasks.schemas import TaskOut
 from service.tasks.service import open_quoted_task, task_out
+from service.tokens.estimate import count_tokens, prompt_text
 
 log = logging.getLogger("meterline.quotes")
 
@@ -101,14 +100,20 @@ def _prompt_tokens(data: QuoteCreate) -> int | None:
 
 
 async def create_quote(
-    session: AsyncSession, settings: Settings, book: PriceBook, caller: Principal, data: QuoteCreate
+    session: AsyncSession,
+    settings: Settings,
+    book: PriceBook,
+    caller: Principal,
+    data: QuoteCreate,
+    now: datetime | None = None,
 ) -> QuoteOut:
+    """A quote made at `now` (default: this process's clock)."""
     account_id = _quote_account(caller, data.account_id)
     repository = QuoteRepository(session)
     account = await repository.account(account_id)
     if account is None:
         raise NotFound(f"account {account_id} not found", param="body.account_id")
-    now = datetime.now(UTC)
+    now = now or datetime.now(UTC)
     price = book.price_for(data.model, now)
     if price is None:
         raise ModelNotPriced(
@@ -192,7 +197,10 @@ async def accept_quote(
     caller: Principal,
     quote_id: uuid.UUID,
     data: QuoteAccept,
+    now: datetime | None = None,
 ) -> TaskOut:
+    """Accept the quote at `now` (default: the database's): the task it opens covers the
+    requests from then on and expires `task_expiry_s` later."""
     repository = QuoteRepository(session)
     quote = await repository.get(quote_id, for_update=True)
     missing = NotFound(f"quote {quote_id} not found", param="path.quote_id")
@@ -203,7 +211,8 @@ async def accept_quote(
         raise QuoteAlreadyAccepted(
             f"quote {quote_id} was already accepted (task {await repository.task_of(quote.id)!r})"
         )
-    if quote.valid_until <= await repository.now():
+    accepted_at = now or await repository.now()
+    if quote.valid_until <= accepted_at:
         raise QuoteExpired(
             f"quote {quote_id} expired at {quote.valid_until.isoformat()}; ask for a new quote"
         )
@@ -220,12 +229,13 @@ async def accept_quote(
             "quote_id": quote.id,
             "fixed_price_usd": quote.price_usd,
             "cost_cap_usd": cap,
-            # Its deadline counts from acceptance: this transaction's time, as `created_at`.
-            "expires_at": func.now() + timedelta(seconds=settings.task_expiry_s),
+            # Its deadline counts from acceptance, the task row's `created_at`.
+            "created_at": accepted_at,
+            "expires_at": accepted_at + timedelta(seconds=settings.task_expiry_s),
         },
         cap,
     )
-    await repository.mark_accepted(quote)
+    await repository.mark_accepted(quote, accepted_at)
     log.info(
         "event=quote_accepted quote_id=%s account_id=%s task_id=%s price_usd=%s",
         quote.id,

@@ -10,7 +10,10 @@ Checking a request never touches the database. Each process holds a view of
 
 A quoted task covers the requests that occurred at or after its acceptance, on its quoted
 model only: another model is refused (409 `task_model_mismatch`), and only covered requests
-count toward its cap. A request on the task id before the acceptance is ordinary usage,
+count toward its cap. A request that occurs at or after the task's deadline (`expires_at`)
+is refused as on a completed task (409 `task_completed`), whether or not the expiry has run
+yet: the task is billed by its account's expired-task policy then, which covers no more
+work. A request on the task id before the acceptance is ordinary usage,
 billed per token, and neither checked nor counted here. Usage without a price cannot be
 measured against a cap in dollars, so a quoted task with any such request counts as having
 reached its cap (with the quote bound to a priced model this happens only when a process
@@ -86,6 +89,10 @@ class TaskModelMismatch(MeterlineError):
 _NO_RETRY = {"x-should-retry": "false"}
 
 
+def _instant(text: str | None) -> datetime | None:
+    return None if text is None else datetime.fromisoformat(text)
+
+
 def task_key(account_id: uuid.UUID, task_id: str) -> int:
     digest = hashlib.blake2b(account_id.bytes + task_id.encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big", signed=True)
@@ -96,6 +103,7 @@ class QuotedTaskCost:
     model: str
     accepted_at: datetime
     cap: Decimal
+    expires_at: datetime | None = None
     ledger_cost: Decimal = Decimal(0)
     ledger_unpriced: bool = False
     # request_id → cost (None: no price) of requests settled here that the last reload did
@@ -104,6 +112,9 @@ class QuotedTaskCost:
 
     def covers(self, at: datetime) -> bool:
         return at >= self.accepted_at
+
+    def expired_at(self, at: datetime) -> bool:
+        return self.expires_at is not None and at >= self.expires_at
 
     @property
     def cost(self) -> Decimal:
@@ -163,6 +174,14 @@ class TaskGuard:
         quoted = self._open.get(key)
         if quoted is None or not quoted.covers(at):
             return
+        if quoted.expired_at(at):
+            assert quoted.expires_at is not None
+            raise TaskClosed(
+                f"task {task_id!r} expired at its deadline {quoted.expires_at.isoformat()}"
+                " and is billed as expired; start a new task id for more work",
+                param="x-task-id",
+                headers=_NO_RETRY,
+            )
         if model != quoted.model:
             raise TaskModelMismatch(
                 f"task {task_id!r} was quoted for model {quoted.model!r}; a request on it"
@@ -193,7 +212,9 @@ class TaskGuard:
     async def admit(self, ctx: RequestContext) -> None:
         self.check(ctx.account_id, ctx.task_id, ctx.model, ctx.occurred_at)
 
-    async def settle(self, ctx: RequestContext, record: LedgerRecord | None) -> None:
+    async def settle(
+        self, ctx: RequestContext, record: LedgerRecord | None, _held: None = None
+    ) -> None:
         if record is None or not record.task_id:
             return
         quoted = self._open.get(task_key(record.account_id, record.task_id))
@@ -214,9 +235,10 @@ class TaskGuard:
         model: str,
         accepted_at: datetime,
         cap: Decimal,
+        expires_at: datetime | None = None,
     ) -> None:
         key = task_key(account_id, task_id)
-        self._open.setdefault(key, QuotedTaskCost(model, accepted_at, cap))
+        self._open.setdefault(key, QuotedTaskCost(model, accepted_at, cap, expires_at))
 
     # ---- following the database ---------------------------------------------------------
 
@@ -265,6 +287,7 @@ class TaskGuard:
                     message["model"],
                     datetime.fromisoformat(message["accepted_at"]),
                     Decimal(message["cap"]),
+                    _instant(message.get("expires_at")),
                 )
         except (ValueError, KeyError, TypeError):
             log.warning("event=task_notify_unreadable")
@@ -294,6 +317,7 @@ class TaskGuard:
                 row["model"],
                 row["accepted_at"],
                 row["cost_cap_usd"],
+                row["expires_at"],
                 row["cost_usd"],
                 row["unpriced"],
                 pending,

@@ -279,7 +279,7 @@ class TaskRepository(Repository):
 
 OPEN_QUOTED_TASKS = f"""
 SELECT t.account_id, t.external_id, t.model, t.created_at AS accepted_at, t.cost_cap_usd,
-       u.cost_usd, u.unpriced
+       t.expires_at, u.cost_usd, u.unpriced
 FROM tasks t CROSS JOIN LATERAL (
     SELECT coalesce(sum(l.cost_usd), 0) AS cost_usd,
            coalesce(bool_or(l.kind = 'usage' AND l.cost_usd IS NULL), false) AS unpriced

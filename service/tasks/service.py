@@ -242,11 +242,12 @@ async def open_quoted_task(
                 "task_id": task_id,
                 "model": task.model,
                 "accepted_at": task.created_at.isoformat(),
+                "expires_at": task.expires_at.isoformat() if task.expires_at else None,
                 "cap": str(cap),
             }
         )
     )
     if guard is not None:
         assert task.model is not None
-        guard.mark_open_quoted(account, task_id, task.model, task.created_at, cap)
+        guard.mark_open_quoted(account, task_id, task.model, task.created_at, cap, task.expires_at)
     return task
