@@ -43,6 +43,14 @@ class PriceBook:
     An exact model id wins over patterns; among patterns, the longest (most specific) one
     that matches wins. Within one id or pattern, the latest version with
     `effective_from <= at` is in force.
+
+    A book never changes (a new price makes a new book), so its answers are remembered per
+    model over one span of time in which no version starts: pricing a request is then a
+    dict lookup. The span is the one around the instant asked when the memo was last
+    filled, and only a later instant moves it on. An instant before the span — a stream
+    that began before a new version came into force and ended after a newer request moved
+    the memo past it — is looked up afresh: every row is priced by the version in force at
+    its own `occurred_at`.
     """
 
     def __init__(self, prices: Iterable[Price]) -> None:
@@ -55,6 +63,9 @@ class PriceBook:
         self._patterns = sorted(
             (m for m, v in self._versions.items() if v[0].is_pattern), key=len, reverse=True
         )
+        # (start, end, prices) of the memo's span, replaced whole: a reader never sees the
+        # prices of one span with the bounds of another.
+        self._memo: tuple[datetime | None, datetime | None, dict[str, Price | None]] | None = None
 
     def __len__(self) -> int:
         return sum(len(v) for v in self._versions.values())
@@ -65,6 +76,19 @@ class PriceBook:
 
     def price_for(self, model: str, at: datetime) -> Price | None:
         """The price in force for `model` at `at`, or None if the model is unpriced then."""
+        memo = self._memo
+        if memo is None or (memo[1] is not None and at >= memo[1]):
+            memo = self._memo = (*self.unchanged_span(at), {})
+        elif memo[0] is not None and at < memo[0]:
+            return self._look_up(model, at)
+        prices = memo[2]
+        try:
+            return prices[model]
+        except KeyError:
+            price = prices[model] = self._look_up(model, at)
+            return price
+
+    def _look_up(self, model: str, at: datetime) -> Price | None:
         if model in self._versions and not self._versions[model][0].is_pattern:
             exact = self._in_force(model, at)
             if exact is not None:
@@ -110,7 +134,7 @@ class PriceBook:
         bounds: list[datetime | None] = [None, *starts]
         for index, start in enumerate(bounds):
             end = bounds[index + 1] if index + 1 < len(bounds) else None
-            price = None if start is None else self.price_for(model, start)
+            price = None if start is None else self._look_up(model, start)
             if spans and spans[-1].price == price:
                 spans[-1] = PriceSegment(spans[-1].start, end, price)
             else:

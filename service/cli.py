@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
-import secrets
+import shlex
 import signal
 import socket
 import subprocess
@@ -17,9 +18,12 @@ import uvicorn
 import yaml
 
 from service.accounts.cli import accounts_app, keys_app
+from service.commands.api import API_CLIENTS
+from service.commands.database import DIRECT
 from service.commands.output import fail
 from service.db.embedded import NoEmbeddedDatabase, database_url
 from service.db.migrate import downgrade, upgrade
+from service.demo import prepare_demo, write_demo_file
 from service.invoices.cli import invoices_app
 from service.metrics import multiproc as metrics_multiproc
 from service.prices.cli import prices_app
@@ -37,9 +41,8 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-# The two families of commands, each under its own heading of `meterline --help`.
-API_CLIENTS = "Billing API clients (a running Meterline at --url, with --token)"
-DIRECT = "Straight to the database (METERLINE_DATABASE_URL or the embedded Postgres)"
+# The two families of commands, each under its own heading of `meterline --help`; `prices`
+# and `invoices` mix them, each subcommand under its family's heading.
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
 app.add_typer(db_app, name="db", rich_help_panel=DIRECT)
 app.add_typer(accounts_app, name="accounts", rich_help_panel=API_CLIENTS)
@@ -48,10 +51,10 @@ app.command("usage", rich_help_panel=API_CLIENTS)(usage)
 app.add_typer(report_app, name="report", rich_help_panel=API_CLIENTS)
 app.add_typer(tasks_app, name="tasks", rich_help_panel=API_CLIENTS)
 app.command("quote", rich_help_panel=API_CLIENTS)(quote)
-app.add_typer(prices_app, name="prices", rich_help_panel=DIRECT)
-app.add_typer(invoices_app, name="invoices", rich_help_panel=DIRECT)
+app.add_typer(prices_app, name="prices", rich_help_panel=API_CLIENTS)
+app.add_typer(invoices_app, name="invoices", rich_help_panel=API_CLIENTS)
 report_app.command("margin")(margin)
-invoices_app.command("unpriced")(unpriced)
+invoices_app.command("unpriced", rich_help_panel=API_CLIENTS)(unpriced)
 # The defaults `serve` falls back on when neither an option nor its variable is given.
 DEFAULTS = Settings.model_construct()
 
@@ -114,40 +117,55 @@ def _start_demo_upstream(settings: Settings) -> subprocess.Popen[bytes]:
     return upstream
 
 
-async def _create_demo_account(settings: Settings) -> str:
-    from service.accounts.schemas import AccountCreate
-    from service.accounts.service import create_account, create_key
-    from service.db.engine import create_engine, session_factory, transaction
-
-    assert settings.database_url
-    engine = create_engine(settings.database_url, pool_size=1)
-    try:
-        async with transaction(session_factory(engine)) as session:
-            account = await create_account(session, AccountCreate(name="Demo"))
-            key = await create_key(session, account.id, name="demo")
-    finally:
-        await engine.dispose()
-    return key.key
-
-
 def _start_demo(settings: Settings, host: str, port: int) -> subprocess.Popen[bytes]:
-    """The mock provider, an admin token unless one is set, and a demo account's key."""
+    """The mock provider, and the demo's admin token (unless one is set), account and key,
+    the same ones on every restart (service/demo.py)."""
     upstream = _start_demo_upstream(settings)
-    if settings.admin_token is None:
-        os.environ["METERLINE_ADMIN_TOKEN"] = "mla-" + secrets.token_urlsafe(24)
-        get_settings.cache_clear()
-    key = asyncio.run(_create_demo_account(get_settings()))
-    admin = os.environ["METERLINE_ADMIN_TOKEN"]
+    admin_from_env = settings.admin_token is not None
+    assert settings.database_url
+    identity = asyncio.run(
+        prepare_demo(
+            settings.database_url,
+            settings.data_dir,
+            settings.admin_token.get_secret_value() if settings.admin_token else None,
+        )
+    )
+    os.environ["METERLINE_ADMIN_TOKEN"] = identity.admin_token
+    get_settings.cache_clear()
+    url = f"http://{host}:{port}"
+    variables = write_demo_file(settings.data_dir, url, identity, admin_from_env)
     typer.echo(
-        f"\nMeterline demo on http://{host}:{port}\n"
-        f"  demo API key:  {key}\n"
-        f"  admin token:   {admin}\n\n"
+        f"\nMeterline demo on {url}\n"
+        f"  demo API key:  {identity.key}\n"
+        f"  admin token:   {identity.admin_token}\n"
+        f"  account:       {identity.account_id}\n"
+        f"  (the same on every restart; as $ML, $KEY, …: . {shlex.quote(str(variables))})\n\n"
         "  from openai import OpenAI\n"
-        f"  client = OpenAI(base_url='http://{host}:{port}/v1', api_key='{key}')\n"
+        f"  client = OpenAI(base_url='{url}/v1', api_key='{identity.key}')\n"
         "  client.chat.completions.create(model='mock-chat',\n"
         "      messages=[{'role': 'user', 'content': 'Hello'}])\n"
     )
     return upstream
+
+
+def _port_free_or_exit(host: str, port: int) -> None:
+    """Stop with one line when the port is taken, before anything is created or written:
+    no embedded Postgres, no demo key, no providers file."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except socket.gaierror as exc:
+        fail(f"cannot listen on {host}:{port}: {exc.strerror}")
+    with socket.socket(family, kind, proto) as probe:
+        # As uvicorn binds: a port left in TIME_WAIT by a server just stopped is free.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                fail(f"port {port} on {host} is in use: stop what listens there or pass --port")
+            fail(f"cannot listen on {host}:{port}: {exc.strerror}")
 
 
 def _providers_or_exit(settings: Settings) -> list[Provider]:
@@ -197,6 +215,7 @@ def serve(
     host = host or settings.host
     port = port or settings.port
     workers = workers or settings.workers
+    _port_free_or_exit(host, port)
     # Workers read their count (limits warn when counters cannot be shared) and write
     # their metrics where /metrics can sum them, whichever worker answers.
     os.environ["METERLINE_WORKERS"] = str(workers)

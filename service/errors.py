@@ -166,12 +166,6 @@ class RateLimited(MeterlineError):
     description = "A rate limit of the key or its account is reached: retry later."
 
 
-class UpstreamError(MeterlineError):
-    status_code = 502
-    type = "api_error"
-    code = "upstream_unavailable"
-
-
 class DatabaseUnavailable(MeterlineError):
     """Postgres cannot be reached: the billing API says so and when to retry (the proxy keeps
     serving known keys, spooling their usage)."""

@@ -20,7 +20,7 @@ from service.metrics.sampler import LedgerSampler, observe_settlement
 from service.prices.cache import PriceCache, seed_default_prices
 from service.providers.router import ProviderRouter
 from service.proxy.access import AccessLog
-from service.proxy.context import ProxyHooks
+from service.proxy.context import Hook, ProxyHooks
 from service.proxy.service import MeteringProxy
 from service.proxy.setup import start_proxy
 from service.proxy.upstream import UpstreamClient
@@ -114,14 +114,18 @@ class Runtime:
         limits = Limits.create(settings, engine, prices, keys.limits)
         limits.start()
         stack.push_async_callback(limits.stop)
-        limits.install(hooks)
-        hooks.settlement.append(observe_settlement)
         await tasks.start()
         stack.push_async_callback(tasks.stop)
-        # First in both: a refused task must not hold budget or rate-limit tokens, and a
-        # task's cost is counted before any other hook yields to the next request.
-        hooks.admission.insert(0, tasks.admit)
-        hooks.settlement.insert(0, tasks.settle)
+        # In the order they run. Tasks first: a refused task must not hold budget or
+        # rate-limit tokens, and a task's cost is counted before any other hook yields to
+        # the next request.
+        hooks.update(
+            {
+                "tasks": Hook(tasks.admit, tasks.settle),
+                "limits": Hook(limits.admission, limits.settlement),
+                "metrics": Hook(settle=observe_settlement),
+            }
+        )
         limits.cover_quoted_tasks(tasks.open_cost)
         jobs = _jobs(settings, sessions, tasks)
         for job in jobs:

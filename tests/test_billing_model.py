@@ -57,7 +57,6 @@ from service.prices.repository import PriceRepository
 from service.prices.schemas import PriceCreate
 from service.prices.service import add_price
 from service.proxy.context import RequestContext
-from service.proxy.service import PriceMemo
 from service.quotes.schemas import QuoteAccept, QuoteCreate
 from service.quotes.service import accept_quote, create_quote
 from service.settings import Settings
@@ -438,7 +437,6 @@ class BillingLifecycle(RuleBasedStateMachine):
         self.oracle = Oracle()
         self.now = START + timedelta(hours=1)
         self.guard = TaskGuard(None)
-        self.memo = PriceMemo()
         self.book: PriceBook | None = None
         self.ledger = LedgerRepository()
         self.spool: list[tuple[Row, LedgerRecord]] = []
@@ -655,7 +653,7 @@ class BillingLifecycle(RuleBasedStateMachine):
             self.world.figures.count(refused.code)
             return
         assert refusal is None, f"the guard admitted a request it must refuse ({refusal})"
-        price = self.memo.price_for(self.price_book(), model, self.now)
+        price = self.price_book().price_for(model, self.now)
         version = self.oracle.price(model, self.now)
         assert (price.version_id if price else None) == (version.id if version else None)
         cost = None

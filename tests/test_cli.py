@@ -24,6 +24,8 @@ from rich.cells import cell_len
 from typer.testing import CliRunner, Result
 
 from service.cli import app as cli_app
+from service.commands.api import API_CLIENTS
+from service.commands.database import DIRECT
 from service.commands.output import print_table
 from service.settings import Settings
 from tests.conftest import ADMIN_TOKEN, Meterline, _with_database
@@ -79,6 +81,23 @@ def test_every_help_shows_each_option_and_its_default() -> None:
     assert seen >= 8  # serve's host, port, workers; --url, --token; outputs, formats…
     serve = runner.invoke(cli_app, ["serve", "--help"], env={"COLUMNS": "300"})
     assert "Port (or METERLINE_PORT). [default: (8080)]" in " ".join(serve.output.split())
+
+
+def test_each_command_is_under_its_familys_heading() -> None:
+    """A command with --url speaks to the API and is listed as such; one without goes
+    straight to the database (`serve` and `mock-upstream` run servers: neither)."""
+    root = typer.main.get_command(cli_app)
+    seen = {API_CLIENTS: 0, DIRECT: 0}
+    for path, command in _commands(root):
+        if hasattr(command, "commands") or path in {(), ("serve",), ("mock-upstream",)}:
+            continue
+        group = root.commands[path[0]] if len(path) > 1 else None  # type: ignore[attr-defined]
+        panel = command.rich_help_panel or getattr(group, "rich_help_panel", None)
+        client = any(param.name == "url" for param in command.params)
+        assert panel == (API_CLIENTS if client else DIRECT), path
+        seen[panel] += 1
+    assert seen[DIRECT] == 5  # db upgrade|downgrade, prices import, invoices generate|rollup
+    assert seen[API_CLIENTS] >= 18
 
 
 def test_version() -> None:
@@ -207,7 +226,7 @@ def test_a_database_without_the_schema_is_one_line(postgres_server: str) -> None
     try:
         url = _with_database(postgres_server, name)
         result = _meterline(
-            "invoices", "unpriced", "--period", "2026-01", env=_env(METERLINE_DATABASE_URL=url)
+            "invoices", "generate", "--period", "2026-01", env=_env(METERLINE_DATABASE_URL=url)
         )
         assert result.returncode == 1
         line = _one_line_error(result)
@@ -246,7 +265,7 @@ def test_one_embedded_database_from_any_folder(tmp_path: Path) -> None:
     env.pop("XDG_DATA_HOME", None)
     pgdata = home / ".local" / "share" / "meterline" / "pg"
 
-    before = _meterline("invoices", "unpriced", "--period", "2026-01", env=env, cwd=folders[0])
+    before = _meterline("invoices", "generate", "--period", "2026-01", env=env, cwd=folders[0])
     assert before.returncode == 1
     line = _one_line_error(before)
     assert f"there is no embedded Postgres in {pgdata}" in line and "meterline serve" in line
@@ -267,9 +286,10 @@ def test_one_embedded_database_from_any_folder(tmp_path: Path) -> None:
     )
     imported = _meterline("prices", "import", "prices.yaml", env=env, cwd=folders[1])
     assert imported.returncode == 0, imported.stderr
-    exported = _meterline("prices", "export", "-f", "csv", env=env, cwd=folders[2])
-    assert exported.returncode == 0, exported.stderr
-    assert "anywhere/m,2,2,,2026-01-01T00:00:00Z" in exported.stdout.splitlines()
+    assert "imported 1 new versions" in imported.stderr
+    again = _meterline("prices", "import", str(table), env=env, cwd=folders[2])
+    assert again.returncode == 0, again.stderr
+    assert "imported 0 new versions, 1 already present" in again.stderr
     # Each command stopped the server it started.
     assert _postmaster_pid(pgdata) is None
 

@@ -40,9 +40,9 @@ from service.limits.policy import (
     to_nano_up,
 )
 from service.limits.ratelimit import Charge, WindowResult
-from service.proxy import tokens
 from service.proxy.sse import OutputCounter
 from service.settings import Settings
+from service.tokens import estimate as tokens
 from tests.support import free_port
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -323,15 +323,15 @@ def test_the_worst_case_of_a_request() -> None:
         "max_tokens": 100,
         "n": 2,
     }
-    prompt = estimate.prompt_tokens(chat)
+    prompt = tokens.prompt_tokens(chat)
     assert 100 <= prompt <= 110
     assert tokens.completion_tokens(chat, default=4096) == 200
     assert tokens.completion_tokens({"messages": []}, default=4096) == 4096
     assert tokens.completion_tokens({"input": "x"}, default=4096) == 0  # embeddings
-    assert estimate.prompt_tokens({"prompt": [[1, 2, 3], "hello"]}) == 4
+    assert tokens.prompt_tokens({"prompt": [[1, 2, 3], "hello"]}) == 4
     # A huge prompt is extrapolated from a sample, still close to the real count.
     text = "the quick brown fox " * 50_000
-    assert estimate.count_text(text) == pytest.approx(200_000, rel=0.05)
+    assert tokens.count_text(text) == pytest.approx(200_000, rel=0.05)
 
 
 class _NoPrices:
@@ -465,7 +465,7 @@ def test_every_text_the_provider_bills_counts_in_the_prompt() -> None:
     """Roles, names, content parts, tool calls, legacy function calls, tool and function
     definitions, forced tool choice and response schema are all rendered into the prompt."""
     long = "ledger " * 400  # 400 tokens
-    plain = estimate.prompt_tokens({"messages": [{"role": "user", "content": "hi"}]})
+    plain = tokens.prompt_tokens({"messages": [{"role": "user", "content": "hi"}]})
     bodies: dict[str, dict[str, Any]] = {
         "role": {"messages": [{"role": long, "content": "hi"}]},
         "name": {"messages": [{"role": "user", "name": long, "content": "hi"}]},
@@ -505,7 +505,7 @@ def test_every_text_the_provider_bills_counts_in_the_prompt() -> None:
         },
     }
     for field, body in bodies.items():
-        assert estimate.prompt_tokens(body) >= plain + 400, field
+        assert tokens.prompt_tokens(body) >= plain + 400, field
     # A media part counts as a bounded allowance, never as its (base64) data.
     image = {
         "messages": [
@@ -521,7 +521,7 @@ def test_every_text_the_provider_bills_counts_in_the_prompt() -> None:
             }
         ]
     }
-    assert 1_536 < estimate.prompt_tokens(image) < 1_600
+    assert 1_536 < tokens.prompt_tokens(image) < 1_600
 
 
 @given(
@@ -687,3 +687,35 @@ def test_a_stream_is_cut_at_the_first_chunk_past_its_allowance() -> None:
     # A provider's running usage counts when it says more than the chunks do.
     running = _sse(_delta(" many", usage={"completion_tokens": 40}), *words)
     assert _passed_on(OutputCounter(30), b"".join(running), 10_000) == (b"", True)
+
+
+_TEXT = st.text(st.characters(codec="utf-8"), max_size=40)
+_MESSAGE = st.fixed_dictionaries(
+    {"role": st.sampled_from(["system", "user", "assistant", "tool"]), "content": _TEXT},
+    optional={
+        "name": _TEXT,
+        "tool_calls": st.lists(
+            st.fixed_dictionaries(
+                {
+                    "id": _TEXT,
+                    "type": st.just("function"),
+                    "function": st.fixed_dictionaries({"name": _TEXT, "arguments": _TEXT}),
+                }
+            ),
+            max_size=2,
+        ),
+    },
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(messages=st.lists(_MESSAGE, min_size=1, max_size=6))
+def test_a_chat_reserves_at_least_the_prompt_its_usage_would_be_estimated_at(
+    messages: list[dict[str, Any]],
+) -> None:
+    """One module, two questions: the usage estimate is the best guess of what the provider
+    counted (the prompt as the model reads it), the reservation a bound on what it may bill
+    (every text field, plus each message's markers). The bound is never below the guess,
+    so a request is never recorded above what it was allowed to reserve for its prompt."""
+    body = {"model": "m", "messages": messages}
+    assert tokens.prompt_tokens(body) >= tokens.count_tokens(tokens.prompt_text(body))

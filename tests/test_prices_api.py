@@ -11,6 +11,7 @@ import secrets
 import subprocess
 import sys
 import time
+import uuid
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -21,7 +22,7 @@ import pytest
 
 from pricing.cost import TokenUsage, usage_cost
 from pricing.prices import Price
-from tests.conftest import Meterline
+from tests.conftest import ADMIN_TOKEN, Meterline, Upstream, start_meterline
 from tests.support import ROOT, Database
 
 
@@ -168,6 +169,7 @@ def test_a_new_price_prices_the_next_request_at_once_and_no_past_row(
 def _cli(
     database_url: str, *args: str, stdin: str | None = None
 ) -> subprocess.CompletedProcess[str]:
+    """A direct-database command, on `database_url`."""
     return subprocess.run(
         [sys.executable, "-m", "service", *args],
         cwd=ROOT,
@@ -179,49 +181,95 @@ def _cli(
     )
 
 
-def test_price_tables_import_and_export_from_the_cli(
-    fresh_database_url: str, tmp_path: Path
-) -> None:
+def _client(
+    server: Meterline, *args: str, token: str = ADMIN_TOKEN
+) -> subprocess.CompletedProcess[str]:
+    """An API-client command, against `server`; no database URL to fall back on."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("METERLINE_")}
+    return subprocess.run(
+        [sys.executable, "-m", "service", *args, "--url", server.url, "--token", token],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def _one_line_error(result: subprocess.CompletedProcess[str]) -> str:
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1, (result.returncode, result.stderr)
+    assert lines[0].startswith("error: ")
+    return lines[0]
+
+
+def test_price_tables_import_and_export_from_the_cli(meterline: Meterline, tmp_path: Path) -> None:
+    vendor = unique("acme")
     table = tmp_path / "prices.yaml"
     table.write_text(
         "prices:\n"
-        "  - model: acme/*\n"
+        f"  - model: {vendor}/*\n"
         "    input_usd_per_mtok: 0.1\n"
         "    output_usd_per_mtok: 0.3\n"
         "    effective_from: 2026-02-01T00:00:00Z\n"
-        "  - model: acme/turbo\n"
+        f"  - model: {vendor}/turbo\n"
         "    usd_per_mtok: 2\n"
         "    cached_input_usd_per_mtok: 0.5\n"
         "    effective_from: 2026-03-01\n"
     )
-    imported = _cli(fresh_database_url, "prices", "import", str(table))
+    imported = _cli(meterline.database_url, "prices", "import", str(table))
     assert imported.returncode == 0, imported.stderr
     assert "imported 2 new versions" in imported.stderr
-    again = _cli(fresh_database_url, "prices", "import", str(table))
+    again = _cli(meterline.database_url, "prices", "import", str(table))
     assert "imported 0 new versions, 2 already present" in again.stderr
 
-    exported = _cli(fresh_database_url, "prices", "export", "--format", "csv")
+    exported = _client(meterline, "prices", "export", "--format", "csv")
     assert exported.returncode == 0, exported.stderr
-    assert exported.stdout.splitlines() == [
-        "model,input_usd_per_mtok,output_usd_per_mtok,cached_input_usd_per_mtok,effective_from",
-        "acme/*,0.1,0.3,,2026-02-01T00:00:00Z",
-        "acme/turbo,2,2,0.5,2026-03-01T00:00:00Z",
+    lines = exported.stdout.splitlines()
+    assert lines[0] == (
+        "model,input_usd_per_mtok,output_usd_per_mtok,cached_input_usd_per_mtok,effective_from"
+    )
+    assert [line for line in lines if line.startswith(vendor)] == [
+        f"{vendor}/*,0.1,0.3,,2026-02-01T00:00:00Z",
+        f"{vendor}/turbo,2,2,0.5,2026-03-01T00:00:00Z",
     ]
+    # Read back, the export adds nothing: every version it lists is already there.
+    whole = _cli(
+        meterline.database_url, "prices", "import", "-", "-f", "csv", stdin=exported.stdout
+    )
+    assert whole.returncode == 0, whole.stderr
+    assert f"imported 0 new versions, {len(lines) - 1} already present" in whole.stderr
 
     conflicting = "model,input_usd_per_mtok,output_usd_per_mtok,effective_from\n"
-    conflicting += "acme/*,9,9,2026-02-01T00:00:00Z\nnew/one,1,1,2026-02-01T00:00:00Z\n"
+    conflicting += f"{vendor}/*,9,9,2026-02-01T00:00:00Z\n{vendor}/new,1,1,2026-02-01T00:00:00Z\n"
     refused = _cli(
-        fresh_database_url, "prices", "import", "-", "--format", "csv", stdin=conflicting
+        meterline.database_url, "prices", "import", "-", "--format", "csv", stdin=conflicting
     )
-    assert refused.returncode == 1 and "acme/*" in refused.stderr
-    models = Database(fresh_database_url).fetch("SELECT model FROM price_versions ORDER BY model")
-    assert [r["model"] for r in models] == ["acme/*", "acme/turbo"]  # all or nothing
+    assert refused.returncode == 1 and f"{vendor}/*" in refused.stderr
+    models = Database(meterline.database_url).fetch(
+        "SELECT model FROM price_versions WHERE model LIKE $1 ORDER BY model", f"{vendor}/%"
+    )
+    assert [r["model"] for r in models] == [f"{vendor}/*", f"{vendor}/turbo"]  # all or nothing
 
-    bad = _cli(fresh_database_url, "prices", "import", "-", "-f", "csv", stdin="model\nm\n")
+    bad = _cli(meterline.database_url, "prices", "import", "-", "-f", "csv", stdin="model\nm\n")
     assert bad.returncode == 1 and "entry 1" in bad.stderr
 
 
-def test_invoices_from_the_cli(fresh_database_url: str) -> None:
+def test_prices_export_is_any_callers_and_a_refusal_is_one_line(
+    meterline: Meterline, tmp_path: Path
+) -> None:
+    _, key = meterline.customer()
+    as_customer = _client(meterline, "prices", "export", "-f", "yaml", token=key)
+    assert as_customer.returncode == 0, as_customer.stderr
+    assert "model: deepseek-ai/DeepSeek-V3" in as_customer.stdout
+
+    output = tmp_path / "prices.csv"
+    refused = _client(meterline, "prices", "export", "-o", str(output), token="ml-not-a-key")
+    assert "[HTTP 401]" in _one_line_error(refused)
+    assert not output.exists()
+
+
+def test_invoices_from_the_cli(fresh_database_url: str, upstream: Upstream, tmp_path: Path) -> None:
     db = Database(fresh_database_url)
     account = db.fetchval(
         "INSERT INTO accounts (name, created_at) VALUES ('cli', '2026-01-01') RETURNING id"
@@ -239,27 +287,63 @@ def test_invoices_from_the_cli(fresh_database_url: str) -> None:
         account,
         version,
     )
+    # Straight to the database: no server needed (and none rolling the row up first).
     rolled = _cli(fresh_database_url, "invoices", "rollup")
     assert rolled.returncode == 0 and "rolled up 1 ledger rows" in rolled.stderr
     generated = _cli(fresh_database_url, "invoices", "generate", "--period", "2026-02", "--json")
     assert generated.returncode == 0, generated.stderr
     summary = json.loads(generated.stdout)
     assert (summary["drafts"], summary["created"], summary["total_usd"]) == (1, 1, "1.50")
-
     invoice_id = str(db.fetchval("SELECT id FROM invoices WHERE account_id = $1", account))
-    finalized = _cli(fresh_database_url, "invoices", "finalize", "--period", "2026-02", "--json")
-    assert finalized.returncode == 0, finalized.stderr
-    (final,) = json.loads(finalized.stdout)
-    assert final["number"].endswith("-000001")
 
-    assert final["id"] == invoice_id
-    assert [line["amount_usd"] for line in final["lines"]] == ["1.50"]
-    shown = _cli(fresh_database_url, "invoices", "show", invoice_id, "--json")
-    assert json.loads(shown.stdout) == final
-    voided = _cli(fresh_database_url, "invoices", "void", invoice_id, "--reason", "test", "--json")
-    assert json.loads(voided.stdout)["void_reason"] == "test"
-    unpriced = _cli(fresh_database_url, "invoices", "unpriced", "--period", "2026-02", "--json")
-    assert json.loads(unpriced.stdout) == []
+    with start_meterline(fresh_database_url, upstream, tmp_path / "server") as server:
+        finalized = _client(server, "invoices", "finalize", "--period", "2026-02", "--json")
+        assert finalized.returncode == 0, finalized.stderr
+        (final,) = json.loads(finalized.stdout)
+        assert final["number"].endswith("-000001")
+        assert final["id"] == invoice_id
+        assert [line["amount_usd"] for line in final["lines"]] == ["1.50"]
+
+        shown = _client(server, "invoices", "show", invoice_id, "--json")
+        assert json.loads(shown.stdout) == final
+        table = _client(server, "invoices", "show", invoice_id)
+        assert table.returncode == 0 and final["number"] in table.stdout
+        voided = _client(server, "invoices", "void", invoice_id, "--reason", "test", "--json")
+        assert json.loads(voided.stdout)["void_reason"] == "test"
+        unpriced = _client(server, "invoices", "unpriced", "--period", "2026-02", "--json")
+        assert json.loads(unpriced.stdout) == []
+        nothing = _client(server, "invoices", "finalize", "--period", "2026-02")
+        assert nothing.returncode == 0 and "nothing to finalize" in nothing.stderr
+
+
+def test_invoice_commands_answer_the_apis_refusals_in_one_line(meterline: Meterline) -> None:
+    missing = str(uuid.uuid4())
+    finalized = _client(meterline, "invoices", "finalize", missing)
+    line = _one_line_error(finalized)
+    assert line.startswith(f"error: {missing} not finalized: invoice {missing} not found")
+    assert line.endswith("[HTTP 404]")
+    assert _one_line_error(_client(meterline, "invoices", "show", missing)).endswith("[HTTP 404]")
+
+    # A customer key reads its own account's invoices, and nothing more.
+    account, key = meterline.customer()
+    with meterline.admin() as admin:
+        draft = admin.post(
+            "/billing/invoices", json={"account_id": str(account), "period": "2026-01"}
+        )
+        assert draft.status_code == 201, draft.text
+    invoice_id = draft.json()["id"]
+    shown = _client(meterline, "invoices", "show", invoice_id, "--json", token=key)
+    assert shown.returncode == 0 and json.loads(shown.stdout)["id"] == invoice_id
+    for admin_only in (
+        ["invoices", "finalize", invoice_id],
+        ["invoices", "void", invoice_id, "--reason", "mine"],
+    ):
+        # Admin-only routes do not exist for a customer key.
+        refused = _client(meterline, *admin_only, token=key)
+        assert _one_line_error(refused).endswith("not found [HTTP 404]"), admin_only
+    with meterline.admin() as admin:
+        after = admin.get(f"/billing/invoices/{invoice_id}").json()
+    assert (after["status"], after["number"]) == ("draft", None)
 
 
 def test_a_stream_begun_before_a_new_price_is_priced_by_the_version_of_its_start(

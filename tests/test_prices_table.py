@@ -14,7 +14,6 @@ from pricing.money import round_cents
 from pricing.price_table import PriceTableError, format_price_table, parse_price_table
 from pricing.prices import Price, PriceBook
 from service.prices.repository import default_prices
-from service.proxy.service import PriceMemo
 
 NOW = datetime(2026, 5, 1, 12, tzinfo=UTC)
 rates = st.decimals(min_value=0, max_value=10**6, places=6, allow_nan=False, allow_infinity=False)
@@ -137,17 +136,17 @@ def test_the_timeline_of_a_model_agrees_with_the_lookup_at_every_instant(
 
 @settings(max_examples=200, deadline=None)
 @given(versions, st.lists(st.integers(-5, 110), max_size=30))
-def test_the_proxys_price_memo_answers_as_the_book_in_any_order_of_instants(
+def test_the_books_memo_answers_as_a_fresh_lookup_in_any_order_of_instants(
     prices: list[Price], hours: list[int]
 ) -> None:
     # Requests are priced when they finish, by the instant they began: a long stream asks
     # for an earlier instant after shorter, later requests did.
     book = PriceBook(prices)
-    memo = PriceMemo()
     for h in hours:
         at = NOW + timedelta(hours=h)
         for model in ("acme/big", "acme/small"):
-            assert memo.price_for(book, model, at) == book.price_for(model, at)
+            # A new book has remembered nothing: its answer is the lookup itself.
+            assert book.price_for(model, at) == PriceBook(prices).price_for(model, at)
         start, end = book.unchanged_span(at)
         assert (start is None or start <= at) and (end is None or at < end)
         # No version starts inside the span, so no price can change within it.
@@ -164,13 +163,13 @@ def test_a_stream_begun_before_a_new_version_keeps_the_old_price_after_the_memo_
     switch = NOW + timedelta(hours=1)
     old = Price("acme/big", Decimal(1), Decimal(1), NOW, version_id=1)
     new = Price("acme/big", Decimal(5), Decimal(5), switch, version_id=2)
-    book, memo = PriceBook([old, new]), PriceMemo()
+    book = PriceBook([old, new])
     stream_began = switch - timedelta(seconds=1)
-    assert memo.price_for(book, "acme/big", stream_began) == old
+    assert book.price_for("acme/big", stream_began) == old
     # A request at the switch moves the memo on; then the stream ends and is priced.
-    assert memo.price_for(book, "acme/big", switch) == new
-    assert memo.price_for(book, "acme/big", stream_began) == old
-    assert memo.price_for(book, "acme/big", switch + timedelta(seconds=1)) == new
+    assert book.price_for("acme/big", switch) == new
+    assert book.price_for("acme/big", stream_began) == old
+    assert book.price_for("acme/big", switch + timedelta(seconds=1)) == new
 
 
 def test_an_exact_id_wins_over_patterns_and_the_longest_pattern_over_shorter_ones() -> None:

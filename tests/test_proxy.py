@@ -435,6 +435,8 @@ def test_upstream_errors_pass_through_and_are_recorded(
     row = ledger_row(db, error.response.headers["x-request-id"])
     assert (row["status_code"], row["error_code"], row["stream"]) == (status, "mock_error", stream)
     assert row["total_tokens"] == 0 and row["usage_source"] == "none"
+    # A whole-body answer has the same headers whether the request asked to stream or not.
+    assert Decimal(error.response.headers["x-meterline-cost-usd"]) == row["cost_usd"] == 0
 
 
 def _post(meterline: Meterline, key: str | None, body: Any, **headers: str) -> httpx.Response:

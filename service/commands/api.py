@@ -1,7 +1,8 @@
 """The API-client commands: the billing API as the command line speaks to it, over HTTP,
 like any other client.
 
-`meterline accounts|keys|usage|report|tasks|quote` talk to a running Meterline (`--url`, default
+`meterline accounts|keys|usage|report|tasks|quote`, and `prices export` and `invoices
+finalize|void|show|unpriced`, talk to a running Meterline (`--url`, default
 `http://METERLINE_HOST:METERLINE_PORT`) with the admin token (`--token`, default
 `METERLINE_ADMIN_TOKEN`) or a customer key, so they work from any machine and obey the
 same rules as the API.
@@ -18,6 +19,9 @@ import typer
 
 from service.commands.output import fail
 from service.settings import get_settings
+
+# The heading of these commands in `meterline --help` (and in a group mixing both families).
+API_CLIENTS = "Billing API clients (a running Meterline at --url, with --token)"
 
 UrlOption = Annotated[
     str | None,
@@ -43,6 +47,14 @@ AccountOption = Annotated[
     str | None,
     typer.Option("--account-id", help="The account; required with the admin token."),
 ]
+
+
+class ApiError(Exception):
+    """The API refused a request; the message is the one line a person reads."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
 
 
 class BillingClient:
@@ -74,15 +86,24 @@ class BillingClient:
             message = f"{error['message']}{param} [HTTP {response.status_code}]"
         except (ValueError, KeyError, TypeError):
             message = f"HTTP {response.status_code}: {response.text[:200]}"
-        fail(message)
+        raise ApiError(message)
 
-    def request(self, method: str, path: str, **kwargs: Any) -> Any:
+    def attempt(self, method: str, path: str, **kwargs: Any) -> Any:
+        """The answer's JSON; a refusal raises `ApiError`, for a command that goes on with
+        the next item (a server out of reach still ends the command)."""
         try:
             response = self.http.request(method, path, **kwargs)
         except httpx.TransportError as exc:
             fail(f"cannot reach {self.http.base_url}: {exc}", 2)
         self._check(response)
         return response.json()
+
+    def request(self, method: str, path: str, **kwargs: Any) -> Any:
+        """The answer's JSON; a refusal is printed in one line and exits 1."""
+        try:
+            return self.attempt(method, path, **kwargs)
+        except ApiError as exc:
+            fail(exc.message)
 
     def pages(self, path: str, params: dict[str, Any] | None = None) -> Iterator[dict[str, Any]]:
         """Every item of a paginated list, following `next_cursor`."""
@@ -100,5 +121,7 @@ class BillingClient:
             with self.http.stream("GET", path, params=params) as response:
                 self._check(response)
                 yield response
+        except ApiError as exc:
+            fail(exc.message)
         except httpx.TransportError as exc:
             fail(f"cannot reach {self.http.base_url} or the export was cut: {exc}", 2)

@@ -1,4 +1,5 @@
-"""The direct-database commands: `prices` and `invoices` open Postgres themselves.
+"""The direct-database commands: `db`, `prices import`, `invoices generate|rollup` open
+Postgres themselves, for what the billing API has no endpoint for.
 
 They run where the server runs, against `METERLINE_DATABASE_URL` or the embedded Postgres of
 the data directory, and never create a database: finding none, or one without Meterline's
@@ -23,6 +24,9 @@ from service.settings import get_settings
 from service.startup import without_password
 
 T = TypeVar("T")
+
+# The heading of these commands in `meterline --help` (and in a group mixing both families).
+DIRECT = "Straight to the database (METERLINE_DATABASE_URL or the embedded Postgres)"
 
 
 class NoSchema(Exception):

@@ -22,9 +22,14 @@ JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON for scripts
 err = Console(stderr=True)
 
 
-def fail(message: str, code: int = 1) -> NoReturn:
+def print_error(message: str) -> None:
+    """An error on stderr, for a command that goes on (it still exits non-zero at the end)."""
     # One line whatever the terminal width, and the message printed as it is (not markup).
     err.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    print_error(message)
     raise typer.Exit(code)
 
 

@@ -1,57 +1,62 @@
-"""`meterline invoices generate|finalize|void|show|rollup`, straight to the database (a
-direct-database command: `service/commands/database.py`; `unpriced` is `service.reports.cli`'s)."""
+"""`meterline invoices …`: `finalize`, `void` and `show` are clients of the billing API
+(`service/commands/api.py`; `unpriced` is `service.reports.cli`'s); `generate` (every
+account's drafts in one transaction, which the API has no endpoint for) and `rollup` go
+straight to the database (`service/commands/database.py`)."""
 
 from __future__ import annotations
 
 import uuid
 from decimal import Decimal
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from pricing.invoice import BillingPeriod
-from service.commands.database import run_in_transaction, run_with_database
+from service.commands.api import API_CLIENTS, ApiError, BillingClient, TokenOption, UrlOption
+from service.commands.database import DIRECT, run_in_transaction
 from service.commands.output import (
     JsonOption,
     PeriodOption,
     err,
     parse_period,
+    print_error,
     print_json,
     print_table,
 )
-from service.db.engine import transaction
-from service.errors import MeterlineError
 from service.invoices import service
 from service.invoices.repository.invoices import InvoiceRepository
 from service.invoices.rollup import RollUp, roll_up
-from service.invoices.schemas import GenerateSummary, InvoiceOut, invoice_out
-from service.settings import get_settings
+from service.invoices.schemas import GenerateSummary, invoice_out
 
-invoices_app = typer.Typer(help="Monthly invoices.", no_args_is_help=True)
+invoices_app = typer.Typer(
+    help="Monthly invoices (generate and rollup straight to the database).", no_args_is_help=True
+)
 
 LINE_COLUMNS = ["kind", "description", "quantity", "amount_exact_usd", "amount_usd"]
 
 
-def _show(invoice: InvoiceOut, as_json: bool) -> None:
+def _show(invoice: dict[str, Any], as_json: bool) -> None:
+    """An invoice as the API answers it (`InvoiceOut`'s JSON)."""
     if as_json:
-        print_json(invoice.model_dump(mode="json"))
+        print_json(invoice)
         return
     title = (
-        f"{invoice.number or 'draft'} · account {invoice.account_id} · {invoice.period}"
-        f" · {invoice.status} · total ${invoice.total_usd}"
+        f"{invoice['number'] or 'draft'} · account {invoice['account_id']} · {invoice['period']}"
+        f" · {invoice['status']} · total ${invoice['total_usd']}"
     )
-    print_table([line.model_dump(mode="json") for line in invoice.lines], LINE_COLUMNS, title)
-    for u in invoice.unpriced_usage:
+    print_table(invoice["lines"], LINE_COLUMNS, title)
+    for u in invoice["unpriced_usage"]:
+        late = f", late from {u['period']}" if u["period"] else ""
         err.print(
-            f"[yellow]unpriced:[/] {u.model} ({u.requests} requests"
-            f"{', late from ' + u.period if u.period else ''}) blocks finalization"
+            f"[yellow]unpriced:[/] {u['model']} ({u['requests']} requests{late})"
+            " blocks finalization"
         )
-    if invoice.void_reason:
-        err.print(f"void: {invoice.void_reason}")
+    if invoice["void_reason"]:
+        err.print(f"void: {invoice['void_reason']}")
 
 
-@invoices_app.command("generate")
+@invoices_app.command("generate", rich_help_panel=DIRECT)
 def generate(
     period: PeriodOption,
     account_id: Annotated[
@@ -62,7 +67,7 @@ def generate(
 ) -> None:
     """Make or refresh the month's drafts; finalized invoices are left as they are."""
 
-    async def work(session: AsyncSession) -> tuple[GenerateSummary, list[InvoiceOut]]:
+    async def work(session: AsyncSession) -> tuple[GenerateSummary, list[dict[str, Any]]]:
         result = await service.generate(session, period, account_id)
         invoices = await InvoiceRepository(session).get_many(list(result.invoice_ids.values()))
         summary = GenerateSummary(
@@ -72,7 +77,7 @@ def generate(
             skipped_finalized=len(result.finalized),
             total_usd=sum((i.total_usd for i in invoices), Decimal("0.00")),
         )
-        shown = [invoice_out(i) for i in invoices] if account_id else []
+        shown = [invoice_out(i).model_dump(mode="json") for i in invoices] if account_id else []
         return summary, shown
 
     summary, shown = run_in_transaction(work)
@@ -80,7 +85,7 @@ def generate(
         print_json(
             {
                 **summary.model_dump(mode="json"),
-                "invoices": [i.model_dump(mode="json") for i in shown],
+                "invoices": shown,
             }
         )
         return
@@ -92,7 +97,7 @@ def generate(
     )
 
 
-@invoices_app.command("finalize")
+@invoices_app.command("finalize", rich_help_panel=API_CLIENTS)
 def finalize(
     invoice_ids: Annotated[
         list[uuid.UUID] | None, typer.Argument(help="Invoices to finalize.", show_default=False)
@@ -103,72 +108,65 @@ def finalize(
             parser=parse_period, metavar="YYYY-MM", help="Finalize every draft of this month."
         ),
     ] = None,
+    url: UrlOption = None,
+    token: TokenOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Refresh, freeze and number drafts, each in its own transaction."""
-    ids = list(invoice_ids or [])
-    wait_s = get_settings().invoice_finalize_wait_s
-
-    async def work(
-        sessions: async_sessionmaker[AsyncSession],
-    ) -> tuple[list[InvoiceOut], list[str]]:
+    """Refresh, freeze and number drafts, each on its own (admin)."""
+    ids = [str(i) for i in invoice_ids or []]
+    done: list[dict[str, Any]] = []
+    failed = 0
+    with BillingClient(url, token) as client:
         if period is not None:
-            async with transaction(sessions) as session:
-                month = str(period)
-                rows = await InvoiceRepository(session).list(None, month, "draft", 10**6, None)
-                ids.extend(i.id for i in rows)
-        done, failed = [], []
+            drafts = client.pages(
+                "/billing/invoices", {"period": str(period), "status": "draft", "limit": 200}
+            )
+            ids.extend(str(i["id"]) for i in list(drafts))
         for invoice_id in ids:
             try:
-                async with transaction(sessions) as session:
-                    finalized = await service.finalize(session, invoice_id, wait_s=wait_s)
-                    done.append(invoice_out(finalized))
-            except MeterlineError as exc:
-                failed.append(f"{invoice_id}: {exc.message}")
-        return done, failed
-
-    done, failed = run_with_database(work)
-    for message in failed:
-        err.print(f"[red]not finalized[/] {message}")
+                done.append(client.attempt("POST", f"/billing/invoices/{invoice_id}/finalize"))
+            except ApiError as exc:
+                print_error(f"{invoice_id} not finalized: {exc.message}")
+                failed += 1
     if as_json:
-        print_json([i.model_dump(mode="json") for i in done])
+        print_json(done)
     elif done:
-        rows = [i.model_dump(mode="json") for i in done]
-        print_table(rows, ["id", "number", "account_id", "period", "total_usd"])
+        print_table(done, ["id", "number", "account_id", "period", "total_usd"])
     elif not failed:
         err.print("nothing to finalize")
     if failed:
         raise typer.Exit(1)
 
 
-@invoices_app.command("void")
+@invoices_app.command("void", rich_help_panel=API_CLIENTS)
 def void(
     invoice_id: Annotated[uuid.UUID, typer.Argument(help="A finalized invoice.")],
     reason: Annotated[str, typer.Option(help="Why; kept on the invoice.")],
+    url: UrlOption = None,
+    token: TokenOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Void a finalized invoice: it keeps its number; the month may be invoiced again."""
+    """Void a finalized invoice (admin): it keeps its number; the month may be invoiced again."""
+    with BillingClient(url, token) as client:
+        invoice = client.request(
+            "POST", f"/billing/invoices/{invoice_id}/void", json={"reason": reason}
+        )
+    _show(invoice, as_json)
 
-    async def work(session: AsyncSession) -> InvoiceOut:
-        return invoice_out(await service.void(session, invoice_id, reason))
 
-    _show(run_in_transaction(work), as_json)
-
-
-@invoices_app.command("show")
+@invoices_app.command("show", rich_help_panel=API_CLIENTS)
 def show(
     invoice_id: Annotated[uuid.UUID, typer.Argument(help="The invoice.")],
+    url: UrlOption = None,
+    token: TokenOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """An invoice and its lines."""
-
-    async def work(session: AsyncSession) -> InvoiceOut:
-        return invoice_out(await service.get(session, invoice_id))
-
-    _show(run_in_transaction(work), as_json)
+    with BillingClient(url, token) as client:
+        _show(client.request("GET", f"/billing/invoices/{invoice_id}"), as_json)
 
 
-@invoices_app.command("rollup")
+@invoices_app.command("rollup", rich_help_panel=DIRECT)
 def rollup() -> None:
     """Fold the ledger rows recorded since the last time into the usage rollup now (the
     server does it every METERLINE_USAGE_ROLLUP_INTERVAL_S seconds)."""

@@ -15,7 +15,6 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from decimal import Decimal
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -409,7 +408,3 @@ async def void(
     await TaskBillingRepository(session).release_tasks(invoice.id)
     log.info("event=invoice_voided invoice_id=%s number=%s", invoice.id, invoice.number)
     return await get(session, invoice.id)
-
-
-def total_exact(invoice: Invoice) -> Decimal:
-    return sum((line.amount_exact_usd for line in invoice.lines), Decimal(0))

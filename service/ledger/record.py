@@ -11,8 +11,6 @@ from dataclasses import dataclass, fields
 from datetime import datetime
 from decimal import Decimal
 from enum import StrEnum
-from operator import attrgetter
-from typing import Any
 
 import orjson
 
@@ -81,10 +79,6 @@ class LedgerRecord:
     # Why the provider's usage claim is implausible (`service.proxy.usage`); None when it is not.
     usage_flag: str | None = None
 
-    def as_row(self) -> tuple[Any, ...]:
-        row: tuple[Any, ...] = _ROW(self)
-        return row
-
     def to_json(self) -> bytes:
         # orjson writes the dataclass, UUIDs and datetimes itself (it is on the hot path:
         # the journal). `str` covers the rest: the cost, a Decimal, becomes a string (money
@@ -104,8 +98,6 @@ class LedgerRecord:
 
 
 COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(LedgerRecord))
-# One C call instead of 24 getattr: the writer builds a row per request.
-_ROW = attrgetter(*COLUMNS)
 
 
 # C0 and C1 control characters, NUL among them (Postgres text cannot hold it at all): the

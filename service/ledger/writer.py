@@ -86,7 +86,6 @@ class LedgerWriter:
         self.records_replayed = 0
         self.records_quarantined = 0
         self.records_kept_in_journal = 0  # at shutdown, with Postgres and the spool failing
-        self.batches_failed = 0
         self.spool_errors = 0
         self.flush_errors = 0
         self.spool_files = 0
@@ -292,7 +291,6 @@ class LedgerWriter:
                 raise
             except Exception as exc:
                 self._down_until = time.monotonic() + _RETRY_AFTER_S
-                self.batches_failed += 1
                 log.warning(
                     "event=ledger_write_failed error=%s rows=%d action=spool",
                     type(exc).__name__,

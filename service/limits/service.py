@@ -60,10 +60,10 @@ from service.limits.policy import (
 from service.limits.ratelimit import Charge, WindowResult
 from service.metrics import registry as metrics
 from service.prices.cache import PriceCache
-from service.proxy.context import ProxyHooks, RequestContext
-from service.proxy.tokens import choices as requested_choices
-from service.proxy.tokens import completion_limit, default_completion
+from service.proxy.context import RequestContext
 from service.settings import Settings
+from service.tokens.estimate import choices as requested_choices
+from service.tokens.estimate import completion_limit, default_completion, prompt_tokens
 
 log = logging.getLogger("meterline.limits")
 
@@ -297,7 +297,7 @@ class Limits:
         tokens = 0
         need = None
         if applied.tokens or budgeted:
-            prompt = estimate.prompt_tokens(body)
+            prompt = prompt_tokens(body)
             limit = completion_limit(body)
             choices = requested_choices(body)
             per_choice = limit or default_completion(
@@ -438,9 +438,10 @@ class Limits:
         ctx.completion_allowance = grant.completion_allowance
         return grant
 
-    async def settlement(self, ctx: RequestContext, record: LedgerRecord | None) -> None:
-        grant = next((r for r in ctx.reservations if isinstance(r, Grant)), None)
-        if grant is None:
+    async def settlement(
+        self, ctx: RequestContext, record: LedgerRecord | None, grant: Grant | None
+    ) -> None:
+        if grant is None:  # refused before this admission
             return
         if record is None:  # refused after this admission: nothing was forwarded
             await self.release(grant)
@@ -448,10 +449,6 @@ class Limits:
             await self.settle(
                 grant, record.total_tokens, record.cost_usd, flagged=record.usage_flag is not None
             )
-
-    def install(self, hooks: ProxyHooks) -> None:
-        hooks.admission.append(self.admission)
-        hooks.settlement.append(self.settlement)
 
     def cover_quoted_tasks(self, open_cost: Callable[[uuid.UUID, str], Decimal | None]) -> None:
         """Requests on an open quoted task (`open_cost` not None) reserve no budget: the

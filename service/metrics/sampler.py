@@ -67,7 +67,9 @@ class FinishedRequest(Protocol):
     def ttft_ms(self) -> int | None: ...
 
 
-async def observe_settlement(ctx: object, record: FinishedRequest | None) -> None:
+async def observe_settlement(
+    ctx: object, record: FinishedRequest | None, _held: object = None
+) -> None:
     """A proxy settlement hook: count the request from its final ledger record."""
     if record is None:
         return

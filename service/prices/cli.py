@@ -1,20 +1,29 @@
-"""`meterline prices import|export`: price tables as CSV or YAML, straight to the database
-(a direct-database command: `service/commands/database.py`)."""
+"""`meterline prices import|export`: price tables as CSV or YAML. `export` is a client of
+`GET /billing/prices` (`service/commands/api.py`); `import` adds a whole table all or nothing,
+which the API (one version per request) cannot, so it goes straight to the database
+(`service/commands/database.py`)."""
 
 from __future__ import annotations
 
 import sys
+from datetime import datetime
+from decimal import Decimal
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
-from pricing.price_table import TableFormat
-from service.commands.database import run_in_transaction
+from pricing.price_table import TableFormat, format_price_table
+from pricing.prices import Price
+from service.commands.api import API_CLIENTS, BillingClient, TokenOption, UrlOption
+from service.commands.database import DIRECT, run_in_transaction
 from service.commands.output import err, fail
 from service.prices import service
 
-prices_app = typer.Typer(help="Price tables (USD per 1M tokens).", no_args_is_help=True)
+prices_app = typer.Typer(
+    help="Price tables (USD per 1M tokens; import straight to the database).",
+    no_args_is_help=True,
+)
 
 
 def _format_of(path: Path | None, given: str | None) -> TableFormat:
@@ -26,7 +35,7 @@ def _format_of(path: Path | None, given: str | None) -> TableFormat:
     fail(f"unknown format {name!r}: csv or yaml")
 
 
-@prices_app.command("import")
+@prices_app.command("import", rich_help_panel=DIRECT)
 def import_prices(
     file: Annotated[Path, typer.Argument(help="CSV or YAML price table ('-' for stdin).")],
     fmt: Annotated[
@@ -49,16 +58,32 @@ def import_prices(
     err.print(f"imported {len(result.added)} new versions, {result.unchanged} already present")
 
 
-@prices_app.command("export")
+def _price(version: dict[str, Any]) -> Price:
+    """A version as `GET /billing/prices` answers it (rates as decimal strings)."""
+    cached = version["cached_input_usd_per_mtok"]
+    return Price(
+        model=version["model"],
+        input_usd_per_mtok=Decimal(version["input_usd_per_mtok"]),
+        output_usd_per_mtok=Decimal(version["output_usd_per_mtok"]),
+        cached_input_usd_per_mtok=None if cached is None else Decimal(cached),
+        effective_from=datetime.fromisoformat(version["effective_from"]),
+    )
+
+
+@prices_app.command("export", rich_help_panel=API_CLIENTS)
 def export_prices(
     fmt: Annotated[str | None, typer.Option("--format", "-f", help="csv | yaml.")] = None,
     output: Annotated[
         Path | None, typer.Option("--output", "-o", help="File to write.", show_default="stdout")
     ] = None,
+    url: UrlOption = None,
+    token: TokenOption = None,
 ) -> None:
-    """Every price version, readable back by `meterline prices import`."""
+    """Every price version, readable back by `meterline prices import` (any caller)."""
     table_format = _format_of(output, fmt)
-    text = run_in_transaction(lambda s: service.export_table(s, table_format))
+    with BillingClient(url, token) as client:
+        versions = client.request("GET", "/billing/prices")["data"]
+    text = format_price_table([_price(v) for v in versions], table_format)
     if output is None:
         sys.stdout.write(text)
     else:

@@ -1,4 +1,4 @@
-"""Price versions: list, add, look up, import and export.
+"""Price versions: list, add, look up and import.
 
 A version is never edited: a new price is a new version with a later `effective_from`.
 Adding one never touches the ledger (rows keep the cost and version stored when they were
@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from pricing.price_table import TableFormat, format_price_table, parse_price_table
+from pricing.price_table import TableFormat, parse_price_table
 from pricing.prices import Price, PriceBook
 from service.db.models import PriceVersion
 from service.errors import Conflict, NotFound
@@ -129,8 +129,3 @@ async def import_table(
     """Read a CSV or YAML table (rows without `effective_from` take effect now) and import it."""
     prices = parse_price_table(text, table_format, default_effective_from=datetime.now(UTC))
     return await import_prices(session, prices, source)
-
-
-async def export_table(session: AsyncSession, table_format: TableFormat) -> str:
-    """Every version as CSV or YAML, readable back by `import_table`."""
-    return format_price_table(await PriceRepository(session).all_prices(), table_format)

@@ -1,14 +1,17 @@
 """What the proxy knows about a request, and the hooks other parts plug into it.
 
-Two extension points, both empty (and free) unless something registers:
+Hooks are declared once, by name, in the order they run (service/runtime.py); each has two
+steps, both optional, and no hook costs anything unless declared:
 
-- **admission** — run after authentication and routing, before anything is forwarded.
-  Each hook gets the `RequestContext`; it may raise a `MeterlineError` (429 budget or
-  rate limit, 409 task closed, …), which the proxy returns in OpenAI's error shape
-  without forwarding, or return a reservation object, kept in `ctx.reservations`.
-- **settlement** — called once per admitted request with the final ledger record
-  (tokens and cost known), after the response has been sent; with `None` when a later
-  admission hook refused the request, so earlier reservations can be released.
+- **admit** — run after authentication and routing, before anything is forwarded. It gets
+  the `RequestContext`; it may raise a `MeterlineError` (429 budget or rate limit, 409
+  task closed, …), which the proxy returns in OpenAI's error shape without forwarding, or
+  return a reservation, kept in `ctx.reservations` under the hook's name.
+- **settle** — called once per admitted request with the final ledger record (tokens and
+  cost known), after the response has been sent, and with the hook's own reservation;
+  with `None` for the record when a later hook refused the request, so earlier
+  reservations can be released, and `None` for the reservation when this hook's admit
+  never ran.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from service.ledger.record import LedgerRecord
 from service.providers.config import Provider
@@ -38,8 +41,8 @@ class RequestContext:
     raw_body: bytes
     stream: bool
     provider: Provider
-    # One entry per admission hook, in order: what it returned (a reservation, or None).
-    reservations: list[object] = field(default_factory=list)
+    # What each hook's admit returned (a reservation, or None), under the hook's name.
+    reservations: dict[str, object] = field(default_factory=dict)
     # Headers admission hooks add to the forwarded response (x-ratelimit-*: Meterline's own
     # limits, which replace the provider's limits on its shared key).
     response_headers: dict[str, str] = field(default_factory=dict)
@@ -52,11 +55,19 @@ class RequestContext:
     settled: bool = False
 
 
-Admission = Callable[[RequestContext], Awaitable[object | None]]
-Settlement = Callable[[RequestContext, LedgerRecord | None], Awaitable[None]]
+Held = TypeVar("Held")
 
 
-@dataclass
-class ProxyHooks:
-    admission: list[Admission] = field(default_factory=list)
-    settlement: list[Settlement] = field(default_factory=list)
+@dataclass(frozen=True, slots=True)
+class Hook(Generic[Held]):
+    """A part that takes part in every request: `admit` may hold something for it, which
+    `settle` gets back (None when `admit` did not run)."""
+
+    admit: Callable[[RequestContext], Awaitable[Held]] | None = None
+    settle: Callable[[RequestContext, LedgerRecord | None, Held | None], Awaitable[None]] | None = (
+        None
+    )
+
+
+# The hooks by name, in the order they run (admission and settlement alike).
+ProxyHooks = dict[str, Hook[Any]]

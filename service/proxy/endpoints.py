@@ -16,6 +16,7 @@ from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.errors import error_body
+from service.proxy.asgi import send_whole
 from service.proxy.service import MeteringProxy
 
 log = logging.getLogger("meterline.proxy")
@@ -31,11 +32,11 @@ class _Forward:
         self.endpoint = endpoint
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await _proxy(scope).forward(self.endpoint, scope, receive, send)  # type: ignore[arg-type]
+        await _proxy(scope).forward(self.endpoint, scope, receive, send)
 
 
 async def _models(scope: Scope, receive: Receive, send: Send) -> None:
-    await _proxy(scope).models(scope, send)  # type: ignore[arg-type]
+    await _proxy(scope).models(scope, send)
 
 
 class _Models:
@@ -94,17 +95,7 @@ class ProxyFastPath:
             log.exception("event=unhandled_error path=%s", scope["path"])
             if not started:
                 body = orjson.dumps(error_body("internal error", "server_error", "internal_error"))
-                await send(
-                    {
-                        "type": "http.response.start",
-                        "status": 500,
-                        "headers": [
-                            (b"content-type", b"application/json"),
-                            (b"content-length", str(len(body)).encode()),
-                        ],
-                    }
-                )
-                await send({"type": "http.response.body", "body": body})
+                await send_whole(send, 500, body)
 
 
 def install_fast_path(app: Starlette, behind_cors: bool) -> None:

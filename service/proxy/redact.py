@@ -14,11 +14,9 @@ pieces is caught whole.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Awaitable
 
-Message = dict[str, Any]
-Send = Callable[[Message], Awaitable[None]]
+from starlette.types import Message, Send
 
 
 def _key_start_at_end(data: bytes, key: bytes) -> int:

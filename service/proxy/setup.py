@@ -11,12 +11,12 @@ from service.ledger.writer import LedgerWriter
 from service.prices.cache import PriceCache
 from service.providers.config import load_providers
 from service.providers.router import ProviderRouter
-from service.proxy import tokens
 from service.proxy.access import AccessLog
 from service.proxy.context import ProxyHooks
 from service.proxy.service import MeteringProxy
 from service.proxy.upstream import UpstreamClient
 from service.settings import Settings
+from service.tokens import estimate
 
 
 async def start_proxy(
@@ -28,7 +28,7 @@ async def start_proxy(
     prices: PriceCache,
 ) -> dict[str, Any]:
     """The Runtime fields of the proxy, started, each closed by `stack`: upstream client, …"""
-    await asyncio.to_thread(tokens.warm_up)
+    await asyncio.to_thread(estimate.warm_up)
     upstream = UpstreamClient(
         settings.upstream_connect_timeout_s,
         settings.upstream_read_timeout_s,
@@ -37,7 +37,7 @@ async def start_proxy(
     await upstream.start()
     stack.push_async_callback(upstream.close)
     providers = ProviderRouter(load_providers(settings.providers))
-    hooks = ProxyHooks()
+    hooks: ProxyHooks = {}  # declared by service/runtime.py once their parts have started
     access_log = AccessLog() if settings.access_log else None
     if access_log is not None:
         access_log.start()

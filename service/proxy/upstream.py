@@ -2,18 +2,23 @@
 
 aiohttp's client is several times faster than httpx's default transport on this path
 (see `python -m bench proxy`). Connection failures are retried, since nothing was sent
-yet; a request that reached the provider is never sent twice.
+yet; a request that reached the provider is never sent twice. What aiohttp raises becomes
+a 502 or a 504 in `upstream_failure`, the one place that decides which.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
+from typing import Any
 
 import aiohttp
+import orjson
 
 from service.errors import MeterlineError
+from service.providers.config import Provider
+from service.proxy.context import RequestContext
 
 log = logging.getLogger("meterline.proxy")
 
@@ -30,6 +35,26 @@ class UpstreamTimeout(MeterlineError):
     code = "upstream_timeout"
 
 
+# What talking to a provider may raise once connected: sending, or reading its answer.
+UPSTREAM_FAILURES = (TimeoutError, aiohttp.ClientError, ConnectionError)
+
+# The upstream path of each endpoint, relative to the provider's /v1 root.
+ENDPOINT_PATHS = {
+    "chat": "chat/completions",
+    "completions": "completions",
+    "embeddings": "embeddings",
+}
+
+
+def upstream_failure(exc: BaseException) -> UpstreamTimeout | UpstreamUnavailable:
+    """The 504 (too slow) or 502 (gone) that one of `UPSTREAM_FAILURES` is."""
+    if isinstance(exc, UpstreamTimeout | UpstreamUnavailable):
+        return exc
+    if isinstance(exc, TimeoutError):  # aiohttp's own timeouts are TimeoutErrors too
+        return UpstreamTimeout("the provider did not answer in time")
+    return UpstreamUnavailable("the provider closed the connection")
+
+
 class UpstreamClient:
     def __init__(self, connect_timeout_s: float, read_timeout_s: float, retries: int) -> None:
         self.retries = retries
@@ -37,6 +62,7 @@ class UpstreamClient:
             total=None, sock_connect=connect_timeout_s, sock_read=read_timeout_s
         )
         self._session: aiohttp.ClientSession | None = None
+        self._headers: dict[tuple[str, bool], dict[str, str]] = {}
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30, ttl_dns_cache=300)
@@ -72,7 +98,63 @@ class UpstreamClient:
                     "event=upstream_connect_retry attempt=%d error=%s", attempt, type(exc).__name__
                 )
                 await asyncio.sleep(0.05 * attempt)
-            except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
-                raise UpstreamTimeout("the provider did not answer in time") from exc
-            except aiohttp.ClientError as exc:
-                raise UpstreamUnavailable("the provider closed the connection") from exc
+            except UPSTREAM_FAILURES as exc:
+                raise upstream_failure(exc) from exc
+
+    def forward(self, ctx: RequestContext, body: bytes) -> Awaitable[aiohttp.ClientResponse]:
+        """`body` sent to the provider of `ctx` at the endpoint's path (see `send`); not a
+        coroutine of its own, so a request costs no extra frame."""
+        url = ctx.provider.url(ENDPOINT_PATHS[ctx.endpoint])
+        return self.send("POST", url, body, self.headers_for(ctx.provider, ctx.stream))
+
+    def headers_for(self, provider: Provider, stream: bool) -> dict[str, str]:
+        """The headers of a request to `provider`: its key, never the client's."""
+        cached = self._headers.get((provider.name, stream))
+        if cached is not None:
+            return cached
+        headers = {
+            "Content-Type": "application/json",
+            "Accept": "text/event-stream" if stream else "application/json",
+            "Accept-Encoding": "identity",
+        }
+        headers.update(provider.auth_headers())
+        self._headers[(provider.name, stream)] = headers
+        return headers
+
+
+def request_body(ctx: RequestContext) -> tuple[bytes, bool]:
+    """The body to send and whether the client must not see the usage asked for it.
+
+    The client's bytes go as they are unless a documented edit applies: `max_tokens` set
+    to what the budget pays for (the client set no completion limit), and `stream_options`
+    as the provider's `stream_usage` needs it."""
+    body = (
+        ctx.body if ctx.max_tokens_cap is None else {**ctx.body, "max_tokens": ctx.max_tokens_cap}
+    )
+    provider = ctx.provider
+    options = body.get("stream_options")
+    if provider.stream_usage == "none" and "stream_options" in body:
+        # Such providers never report usage and some reject the field outright.
+        return _json_bytes({k: v for k, v in body.items() if k != "stream_options"}), False
+    asked = isinstance(options, dict) and options.get("include_usage") is True
+    if ctx.stream and provider.stream_usage == "inject" and not asked:
+        edited = {**body, "stream_options": {**(options or {}), "include_usage": True}}
+        return _json_bytes(edited), True
+    return (ctx.raw_body if body is ctx.body else _json_bytes(body)), False
+
+
+def _json_bytes(body: dict[str, Any]) -> bytes:
+    return orjson.dumps(body)
+
+
+def passed_headers(
+    response: aiohttp.ClientResponse, ours: Mapping[str, str]
+) -> list[tuple[bytes, bytes]]:
+    """The provider's headers the client gets (only its rate-limit hints), then `ours`."""
+    out = []
+    for name, value in response.raw_headers:
+        lower = name.lower()
+        if lower.startswith(b"retry-after") or (lower.startswith(b"x-ratelimit-") and not ours):
+            out.append((lower, value))
+    out += [(k.encode(), v.encode()) for k, v in ours.items()]
+    return out

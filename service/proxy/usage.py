@@ -6,15 +6,24 @@ it with its tokenizer and the row says `usage_source = "estimated"`. Counts that
 well-formed but implausible (more completion tokens than the request allowed, or more
 than any request uses) are stored as claimed and flagged (`usage_flag`), so that an
 operator reviews them before they reach a finalized invoice.
+
+The usage of an answer is read here too: from a whole body (`usage_of_body`), or from a
+stream's claim and text (`claimed_usage`), and estimated where the provider said nothing.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import asyncio
+import contextlib
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from service.proxy.tokens import completion_tokens
+import orjson
+
+from service.ledger.record import storable_text
+from service.proxy.context import RequestContext
+from service.tokens import estimate
 
 # Beyond this a number is not a token count (a trillion tokens in one request); it is
 # treated as missing. Kept far below bigint's range, so sums of rows cannot overflow.
@@ -24,6 +33,8 @@ PLAUSIBLE_TOKEN_COUNT = 100_000_000
 
 FLAG_COMPLETION_OVER_LIMIT = "completion_over_limit"
 FLAG_IMPLAUSIBLE_COUNT = "implausible_count"
+# Texts longer than this are counted off the event loop.
+_THREAD_TOKENIZE_CHARS = 50_000
 
 
 def token_count(value: Any) -> int | None:
@@ -122,10 +133,66 @@ def flag_of(usage: Usage, claim: UsageClaim | None, body: dict[str, Any]) -> str
     if claim is None:
         return None
     # What the request allowed over all its choices, as budgets reserve it (0: no bound).
-    limit = completion_tokens(body, default=0)
+    limit = estimate.completion_tokens(body, default=0)
     if claim.completion is not None and limit and usage.completion > limit:
         return FLAG_COMPLETION_OVER_LIMIT
     claimed = (claim.prompt, claim.completion, claim.total, claim.cached, claim.reasoning)
     if any(v is not None and v > PLAUSIBLE_TOKEN_COUNT for v in claimed):
         return FLAG_IMPLAUSIBLE_COUNT
     return None
+
+
+# -- the usage of an answer ------------------------------------------------------------
+
+
+async def usage_of_body(ctx: RequestContext, raw: bytes) -> tuple[Usage, str | None]:
+    """The usage of a whole successful answer, and the model the provider says it used."""
+    try:
+        parsed = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        parsed = None
+    if not isinstance(parsed, dict):
+        return await estimated_usage(ctx, ""), None
+    model = parsed.get("model") if isinstance(parsed.get("model"), str) else None
+    usage = await claimed_usage(
+        ctx, parsed.get("usage"), lambda: estimate.completion_text_of_body(parsed)
+    )
+    return usage, model
+
+
+async def claimed_usage(
+    ctx: RequestContext, raw: object, completion_text: Callable[[], str]
+) -> Usage:
+    """The provider's usage where it is usable, the rest estimated; flagged if implausible."""
+    claim = UsageClaim.read(raw, ctx.endpoint) if isinstance(raw, dict) else None
+    if claim is not None and claim.complete:
+        usage = claim.usage()
+    else:
+        guess = await estimated_usage(ctx, completion_text())
+        usage = claim.usage(guess) if claim is not None else guess
+    usage.flag = flag_of(usage, claim, ctx.body)
+    return usage
+
+
+async def estimated_usage(ctx: RequestContext, completion: str) -> Usage:
+    prompt_text = estimate.prompt_text(ctx.body)
+    if len(prompt_text) + len(completion) > _THREAD_TOKENIZE_CHARS:
+        prompt, generated = await asyncio.to_thread(
+            lambda: (estimate.count_tokens(prompt_text), estimate.count_tokens(completion))
+        )
+    else:
+        prompt = estimate.count_tokens(prompt_text)
+        generated = estimate.count_tokens(completion)
+    return Usage(prompt, generated, prompt + generated, 0, 0, "estimated")
+
+
+def error_code(raw: bytes, status: int) -> str:
+    """The provider's own error code when its body says one, else `upstream_<status>`."""
+    with contextlib.suppress(orjson.JSONDecodeError):
+        body = orjson.loads(raw)
+        error = body.get("error") if isinstance(body, dict) else None
+        if isinstance(error, dict):
+            for field in ("code", "type"):
+                if isinstance(error.get(field), str) and error[field]:
+                    return storable_text(error[field], 64)
+    return f"upstream_{status}"

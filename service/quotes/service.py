@@ -31,13 +31,13 @@ from service.auth.principal import Principal
 from service.db.models import Quote
 from service.errors import Conflict, MeterlineError, NotFound, Unprocessable
 from service.parts import LiveTasks
-from service.proxy.tokens import count_tokens, prompt_text
 from service.quotes.repository import QuoteRepository
 from service.quotes.schemas import QuoteAccept, QuoteCreate, QuoteOut
 from service.settings import Settings
 from service.tasks.repository import EMPTY_USAGE
 from service.tasks.schemas import TaskOut
 from service.tasks.service import open_quoted_task, task_out
+from service.tokens.estimate import count_tokens, prompt_text
 
 log = logging.getLogger("meterline.quotes")
 

@@ -1,5 +1,5 @@
 """`meterline report monthly`: the monthly export to a file or stdout, with progress; and
-`meterline invoices unpriced`, the unpriced-usage report straight from the database."""
+`meterline invoices unpriced`, the unpriced-usage report (API clients)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import os
 import sys
 import uuid
 from pathlib import Path
-from typing import Annotated, Any, BinaryIO
+from typing import Annotated, BinaryIO
 
 import typer
 from rich.progress import (
@@ -18,12 +18,9 @@ from rich.progress import (
     TimeElapsedColumn,
     TransferSpeedColumn,
 )
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.commands.api import BillingClient, TokenOption, UrlOption
-from service.commands.database import run_in_transaction
 from service.commands.output import JsonOption, PeriodOption, err, fail, print_result
-from service.reports.service import unpriced_report
 
 report_app = typer.Typer(help="Report exports.", no_args_is_help=True)
 
@@ -93,18 +90,17 @@ def monthly(
         err.print(f"wrote {max(lines - 2, 0)} rows to {output}", highlight=False)
 
 
-# `meterline invoices unpriced` (registered in `service.cli`): straight to the database.
+# `meterline invoices unpriced` (registered in `service.cli`).
 def unpriced(
     period: PeriodOption,
     account_id: Annotated[uuid.UUID | None, typer.Option("--account-id")] = None,
+    url: UrlOption = None,
+    token: TokenOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Usage stored without a price in the month, per account and model."""
-
-    async def work(session: AsyncSession) -> list[dict[str, Any]]:
-        rows = await unpriced_report(session, period, account_id)
-        return [r.model_dump(mode="json") for r in rows]
-
-    rows = run_in_transaction(work)
+    params = {"period": str(period), **({"account_id": str(account_id)} if account_id else {})}
+    with BillingClient(url, token) as client:
+        report = client.request("GET", "/billing/reports/unpriced", params=params)
     columns = ["account_id", "model", "requests", "requests_priced_now", "requests_without_price"]
-    print_result(rows, as_json, columns)
+    print_result(report["data"], as_json, columns)

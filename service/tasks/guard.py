@@ -212,7 +212,9 @@ class TaskGuard:
     async def admit(self, ctx: RequestContext) -> None:
         self.check(ctx.account_id, ctx.task_id, ctx.model, ctx.occurred_at)
 
-    async def settle(self, ctx: RequestContext, record: LedgerRecord | None) -> None:
+    async def settle(
+        self, ctx: RequestContext, record: LedgerRecord | None, _held: None = None
+    ) -> None:
         if record is None or not record.task_id:
             return
         quoted = self._open.get(task_key(record.account_id, record.task_id))

@@ -1,9 +1,22 @@
-"""Token estimates for responses that carry no usage, with a tokenizer that works offline.
+"""Token estimates, with one tokenizer that works offline (`cl100k_base`), loaded lazily.
 
-`cl100k_base` is not every model's tokenizer, so an estimate is flagged
-`usage_source = "estimated"` in the ledger; it is never a silent zero. The prompt is
-counted the way the request is usually rendered for the model: role and text of each
-message (tool calls' names and arguments included), or the prompt/input strings.
+Two things are estimated from the same tokenizer:
+
+- **usage** for responses that carry none. `cl100k_base` is not every model's tokenizer,
+  so an estimate is flagged `usage_source = "estimated"` in the ledger; it is never a
+  silent zero. The prompt is counted the way the request is usually rendered for the
+  model (`prompt_text`): role and text of each message (tool calls' names and arguments
+  included), or the prompt/input strings.
+- **reservations**, what a request may cost before it is sent (`prompt_tokens`). A
+  reservation must never be smaller than what the provider bills, so every text the
+  provider renders into the prompt counts: each message's role, name, content parts, tool
+  calls (names and arguments), tool call ids and legacy `function_call`, and the
+  request's tool and function definitions, forced tool choice and response schema. Media
+  parts are not text: their data is never tokenized (a base64 image is not a million
+  tokens) and each counts as `_PER_MEDIA_PART` tokens instead. Past `_SAMPLE_CHARS` the
+  count is extrapolated from a sample, so a megabyte prompt costs the event loop
+  milliseconds, not a second. Only accounts with a budget or a token limit reserve, so
+  the tokenizer stays off the hot path of everyone else.
 
 What a request allows the model to generate is read here too, for the usage claims
 (service/proxy/usage.py) and the reservations of the limits alike.
@@ -11,6 +24,7 @@ What a request allows the model to generate is read here too, for the usage clai
 
 from __future__ import annotations
 
+import math
 from functools import lru_cache
 from typing import Any
 
@@ -94,14 +108,6 @@ def completion_text(events: list[bytes]) -> str:
     return "".join(parts)
 
 
-def estimate_prompt(body: dict[str, Any]) -> int:
-    return count_tokens(prompt_text(body))
-
-
-def estimate_completion(events: list[bytes]) -> int:
-    return count_tokens(completion_text(events))
-
-
 def completion_text_of_body(body: dict[str, Any]) -> str:
     """Generated text of a non-streamed chat or text completion."""
     parts: list[str] = []
@@ -162,3 +168,87 @@ def completion_tokens(body: dict[str, Any], default: int) -> int:
     """The most completion tokens the request allows (`default` per choice for a chat that
     sets no bound)."""
     return (completion_limit(body) or default_completion(body, default)) * choices(body)
+
+
+# -- the prompt a reservation pays for ----------------------------------------------------
+
+_SAMPLE_CHARS = 64 * 1024
+# Role markers and separators a chat format adds around each message (OpenAI's adds 3 or
+# 4, Llama 3's 5 with the role), and the assistant header that primes the reply.
+_PER_MESSAGE = 4
+_REPLY_PRIMING = 3
+# Request fields rendered into the prompt besides the messages (counted as their JSON).
+_PROMPT_FIELDS = ("tools", "functions", "tool_choice", "function_call", "response_format")
+# Fields of content parts that carry media, and what one may cost: the largest per-image
+# count of the common providers (an image is billed by its size in tiles, not as text).
+_MEDIA_PARTS = frozenset({"image_url", "input_audio", "audio", "file"})
+_PER_MEDIA_PART = 1_536
+
+
+def count_text(text: str) -> int:
+    if len(text) <= _SAMPLE_CHARS:
+        return count_tokens(text)
+    sample = text[:_SAMPLE_CHARS]
+    return math.ceil(count_tokens(sample) * len(text) / len(sample))
+
+
+def _message_texts(value: Any, texts: list[str]) -> int:
+    """Collect every string of a message (or part of one); returns the media parts seen."""
+    if isinstance(value, str):
+        texts.append(value)
+        return 0
+    if not isinstance(value, dict | list):
+        return 0
+    media = 0
+    for key, item in value.items() if isinstance(value, dict) else enumerate(value):
+        if isinstance(item, str):  # most fields: no call for them
+            texts.append(item)
+        elif key in _MEDIA_PARTS:
+            media += 1
+        elif isinstance(item, dict | list):
+            media += _message_texts(item, texts)
+    return media
+
+
+def _prompt_items(value: Any) -> tuple[list[str], int]:
+    """Strings to tokenize, and tokens already given as ids (`[[1, 2], [3]]` or `[1, 2]`)."""
+    if isinstance(value, str):
+        return [value], 0
+    if isinstance(value, list):
+        if all(isinstance(v, int) for v in value):
+            return [], len(value)
+        texts: list[str] = []
+        ids = 0
+        for item in value:
+            if isinstance(item, str):
+                texts.append(item)
+            elif isinstance(item, list):
+                ids += len(item)
+        return texts, ids
+    return [], 0
+
+
+def _chat_prompt_tokens(body: dict[str, Any], messages: list[Any]) -> int:
+    texts: list[str] = []
+    media = 0
+    for message in messages:
+        media += _message_texts(message, texts)
+    for name in _PROMPT_FIELDS:
+        value = body.get(name)
+        if isinstance(value, dict | list) and value:
+            texts.append(orjson.dumps(value).decode())
+    overhead = _PER_MESSAGE * len(messages) + _REPLY_PRIMING
+    # One text, one tokenizer call; a space joins the parts without adding tokens of its
+    # own (it merges into the next word), as `_PER_MESSAGE` already counts the separators.
+    return overhead + media * _PER_MEDIA_PART + count_text(" ".join(texts))
+
+
+def prompt_tokens(body: dict[str, Any]) -> int:
+    """Tokens of the prompt of a chat, completions or embeddings body (an estimate)."""
+    messages = body.get("messages")
+    if isinstance(messages, list):
+        return _chat_prompt_tokens(body, messages)
+    texts, ids = _prompt_items(body.get("prompt", body.get("input")))
+    if isinstance(body.get("suffix"), str):
+        texts.append(body["suffix"])
+    return ids + sum(count_text(text) for text in texts)

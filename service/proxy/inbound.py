@@ -1,0 +1,221 @@
+"""The client's request, read and checked: its credential, task headers, body and route.
+
+Everything here refuses with a `MeterlineError` in OpenAI's shape before anything is
+forwarded; nothing waits on Postgres (keys come from the in-memory `KeyCache`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any
+
+import orjson
+from starlette.types import Receive, Scope
+
+from service.auth.key_cache import CachedKey, KeyCache
+from service.errors import BadRequest, MeterlineError, NotFound, PayloadTooLarge, Unauthorized
+from service.ledger.record import has_control_characters
+from service.providers.router import ProviderRouter
+from service.proxy.context import RequestContext
+
+MAX_TASK_FIELD = 128
+MAX_MODEL = 256
+
+
+class ModelNotFound(NotFound):
+    code = "model_not_found"
+
+
+class ProviderNotConfigured(MeterlineError):
+    """The provider of a model has no key (its `api_key_env` is unset): the operator's to
+    fix, so the provider's 401 never reaches a customer as if their key were bad."""
+
+    status_code = 503
+    type = "api_error"
+    code = "provider_not_configured"
+
+
+class ClientGone(Exception):
+    """The client left before sending its whole request: there is nothing to answer."""
+
+
+def headers_of(scope: Scope) -> dict[bytes, bytes]:
+    # Header names arrive lower-cased (ASGI); a repeated header keeps its last value.
+    return dict(scope["headers"])
+
+
+async def authenticate(
+    keys: KeyCache, headers: Mapping[bytes, bytes], key_headers: tuple[tuple[bytes, str], ...]
+) -> CachedKey:
+    """The key the request carries (`Authorization: Bearer` or one of `key_headers`: each a
+    lower-cased ASGI name and the name as configured, for messages)."""
+    key = await keys.lookup(_credential(headers, key_headers))
+    if key is None:
+        raise Unauthorized("Incorrect API key provided, or the key was revoked or expired.")
+    return key
+
+
+def _credential(headers: Mapping[bytes, bytes], key_headers: tuple[tuple[bytes, str], ...]) -> str:
+    """The one key the request carries: `Authorization: Bearer` or any of `key_headers`."""
+    found: dict[str, str] = {}
+    authorization = headers.get(b"authorization")
+    if authorization:
+        scheme, _, value = authorization.decode("latin-1").partition(" ")
+        if scheme.lower() != "bearer" or not value.strip():
+            raise Unauthorized("Authorization header must be 'Bearer <key>'")
+        found["Authorization"] = value.strip()
+    for name, shown in key_headers:
+        raw = headers.get(name)
+        if raw and raw.strip():
+            found[shown] = raw.decode("latin-1").strip()
+    if len(set(found.values())) > 1:
+        raise BadRequest(
+            f"{' and '.join(found)} carry different keys; send one",
+            code="conflicting_credentials",
+        )
+    if not found:
+        raise Unauthorized(
+            "You didn't provide an API key: send 'Authorization: Bearer <key>'",
+            code="missing_api_key",
+        )
+    return next(iter(found.values()))
+
+
+async def read_request(
+    endpoint: str,
+    headers: Mapping[bytes, bytes],
+    receive: Receive,
+    *,
+    key: CachedKey,
+    router: ProviderRouter,
+    max_body_bytes: int,
+    request_id: str,
+    occurred_at: datetime,
+) -> RequestContext:
+    """The request of an authenticated key, checked and routed to its provider."""
+    task_id = _task_header(headers, b"x-task-id")
+    task_type = _task_header(headers, b"x-task-type")
+    raw = await _read_body(receive, max_body_bytes, headers.get(b"content-length"))
+    body = _parse_body(raw, endpoint)
+    model: str = body["model"]
+    provider = router.route(model)
+    if provider is None:
+        raise ModelNotFound(
+            f"The model `{model}` does not exist or you do not have access to it.",
+            param="model",
+        )
+    if not provider.configured:
+        raise ProviderNotConfigured(
+            f"The model `{model}` cannot be served now: its provider is not configured "
+            "on this server (the operator has been told at start-up).",
+            headers={"x-should-retry": "false"},
+        )
+    return RequestContext(
+        request_id=request_id,
+        occurred_at=occurred_at,
+        account_id=key.account_id,
+        key_id=key.key_id,
+        key_prefix=key.prefix,
+        endpoint=endpoint,
+        model=model,
+        task_id=task_id,
+        task_type=task_type,
+        body=body,
+        raw_body=raw,
+        stream=endpoint != "embeddings" and body.get("stream") is True,
+        provider=provider,
+    )
+
+
+async def _read_body(receive: Receive, limit: int, declared: bytes | None) -> bytes:
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"request body exceeds {limit} bytes")
+    chunks = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGone
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"request body exceeds {limit} bytes")
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+def _task_header(headers: Mapping[bytes, bytes], name: bytes) -> str | None:
+    raw = headers.get(name)
+    if raw is None:
+        return None
+    value = raw.decode("utf-8", "replace").strip()
+    if len(value) > MAX_TASK_FIELD:
+        raise BadRequest(
+            f"{name.decode()} must be at most {MAX_TASK_FIELD} characters",
+            code="invalid_header",
+            param=name.decode(),
+        )
+    if has_control_characters(value):
+        raise BadRequest(
+            f"{name.decode()} must not contain control characters (such as NUL)",
+            code="invalid_header",
+            param=name.decode(),
+        )
+    return value or None
+
+
+def _parse_body(raw: bytes, endpoint: str) -> dict[str, Any]:
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise BadRequest(
+            "We could not parse the JSON body of your request.", code="invalid_json"
+        ) from None
+    if not isinstance(body, dict):
+        raise BadRequest("The request body must be a JSON object.", code="invalid_json")
+    _check_model(body.get("model"))
+    if "stream" in body and not isinstance(body["stream"], bool | None):
+        raise BadRequest("stream must be a boolean", code="invalid_type", param="stream")
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise BadRequest(
+            "stream_options must be an object", code="invalid_type", param="stream_options"
+        )
+    _check_input(body, endpoint)
+    return body
+
+
+def _check_model(model: object) -> None:
+    if not isinstance(model, str) or not model:
+        raise BadRequest("you must provide a model parameter", code="missing_model", param="model")
+    if len(model) > MAX_MODEL:
+        raise BadRequest("model name too long", code="invalid_model", param="model")
+    if has_control_characters(model):
+        raise BadRequest(
+            "model must not contain control characters (such as NUL)",
+            code="invalid_model",
+            param="model",
+        )
+
+
+def _check_input(body: dict[str, Any], endpoint: str) -> None:
+    """What the endpoint generates from: messages, a prompt, or the input to embed."""
+    if endpoint == "chat":
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise BadRequest(
+                "messages must be a non-empty array", code="invalid_type", param="messages"
+            )
+        if not all(isinstance(m, dict) for m in messages):
+            raise BadRequest(
+                "each message must be an object", code="invalid_type", param="messages"
+            )
+    elif endpoint == "completions":
+        if not isinstance(body.get("prompt"), str | list):
+            raise BadRequest(
+                "prompt must be a string or an array", code="invalid_type", param="prompt"
+            )
+    elif endpoint == "embeddings" and not isinstance(body.get("input"), str | list):
+        raise BadRequest("input must be a string or an array", code="invalid_type", param="input")
