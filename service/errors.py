@@ -172,6 +172,15 @@ class UpstreamError(MeterlineError):
     code = "upstream_unavailable"
 
 
+class NotInstalled(MeterlineError):
+    """A feature of an optional extra this server was installed without (Parquet: pyarrow)."""
+
+    status_code = 501
+    type = "api_error"
+    code = "extra_not_installed"
+    description = "The feature needs an optional extra the server lacks; the message names it."
+
+
 class DatabaseUnavailable(MeterlineError):
     """Postgres cannot be reached: the billing API says so and when to retry (the proxy keeps
     serving known keys, spooling their usage)."""
