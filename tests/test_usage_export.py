@@ -16,8 +16,10 @@ import httpx
 import orjson
 import pyarrow.parquet as pq
 import pytest
+from typer.testing import CliRunner, Result
 
-from tests.conftest import Meterline, Upstream, start_meterline
+from service.cli import app as cli_app
+from tests.conftest import ADMIN_TOKEN, Meterline, Upstream, start_meterline
 from tests.support import Database
 from tests.usage_rows import insert_usage, usage_row
 
@@ -282,3 +284,44 @@ def test_an_unknown_key_filter_is_a_404(admin: httpx.Client) -> None:
     response = _export(admin, "csv", key_id=str(uuid.uuid4()))
     assert response.status_code == 404
     assert response.json()["error"]["param"] == "query.key_id"
+
+
+def _cli(meterline: Meterline, *args: str, token: str = ADMIN_TOKEN) -> Result:
+    """`meterline usage export …`, run in this process against the real server."""
+    return CliRunner().invoke(
+        cli_app, ["usage", "export", *args, "--url", meterline.url, "--token", token]
+    )
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_the_cli_writes_the_same_export_to_a_file(
+    meterline: Meterline, admin: httpx.Client, may: dict[str, Any], fmt: str, tmp_path: Path
+) -> None:
+    out = tmp_path / f"may.{fmt}"
+    args = ("--start", RANGE["start"], "--end", RANGE["end"], "--format", fmt, "-o", str(out))
+    result = _cli(meterline, *args)
+    assert result.exit_code == 0, result.output
+    rows = _rows(fmt, out.read_bytes())
+    assert _totals(rows) == _usage(admin)
+    assert not (tmp_path / f"may.{fmt}.part").exists()
+    assert f"wrote {out.stat().st_size:,} bytes to" in result.stderr
+
+
+def test_the_cli_exports_what_a_customer_key_sees(
+    meterline: Meterline, may: dict[str, Any], tmp_path: Path
+) -> None:
+    small_id, small_key = may["small"]
+    out = tmp_path / "mine.jsonl"
+    args = ("--start", RANGE["start"], "--end", RANGE["end"], "-f", "jsonl", "-o", str(out))
+    result = _cli(meterline, *args, token=small_key)
+    assert result.exit_code == 0, result.output
+    assert {r["account_id"] for r in _rows("jsonl", out.read_bytes())} == {small_id}
+
+
+def test_the_cli_names_a_bad_range_and_writes_nothing(meterline: Meterline, tmp_path: Path) -> None:
+    out = tmp_path / "none.csv"
+    args = ("--start", RANGE["end"], "--end", RANGE["start"], "-o", str(out))
+    result = _cli(meterline, *args)
+    assert result.exit_code == 1
+    assert "must be after start (query.end) [HTTP 422]" in result.stderr
+    assert list(tmp_path.iterdir()) == []
