@@ -11,7 +11,6 @@ Parquet needs the `parquet` extra (pyarrow), which the base install leaves out.
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import AsyncIterator, Iterable
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -81,10 +80,6 @@ def _time(at: datetime) -> str:
     return at.isoformat().replace("+00:00", "Z")
 
 
-def _uuid(value: uuid.UUID | None) -> str | None:
-    return None if value is None else str(value)
-
-
 class CsvEvents(CsvSheet):
     """A header line, then one line per row; an empty cell for null."""
 
@@ -93,37 +88,64 @@ class CsvEvents(CsvSheet):
         return self.take()
 
     def rows(self, rows: Iterable[Row]) -> bytes:
-        # In EVENT_FIELDS order. Text a client chose (ids, models, providers, error codes)
-        # through `text_cell`; the rest is numbers, times and the ledger's own enums.
+        # Text a client chose (ids, models, providers, error codes) through `text_cell`;
+        # the rest is numbers, times, ids and the ledger's own enums. Unpacked by position,
+        # in EVENT_FIELDS order: this is the per-row cost of a large export.
         self.writer.writerows(
             (
-                text_cell(r.request_id),
-                _time(r.occurred_at),
-                _time(r.recorded_at),
-                r.kind,
-                str(r.account_id),
-                _uuid(r.key_id),
-                text_cell(r.task_id),
-                text_cell(r.task_type),
-                r.endpoint,
-                text_cell(r.model),
-                text_cell(r.upstream_model),
-                text_cell(r.provider),
-                "true" if r.stream else "false",
-                r.status_code,
-                text_cell(r.error_code),
-                r.prompt_tokens,
-                r.completion_tokens,
-                r.total_tokens,
-                r.cached_tokens,
-                r.reasoning_tokens,
-                r.usage_source,
-                r.latency_ms,
-                r.ttft_ms,
-                None if r.cost_usd is None else format(r.cost_usd, "f"),
-                r.price_version_id,
+                text_cell(request_id),
+                _time(occurred_at),
+                _time(recorded_at),
+                kind,
+                account_id,
+                key_id,
+                text_cell(task_id),
+                text_cell(task_type),
+                endpoint,
+                text_cell(model),
+                text_cell(upstream_model),
+                text_cell(provider),
+                "true" if stream else "false",
+                status_code,
+                text_cell(error_code),
+                prompt_tokens,
+                completion_tokens,
+                total_tokens,
+                cached_tokens,
+                reasoning_tokens,
+                usage_source,
+                latency_ms,
+                ttft_ms,
+                None if cost_usd is None else format(cost_usd, "f"),
+                price_version_id,
             )
-            for r in rows
+            for (
+                request_id,
+                occurred_at,
+                recorded_at,
+                kind,
+                account_id,
+                key_id,
+                task_id,
+                task_type,
+                endpoint,
+                model,
+                upstream_model,
+                provider,
+                stream,
+                status_code,
+                error_code,
+                prompt_tokens,
+                completion_tokens,
+                total_tokens,
+                cached_tokens,
+                reasoning_tokens,
+                usage_source,
+                latency_ms,
+                ttft_ms,
+                cost_usd,
+                price_version_id,
+            ) in rows
         )
         return self.take()
 
@@ -134,8 +156,6 @@ class CsvEvents(CsvSheet):
 def _json_default(value: object) -> str:
     if isinstance(value, Decimal):
         return format(value, "f")
-    if isinstance(value, uuid.UUID):
-        return str(value)
     raise TypeError(f"{type(value).__name__} in a usage row")
 
 
@@ -204,7 +224,6 @@ class ParquetEvents:
         tokens = ("prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens")
         types |= dict.fromkeys((*tokens, "reasoning_tokens"), pa.int64())
         self.schema = pa.schema([(name, types.get(name, text)) for name in EVENT_FIELDS])
-        self.uuids = {EVENT_FIELDS.index("account_id"), EVENT_FIELDS.index("key_id")}
         self.sink = _Chunks()
         self.writer = pq.ParquetWriter(self.sink, self.schema, compression="zstd")
         self.pending: list[Any] = []
@@ -217,8 +236,6 @@ class ParquetEvents:
         columns: list[Any] = [list(c) for c in zip(*rows, strict=True)]
         if not columns:
             return None
-        for i in self.uuids:
-            columns[i] = [None if v is None else str(v) for v in columns[i]]
         return self.pa.RecordBatch.from_arrays(
             [self.pa.array(c, type=f.type) for c, f in zip(columns, self.schema, strict=True)],
             schema=self.schema,

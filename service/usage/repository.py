@@ -21,6 +21,7 @@ from sqlalchemy import (
     BigInteger,
     Date,
     Select,
+    Text,
     case,
     cast,
     func,
@@ -28,6 +29,7 @@ from sqlalchemy import (
     select,
     text,
     tuple_,
+    type_coerce,
     union_all,
     update,
 )
@@ -365,12 +367,20 @@ class UsageRepository(Repository):
         return (await self.session.scalars(statement)).all()
 
 
+def _event_column(name: str) -> Any:
+    # Ids as the text every export writes, counts as the integers they are stored as:
+    # Postgres renders them, and no per-value conversion runs in Python.
+    column = L.requested_model if name == "model" else getattr(L, name)
+    if name in ("account_id", "key_id"):
+        return cast(column, Text).label(name)
+    if name.endswith("_tokens"):
+        return type_coerce(column, BigInteger).label(name)
+    return column.label(name)
+
+
 # A raw row's columns, named and ordered as `UsageEvent`'s fields (`model` is the model
 # asked for).
-EVENT_COLUMNS = tuple(
-    (L.requested_model if name == "model" else getattr(L, name)).label(name)
-    for name in EVENT_FIELDS
-)
+EVENT_COLUMNS = tuple(_event_column(name) for name in EVENT_FIELDS)
 
 
 async def event_batches(
