@@ -13,7 +13,7 @@ BENCHMARKS: dict[str, str] = {
     "proxy": "bench.proxy",  # throughput, latency and TTFT: direct vs through Meterline
     "ingest": "bench.ingest",  # ledger writer: usage rows/s into Postgres
     "quotes": "bench.quotes",  # history quote latency from 100,000 past tasks
-    "export": "bench.export",  # monthly report of 1M ledger rows: rows/s, server peak RSS
+    "export": "bench.export",  # monthly report (or --raw rows) of 1M ledger rows: rows/s, peak RSS
     "invoices": "bench.invoices",  # every account's invoice for a month of 5M ledger rows
     "limits": "bench.limits",  # cost of rate limits and budgets, in process vs Redis
     "console": "bench.console",  # the console's overview over 1M ledger rows, in Chromium

@@ -8,8 +8,15 @@ would, `--runs` times. Reports ledger rows exported per second (the rows the rep
 covers, over the wall time of the whole download) and the peak RSS of the server process
 (VmHWM), against the targets: ≥ 100,000 rows/s, ≤ 150 MB.
 
+With `--raw`, the raw usage export instead: `GET /billing/usage/events/export` of the same
+month (every ledger row, admin, all accounts), in rows per second against ≥ 200,000 rows/s,
+with the server's RSS sampled by psutil through each download (and its VmHWM); then, once
+more untimed, the rows parsed back and their count, token and exact cost sums compared with
+`GET /billing/usage`.
+
     python -m bench export [--rows 1000000] [--accounts 1000] [--models 8] [--runs 3]
                            [--format csv|json] [--keep]
+    python -m bench export --raw [--format csv|jsonl|parquet] [--rows …] [--runs …]
 """
 
 from __future__ import annotations
@@ -23,15 +30,18 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import httpx
+import psutil
 from sqlalchemy.engine import make_url
 
 from pricing.invoice import BillingPeriod
@@ -43,6 +53,7 @@ ROOT = Path(__file__).resolve().parents[1]
 ADMIN_TOKEN = "bench-admin-" + secrets.token_hex(8)
 TARGET_ROWS_PER_S = 100_000
 TARGET_RSS_MB = 150
+TARGET_RAW_ROWS_PER_S = 200_000
 LEDGER_COLUMNS = (
     "request_id",
     "occurred_at",
@@ -241,9 +252,12 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--accounts", type=int, default=1000)
     parser.add_argument("--models", type=int, default=8)
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--format", choices=("csv", "json"), default="csv")
+    parser.add_argument("--format", choices=("csv", "json", "jsonl", "parquet"), default="csv")
+    parser.add_argument("--raw", action="store_true", help="The raw usage export instead.")
     parser.add_argument("--keep", action="store_true", help="Keep the database afterwards.")
     args = parser.parse_args(argv)
+    if (args.format in ("jsonl", "parquet")) != args.raw and args.format != "csv":
+        parser.error(f"--format {args.format} is {'not ' if args.raw else ''}for --raw")
 
     server = os.environ.get("METERLINE_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
     name = f"meterline_bench_export_{secrets.token_hex(4)}"
@@ -259,8 +273,11 @@ def main(argv: list[str]) -> None:
         print(
             f"loaded {args.rows:,} ledger rows for {period} in {time.perf_counter() - began:.1f}s"
         )
-        _measure(url, period, args)
-        _measure_direct(url, period, args)
+        if args.raw:
+            _measure_raw(url, start, args)
+        else:
+            _measure(url, period, args)
+            _measure_direct(url, period, args)
     finally:
         if args.keep:
             print(f"database kept: {url}")
@@ -356,3 +373,154 @@ def _wait(url: str, process: subprocess.Popen[bytes], timeout: float = 60) -> No
         except httpx.HTTPError:
             time.sleep(0.1)
     raise TimeoutError(url)
+
+
+def _serving(url: str, tmp: str) -> tuple[subprocess.Popen[bytes], str, Any]:
+    """`meterline serve` (one worker) on the bench's database: (process, base URL, log)."""
+    port = _free_port()
+    env = {
+        **os.environ,
+        "METERLINE_DATABASE_URL": url,
+        "METERLINE_ADMIN_TOKEN": ADMIN_TOKEN,
+        "METERLINE_DATA_DIR": tmp,
+    }
+    env.pop("METERLINE_PROVIDERS", None)
+    log = open(Path(tmp) / "serve.log", "wb")  # noqa: SIM115
+    process = subprocess.Popen(
+        [sys.executable, "-m", "service", "serve", "--port", str(port), "--workers", "1"],
+        env=env,
+        cwd=ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    return process, f"http://127.0.0.1:{port}", log
+
+
+class _RssSampler(threading.Thread):
+    """The server's RSS (psutil) every 20 ms while a download runs; `peak` in bytes."""
+
+    def __init__(self, pid: int) -> None:
+        super().__init__(daemon=True)
+        self.process = psutil.Process(pid)
+        self.peak = self.process.memory_info().rss
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(0.02):
+            self.peak = max(self.peak, self.process.memory_info().rss)
+
+
+def _raw_params(start: datetime, fmt: str) -> dict[str, str]:
+    end = BillingPeriod.of(start).end
+    return {"start": start.isoformat(), "end": end.isoformat(), "format": fmt}
+
+
+def _raw_export(base: str, start: datetime, fmt: str, sink: Any = None) -> tuple[float, int]:
+    """(seconds, bytes) of one whole download of the month's raw rows."""
+    size = 0
+    began = time.perf_counter()
+    with httpx.stream(
+        "GET",
+        f"{base}/billing/usage/events/export",
+        params=_raw_params(start, fmt),
+        headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+        timeout=600,
+    ) as response:
+        response.raise_for_status()
+        for chunk in response.iter_bytes():
+            size += len(chunk)
+            if sink is not None:
+                sink.write(chunk)
+    return time.perf_counter() - began, size
+
+
+def _raw_sums(path: Path, fmt: str) -> dict[str, Any]:
+    """Row count, token sums and exact cost sum of a raw export file, parsed back."""
+    import csv
+
+    import orjson
+
+    fields = ("prompt_tokens", "completion_tokens", "total_tokens")
+    sums: dict[str, Any] = {"requests": 0, **dict.fromkeys(fields, 0), "cost_usd": Decimal(0)}
+
+    def add(row: dict[str, Any]) -> None:
+        sums["requests"] += 1
+        for field in fields:
+            sums[field] += int(row[field])
+        if row["cost_usd"] not in (None, ""):
+            sums["cost_usd"] += Decimal(row["cost_usd"])
+
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        for batch in pq.ParquetFile(path).iter_batches(columns=[*fields, "cost_usd"]):
+            for row in batch.to_pylist():
+                add(row)
+    elif fmt == "csv":
+        with path.open(newline="") as text:
+            for row in csv.DictReader(text):
+                add(row)
+    else:
+        with path.open("rb") as lines:
+            for line in lines:
+                add(orjson.loads(line))
+    return sums
+
+
+def _measure_raw(url: str, start: datetime, args: argparse.Namespace) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        process, base, log = _serving(url, tmp)
+        try:
+            _wait(f"{base}/healthz", process)
+            idle_kb = _rss_kb(process.pid, "VmRSS")
+            results = []
+            sampled_peak = 0
+            for run in range(1, args.runs + 1):
+                sampler = _RssSampler(process.pid)
+                sampler.start()
+                seconds, size = _raw_export(base, start, args.format)
+                sampler.done.set()
+                sampler.join()
+                sampled_peak = max(sampled_peak, sampler.peak)
+                rate = args.rows / seconds
+                results.append(rate)
+                print(
+                    f"run {run}: {seconds:.2f}s, {size / 1e6:.1f} MB, {rate:,.0f} rows/s,"
+                    f" server RSS peak (psutil) {sampler.peak / 2**20:.0f} MB"
+                )
+            hwm_kb = _rss_kb(process.pid, "VmHWM")
+            # Untimed: the rows parsed back, against the usage report of the same range.
+            exported = Path(tmp) / f"export.{args.format}"
+            with exported.open("wb") as sink:
+                _raw_export(base, start, args.format, sink)
+            sums = _raw_sums(exported, args.format)
+            params = {k: v for k, v in _raw_params(start, args.format).items() if k != "format"}
+            [report] = httpx.get(
+                f"{base}/billing/usage",
+                params=params,
+                headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+                timeout=600,
+            ).json()["data"]
+        finally:
+            process.terminate()
+            process.wait(timeout=30)
+            log.close()
+    expected = {k: Decimal(report[k]) if k == "cost_usd" else report[k] for k in sums}
+    assert sums["requests"] == args.rows, f"{sums['requests']} rows exported"
+    assert sums == expected, f"export {sums} != GET /billing/usage {expected}"
+    best = max(results)
+    print(
+        f"\nraw export of {args.rows:,} ledger rows ({args.format}):"
+        f" best {best:,.0f} rows/s (median {sorted(results)[len(results) // 2]:,.0f}),"
+        f" target ≥ {TARGET_RAW_ROWS_PER_S:,} → "
+        f"{'ok' if best >= TARGET_RAW_ROWS_PER_S else 'MISSED'}"
+    )
+    print(
+        f"server peak RSS {sampled_peak / 2**20:.0f} MB sampled by psutil, VmHWM"
+        f" {hwm_kb / 1024:.0f} MB (idle after start-up {idle_kb / 1024:.0f} MB)"
+    )
+    print(
+        f"parsed back: {sums['requests']:,} rows, {sums['total_tokens']:,} tokens,"
+        f" ${sums['cost_usd']} — equal to GET /billing/usage"
+    )
+    print(f"load average while measured: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")

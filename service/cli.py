@@ -34,7 +34,7 @@ from service.reports.margin.cli import margin
 from service.settings import Settings, get_settings
 from service.startup import Serving, meterline_version, startup_summary
 from service.tasks.cli import tasks_app
-from service.usage.cli import usage
+from service.usage.cli import usage_app
 
 app = typer.Typer(
     help="Meterline: usage metering and outcome-based billing for LLM APIs.",
@@ -47,7 +47,7 @@ db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
 app.add_typer(db_app, name="db", rich_help_panel=DIRECT)
 app.add_typer(accounts_app, name="accounts", rich_help_panel=API_CLIENTS)
 app.add_typer(keys_app, name="keys", rich_help_panel=API_CLIENTS)
-app.command("usage", rich_help_panel=API_CLIENTS)(usage)
+app.add_typer(usage_app, name="usage", rich_help_panel=API_CLIENTS)
 app.add_typer(report_app, name="report", rich_help_panel=API_CLIENTS)
 app.add_typer(tasks_app, name="tasks", rich_help_panel=API_CLIENTS)
 app.command("quote", rich_help_panel=API_CLIENTS)(quote)

@@ -166,6 +166,15 @@ class RateLimited(MeterlineError):
     description = "A rate limit of the key or its account is reached: retry later."
 
 
+class NotInstalled(MeterlineError):
+    """A feature of an optional extra this server was installed without (Parquet: pyarrow)."""
+
+    status_code = 501
+    type = "api_error"
+    code = "extra_not_installed"
+    description = "The feature needs an optional extra the server lacks; the message names it."
+
+
 class DatabaseUnavailable(MeterlineError):
     """Postgres cannot be reached: the billing API says so and when to retry (the proxy keeps
     serving known keys, spooling their usage)."""

@@ -7,12 +7,16 @@ from __future__ import annotations
 import ast
 import re
 import sys
+import tomllib
 from importlib.metadata import packages_distributions
 from pathlib import Path
 
 from tests.support import ROOT
 
 SHIPPED = ("service", "pricing", "migrations")
+# Extras the shipped code uses when installed (and answers a clear error without), pinned
+# in the test lock rather than the runtime lock: module → extra.
+OPTIONAL = {"pyarrow": "parquet"}
 
 
 def _normalized(name: str) -> str:
@@ -48,6 +52,8 @@ def test_the_runtime_lock_installs_every_package_the_shipped_code_imports() -> N
         for module in _imported_top_level(ROOT / folder):
             if module in sys.stdlib_module_names or module in SHIPPED or module == "__future__":
                 continue
+            if module in OPTIONAL:
+                continue
             distributions = {_normalized(d) for d in providers.get(module, [module])}
             if not distributions & runtime.keys():
                 missing[module] = sorted(distributions)
@@ -62,4 +68,15 @@ def test_the_test_and_bench_toolchains_are_not_runtime_dependencies() -> None:
     assert {"pytest", "httpx-aiohttp"} <= everything.keys()
     assert not everything.keys() & runtime.keys()  # each pin written once
     lines = (ROOT / "requirements.lock").read_text().splitlines()
-    assert "-r requirements-runtime.lock" in lines and lines[-1] == "-e .[test,bench]"
+    assert "-r requirements-runtime.lock" in lines and lines[-1] == "-e .[test,bench,parquet]"
+
+
+def test_optional_extras_are_declared_and_pinned_for_the_tests() -> None:
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]
+    everything = _pins(ROOT / "requirements.lock")
+    runtime = _pins(ROOT / "requirements-runtime.lock")
+    for module, extra in OPTIONAL.items():
+        assert any(_normalized(d).startswith(module) for d in extras[extra])
+        assert module in everything and module not in runtime

@@ -10,14 +10,25 @@ same rules as the API.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import os
+import sys
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Annotated, Any
+from pathlib import Path
+from typing import Annotated, Any, BinaryIO
 
 import httpx
 import typer
+from rich.progress import (
+    DownloadColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TransferSpeedColumn,
+)
 
-from service.commands.output import fail
+from service.commands.output import err, fail
 from service.settings import get_settings
 
 # The heading of these commands in `meterline --help` (and in a group mixing both families).
@@ -125,3 +136,55 @@ class BillingClient:
             fail(exc.message)
         except httpx.TransportError as exc:
             fail(f"cannot reach {self.http.base_url} or the export was cut: {exc}", 2)
+
+
+def download(
+    client: BillingClient,
+    path: str,
+    params: dict[str, Any],
+    output: Path | None,
+    label: str,
+    complete: Callable[[bytes], bool],
+    rows: Callable[[int], int],
+) -> int:
+    """An export streamed to `output` (default stdout), with progress on a terminal; returns
+    its rows, `rows` of its line count. `complete` judges the export's last bytes: a file
+    appears only once complete, so a cut export never passes for a whole one."""
+    partial = output.with_name(output.name + ".part") if output else None
+    try:
+        sink: BinaryIO = partial.open("wb") if partial else sys.stdout.buffer
+    except OSError as exc:
+        fail(f"cannot write {output}: {exc.strerror or exc}")
+    lines = 0
+    tail = b""
+    progress = Progress(
+        SpinnerColumn(),
+        TextColumn("exporting {task.fields[label]}: {task.fields[rows]} rows"),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeElapsedColumn(),
+        console=err,
+        transient=True,
+        disable=not err.is_terminal,
+    )
+    whole = False
+    try:
+        with progress:
+            task = progress.add_task("export", total=None, label=label, rows=0)
+            with client.stream(path, params) as response:
+                for chunk in response.iter_bytes():
+                    sink.write(chunk)
+                    lines += chunk.count(b"\n")
+                    tail = (tail + chunk)[-4096:]
+                    progress.update(task, advance=len(chunk), rows=rows(lines))
+        whole = complete(tail)
+    finally:
+        if partial:
+            sink.close()
+            if whole and output:
+                os.replace(partial, output)
+            else:
+                partial.unlink(missing_ok=True)
+    if not whole:
+        fail("the export ended early (server error or connection cut); nothing written")
+    return rows(lines)

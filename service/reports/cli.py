@@ -3,24 +3,14 @@
 
 from __future__ import annotations
 
-import os
-import sys
 import uuid
 from pathlib import Path
-from typing import Annotated, BinaryIO
+from typing import Annotated
 
 import typer
-from rich.progress import (
-    DownloadColumn,
-    Progress,
-    SpinnerColumn,
-    TextColumn,
-    TimeElapsedColumn,
-    TransferSpeedColumn,
-)
 
-from service.commands.api import BillingClient, TokenOption, UrlOption
-from service.commands.output import JsonOption, PeriodOption, err, fail, print_result
+from service.commands.api import BillingClient, TokenOption, UrlOption, download
+from service.commands.output import JsonOption, PeriodOption, err, print_result
 
 report_app = typer.Typer(help="Report exports.", no_args_is_help=True)
 
@@ -47,47 +37,19 @@ def monthly(
     params = {"period": str(period), "format": fmt}
     if account_id:
         params["account_id"] = account_id
-    # A file appears only once complete: a cut export never passes for a whole one.
-    partial = output.with_name(output.name + ".part") if output else None
-    try:
-        sink: BinaryIO = partial.open("wb") if partial else sys.stdout.buffer
-    except OSError as exc:
-        fail(f"cannot write {output}: {exc.strerror or exc}")
-    lines = 0
-    tail = b""
-    progress = Progress(
-        SpinnerColumn(),
-        TextColumn("exporting {task.fields[period]}: {task.fields[rows]} rows"),
-        DownloadColumn(),
-        TransferSpeedColumn(),
-        TimeElapsedColumn(),
-        console=err,
-        transient=True,
-        disable=not err.is_terminal,
-    )
-    complete = False
-    try:
-        with BillingClient(url, token) as client, progress:
-            task = progress.add_task("export", total=None, period=period, rows=0)
-            with client.stream("/billing/reports/monthly", params) as response:
-                for chunk in response.iter_bytes():
-                    sink.write(chunk)
-                    lines += chunk.count(b"\n")
-                    tail = (tail + chunk)[-4096:]
-                    progress.update(task, advance=len(chunk), rows=max(lines - 2, 0))
-        complete = _complete(fmt, tail)
-    finally:
-        if partial:
-            sink.close()
-            if complete and output:
-                os.replace(partial, output)
-            else:
-                partial.unlink(missing_ok=True)
-    if not complete:
-        fail("the export ended early (server error or connection cut); nothing written")
-    if output:
+    with BillingClient(url, token) as client:
         # The header and the totals line are not rows of the report.
-        err.print(f"wrote {max(lines - 2, 0)} rows to {output}", highlight=False)
+        rows = download(
+            client,
+            "/billing/reports/monthly",
+            params,
+            output,
+            str(period),
+            lambda tail: _complete(fmt, tail),
+            lambda lines: max(lines - 2, 0),
+        )
+    if output:
+        err.print(f"wrote {rows} rows to {output}", highlight=False)
 
 
 # `meterline invoices unpriced` (registered in `service.cli`).

@@ -122,24 +122,32 @@ def _money_cell(value: Decimal | None) -> str:
     return "" if value is None else format(value, "f")
 
 
-class CsvRenderer:
-    def __init__(self, period: str) -> None:
-        self.period = period
+class CsvSheet:
+    """Every CSV export's writer: cells written by `writer`, then taken as a chunk of bytes.
+    Text cells a person or a client chose go through `text_cell`."""
+
+    def __init__(self) -> None:
         self.buffer = io.StringIO()
         # CRLF (RFC 4180), and so the writer quotes every cell holding a CR or an LF: with
         # "\n" alone a bare CR stayed unquoted, and a spreadsheet would start a new row (and
         # run a formula) right behind the `'` that defused the cell.
         self.writer = csv.writer(self.buffer, lineterminator="\r\n")
 
-    def _take(self) -> bytes:
+    def take(self) -> bytes:
         chunk = self.buffer.getvalue().encode()
         self.buffer.seek(0)
         self.buffer.truncate()
         return chunk
 
+
+class CsvRenderer(CsvSheet):
+    def __init__(self, period: str) -> None:
+        super().__init__()
+        self.period = period
+
     def header(self) -> bytes:
         self.writer.writerow(COLUMNS)
-        return self._take()
+        return self.take()
 
     def rows(self, rows: Iterable[ReportRow]) -> bytes:
         # Straight from the database row to the cells, in COLUMNS order: this is the
@@ -170,12 +178,12 @@ class CsvRenderer:
             )
             for r in rows
         )
-        return self._take()
+        return self.take()
 
     def footer(self, totals: dict[str, Any]) -> bytes:
         record = {"row_type": "total", "period": self.period, **totals}
         self.writer.writerow("" if record.get(c) is None else record[c] for c in COLUMNS)
-        return self._take()
+        return self.take()
 
 
 class JsonRenderer:

@@ -99,3 +99,9 @@ class UsageEvent(BaseModel):
     ttft_ms: int | None
     cost_usd: DecimalString | None = Field(description="Exact; null when unpriced.")
     price_version_id: int | None
+
+
+# The fields of a raw row, in order: the columns of every export format.
+EVENT_FIELDS: tuple[str, ...] = tuple(UsageEvent.model_fields)
+
+ExportFormat = Literal["csv", "jsonl", "parquet"]

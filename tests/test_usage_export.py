@@ -1,0 +1,327 @@
+"""The raw usage export: every ledger row of a range, in CSV, JSON Lines and Parquet, adds
+up to `GET /billing/usage` for the same range and caller; scoped like every route."""
+
+from __future__ import annotations
+
+import csv
+import io
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner, Result
+
+from service.cli import app as cli_app
+from tests.conftest import ADMIN_TOKEN, Meterline, Upstream, start_meterline
+from tests.support import Database
+from tests.usage_rows import insert_usage, usage_row
+
+# A month no other test writes to, so the admin's all-accounts export is this file's rows.
+RANGE = {"start": "2023-05-01T00:00:00Z", "end": "2023-06-01T00:00:00Z"}
+BEGIN = datetime(2023, 5, 1, tzinfo=UTC)
+# More rows than one cursor batch (5,000), so the export spans several.
+BULK_ROWS = 12_000
+FORMATS = ("csv", "jsonl", "parquet")
+FORMULA = '=HYPERLINK("http://evil.example","x")'
+
+
+@pytest.fixture(scope="module")
+def may(meterline: Meterline, db: Database) -> dict[str, Any]:
+    """Two accounts with usage in May 2023 (one with many rows), plus rows just outside."""
+    small_id, small_key = meterline.customer(name="export-small")
+    bulk_id, bulk_key = meterline.customer(name="export-bulk")
+    row = usage_row
+    insert_usage(
+        db,
+        # The range's first instant is in it, its end is not.
+        row(small_id, BEGIN, prompt=100, completion=50, cost="0.000150000000", cached=40),
+        row(small_id, BEGIN + timedelta(days=3), prompt=7, completion=3, cost=None),
+        row(
+            small_id,
+            BEGIN + timedelta(days=9, microseconds=5),
+            prompt=1000,
+            completion=1,
+            cost="0.001000400000",
+            task_id=FORMULA,
+            task_type='a,b "quoted"\r\nnext',
+            model="m-2",
+            reasoning=9,
+        ),
+        row(small_id, datetime(2023, 6, 1, tzinfo=UTC), prompt=999, cost="9"),
+        row(small_id, BEGIN - timedelta(microseconds=1), prompt=999, cost="9"),
+    )
+    insert_usage(
+        db,
+        *(
+            row(
+                bulk_id,
+                BEGIN + timedelta(seconds=200 * i),
+                prompt=i % 997,
+                completion=i % 13,
+                # Exact to the twelfth place: a float sum would drift.
+                cost=None if i % 50 == 0 else Decimal(i) * Decimal("0.000000123457"),
+                model=f"m-{i % 3}",
+            )
+            for i in range(BULK_ROWS)
+        ),
+    )
+    return {
+        "small": (str(small_id), small_key),
+        "bulk": (str(bulk_id), bulk_key),
+    }
+
+
+def _export(client: httpx.Client, fmt: str, **params: Any) -> httpx.Response:
+    return client.get("/billing/usage/events/export", params={**RANGE, "format": fmt, **params})
+
+
+def _rows(fmt: str, body: bytes) -> list[dict[str, Any]]:
+    """The export parsed back, every value as the JSON API would write it (or None)."""
+    if fmt == "csv":
+        reader = csv.DictReader(io.StringIO(body.decode(), newline=""))
+        return [{k: (v if v != "" else None) for k, v in r.items()} for r in reader]
+    if fmt == "jsonl":
+        assert body.endswith(b"\n")
+        return [orjson.loads(line) for line in body.splitlines()]
+    parquet: list[dict[str, Any]] = pq.read_table(io.BytesIO(body)).to_pylist()
+    return parquet
+
+
+def _totals(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """`GET /billing/usage`'s totals, summed from exported rows."""
+    token_fields = (
+        "prompt_tokens",
+        "completion_tokens",
+        "total_tokens",
+        "cached_tokens",
+        "reasoning_tokens",
+    )
+    totals: dict[str, Any] = {"requests": len(rows)}
+    for field in token_fields:
+        totals[field] = sum(int(r[field]) for r in rows)
+    costs = [r["cost_usd"] for r in rows]
+    for cost in costs:
+        # Exact in every format: a decimal string, or Parquet's decimal128 — never a float.
+        assert cost is None or isinstance(cost, (str, Decimal)), type(cost)
+    totals["cost_usd"] = sum((Decimal(c) for c in costs if c is not None), Decimal(0))
+    totals["unpriced_requests"] = sum(1 for c in costs if c is None)
+    return totals
+
+
+def _usage(client: httpx.Client, **params: Any) -> dict[str, Any]:
+    response = client.get("/billing/usage", params={**RANGE, **params})
+    assert response.status_code == 200, response.text
+    [total] = response.json()["data"]
+    return {**total, "cost_usd": Decimal(total["cost_usd"])}
+
+
+@pytest.fixture
+def admin(meterline: Meterline) -> Iterator[httpx.Client]:
+    with meterline.admin() as client:
+        yield client
+
+
+def _customer(meterline: Meterline, key: str) -> httpx.Client:
+    return httpx.Client(
+        base_url=meterline.url, headers={"Authorization": f"Bearer {key}"}, timeout=30
+    )
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_the_admins_export_adds_up_to_the_usage_report(
+    admin: httpx.Client, may: dict[str, Any], fmt: str
+) -> None:
+    response = _export(admin, fmt)
+    assert response.status_code == 200, response.text
+    rows = _rows(fmt, response.content)
+    assert len(rows) == BULK_ROWS + 3
+    assert _totals(rows) == _usage(admin)
+    # Oldest first, as the paged rows are.
+    times = [r["occurred_at"] for r in rows]
+    parsed = [t if isinstance(t, datetime) else datetime.fromisoformat(t) for t in times]
+    assert parsed == sorted(parsed)
+    assert parsed[0] == BEGIN
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_customer_key_exports_its_own_account_only(
+    meterline: Meterline, may: dict[str, Any], fmt: str
+) -> None:
+    small_id, small_key = may["small"]
+    bulk_id, _ = may["bulk"]
+    with _customer(meterline, small_key) as client:
+        response = _export(client, fmt)
+        assert response.status_code == 200, response.text
+        rows = _rows(fmt, response.content)
+        assert {r["account_id"] for r in rows} == {small_id}
+        assert _totals(rows) == _usage(client)
+        assert len(rows) == 3
+        # Another account, named outright, is not there for this key.
+        refused = _export(client, fmt, account_id=bulk_id)
+        assert refused.status_code == 404, refused.text
+        assert refused.json()["error"]["code"] == "not_found"
+
+
+def test_the_admin_narrows_to_one_account(admin: httpx.Client, may: dict[str, Any]) -> None:
+    bulk_id, _ = may["bulk"]
+    response = _export(admin, "jsonl", account_id=bulk_id)
+    assert response.status_code == 200
+    rows = _rows("jsonl", response.content)
+    assert len(rows) == BULK_ROWS
+    assert _totals(rows) == _usage(admin, account_id=bulk_id)
+    disposition = response.headers["content-disposition"]
+    assert disposition == (
+        f'attachment; filename="meterline-usage-20230501T000000Z-20230601T000000Z-{bulk_id}.jsonl"'
+    )
+
+
+def test_rows_are_those_of_the_events_api(admin: httpx.Client, may: dict[str, Any]) -> None:
+    small_id, _ = may["small"]
+    paged = admin.get(
+        "/billing/usage/events", params={**RANGE, "account_id": small_id, "limit": 10}
+    ).json()["data"]
+    assert len(paged) == 3
+    for fmt in ("csv", "jsonl"):
+        rows = _rows(fmt, _export(admin, fmt, account_id=small_id).content)
+        assert list(rows[0]) == list(paged[0])
+        for exported, event in zip(rows, paged, strict=True):
+            expected = {k: (None if v is None else v) for k, v in event.items()}
+            if fmt == "csv":
+                # CSV has text only; the spreadsheet-safe prefix is the one change.
+                expected = {k: _csv_cell(v) for k, v in expected.items()}
+            assert exported == expected
+    parquet = _rows("parquet", _export(admin, "parquet", account_id=small_id).content)
+    assert [r["request_id"] for r in parquet] == [e["request_id"] for e in paged]
+    assert parquet[2]["cost_usd"] == Decimal("0.001000400000")
+    assert parquet[2]["occurred_at"] == BEGIN + timedelta(days=9, microseconds=5)
+
+
+def _csv_cell(value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    text = str(value)
+    return "'" + text if text.startswith("=") else text
+
+
+def test_csv_cells_a_spreadsheet_would_run_are_defused(
+    admin: httpx.Client, may: dict[str, Any]
+) -> None:
+    small_id, _ = may["small"]
+    body = _export(admin, "csv", account_id=small_id).content
+    assert b"\r\n" in body and body.count(b"\r\n") >= 4
+    rows = _rows("csv", body)
+    assert rows[2]["task_id"] == "'" + FORMULA
+    # A comma, quotes and a line break stay inside their cell.
+    assert rows[2]["task_type"] == 'a,b "quoted"\r\nnext'
+    assert rows[2]["cost_usd"] == "0.001000400000"
+    assert rows[2]["occurred_at"] == "2023-05-10T00:00:00.000005Z"
+
+
+@pytest.mark.parametrize(
+    ("params", "param"),
+    [
+        ({"end": RANGE["start"]}, "query.end"),
+        ({"start": "2023-06-01T00:00:00Z"}, "query.end"),
+        ({"start": "2022-05-01T00:00:00Z"}, "query.end"),
+        ({"format": "xlsx"}, "query.format"),
+        ({"start": "yesterday"}, "query.start"),
+    ],
+)
+def test_bad_parameters_are_422s_naming_them(
+    admin: httpx.Client, params: dict[str, str], param: str
+) -> None:
+    response = admin.get("/billing/usage/events/export", params={**RANGE, **params})
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["param"] == param
+
+
+def test_start_and_end_are_required(admin: httpx.Client) -> None:
+    response = admin.get("/billing/usage/events/export", params={"start": RANGE["start"]})
+    assert response.status_code == 422
+    assert response.json()["error"]["param"] == "query.end"
+
+
+def test_a_year_is_the_longest_range(admin: httpx.Client) -> None:
+    leap = {"start": "2024-01-01T00:00:00Z", "end": "2025-01-01T00:00:00Z"}
+    response = admin.get("/billing/usage/events/export", params=leap)
+    assert response.status_code == 200
+    assert response.content.startswith(b"request_id,occurred_at,")
+
+
+def test_parquet_without_pyarrow_names_the_extra(
+    database_url: str, upstream: Upstream, tmp_path: Path
+) -> None:
+    # A server whose `import pyarrow` fails, as on the base install.
+    shadow = tmp_path / "shadow" / "pyarrow"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError('no pyarrow here')\n")
+    with (
+        start_meterline(
+            database_url, upstream, tmp_path / "server", PYTHONPATH=str(shadow.parent)
+        ) as server,
+        server.admin() as client,
+    ):
+        response = _export(client, "parquet")
+        assert response.status_code == 501, response.text
+        error = response.json()["error"]
+        assert error["code"] == "extra_not_installed"
+        assert error["param"] == "query.format"
+        assert "meterline[parquet]" in error["message"]
+        # The other formats need nothing more.
+        assert _export(client, "jsonl").status_code == 200
+
+
+def test_an_unknown_key_filter_is_a_404(admin: httpx.Client) -> None:
+    response = _export(admin, "csv", key_id=str(uuid.uuid4()))
+    assert response.status_code == 404
+    assert response.json()["error"]["param"] == "query.key_id"
+
+
+def _cli(meterline: Meterline, *args: str, token: str = ADMIN_TOKEN) -> Result:
+    """`meterline usage export …`, run in this process against the real server."""
+    return CliRunner().invoke(
+        cli_app, ["usage", "export", *args, "--url", meterline.url, "--token", token]
+    )
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_the_cli_writes_the_same_export_to_a_file(
+    meterline: Meterline, admin: httpx.Client, may: dict[str, Any], fmt: str, tmp_path: Path
+) -> None:
+    out = tmp_path / f"may.{fmt}"
+    args = ("--start", RANGE["start"], "--end", RANGE["end"], "--format", fmt, "-o", str(out))
+    result = _cli(meterline, *args)
+    assert result.exit_code == 0, result.output
+    rows = _rows(fmt, out.read_bytes())
+    assert _totals(rows) == _usage(admin)
+    assert not (tmp_path / f"may.{fmt}.part").exists()
+    assert f"wrote {out.stat().st_size:,} bytes to" in result.stderr
+
+
+def test_the_cli_exports_what_a_customer_key_sees(
+    meterline: Meterline, may: dict[str, Any], tmp_path: Path
+) -> None:
+    small_id, small_key = may["small"]
+    out = tmp_path / "mine.jsonl"
+    args = ("--start", RANGE["start"], "--end", RANGE["end"], "-f", "jsonl", "-o", str(out))
+    result = _cli(meterline, *args, token=small_key)
+    assert result.exit_code == 0, result.output
+    assert {r["account_id"] for r in _rows("jsonl", out.read_bytes())} == {small_id}
+
+
+def test_the_cli_names_a_bad_range_and_writes_nothing(meterline: Meterline, tmp_path: Path) -> None:
+    out = tmp_path / "none.csv"
+    args = ("--start", RANGE["end"], "--end", RANGE["start"], "-o", str(out))
+    result = _cli(meterline, *args)
+    assert result.exit_code == 1
+    assert "must be after start (query.end) [HTTP 422]" in result.stderr
+    assert list(tmp_path.iterdir()) == []
