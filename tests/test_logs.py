@@ -90,7 +90,7 @@ def test_every_log_call_writes_key_value_pairs_with_its_values_as_arguments() ->
             tokens = message.value.split(" ")
             assert tokens[0].startswith("event="), where
             assert all(_TOKEN.fullmatch(token) for token in tokens), f"{where}: {message.value}"
-    assert calls > 50
+    assert calls > 30  # it reads the tree (46 calls once the background loops became one Periodic)
 
 
 def _line(log: Path, *needles: str) -> str:
