@@ -96,7 +96,7 @@ class AccountRepository(Repository):
         if after is not None:
             statement = statement.where(tuple_(ApiKey.created_at, ApiKey.id) > tuple_(*after))
         rows = await self.session.execute(statement)
-        return [(key, used) for key, used in rows.tuples()]
+        return [(key, used) for key, used in rows]
 
     async def revoke_key(self, key: ApiKey) -> ApiKey:
         """Revoke once (a second call keeps the first time) and tell every proxy at once.

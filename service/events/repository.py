@@ -27,7 +27,7 @@ class EventRepository:
         rows = await self.session.execute(
             select(ApiKey.id, ApiKey.account_id).where(ApiKey.id.in_(set(ids)))
         )
-        return {key_id: account_id for key_id, account_id in rows.tuples()}
+        return {key_id: account_id for key_id, account_id in rows}
 
     async def claim(
         self, identities: Sequence[tuple[str, str, str, datetime]]
@@ -46,7 +46,7 @@ class EventRepository:
             .on_conflict_do_nothing()
             .returning(IngestedEvent.source, IngestedEvent.event_id)
         )
-        return set((await self.session.execute(statement)).tuples())
+        return {(source, event_id) for source, event_id in await self.session.execute(statement)}
 
     async def store(self, records: Sequence[LedgerRecord]) -> int:
         """The rows, by the insert the ledger writer uses, in this session's transaction."""

@@ -43,7 +43,7 @@ class ReviewRepository(Repository):
             query = query.where(R.request_id.is_(None))
         if after is not None:
             query = query.where(tuple_(L.occurred_at, L.request_id) > tuple_(*after))
-        return (await self.session.execute(query)).tuples().all()
+        return (await self.session.execute(query)).all()
 
     async def flagged_row(
         self, request_id: str
@@ -53,7 +53,7 @@ class ReviewRepository(Repository):
             .outerjoin(R, REVIEW_JOIN)
             .where(L.request_id == request_id, L.usage_flag.is_not(None))
         )
-        return (await self.session.execute(query)).tuples().first()
+        return (await self.session.execute(query)).first()
 
     async def add_review(
         self, row: UsageRecord, decision: str, note: str | None, adjustment: str | None = None
