@@ -147,20 +147,15 @@ class BudgetUnavailable(MeterlineError):
 UNAVAILABLE_RETRY_S = 2
 
 
-def budget_unavailable(limit: Limit) -> BudgetUnavailable:
-    message = (
-        f"The monthly budget of {limit.scope} {limit.owner} cannot be checked right now: "
-        "what it has spent this month is read from the ledger, which is unreachable. "
-        "Nothing was sent; try again shortly."
-    )
-    return BudgetUnavailable(message, headers={"retry-after": str(UNAVAILABLE_RETRY_S)})
+# Why a budget cannot be checked: its spend comes from the ledger, its counters from Redis.
+LEDGER_UNREACHABLE = "what it has spent this month is read from the ledger, which is unreachable"
+COUNTERS_UNREACHABLE = "its counters are kept in Redis, which did not answer"
 
 
-def budget_store_unavailable(limit: Limit) -> BudgetUnavailable:
+def budget_unavailable(limit: Limit, why: str = LEDGER_UNREACHABLE) -> BudgetUnavailable:
     message = (
         f"The monthly budget of {limit.scope} {limit.owner} cannot be checked right now: "
-        "its counters are kept in Redis, which did not answer. Nothing was sent; try again "
-        "shortly."
+        f"{why}. Nothing was sent; try again shortly."
     )
     return BudgetUnavailable(message, headers={"retry-after": str(UNAVAILABLE_RETRY_S)})
 

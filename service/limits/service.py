@@ -46,11 +46,11 @@ from service.limits import estimate, repository
 from service.limits.budgets import Hold
 from service.limits.counters import Admission, Counters, MemoryCounters, RedisCounters
 from service.limits.policy import (
+    COUNTERS_UNREACHABLE,
     AppliedLimits,
     Limit,
     applied_limits,
     budget_error,
-    budget_store_unavailable,
     budget_unavailable,
     duration,
     rate_error,
@@ -322,7 +322,7 @@ class Limits:
         ledger still records it), a budget refuses it — admitted unheld, a burst would
         spend the budget many times over, and money is never overspent for availability."""
         if budgeted:
-            raise budget_store_unavailable(budgets[0])
+            raise budget_unavailable(budgets[0], COUNTERS_UNREACHABLE)
         return Grant(reservation)
 
     def _covered_by_quote(self, account_id: uuid.UUID, task_id: str | None) -> bool:
