@@ -4,6 +4,7 @@ OpenAI's usage and costs APIs, so tools written for them read Meterline unchange
 from __future__ import annotations
 
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
@@ -54,85 +55,58 @@ def _limit(limit: int | None, default: int, largest: int) -> int:
     return limit
 
 
-async def _usage(
-    request: Request,
-    session: Session,
-    caller: Caller,
-    report: Report,
-    start_time: int,
-    end_time: int | None,
-    bucket_width: str,
-    limit: int | None,
-    page: str | None,
-    group_by: list[str],
-    project_ids: list[uuid.UUID],
-    api_key_ids: list[uuid.UUID],
-    models: list[str],
-) -> Response:
-    width_s, default, largest = WIDTHS[bucket_width]
-    start = service.instant(start_time, "query.start_time")
-    end = service.now_or(end_time)
-    body = await service.report_page(
-        session,
-        caller,
-        report,
-        start=start,
-        end=end,
-        width_s=width_s,
-        limit=_limit(limit, default, largest),
-        page=page,
-        group_by=_group_by(request, report, group_by),
-        account_ids=project_ids,
-        key_ids=api_key_ids,
-        models=models,
+def _usage_endpoint(report: Report, doc: str) -> Callable[..., Awaitable[Response]]:
+    """The endpoint of one usage report: completions and embeddings take the same query."""
+
+    async def usage(
+        request: Request,
+        session: Session,
+        caller: Caller,
+        start_time: StartTime,
+        end_time: EndTime = None,
+        bucket_width: Width = "1d",
+        limit: Limit = None,
+        page: Page = None,
+        group_by: GroupBy = [],  # noqa: B006 (FastAPI copies query defaults)
+        project_ids: ProjectIds = [],  # noqa: B006
+        api_key_ids: KeyIds = [],  # noqa: B006
+        models: Models = [],  # noqa: B006
+    ) -> Response:
+        width_s, default, largest = WIDTHS[bucket_width]
+        body = await service.report_page(
+            session,
+            caller,
+            report,
+            start=service.instant(start_time, "query.start_time"),
+            end=service.now_or(end_time),
+            width_s=width_s,
+            limit=_limit(limit, default, largest),
+            page=page,
+            group_by=_group_by(request, report, group_by),
+            account_ids=project_ids,
+            key_ids=api_key_ids,
+            models=models,
+        )
+        return Response(service.exact_json(body), media_type="application/json")
+
+    usage.__doc__ = doc
+    return usage
+
+
+router.get("/usage/completions", name="completions_usage")(
+    _usage_endpoint(
+        COMPLETIONS,
+        "Chat and text completions: tokens and requests per bucket, as OpenAI's\n"
+        "`/v1/organization/usage/completions` answers (projects are accounts).",
     )
-    return Response(service.exact_json(body), media_type="application/json")
-
-
-@router.get("/usage/completions")
-async def completions_usage(
-    request: Request,
-    session: Session,
-    caller: Caller,
-    start_time: StartTime,
-    end_time: EndTime = None,
-    bucket_width: Width = "1d",
-    limit: Limit = None,
-    page: Page = None,
-    group_by: GroupBy = [],  # noqa: B006 (FastAPI copies query defaults)
-    project_ids: ProjectIds = [],  # noqa: B006
-    api_key_ids: KeyIds = [],  # noqa: B006
-    models: Models = [],  # noqa: B006
-) -> Response:
-    """Chat and text completions: tokens and requests per bucket, as OpenAI's
-    `/v1/organization/usage/completions` answers (projects are accounts)."""
-    return await _usage(
-        request, session, caller, COMPLETIONS, start_time, end_time, bucket_width, limit,
-        page, group_by, project_ids, api_key_ids, models,
-    )  # fmt: skip
-
-
-@router.get("/usage/embeddings")
-async def embeddings_usage(
-    request: Request,
-    session: Session,
-    caller: Caller,
-    start_time: StartTime,
-    end_time: EndTime = None,
-    bucket_width: Width = "1d",
-    limit: Limit = None,
-    page: Page = None,
-    group_by: GroupBy = [],  # noqa: B006
-    project_ids: ProjectIds = [],  # noqa: B006
-    api_key_ids: KeyIds = [],  # noqa: B006
-    models: Models = [],  # noqa: B006
-) -> Response:
-    """Embeddings: input tokens and requests per bucket, as OpenAI's
-    `/v1/organization/usage/embeddings` answers."""
-    return await _usage(
-        request, session, caller, EMBEDDINGS, start_time, end_time, bucket_width, limit,
-        page, group_by, project_ids, api_key_ids, models,
-    )  # fmt: skip
+)
+router.get("/usage/embeddings", name="embeddings_usage")(
+    _usage_endpoint(
+        EMBEDDINGS,
+        "Embeddings: input tokens and requests per bucket, as OpenAI's\n"
+        "`/v1/organization/usage/embeddings` answers.",
+    )
+)
 
 
 @router.get("/costs")
