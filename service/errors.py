@@ -141,6 +141,12 @@ class MethodNotAllowed(MeterlineError):
     description = "The path does not take this method."
 
 
+class RequestTimeout(MeterlineError):
+    status_code = 408
+    code = "request_timeout"
+    description = "The body did not arrive within `METERLINE_CLIENT_BODY_TIMEOUT_S`."
+
+
 class Conflict(MeterlineError):
     status_code = 409
     code = "conflict"

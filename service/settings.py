@@ -52,6 +52,15 @@ class Settings(BaseSettings):
     upstream_read_timeout_s: float = 600.0
     upstream_connect_retries: int = 2
     max_request_body_bytes: int = 8 * 1024 * 1024
+    # A client has this long to send its whole body once it has started (a slow or stalled
+    # body holds a connection and its buffers): past it, 408.
+    client_body_timeout_s: float = 30.0
+    # Bounds of one streamed answer. `upstream_read_timeout_s` is already the longest gap
+    # between two pieces; these cap its whole duration and the bytes of one line, so a
+    # provider that never sends a newline cannot grow a worker's memory. Both are far past
+    # any healthy generation (a line is one event; the largest are a few kilobytes).
+    stream_max_duration_s: float = 2 * 3600.0
+    stream_max_line_bytes: int = 4 * 1024 * 1024
     key_cache_refresh_s: float = 5.0
     # Headers a client may carry its Meterline key in besides `Authorization: Bearer`, so a
     # client written for a provider that reads its own header migrates by base URL alone.

@@ -95,6 +95,13 @@ LEDGER_ERRORS = Counter(
     " (journal), a spool file (spool), a flush (flush).",
     ["step"],
 )
+# A stall of the event loop delays every request of the worker at once: the probe's timer
+# fires late by that much (service/metrics/sampler.py).
+EVENT_LOOP_LAG = Histogram(
+    "meterline_event_loop_lag_seconds",
+    "How late the event loop ran a timer due every 0.1 s (a stall shows as a large value).",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+)
 LIMIT_REFUSALS = Counter(
     "meterline_limit_refusals",
     "Requests refused with a 429 by kind of limit (requests, tokens, budget).",

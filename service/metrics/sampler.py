@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from decimal import Decimal
 from typing import Any, Protocol
 
@@ -21,6 +22,7 @@ from service.metrics import registry
 log = logging.getLogger("meterline.metrics")
 
 _EVERY_S = 1.0
+_LAG_EVERY_S = 0.1
 
 
 class WriterStats(Protocol):
@@ -88,11 +90,27 @@ async def observe_settlement(
     )
 
 
+class LoopLagProbe:
+    """Times a round due every `_LAG_EVERY_S`: how late it runs is how long the loop was
+    busy with something else (a stall of the loop holds every request of the worker)."""
+
+    def __init__(self) -> None:
+        self._due: float | None = None
+        self.periodic = Periodic("event_loop_lag", _LAG_EVERY_S, self._probe, log)
+
+    async def _probe(self) -> None:
+        now = time.perf_counter()
+        if self._due is not None:
+            registry.EVENT_LOOP_LAG.observe(max(0.0, now - self._due))
+        self._due = now + _LAG_EVERY_S
+
+
 class LedgerSampler:
     def __init__(self, writer: WriterStats) -> None:
         self._writer = writer
         self._seen: dict[tuple[Any, str], int] = {}
         self._sampler = Periodic("metrics_sample", _EVERY_S, self._sample_async, log)
+        self._lag = LoopLagProbe().periodic
 
     def sample(self) -> None:
         registry.flush()
@@ -120,8 +138,10 @@ class LedgerSampler:
     async def start(self) -> None:
         self.sample()
         self._sampler.start()
+        self._lag.start()
 
     async def stop(self) -> None:
+        await self._lag.stop()
         await self._sampler.stop()
         self.sample()
         registry.process_exited(os.getpid())

@@ -10,6 +10,7 @@ Each path prefix behaves like one kind of real provider when streaming:
 
 A request may steer the mock with a `mock` object in its body (the proxy forwards bodies
 unchanged): `status`, `delay_ms`, `chunks`, `chunk_delay_ms`, `drop_after`, `malformed`,
+`endless_line` (after the first chunk, a line that never ends),
 `cached_tokens`, `reasoning_tokens`, `echo_key` (quote the credential the request
 carried, as careless providers do: in the error body and a `Retry-After` header with
 `status`, else in the reply, and when streaming in a chunk written in two parts split
@@ -282,6 +283,13 @@ async def _stream(
             raise ConnectionResetError("mock upstream dropped the connection")
         if mock.get("malformed") and i == 1:
             yield b"data: {not json\n\n"
+        if mock.get("endless_line") and i == 1:
+            # A provider gone wrong: one line that never ends (64 MiB at most, then it stops).
+            yield b"data: "
+            for _ in range(8192):
+                yield b"x" * 8192
+                await asyncio.sleep(0)
+            return
         generated = total if tool_call is not None else min(i + (0 if chat else 1), total)
         yield chunk(piece, None, generated)
         if echo and i == 0:

@@ -6,6 +6,7 @@ forwarded; nothing waits on Postgres (keys come from the in-memory `KeyCache`).
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
@@ -14,7 +15,14 @@ import orjson
 from starlette.types import Receive, Scope
 
 from service.auth.key_cache import CachedKey, KeyCache
-from service.errors import BadRequest, MeterlineError, NotFound, PayloadTooLarge, Unauthorized
+from service.errors import (
+    BadRequest,
+    MeterlineError,
+    NotFound,
+    PayloadTooLarge,
+    RequestTimeout,
+    Unauthorized,
+)
 from service.ledger.record import has_control_characters
 from service.providers.router import ProviderRouter
 from service.proxy.context import RequestContext
@@ -90,13 +98,14 @@ async def read_request(
     key: CachedKey,
     router: ProviderRouter,
     max_body_bytes: int,
+    body_timeout_s: float,
     request_id: str,
     occurred_at: datetime,
 ) -> RequestContext:
     """The request of an authenticated key, checked and routed to its provider."""
     task_id = _task_header(headers, b"x-task-id")
     task_type = _task_header(headers, b"x-task-type")
-    raw = await _read_body(receive, max_body_bytes, headers.get(b"content-length"))
+    raw = await _read_body(receive, max_body_bytes, body_timeout_s, headers.get(b"content-length"))
     body = _parse_body(raw, endpoint)
     model: str = body["model"]
     provider = router.route(model)
@@ -128,21 +137,42 @@ async def read_request(
     )
 
 
-async def _read_body(receive: Receive, limit: int, declared: bytes | None) -> bytes:
+async def _read_body(
+    receive: Receive, limit: int, timeout_s: float, declared: bytes | None
+) -> bytes:
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"request body exceeds {limit} bytes")
-    chunks = []
-    size = 0
+    message = await receive()
+    if message["type"] == "http.disconnect":
+        raise ClientGone
+    first: bytes = message.get("body", b"")
+    if not message.get("more_body", False):  # the usual small body: in one piece, no timer
+        if len(first) > limit:
+            raise PayloadTooLarge(f"request body exceeds {limit} bytes")
+        return first
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await _read_rest(receive, limit, [first])
+    except TimeoutError:
+        raise RequestTimeout(
+            f"The request body did not arrive within {timeout_s:g} seconds."
+        ) from None
+
+
+async def _read_rest(receive: Receive, limit: int, chunks: list[bytes]) -> bytes:
+    size = sum(map(len, chunks))
     while True:
+        if size > limit:
+            raise PayloadTooLarge(f"request body exceeds {limit} bytes")
         message = await receive()
         if message["type"] == "http.disconnect":
             raise ClientGone
         chunk = message.get("body", b"")
         size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"request body exceeds {limit} bytes")
         chunks.append(chunk)
         if not message.get("more_body", False):
+            if size > limit:
+                raise PayloadTooLarge(f"request body exceeds {limit} bytes")
             return b"".join(chunks)
 
 

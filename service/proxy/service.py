@@ -33,7 +33,7 @@ from service.proxy.context import ProxyHooks, RequestContext
 from service.proxy.inbound import MAX_MODEL, ClientGone, authenticate, headers_of, read_request
 from service.proxy.models import ModelList
 from service.proxy.redact import redact_provider_key
-from service.proxy.stream import StreamRelay, is_event_stream
+from service.proxy.stream import StreamBounds, StreamRelay, is_event_stream
 from service.proxy.upstream import (
     UPSTREAM_FAILURES,
     UpstreamClient,
@@ -62,6 +62,8 @@ class MeteringProxy:
         prices: PriceCache,
         hooks: ProxyHooks,
         max_body_bytes: int,
+        body_timeout_s: float,
+        stream_bounds: StreamBounds,
         key_headers: Sequence[str] = ("X-API-Key",),
         access_log: AccessLog | None = None,
     ) -> None:
@@ -72,6 +74,8 @@ class MeteringProxy:
         self.prices = prices
         self.hooks = hooks
         self.max_body_bytes = max_body_bytes
+        self.body_timeout_s = body_timeout_s
+        self.stream_bounds = stream_bounds
         # ASGI header names arrive lower-cased; messages name them as configured.
         self.key_headers = tuple((name.lower().encode("latin-1"), name) for name in key_headers)
         self.access_log = access_log
@@ -94,6 +98,7 @@ class MeteringProxy:
                 key=key,
                 router=self.router,
                 max_body_bytes=self.max_body_bytes,
+                body_timeout_s=self.body_timeout_s,
                 request_id=request_id,
                 occurred_at=occurred_at,
             )
@@ -166,7 +171,7 @@ class MeteringProxy:
             # An error (or a provider that ignored `stream`): passed back as a whole body.
             await self._answer_whole(ctx, send, response, started)
             return
-        relay = StreamRelay(ctx, response, hide_usage, started)
+        relay = StreamRelay(ctx, response, hide_usage, started, self.stream_bounds)
         try:
             await relay.run(send, receive)
         except asyncio.CancelledError:

@@ -14,6 +14,7 @@ from service.providers.router import ProviderRouter
 from service.proxy.access import AccessLog
 from service.proxy.context import ProxyHooks
 from service.proxy.service import MeteringProxy
+from service.proxy.stream import StreamBounds
 from service.proxy.upstream import UpstreamClient
 from service.settings import Settings
 from service.tokens import estimate
@@ -50,6 +51,8 @@ async def start_proxy(
         prices=prices,
         hooks=hooks,
         max_body_bytes=settings.max_request_body_bytes,
+        body_timeout_s=settings.client_body_timeout_s,
+        stream_bounds=StreamBounds(settings.stream_max_duration_s, settings.stream_max_line_bytes),
         key_headers=settings.key_headers,
         access_log=access_log,
     )

@@ -50,6 +50,11 @@ class StreamMeter:
         self._payloads: list[bytes] = []  # hiding: payloads read as they complete
         self._usage: dict[str, Any] | None = None
 
+    @property
+    def held(self) -> int:
+        """Bytes of an incomplete event held back (hiding injected usage only)."""
+        return len(self._tail)
+
     def feed(self, chunk: bytes) -> bytes:
         """Take a piece of the upstream body; return the bytes to send the client now."""
         if not self.hide_usage:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from dataclasses import dataclass
 
 import aiohttp
 import orjson
@@ -29,7 +30,21 @@ _STREAM_ERRORS = {
         "the provider generated past the completion tokens this request's budget "
         "reservation pays for (it ignored max_tokens); the stream was cut there"
     ),
+    "stream_too_long": "the stream ran past the longest a stream may last; it was cut there",
+    "upstream_line_too_long": (
+        "the provider sent a line longer than a stream event may be; the stream was cut there"
+    ),
 }
+
+
+@dataclass(frozen=True, slots=True)
+class StreamBounds:
+    """What one stream may cost a worker: its whole duration and the bytes of one line
+    (what is kept of an incomplete event). Settings `stream_max_duration_s` and
+    `stream_max_line_bytes`; the gap between two pieces is the upstream read timeout."""
+
+    max_duration_s: float
+    max_line_bytes: int
 
 
 def is_event_stream(response: aiohttp.ClientResponse) -> bool:
@@ -46,10 +61,14 @@ class StreamRelay:
         response: aiohttp.ClientResponse,
         hide_usage: bool,
         started: float,
+        bounds: StreamBounds,
     ) -> None:
         self.ctx = ctx
         self.response = response
         self.started = started
+        self.bounds = bounds
+        self._line_bytes = 0  # bytes received since the provider's last newline
+        self._mid_line = False  # the client's bytes end inside a line
         self.meter = StreamMeter(hide_usage)
         allowance = ctx.completion_allowance
         self.counter = OutputCounter(allowance) if allowance is not None else None
@@ -77,10 +96,14 @@ class StreamRelay:
         if self.disconnected:
             self.status, self.error_code = 499, "client_disconnected"
         elif self.error_code is not None:
-            # The status line is gone already: the error goes in the stream.
+            # The status line is gone already: the error goes in the stream, as an event of
+            # its own even when the cut came mid-line.
             event = error_body(_STREAM_ERRORS[self.error_code], "api_error", self.error_code)
+            frame = b"data: " + orjson.dumps(event) + b"\n\n"
+            if self._mid_line:
+                frame = b"\n\n" + frame
             with contextlib.suppress(Exception):
-                await send_part(send, b"data: " + orjson.dumps(event) + b"\n\n", more=False)
+                await send_part(send, frame, more=False)
 
     def _headers(self) -> list[tuple[bytes, bytes]]:
         return [
@@ -92,10 +115,24 @@ class StreamRelay:
 
     async def _pass_on(self, send: Send, watcher: asyncio.Task[None]) -> None:
         content = self.response.content
+        deadline = self.started + self.bounds.max_duration_s
         while piece := await content.readany():  # whatever arrived: no buffering
+            newline = piece.rfind(b"\n")
+            if newline < 0:
+                self._line_bytes += len(piece)
+            else:
+                self._line_bytes = len(piece) - newline - 1
+            # Hiding injected usage holds an incomplete event back: bounded the same way.
+            if max(self._line_bytes, self.meter.held) > self.bounds.max_line_bytes:
+                self.status, self.error_code = 502, "upstream_line_too_long"
+                return
+            if time.perf_counter() > deadline:
+                self.status, self.error_code = 502, "stream_too_long"
+                return
             piece, cut = self._within_allowance(piece)
             out = self.meter.feed(piece)
             if out:
+                self._mid_line = not out.endswith(b"\n")
                 if self.ttft_ms is None:
                     self.ttft_ms = int((time.perf_counter() - self.started) * 1000)
                 await send_part(send, out)
