@@ -64,6 +64,7 @@ from service.proxy.context import RequestContext
 from service.settings import Settings
 from service.tokens.estimate import choices as requested_choices
 from service.tokens.estimate import completion_limit, default_completion, prompt_tokens
+from service.tokens.estimate import ready as tokenizer_ready
 
 log = logging.getLogger("meterline.limits")
 
@@ -297,6 +298,7 @@ class Limits:
         tokens = 0
         need = None
         if applied.tokens or budgeted:
+            await tokenizer_ready()
             prompt = prompt_tokens(body)
             limit = completion_limit(body)
             choices = requested_choices(body)

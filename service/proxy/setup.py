@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from contextlib import AsyncExitStack
 from typing import Any
 
@@ -17,7 +16,6 @@ from service.proxy.service import MeteringProxy
 from service.proxy.stream import StreamBounds
 from service.proxy.upstream import UpstreamClient
 from service.settings import Settings
-from service.tokens import estimate
 
 
 async def start_proxy(
@@ -29,7 +27,6 @@ async def start_proxy(
     prices: PriceCache,
 ) -> dict[str, Any]:
     """The Runtime fields of the proxy, started, each closed by `stack`: upstream client, …"""
-    await asyncio.to_thread(estimate.warm_up)
     upstream = UpstreamClient(
         settings.upstream_connect_timeout_s,
         settings.upstream_read_timeout_s,

@@ -175,6 +175,7 @@ async def claimed_usage(
 
 
 async def estimated_usage(ctx: RequestContext, completion: str) -> Usage:
+    await estimate.ready()
     prompt_text = estimate.prompt_text(ctx.body)
     if len(prompt_text) + len(completion) > _THREAD_TOKENIZE_CHARS:
         prompt, generated = await asyncio.to_thread(

