@@ -72,7 +72,7 @@ WITH usage AS (
     GROUP BY t.account_id, t.model, t.task_type, t.billed_as, t.fixed_price_usd
 ), invoice AS (
     SELECT DISTINCT ON (account_id) account_id, number, status, total_usd,
-           (SELECT coalesce(sum(c.amount_usd), 0) FROM credit_notes c
+           (SELECT coalesce(sum(c.amount_usd), 0.00) FROM credit_notes c
             WHERE c.invoice_id = invoices.id) AS credited_usd
     FROM invoices
     WHERE period = :period {{invoice_filter}}
