@@ -39,6 +39,7 @@ ACCOUNT = {"path.account_id": "$response.body#/id"}
             UpdateAccount=("PATCH", "/billing/accounts/{account_id}", ACCOUNT),
             CreateKey=("POST", "/billing/accounts/{account_id}/keys", ACCOUNT),
             ListKeys=("GET", "/billing/accounts/{account_id}/keys", ACCOUNT),
+            AdjustAccount=("POST", "/billing/accounts/{account_id}/adjustments", ACCOUNT),
             AccountUsage=("GET", "/billing/usage", {"query.account_id": "$response.body#/id"}),
         )
     },
@@ -80,6 +81,7 @@ async def update_account(
         **FORBIDDEN,
         201: links(
             RevokeKey=("DELETE", "/billing/keys/{key_id}", {"path.key_id": "$response.body#/id"}),
+            UpdateKey=("PATCH", "/billing/keys/{key_id}", {"path.key_id": "$response.body#/id"}),
             KeyUsage=("GET", "/billing/usage", {"query.key_id": "$response.body#/id"}),
         ),
     },
