@@ -16,8 +16,8 @@ AdjustmentAmount = Annotated[
         max_digits=24,
         decimal_places=12,
         allow_inf_nan=False,
-        description="Exact decimal string, at most 12 decimal places: positive charges the"
-        " account, negative credits it.",
+        description="Exact decimal string, at most 12 decimal places, not zero: positive"
+        " charges the account, negative credits it.",
         examples=["-12.50"],
     ),
 ]
