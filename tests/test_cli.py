@@ -207,6 +207,37 @@ def test_a_budget_and_limits_are_cleared_from_the_cli(meterline: Meterline) -> N
     assert "contradict" in _one_line_error(both)
 
 
+def test_a_keys_settings_are_changed_and_cleared_from_the_cli(meterline: Meterline) -> None:
+    account = meterline.new_account()
+    created = json.loads(_cli(meterline, "keys", "create", str(account["id"]), "--json").stdout)
+    changed = _cli(
+        meterline,
+        "keys",
+        "update",
+        created["id"],
+        "--rpm",
+        "5",
+        "--budget",
+        "2.500000000001",
+        "--name",
+        "ci",
+        "--json",
+    )
+    assert changed.exit_code == 0, changed.output
+    key = json.loads(changed.stdout)
+    assert (key["rate_limit_rpm"], key["monthly_budget_usd"], key["name"]) == (
+        5,
+        "2.500000000001",
+        "ci",
+    )
+    cleared = _cli(meterline, "keys", "update", created["id"], "--clear", "rpm", "--json")
+    assert cleared.exit_code == 0, cleared.output
+    after = json.loads(cleared.stdout)
+    assert (after["rate_limit_rpm"], after["monthly_budget_usd"]) == (None, "2.500000000001")
+    both = _cli(meterline, "keys", "update", created["id"], "--rpm", "3", "--clear", "rpm")
+    assert both.exit_code == 1 and "contradict" in _one_line_error(both)
+
+
 def _env(**values: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("METERLINE_")}
     return {**env, **values}

@@ -205,7 +205,11 @@ def test_csv_rows_per_account_model_and_quoted_task_type(
         "invoice_number",
         "invoice_status",
         "invoice_total_usd",
+        "invoice_credited_usd",
+        "invoice_amount_due_usd",
     ]
+    # No credit note: all of the invoice is due.
+    assert (total["invoice_credited_usd"], total["invoice_amount_due_usd"]) == ("0.00", "0.02")
 
 
 def test_json_has_the_same_figures(meterline: Meterline, may: dict[str, Any]) -> None:

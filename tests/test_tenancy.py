@@ -139,6 +139,21 @@ def _cases(t: dict[str, Any], a: str, key: str, quote: str, invoice: str) -> lis
             {"reason": "x"},
         ),
         ("/billing/reports/margin", "GET", "/billing/reports/margin", {"period": MONTH}, None),
+        ("/billing/keys/{key_id}", "PATCH", f"/billing/keys/{key}", {}, {"rate_limit_rpm": 9}),
+        (
+            "/billing/accounts/{account_id}/adjustments",
+            "POST",
+            f"/billing/accounts/{a}/adjustments",
+            {},
+            {"amount_usd": "-5", "reason": "x"},
+        ),
+        (
+            "/billing/invoices/{invoice_id}/credit-notes",
+            "POST",
+            f"/billing/invoices/{invoice}/credit-notes",
+            {},
+            {"amount_usd": "5", "reason": "x"},
+        ),
     ]
 
 
@@ -152,6 +167,8 @@ def _routes(meterline: Meterline) -> set[tuple[str, str]]:
 
 
 MINE = {
+    "/billing/accounts/{account_id}/adjustments",
+    "/billing/invoices/{invoice_id}/credit-notes",
     "/billing/accounts",
     "/billing/accounts/{account_id}",
     "/billing/accounts/{account_id}/keys",

@@ -13,6 +13,7 @@ from service.accounts.schemas import (
     KeyCreate,
     KeyCreated,
     KeyOut,
+    KeyUpdate,
 )
 from service.db.session import after_commit
 from service.deps import Admin, Caller, Keys, Session
@@ -38,6 +39,7 @@ ACCOUNT = {"path.account_id": "$response.body#/id"}
             UpdateAccount=("PATCH", "/billing/accounts/{account_id}", ACCOUNT),
             CreateKey=("POST", "/billing/accounts/{account_id}/keys", ACCOUNT),
             ListKeys=("GET", "/billing/accounts/{account_id}/keys", ACCOUNT),
+            AdjustAccount=("POST", "/billing/accounts/{account_id}/adjustments", ACCOUNT),
             AccountUsage=("GET", "/billing/usage", {"query.account_id": "$response.body#/id"}),
         )
     },
@@ -79,6 +81,7 @@ async def update_account(
         **FORBIDDEN,
         201: links(
             RevokeKey=("DELETE", "/billing/keys/{key_id}", {"path.key_id": "$response.body#/id"}),
+            UpdateKey=("PATCH", "/billing/keys/{key_id}", {"path.key_id": "$response.body#/id"}),
             KeyUsage=("GET", "/billing/usage", {"query.key_id": "$response.body#/id"}),
         ),
     },
@@ -100,6 +103,20 @@ async def list_keys(
 ) -> Page[KeyOut]:
     """An account's keys, oldest first, revoked and expired ones included (never the key)."""
     return await service.list_keys(session, caller, account_id, limit, cursor)
+
+
+@router.patch(
+    "/keys/{key_id}",
+    response_model=KeyOut,
+    responses=errors(*API_ERRORS, Forbidden, service.KeyRevoked),
+)
+async def update_key(
+    key_id: uuid.UUID, data: KeyUpdate, session: Session, caller: Caller
+) -> KeyOut:
+    """Change a key's name, limits, monthly budget or expiry (admin); fields left out stay
+    as they are, `null` clears one. The proxy applies the change within
+    `METERLINE_KEY_CACHE_REFRESH_S` (at once, normally: the change notifies every worker)."""
+    return await service.update_key(session, caller, key_id, data)
 
 
 @router.delete("/keys/{key_id}", response_model=KeyOut, responses=FORBIDDEN)

@@ -14,12 +14,15 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 
 class Channel(StrEnum):
-    # A key was revoked; the payload is its id. The key directory drops it at once.
+    # A key was revoked; the payload is its id. The key directory drops it at once. Any
+    # other payload (`KEY_CHANGED`) says a key's settings changed: the directory reloads.
     KEYS = "meterline_keys"
     # A task opened or closed; the payload is JSON (service/tasks/expiry.py, service.py).
     # The task guard applies it at once.
     TASKS = "meterline_tasks"
 
+
+KEY_CHANGED = "changed"
 
 _NOTIFY = text("SELECT pg_notify(:channel, :payload)")
 
