@@ -66,7 +66,9 @@ def upgrade() -> None:
         "pk_invoice_number_counters", "invoice_number_counters", ["series", "year"]
     )
     op.create_check_constraint(
-        "ck_invoice_number_counters_series", "invoice_number_counters", "series IN ('INV', 'CN')"
+        op.f("ck_invoice_number_counters_series"),
+        "invoice_number_counters",
+        "series IN ('INV', 'CN')",
     )
 
     op.create_table(
@@ -122,7 +124,7 @@ def downgrade() -> None:
     op.drop_table("credit_notes")
     op.execute("DELETE FROM invoice_number_counters WHERE series <> 'INV'")
     op.drop_constraint(
-        "ck_invoice_number_counters_series", "invoice_number_counters", type_="check"
+        op.f("ck_invoice_number_counters_series"), "invoice_number_counters", type_="check"
     )
     op.drop_constraint("pk_invoice_number_counters", "invoice_number_counters", type_="primary")
     op.create_primary_key("pk_invoice_number_counters", "invoice_number_counters", ["year"])
