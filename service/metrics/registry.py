@@ -97,7 +97,7 @@ LEDGER_ERRORS = Counter(
 )
 LIMIT_REFUSALS = Counter(
     "meterline_limit_refusals",
-    "Requests refused with a 429 by kind of limit (requests, tokens, budget).",
+    "Requests refused by kind of limit (requests, tokens, budget: 429; credits: 402).",
     ["kind"],
 )
 LIMIT_ERRORS = Counter(
