@@ -19,9 +19,7 @@ depends_on: str | Sequence[str] | None = None
 def upgrade() -> None:
     op.add_column(
         "accounts",
-        sa.Column(
-            "billing_mode", sa.String(length=16), server_default="postpaid", nullable=False
-        ),
+        sa.Column("billing_mode", sa.String(length=16), server_default="postpaid", nullable=False),
     )
     op.create_check_constraint(
         op.f("ck_accounts_billing_mode"), "accounts", "billing_mode IN ('postpaid', 'prepaid')"

@@ -37,6 +37,12 @@ class CreditLedger:
         """What the grants active now still hold."""
         return self.allocation.available(self.credits, self.at)
 
+    def changes_by(self, at: datetime) -> bool:
+        """Whether a grant ended after this ledger was read, by `at`."""
+        return any(
+            ends is not None and self.at < ends <= at for ends in (c.ends_at for c in self.credits)
+        )
+
     def available_at(self, at: datetime) -> Decimal:
         """What the grants active at `at` hold, as far as this ledger knows (a grant that
         ended since counts nothing; usage since is not drawn yet)."""

@@ -659,6 +659,11 @@ class Limits:
         was settled since may have been drawn from it: the room is then smaller than the
         truth until the next read, never larger."""
         ledger = self._credits.get(account_id)
+        if ledger is not None and ledger.changes_by(now):
+            # A grant ended since the ledger was read: read it again, so that what was drawn
+            # from that grant until its end is not counted against the others too.
+            self._credits.pop(account_id, None)
+            ledger = None
         if ledger is None:
             if not await self._sync_now([credit_counter(account_id)]):
                 raise credits_unavailable(account_id)
