@@ -1,14 +1,12 @@
-"""Every query of credits: the grants of an account, one grant locked, and what was bought."""
+"""Every query of credits beside the grants the balance reads (service/limits/repository.py):
+a grant added or locked, and what an account bought."""
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
 from decimal import Decimal
-from typing import Any
 
 from sqlalchemy import func, select
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from service.db.models import CreditGrant, CreditKind
 from service.db.repository import Repository
@@ -30,28 +28,3 @@ class CreditRepository(Repository):
             CreditGrant.account_id == account_id, CreditGrant.kind == CreditKind.PURCHASE
         )
         return Decimal((await self.session.execute(statement)).scalar_one())
-
-
-# A grant's columns, read on a plain connection (the proxy's) as well as in a session.
-_GRANT_COLUMNS = (
-    CreditGrant.id,
-    CreditGrant.account_id,
-    CreditGrant.kind,
-    CreditGrant.amount_usd,
-    CreditGrant.priority,
-    CreditGrant.expires_at,
-    CreditGrant.reference,
-    CreditGrant.created_at,
-    CreditGrant.voided_at,
-)
-
-
-async def grants_of(connection: AsyncConnection, account_id: uuid.UUID) -> Sequence[Any]:
-    """All of an account's grants, voided and expired ones too, oldest first (rows with the
-    columns of `CreditGrant`)."""
-    statement = (
-        select(*_GRANT_COLUMNS)
-        .where(CreditGrant.account_id == account_id)
-        .order_by(CreditGrant.created_at, CreditGrant.id)
-    )
-    return (await connection.execute(statement)).all()

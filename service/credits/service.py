@@ -23,7 +23,6 @@ from pricing.prices import PriceBook
 from service.accounts import service as accounts
 from service.accounts.repository import AccountRepository
 from service.auth.principal import Principal
-from service.credits.balance import CreditLedger, credit_ledger
 from service.credits.repository import CreditRepository
 from service.credits.schemas import (
     BalanceOut,
@@ -37,6 +36,7 @@ from service.credits.schemas import (
 from service.db.channels import Channel, notify
 from service.db.models import BillingMode, CreditGrant, CreditKind, Tier
 from service.errors import Conflict, NotFound
+from service.limits.credit import CreditLedger, credit_ledger
 from service.schemas import decode_cursor, keyset_page
 
 log = logging.getLogger("meterline.credits")

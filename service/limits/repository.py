@@ -11,11 +11,12 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import TextClause, text
+from sqlalchemy import TextClause, select, text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from pricing.cost import TokenUsage, totals_cost
 from pricing.prices import PriceBook
+from service.db.models import CreditGrant
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,3 +190,28 @@ async def spend_by_span(
         for row in await connection.execute(_FIXED_PRICES, params):
             add(row.owner, row.span, row.spent)
     return spent
+
+
+# A grant's columns, read on a plain connection (the proxy's) as well as in a session.
+_GRANT_COLUMNS = (
+    CreditGrant.id,
+    CreditGrant.account_id,
+    CreditGrant.kind,
+    CreditGrant.amount_usd,
+    CreditGrant.priority,
+    CreditGrant.expires_at,
+    CreditGrant.reference,
+    CreditGrant.created_at,
+    CreditGrant.voided_at,
+)
+
+
+async def grants_of(connection: AsyncConnection, account_id: uuid.UUID) -> Sequence[Any]:
+    """All of an account's grants, voided and expired ones too, oldest first (rows with the
+    columns of `CreditGrant`)."""
+    statement = (
+        select(*_GRANT_COLUMNS)
+        .where(CreditGrant.account_id == account_id)
+        .order_by(CreditGrant.created_at, CreditGrant.id)
+    )
+    return (await connection.execute(statement)).all()

@@ -48,7 +48,6 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 from pricing.invoice import BillingPeriod
 from pricing.prices import Price
 from service.auth.key_cache import KeyLimits
-from service.credits.balance import CreditLedger, credit_ledger
 from service.db.channels import Channel
 from service.db.listener import Listener
 from service.errors import MeterlineError
@@ -57,6 +56,7 @@ from service.lifecycle import Periodic
 from service.limits import estimate, repository
 from service.limits.budgets import Hold
 from service.limits.counters import Admission, Counters, MemoryCounters, RedisCounters
+from service.limits.credit import CreditLedger, credit_ledger
 from service.limits.policy import (
     COUNTERS_UNREACHABLE,
     AppliedLimits,

@@ -19,9 +19,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from pricing.credits import Allocation, Credit, allocate, bounds
 from pricing.prices import PriceBook
-from service.credits import repository
 from service.db.models import CreditKind
-from service.limits.repository import spend_by_span
+from service.limits.repository import grants_of, spend_by_span
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,7 +68,7 @@ async def credit_ledger(
     extra_cuts: Iterable[datetime] = (),
 ) -> CreditLedger:
     """The account's credit at `now`; `extra_cuts` splits the usage further (per day)."""
-    grants = await repository.grants_of(connection, account_id)
+    grants = await grants_of(connection, account_id)
     credits = [credit_of(row) for row in grants]
     cuts = bounds(credits, now, extra_cuts)
     usage: list[Decimal] = []
