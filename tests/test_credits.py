@@ -14,12 +14,13 @@ from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 from typing import Any
 
+import httpx
 import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
 from pricing.credits import Credit, Movement, allocate, bounds
-from tests.conftest import Upstream, start_meterline
+from tests.conftest import Meterline, Upstream, start_meterline
 from tests.reliability import (
     REAL_TIERS,
     add_price,
@@ -33,6 +34,7 @@ from tests.reliability import (
     wait_for_rows,
 )
 from tests.support import Database
+from tests.usage_rows import insert_usage, usage_row
 
 # $400 per million tokens: a request's worst case (26 tokens) is about a cent.
 MODEL = "meta-llama/credit-test"
@@ -304,3 +306,87 @@ def test_a_five_dollar_purchase_moves_basic_to_pro_and_lifts_its_rate_limit(
         time.sleep(0.5)  # the key directory reloads on the change's notification
         answer = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=1)
         assert answer.choices
+
+
+# -- the billing API ----------------------------------------------------------------------
+
+
+def test_balance_transactions_and_void_through_the_api(meterline: Meterline) -> None:
+    db = Database(meterline.database_url)
+    account_id, key = meterline.customer(name="credits api", billing_mode="prepaid")
+    other_id, other_key = meterline.customer(name="someone else")
+    big = _add_credit(
+        meterline.url, account_id, amount_usd="2.5", kind="purchase", reference="pay_1"
+    )
+    small = _add_credit(meterline.url, account_id, amount_usd="0.75", kind="grant", priority=0)
+    assert big["remaining_usd"] == "2.500000000000" and big["status"] == "active"
+    # Usage after both grants: 0.9 is drawn from `small` (priority 0) then `big`.
+    insert_usage(
+        db,
+        usage_row(account_id, datetime.now(UTC), cost="0.4"),
+        usage_row(account_id, datetime.now(UTC), cost="0.5"),
+    )
+    with httpx.Client(base_url=meterline.url, headers={"Authorization": f"Bearer {key}"}) as own:
+        found = own.get(f"/billing/accounts/{account_id}/balance").raise_for_status().json()
+        assert own.get(f"/billing/accounts/{other_id}/balance").status_code == 404
+        assert (
+            own.post(
+                f"/billing/accounts/{account_id}/credits", json={"amount_usd": "1", "kind": "grant"}
+            ).status_code
+            == 404
+        )  # admin routes do not exist for a customer key
+        assert own.delete(f"/billing/credits/{big['id']}").status_code == 404
+    assert found["billing_mode"] == "prepaid"
+    assert Decimal(found["balance_usd"]) == Decimal("2.35")
+    assert [(g["id"], Decimal(g["remaining_usd"])) for g in found["grants"]] == [
+        (small["id"], Decimal(0)),
+        (big["id"], Decimal("2.35")),
+    ]
+    with meterline.admin() as api:
+        voided = api.delete(f"/billing/credits/{big['id']}")
+        assert voided.status_code == 200, voided.text
+        assert voided.json()["status"] == "voided"
+        assert api.delete(f"/billing/credits/{big['id']}").status_code == 409
+        assert api.delete(f"/billing/credits/{uuid.uuid4()}").status_code == 404
+        after = api.get(f"/billing/accounts/{account_id}/balance").json()
+        assert Decimal(after["balance_usd"]) == 0
+        # Every page of the transactions, one at a time.
+        items: list[dict[str, Any]] = []
+        params: dict[str, Any] = {"limit": 1}
+        while True:
+            page = api.get(
+                f"/billing/accounts/{account_id}/credit-transactions", params=params
+            ).json()
+            items += page["data"]
+            if not page["has_more"]:
+                break
+            params["cursor"] = page["next_cursor"]
+        bad = api.get(f"/billing/accounts/{account_id}/credit-transactions", params={"cursor": "x"})
+        assert bad.status_code == 422
+        for wrong in (
+            {"amount_usd": "0", "kind": "grant"},
+            {"amount_usd": "-1", "kind": "grant"},
+            {"amount_usd": "1", "kind": "gift"},
+            {"amount_usd": 1.5, "kind": "grant", "priority": -1},
+        ):
+            refused = api.post(f"/billing/accounts/{account_id}/credits", json=wrong)
+            assert refused.status_code == 422, wrong
+        missing = api.post(
+            f"/billing/accounts/{uuid.uuid4()}/credits", json={"amount_usd": "1", "kind": "grant"}
+        )
+        assert missing.status_code == 404
+        assert api.get(f"/billing/accounts/{other_id}/balance").json()["billing_mode"] == "postpaid"
+    summary = [(t["kind"], t["grant_id"], Decimal(t["amount_usd"])) for t in items]
+    assert summary[:2] == [
+        ("grant", big["id"], Decimal("2.5")),
+        ("grant", small["id"], Decimal("0.75")),
+    ]
+    assert sorted(summary[2:]) == sorted(
+        [
+            ("drawdown", small["id"], Decimal("-0.75")),
+            ("drawdown", big["id"], Decimal("-0.15")),
+            ("void", big["id"], Decimal("-2.35")),
+        ]
+    )
+    assert sum(amount for *_, amount in summary) == 0
+    del other_key
