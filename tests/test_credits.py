@@ -314,7 +314,7 @@ def test_a_five_dollar_purchase_moves_basic_to_pro_and_lifts_its_rate_limit(
 def test_balance_transactions_and_void_through_the_api(meterline: Meterline) -> None:
     db = Database(meterline.database_url)
     account_id, key = meterline.customer(name="credits api", billing_mode="prepaid")
-    other_id, other_key = meterline.customer(name="someone else")
+    other_id, _ = meterline.customer(name="someone else")
     big = _add_credit(
         meterline.url, account_id, amount_usd="2.5", kind="purchase", reference="pay_1"
     )
@@ -389,4 +389,3 @@ def test_balance_transactions_and_void_through_the_api(meterline: Meterline) -> 
         ]
     )
     assert sum(amount for *_, amount in summary) == 0
-    del other_key
