@@ -389,3 +389,30 @@ def test_balance_transactions_and_void_through_the_api(meterline: Meterline) -> 
         ]
     )
     assert sum(amount for *_, amount in summary) == 0
+
+
+def test_a_prepaid_invoice_shows_the_credit_applied_and_bills_the_rest(
+    meterline: Meterline,
+) -> None:
+    db = Database(meterline.database_url)
+    account_id, _ = meterline.customer(name="credits invoice", billing_mode="prepaid")
+    _add_credit(meterline.url, account_id, amount_usd="0.333333", kind="purchase")
+    now = datetime.now(UTC)
+    insert_usage(
+        db,
+        usage_row(account_id, now, cost="0.4000004"),
+        usage_row(account_id, now, cost="0.3"),
+    )
+    with meterline.admin() as api:
+        created = api.post(
+            "/billing/invoices", json={"account_id": str(account_id), "period": f"{now:%Y-%m}"}
+        )
+        assert created.status_code == 201, created.text
+        invoice = created.json()
+    lines = {line["kind"]: line for line in invoice["lines"]}
+    assert lines["credits_applied"]["amount_exact_usd"].startswith("-0.333333")
+    assert Decimal(lines["credits_applied"]["amount_usd"]) == Decimal("-0.33")
+    assert invoice["lines"][-1]["kind"] == "credits_applied"
+    usage = sum(Decimal(line["amount_usd"]) for line in invoice["lines"][:-1])
+    assert usage == Decimal("0.70")
+    assert Decimal(invoice["total_usd"]) == Decimal("0.37")

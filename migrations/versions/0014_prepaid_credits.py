@@ -63,9 +63,18 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id", name=op.f("pk_tier_changes")),
     )
     op.create_index("ix_tier_changes_account_id", "tier_changes", ["account_id"])
+    _line_kinds("'tokens', 'task', 'late_usage', 'late_task', 'adjustment', 'credits_applied'")
+
+
+def _line_kinds(values: str) -> None:
+    op.drop_constraint(op.f("ck_invoice_lines_kind"), "invoice_lines", type_="check")
+    op.create_check_constraint(
+        op.f("ck_invoice_lines_kind"), "invoice_lines", f"kind IN ({values})"
+    )
 
 
 def downgrade() -> None:
+    _line_kinds("'tokens', 'task', 'late_usage', 'late_task', 'adjustment'")
     op.drop_index("ix_tier_changes_account_id", table_name="tier_changes")
     op.drop_table("tier_changes")
     op.drop_index("ix_credit_grants_account_id", table_name="credit_grants")

@@ -20,7 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from pricing.credits import Allocation, Credit, allocate, bounds
 from pricing.prices import PriceBook
 from service.db.models import CreditKind
-from service.limits.repository import grants_of, spend_by_span
+from service.limits.repository import accounts_with_credit, grants_of, spend_by_span
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,3 +76,20 @@ async def credit_ledger(
         spent = await spend_by_span(connection, [account_id], None, cuts, book)
         usage = spent.get(account_id, [Decimal(0)] * (len(cuts) - 1))
     return CreditLedger(grants, credits, cuts, allocate(credits, cuts, usage), now)
+
+
+async def credit_paid(
+    connection: AsyncConnection,
+    accounts: Sequence[uuid.UUID],
+    start: datetime,
+    end: datetime,
+    book: PriceBook,
+) -> dict[uuid.UUID, Decimal]:
+    """What credit paid of each account's usage in `[start, end)` (accounts never given
+    credit are left out): the invoice's `credits_applied`."""
+    paid: dict[uuid.UUID, Decimal] = {}
+    for account_id in sorted(await accounts_with_credit(connection, accounts)):
+        ledger = await credit_ledger(connection, account_id, end, book, [start])
+        spans = zip(ledger.cuts, ledger.allocation.covered_by_span, strict=False)
+        paid[account_id] = sum((amount for at, amount in spans if at >= start), Decimal(0))
+    return paid

@@ -215,3 +215,13 @@ async def grants_of(connection: AsyncConnection, account_id: uuid.UUID) -> Seque
         .order_by(CreditGrant.created_at, CreditGrant.id)
     )
     return (await connection.execute(statement)).all()
+
+
+async def accounts_with_credit(
+    connection: AsyncConnection, accounts: Sequence[uuid.UUID]
+) -> set[uuid.UUID]:
+    """Those of `accounts` that were ever given credit."""
+    statement = (
+        select(CreditGrant.account_id).where(CreditGrant.account_id.in_(list(accounts))).distinct()
+    )
+    return set((await connection.execute(statement)).scalars())
