@@ -544,9 +544,15 @@ def _usage_line(
         LineKind.ADJUSTMENT: "Adjustment: ",
         LineKind.LATE_USAGE: f"Late usage from {period}: ",
     }[kind]
+    # An adjustment of the whole account names no model (`service.adjustments`).
+    what = (
+        f"{model}, {tokens}"
+        if model
+        else f"{totals.requests:,} account adjustment" + ("" if totals.requests == 1 else "s")
+    )
     return InvoiceLineDraft(
         kind=kind,
-        description=f"{prefix}{model}, {tokens}",
+        description=f"{prefix}{what}",
         quantity=totals.requests,
         amount_exact_usd=amount,
         amount_usd=round_cents(amount),

@@ -18,6 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 from service.accounts.endpoints import router as accounts_router
+from service.adjustments.endpoints import router as adjustments_router
 from service.console import endpoints as console_pages  # noqa: F401  (registers the pages)
 from service.console.pages import STATIC
 from service.console.pages import router as console_router
@@ -184,6 +185,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(metrics_router)
     app.include_router(accounts_router)
     app.include_router(credits_router)
+    app.include_router(adjustments_router)
     app.include_router(usage_router)
     app.include_router(events_router)
     app.include_router(reports_router)

@@ -320,6 +320,18 @@ def test_balance_transactions_and_void_through_the_api(meterline: Meterline) -> 
     )
     small = _add_credit(meterline.url, account_id, amount_usd="0.75", kind="grant", priority=0)
     assert big["remaining_usd"] == "2.500000000000" and big["status"] == "active"
+    with meterline.admin() as api:  # the same purchase sent twice is one grant
+        twice = [
+            api.post(
+                f"/billing/accounts/{other_id}/credits",
+                json={"amount_usd": "0.01", "kind": "grant", "priority": 9},
+                headers={"Idempotency-Key": "credit-once"},
+            )
+            for _ in range(2)
+        ]
+        assert [t.status_code for t in twice] == [201, 201]
+        assert twice[0].json()["id"] == twice[1].json()["id"]
+        api.delete(f"/billing/credits/{twice[0].json()['id']}").raise_for_status()
     # Usage after both grants: 0.9 is drawn from `small` (priority 0) then `big`.
     insert_usage(
         db,

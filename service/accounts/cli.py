@@ -40,6 +40,7 @@ ACCOUNT_COLUMNS = [
 ]
 LIST_COLUMNS = ["id", "name", "tier", "monthly_budget_usd", "created_at"]
 KEY_COLUMNS = ["id", "name", "prefix", "status", "created_at", "last_used_at", "expires_at"]
+KEY_LIMIT_COLUMNS = ["rate_limit_rpm", "rate_limit_tpm", "monthly_budget_usd"]
 
 # The account's settings, as options of `accounts create` and `accounts update` alike:
 # each parameter is named after the API field it sets.
@@ -201,6 +202,67 @@ def create_key(
     print_record(key, [*KEY_COLUMNS, "account_id"])
     typer.echo(key["key"])
     err.print("This is the only time the key is shown.", style="yellow")
+
+
+class KeyClearable(StrEnum):
+    """The settings `keys update --clear` sets back to none, by option name."""
+
+    label = "name"
+    budget = "budget"
+    rpm = "rpm"
+    tpm = "tpm"
+    expires_at = "expires-at"
+
+    @property
+    def field(self) -> str:
+        return {
+            "name": "name",
+            "budget": "monthly_budget_usd",
+            "rpm": "rate_limit_rpm",
+            "tpm": "rate_limit_tpm",
+            "expires-at": "expires_at",
+        }[self.value]
+
+
+@keys_app.command("update")
+def update_key(
+    key_id: str,
+    name: Annotated[str | None, typer.Option(help="A new label.")] = None,
+    rate_limit_rpm: Annotated[
+        int | None, typer.Option("--rpm", help="The key's requests per minute.")
+    ] = None,
+    rate_limit_tpm: Annotated[
+        int | None, typer.Option("--tpm", help="The key's tokens per minute.")
+    ] = None,
+    monthly_budget_usd: Annotated[
+        Decimal | None, typer.Option("--budget", help="The key's monthly budget, USD.")
+    ] = None,
+    expires_at: Annotated[
+        datetime | None, typer.Option(help="When the key stops working (UTC unless an offset).")
+    ] = None,
+    clear: Annotated[
+        list[KeyClearable] | None,
+        typer.Option(help="Set this back to none (repeatable).", show_default=False),
+    ] = None,
+    url: UrlOption = None,
+    token: TokenOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Change a key's settings given (admin); the proxy applies them within seconds."""
+    body = _fields(
+        name=name,
+        rate_limit_rpm=rate_limit_rpm,
+        rate_limit_tpm=rate_limit_tpm,
+        monthly_budget_usd=monthly_budget_usd,
+        expires_at=expires_at.isoformat() if expires_at else None,
+    )
+    for option in clear or []:
+        if option.field in body:
+            fail(f"--{option.value} and --clear {option.value} contradict each other")
+        body[option.field] = None  # the API's way to clear a field: null
+    with BillingClient(url, token) as client:
+        key = client.request("PATCH", f"/billing/keys/{key_id}", json=body)
+    print_result(key, as_json, [*KEY_COLUMNS, *KEY_LIMIT_COLUMNS])
 
 
 @keys_app.command("list")

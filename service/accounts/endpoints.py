@@ -13,6 +13,7 @@ from service.accounts.schemas import (
     KeyCreate,
     KeyCreated,
     KeyOut,
+    KeyUpdate,
     TierChangeOut,
     TierChanges,
 )
@@ -102,6 +103,20 @@ async def list_keys(
 ) -> Page[KeyOut]:
     """An account's keys, oldest first, revoked and expired ones included (never the key)."""
     return await service.list_keys(session, caller, account_id, limit, cursor)
+
+
+@router.patch(
+    "/keys/{key_id}",
+    response_model=KeyOut,
+    responses=errors(*API_ERRORS, Forbidden, service.KeyRevoked),
+)
+async def update_key(
+    key_id: uuid.UUID, data: KeyUpdate, session: Session, caller: Caller
+) -> KeyOut:
+    """Change a key's name, limits, monthly budget or expiry (admin); fields left out stay
+    as they are, `null` clears one. The proxy applies the change within
+    `METERLINE_KEY_CACHE_REFRESH_S` (at once, normally: the change notifies every worker)."""
+    return await service.update_key(session, caller, key_id, data)
 
 
 @router.delete("/keys/{key_id}", response_model=KeyOut, responses=FORBIDDEN)

@@ -7,7 +7,7 @@ from typing import Any
 
 from sqlalchemy import func, select, tuple_, update
 
-from service.db.channels import Channel, notify
+from service.db.channels import KEY_CHANGED, Channel, notify
 from service.db.models import Account, ApiKey, TierChange, UsageRecord
 from service.db.repository import Repository
 
@@ -53,7 +53,7 @@ class AccountRepository(Repository):
 
     async def limits_changed(self, account_id: uuid.UUID) -> None:
         """Tell every process's key directory to reload this account's limits on commit."""
-        await notify(self.session, Channel.KEYS, f"account:{account_id}")
+        await notify(self.session, Channel.KEYS, KEY_CHANGED)
 
     async def accounts_by_id(self, account_ids: Sequence[uuid.UUID]) -> list[Account]:
         if not account_ids:
@@ -114,6 +114,16 @@ class AccountRepository(Repository):
             statement = statement.where(tuple_(ApiKey.created_at, ApiKey.id) > tuple_(*after))
         rows = await self.session.execute(statement)
         return [(key, used) for key, used in rows]
+
+    async def update_key(self, key: ApiKey, changes: dict[str, Any]) -> ApiKey:
+        """Change the key and tell every proxy to reload its directory when (and only if)
+        this commits. The payload is not a key id: an id would read as a revocation."""
+        for field, value in changes.items():
+            setattr(key, field, value)
+        await self.session.flush()
+        await notify(self.session, Channel.KEYS, KEY_CHANGED)
+        await self.session.refresh(key)
+        return key
 
     async def revoke_key(self, key: ApiKey) -> ApiKey:
         """Revoke once (a second call keeps the first time) and tell every proxy at once.

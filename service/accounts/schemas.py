@@ -5,7 +5,14 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, computed_field, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    computed_field,
+    field_validator,
+)
 
 from pricing.invoice import ExpiredTaskPolicy, FailedTaskPolicy
 from service.auth.usability import KeyStatus, key_status
@@ -17,6 +24,16 @@ BudgetUSD = Annotated[Decimal, Field(ge=0, max_digits=24, decimal_places=12)]
 Margin = Annotated[Decimal, Field(ge=0, max_digits=8, decimal_places=4)]
 PerMinute = Annotated[int, Field(ge=1, le=2_147_483_647)]
 Name = Annotated[Text, Field(min_length=1, max_length=200)]
+
+
+def _in_the_future(value: datetime) -> datetime:
+    if value <= datetime.now(UTC):
+        raise ValueError("must be in the future")
+    return value
+
+
+# A key's expiry, set when it is created or changed: to end a key now, revoke it.
+Expiry = Annotated[BillableTime, AfterValidator(_in_the_future)]
 
 
 class AccountCreate(BaseModel):
@@ -120,18 +137,33 @@ class KeyCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: Text | None = Field(default=None, max_length=200)
-    expires_at: BillableTime | None = Field(
+    expires_at: Expiry | None = Field(
         default=None, description="RFC 3339; the key stops working at this instant."
     )
 
-    @field_validator("expires_at")
-    @classmethod
-    def _in_the_future(cls, value: datetime | None) -> datetime | None:
-        if value is None:
-            return None
-        if value <= datetime.now(UTC):
-            raise ValueError("must be in the future")
-        return value
+
+class KeyUpdate(BaseModel):
+    """PATCH: only the fields sent change; `null` clears one (no key limit of its own: the
+    account's apply; no expiry)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: Name | None = None
+    rate_limit_rpm: PerMinute | None = Field(
+        default=None, description="Requests per minute of this key, within its account's."
+    )
+    rate_limit_tpm: PerMinute | None = Field(
+        default=None, description="Tokens per minute of this key, within its account's."
+    )
+    monthly_budget_usd: BudgetUSD | None = Field(
+        default=None, description="Exact decimal string: the key's spending limit per month."
+    )
+    expires_at: Expiry | None = Field(
+        default=None, description="RFC 3339, in the future; the key stops working then."
+    )
+
+    def changes(self) -> dict[str, Any]:
+        return {field: getattr(self, field) for field in self.model_fields_set}
 
 
 class KeyOut(BaseModel):
@@ -147,6 +179,9 @@ class KeyOut(BaseModel):
     )
     revoked_at: datetime | None
     expires_at: datetime | None
+    rate_limit_rpm: int | None = Field(description="The key's own limit; null: its account's.")
+    rate_limit_tpm: int | None = Field(description="The key's own limit; null: its account's.")
+    monthly_budget_usd: DecimalString | None = Field(description="The key's own monthly budget.")
 
     @computed_field  # type: ignore[prop-decorator]
     @property

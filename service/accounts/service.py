@@ -23,11 +23,12 @@ from service.accounts.schemas import (
     AccountUpdate,
     KeyCreated,
     KeyOut,
+    KeyUpdate,
 )
 from service.auth.keys import generate_key
 from service.auth.principal import Principal
 from service.db.models import Account, ApiKey, Tier, TierChange
-from service.errors import Forbidden, NotFound
+from service.errors import Conflict, Forbidden, NotFound
 from service.schemas import Page, decode_cursor, keyset_page
 
 log = logging.getLogger("meterline.accounts")
@@ -177,6 +178,9 @@ def _key_out(key: ApiKey, last_used_at: datetime | None) -> KeyOut:
         last_used_at=last_used_at,
         revoked_at=key.revoked_at,
         expires_at=key.expires_at,
+        rate_limit_rpm=key.rate_limit_rpm,
+        rate_limit_tpm=key.rate_limit_tpm,
+        monthly_budget_usd=key.monthly_budget_usd,
     )
 
 
@@ -199,11 +203,45 @@ async def list_keys(
     )
 
 
+def _key_not_found(key_id: uuid.UUID) -> NotFound:
+    return NotFound(f"key {key_id} not found", param="path.key_id")
+
+
+class KeyRevoked(Conflict):
+    code = "key_revoked"
+    description = "The key is revoked: it never works again, and its settings stay as they were."
+
+
+async def update_key(
+    session: AsyncSession, principal: Principal, key_id: uuid.UUID, data: KeyUpdate
+) -> KeyOut:
+    """Change the key's name, limits, budget or expiry. Every proxy applies the change at
+    its next reload of the key directory, which the change's notification starts at once
+    (and which runs every `key_cache_refresh_s` anyway)."""
+    repository = AccountRepository(session)
+    key = await repository.get_key(key_id)
+    if key is None or (not principal.is_admin and key.account_id != principal.account_id):
+        raise _key_not_found(key_id)
+    _admin_only(principal, "change keys")
+    if key.revoked_at is not None:
+        raise KeyRevoked(f"key {key_id} is revoked; create a new key")
+    changes = data.changes()
+    if changes:
+        key = await repository.update_key(key, changes)
+        log.info(
+            "event=key_updated account_id=%s key_id=%s fields=%s",
+            key.account_id,
+            key.id,
+            ",".join(sorted(changes)),
+        )
+    return _key_out(key, await repository.last_used_at(key.id))
+
+
 async def revoke_key(session: AsyncSession, principal: Principal, key_id: uuid.UUID) -> KeyOut:
     repository = AccountRepository(session)
     key = await repository.get_key(key_id)
     if key is None or (not principal.is_admin and key.account_id != principal.account_id):
-        raise NotFound(f"key {key_id} not found", param="path.key_id")
+        raise _key_not_found(key_id)
     _admin_only(principal, "revoke keys")
     already = key.revoked_at is not None
     key = await repository.revoke_key(key)

@@ -10,15 +10,20 @@ from service.credits.schemas import BalanceOut, CreditCreate, CreditGrantOut, Cr
 from service.db.session import after_commit
 from service.deps import Admin, Budgets, Caller, Config, Prices, Session
 from service.errors import API_ERRORS, Conflict, errors
+from service.idempotency.service import IdempotencyKeyHeader, IdempotencyKeyReused, idempotent
 from service.schemas import CursorParam, Limit
 
 router = APIRouter(prefix="/billing", tags=["credits"], responses=errors(*API_ERRORS))
+
+
+ADD_CREDIT = "POST /billing/accounts/{account_id}/credits"
 
 
 @router.post(
     "/accounts/{account_id}/credits",
     status_code=status.HTTP_201_CREATED,
     response_model=CreditGrantOut,
+    responses=errors(*API_ERRORS, IdempotencyKeyReused),
 )
 async def add_credit(
     account_id: uuid.UUID,
@@ -27,16 +32,23 @@ async def add_credit(
     _: Admin,
     settings: Config,
     budgets: Budgets,
+    idempotency_key: IdempotencyKeyHeader = None,
 ) -> CreditGrantOut:
     """Put credit on an account (admin): bought (`purchase`) or given (`grant`). A purchase
     that brings what a basic account bought to `METERLINE_PRO_TIER_MIN_DEPOSIT_USD` moves it
-    to the pro tier at once."""
+    to the pro tier at once. With an `Idempotency-Key`, a retry adds nothing and gets the
+    first answer."""
     now = datetime.now(UTC)
-    grant = await service.add_credit(
-        session, account_id, data, now, settings.pro_tier_min_deposit_usd
-    )
-    after_commit(session, lambda: budgets.credits_changed(account_id))
-    return service.grant_out(grant, grant.amount_usd, now)
+
+    async def add() -> CreditGrantOut:
+        grant = await service.add_credit(
+            session, account_id, data, now, settings.pro_tier_min_deposit_usd
+        )
+        after_commit(session, lambda: budgets.credits_changed(account_id))
+        return service.grant_out(grant, grant.amount_usd, now)
+
+    request = {"account_id": str(account_id), "body": data.model_dump(mode="json")}
+    return await idempotent(session, ADD_CREDIT, idempotency_key, request, add, CreditGrantOut)
 
 
 @router.get("/accounts/{account_id}/balance", response_model=BalanceOut)

@@ -14,7 +14,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 
 class Channel(StrEnum):
-    # A key was revoked; the payload is its id. The key directory drops it at once.
+    # A key was revoked; the payload is its id. The key directory drops it at once. Any
+    # other payload (`KEY_CHANGED`) says a key's settings changed: the directory reloads.
     KEYS = "meterline_keys"
     # A task opened or closed; the payload is JSON (service/tasks/expiry.py, service.py).
     # The task guard applies it at once.
@@ -23,6 +24,8 @@ class Channel(StrEnum):
     # account's credit from the ledger again before its next request.
     CREDITS = "meterline_credits"
 
+
+KEY_CHANGED = "changed"
 
 _NOTIFY = text("SELECT pg_notify(:channel, :payload)")
 

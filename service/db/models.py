@@ -536,6 +536,9 @@ class Invoice(Base):
         order_by="InvoiceLine.position",
         cascade="all, delete-orphan",
     )
+    credit_notes: Mapped[list[CreditNote]] = relationship(
+        back_populates="invoice", lazy="raise", order_by="CreditNote.number"
+    )
 
 
 class InvoiceLine(Base):
@@ -627,11 +630,23 @@ class UsageRollupState(Base):
     rolled_up_to: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
+class NumberSeries(StrEnum):
+    """The documents numbered gaplessly per year: `INV-2026-000123`, `CN-2026-000007`."""
+
+    INVOICE = "INV"
+    CREDIT_NOTE = "CN"
+
+
 class InvoiceNumberCounter(Base):
-    """Gapless invoice numbering: the row is locked and bumped in the finalizing transaction."""
+    """Gapless numbering of a series per year: the row is locked and bumped in the
+    transaction that issues the document (an invoice finalized, a credit note issued)."""
 
     __tablename__ = "invoice_number_counters"
+    __table_args__ = (one_of("series", NumberSeries),)
 
+    series: Mapped[NumberSeries] = mapped_column(
+        Vocabulary(NumberSeries, 8), primary_key=True, server_default=NumberSeries.INVOICE.value
+    )
     year: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
     last_number: Mapped[int] = mapped_column(Integer)
 
@@ -720,3 +735,75 @@ class IngestedEvent(Base):
     request_id: Mapped[str] = mapped_column(String(40))  # its ledger row's
     occurred_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     ingested_at: Mapped[datetime] = _created_at()
+
+
+class IdempotencyKey(Base):
+    """A POST's `Idempotency-Key` in its route's scope, with what its first request answered
+    (`service.idempotency`). Claimed and answered in the transaction of the work it guards."""
+
+    __tablename__ = "idempotency_keys"
+    __table_args__ = (PrimaryKeyConstraint("scope", "key"),)
+
+    scope: Mapped[str] = mapped_column(String(128))
+    key: Mapped[str] = mapped_column(String(255))
+    # SHA-256 of the request as parsed: the same key with another request is refused.
+    request_hash: Mapped[bytes] = mapped_column(LargeBinary(32))
+    # NULL only inside the claiming transaction, before its work has answered.
+    status_code: Mapped[int | None] = mapped_column(SmallInteger)
+    response: Mapped[dict[str, object] | None] = mapped_column(JSONB)
+    created_at: Mapped[datetime] = _created_at()
+
+
+class Adjustment(Base):
+    """Why an adjustment row of the ledger was written (`service.adjustments`); its amount
+    is the row's `cost_usd`, kept only there."""
+
+    __tablename__ = "adjustments"
+    __table_args__ = (Index("ix_adjustments_account_id", "account_id"),)
+
+    request_id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    occurred_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    account_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("accounts.id", ondelete="RESTRICT"))
+    reason: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = _created_at()
+
+
+class CreditNote(Base):
+    """Money given back against a finalized invoice, which itself never changes. Numbered
+    gaplessly per year (`CN-2026-000001`); together they never exceed the invoice's total."""
+
+    __tablename__ = "credit_notes"
+    __table_args__ = (
+        CheckConstraint("amount_usd > 0", name="positive"),
+        Index("ix_credit_notes_invoice_id", "invoice_id"),
+    )
+
+    id: Mapped[uuid.UUID] = _uuid_pk()
+    number: Mapped[str] = mapped_column(String(32), unique=True)
+    invoice_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("invoices.id", ondelete="RESTRICT"))
+    account_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("accounts.id", ondelete="RESTRICT"))
+    amount_usd: Mapped[CentsUSD]
+    reason: Mapped[str] = mapped_column(Text)
+    issued_at: Mapped[datetime] = _created_at()
+
+    invoice: Mapped[Invoice] = relationship(back_populates="credit_notes", lazy="raise")
+    lines: Mapped[list[CreditNoteLine]] = relationship(
+        back_populates="credit_note", lazy="raise", order_by="CreditNoteLine.position"
+    )
+
+
+class CreditNoteLine(Base):
+    """What a credit note gives back, line by line (its lines add up to its amount)."""
+
+    __tablename__ = "credit_note_lines"
+    __table_args__ = (Index("ix_credit_note_lines_credit_note_id", "credit_note_id"),)
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    credit_note_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("credit_notes.id", ondelete="CASCADE")
+    )
+    position: Mapped[int] = mapped_column(Integer)
+    description: Mapped[str] = mapped_column(Text)
+    amount_usd: Mapped[CentsUSD]
+
+    credit_note: Mapped[CreditNote] = relationship(back_populates="lines", lazy="raise")

@@ -8,16 +8,21 @@ from fastapi import APIRouter, Query, Response, status
 from pricing.invoice import InvoiceStatus
 from service.deps import Admin, Caller, Config, Session
 from service.errors import API_ERRORS, errors
-from service.invoices import service
+from service.idempotency.service import IdempotencyKeyHeader, IdempotencyKeyReused, idempotent
+from service.invoices import credit_notes, service
 from service.invoices.flagged import FlaggedUsage
 from service.invoices.pdf import Issuer
 from service.invoices.schemas import (
+    CreditNoteCreate,
+    CreditNoteOut,
     InvoiceCreate,
     InvoiceOut,
     InvoiceVoid,
     invoice_out,
 )
 from service.schemas import CursorParam, Limit, Page, Period, links
+
+CREDIT_NOTES = "POST /billing/invoices/{invoice_id}/credit-notes"
 
 PeriodQuery = Annotated[Period, Query(description="UTC month, `YYYY-MM`.")]
 
@@ -128,3 +133,33 @@ async def void_invoice(
 ) -> InvoiceOut:
     """Void a finalized invoice (admin): it keeps its number and records the reason."""
     return invoice_out(await service.void(session, invoice_id, data.reason))
+
+
+@router.post(
+    "/invoices/{invoice_id}/credit-notes",
+    response_model=CreditNoteOut,
+    status_code=status.HTTP_201_CREATED,
+    responses=errors(
+        *API_ERRORS,
+        credit_notes.InvoiceNotCreditable,
+        credit_notes.CreditExceedsInvoice,
+        IdempotencyKeyReused,
+    ),
+)
+async def create_credit_note(
+    invoice_id: uuid.UUID,
+    data: CreditNoteCreate,
+    session: Session,
+    _: Admin,
+    idempotency_key: IdempotencyKeyHeader = None,
+) -> CreditNoteOut:
+    """Give money back against a finalized invoice (admin): a credit note numbered
+    `CN-YYYY-NNNNNN`, never more than the invoice's remaining total. The invoice itself does
+    not change; it lists its credit notes and what remains due. Draft or void: 409.
+    """
+
+    async def issue() -> CreditNoteOut:
+        return await credit_notes.issue(session, invoice_id, data)
+
+    request = {"invoice_id": str(invoice_id), "body": data.model_dump(mode="json")}
+    return await idempotent(session, CREDIT_NOTES, idempotency_key, request, issue, CreditNoteOut)

@@ -3,7 +3,8 @@
 Drawn with fpdf2 (pure Python) in DejaVu Sans, embedded and subset, so any account name
 prints and the text can be searched and extracted. Every figure is the API's own: the
 lines' rounded amounts, their exact amounts beside them, and the total (the sum of the
-rounded lines); nothing is recomputed here.
+rounded lines), then the credit notes issued against it and the amount due; nothing is
+recomputed here.
 """
 
 from __future__ import annotations
@@ -234,6 +235,35 @@ def _totals(pdf: _Document, invoice: InvoiceOut) -> None:
         )
 
 
+def _credit_notes(pdf: _Document, invoice: InvoiceOut) -> None:
+    """The credit notes issued against the invoice, and what remains due: the invoice's own
+    figures above stay as issued."""
+    if not invoice.credit_notes:
+        return
+    if pdf.will_page_break(20 + 5 * len(invoice.credit_notes)):
+        pdf.add_page()
+    pdf.ln(6)
+    pdf.text_line("CREDIT NOTES", 7.5, bold=True, muted=True)
+    pdf.ln(1)
+    label_width = sum(COLUMNS[:3])
+    for note in invoice.credit_notes:
+        pdf.set_font("DejaVu", "", 8.5)
+        pdf.set_text_color(*INK)
+        text = f"{note.number} ({note.issued_at:%Y-%m-%d}): {note.reason}"
+        rows = pdf.wrap(text, label_width - 3)
+        top = pdf.get_y()
+        for i, row in enumerate(rows):
+            pdf.text(pdf.l_margin, top + 3.4 + 4 * i, row)
+        pdf.right_text(pdf.l_margin + sum(COLUMNS), top + 3.4, f"-{format_usd(note.amount_usd)}")
+        pdf.set_y(top + 4 * len(rows) + 1)
+    pdf.ln(2)
+    pdf.set_font("DejaVu", "B", 11)
+    pdf.set_text_color(*INK)
+    pdf.cell(label_width, 7, f"Amount due ({invoice.currency})", align="R")
+    pdf.cell(COLUMNS[3], 7, format_usd(invoice.amount_due_usd), align="R", new_x=XPos.LMARGIN)
+    pdf.ln(7)
+
+
 def render_invoice_pdf(invoice: InvoiceOut, customer: str, issuer: Issuer) -> bytes:
     """The invoice as PDF bytes: issuer, customer, period, status, every line, the total."""
     pdf = _Document(invoice)
@@ -246,6 +276,7 @@ def render_invoice_pdf(invoice: InvoiceOut, customer: str, issuer: Issuer) -> by
         pdf.ln(2)
         pdf.text_line("No billable usage in this period.", 9, muted=True)
     _totals(pdf, invoice)
+    _credit_notes(pdf, invoice)
     output: Any = pdf.output()
     return bytes(output)
 

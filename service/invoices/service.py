@@ -26,7 +26,7 @@ from pricing.invoice import (
 )
 from service.accounts.repository import AccountRepository
 from service.auth.principal import Principal
-from service.db.models import Invoice
+from service.db.models import Invoice, NumberSeries
 from service.errors import BadRequest, Conflict, NotFound
 from service.invoices.compute import ComputedInvoice, compute_invoices
 from service.invoices.flagged import refuse_unreviewed_flagged_usage
@@ -373,8 +373,8 @@ async def finalize(
             " Add a price in force at that usage's time (POST /billing/prices) and finalize again"
         )
     await _store(repository, period, {invoice.account_id: computed}, {invoice.account_id: invoice})
-    number = await repository.next_number(now.year)
-    label = f"INV-{now.year}-{number:06d}"
+    number = await repository.next_number(NumberSeries.INVOICE, now.year)
+    label = f"{NumberSeries.INVOICE}-{now.year}-{number:06d}"
     await repository.mark_finalized(invoice.id, label, now)
     await TaskBillingRepository(session).mark_tasks_billed(
         invoice.id, computed.tasks, computed.cutoff

@@ -71,7 +71,9 @@ WITH usage AS (
       AND t.completed_at >= :start AND t.completed_at < :end {{task_filter}}
     GROUP BY t.account_id, t.model, t.task_type, t.billed_as, t.fixed_price_usd
 ), invoice AS (
-    SELECT DISTINCT ON (account_id) account_id, number, status, total_usd
+    SELECT DISTINCT ON (account_id) account_id, number, status, total_usd,
+           (SELECT coalesce(sum(c.amount_usd), 0) FROM credit_notes c
+            WHERE c.invoice_id = invoices.id) AS credited_usd
     FROM invoices
     WHERE period = :period {{invoice_filter}}
     ORDER BY account_id, status = 'void', created_at DESC
@@ -104,7 +106,10 @@ SELECT u.account_id,
        u.charge_cost_usd,
        i.number AS invoice_number,
        i.status AS invoice_status,
-       i.total_usd AS invoice_total_usd
+       i.total_usd AS invoice_total_usd,
+       i.credited_usd AS invoice_credited_usd,
+       CASE WHEN i.status = 'void' THEN 0.00 ELSE i.total_usd - i.credited_usd END
+           AS invoice_amount_due_usd
 FROM lines u
 LEFT JOIN accounts a ON a.id = u.account_id
 LEFT JOIN invoice i ON i.account_id = u.account_id

@@ -33,6 +33,8 @@ COLUMNS = (
     "invoice_number",
     "invoice_status",
     "invoice_total_usd",
+    "invoice_credited_usd",
+    "invoice_amount_due_usd",
 )
 
 
@@ -59,6 +61,12 @@ class ReportTotals(BaseModel):
     invoice_total_usd: DecimalString | None = Field(
         description="Sum of the invoices' totals, each account counted once."
     )
+    invoice_credited_usd: DecimalString | None = Field(
+        description="Sum of the credit notes against those invoices."
+    )
+    invoice_amount_due_usd: DecimalString | None = Field(
+        description="Sum of what remains due on them: total less credit notes (void: 0)."
+    )
 
 
 class ReportLine(ReportTotals):
@@ -75,6 +83,8 @@ class ReportLine(ReportTotals):
     invoice_number: str | None = Field(description="Given when the invoice is finalized.")
     invoice_status: InvoiceStatus | None
     invoice_total_usd: DecimalString | None
+    invoice_credited_usd: DecimalString | None
+    invoice_amount_due_usd: DecimalString | None
 
 
 class MonthlyReport(BaseModel):

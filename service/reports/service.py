@@ -71,6 +71,8 @@ class Totals:
     cost_usd: Decimal = Decimal(0)
     billed_usd: Decimal = Decimal(0)
     invoice_total_usd: Decimal | None = None
+    invoice_credited_usd: Decimal | None = None
+    invoice_amount_due_usd: Decimal | None = None
     _last_account: uuid.UUID | None = None
 
     def add(self, row: ReportRow) -> None:
@@ -82,9 +84,13 @@ class Totals:
         if row["account_id"] != self._last_account:
             self._last_account = row["account_id"]
             if row["invoice_total_usd"] is not None and row["invoice_status"] != "void":
-                self.invoice_total_usd = (self.invoice_total_usd or Decimal(0)) + row[
-                    "invoice_total_usd"
-                ]
+                self.invoice_total_usd = _plus(self.invoice_total_usd, row["invoice_total_usd"])
+                self.invoice_credited_usd = _plus(
+                    self.invoice_credited_usd, row["invoice_credited_usd"]
+                )
+                self.invoice_amount_due_usd = _plus(
+                    self.invoice_amount_due_usd, row["invoice_amount_due_usd"]
+                )
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -92,7 +98,13 @@ class Totals:
             "cost_usd": _money(self.cost_usd),
             "billed_usd": _money(self.billed_usd),
             "invoice_total_usd": _money(self.invoice_total_usd),
+            "invoice_credited_usd": _money(self.invoice_credited_usd),
+            "invoice_amount_due_usd": _money(self.invoice_amount_due_usd),
         }
+
+
+def _plus(total: Decimal | None, value: Decimal) -> Decimal:
+    return (total or Decimal(0)) + value
 
 
 def _line(row: ReportRow) -> dict[str, Any]:
@@ -108,6 +120,8 @@ def _line(row: ReportRow) -> dict[str, Any]:
         "invoice_number": row["invoice_number"],
         "invoice_status": row["invoice_status"],
         "invoice_total_usd": _money(row["invoice_total_usd"]),
+        "invoice_credited_usd": _money(row["invoice_credited_usd"]),
+        "invoice_amount_due_usd": _money(row["invoice_amount_due_usd"]),
     }
 
 
@@ -175,6 +189,8 @@ class CsvRenderer(CsvSheet):
                 r["invoice_number"] or "",
                 r["invoice_status"] or "",
                 _money_cell(r["invoice_total_usd"]),
+                _money_cell(r["invoice_credited_usd"]),
+                _money_cell(r["invoice_amount_due_usd"]),
             )
             for r in rows
         )

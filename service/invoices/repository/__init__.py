@@ -5,5 +5,6 @@
 - `cutoff`: the instant up to which every ledger row is committed;
 - `tasks`: the quoted tasks an invoice bills, and their rows;
 - `flagged`: the flagged usage it bills that no admin has reviewed;
-- `invoices`: invoice rows, their lines and usage windows, numbers and account locks.
+- `invoices`: invoice rows, their lines and usage windows, numbers and account locks;
+- `credit_notes`: credit notes issued against finalized invoices.
 """

@@ -12,11 +12,23 @@ from sqlalchemy import Table, and_, any_, bindparam, delete, func, insert, or_, 
 from sqlalchemy.orm import selectinload
 
 from pricing.invoice import BilledWindow
-from service.db.models import Account, Invoice, InvoiceLine, InvoiceUsageWindow
+from service.db.models import (
+    Account,
+    CreditNote,
+    Invoice,
+    InvoiceLine,
+    InvoiceUsageWindow,
+    NumberSeries,
+)
 from service.db.repository import Repository, readable
 from service.invoices.repository.sums import UUIDS
 
 INVOICES = cast(Table, Invoice.__table__)
+# What an invoice is read with: its lines, and its credit notes with theirs.
+WHOLE = (
+    selectinload(Invoice.lines),
+    selectinload(Invoice.credit_notes).selectinload(CreditNote.lines),
+)
 LINES = cast(Table, InvoiceLine.__table__)
 WINDOWS = cast(Table, InvoiceUsageWindow.__table__)
 
@@ -150,7 +162,7 @@ class InvoiceRepository(Repository):
         statement = (
             select(Invoice)
             .where(Invoice.id == invoice_id)
-            .options(selectinload(Invoice.lines))
+            .options(*WHOLE)
             .execution_options(populate_existing=True)
         )
         if lock:
@@ -162,7 +174,7 @@ class InvoiceRepository(Repository):
         rows = await self.session.scalars(
             select(Invoice)
             .where(Invoice.id == any_(bindparam("ids", list(invoice_ids), type_=UUIDS)))
-            .options(selectinload(Invoice.lines))
+            .options(*WHOLE)
             .execution_options(populate_existing=True)
             .order_by(Invoice.account_id)
         )
@@ -183,9 +195,7 @@ class InvoiceRepository(Repository):
         after: tuple[str, uuid.UUID] | None,
     ) -> list[Invoice]:
         """Newest period first, then by id; `after` is the (period, id) of the previous page."""
-        statement = readable(
-            select(Invoice).options(selectinload(Invoice.lines)), Invoice.account_id, account_id
-        )
+        statement = readable(select(Invoice).options(*WHOLE), Invoice.account_id, account_id)
         if period is not None:
             statement = statement.where(Invoice.period == period)
         if status is not None:
@@ -200,19 +210,20 @@ class InvoiceRepository(Repository):
         statement = statement.order_by(Invoice.period.desc(), Invoice.id).limit(limit)
         return list(await self.session.scalars(statement))
 
-    async def next_number(self, year: int) -> int:
-        """The next invoice number of `year`. The counter row stays locked until commit, so
-        numbers are handed out in commit order, and a rolled-back finalization gives its
-        number back: the sequence has no gaps."""
+    async def next_number(self, series: NumberSeries, year: int) -> int:
+        """The next number of `series` in `year`. The counter row stays locked until commit,
+        so numbers are handed out in commit order, and a rolled-back issue (a finalization,
+        a credit note) gives its number back: the sequence has no gaps."""
         number: int = (
             await self.session.execute(
                 text(
-                    "INSERT INTO invoice_number_counters (year, last_number) VALUES (:year, 1)"
-                    " ON CONFLICT (year) DO UPDATE"
+                    "INSERT INTO invoice_number_counters (series, year, last_number)"
+                    " VALUES (:series, :year, 1)"
+                    " ON CONFLICT (series, year) DO UPDATE"
                     " SET last_number = invoice_number_counters.last_number + 1"
                     " RETURNING last_number"
                 ),
-                {"year": year},
+                {"series": series.value, "year": year},
             )
         ).scalar_one()
         return number

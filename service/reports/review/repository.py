@@ -6,13 +6,12 @@ import uuid
 from collections.abc import Sequence
 from datetime import datetime
 
-from sqlalchemy import func, insert, literal, select, tuple_
+from sqlalchemy import select, tuple_
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from service.db.models import FlaggedUsageReview, QuarantinedUsage, UsageRecord
 from service.db.repository import Repository, readable
 from service.invoices.repository.flagged import REVIEW_JOIN
-from service.ledger.record import LedgerKind, UsageSource
 
 L = UsageRecord
 R = FlaggedUsageReview
@@ -73,32 +72,6 @@ class ReviewRepository(Repository):
             .returning(R)
         )
         return added.first()
-
-    async def add_adjustment(self, row: UsageRecord, request_id: str, amount: object) -> None:
-        """A correction row for `row`: same account, model and instant (so the same month),
-        no tokens, the amount as its exact cost."""
-        await self.session.execute(
-            select(func.meterline_ensure_usage_partition(literal(row.occurred_at)))
-        )
-        await self.session.execute(
-            insert(L).values(
-                request_id=request_id,
-                occurred_at=row.occurred_at,
-                kind=LedgerKind.ADJUSTMENT,
-                account_id=row.account_id,
-                endpoint=row.endpoint,
-                requested_model=row.requested_model,
-                stream=False,
-                status_code=200,
-                prompt_tokens=0,
-                completion_tokens=0,
-                total_tokens=0,
-                cached_tokens=0,
-                reasoning_tokens=0,
-                usage_source=UsageSource.NONE,
-                cost_usd=amount,
-            )
-        )
 
     async def quarantined(
         self, account_id: uuid.UUID | None, limit: int, after: tuple[datetime, str] | None

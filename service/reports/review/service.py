@@ -14,9 +14,9 @@ from decimal import Decimal
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from service.adjustments.service import record_adjustment
 from service.db.models import FlaggedUsageReview, QuarantinedUsage, UsageRecord
 from service.errors import Conflict, NotFound
-from service.ledger.record import new_request_id
 from service.reports.review.repository import ReviewRepository
 from service.reports.review.schemas import FlaggedUsageRow, QuarantinedRow, ReviewOut
 
@@ -103,11 +103,19 @@ async def adjust(
     repository = ReviewRepository(session)
     row, review = await _flagged(repository, request_id)
     if review is None:
-        adjustment = "adj_" + new_request_id().removeprefix("req_")
-        review = await repository.add_review(row, "adjusted", note, adjustment)
+        adjustment = await record_adjustment(
+            session,
+            row.account_id,
+            row.occurred_at,  # the same month as the row it corrects
+            amount_usd,
+            note or f"correction of flagged usage {request_id}",
+            row.requested_model,
+            row.endpoint,
+        )
+        review = await repository.add_review(row, "adjusted", note, adjustment.id)
         if review is not None:
-            await repository.add_adjustment(row, adjustment, amount_usd)
             return row, review
+        # Reviewed meanwhile by another call: this transaction (and its adjustment) fails.
         row, review = await _flagged(repository, request_id)
     assert review is not None
     raise _reviewed_already(request_id, review)
