@@ -54,6 +54,12 @@ def upgrade() -> None:
         sa.Column("to_tier", sa.String(length=16), nullable=False),
         sa.Column("reason", sa.String(length=200), nullable=False),
         sa.Column("changed_at", sa.DateTime(timezone=True), nullable=False),
+        sa.CheckConstraint(
+            "from_tier IN ('basic', 'pro', 'custom')", name=op.f("ck_tier_changes_from_tier")
+        ),
+        sa.CheckConstraint(
+            "to_tier IN ('basic', 'pro', 'custom')", name=op.f("ck_tier_changes_to_tier")
+        ),
         sa.ForeignKeyConstraint(
             ["account_id"],
             ["accounts.id"],

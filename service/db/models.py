@@ -161,7 +161,11 @@ class TierChange(Base):
     """An account's tier history: who or what moved it, and when."""
 
     __tablename__ = "tier_changes"
-    __table_args__ = (Index("ix_tier_changes_account_id", "account_id"),)
+    __table_args__ = (
+        Index("ix_tier_changes_account_id", "account_id"),
+        one_of("from_tier", Tier),
+        one_of("to_tier", Tier),
+    )
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
     account_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("accounts.id", ondelete="CASCADE"))
