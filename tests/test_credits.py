@@ -428,3 +428,41 @@ def test_a_prepaid_invoice_shows_the_credit_applied_and_bills_the_rest(
     usage = sum(Decimal(line["amount_usd"]) for line in invoice["lines"][:-1])
     assert usage == Decimal("0.70")
     assert Decimal(invoice["total_usd"]) == Decimal("0.37")
+
+
+def test_a_quote_accepted_on_a_prepaid_account_holds_its_price_against_the_credit(
+    meterline: Meterline,
+) -> None:
+    account_id, _ = meterline.customer(name="credits quote", billing_mode="prepaid")
+
+    def quote(api: httpx.Client) -> dict[str, Any]:
+        answer = api.post(
+            "/billing/quotes",
+            json={
+                "account_id": str(account_id),
+                "task_type": "credits",
+                "model": "mock-chat",
+                "prompt_tokens": 1000,
+                "max_completion_tokens": 1000,
+            },
+        )
+        assert answer.status_code == 201, answer.text
+        found: dict[str, Any] = answer.json()
+        return found
+
+    with meterline.admin() as api:
+        price = Decimal(quote(api)["price_usd"])
+        assert price > 0
+        _add_credit(meterline.url, account_id, amount_usd=str(price * 3 / 2), kind="grant")
+        first = api.post(f"/billing/quotes/{quote(api)['id']}/accept", json={"task_id": "c1"})
+        assert first.status_code == 201, first.text
+        # Half a price is left: the second cannot be accepted, and opens no task.
+        second = api.post(f"/billing/quotes/{quote(api)['id']}/accept", json={"task_id": "c2"})
+        assert second.status_code == 402, second.text
+        assert second.json()["error"]["code"] == "insufficient_credits"
+        assert (
+            api.get("/billing/tasks/c2", params={"account_id": str(account_id)}).status_code == 404
+        )
+        balance = api.get(f"/billing/accounts/{account_id}/balance").json()
+    # The open task's fixed price is drawn from the credit.
+    assert Decimal(balance["balance_usd"]) == price / 2

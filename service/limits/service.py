@@ -681,6 +681,10 @@ class Limits:
             spent = to_nano_up(max(ledger.allocation.usage, Decimal(0)))
             await self.counters.sync(credit_counter(account_id), spent)
             self._credits[account_id] = ledger
+            # Business events `credits.low` (the account's threshold) and `credits.depleted`:
+            # raised here, the one place each process reads a prepaid balance from the ledger
+            # (every METERLINE_BUDGET_RESYNC_S and after each change of the grants), comparing
+            # `ledger.balance` with the previous read; the outbox keeps one per crossing.
 
     def _on_credits(self, payload: str) -> None:
         with contextlib.suppress(ValueError):
