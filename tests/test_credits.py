@@ -441,7 +441,7 @@ def test_a_quote_accepted_on_a_prepaid_account_holds_its_price_against_the_credi
             json={
                 "account_id": str(account_id),
                 "task_type": "credits",
-                "model": "mock-chat",
+                "model": "meta-llama/Llama-3.3-70B-Instruct",  # a default price
                 "prompt_tokens": 1000,
                 "max_completion_tokens": 1000,
             },
