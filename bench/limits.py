@@ -3,8 +3,9 @@
 Starts the mock provider and `meterline serve` (ledger on Postgres, as in `bench proxy`),
 once with counters in the process and once in Redis (`METERLINE_REDIS_URL`, default
 redis://127.0.0.1:6379/0, under a prefix of its own), and drives each with `wrk`, the
-same request, for three accounts: no limits at all; a rate limit (requests and tokens per
-minute, never reached); a rate limit and a monthly budget (never reached). Prints req/s
+same request, for four accounts: no limits at all; a rate limit (requests and tokens per
+minute, never reached); a rate limit and a monthly budget (never reached), postpaid; the
+same, prepaid, with credit it never runs out of (its balance is one more budget). Prints req/s
 and latency percentiles of each (the median of interleaved rounds), and their ratio to
 the unlimited account.
 
@@ -35,7 +36,16 @@ ACCOUNTS: dict[str, dict[str, object]] = {
         "rate_limit_tpm": HUGE,
         "monthly_budget_usd": "1000000",
     },
+    "prepaid + budget": {
+        "tier": "custom",
+        "rate_limit_rpm": HUGE,
+        "rate_limit_tpm": HUGE,
+        "monthly_budget_usd": "1000000",
+        "billing_mode": "prepaid",
+    },
 }
+# Credit put on each prepaid account: never used up in a run.
+CREDIT_USD = "1000000"
 
 
 def create_keys(base: str) -> dict[str, str]:
@@ -44,6 +54,11 @@ def create_keys(base: str) -> dict[str, str]:
         for name, fields in ACCOUNTS.items():
             account = c.post("/billing/accounts", json={"name": f"bench {name}", **fields})
             account.raise_for_status()
+            if fields.get("billing_mode") == "prepaid":
+                c.post(
+                    f"/billing/accounts/{account.json()['id']}/credits",
+                    json={"amount_usd": CREDIT_USD, "kind": "grant"},
+                ).raise_for_status()
             key = c.post(f"/billing/accounts/{account.json()['id']}/keys", json={})
             key.raise_for_status()
             keys[name] = str(key.json()["key"])

@@ -192,6 +192,8 @@ class LineKind(StrEnum):
     # task billed at cost that reached the ledger after it was billed.
     LATE_TASK = "late_task"
     ADJUSTMENT = "adjustment"
+    # What prepaid credit paid of the invoice's usage: negative, the last line.
+    CREDITS_APPLIED = "credits_applied"
 
 
 class TaskOutcome(StrEnum):
@@ -396,7 +398,31 @@ _KIND_ORDER = {
     LineKind.TASK: 2,
     LineKind.LATE_USAGE: 3,
     LineKind.LATE_TASK: 4,
+    LineKind.CREDITS_APPLIED: 5,
 }
+
+
+def apply_credits(draft: InvoiceDraft, paid_exact_usd: Decimal) -> InvoiceDraft:
+    """The draft with a `credits_applied` line: minus what credit paid of its usage (never
+    more than the exact total), rounded once like any line, so the amount due is what the
+    credit did not cover. No credit, no line."""
+    with exact():
+        amount = -min(max(paid_exact_usd, Decimal(0)), max(draft.total_exact_usd, Decimal(0)))
+        if amount == 0:
+            return draft
+        line = InvoiceLineDraft(
+            kind=LineKind.CREDITS_APPLIED,
+            description="Prepaid credits applied",
+            quantity=1,
+            amount_exact_usd=amount,
+            amount_usd=round_cents(amount),
+        )
+        return replace(
+            draft,
+            lines=(*draft.lines, line),
+            total_usd=draft.total_usd + line.amount_usd,
+            total_exact_usd=draft.total_exact_usd + amount,
+        )
 
 
 def build_invoice(

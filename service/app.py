@@ -22,6 +22,7 @@ from service.adjustments.endpoints import router as adjustments_router
 from service.console import endpoints as console_pages  # noqa: F401  (registers the pages)
 from service.console.pages import STATIC
 from service.console.pages import router as console_router
+from service.credits.endpoints import router as credits_router
 from service.db.engine import database_unavailable
 from service.deps import provide
 from service.docs.endpoints import router as docs_router
@@ -183,6 +184,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health_router)
     app.include_router(metrics_router)
     app.include_router(accounts_router)
+    app.include_router(credits_router)
     app.include_router(adjustments_router)
     app.include_router(usage_router)
     app.include_router(events_router)

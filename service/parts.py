@@ -54,12 +54,18 @@ class LiveTasks(Protocol):
 
 
 class BudgetHolds(Protocol):
-    """The budget counters an accepted quote's fixed price is held against
-    (service/limits/service.py)."""
+    """The budget counters an accepted quote's fixed price is held against, and the credit
+    counters of prepaid accounts (service/limits/service.py)."""
 
     def quote_acceptance(
         self, session: AsyncSession, quote_id: uuid.UUID
     ) -> AbstractAsyncContextManager[None]: ...
+
+    def credits_changed(self, account_id: uuid.UUID) -> None: ...
+
+    async def credits_in_flight(
+        self, account_id: uuid.UUID, ledger_usage: Decimal
+    ) -> Decimal | None: ...
 
 
 class Parts(Protocol):

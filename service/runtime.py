@@ -92,6 +92,7 @@ class Runtime:
             settings.task_settle_window_s,
             listener=listener,
         )
+        limits = Limits.create(settings, engine, prices, keys.limits, listener)
         await listener.start()
         stack.push_async_callback(listener.close)
         await keys.start()
@@ -111,7 +112,6 @@ class Runtime:
         stack.push_async_callback(ledger.close)
         parts = await start_proxy(settings, stack, keys=keys, ledger=ledger, prices=prices)
         hooks: ProxyHooks = parts["hooks"]
-        limits = Limits.create(settings, engine, prices, keys.limits)
         limits.start()
         stack.push_async_callback(limits.stop)
         await tasks.start()

@@ -98,6 +98,8 @@ class Settings(BaseSettings):
     tier_pro_tpm: int | None = None
     tier_custom_rpm: int | None = None
     tier_custom_tpm: int | None = None
+    # A basic account whose purchased credits reach this moves to pro (Hyperbolic's rule).
+    pro_tier_min_deposit_usd: Decimal = Field(default=Decimal(5), ge=0)
     # A budget reservation assumes this many completion tokens when a request sets no max_tokens.
     budget_default_completion_tokens: int = 4096
     # Budget counters are raised to the ledger's monthly sum this often (catches spend of

@@ -14,6 +14,8 @@ from service.accounts.schemas import (
     KeyCreated,
     KeyOut,
     KeyUpdate,
+    TierChangeOut,
+    TierChanges,
 )
 from service.db.session import after_commit
 from service.deps import Admin, Caller, Keys, Session
@@ -128,3 +130,10 @@ async def revoke_key(key_id: uuid.UUID, session: Session, caller: Caller, keys: 
     # key itself, so a client's next request here is refused however loaded the host is.
     after_commit(session, partial(keys.revoke, key.id))
     return key
+
+
+@router.get("/accounts/{account_id}/tier-changes", response_model=TierChanges)
+async def tier_changes(account_id: uuid.UUID, session: Session, caller: Caller) -> TierChanges:
+    """The account's tier history, oldest first (admin, or the account's own key)."""
+    changes = await service.tier_changes(session, caller, account_id)
+    return TierChanges(data=[TierChangeOut.model_validate(c) for c in changes])

@@ -8,12 +8,12 @@ from typing import Any
 from sqlalchemy import func, select, tuple_, update
 
 from service.db.channels import KEY_CHANGED, Channel, notify
-from service.db.models import Account, ApiKey, UsageRecord
+from service.db.models import Account, ApiKey, TierChange, UsageRecord
 from service.db.repository import Repository
 
 
 class AccountRepository(Repository):
-    async def add(self, obj: Account | ApiKey) -> None:
+    async def add(self, obj: Account | ApiKey | TierChange) -> None:
         self.session.add(obj)
         await self.session.flush()
         await self.session.refresh(obj)
@@ -37,6 +37,23 @@ class AccountRepository(Repository):
         # `updated_at` is set by the database (onupdate=now()); read it back.
         await self.session.refresh(account)
         return account
+
+    async def lock_account(self, account_id: uuid.UUID) -> Account | None:
+        """The account, locked until the transaction ends (its credits change with it)."""
+        statement = select(Account).where(Account.id == account_id).with_for_update()
+        return (await self.session.scalars(statement)).first()
+
+    async def tier_changes(self, account_id: uuid.UUID) -> Sequence[TierChange]:
+        statement = (
+            select(TierChange)
+            .where(TierChange.account_id == account_id)
+            .order_by(TierChange.changed_at, TierChange.id)
+        )
+        return (await self.session.scalars(statement)).all()
+
+    async def limits_changed(self, account_id: uuid.UUID) -> None:
+        """Tell every process's key directory to reload this account's limits on commit."""
+        await notify(self.session, Channel.KEYS, KEY_CHANGED)
 
     async def accounts_by_id(self, account_ids: Sequence[uuid.UUID]) -> list[Account]:
         if not account_ids:

@@ -16,7 +16,7 @@ from pydantic import (
 
 from pricing.invoice import ExpiredTaskPolicy, FailedTaskPolicy
 from service.auth.usability import KeyStatus, key_status
-from service.db.models import Tier
+from service.db.models import BillingMode, Tier
 from service.schemas import BillableTime, DecimalString, Text
 
 # Column bounds: NUMERIC(24, 12) for money, NUMERIC(8, 4) for a margin, INTEGER for limits.
@@ -41,6 +41,11 @@ class AccountCreate(BaseModel):
 
     name: Name
     tier: Tier = Tier.BASIC
+    billing_mode: BillingMode = Field(
+        default=BillingMode.POSTPAID,
+        description="`postpaid`: usage is invoiced after the month. `prepaid`: every request"
+        " is paid from the account's credits and refused (402) when they cannot pay it.",
+    )
     monthly_budget_usd: BudgetUSD | None = None
     quote_margin: Margin | None = Field(
         default=None, description="Margin on quotes (0.20 = 20 %); null: the server default."
@@ -67,6 +72,7 @@ class AccountCreate(BaseModel):
 NOT_NULLABLE = (
     "name",
     "tier",
+    "billing_mode",
     "failed_task_policy",
     "customer_reported_outcomes",
     "expired_task_policy",
@@ -89,6 +95,7 @@ class AccountUpdate(BaseModel):
 
     name: Name | None = None
     tier: Tier | None = None
+    billing_mode: BillingMode | None = None
     monthly_budget_usd: BudgetUSD | None = None
     quote_margin: Margin | None = None
     failed_task_policy: FailedTaskPolicy | None = None
@@ -114,6 +121,7 @@ class AccountOut(BaseModel):
     id: uuid.UUID
     name: str
     tier: Tier
+    billing_mode: BillingMode
     monthly_budget_usd: DecimalString | None
     quote_margin: DecimalString | None
     failed_task_policy: FailedTaskPolicy
@@ -183,3 +191,16 @@ class KeyOut(BaseModel):
 
 class KeyCreated(KeyOut):
     key: str = Field(description="The key itself. Shown once, never again.")
+
+
+class TierChangeOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    from_tier: Tier
+    to_tier: Tier
+    reason: str = Field(description="`admin` (changed by the admin) or `deposit` (credits bought).")
+    changed_at: datetime
+
+
+class TierChanges(BaseModel):
+    data: list[TierChangeOut] = Field(description="Oldest first.")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -27,7 +27,7 @@ from service.accounts.schemas import (
 )
 from service.auth.keys import generate_key
 from service.auth.principal import Principal
-from service.db.models import Account, ApiKey
+from service.db.models import Account, ApiKey, Tier, TierChange
 from service.errors import Conflict, Forbidden, NotFound
 from service.schemas import Page, decode_cursor, keyset_page
 
@@ -97,9 +97,49 @@ async def update_account(
     changes = data.changes()
     if not changes:
         return account
-    account = await AccountRepository(session).update_account(account, changes)
+    repository = AccountRepository(session)
+    tier = changes.pop("tier", account.tier)
+    if tier != account.tier:
+        await change_tier(session, account, tier, "admin", datetime.now(UTC))
+    account = await repository.update_account(account, changes)
     log.info("event=account_updated account_id=%s fields=%s", account_id, ",".join(sorted(changes)))
     return account
+
+
+async def change_tier(
+    session: AsyncSession, account: Account, tier: Tier, reason: str, now: datetime
+) -> None:
+    """Move the account to `tier`, recorded in its history; every process's key directory
+    applies the tier's limits as soon as the transaction commits."""
+    repository = AccountRepository(session)
+    before = account.tier
+    await repository.add(
+        TierChange(
+            account_id=account.id,
+            from_tier=before,
+            to_tier=tier,
+            reason=reason,
+            changed_at=now,
+        )
+    )
+    await repository.update_account(account, {"tier": tier})
+    await repository.limits_changed(account.id)
+    log.info(
+        "event=tier_changed account_id=%s from=%s to=%s reason=%s",
+        account.id,
+        before,
+        tier,
+        reason,
+    )
+    # Business event `account.tier_changed` (webhooks): raised here, the one place a tier
+    # changes, in the transaction that changes it.
+
+
+async def tier_changes(
+    session: AsyncSession, principal: Principal, account_id: uuid.UUID
+) -> Sequence[TierChange]:
+    await get_account(session, principal, account_id)
+    return await AccountRepository(session).tier_changes(account_id)
 
 
 async def create_key(

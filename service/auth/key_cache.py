@@ -57,6 +57,8 @@ class KeyLimits:
     key_rpm: int | None = None
     key_tpm: int | None = None
     key_budget_usd: Decimal | None = None
+    # A prepaid account: every request is paid from its credits (service/credits).
+    prepaid: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +85,7 @@ def _entry(row: Any) -> CachedKey:
         key_rpm=row.key_rpm,
         key_tpm=row.key_tpm,
         key_budget_usd=row.key_budget_usd,
+        prepaid=row.prepaid,
     )
     return CachedKey(row.key_id, row.account_id, row.expires_at, row.prefix, limits)
 

@@ -15,7 +15,7 @@ from sqlalchemy import Row, select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from service.auth.usability import usable_key
-from service.db.models import Account, ApiKey
+from service.db.models import Account, ApiKey, BillingMode
 
 _DIRECTORY_ROWS = select(
     ApiKey.id.label("key_id"),
@@ -31,6 +31,7 @@ _DIRECTORY_ROWS = select(
     ApiKey.rate_limit_rpm.label("key_rpm"),
     ApiKey.rate_limit_tpm.label("key_tpm"),
     ApiKey.monthly_budget_usd.label("key_budget_usd"),
+    (Account.billing_mode == BillingMode.PREPAID).label("prepaid"),
 ).join(Account, Account.id == ApiKey.account_id)
 
 

@@ -20,6 +20,9 @@ class Channel(StrEnum):
     # A task opened or closed; the payload is JSON (service/tasks/expiry.py, service.py).
     # The task guard applies it at once.
     TASKS = "meterline_tasks"
+    # An account's credit grants changed; the payload is its id. The proxy reads that
+    # account's credit from the ledger again before its next request.
+    CREDITS = "meterline_credits"
 
 
 KEY_CHANGED = "changed"

@@ -64,6 +64,21 @@ class Tier(StrEnum):
     CUSTOM = "custom"
 
 
+class BillingMode(StrEnum):
+    """How an account pays: invoiced after the month (`postpaid`), or from credits bought
+    beforehand, each request refused when they cannot pay it (`prepaid`)."""
+
+    POSTPAID = "postpaid"
+    PREPAID = "prepaid"
+
+
+class CreditKind(StrEnum):
+    """Credit the customer paid for (`purchase`: counts towards the pro tier) or was given."""
+
+    PURCHASE = "purchase"
+    GRANT = "grant"
+
+
 class ReviewDecision(StrEnum):
     """An operator's decision on a flagged ledger row."""
 
@@ -87,11 +102,15 @@ class Account(Base):
         one_of("failed_task_policy", FailedTaskPolicy),
         one_of("expired_task_policy", ExpiredTaskPolicy),
         one_of("tier", Tier),
+        one_of("billing_mode", BillingMode),
     )
 
     id: Mapped[uuid.UUID] = _uuid_pk()
     name: Mapped[str] = mapped_column(String(200))
     tier: Mapped[Tier] = mapped_column(Vocabulary(Tier, 16), server_default=Tier.BASIC.value)
+    billing_mode: Mapped[BillingMode] = mapped_column(
+        Vocabulary(BillingMode, 16), server_default=BillingMode.POSTPAID.value
+    )
     monthly_budget_usd: Mapped[ExactUSD | None]
     # Outcome pricing: margin added on top of a quote's cost basis (0.20 = 20 %).
     quote_margin: Mapped[Decimal | None] = mapped_column(Numeric(8, 4))
@@ -113,6 +132,47 @@ class Account(Base):
     )
 
     keys: Mapped[list[ApiKey]] = relationship(back_populates="account", lazy="raise")
+
+
+class CreditGrant(Base):
+    """Credit put on an account: it pays the account's usage from `created_at` until it is
+    spent, expires or is voided (service/credits). Never deleted; a void sets `voided_at`."""
+
+    __tablename__ = "credit_grants"
+    __table_args__ = (
+        Index("ix_credit_grants_account_id", "account_id"),
+        one_of("kind", CreditKind),
+        CheckConstraint("amount_usd > 0", name="amount_positive"),
+    )
+
+    id: Mapped[uuid.UUID] = _uuid_pk()
+    account_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("accounts.id", ondelete="CASCADE"))
+    kind: Mapped[CreditKind] = mapped_column(Vocabulary(CreditKind, 16))
+    amount_usd: Mapped[ExactUSD]
+    # Consumed first: the lowest priority, then the earliest expiry, then the oldest.
+    priority: Mapped[int] = mapped_column(Integer, server_default=text("1"))
+    expires_at: Mapped[UTCDateTime | None]
+    reference: Mapped[str | None] = mapped_column(String(200))
+    created_at: Mapped[UTCDateTime]
+    voided_at: Mapped[UTCDateTime | None]
+
+
+class TierChange(Base):
+    """An account's tier history: who or what moved it, and when."""
+
+    __tablename__ = "tier_changes"
+    __table_args__ = (
+        Index("ix_tier_changes_account_id", "account_id"),
+        one_of("from_tier", Tier),
+        one_of("to_tier", Tier),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    account_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("accounts.id", ondelete="CASCADE"))
+    from_tier: Mapped[Tier] = mapped_column(Vocabulary(Tier, 16))
+    to_tier: Mapped[Tier] = mapped_column(Vocabulary(Tier, 16))
+    reason: Mapped[str] = mapped_column(String(200))
+    changed_at: Mapped[UTCDateTime]
 
 
 class ApiKey(Base):

@@ -24,6 +24,7 @@ from pricing.invoice import (
     TaskBilling,
     TaskOutcome,
     UsageGroup,
+    apply_credits,
     build_invoice,
     uncovered_windows,
 )
@@ -34,6 +35,7 @@ from service.invoices.repository.invoices import InvoiceRepository
 from service.invoices.repository.rollup import RollupRepository
 from service.invoices.repository.sums import Selection, UsageSum, UsageSumRepository
 from service.invoices.repository.tasks import BillableTask, TaskBillingRepository
+from service.limits.credit import credit_paid
 from service.prices.repository import PriceRepository
 
 
@@ -272,8 +274,11 @@ async def compute_invoices(
     for selection in late:
         late_by_account.setdefault(selection.account_id, []).append(selection)
     computed = {}
+    credit = await credit_paid(await session.connection(), accounts, period.start, period.end, book)
     for account in accounts:
         draft = build_invoice(usage.get(account, []), task_groups.get(account, []))
+        if account in credit:
+            draft = apply_credits(draft, credit[account])
         # A late window that held no row need not be kept: rows recorded up to the cutoff
         # are all visible now, so it can never hold one later.
         windows = reads.windows[account]

@@ -173,3 +173,44 @@ def rate_error(kind: str, limit: Limit, used: int, cost: int, reset_s: float) ->
             f"minute, {used} used. Try again in {duration(reset_s)}."
         )
     return RateLimited(message)
+
+
+class InsufficientCredits(MeterlineError):
+    """A prepaid account whose credits cannot pay the request: 402, not worth retrying."""
+
+    status_code = 402
+    type = "insufficient_credits"
+    code = "insufficient_credits"
+    description = (
+        "The account is prepaid and its credits cannot pay this request (the message says"
+        " what is left and held); buy credits, then try again."
+    )
+
+
+def credit_error(
+    account_id: uuid.UUID, limit: int, spent: int, reserved: int, amount: int
+) -> InsufficientCredits:
+    """`limit - spent` is what the credits hold now (see `Limits._credit_limit`)."""
+    balance = max(limit - spent, 0)
+    available = max(balance - reserved, 0)
+    if available == 0:
+        detail = "has no credit available"
+    else:
+        detail = (
+            f"cannot pay this request: it may cost up to {from_nano(amount)} USD and "
+            f"{from_nano(available)} USD are available"
+        )
+    message = (
+        f"Prepaid account {account_id} {detail} (balance {from_nano(balance)} USD, "
+        f"{from_nano(reserved)} USD held by requests in flight). Add credits to continue."
+    )
+    return InsufficientCredits(message, headers={"x-should-retry": "false"})
+
+
+def credits_unavailable(account_id: uuid.UUID, why: str = LEDGER_UNREACHABLE) -> BudgetUnavailable:
+    message = (
+        f"The credit balance of prepaid account {account_id} cannot be checked right now: "
+        f"{why.replace('this month', 'since its first credit')}. Nothing was sent; try again "
+        "shortly."
+    )
+    return BudgetUnavailable(message, headers={"retry-after": str(UNAVAILABLE_RETRY_S)})

@@ -11,31 +11,35 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import TextClause, text
+from sqlalchemy import TextClause, select, text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from pricing.cost import TokenUsage, totals_cost
 from pricing.prices import PriceBook
+from service.db.models import CreditGrant
 
 
 @dataclass(frozen=True, slots=True)
 class QuoteBudget:
     account_id: uuid.UUID
     price_usd: Decimal
-    budget_usd: Decimal
+    budget_usd: Decimal | None
+    prepaid: bool
 
 
 _QUOTE_BUDGET = text(
-    "SELECT q.account_id, q.price_usd, a.monthly_budget_usd FROM quotes q "
-    "JOIN accounts a ON a.id = q.account_id "
-    "WHERE q.id = :id AND q.accepted_at IS NULL AND a.monthly_budget_usd IS NOT NULL"
+    "SELECT q.account_id, q.price_usd, a.monthly_budget_usd, a.billing_mode = 'prepaid' "
+    "FROM quotes q JOIN accounts a ON a.id = q.account_id "
+    "WHERE q.id = :id AND q.accepted_at IS NULL "
+    "AND (a.monthly_budget_usd IS NOT NULL OR a.billing_mode = 'prepaid')"
 )
 
 
 async def quote_budget(session: AsyncSession, quote_id: uuid.UUID) -> QuoteBudget | None:
-    """The fixed price of a quote not yet accepted, and its account's budget (if it has one)."""
+    """The fixed price of a quote not yet accepted, with its account's budget and whether it
+    is prepaid (None when neither limits it)."""
     row = (await session.execute(_QUOTE_BUDGET, {"id": quote_id})).first()
-    return None if row is None else QuoteBudget(row[0], row[1], row[2])
+    return None if row is None else QuoteBudget(row[0], row[1], row[2], bool(row[3]))
 
 
 # A month's spend against a budget is what the month bills, as far as it is known now:
@@ -71,16 +75,22 @@ _ROWS = (
     + " AND NOT "
     + _UNREVIEWED
 )
+# Each row falls in the span of `:bounds` that holds its time (`width_bucket`: 1 for the
+# first span); a month's budget has one span, a credit balance one per change of its grants.
+_SPAN = "width_bucket(l.occurred_at, CAST(:bounds AS timestamptz[]))"
 _PRICED = (
-    "SELECT l.{owner} AS owner, SUM(l.cost_usd) AS spent "
+    "SELECT l.{owner} AS owner, "
+    + _SPAN
+    + " AS span, SUM(l.cost_usd) AS spent "
     + _ROWS
-    + " AND l.cost_usd IS NOT NULL GROUP BY 1"
+    + " AND l.cost_usd IS NOT NULL GROUP BY 1, 2"
 )
 _UNPRICED_MODELS = "SELECT DISTINCT l.requested_model " + _ROWS + " AND l.cost_usd IS NULL"
 # Rows without a stored cost, summed per span of their model's price timeline (the spans
 # with a price, given as arrays): each span is then priced by the version of that time.
 _UNPRICED = (
-    "SELECT l.{owner} AS owner, s.segment, SUM(l.prompt_tokens) AS prompt, "
+    "SELECT l.{owner} AS owner, " + _SPAN + " AS span, s.segment, "
+    "SUM(l.prompt_tokens) AS prompt, "
     "SUM(l.completion_tokens) AS completion, "
     "SUM(least(greatest(l.cached_tokens, 0), l.prompt_tokens)) AS cached "
     "FROM usage_ledger l JOIN unnest(CAST(:models AS text[]), CAST(:segments AS int[]), "
@@ -93,14 +103,16 @@ _UNPRICED = (
     + _COVERED
     + " AND NOT "
     + _UNREVIEWED
-    + " GROUP BY 1, 2"
+    + " GROUP BY 1, 2, 3"
 )
 _FIXED_PRICES = text(
-    "SELECT t.account_id AS owner, SUM(t.fixed_price_usd) AS spent FROM tasks t "
+    "SELECT t.account_id AS owner, "
+    "width_bucket(t.created_at, CAST(:bounds AS timestamptz[])) AS span, "
+    "SUM(t.fixed_price_usd) AS spent FROM tasks t "
     "WHERE t.account_id = ANY(:accounts) AND t.quote_id IS NOT NULL "
     "AND t.created_at >= :start AND t.created_at < :end "
     "AND (t.status = 'open' OR t.billed_as = 'fixed_price') "
-    "GROUP BY 1"
+    "GROUP BY 1, 2"
 )
 
 
@@ -118,17 +130,39 @@ async def budget_spend(
     book: PriceBook,
 ) -> dict[uuid.UUID, Decimal]:
     """The month's spend of each account (`keys` None) or of each key of `accounts`."""
+    spans = await spend_by_span(connection, accounts, keys, [start, end], book)
+    return {owner: amounts[0] for owner, amounts in spans.items()}
+
+
+async def spend_by_span(
+    connection: AsyncConnection,
+    accounts: Sequence[uuid.UUID],
+    keys: Sequence[uuid.UUID] | None,
+    bounds: Sequence[datetime],
+    book: PriceBook,
+) -> dict[uuid.UUID, list[Decimal]]:
+    """The spend of each account (`keys` None) or key in each span `[bounds[i],
+    bounds[i + 1])`, counted as a month's budget counts it (above)."""
     by_key = keys is not None
-    params: dict[str, Any] = {"accounts": list(accounts), "start": start, "end": end}
+    spans_count = len(bounds) - 1
+    if spans_count < 1:
+        return {}
+    params: dict[str, Any] = {
+        "accounts": list(accounts),
+        "start": bounds[0],
+        "end": bounds[-1],
+        "bounds": list(bounds),
+    }
     if by_key:
         params["keys"] = list(keys or ())
-    spent: dict[uuid.UUID, Decimal] = {}
+    spent: dict[uuid.UUID, list[Decimal]] = {}
 
-    def add(owner: uuid.UUID, amount: Decimal | None) -> None:
-        spent[owner] = spent.get(owner, Decimal(0)) + (amount or Decimal(0))
+    def add(owner: uuid.UUID, span: int, amount: Decimal | None) -> None:
+        amounts = spent.setdefault(owner, [Decimal(0)] * spans_count)
+        amounts[span - 1] += amount or Decimal(0)
 
     for row in await connection.execute(_spend_sql(_PRICED, by_key), params):
-        add(row.owner, row.spent)
+        add(row.owner, row.span, row.spent)
     models = (await connection.execute(_spend_sql(_UNPRICED_MODELS, by_key), params)).scalars()
     spans = [
         (model, index, span)
@@ -151,8 +185,43 @@ async def budget_spend(
             price = spans[row.segment][2].price
             assert price is not None
             usage = TokenUsage(int(row.prompt), int(row.completion), int(row.cached))
-            add(row.owner, totals_cost(usage, price))
+            add(row.owner, row.span, totals_cost(usage, price))
     if not by_key:
         for row in await connection.execute(_FIXED_PRICES, params):
-            add(row.owner, row.spent)
+            add(row.owner, row.span, row.spent)
     return spent
+
+
+# A grant's columns, read on a plain connection (the proxy's) as well as in a session.
+_GRANT_COLUMNS = (
+    CreditGrant.id,
+    CreditGrant.account_id,
+    CreditGrant.kind,
+    CreditGrant.amount_usd,
+    CreditGrant.priority,
+    CreditGrant.expires_at,
+    CreditGrant.reference,
+    CreditGrant.created_at,
+    CreditGrant.voided_at,
+)
+
+
+async def grants_of(connection: AsyncConnection, account_id: uuid.UUID) -> Sequence[Any]:
+    """All of an account's grants, voided and expired ones too, oldest first (rows with the
+    columns of `CreditGrant`)."""
+    statement = (
+        select(*_GRANT_COLUMNS)
+        .where(CreditGrant.account_id == account_id)
+        .order_by(CreditGrant.created_at, CreditGrant.id)
+    )
+    return (await connection.execute(statement)).all()
+
+
+async def accounts_with_credit(
+    connection: AsyncConnection, accounts: Sequence[uuid.UUID]
+) -> set[uuid.UUID]:
+    """Those of `accounts` that were ever given credit."""
+    statement = (
+        select(CreditGrant.account_id).where(CreditGrant.account_id.in_(list(accounts))).distinct()
+    )
+    return set((await connection.execute(statement)).scalars())

@@ -16,6 +16,15 @@ new process or month, a Redis that came back empty) is synced before it admits a
 while the ledger cannot be read, its requests are refused with a 503 rather than admitted
 against a counter at 0. Requests on an open quoted task reserve nothing: the task's fixed
 price was reserved when its quote was accepted.
+
+A prepaid account's credit is one more budget of the same kind, its counter
+`credits:<account>`: `spent` is everything its requests have cost since its first grant
+(synced from the ledger, raised by each settlement), and its limit is what the ledger says
+was spent plus what the active grants still hold (`_credit_limit`), so a request fits when
+its worst case fits in the credit left after what is in flight. The limit is recomputed at
+every admission from the account's credit as last read from the ledger: a grant that has
+expired since stops counting at once, and a change of the grants (any process, through
+NOTIFY) makes the next admission read the ledger again. When it does not fit: 402.
 """
 
 from __future__ import annotations
@@ -34,17 +43,20 @@ from typing import Any
 
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.exceptions import RedisError
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
 from pricing.invoice import BillingPeriod
 from pricing.prices import Price
 from service.auth.key_cache import KeyLimits
+from service.db.channels import Channel
+from service.db.listener import Listener
 from service.errors import MeterlineError
 from service.ledger.record import LedgerRecord
 from service.lifecycle import Periodic
 from service.limits import estimate, repository
 from service.limits.budgets import Hold
 from service.limits.counters import Admission, Counters, MemoryCounters, RedisCounters
+from service.limits.credit import CreditLedger, credit_ledger
 from service.limits.policy import (
     COUNTERS_UNREACHABLE,
     AppliedLimits,
@@ -52,7 +64,10 @@ from service.limits.policy import (
     applied_limits,
     budget_error,
     budget_unavailable,
+    credit_error,
+    credits_unavailable,
     duration,
+    from_nano,
     rate_error,
     to_nano_down,
     to_nano_up,
@@ -151,6 +166,18 @@ def _counter(limit: Limit, what: str) -> str:
     return f"{limit.scope}:{limit.owner}:{what}"
 
 
+_CREDITS = "credits:"
+
+
+def credit_counter(account_id: uuid.UUID) -> str:
+    """The one counter of a prepaid account's credit (no month: credit outlives months)."""
+    return f"{_CREDITS}{account_id}"
+
+
+def _credit_account(counter: str) -> uuid.UUID | None:
+    return uuid.UUID(counter[len(_CREDITS) :]) if counter.startswith(_CREDITS) else None
+
+
 @dataclass(frozen=True, slots=True)
 class _Plan:
     """What admission does for one key's limits, worked out once (not per request)."""
@@ -216,6 +243,8 @@ class Limits:
         self._redis = redis
         self._plans: dict[KeyLimits, _Plan] = {}
         self._budgeted: dict[str, _Budgeted] = {}
+        # Each prepaid account's credit as last read from the ledger.
+        self._credits: dict[uuid.UUID, CreditLedger] = {}
         self._syncing: dict[str, asyncio.Task[bool]] = {}
         self._ledger_down_until = 0.0
         self._quoted_cost: Callable[[uuid.UUID, str], Decimal | None] = lambda _a, _t: None
@@ -225,9 +254,23 @@ class Limits:
 
     @classmethod
     def create(
-        cls, settings: Settings, engine: AsyncEngine, prices: PriceCache, limits_of: LimitsOf
+        cls,
+        settings: Settings,
+        engine: AsyncEngine,
+        prices: PriceCache,
+        limits_of: LimitsOf,
+        listener: Listener | None = None,
     ) -> Limits:
         """Counters in Redis when `redis_url` is set, in this process otherwise."""
+        limits = cls._create(settings, engine, prices, limits_of)
+        if listener is not None:
+            listener.subscribe(Channel.CREDITS, limits._on_credits, limits._credits.clear)
+        return limits
+
+    @classmethod
+    def _create(
+        cls, settings: Settings, engine: AsyncEngine, prices: PriceCache, limits_of: LimitsOf
+    ) -> Limits:
         if not settings.redis_url:
             if settings.workers > 1:
                 log.warning(
@@ -291,10 +334,12 @@ class Limits:
                 self._plans.clear()
             plan = self._plans[row] = _Plan.of(applied_limits(self.settings, row))
         applied = plan.applied
-        if applied.empty:
+        if applied.empty and not row.prepaid:
             return Grant(reservation)
         now = now or datetime.now(UTC)
-        budgeted = bool(applied.budgets) and not self._covered_by_quote(account_id, task_id)
+        covered = self._covered_by_quote(account_id, task_id)
+        credited = row.prepaid and not covered
+        budgeted = (bool(applied.budgets) and not covered) or credited
         tokens = 0
         need = None
         if applied.tokens or budgeted:
@@ -309,22 +354,27 @@ class Limits:
             if budgeted:
                 price = self._prices.book.price_for(model, now)
                 need = _Need.of(price, prompt, per_choice, choices, unbounded=limit is None)
+        prepaid = account_id if credited else None
         if time.monotonic() < self._store_down_until:
             metrics.LIMIT_ERRORS.labels("skipped").inc()
-            return self._without_store(applied.budgets, budgeted, reservation)
+            return self._without_store(applied.budgets, budgeted, prepaid, reservation)
         try:
-            return await self._admit(plan, reservation, account_id, tokens, need, now)
+            return await self._admit(plan, reservation, account_id, tokens, need, now, prepaid)
         except (RedisError, OSError) as exc:
             self._store_failed("admit", exc)
-            return self._without_store(applied.budgets, budgeted, reservation)
+            return self._without_store(applied.budgets, budgeted, prepaid, reservation)
 
     @staticmethod
-    def _without_store(budgets: Sequence[Limit], budgeted: bool, reservation: str) -> Grant:
+    def _without_store(
+        budgets: Sequence[Limit], budgeted: bool, prepaid: uuid.UUID | None, reservation: str
+    ) -> Grant:
         """Admission while the counter store fails: rate limits let the request pass (the
-        ledger still records it), a budget refuses it — admitted unheld, a burst would
-        spend the budget many times over, and money is never overspent for availability."""
-        if budgeted:
+        ledger still records it), a budget or credit refuses it — admitted unheld, a burst
+        would spend it many times over, and money is never overspent for availability."""
+        if budgeted and budgets:
             raise budget_unavailable(budgets[0], COUNTERS_UNREACHABLE)
+        if prepaid is not None:
+            raise credits_unavailable(prepaid, COUNTERS_UNREACHABLE)
         return Grant(reservation)
 
     def _covered_by_quote(self, account_id: uuid.UUID, task_id: str | None) -> bool:
@@ -338,6 +388,7 @@ class Limits:
         tokens: int,
         need: _Need | None,
         now: datetime,
+        prepaid: uuid.UUID | None = None,
     ) -> Grant:
         applied = plan.applied
         requests = list(plan.requests)
@@ -354,6 +405,9 @@ class Limits:
             ]
             for lim, hold in zip(applied.budgets, holds, strict=True):
                 self._budgeted.setdefault(hold.counter, _Budgeted(lim, account_id, month))
+            if prepaid is not None:
+                limit = await self._credit_limit(prepaid, now)
+                holds.append(Hold(credit_counter(prepaid), limit, need.amount, need.minimum))
         admission = await self._admit_synced(requests + by_tokens, holds, reservation, now)
         if not admission.allowed:
             raise self._refusal(plan, requests, by_tokens, holds, admission, month)
@@ -388,8 +442,11 @@ class Limits:
             admission = await self.counters.admit(charges, holds, reservation, ttl, now.timestamp())
             if not admission.budget.unsynced:
                 return admission
-        refused = admission.budget.refused or 0
-        raise budget_unavailable(self._budgeted[counters[refused]].limit)
+        refused = counters[admission.budget.refused or 0]
+        account = _credit_account(refused)
+        if account is not None:
+            raise credits_unavailable(account)
+        raise budget_unavailable(self._budgeted[refused].limit)
 
     def _refusal(
         self,
@@ -402,6 +459,11 @@ class Limits:
     ) -> MeterlineError:
         window, budget = admission.window, admission.budget
         if budget.refused is not None:
+            hold = holds[budget.refused]
+            account = _credit_account(hold.counter)
+            if account is not None:
+                metrics.LIMIT_REFUSALS.labels("credits").inc()
+                return credit_error(account, hold.limit, budget.spent, budget.reserved, hold.amount)
             metrics.LIMIT_REFUSALS.labels("budget").inc()
             return budget_error(
                 plan.applied.budgets[budget.refused],
@@ -474,26 +536,42 @@ class Limits:
             return
         now = datetime.now(UTC)
         month = BillingPeriod.of(now)
-        limit = Limit("account", found.account_id, to_nano_down(found.budget_usd))
-        hold = Hold(_counter(limit, str(month)), limit.limit, to_nano_up(found.price_usd))
-        self._budgeted.setdefault(hold.counter, _Budgeted(limit, found.account_id, month))
+        price = to_nano_up(found.price_usd)
+        holds = []
+        limit = None
+        if found.budget_usd is not None:
+            limit = Limit("account", found.account_id, to_nano_down(found.budget_usd))
+            holds.append(Hold(_counter(limit, str(month)), limit.limit, price))
+            self._budgeted.setdefault(holds[0].counter, _Budgeted(limit, found.account_id, month))
         reservation = f"quote:{quote_id}:{uuid.uuid4().hex}"  # two tries hold apart
         try:
-            admission = await self._admit_synced([], [hold], reservation, now)
+            if found.prepaid:
+                credit = await self._credit_limit(found.account_id, now)
+                holds.append(Hold(credit_counter(found.account_id), credit, price))
+            admission = await self._admit_synced([], holds, reservation, now)
         except (RedisError, OSError) as exc:
             self._store_failed("admit", exc)
+            if found.prepaid:  # credit is never spent unheld
+                raise credits_unavailable(found.account_id, COUNTERS_UNREACHABLE) from None
             yield
             return
+        counters = [hold.counter for hold in holds]
         if not admission.allowed:
-            metrics.LIMIT_REFUSALS.labels("budget").inc()
             budget = admission.budget
-            raise budget_error(limit, budget.spent, budget.reserved, hold.amount, month.end)
+            refused = holds[budget.refused or 0]
+            if limit is None or budget.refused:
+                metrics.LIMIT_REFUSALS.labels("credits").inc()
+                raise credit_error(
+                    found.account_id, refused.limit, budget.spent, budget.reserved, price
+                )
+            metrics.LIMIT_REFUSALS.labels("budget").inc()
+            raise budget_error(limit, budget.spent, budget.reserved, price, month.end)
         try:
             yield
         except BaseException:
-            await self._settle_counters(0, [], [hold.counter], reservation, 0)
+            await self._settle_counters(0, [], counters, reservation, 0)
             raise
-        await self._settle_counters(0, [], [hold.counter], reservation, hold.amount)
+        await self._settle_counters(0, [], counters, reservation, price)
 
     # -- settlement -------------------------------------------------------------------
 
@@ -571,8 +649,69 @@ class Limits:
         for counter in [c for c, t in self._syncing.items() if t is task]:
             del self._syncing[counter]
 
+    # -- credit ---------------------------------------------------------------------
+
+    async def _credit_limit(self, account_id: uuid.UUID, now: datetime) -> int:
+        """The limit of a prepaid account's counter at `now`: what the ledger says its
+        requests spent since its first grant, plus what its grants active at `now` hold
+        after that spend. The counter's `spent` is that same ledger figure plus what was
+        settled since, so the room left is the credit not yet spent or held.
+
+        A grant that ended after the ledger was read counts nothing, though part of what
+        was settled since may have been drawn from it: the room is then smaller than the
+        truth until the next read, never larger."""
+        ledger = self._credits.get(account_id)
+        if ledger is not None and ledger.changes_by(now):
+            # A grant ended since the ledger was read: read it again, so that what was drawn
+            # from that grant until its end is not counted against the others too.
+            self._credits.pop(account_id, None)
+            ledger = None
+        if ledger is None:
+            if not await self._sync_now([credit_counter(account_id)]):
+                raise credits_unavailable(account_id)
+            ledger = self._credits[account_id]
+        return to_nano_up(max(ledger.allocation.usage, Decimal(0))) + to_nano_down(
+            ledger.available_at(now)
+        )
+
+    async def _sync_credits(
+        self, connection: AsyncConnection, accounts: Sequence[uuid.UUID]
+    ) -> None:
+        now = datetime.now(UTC)
+        for account_id in accounts:
+            ledger = await credit_ledger(connection, account_id, now, self._prices.book)
+            spent = to_nano_up(max(ledger.allocation.usage, Decimal(0)))
+            await self.counters.sync(credit_counter(account_id), spent)
+            self._credits[account_id] = ledger
+            # Business events `credits.low` (the account's threshold) and `credits.depleted`:
+            # raised here, the one place each process reads a prepaid balance from the ledger
+            # (every METERLINE_BUDGET_RESYNC_S and after each change of the grants), comparing
+            # `ledger.balance` with the previous read; the outbox keeps one per crossing.
+
+    def _on_credits(self, payload: str) -> None:
+        with contextlib.suppress(ValueError):
+            self.credits_changed(uuid.UUID(payload))
+
+    def credits_changed(self, account_id: uuid.UUID) -> None:
+        """The account's grants changed: its next admission reads its credit again."""
+        self._credits.pop(account_id, None)
+
+    async def credits_in_flight(
+        self, account_id: uuid.UUID, ledger_usage: Decimal
+    ) -> Decimal | None:
+        """What a prepaid account's requests hold now, or settled beyond `ledger_usage`
+        (the ledger's figure of what they spent); None when the counters cannot say."""
+        try:
+            spent, reserved = await self.counters.state(credit_counter(account_id))
+        except (RedisError, OSError) as exc:
+            self._store_failed("state", exc)
+            return None
+        ahead = max(spent - to_nano_up(max(ledger_usage, Decimal(0))), 0)
+        return from_nano(reserved + ahead)
+
     async def _sync(self, counters: Sequence[str]) -> bool:
         """Raise each budget's spend to the ledger's figure for its month, and mark it synced."""
+        credited = [a for a in map(_credit_account, counters) if a is not None]
         budgeted = [(c, self._budgeted[c]) for c in counters if c in self._budgeted]
         by_month: dict[BillingPeriod, list[tuple[str, _Budgeted]]] = {}
         for counter, item in budgeted:
@@ -580,6 +719,8 @@ class Limits:
         book = self._prices.book
         try:
             async with self._engine.connect() as connection:
+                if credited:
+                    await self._sync_credits(connection, credited)
                 for month, items in by_month.items():
                     start, end = month.start, month.end
                     accounts = [b.limit.owner for _, b in items if b.limit.scope == "account"]
@@ -612,4 +753,4 @@ class Limits:
         for counter, item in list(self._budgeted.items()):
             if item.month != current:  # a past month's counters are no longer used
                 del self._budgeted[counter]
-        await self._sync(list(self._budgeted))
+        await self._sync(list(self._budgeted) + [credit_counter(a) for a in self._credits])

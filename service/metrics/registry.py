@@ -104,7 +104,7 @@ EVENT_LOOP_LAG = Histogram(
 )
 LIMIT_REFUSALS = Counter(
     "meterline_limit_refusals",
-    "Requests refused with a 429 by kind of limit (requests, tokens, budget).",
+    "Requests refused by kind of limit (requests, tokens, budget: 429; credits: 402).",
     ["kind"],
 )
 LIMIT_ERRORS = Counter(

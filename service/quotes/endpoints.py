@@ -6,7 +6,7 @@ from fastapi import APIRouter, status
 
 from service.deps import Budgets, Caller, Config, Guard, Prices, Session
 from service.errors import API_ERRORS, errors
-from service.limits.policy import BudgetExhausted, BudgetUnavailable
+from service.limits.policy import BudgetExhausted, BudgetUnavailable, InsufficientCredits
 from service.quotes import service
 from service.quotes.schemas import QuoteAccept, QuoteCreate, QuoteOut
 from service.schemas import links
@@ -56,6 +56,7 @@ async def get_quote(quote_id: uuid.UUID, session: Session, caller: Caller) -> Qu
             service.QuoteExpired,
             BudgetExhausted,
             BudgetUnavailable,
+            InsufficientCredits,
         ),
         201: links(
             GetTask=("GET", "/billing/tasks/{task_id}", TASK),
