@@ -19,6 +19,9 @@ class Channel(StrEnum):
     # A task opened or closed; the payload is JSON (service/tasks/expiry.py, service.py).
     # The task guard applies it at once.
     TASKS = "meterline_tasks"
+    # A webhook delivery became due (service/webhooks/outbox.py); no payload. The sender
+    # wakes at once instead of at its next round.
+    WEBHOOKS = "meterline_webhooks"
 
 
 _NOTIFY = text("SELECT pg_notify(:channel, :payload)")
