@@ -298,7 +298,7 @@ def test_task_budget_and_cap_events_arrive_signed_after_three_failures(
     endpoint = subscribe(
         server.url, receiver, ["task.completed", "budget.threshold", "task.cost_cap_reached"]
     )
-    # A budget of exactly ten requests: the 80 % and 100 % thresholds, once each.
+    # A budget of ten requests' cost: the 80 % and 100 % thresholds, once each.
     account_id, _, key = new_customer(server.url)
     sdk = openai.OpenAI(base_url=server.v1, api_key=key, max_retries=0)
     first = sdk.chat.completions.with_raw_response.create(
@@ -317,7 +317,7 @@ def test_task_budget_and_cap_events_arrive_signed_after_three_failures(
     budgeted, _, budget_key = new_customer(server.url, monthly_budget_usd=str(10 * cost))
     budget_sdk = openai.OpenAI(base_url=server.v1, api_key=budget_key, max_retries=0)
     served = 0
-    for _ in range(12):
+    for _ in range(11):
         try:
             budget_sdk.chat.completions.create(
                 model=MODEL, messages=MESSAGES, max_tokens=MAX_TOKENS
@@ -325,8 +325,19 @@ def test_task_budget_and_cap_events_arrive_signed_after_three_failures(
             served += 1
         except openai.RateLimitError:
             pass
-    assert served == 10
-    # A quoted task with a tiny cap: its first request passes the cap.
+    # A hard budget refuses what might not fit: the tenth request, reserving more than it
+    # costs, is refused at 90 % spent. The operator then lowers the budget to the spend:
+    # 100 %, told once a request meets the new budget.
+    assert served == 9
+    with admin(server.url) as client:
+        lowered = client.patch(
+            f"/billing/accounts/{budgeted}", json={"monthly_budget_usd": str(9 * cost)}
+        )
+        assert lowered.status_code == 200
+    time.sleep(1.5)  # the key directory's refresh (0.5 s here)
+    with pytest.raises(openai.RateLimitError):
+        budget_sdk.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=MAX_TOKENS)
+    # A quoted task with a tiny cap.
     with admin(server.url) as client:
         quoted = client.post(
             "/billing/quotes",
@@ -343,9 +354,21 @@ def test_task_budget_and_cap_events_arrive_signed_after_three_failures(
             f"/billing/quotes/{quoted.json()['id']}/accept", json={"task_id": "capped"}
         )
         assert accepted.status_code in (200, 201), accepted.text
-    sdk.chat.completions.create(
-        model=MODEL, messages=MESSAGES, max_tokens=MAX_TOKENS, extra_headers={"X-Task-Id": "capped"}
-    )
+    # Its price is a cent (quotes round up to cents), its cap three: the second request
+    # passes the cap, the next is refused.
+    refused = None
+    for _ in range(4):
+        try:
+            sdk.chat.completions.create(
+                model=MODEL,
+                messages=MESSAGES,
+                max_tokens=MAX_TOKENS,
+                extra_headers={"X-Task-Id": "capped"},
+            )
+        except openai.APIStatusError as exc:
+            refused = exc
+            break
+    assert refused is not None and refused.status_code == 402
     with admin(server.url) as client:
         done = client.post(
             "/billing/tasks/t-1/complete",
@@ -370,9 +393,10 @@ def test_task_budget_and_cap_events_arrive_signed_after_three_failures(
     )
     assert [t["data"]["threshold_percent"] for t in thresholds] == [80, 100]
     assert {t["data"]["account_id"] for t in thresholds} == {str(budgeted)}
-    assert Decimal(thresholds[0]["data"]["spent_usd"]) >= Decimal("0.8") * 10 * cost
-    assert Decimal(thresholds[1]["data"]["spent_usd"]) == 10 * cost
-    assert Decimal(thresholds[1]["data"]["budget_usd"]) == 10 * cost
+    assert Decimal(thresholds[0]["data"]["spent_usd"]) in (8 * cost, 9 * cost)
+    assert Decimal(thresholds[0]["data"]["budget_usd"]) == 10 * cost
+    assert Decimal(thresholds[1]["data"]["spent_usd"]) == 9 * cost
+    assert Decimal(thresholds[1]["data"]["budget_usd"]) == 9 * cost
     capped = receiver.events("task.cost_cap_reached")[0]["data"]
     assert capped["task_id"] == "capped" and Decimal(capped["cost_usd"]) >= Decimal(
         capped["cost_cap_usd"]
