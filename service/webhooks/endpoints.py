@@ -8,7 +8,7 @@ from fastapi import APIRouter, Response, status
 
 from service.deps import Admin, Config, Session
 from service.errors import API_ERRORS, errors
-from service.schemas import CursorParam, Limit, Page
+from service.schemas import CursorParam, Limit, Page, links
 from service.webhooks import service
 from service.webhooks.schemas import (
     DeliveryOut,
@@ -23,8 +23,22 @@ router = APIRouter(prefix="/billing/webhooks", tags=["webhooks"], responses=erro
 UNSAFE_URL = errors(*API_ERRORS, service.UnsafeWebhookUrl)
 
 
+WEBHOOK = {"path.webhook_id": "$response.body#/id"}
+
+
 @router.post(
-    "", status_code=status.HTTP_201_CREATED, response_model=WebhookCreated, responses=UNSAFE_URL
+    "",
+    status_code=status.HTTP_201_CREATED,
+    response_model=WebhookCreated,
+    responses={
+        **UNSAFE_URL,
+        201: links(
+            GetWebhook=("GET", "/billing/webhooks/{webhook_id}", WEBHOOK),
+            UpdateWebhook=("PATCH", "/billing/webhooks/{webhook_id}", WEBHOOK),
+            DeleteWebhook=("DELETE", "/billing/webhooks/{webhook_id}", WEBHOOK),
+            ListDeliveries=("GET", "/billing/webhooks/{webhook_id}/deliveries", WEBHOOK),
+        ),
+    },
 )
 async def create_webhook(
     data: WebhookCreate, session: Session, settings: Config, _: Admin
