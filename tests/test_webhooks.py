@@ -61,6 +61,7 @@ class Received:
     headers: dict[str, str]
     body: bytes
     verified: bool
+    path: str = "/hooks"
 
 
 @dataclass
@@ -74,7 +75,7 @@ class Receiver:
     lock: threading.Lock = field(default_factory=threading.Lock)
     url: str = ""
 
-    def handle(self, headers: dict[str, str], body: bytes) -> int:
+    def handle(self, headers: dict[str, str], body: bytes, path: str = "/hooks") -> int:
         message_id = headers.get("webhook-id", "")
         with self.lock:
             seen = len(self.attempts[message_id])
@@ -85,7 +86,7 @@ class Receiver:
                     verified = True
                 except WebhookVerificationError:
                     verified = False
-            self.attempts[message_id].append(Received(headers, body, verified))
+            self.attempts[message_id].append(Received(headers, body, verified, path))
         if seen < self.fail_first:
             return 500
         return 204 if verified else 400
@@ -114,7 +115,16 @@ def receiver() -> Iterator[Receiver]:
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self) -> None:
             body = self.rfile.read(int(self.headers.get("content-length", "0")))
-            status = state.handle({k.lower(): v for k, v in self.headers.items()}, body)
+            if self.path == "/redirect":  # elsewhere: a sender that followed would reach it
+                self.send_response(307)
+                self.send_header("location", "/hooks")
+                self.send_header("content-length", "0")
+                self.end_headers()
+                return
+            if self.path == "/slow":  # answers after the sender's timeout (2 s here)
+                time.sleep(4)
+            headers = {k.lower(): v for k, v in self.headers.items()}
+            status = state.handle(headers, body, self.path)
             self.send_response(status)
             self.send_header("content-length", "0")
             self.end_headers()
@@ -207,6 +217,18 @@ def test_backoff_doubles_from_the_base_delay_up_to_its_cap() -> None:
 def test_loopback_private_and_odd_destinations_are_refused(url: str) -> None:
     with pytest.raises(destinations.UnsafeDestination):
         asyncio.run(destinations.check(url, allow_private=False))
+
+
+def test_the_delivery_resolver_connects_to_public_addresses_only() -> None:
+    async def resolve(host: str) -> object:
+        resolver = destinations.PublicResolver()
+        try:
+            return await resolver.resolve(host, 80)
+        finally:
+            await resolver.close()
+
+    with pytest.raises(OSError, match="no public address"):
+        asyncio.run(resolve("localhost"))
 
 
 def test_a_public_address_passes_and_private_ones_pass_when_allowed() -> None:
@@ -508,3 +530,41 @@ def test_no_event_is_lost_when_meterline_is_killed_mid_delivery(
         e["data"]["invoice_id"]: e["data"]["number"] for e in receiver.events("invoice.finalized")
     }
     assert number == {i["id"]: i["number"] for i in invoices}
+
+
+def test_redirects_are_not_followed_and_a_slow_receiver_times_out(
+    server: Server, receiver: Receiver
+) -> None:
+    receiver.fail_first = 0
+    base = receiver.url.removesuffix("/hooks")
+    with admin(server.url) as client:
+        endpoints = {}
+        for path in ("/redirect", "/slow"):
+            created = client.post(
+                "/billing/webhooks", json={"url": base + path, "events": ["invoice.finalized"]}
+            )
+            assert created.status_code == 201
+            endpoints[path] = created.json()
+        receiver.secret = endpoints["/slow"]["secret"]
+        account_id, _, _ = new_customer(server.url)
+        finalized_invoice(client, account_id)
+
+        def last(path: str) -> dict[str, Any]:
+            rows = client.get(f"/billing/webhooks/{endpoints[path]['id']}/deliveries").json()
+            return dict(rows["data"][0]) if rows["data"] else {}
+
+        wait_until(lambda: last("/redirect").get("attempts", 0) >= 2, 20, "redirected attempts")
+        wait_until(lambda: last("/slow").get("attempts", 0) >= 1, 20, "a slow attempt")
+        wait_until(lambda: last("/slow").get("last_error") is not None, 20, "the timeout")
+        redirected, slow = last("/redirect"), last("/slow")
+    assert redirected["last_status_code"] == 307 and redirected["status"] != "delivered"
+    assert "redirects are not followed" in redirected["last_error"]
+    assert slow["last_error"] == "timed out" and slow["status"] != "delivered"
+
+    # The redirect's target never heard of the event; the slow receiver did, too late.
+    def paths() -> set[str]:
+        with receiver.lock:
+            return {a.path for a in receiver.attempts[redirected["event_id"]]}
+
+    wait_until(lambda: "/slow" in paths(), 10, "the slow receiver to finish")
+    assert paths() == {"/slow"}
