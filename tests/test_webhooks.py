@@ -474,18 +474,22 @@ def test_a_failed_delivery_is_retried_on_demand_with_its_id(
 # -- killed in the middle --------------------------------------------------------------
 
 
+@pytest.mark.parametrize("workers", ["1", "2"])
 def test_no_event_is_lost_when_meterline_is_killed_mid_delivery(
     postgres_server: str,
     template_database: str,
     upstream: Upstream,
     receiver: Receiver,
     tmp_path: Path,
+    workers: str,
 ) -> None:
+    """With two workers, both senders claim from the same outbox (SKIP LOCKED)."""
     with own_database(postgres_server, template_database) as url:
         db = Database(url)
         # Retries after 0.5, 1 and 2 s: no event is accepted sooner than 3.5 s after it was raised.
         settings = {**FAST_RETRIES, "METERLINE_WEBHOOK_RETRY_BASE_S": "0.5"}
-        first = Server(url, upstream, tmp_path / "server", **settings).start()
+        first = Server(url, upstream, tmp_path / "server", "--workers", workers, **settings)
+        first.start()
         try:
             subscribe(first.url, receiver, ["invoice.finalized", "invoice.voided"])
             accounts = [new_customer(first.url)[0] for _ in range(12)]
