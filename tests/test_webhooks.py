@@ -42,6 +42,8 @@ PRICE = Decimal(1000)
 MESSAGES: list[Any] = [{"role": "user", "content": "Say something"}]
 MAX_TOKENS = 16
 PAST_MONTH = "2026-10"
+# Two workers importing the app on a busy machine may take well over the usual minute.
+STARTUP_S = 180.0
 # Every attempt waits for the sender's next look (0.1 s) after its delay (0.2 s, doubling).
 FAST_RETRIES = {
     "METERLINE_WEBHOOKS_ALLOW_PRIVATE": "1",
@@ -489,7 +491,7 @@ def test_no_event_is_lost_when_meterline_is_killed_mid_delivery(
         # Retries after 0.5, 1 and 2 s: no event is accepted sooner than 3.5 s after it was raised.
         settings = {**FAST_RETRIES, "METERLINE_WEBHOOK_RETRY_BASE_S": "0.5"}
         first = Server(url, upstream, tmp_path / "server", "--workers", workers, **settings)
-        first.start()
+        first.start(timeout=STARTUP_S)
         try:
             subscribe(first.url, receiver, ["invoice.finalized", "invoice.voided"])
             accounts = [new_customer(first.url)[0] for _ in range(12)]
@@ -503,7 +505,7 @@ def test_no_event_is_lost_when_meterline_is_killed_mid_delivery(
             # While it is down, nothing is sent; the outbox holds everything.
             time.sleep(0.5)
             assert sum(len(t) for t in receiver.attempts.values()) == attempts_at_kill
-            first.start()  # the same database, a new process
+            first.start(timeout=STARTUP_S)  # the same database, a new process
             with admin(first.url) as client:
                 invoices += [finalized_invoice(client, a) for a in accounts[6:]]
                 for invoice in invoices[:4]:
