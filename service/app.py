@@ -59,6 +59,7 @@ from service.schemas import (
 from service.settings import Settings, get_settings
 from service.tasks.endpoints import router as tasks_router
 from service.usage.endpoints import router as usage_router
+from service.webhooks.endpoints import router as webhooks_router
 
 log = logging.getLogger("meterline.app")
 
@@ -196,6 +197,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(prices_router)
     app.include_router(invoices_router)
     app.include_router(openai_usage_router)
+    app.include_router(webhooks_router)
     app.include_router(docs_router)
     app.include_router(console_router)
     app.mount(STATIC, StaticFiles(packages=[("service.console", "static")]), name="console-static")

@@ -28,6 +28,8 @@ from service.settings import Settings
 from service.tasks.expiry import expiry_job
 from service.tasks.guard import TaskGuard
 from service.usage.rollup import roll_up_daily
+from service.webhooks.pending import PendingEvents
+from service.webhooks.sender import WebhookSender
 
 
 @dataclass
@@ -54,6 +56,10 @@ class Runtime:
     # Fold newly recorded ledger rows into the usage rollups that invoices and reports read,
     # and close open quoted tasks past their deadline.
     jobs: list[Periodic]
+    # Webhooks: events noticed on the hot path on their way to the outbox, and the sender
+    # of due deliveries (None when `webhook_poll_interval_s` is 0).
+    pending_events: PendingEvents
+    webhooks: WebhookSender | None
     # Closes every part started, in the reverse order of their start.
     _started: AsyncExitStack = field(repr=False)
 
@@ -86,15 +92,27 @@ class Runtime:
         # loads after it listens: no change falls between the load and the listening.
         listener = Listener(dsn)
         keys = KeyCache(engine, settings.key_cache_refresh_s, listener)
+        # Stopped after the parts that offer to it (they close first): its last drain
+        # writes what they noticed.
+        pending_events = PendingEvents(sessions)
+        pending_events.start()
+        stack.push_async_callback(pending_events.stop)
         tasks = TaskGuard(
             dsn,
             settings.task_guard_refresh_s,
             settings.task_settle_window_s,
             listener=listener,
+            events=pending_events,
         )
-        limits = Limits.create(settings, engine, prices, keys.limits, listener)
+        limits = Limits.create(settings, engine, prices, keys.limits, listener, pending_events)
+        webhooks = None
+        if settings.webhook_poll_interval_s > 0:
+            webhooks = WebhookSender(settings, sessions, listener)
         await listener.start()
         stack.push_async_callback(listener.close)
+        if webhooks is not None:
+            await webhooks.start()
+            stack.push_async_callback(webhooks.stop)
         await keys.start()
         stack.push_async_callback(keys.stop)
         ledger = LedgerWriter(
@@ -142,6 +160,8 @@ class Runtime:
             metrics=metrics,
             tasks=tasks,
             jobs=jobs,
+            pending_events=pending_events,
+            webhooks=webhooks,
             _started=stack,
             **parts,
         )

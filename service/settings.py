@@ -110,6 +110,20 @@ class Settings(BaseSettings):
     # Namespace of every Redis key, so several deployments (or test runs) can share a Redis.
     redis_prefix: str = "meterline:"
 
+    # Webhooks (service/webhooks). URLs resolving to loopback or private addresses are
+    # refused unless this is set (receivers on the operator's own network, tests).
+    webhooks_allow_private: bool = False
+    # A failed delivery is retried after base * 2^(attempt - 1) seconds, each delay at most
+    # the max, until the window after its event was raised has passed.
+    webhook_retry_base_s: float = Field(default=5.0, gt=0)
+    webhook_retry_max_delay_s: float = Field(default=4 * 3600.0, gt=0)
+    webhook_retry_window_s: float = Field(default=24 * 3600.0, gt=0)
+    # One attempt's bound, connection included.
+    webhook_timeout_s: float = Field(default=10.0, gt=0, le=60)
+    # How often each process's sender looks for due deliveries (besides being woken by
+    # NOTIFY as events are raised); 0 runs no sender in this process.
+    webhook_poll_interval_s: float = Field(default=1.0, ge=0)
+
     # The web console: how long a sign-in lasts (the cookie and the stored session).
     console_session_ttl_s: int = Field(default=12 * 3600, ge=60)
     # Who issues the invoices, as printed on every invoice PDF.

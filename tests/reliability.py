@@ -221,7 +221,8 @@ class Server:
     def spool(self) -> Path:
         return self.data_dir / "spool"
 
-    def start(self) -> Server:
+    def start(self, timeout: float = 60) -> Server:
+        """Start it and wait until it answers (within `timeout` seconds)."""
         self.port = self.port or free_port()
         with open(self.log, "ab") as out:
             self.process = subprocess.Popen(
@@ -232,7 +233,7 @@ class Server:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-        wait_for_http(f"{self.url}/healthz", 60, self.process)
+        wait_for_http(f"{self.url}/healthz", timeout, self.process)
         return self
 
     def signal(self, signum: int) -> None:

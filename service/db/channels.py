@@ -23,6 +23,9 @@ class Channel(StrEnum):
     # An account's credit grants changed; the payload is its id. The proxy reads that
     # account's credit from the ledger again before its next request.
     CREDITS = "meterline_credits"
+    # A webhook delivery became due (service/webhooks/outbox.py); no payload. The sender
+    # wakes at once instead of at its next round.
+    WEBHOOKS = "meterline_webhooks"
 
 
 KEY_CHANGED = "changed"

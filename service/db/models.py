@@ -28,8 +28,9 @@ from sqlalchemy import (
     false,
     func,
     text,
+    true,
 )
-from sqlalchemy.dialects.postgresql import JSONB, UUID
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB, UUID
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from pricing.invoice import (
@@ -811,3 +812,88 @@ class CreditNoteLine(Base):
     amount_usd: Mapped[CentsUSD]
 
     credit_note: Mapped[CreditNote] = relationship(back_populates="lines", lazy="raise")
+
+
+class WebhookEndpoint(Base):
+    """A URL that receives signed webhooks of the event types it subscribes to.
+
+    The signing secret is kept as issued (`whsec_` + base64): each delivery is signed with
+    it, so, unlike an API key, it cannot be stored as a hash. It is shown once, at creation.
+    """
+
+    __tablename__ = "webhook_endpoints"
+
+    id: Mapped[uuid.UUID] = _uuid_pk()
+    url: Mapped[str] = mapped_column(String(2048))
+    description: Mapped[str | None] = mapped_column(String(500))
+    events: Mapped[list[str]] = mapped_column(ARRAY(String(64)))
+    secret: Mapped[str] = mapped_column(String(100))
+    enabled: Mapped[bool] = mapped_column(Boolean, server_default=true())
+    created_at: Mapped[datetime] = _created_at()
+    updated_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now(), onupdate=func.now()
+    )
+
+
+class WebhookEvent(Base):
+    """The outbox: a business event, written in the transaction of the change that raised it.
+
+    `body` is the JSON sent, byte for byte on every attempt (its signature covers it).
+    `dedup_key` makes an event that must happen once (a budget threshold of a month, a
+    task's cap) raised by several processes, or again after a restart, one row.
+    """
+
+    __tablename__ = "webhook_events"
+    __table_args__ = (Index("ix_webhook_events_account_id", "account_id"),)
+
+    id: Mapped[uuid.UUID] = _uuid_pk()
+    type: Mapped[str] = mapped_column(String(64))
+    account_id: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True))
+    body: Mapped[str] = mapped_column(Text)
+    dedup_key: Mapped[str | None] = mapped_column(String(300), unique=True)
+    created_at: Mapped[datetime] = _created_at()
+
+
+class DeliveryStatus(StrEnum):
+    PENDING = "pending"  # due at `next_attempt_at` (or being attempted until then)
+    DELIVERED = "delivered"  # the endpoint answered 2xx
+    FAILED = "failed"  # no 2xx within the retry window: given up (a retry starts over)
+
+
+class WebhookDelivery(Base):
+    """One event to one endpoint: the unit the sender claims, attempts and retries.
+
+    A claimed delivery's `next_attempt_at` is pushed past the attempt's deadline, so a
+    process that dies mid-attempt leaves it due again (at least once) and two processes
+    never attempt it at the same time (claims take `FOR UPDATE SKIP LOCKED`).
+    """
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (
+        one_of("status", DeliveryStatus),
+        UniqueConstraint("event_id", "endpoint_id"),
+        Index("ix_webhook_deliveries_endpoint_id", "endpoint_id", "created_at"),
+        Index(
+            "ix_webhook_deliveries_due",
+            "next_attempt_at",
+            postgresql_where=text("status = 'pending'"),
+        ),
+    )
+
+    id: Mapped[uuid.UUID] = _uuid_pk()
+    event_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("webhook_events.id", ondelete="CASCADE"))
+    endpoint_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("webhook_endpoints.id", ondelete="CASCADE")
+    )
+    status: Mapped[DeliveryStatus] = mapped_column(
+        Vocabulary(DeliveryStatus, 16), server_default=DeliveryStatus.PENDING.value
+    )
+    attempts: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    next_attempt_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now()
+    )
+    last_error: Mapped[str | None] = mapped_column(String(500))
+    last_status_code: Mapped[int | None] = mapped_column(SmallInteger)
+    last_attempt_at: Mapped[UTCDateTime | None]
+    delivered_at: Mapped[UTCDateTime | None]
+    created_at: Mapped[datetime] = _created_at()

@@ -37,6 +37,8 @@ from service.invoices.repository.tasks import TaskBillingRepository
 from service.invoices.schemas import InvoiceOut, invoice_out
 from service.schemas import Page, decode_cursor, keyset_page
 from service.tasks.expiry import expire_tasks
+from service.webhooks.events import EventType
+from service.webhooks.outbox import raise_event
 
 log = logging.getLogger("meterline.invoices")
 
@@ -387,7 +389,25 @@ async def finalize(
         period,
         computed.draft.total_usd,
     )
-    return await get(session, invoice.id)
+    finalized = await get(session, invoice.id)
+    await raise_event(
+        session, EventType.INVOICE_FINALIZED, _event_data(finalized), invoice.account_id
+    )
+    return finalized
+
+
+def _event_data(invoice: Invoice) -> dict[str, Any]:
+    """What `invoice.*` webhooks say of an invoice (GET /billing/invoices/{id} has the rest)."""
+    return {
+        "invoice_id": str(invoice.id),
+        "number": invoice.number,
+        "account_id": str(invoice.account_id),
+        "period": invoice.period,
+        "status": invoice.status.value,
+        "currency": invoice.currency,
+        "total_usd": f"{invoice.total_usd:f}",
+        "void_reason": invoice.void_reason,
+    }
 
 
 async def void(
@@ -407,4 +427,6 @@ async def void(
     await repository.mark_void(invoice.id, reason, now or await repository.now())
     await TaskBillingRepository(session).release_tasks(invoice.id)
     log.info("event=invoice_voided invoice_id=%s number=%s", invoice.id, invoice.number)
-    return await get(session, invoice.id)
+    voided = await get(session, invoice.id)
+    await raise_event(session, EventType.INVOICE_VOIDED, _event_data(voided), invoice.account_id)
+    return voided

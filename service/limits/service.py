@@ -80,6 +80,8 @@ from service.settings import Settings
 from service.tokens.estimate import choices as requested_choices
 from service.tokens.estimate import completion_limit, default_completion, prompt_tokens
 from service.tokens.estimate import ready as tokenizer_ready
+from service.webhooks.events import EventType
+from service.webhooks.pending import PendingEvent, PendingEvents
 
 log = logging.getLogger("meterline.limits")
 
@@ -92,6 +94,10 @@ _STORE_RETRY_S = 1.0
 _LEDGER_RETRY_S = 1.0
 # The response header that tells a client its request was capped to this many tokens.
 _MAX_TOKENS_HEADER = "x-meterline-max-tokens-capped"
+# A `budget.threshold` event is raised when a month's spend reaches each of these percents
+# of its budget, once a month (service/webhooks); settled budgets are looked at this often.
+BUDGET_THRESHOLDS = (80, 100)
+_THRESHOLD_CHECK_S = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,6 +240,7 @@ class Limits:
         counters: Counters,
         limits_of: LimitsOf,
         redis: Redis | None = None,
+        events: PendingEvents | None = None,
     ) -> None:
         self.settings = settings
         self._engine = engine
@@ -251,6 +258,13 @@ class Limits:
         self._resync = Periodic("budget_resync", settings.budget_resync_s, self._resync_all, log)
         self._last_failure_log = 0.0
         self._store_down_until = 0.0
+        # Budgets charged since the last threshold check, and the thresholds told already.
+        self._events = events
+        self._charged: set[str] = set()
+        self._thresholds_told: set[tuple[str, int]] = set()
+        self._thresholds = Periodic(
+            "budget_thresholds", _THRESHOLD_CHECK_S, self._check_thresholds, log
+        )
 
     @classmethod
     def create(
@@ -260,16 +274,22 @@ class Limits:
         prices: PriceCache,
         limits_of: LimitsOf,
         listener: Listener | None = None,
+        events: PendingEvents | None = None,
     ) -> Limits:
         """Counters in Redis when `redis_url` is set, in this process otherwise."""
-        limits = cls._create(settings, engine, prices, limits_of)
+        limits = cls._create(settings, engine, prices, limits_of, events)
         if listener is not None:
             listener.subscribe(Channel.CREDITS, limits._on_credits, limits._credits.clear)
         return limits
 
     @classmethod
     def _create(
-        cls, settings: Settings, engine: AsyncEngine, prices: PriceCache, limits_of: LimitsOf
+        cls,
+        settings: Settings,
+        engine: AsyncEngine,
+        prices: PriceCache,
+        limits_of: LimitsOf,
+        events: PendingEvents | None,
     ) -> Limits:
         if not settings.redis_url:
             if settings.workers > 1:
@@ -280,7 +300,7 @@ class Limits:
                     f" its own, so a budget may be spent up to {settings.workers} times over;"
                     " set METERLINE_REDIS_URL to share them",
                 )
-            return cls(settings, engine, prices, MemoryCounters(), limits_of)
+            return cls(settings, engine, prices, MemoryCounters(), limits_of, events=events)
         # Short timeouts: a slow Redis must not hold requests; admission then fails open.
         # A bounded pool that waits for a free connection: a burst must queue, not fail.
         pool = BlockingConnectionPool.from_url(
@@ -292,13 +312,18 @@ class Limits:
         )
         redis = Redis(connection_pool=pool)
         counters = RedisCounters(redis, settings.redis_prefix)
-        return cls(settings, engine, prices, counters, limits_of, redis)
+        return cls(settings, engine, prices, counters, limits_of, redis, events)
 
     def start(self) -> None:
         self._resync.start()
+        if self._events is not None:
+            self._thresholds.start()
 
     async def stop(self) -> None:
         await self._resync.stop()
+        await self._thresholds.stop()
+        with contextlib.suppress(Exception):  # what was charged last is told now
+            await self._check_thresholds()
         syncs = list(self._syncing.values())
         for task in syncs:
             task.cancel()
@@ -404,7 +429,9 @@ class Limits:
                 for lim in applied.budgets
             ]
             for lim, hold in zip(applied.budgets, holds, strict=True):
-                self._budgeted.setdefault(hold.counter, _Budgeted(lim, account_id, month))
+                known = self._budgeted.get(hold.counter)
+                if known is None or known.limit != lim:  # new, or its budget changed
+                    self._budgeted[hold.counter] = _Budgeted(lim, account_id, month)
             if prepaid is not None:
                 limit = await self._credit_limit(prepaid, now)
                 holds.append(Hold(credit_counter(prepaid), limit, need.amount, need.minimum))
@@ -611,6 +638,8 @@ class Limits:
             await self.counters.settle(window, corrections, budgets, reservation, cost)
         except (RedisError, OSError) as exc:
             self._store_failed("settle", exc)
+        if cost:
+            self._charged.update(budgets)
 
     async def release(self, grant: Grant) -> None:
         """An admitted request that produced nothing to bill (refused later, never sent)."""
@@ -742,6 +771,8 @@ class Limits:
                     for counter, item in items:
                         amount = spent.get(item.limit.owner, Decimal(0))
                         await self.counters.sync(counter, to_nano_up(max(amount, Decimal(0))))
+                        # The ledger may show a threshold no process told (one was killed).
+                        self._charged.add(counter)
         except Exception as exc:  # the database or Redis may be down; the next resync retries
             self._ledger_down_until = time.monotonic() + _LEDGER_RETRY_S
             log.warning("event=budget_sync_failed error=%s", type(exc).__name__)
@@ -753,4 +784,49 @@ class Limits:
         for counter, item in list(self._budgeted.items()):
             if item.month != current:  # a past month's counters are no longer used
                 del self._budgeted[counter]
+        self._thresholds_told = {t for t in self._thresholds_told if t[0] in self._budgeted}
         await self._sync(list(self._budgeted) + [credit_counter(a) for a in self._credits])
+
+    # -- budget thresholds (webhooks) -------------------------------------------------
+
+    async def _check_thresholds(self) -> None:
+        """Offer `budget.threshold` for each budget charged since the last check whose spend
+        reached 80 % or 100 % of it. Off the hot path: settlement only notes the counter."""
+        if self._events is None:
+            return
+        charged, self._charged = list(self._charged), set()
+        for index, counter in enumerate(charged):
+            item = self._budgeted.get(counter)
+            if item is None or item.limit.limit <= 0:
+                continue
+            try:
+                spent, _reserved = await self.counters.state(counter)
+            except (RedisError, OSError):
+                self._charged.update(charged[index:])  # looked at again next round
+                raise
+            for percent in BUDGET_THRESHOLDS:
+                told = (counter, percent)
+                if told in self._thresholds_told or spent * 100 < item.limit.limit * percent:
+                    continue
+                self._thresholds_told.add(told)
+                self._events.offer(_threshold_event(item, percent, spent))
+
+
+def _threshold_event(item: _Budgeted, percent: int, spent: int) -> PendingEvent:
+    limit = item.limit
+    data: dict[str, Any] = {
+        "account_id": str(item.account_id),
+        "scope": limit.scope,
+        "key_id": str(limit.owner) if limit.scope == "key" else None,
+        "period": str(item.month),
+        "threshold_percent": percent,
+        "budget_usd": f"{from_nano(limit.limit):f}",
+        "spent_usd": f"{from_nano(spent):f}",
+    }
+    return PendingEvent(
+        EventType.BUDGET_THRESHOLD,
+        data,
+        item.account_id,
+        f"budget.threshold:{limit.scope}:{limit.owner}:{item.month}:{percent}",
+        datetime.now(UTC),
+    )

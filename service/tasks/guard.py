@@ -61,6 +61,8 @@ from service.ledger.record import LedgerRecord
 from service.lifecycle import Periodic
 from service.proxy.context import RequestContext
 from service.tasks import repository
+from service.webhooks.events import EventType
+from service.webhooks.pending import PendingEvent, PendingEvents
 
 log = logging.getLogger("meterline.tasks")
 
@@ -136,8 +138,12 @@ class TaskGuard:
         settle_window_s: float = 600.0,
         *,
         listener: Listener | None = None,
+        events: PendingEvents | None = None,
     ) -> None:
         self._dsn = dsn
+        # Where a task reaching its cap is told (`task.cost_cap_reached`), once a process.
+        self._events = events
+        self._cap_noticed: set[int] = set()
         self._settle_window_s = settle_window_s
         self._closed = array.array("q")
         self._closed_recent: set[int] = set()
@@ -220,6 +226,33 @@ class TaskGuard:
         quoted = self._open.get(task_key(record.account_id, record.task_id))
         if quoted is not None and quoted.covers(record.occurred_at):
             quoted.pending[record.request_id] = record.cost_usd
+            self._notice_cap(record.account_id, record.task_id, quoted)
+
+    def _notice_cap(self, account_id: uuid.UUID, task_id: str, quoted: QuotedTaskCost) -> None:
+        """Offer `task.cost_cap_reached` the first time this process sees the task past its
+        cap (no I/O: the event reaches the outbox off the hot path, once whoever offers it)."""
+        if self._events is None or not (quoted.unpriced or quoted.cost >= quoted.cap):
+            return
+        key = task_key(account_id, task_id)
+        if key in self._cap_noticed:
+            return
+        self._cap_noticed.add(key)
+        self._events.offer(
+            PendingEvent(
+                EventType.TASK_COST_CAP_REACHED,
+                {
+                    "account_id": str(account_id),
+                    "task_id": task_id,
+                    "model": quoted.model,
+                    "cost_cap_usd": str(quoted.cap),
+                    "cost_usd": str(quoted.cost),
+                    "unpriced_usage": quoted.unpriced,
+                },
+                account_id,
+                f"task.cost_cap_reached:{account_id}:{task_id}",
+                datetime.now(UTC),
+            )
+        )
 
     # ---- changes made by this process ---------------------------------------------------
 
@@ -227,6 +260,7 @@ class TaskGuard:
         key = task_key(account_id, task_id)
         self._closed_recent.add(key)
         self._open.pop(key, None)
+        self._cap_noticed.discard(key)
 
     def mark_open_quoted(
         self,
@@ -333,6 +367,11 @@ class TaskGuard:
                 self._closed_recent = set()
         # Tasks this process closed after the snapshot was taken stay closed.
         self._open = {k: v for k, v in opened.items() if not self.is_closed(k)}
+        # Past its cap through other processes' requests (or before a restart): told too.
+        for row in open_rows:
+            quoted = self._open.get(task_key(row["account_id"], row["external_id"]))
+            if quoted is not None:
+                self._notice_cap(row["account_id"], row["external_id"], quoted)
         self._closed_mark = started - _CLOSED_OVERLAP
 
     async def _follow(self) -> None:

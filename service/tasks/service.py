@@ -32,6 +32,8 @@ from service.schemas import Page, decode_cursor, keyset_page
 from service.tasks.expiry import expire_tasks
 from service.tasks.repository import TaskFilter, TaskRepository, TaskUsage
 from service.tasks.schemas import Outcome, TaskOut
+from service.webhooks.events import EventType
+from service.webhooks.outbox import raise_event
 
 log = logging.getLogger("meterline.tasks")
 
@@ -215,7 +217,21 @@ async def complete_task(
         outcome,
         task.quote_id is not None,
     )
-    return task_out(task, usage, account, task_id)
+    completed = task_out(task, usage, account, task_id)
+    await raise_event(session, EventType.TASK_COMPLETED, _event_data(completed), account)
+    return completed
+
+
+def _event_data(task: TaskOut) -> dict[str, object]:
+    """What a `task.completed` webhook says: the task as GET /billing/tasks/{id} shows it."""
+    return task.model_dump(
+        mode="json",
+        include={
+            "id", "account_id", "task_type", "model", "status", "quoted", "quote_id",
+            "fixed_price_usd", "cost_usd", "requests", "total_tokens", "completed_at",
+            "billed_as",
+        },
+    )  # fmt: skip
 
 
 async def open_quoted_task(

@@ -1,0 +1,1 @@
+"""Signed webhooks (Standard Webhooks) of business events, from a durable outbox."""
