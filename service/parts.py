@@ -18,6 +18,7 @@ from typing import Protocol
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from pricing.prices import PriceBook
+from pricing.rate_cards import Tariff
 from service.settings import Settings
 
 
@@ -26,6 +27,9 @@ class LivePrices(Protocol):
 
     @property
     def book(self) -> PriceBook: ...
+
+    @property
+    def tariff(self) -> Tariff: ...
 
     async def refresh(self) -> None: ...
 

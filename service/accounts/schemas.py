@@ -44,6 +44,18 @@ class AccountCreate(BaseModel):
     )
     rate_limit_rpm: PerMinute | None = None
     rate_limit_tpm: PerMinute | None = None
+    rate_card_id: int | None = Field(
+        default=None,
+        description="The rate card the account pays by (`GET /billing/rate-cards`); unset:"
+        " list prices.",
+    )
+    rate_card_effective_from: BillableTime | None = Field(
+        default=None, description="From when the rate card applies; default now."
+    )
+
+
+# Not columns of the account: an assignment of its rate card, kept with its history.
+RATE_CARD_FIELDS = frozenset({"rate_card_id", "rate_card_effective_from"})
 
 
 # An account always has these: a PATCH may leave them out, not set them to null.
@@ -79,6 +91,15 @@ class AccountUpdate(BaseModel):
     expired_task_policy: ExpiredTaskPolicy | None = None
     rate_limit_rpm: PerMinute | None = None
     rate_limit_tpm: PerMinute | None = None
+    rate_card_id: int | None = Field(
+        default=None,
+        description="Pay by this rate card from `rate_card_effective_from` on; `null`: list"
+        " prices from then on. The earlier assignments stay in the history"
+        " (`GET /billing/accounts/{id}/rate-cards`).",
+    )
+    rate_card_effective_from: BillableTime | None = Field(
+        default=None, description="From when `rate_card_id` applies; default now."
+    )
 
     @field_validator(*NOT_NULLABLE, mode="before")
     @classmethod
@@ -88,7 +109,8 @@ class AccountUpdate(BaseModel):
         return value
 
     def changes(self) -> dict[str, Any]:
-        return {field: getattr(self, field) for field in self.model_fields_set}
+        """The account's own columns sent (the rate card is an assignment, apart)."""
+        return {f: getattr(self, f) for f in self.model_fields_set - RATE_CARD_FIELDS}
 
 
 class AccountOut(BaseModel):
@@ -104,6 +126,9 @@ class AccountOut(BaseModel):
     expired_task_policy: ExpiredTaskPolicy
     rate_limit_rpm: int | None
     rate_limit_tpm: int | None
+    rate_card_id: int | None = Field(
+        default=None, description="The rate card in force now; null: list prices."
+    )
     created_at: datetime
     updated_at: datetime
 

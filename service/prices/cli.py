@@ -26,7 +26,7 @@ prices_app = typer.Typer(
 )
 
 
-def _format_of(path: Path | None, given: str | None) -> TableFormat:
+def table_format_of(path: Path | None, given: str | None) -> TableFormat:
     name = (given or (path.suffix.lstrip(".") if path else "") or "csv").lower()
     if name in ("yaml", "yml"):
         return "yaml"
@@ -53,12 +53,12 @@ def import_prices(
         text = sys.stdin.read() if stdin else file.read_text()
     except (OSError, UnicodeDecodeError) as exc:
         fail(f"cannot read {file}: {getattr(exc, 'strerror', None) or exc}")
-    table_format = _format_of(None if stdin else file, fmt)
+    table_format = table_format_of(None if stdin else file, fmt)
     result = run_in_transaction(lambda s: service.import_table(s, text, table_format))
     err.print(f"imported {len(result.added)} new versions, {result.unchanged} already present")
 
 
-def _price(version: dict[str, Any]) -> Price:
+def price_of_version(version: dict[str, Any]) -> Price:
     """A version as `GET /billing/prices` answers it (rates as decimal strings)."""
     cached = version["cached_input_usd_per_mtok"]
     return Price(
@@ -80,10 +80,10 @@ def export_prices(
     token: TokenOption = None,
 ) -> None:
     """Every price version, readable back by `meterline prices import` (any caller)."""
-    table_format = _format_of(output, fmt)
+    table_format = table_format_of(output, fmt)
     with BillingClient(url, token) as client:
         versions = client.request("GET", "/billing/prices")["data"]
-    text = format_price_table([_price(v) for v in versions], table_format)
+    text = format_price_table([price_of_version(v) for v in versions], table_format)
     if output is None:
         sys.stdout.write(text)
     else:

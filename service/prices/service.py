@@ -12,12 +12,13 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Generic, Protocol, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from pricing.price_table import TableFormat, parse_price_table
 from pricing.prices import Price, PriceBook
-from service.db.models import PriceVersion
+from service.db.models import PriceVersion, ProviderCostVersion
 from service.errors import Conflict, NotFound
 from service.prices.repository import PriceRepository, to_price
 from service.prices.schemas import PriceCreate
@@ -25,13 +26,25 @@ from service.prices.schemas import PriceCreate
 log = logging.getLogger("meterline.prices")
 
 
+# A stored version of rates: a list price, or a provider cost.
+V = TypeVar("V", bound=PriceVersion | ProviderCostVersion)
+V_co = TypeVar("V_co", bound=PriceVersion | ProviderCostVersion, covariant=True)
+
+
+class VersionStore(Protocol[V_co]):
+    """Where versions of one table live: list prices, or one provider's costs."""
+
+    async def find(self, model: str, effective_from: datetime) -> V_co | None: ...
+    async def add(self, price: Price, source: str) -> V_co: ...
+
+
 @dataclass
-class ImportResult:
-    added: list[PriceVersion] = field(default_factory=list)
+class ImportResult(Generic[V]):
+    added: list[V] = field(default_factory=list)
     unchanged: int = 0
 
 
-def _same_rates(version: PriceVersion, price: Price) -> bool:
+def _same_rates(version: PriceVersion | ProviderCostVersion, price: Price) -> bool:
     return (
         version.input_usd_per_mtok == price.input_usd_per_mtok
         and version.output_usd_per_mtok == price.output_usd_per_mtok
@@ -87,11 +100,19 @@ async def add_price(session: AsyncSession, data: PriceCreate) -> tuple[PriceVers
     return existing, False
 
 
-async def import_prices(session: AsyncSession, prices: list[Price], source: str) -> ImportResult:
+async def import_prices(
+    session: AsyncSession, prices: list[Price], source: str
+) -> ImportResult[PriceVersion]:
+    """Add the list-price versions not present yet, all or nothing (see `import_versions`)."""
+    return await import_versions(PriceRepository(session), prices, source, "prices")
+
+
+async def import_versions(
+    repository: VersionStore[V], prices: list[Price], source: str, table: str
+) -> ImportResult[V]:
     """Add the versions not present yet, all or nothing: a version that exists with other
     rates (same model and `effective_from`) refuses the whole import with a 409."""
-    repository = PriceRepository(session)
-    result = ImportResult()
+    result: ImportResult[V] = ImportResult()
     conflicts = []
     seen: dict[tuple[str, datetime], Price] = {}
     for price in prices:
@@ -115,7 +136,8 @@ async def import_prices(session: AsyncSession, prices: list[Price], source: str)
             + ". Versions are never edited: give the new price a later effective_from"
         )
     log.info(
-        "event=prices_imported source=%s added=%d unchanged=%d",
+        "event=%s_imported source=%s added=%d unchanged=%d",
+        table,
         source,
         len(result.added),
         result.unchanged,
@@ -125,7 +147,7 @@ async def import_prices(session: AsyncSession, prices: list[Price], source: str)
 
 async def import_table(
     session: AsyncSession, text: str, table_format: TableFormat, source: str = "import"
-) -> ImportResult:
+) -> ImportResult[PriceVersion]:
     """Read a CSV or YAML table (rows without `effective_from` take effect now) and import it."""
     prices = parse_price_table(text, table_format, default_effective_from=datetime.now(UTC))
     return await import_prices(session, prices, source)
