@@ -19,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from pricing.prices import PriceBook
 from pricing.rate_cards import Tariff
+from service.providers.config import Provider
 from service.settings import Settings
 
 
@@ -32,6 +33,12 @@ class LivePrices(Protocol):
     def tariff(self) -> Tariff: ...
 
     async def refresh(self) -> None: ...
+
+
+class ModelRoutes(Protocol):
+    """Which provider serves a model (service/providers/router.py)."""
+
+    def route(self, model: str) -> Provider | None: ...
 
 
 class KeyDirectory(Protocol):
@@ -79,6 +86,8 @@ class Parts(Protocol):
     def prices(self) -> LivePrices: ...
     @property
     def keys(self) -> KeyDirectory: ...
+    @property
+    def providers(self) -> ModelRoutes: ...
     @property
     def tasks(self) -> LiveTasks: ...
     @property

@@ -11,11 +11,15 @@ numbers are global).
 
 from __future__ import annotations
 
+import os
 import secrets
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import ROUND_HALF_UP, Decimal
+from pathlib import Path
 from typing import Any
 
 import openai
@@ -23,8 +27,9 @@ import pytest
 
 from pricing.invoice import BillingPeriod
 from pricing.money import round_cents
-from tests.conftest import Upstream
+from tests.conftest import ADMIN_TOKEN, Upstream
 from tests.reliability import wait_for_rows
+from tests.support import ROOT
 from tests.test_invoices import Billing, Row, billing_server, exact_sum, month
 
 MILLION = Decimal(1_000_000)
@@ -67,6 +72,19 @@ def chat(billing: Billing, key: str, model: str, n: int) -> None:
             messages=[{"role": "user", "content": f"count to {i + 3}, please " * (i + 1)}],
             max_tokens=20 + i,
         )
+
+
+def meterline_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """`meterline …` as a user runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "service", *args],
+        cwd=ROOT,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=True,
+    )
 
 
 def ledger(billing: Billing, account: uuid.UUID) -> list[dict[str, Any]]:
@@ -313,3 +331,68 @@ def test_bad_rate_card_input_is_a_clear_4xx(billing: Billing) -> None:
     cost_body = {"provider": "mock", "model": "m", "input_usd_per_mtok": "-1"}
     cost_body["output_usd_per_mtok"] = "1"
     assert billing.admin.post("/billing/provider-costs", json=cost_body).status_code == 422
+
+
+def test_an_estimate_quote_takes_its_cost_basis_from_the_provider_cost_where_known(
+    billing: Billing,
+) -> None:
+    tag = secrets.token_hex(3)
+    known, unknown = f"mock-q-{tag}", f"mock-r-{tag}"
+    for model in (known, unknown):
+        billing.price(model, "1", "2", LONG_AGO)
+    body = {"provider": "mock", "model": known, "input_usd_per_mtok": "0.25"}
+    body |= {"output_usd_per_mtok": "0.5", "effective_from": LONG_AGO.isoformat()}
+    post(billing, "/billing/provider-costs", body)
+    account = billing.server.new_account()
+    quotes = {}
+    for model in (known, unknown):
+        quotes[model] = post(
+            billing,
+            "/billing/quotes",
+            {
+                "account_id": account["id"],
+                "task_type": "summarize",
+                "model": model,
+                "prompt_tokens": 1000,
+                "max_completion_tokens": 3000,
+            },
+        )
+    assert quotes[known]["basis"] == quotes[unknown]["basis"] == "estimate"
+    assert quotes[known]["cost_source"] == "provider_cost"
+    assert Decimal(quotes[known]["expected_cost_usd"]) == Decimal("0.00175")  # 0.25 + 1.5
+    assert quotes[unknown]["cost_source"] == "list_price"
+    assert Decimal(quotes[unknown]["expected_cost_usd"]) == Decimal("0.007")  # 1 + 6
+
+
+def test_provider_costs_round_trip_through_the_cli(billing: Billing, tmp_path: Path) -> None:
+    tag = secrets.token_hex(3)
+    table = tmp_path / "costs.csv"
+    table.write_text(
+        "model,input_usd_per_mtok,output_usd_per_mtok,cached_input_usd_per_mtok,effective_from\n"
+        f"cli-{tag}/*,0.11,0.22,,2026-02-01\n"
+        f"cli-{tag}/exact,0.3,0.4,0.05,2026-03-01T12:00:00Z\n"
+    )
+    provider = f"prov-{tag}"
+    env = {"METERLINE_DATABASE_URL": billing.db.url}
+    imported = meterline_cli(
+        "provider-costs", "import", str(table), "--provider", provider, env=env
+    )
+    assert "imported 2 new versions" in imported.stderr
+    again = meterline_cli("provider-costs", "import", str(table), "--provider", provider, env=env)
+    assert "0 new versions, 2 already present" in again.stderr
+    exported = meterline_cli(
+        "provider-costs",
+        "export",
+        "--provider",
+        provider,
+        "--url",
+        billing.server.url,
+        "--token",
+        ADMIN_TOKEN,
+        env=env,
+    )
+    assert exported.stdout == (
+        "model,input_usd_per_mtok,output_usd_per_mtok,cached_input_usd_per_mtok,effective_from\n"
+        f"cli-{tag}/*,0.11,0.22,,2026-02-01T00:00:00Z\n"
+        f"cli-{tag}/exact,0.3,0.4,0.05,2026-03-01T12:00:00Z\n"
+    )

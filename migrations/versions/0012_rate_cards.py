@@ -137,9 +137,17 @@ def upgrade() -> None:
     op.add_column("usage_ledger", sa.Column("provider_cost_usd", sa.Numeric(24, 12)))
     op.add_column("usage_ledger", sa.Column("provider_cost_version_id", sa.BigInteger()))
     op.add_column("usage_ledger", sa.Column("rate_card_version_id", sa.BigInteger()))
+    op.add_column("quotes", sa.Column("cost_source", sa.String(length=16)))
+    op.create_check_constraint(
+        op.f("ck_quotes_cost_source"),
+        "quotes",
+        "cost_source IS NULL OR cost_source IN ('provider_cost', 'list_price')",
+    )
 
 
 def downgrade() -> None:
+    op.drop_constraint(op.f("ck_quotes_cost_source"), "quotes", type_="check")
+    op.drop_column("quotes", "cost_source")
     op.drop_column("usage_ledger", "rate_card_version_id")
     op.drop_column("usage_ledger", "provider_cost_version_id")
     op.drop_column("usage_ledger", "provider_cost_usd")

@@ -40,7 +40,7 @@ from pricing.invoice import (
     TaskBilling,
     TaskStatus,
 )
-from pricing.quote import QuoteBasis
+from pricing.quote import CostSource, QuoteBasis
 from pricing.rate_cards import MarkupBasis
 from service.db.base import (
     Base,
@@ -511,6 +511,7 @@ class Quote(Base):
     __tablename__ = "quotes"
     __table_args__ = (
         one_of("basis", QuoteBasis),
+        one_of("cost_source", CostSource, nullable=True),
         Index("ix_quotes_account_id", "account_id"),
     )
 
@@ -519,6 +520,8 @@ class Quote(Base):
     task_type: Mapped[str] = mapped_column(String(128))
     model: Mapped[str] = mapped_column(String(256))
     basis: Mapped[QuoteBasis] = mapped_column(Vocabulary(QuoteBasis, 16))
+    # An estimate's: whose cost its tokens were priced at (NULL for history quotes).
+    cost_source: Mapped[CostSource | None] = mapped_column(Vocabulary(CostSource, 16))
     sample_size: Mapped[int] = mapped_column(Integer)
     confidence: Mapped[Decimal] = mapped_column(Numeric(6, 4))
     margin: Mapped[Decimal] = mapped_column(Numeric(8, 4))
