@@ -85,17 +85,27 @@ async def lookup(session: AsyncSession, model: str, at: datetime) -> PriceVersio
 async def add_price(session: AsyncSession, data: PriceCreate) -> tuple[PriceVersion, bool]:
     """Add a version; True when new. The same version again is accepted and returned as is;
     other rates for an existing (model, effective_from) are a 409."""
-    price = Price(
+    return await add_version(PriceRepository(session), version_of(data), "prices")
+
+
+def version_of(data: PriceCreate) -> Price:
+    """The version a request describes (no `effective_from`: from now on)."""
+    return Price(
         model=data.model,
         input_usd_per_mtok=data.input_usd_per_mtok,
         output_usd_per_mtok=data.output_usd_per_mtok,
         cached_input_usd_per_mtok=data.cached_input_usd_per_mtok,
         effective_from=(data.effective_from or datetime.now(UTC)).astimezone(UTC),
     )
-    result = await import_prices(session, [price], source="api")
+
+
+async def add_version(store: VersionStore[V], price: Price, table: str) -> tuple[V, bool]:
+    """Add one version from the API; True when new. The same version again is returned as
+    is; other rates for an existing (model, effective_from) are a 409."""
+    result = await import_versions(store, [price], "api", table)
     if result.added:
         return result.added[0], True
-    existing = await PriceRepository(session).find(price.model, price.effective_from)
+    existing = await store.find(price.model, price.effective_from)
     assert existing is not None
     return existing, False
 

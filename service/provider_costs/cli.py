@@ -5,7 +5,6 @@ database, as `meterline prices import` does."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -14,8 +13,8 @@ import typer
 from pricing.price_table import format_price_table
 from service.commands.api import API_CLIENTS, BillingClient, TokenOption, UrlOption
 from service.commands.database import DIRECT, run_in_transaction
-from service.commands.output import err, fail
-from service.prices.cli import price_of_version, table_format_of
+from service.commands.output import err
+from service.prices.cli import price_of_version, read_table, table_format_of, write_table
 from service.provider_costs import service
 
 provider_costs_app = typer.Typer(
@@ -41,12 +40,7 @@ def import_costs(
     Versions already present are skipped; one present with other rates refuses the whole
     import. Stored ledger rows never change.
     """
-    stdin = str(file) == "-"
-    try:
-        text = sys.stdin.read() if stdin else file.read_text()
-    except (OSError, UnicodeDecodeError) as exc:
-        fail(f"cannot read {file}: {getattr(exc, 'strerror', None) or exc}")
-    table_format = table_format_of(None if stdin else file, fmt)
+    text, table_format = read_table(file, fmt)
     result = run_in_transaction(lambda s: service.import_table(s, provider, text, table_format))
     err.print(f"imported {len(result.added)} new versions, {result.unchanged} already present")
 
@@ -67,12 +61,4 @@ def export_costs(
         versions = client.request("GET", "/billing/provider-costs", params={"provider": provider})[
             "data"
         ]
-    text = format_price_table([price_of_version(v) for v in versions], table_format)
-    if output is None:
-        sys.stdout.write(text)
-    else:
-        try:
-            output.write_text(text)
-        except OSError as exc:
-            fail(f"cannot write {output}: {exc.strerror or exc}")
-        err.print(f"wrote {output}")
+    write_table(format_price_table([price_of_version(v) for v in versions], table_format), output)

@@ -9,18 +9,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from pricing.prices import Price
 from service.db.models import ProviderCostVersion
 from service.db.repository import Repository
-
-
-def to_cost(row: ProviderCostVersion) -> Price:
-    """A provider cost has a list price's shape: $/M input, output and cached input."""
-    return Price(
-        model=row.model,
-        input_usd_per_mtok=row.input_usd_per_mtok,
-        output_usd_per_mtok=row.output_usd_per_mtok,
-        cached_input_usd_per_mtok=row.cached_input_usd_per_mtok,
-        effective_from=row.effective_from,
-        version_id=row.id,
-    )
+from service.prices.repository import to_price
 
 
 class ProviderCostRepository(Repository):
@@ -28,7 +17,7 @@ class ProviderCostRepository(Repository):
         """Every version, per provider."""
         costs: dict[str, list[Price]] = {}
         for row in await self.session.scalars(select(ProviderCostVersion)):
-            costs.setdefault(row.provider, []).append(to_cost(row))
+            costs.setdefault(row.provider, []).append(to_price(row))
         return costs
 
     async def versions(

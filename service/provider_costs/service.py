@@ -15,9 +15,9 @@ from pathlib import Path
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from pricing.price_table import TableFormat, parse_price_table
-from pricing.prices import BEGINNING_OF_TIME, Price, PriceBook
+from pricing.prices import BEGINNING_OF_TIME, PriceBook
 from service.db.models import ProviderCostVersion
-from service.prices.service import ImportResult, import_versions
+from service.prices.service import ImportResult, add_version, import_versions, version_of
 from service.provider_costs.repository import ProviderCostRepository, ProviderCostStore
 from service.provider_costs.schemas import ProviderCostCreate
 from service.providers.config import Provider
@@ -42,20 +42,9 @@ async def add_cost(
 ) -> tuple[ProviderCostVersion, bool]:
     """Add a version; True when new. The same version again is returned as is; other rates
     for an existing (provider, model, effective_from) are a 409."""
-    price = Price(
-        model=data.model,
-        input_usd_per_mtok=data.input_usd_per_mtok,
-        output_usd_per_mtok=data.output_usd_per_mtok,
-        cached_input_usd_per_mtok=data.cached_input_usd_per_mtok,
-        effective_from=(data.effective_from or datetime.now(UTC)).astimezone(UTC),
+    return await add_version(
+        ProviderCostStore(session, data.provider), version_of(data), "provider_costs"
     )
-    store = ProviderCostStore(session, data.provider)
-    result = await import_versions(store, [price], "api", "provider_costs")
-    if result.added:
-        return result.added[0], True
-    existing = await store.find(price.model, price.effective_from)
-    assert existing is not None
-    return existing, False
 
 
 async def import_table(
