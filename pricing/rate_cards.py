@@ -28,7 +28,7 @@ from datetime import datetime
 from decimal import ROUND_HALF_UP, Decimal
 from enum import StrEnum
 
-from pricing.cost import TokenUsage, usage_cost
+from pricing.cost import TokenUsage, usage_costs
 from pricing.price_table import MAX_RATE, RATE_STEP, PriceTableError
 from pricing.prices import BEGINNING_OF_TIME, Price, PriceBook, PriceSegment
 
@@ -86,7 +86,7 @@ class CustomerPrice:
     provider_cost: Price | None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Charge:
     """The two exact figures of one ledger row and the versions they were computed with."""
 
@@ -217,15 +217,22 @@ class Tariff:
         provider: str | None,
         usage: TokenUsage,
     ) -> Charge:
-        """Both exact figures of a ledger row for `usage`, with the versions used."""
-        price = self.customer_price(account_id, model, at, provider)
-        cost = price.provider_cost
+        """Both exact figures of a ledger row for `usage`, with the versions used (the
+        proxy's path: one call per request)."""
+        if account_id in self._assignments:
+            price = self.customer_price(account_id, model, at, provider)
+            charged, listed, cost = price.price, price.list_price, price.provider_cost
+            card = price.rate_card
+        else:  # no rate card ever: the list price, as `customer_price` answers it
+            listed = charged = self.list_prices.price_for(model, at)
+            cost, card = self.provider_cost(provider, model, at), None
+        cost_usd, provider_cost_usd = usage_costs(usage, charged, cost)
         return Charge(
-            cost_usd=None if price.price is None else usage_cost(usage, price.price),
-            price_version_id=None if price.list_price is None else price.list_price.version_id,
-            provider_cost_usd=None if cost is None else usage_cost(usage, cost),
+            cost_usd=cost_usd,
+            price_version_id=None if listed is None else listed.version_id,
+            provider_cost_usd=provider_cost_usd,
             provider_cost_version_id=None if cost is None else cost.version_id,
-            rate_card_version_id=None if price.rate_card is None else price.rate_card.version_id,
+            rate_card_version_id=None if card is None else card.version_id,
         )
 
     def customer_segments(self, account_id: uuid.UUID, model: str) -> list[PriceSegment]:
