@@ -11,6 +11,7 @@ numbers are global).
 
 from __future__ import annotations
 
+import asyncio
 import os
 import secrets
 import subprocess
@@ -27,6 +28,9 @@ import pytest
 
 from pricing.invoice import BillingPeriod
 from pricing.money import round_cents
+from service.db.engine import create_engine, session_factory
+from service.provider_costs.service import seed_provider_costs
+from service.providers.config import ProvidersFileError, load_providers, parse_providers
 from tests.conftest import ADMIN_TOKEN, Upstream
 from tests.reliability import wait_for_rows
 from tests.support import ROOT
@@ -396,3 +400,43 @@ def test_provider_costs_round_trip_through_the_cli(billing: Billing, tmp_path: P
         f"cli-{tag}/*,0.11,0.22,,2026-02-01T00:00:00Z\n"
         f"cli-{tag}/exact,0.3,0.4,0.05,2026-03-01T12:00:00Z\n"
     )
+
+
+def test_the_providers_file_names_a_default_cost_table(billing: Billing, tmp_path: Path) -> None:
+    tag = secrets.token_hex(3)
+    (tmp_path / "costs").mkdir()
+    (tmp_path / "costs" / "up.yaml").write_text(
+        f"- {{model: 'file-{tag}/*', input_usd_per_mtok: 0.07, output_usd_per_mtok: 0.09}}\n"
+    )
+    providers = tmp_path / "providers.yaml"
+    providers.write_text(
+        "providers:\n"
+        f"  - name: up-{tag}\n"
+        "    base_url: http://127.0.0.1:9/v1\n"
+        f"    models: ['file-{tag}/*']\n"
+        "    cost_table: costs/up.yaml\n"
+    )
+    (provider,) = load_providers(providers)
+    assert provider.cost_table == str(tmp_path / "costs" / "up.yaml")
+
+    async def seed_twice() -> None:
+        engine = create_engine(billing.db.url, pool_size=1)
+        try:
+            await seed_provider_costs(session_factory(engine), [provider])
+            await seed_provider_costs(session_factory(engine), [provider])  # nothing new
+        finally:
+            await engine.dispose()
+
+    asyncio.run(seed_twice())
+    listed = billing.admin.get("/billing/provider-costs", params={"provider": f"up-{tag}"})
+    (version,) = listed.json()["data"]
+    assert (version["input_usd_per_mtok"], version["output_usd_per_mtok"]) == (
+        "0.070000",
+        "0.090000",
+    )
+    assert version["source"] == "providers_file"
+    assert version["effective_from"].startswith("1970-01-01")
+    with pytest.raises(ProvidersFileError):
+        parse_providers(
+            "providers:\n  - {name: x, base_url: http://h/v1, models: [a], cost_table: 3}"
+        )

@@ -5,11 +5,12 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, computed_field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, computed_field, field_validator, model_validator
 
 from pricing.invoice import ExpiredTaskPolicy, FailedTaskPolicy
 from service.auth.usability import KeyStatus, key_status
 from service.db.models import Tier
+from service.rate_cards.schemas import RateCardId
 from service.schemas import BillableTime, DecimalString, Text
 
 # Column bounds: NUMERIC(24, 12) for money, NUMERIC(8, 4) for a margin, INTEGER for limits.
@@ -44,7 +45,7 @@ class AccountCreate(BaseModel):
     )
     rate_limit_rpm: PerMinute | None = None
     rate_limit_tpm: PerMinute | None = None
-    rate_card_id: int | None = Field(
+    rate_card_id: RateCardId | None = Field(
         default=None,
         description="The rate card the account pays by (`GET /billing/rate-cards`); unset:"
         " list prices.",
@@ -91,7 +92,7 @@ class AccountUpdate(BaseModel):
     expired_task_policy: ExpiredTaskPolicy | None = None
     rate_limit_rpm: PerMinute | None = None
     rate_limit_tpm: PerMinute | None = None
-    rate_card_id: int | None = Field(
+    rate_card_id: RateCardId | None = Field(
         default=None,
         description="Pay by this rate card from `rate_card_effective_from` on; `null`: list"
         " prices from then on. The earlier assignments stay in the history"
@@ -107,6 +108,14 @@ class AccountUpdate(BaseModel):
         if value is None:
             raise ValueError("cannot be null")
         return value
+
+    @model_validator(mode="after")
+    def _effective_from_goes_with_a_rate_card(self) -> AccountUpdate:
+        if "rate_card_effective_from" in self.model_fields_set and (
+            "rate_card_id" not in self.model_fields_set
+        ):
+            raise ValueError("rate_card_effective_from goes with rate_card_id")
+        return self
 
     def changes(self) -> dict[str, Any]:
         """The account's own columns sent (the rate card is an assignment, apart)."""

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
-from fastapi import APIRouter, status
+from typing import Annotated
+
+from fastapi import APIRouter, Path, status
 
 from service.db.session import after_commit
 from service.deps import Admin, Prices, Session
@@ -13,6 +15,8 @@ from service.rate_cards.schemas import (
     RateCardVersionCreate,
 )
 from service.schemas import links
+
+CardId = Annotated[int, Path(ge=1, le=2**63 - 1)]
 
 router = APIRouter(prefix="/billing", tags=["rate cards"], responses=errors(*API_ERRORS))
 
@@ -47,7 +51,7 @@ async def create_rate_card(
 
 
 @router.get("/rate-cards/{rate_card_id}", response_model=RateCardOut)
-async def get_rate_card(rate_card_id: int, session: Session, _: Admin) -> RateCardOut:
+async def get_rate_card(rate_card_id: CardId, session: Session, _: Admin) -> RateCardOut:
     """One rate card with its versions, oldest first (admin)."""
     return await service.get_rate_card(session, rate_card_id)
 
@@ -59,7 +63,7 @@ async def get_rate_card(rate_card_id: int, session: Session, _: Admin) -> RateCa
     responses=errors(*API_ERRORS, service.RateCardVersionExists),
 )
 async def add_rate_card_version(
-    rate_card_id: int, data: RateCardVersionCreate, session: Session, prices: Prices, _: Admin
+    rate_card_id: CardId, data: RateCardVersionCreate, session: Session, prices: Prices, _: Admin
 ) -> RateCardOut:
     """New terms from `effective_from` on (admin). Stored ledger rows and finalized
     invoices never change; rows stored unpriced are priced on the next draft by the terms

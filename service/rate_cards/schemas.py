@@ -16,6 +16,8 @@ MarkupPct = Annotated[
     Decimal, Field(ge=MIN_MARKUP_PCT, le=MAX_MARKUP_PCT, max_digits=9, decimal_places=4)
 ]
 MAX_RATES = 1000
+# A BIGINT identity: larger ids cannot exist (and Postgres would refuse to compare them).
+RateCardId = Annotated[int, Field(ge=1, le=2**63 - 1)]
 
 
 class RateCardVersionCreate(BaseModel):

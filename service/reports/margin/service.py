@@ -6,6 +6,10 @@ completion: its fixed price (succeeded, or expired under the `fixed_price` polic
 token cost (failed or expired under a `cost` policy), or nothing. Calibration is reported twice:
 against the price (margin included) and against the quote's cost basis, the quantile that
 `confidence` asked for — the one a well-calibrated quote keeps at about `confidence`.
+
+Token usage billed per token is reported too, per account, model and task type: revenue
+(the rows' `cost_usd`, what invoices bill) against provider cost (`provider_cost_usd`),
+the margin over the usage whose provider cost is known, and the share that is unknown.
 """
 
 from __future__ import annotations
