@@ -56,6 +56,10 @@ def records(n: int) -> list[LedgerRecord]:
             ttft_ms=15,
             cost_usd=Decimal("0.000120000000") + Decimal(i % 50) / 10**9,
             price_version_id=1,
+            # The two figures of a row on a rate card, as the proxy writes them.
+            provider_cost_usd=Decimal("0.000072000000") + Decimal(i % 50) / 10**9,
+            provider_cost_version_id=1,
+            rate_card_version_id=1,
         )
         for i in range(n)
     ]

@@ -64,25 +64,34 @@ COLUMNS = (
     "usage_source",
     "cost_usd",
     "price_version_id",
+    # The provider's cost and the versions used, as the proxy writes them.
+    "provider_cost_usd",
+    "provider_cost_version_id",
+    "rate_card_version_id",
 )
 
 
-def _shapes(prices: list[Price], rnd: random.Random) -> list[tuple[str, int, int, Decimal, int]]:
-    """A few hundred (model, prompt, completion, cost, version) shapes; rows pick among them,
-    so 5M rows do not need 5M Decimal computations."""
+Shape = tuple[str, int, int, Decimal, int, Decimal]
+
+
+def _shapes(prices: list[Price], rnd: random.Random) -> list[Shape]:
+    """A few hundred (model, prompt, completion, cost, version, provider cost) shapes; rows
+    pick among them, so 5M rows do not need 5M Decimal computations. The provider cost is
+    60 % of the list price's rates."""
     shapes = []
     for _ in range(400):
         price = rnd.choice(prices)
         prompt, completion = rnd.randint(50, 8000), rnd.randint(1, 2000)
         cost = usage_cost(TokenUsage(prompt, completion), price)
+        provider = cost * Decimal("0.6")
         assert price.version_id is not None
-        shapes.append((price.model, prompt, completion, cost, price.version_id))
+        shapes.append((price.model, prompt, completion, cost, price.version_id, provider))
     return shapes
 
 
 def _records(
     rnd: random.Random,
-    shapes: list[tuple[str, int, int, Decimal, int]],
+    shapes: list[Shape],
     accounts: list[uuid.UUID],
     period: BillingPeriod,
     first: int,
@@ -96,20 +105,23 @@ def _records(
     span = (period.end - period.start).total_seconds() - 1
     records: list[tuple[object, ...]] = []
     for i in range(first, first + count):
-        model, prompt, completion, stored, listed = shapes[rnd.randrange(len(shapes))]
+        model, prompt, completion, stored, listed, upstream = shapes[rnd.randrange(len(shapes))]
         cost: Decimal | None = stored
         version: int | None = listed
+        # Half the accounts on a rate card (version 1), every row with a provider cost.
+        provider_cost: Decimal | None = upstream
         task = None
         draw = rnd.random()
         if draw < args.unpriced_share:
-            model, cost, version = UNLISTED, None, None
+            model, cost, version, provider_cost = UNLISTED, None, None, None
         elif draw < args.unpriced_share + args.task_share:
             task = f"task-{rnd.randrange(TASKS_PER_ACCOUNT)}"
         occurred = period.start + timedelta(seconds=span * (i % args.rows) / args.rows)
+        account = rnd.randrange(len(accounts))
         row: tuple[object, ...] = (
             f"bench-{i:012d}",
             occurred,
-            accounts[rnd.randrange(len(accounts))],
+            accounts[account],
             task,
             "summarize" if task else None,
             "chat",
@@ -122,6 +134,9 @@ def _records(
             "upstream",
             cost,
             version,
+            provider_cost,
+            None if provider_cost is None else 1,
+            1 if account % 2 else None,
         )
         records.append((*row[:2], occurred + timedelta(seconds=2), *row[2:]) if recorded else row)
     return records

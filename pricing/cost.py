@@ -41,12 +41,32 @@ def totals_cost(totals: TokenUsage, price: Price) -> Decimal:
     `totals_cost(sum of rows with cached clamped per row) == sum(usage_cost(ri))`, exactly:
     Decimal arithmetic here never rounds (a rate has 6 decimals, the result at most 12).
     """
+    with exact():
+        return _cost(totals, price)
+
+
+def usage_costs(
+    usage: TokenUsage, first: Price | None, second: Price | None
+) -> tuple[Decimal | None, Decimal | None]:
+    """`usage_cost` at two prices (None: no price, no cost) in one exact context: the two
+    figures of one ledger row, on the proxy's path, where entering a context costs."""
+    totals = TokenUsage(
+        usage.prompt_tokens, usage.completion_tokens, countable_cached_tokens(usage)
+    )
+    with exact():
+        return (
+            None if first is None else _cost(totals, first),
+            None if second is None else _cost(totals, second),
+        )
+
+
+def _cost(totals: TokenUsage, price: Price) -> Decimal:
+    # Within an `exact()` context.
     cached = totals.cached_tokens if price.cached_input_usd_per_mtok is not None else 0
     fresh = totals.prompt_tokens - cached
-    with exact():
-        micro_usd = (
-            fresh * price.input_usd_per_mtok
-            + cached * (price.cached_input_usd_per_mtok or Decimal(0))
-            + totals.completion_tokens * price.output_usd_per_mtok
-        )
-        return micro_usd / MILLION
+    micro_usd = (
+        fresh * price.input_usd_per_mtok
+        + cached * (price.cached_input_usd_per_mtok or Decimal(0))
+        + totals.completion_tokens * price.output_usd_per_mtok
+    )
+    return micro_usd / MILLION

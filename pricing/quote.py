@@ -34,6 +34,14 @@ class QuoteBasis(StrEnum):
     ESTIMATE = "estimate"
 
 
+class CostSource(StrEnum):
+    """Whose cost an estimate's tokens were priced at: what the upstream charges the operator
+    (the operator's risk, used where known), else the list price."""
+
+    PROVIDER_COST = "provider_cost"
+    LIST_PRICE = "list_price"
+
+
 def validate_confidence(confidence: Decimal) -> Decimal:
     """A confidence is a share strictly between 0 and 1 (0.9 = the 90th percentile)."""
     if not Decimal(0) < confidence < ONE:

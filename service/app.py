@@ -44,9 +44,11 @@ from service.logs import RequestIds, configure_logging
 from service.metrics.endpoints import router as metrics_router
 from service.openai_usage.endpoints import router as openai_usage_router
 from service.prices.endpoints import router as prices_router
+from service.provider_costs.endpoints import router as provider_costs_router
 from service.proxy.endpoints import PROXIED_ENDPOINTS, install_fast_path
 from service.proxy.endpoints import routes as proxy_routes
 from service.quotes.endpoints import router as quotes_router
+from service.rate_cards.endpoints import router as rate_cards_router
 from service.reports.endpoints import router as reports_router
 from service.reports.margin.endpoints import router as margin_router
 from service.reports.review.endpoints import router as review_router
@@ -195,6 +197,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(tasks_router)
     app.include_router(margin_router)
     app.include_router(prices_router)
+    app.include_router(provider_costs_router)
+    app.include_router(rate_cards_router)
     app.include_router(invoices_router)
     app.include_router(openai_usage_router)
     app.include_router(webhooks_router)

@@ -27,6 +27,7 @@ from service.demo import prepare_demo, write_demo_file
 from service.invoices.cli import invoices_app
 from service.metrics import multiproc as metrics_multiproc
 from service.prices.cli import prices_app
+from service.provider_costs.cli import provider_costs_app
 from service.providers.config import Provider, load_providers
 from service.quotes.cli import quote
 from service.reports.cli import report_app, unpriced
@@ -52,6 +53,7 @@ app.add_typer(report_app, name="report", rich_help_panel=API_CLIENTS)
 app.add_typer(tasks_app, name="tasks", rich_help_panel=API_CLIENTS)
 app.command("quote", rich_help_panel=API_CLIENTS)(quote)
 app.add_typer(prices_app, name="prices", rich_help_panel=API_CLIENTS)
+app.add_typer(provider_costs_app, name="provider-costs", rich_help_panel=API_CLIENTS)
 app.add_typer(invoices_app, name="invoices", rich_help_panel=API_CLIENTS)
 report_app.command("margin")(margin)
 invoices_app.command("unpriced", rich_help_panel=API_CLIENTS)(unpriced)

@@ -19,7 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from service.auth.principal import Principal, presented_credential, principal_for
 from service.db.session import commit
 from service.errors import NotFound, Unauthorized
-from service.parts import BudgetHolds, KeyDirectory, LivePrices, LiveTasks, Parts
+from service.parts import BudgetHolds, KeyDirectory, LivePrices, LiveTasks, ModelRoutes, Parts
 from service.settings import Settings
 
 
@@ -45,6 +45,10 @@ def _prices(request: Request) -> LivePrices:
     return _parts(request).prices
 
 
+def _providers(request: Request) -> ModelRoutes:
+    return _parts(request).providers
+
+
 def _keys(request: Request) -> KeyDirectory:
     return _parts(request).keys
 
@@ -61,6 +65,7 @@ Config = Annotated[Settings, Depends(_settings)]
 Engine = Annotated[AsyncEngine, Depends(_engine)]
 Prices = Annotated[LivePrices, Depends(_prices)]
 Keys = Annotated[KeyDirectory, Depends(_keys)]
+Routes = Annotated[ModelRoutes, Depends(_providers)]
 Guard = Annotated[LiveTasks, Depends(_tasks)]
 Budgets = Annotated[BudgetHolds, Depends(_limits)]
 

@@ -18,6 +18,8 @@ from typing import Protocol
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from pricing.prices import PriceBook
+from pricing.rate_cards import Tariff
+from service.providers.config import Provider
 from service.settings import Settings
 
 
@@ -27,7 +29,16 @@ class LivePrices(Protocol):
     @property
     def book(self) -> PriceBook: ...
 
+    @property
+    def tariff(self) -> Tariff: ...
+
     async def refresh(self) -> None: ...
+
+
+class ModelRoutes(Protocol):
+    """Which provider serves a model (service/providers/router.py)."""
+
+    def route(self, model: str) -> Provider | None: ...
 
 
 class KeyDirectory(Protocol):
@@ -81,6 +92,8 @@ class Parts(Protocol):
     def prices(self) -> LivePrices: ...
     @property
     def keys(self) -> KeyDirectory: ...
+    @property
+    def providers(self) -> ModelRoutes: ...
     @property
     def tasks(self) -> LiveTasks: ...
     @property

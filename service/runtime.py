@@ -18,6 +18,8 @@ from service.lifecycle import Periodic
 from service.limits.service import Limits
 from service.metrics.sampler import LedgerSampler, observe_settlement
 from service.prices.cache import PriceCache, seed_default_prices
+from service.provider_costs.service import seed_provider_costs
+from service.providers.config import load_providers
 from service.providers.router import ProviderRouter
 from service.proxy.access import AccessLog
 from service.proxy.context import Hook, ProxyHooks
@@ -25,6 +27,7 @@ from service.proxy.service import MeteringProxy
 from service.proxy.setup import start_proxy
 from service.proxy.upstream import UpstreamClient
 from service.settings import Settings
+from service.tariff.service import load_tariff
 from service.tasks.expiry import expiry_job
 from service.tasks.guard import TaskGuard
 from service.usage.rollup import roll_up_daily
@@ -85,7 +88,8 @@ class Runtime:
             await ensure_partitions(connection, around(datetime.now(UTC)))
         sessions = session_factory(engine)
         await seed_default_prices(sessions)
-        prices = PriceCache(sessions)
+        await seed_provider_costs(sessions, load_providers(settings.providers))
+        prices = PriceCache(sessions, load_tariff)
         await prices.start()
         stack.push_async_callback(prices.stop)
         # Everything that follows a channel subscribes before the connection opens, and

@@ -18,8 +18,10 @@ from service.accounts.schemas import (
     TierChanges,
 )
 from service.db.session import after_commit
-from service.deps import Admin, Caller, Keys, Session
+from service.deps import Admin, Caller, Keys, Prices, Session
 from service.errors import API_ERRORS, Forbidden, errors
+from service.rate_cards import service as rate_cards
+from service.rate_cards.schemas import RateCardAssignmentList
 from service.schemas import CursorParam, Limit, Page, links
 
 # A customer key may read its own account, not change it or its keys.
@@ -46,10 +48,15 @@ ACCOUNT = {"path.account_id": "$response.body#/id"}
         )
     },
 )
-async def create_account(data: AccountCreate, session: Session, _: Admin) -> AccountOut:
+async def create_account(
+    data: AccountCreate, session: Session, prices: Prices, _: Admin
+) -> AccountOut:
     """Create a customer account (admin)."""
     account = await service.create_account(session, data)
-    return AccountOut.model_validate(account)
+    if data.rate_card_id is not None:
+        # Durable first, then this worker prices by the assignment at once.
+        after_commit(session, prices.refresh)
+    return await service.account_out(session, account)
 
 
 @router.get("/accounts", response_model=Page[AccountOut])
@@ -63,16 +70,29 @@ async def list_accounts(
 @router.get("/accounts/{account_id}", response_model=AccountOut)
 async def get_account(account_id: uuid.UUID, session: Session, caller: Caller) -> AccountOut:
     """One account: any account for the admin, its own for a customer key."""
-    return AccountOut.model_validate(await service.get_account(session, caller, account_id))
+    account = await service.get_account(session, caller, account_id)
+    return await service.account_out(session, account)
 
 
 @router.patch("/accounts/{account_id}", response_model=AccountOut, responses=FORBIDDEN)
 async def update_account(
-    account_id: uuid.UUID, data: AccountUpdate, session: Session, caller: Caller
+    account_id: uuid.UUID, data: AccountUpdate, session: Session, caller: Caller, prices: Prices
 ) -> AccountOut:
-    """Change the fields sent (admin); `null` clears an optional one."""
+    """Change the fields sent (admin); `null` clears an optional one. `rate_card_id` adds
+    an assignment from `rate_card_effective_from` (default now) on, keeping the history."""
     account = await service.update_account(session, caller, account_id, data)
-    return AccountOut.model_validate(account)
+    if "rate_card_id" in data.model_fields_set:
+        after_commit(session, prices.refresh)
+    return await service.account_out(session, account)
+
+
+@router.get("/accounts/{account_id}/rate-cards", response_model=RateCardAssignmentList)
+async def list_rate_card_assignments(
+    account_id: uuid.UUID, session: Session, caller: Caller
+) -> RateCardAssignmentList:
+    """Which rate card the account paid by from when (oldest first); its own for a key."""
+    await service.get_account(session, caller, account_id)
+    return RateCardAssignmentList(data=await rate_cards.assignments(session, account_id))
 
 
 @router.post(

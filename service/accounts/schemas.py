@@ -12,11 +12,13 @@ from pydantic import (
     Field,
     computed_field,
     field_validator,
+    model_validator,
 )
 
 from pricing.invoice import ExpiredTaskPolicy, FailedTaskPolicy
 from service.auth.usability import KeyStatus, key_status
 from service.db.models import BillingMode, Tier
+from service.rate_cards.schemas import RateCardId
 from service.schemas import BillableTime, DecimalString, Text
 
 # Column bounds: NUMERIC(24, 12) for money, NUMERIC(8, 4) for a margin, INTEGER for limits.
@@ -66,6 +68,18 @@ class AccountCreate(BaseModel):
     )
     rate_limit_rpm: PerMinute | None = None
     rate_limit_tpm: PerMinute | None = None
+    rate_card_id: RateCardId | None = Field(
+        default=None,
+        description="The rate card the account pays by (`GET /billing/rate-cards`); unset:"
+        " list prices.",
+    )
+    rate_card_effective_from: BillableTime | None = Field(
+        default=None, description="From when the rate card applies; default now."
+    )
+
+
+# Not columns of the account: an assignment of its rate card, kept with its history.
+RATE_CARD_FIELDS = frozenset({"rate_card_id", "rate_card_effective_from"})
 
 
 # An account always has these: a PATCH may leave them out, not set them to null.
@@ -103,6 +117,15 @@ class AccountUpdate(BaseModel):
     expired_task_policy: ExpiredTaskPolicy | None = None
     rate_limit_rpm: PerMinute | None = None
     rate_limit_tpm: PerMinute | None = None
+    rate_card_id: RateCardId | None = Field(
+        default=None,
+        description="Pay by this rate card from `rate_card_effective_from` on; `null`: list"
+        " prices from then on. The earlier assignments stay in the history"
+        " (`GET /billing/accounts/{id}/rate-cards`).",
+    )
+    rate_card_effective_from: BillableTime | None = Field(
+        default=None, description="From when `rate_card_id` applies; default now."
+    )
 
     @field_validator(*NOT_NULLABLE, mode="before")
     @classmethod
@@ -111,8 +134,17 @@ class AccountUpdate(BaseModel):
             raise ValueError("cannot be null")
         return value
 
+    @model_validator(mode="after")
+    def _effective_from_goes_with_a_rate_card(self) -> AccountUpdate:
+        if "rate_card_effective_from" in self.model_fields_set and (
+            "rate_card_id" not in self.model_fields_set
+        ):
+            raise ValueError("rate_card_effective_from goes with rate_card_id")
+        return self
+
     def changes(self) -> dict[str, Any]:
-        return {field: getattr(self, field) for field in self.model_fields_set}
+        """The account's own columns sent (the rate card is an assignment, apart)."""
+        return {f: getattr(self, f) for f in self.model_fields_set - RATE_CARD_FIELDS}
 
 
 class AccountOut(BaseModel):
@@ -129,6 +161,9 @@ class AccountOut(BaseModel):
     expired_task_policy: ExpiredTaskPolicy
     rate_limit_rpm: int | None
     rate_limit_tpm: int | None
+    rate_card_id: int | None = Field(
+        default=None, description="The rate card in force now; null: list prices."
+    )
     created_at: datetime
     updated_at: datetime
 

@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.accounts.repository import AccountRepository
 from service.accounts.schemas import (
+    RATE_CARD_FIELDS,
     AccountCreate,
     AccountOut,
     AccountUpdate,
@@ -29,6 +30,7 @@ from service.auth.keys import generate_key
 from service.auth.principal import Principal
 from service.db.models import Account, ApiKey, Tier, TierChange
 from service.errors import Conflict, Forbidden, NotFound
+from service.rate_cards import service as rate_cards
 from service.schemas import Page, decode_cursor, keyset_page
 
 log = logging.getLogger("meterline.accounts")
@@ -43,9 +45,20 @@ def _admin_only(principal: Principal, action: str) -> None:
         raise Forbidden(f"a customer key cannot {action}; use the admin token")
 
 
+async def account_out(session: AsyncSession, account: Account) -> AccountOut:
+    """The account as the API shows it, with the rate card in force now."""
+    out = AccountOut.model_validate(account)
+    out.rate_card_id = (await rate_cards.rate_cards_now(session, [account.id])).get(account.id)
+    return out
+
+
 async def create_account(session: AsyncSession, data: AccountCreate) -> Account:
-    account = Account(**data.model_dump())
+    account = Account(**data.model_dump(exclude=set(RATE_CARD_FIELDS)))
     await AccountRepository(session).add(account)
+    if data.rate_card_id is not None:
+        await rate_cards.assign(
+            session, account.id, data.rate_card_id, data.rate_card_effective_from
+        )
     log.info("event=account_created account_id=%s tier=%s", account.id, account.tier)
     return account
 
@@ -53,11 +66,12 @@ async def create_account(session: AsyncSession, data: AccountCreate) -> Account:
 async def list_accounts(session: AsyncSession, limit: int, cursor: str | None) -> Page[AccountOut]:
     after = decode_cursor(cursor, datetime, uuid.UUID) if cursor else None
     rows = await AccountRepository(session).list_accounts(limit, after)
+    cards = await rate_cards.rate_cards_now(session, [a.id for a in rows])
     return keyset_page(
         Page[AccountOut],
         rows,
         limit,
-        AccountOut.model_validate,
+        lambda a: AccountOut.model_validate(a).model_copy(update={"rate_card_id": cards.get(a.id)}),
         lambda a: (a.created_at.isoformat(), str(a.id)),
     )
 
@@ -94,6 +108,10 @@ async def update_account(
 ) -> Account:
     account = await get_account(session, principal, account_id)
     _admin_only(principal, "change an account")
+    if "rate_card_id" in data.model_fields_set:
+        await rate_cards.assign(
+            session, account_id, data.rate_card_id, data.rate_card_effective_from
+        )
     changes = data.changes()
     if not changes:
         return account

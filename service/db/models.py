@@ -41,7 +41,8 @@ from pricing.invoice import (
     TaskBilling,
     TaskStatus,
 )
-from pricing.quote import QuoteBasis
+from pricing.quote import CostSource, QuoteBasis
+from pricing.rate_cards import MarkupBasis
 from service.db.base import (
     Base,
     CentsUSD,
@@ -222,6 +223,96 @@ class PriceVersion(Base):
     created_at: Mapped[datetime] = _created_at()
 
 
+# The rates of a price, a provider cost or an explicit rate-card rate: never negative.
+_NON_NEGATIVE_RATES = (
+    "input_usd_per_mtok >= 0 AND output_usd_per_mtok >= 0"
+    " AND (cached_input_usd_per_mtok IS NULL OR cached_input_usd_per_mtok >= 0)"
+)
+
+
+class ProviderCostVersion(Base):
+    """What `provider` charges the operator for `model` from `effective_from` on (versioned
+    like `PriceVersion`, never edited)."""
+
+    __tablename__ = "provider_cost_versions"
+    __table_args__ = (
+        UniqueConstraint("provider", "model", "effective_from"),
+        CheckConstraint(_NON_NEGATIVE_RATES, name="non_negative"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    provider: Mapped[str] = mapped_column(String(64))
+    # An exact model id or a glob pattern.
+    model: Mapped[str] = mapped_column(String(256))
+    input_usd_per_mtok: Mapped[RateUSD]
+    output_usd_per_mtok: Mapped[RateUSD]
+    cached_input_usd_per_mtok: Mapped[RateUSD | None]
+    effective_from: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    source: Mapped[str] = mapped_column(String(32), server_default="api")
+    created_at: Mapped[datetime] = _created_at()
+
+
+class RateCard(Base):
+    """A named pricing plan; its terms are its versions."""
+
+    __tablename__ = "rate_cards"
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    description: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = _created_at()
+
+
+class RateCardVersion(Base):
+    """A rate card's terms from `effective_from` on, until its next version (never edited)."""
+
+    __tablename__ = "rate_card_versions"
+    __table_args__ = (
+        UniqueConstraint("rate_card_id", "effective_from"),
+        CheckConstraint("markup_pct >= -100", name="markup_not_below_free"),
+        one_of("markup_basis", MarkupBasis),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    rate_card_id: Mapped[int] = mapped_column(ForeignKey("rate_cards.id"))
+    effective_from: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    markup_pct: Mapped[Decimal] = mapped_column(Numeric(9, 4))
+    markup_basis: Mapped[MarkupBasis] = mapped_column(Vocabulary(MarkupBasis, 16))
+    created_at: Mapped[datetime] = _created_at()
+
+
+class RateCardRate(Base):
+    """An explicit rate of a rate-card version for a model (exact id or glob): it wins over
+    the version's markup."""
+
+    __tablename__ = "rate_card_rates"
+    __table_args__ = (
+        UniqueConstraint("version_id", "model"),
+        CheckConstraint(_NON_NEGATIVE_RATES, name="non_negative"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    version_id: Mapped[int] = mapped_column(ForeignKey("rate_card_versions.id"))
+    model: Mapped[str] = mapped_column(String(256))
+    input_usd_per_mtok: Mapped[RateUSD]
+    output_usd_per_mtok: Mapped[RateUSD]
+    cached_input_usd_per_mtok: Mapped[RateUSD | None]
+
+
+class AccountRateCard(Base):
+    """From `effective_from` on, the account pays by this rate card (NULL: list prices).
+    Appended, never edited: the history of an account's plans."""
+
+    __tablename__ = "account_rate_cards"
+    __table_args__ = (UniqueConstraint("account_id", "effective_from"),)
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    account_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("accounts.id", ondelete="CASCADE"))
+    rate_card_id: Mapped[int | None] = mapped_column(ForeignKey("rate_cards.id"))
+    effective_from: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = _created_at()
+
+
 class UsageRecord(Base):
     """One row of the append-only usage ledger: the outcome of one proxied request.
 
@@ -297,6 +388,11 @@ class UsageRecord(Base):
     # Exact, unrounded; NULL when no price covered the model at `occurred_at` (unpriced).
     cost_usd: Mapped[ExactUSD | None]
     price_version_id: Mapped[int | None] = mapped_column(BigInteger)
+    # What the upstream charged the operator for the row, exact; NULL when unknown (never
+    # 0). With the versions both figures were computed with (NULL: none applied).
+    provider_cost_usd: Mapped[ExactUSD | None]
+    provider_cost_version_id: Mapped[int | None] = mapped_column(BigInteger)
+    rate_card_version_id: Mapped[int | None] = mapped_column(BigInteger)
     # Set when the provider's usage claim is implausible (`service.proxy.usage`): stored as
     # claimed, but it blocks finalization until reviewed (`FlaggedUsageReview`).
     usage_flag: Mapped[str | None] = mapped_column(String(32))
@@ -476,6 +572,7 @@ class Quote(Base):
     __tablename__ = "quotes"
     __table_args__ = (
         one_of("basis", QuoteBasis),
+        one_of("cost_source", CostSource, nullable=True),
         Index("ix_quotes_account_id", "account_id"),
     )
 
@@ -484,6 +581,8 @@ class Quote(Base):
     task_type: Mapped[str] = mapped_column(String(128))
     model: Mapped[str] = mapped_column(String(256))
     basis: Mapped[QuoteBasis] = mapped_column(Vocabulary(QuoteBasis, 16))
+    # An estimate's: whose cost its tokens were priced at (NULL for history quotes).
+    cost_source: Mapped[CostSource | None] = mapped_column(Vocabulary(CostSource, 16))
     sample_size: Mapped[int] = mapped_column(Integer)
     confidence: Mapped[Decimal] = mapped_column(Numeric(6, 4))
     margin: Mapped[Decimal] = mapped_column(Numeric(8, 4))

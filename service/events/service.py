@@ -11,13 +11,13 @@ import orjson
 from pydantic import TypeAdapter, ValidationError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from pricing.cost import TokenUsage, usage_cost
-from pricing.prices import PriceBook
+from pricing.cost import TokenUsage
+from pricing.rate_cards import Tariff
 from service.errors import MeterlineError, Unprocessable
 from service.events.repository import EventRepository
 from service.events.schemas import Ingested, UsageCloudEvent
 from service.ledger.record import LedgerRecord, UsageSource, new_request_id
-from service.prices.repository import PriceRepository
+from service.tariff.service import load_tariff
 
 SINGLE = "application/cloudevents+json"
 BATCH = "application/cloudevents-batch+json"
@@ -74,8 +74,8 @@ async def ingest(session: AsyncSession, events: list[UsageCloudEvent]) -> Ingest
     new = await repository.claim(
         [(source, id_, request_id, at) for (source, id_), (request_id, at) in identities.items()]
     )
-    book = PriceBook(await PriceRepository(session).all_prices())
-    records = [_record(unique[key], *identities[key], book) for key in unique if key in new]
+    tariff = await load_tariff(session)
+    records = [_record(unique[key], *identities[key], tariff) for key in unique if key in new]
     await repository.store(records)
     return Ingested(accepted=len(records), duplicates=len(events) - len(records))
 
@@ -97,13 +97,12 @@ async def _check_owners(repository: EventRepository, events: list[UsageCloudEven
             )
 
 
-def _record(event: UsageCloudEvent, request_id: str, at: datetime, book: PriceBook) -> LedgerRecord:
+def _record(event: UsageCloudEvent, request_id: str, at: datetime, tariff: Tariff) -> LedgerRecord:
     data = event.data
-    price = book.price_for(data.model, at)
-    cost = None
-    if price is not None:  # cached tokens clamped to the prompt, as for proxied rows
-        usage = TokenUsage(data.prompt_tokens, data.completion_tokens, data.cached_tokens)
-        cost = usage_cost(usage, price)
+    # The event's source stands for the provider: its provider costs apply when it names one.
+    provider = event.source[:64]
+    usage = TokenUsage(data.prompt_tokens, data.completion_tokens, data.cached_tokens)
+    charge = tariff.charge(event.subject, data.model, at, provider, usage)
     return LedgerRecord(
         request_id=request_id,
         occurred_at=at,
@@ -114,7 +113,7 @@ def _record(event: UsageCloudEvent, request_id: str, at: datetime, book: PriceBo
         endpoint=data.endpoint,
         requested_model=data.model,
         upstream_model=None,
-        provider=event.source[:64],
+        provider=provider,
         stream=False,
         status_code=200,
         error_code=None,
@@ -126,7 +125,10 @@ def _record(event: UsageCloudEvent, request_id: str, at: datetime, book: PriceBo
         usage_source=UsageSource.UPSTREAM,
         latency_ms=None,  # not measured here
         ttft_ms=None,
-        cost_usd=cost,
-        price_version_id=price.version_id if price is not None else None,
+        cost_usd=charge.cost_usd,
+        price_version_id=charge.price_version_id,
         usage_flag=None,
+        provider_cost_usd=charge.provider_cost_usd,
+        provider_cost_version_id=charge.provider_cost_version_id,
+        rate_card_version_id=charge.rate_card_version_id,
     )

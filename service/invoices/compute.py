@@ -29,6 +29,7 @@ from pricing.invoice import (
     uncovered_windows,
 )
 from pricing.prices import Price, PriceBook, PriceSegment
+from pricing.rate_cards import Tariff
 from service.db.engine import tune_for_aggregation
 from service.invoices.repository.cutoff import CutoffRepository
 from service.invoices.repository.invoices import InvoiceRepository
@@ -36,7 +37,7 @@ from service.invoices.repository.rollup import RollupRepository
 from service.invoices.repository.sums import Selection, UsageSum, UsageSumRepository
 from service.invoices.repository.tasks import BillableTask, TaskBillingRepository
 from service.limits.credit import credit_paid
-from service.prices.repository import PriceRepository
+from service.tariff.service import load_tariff
 
 
 @dataclass
@@ -48,10 +49,10 @@ class ComputedInvoice:
     tasks: list[uuid.UUID] = field(default_factory=list)
 
 
-async def _price_book(session: AsyncSession) -> PriceBook:
+async def _tariff(session: AsyncSession) -> Tariff:
     # Read fresh, not from the in-process cache: a price added a moment ago by another
     # worker must price this draft's unpriced rows.
-    return PriceBook(await PriceRepository(session).all_prices())
+    return await load_tariff(session)
 
 
 @dataclass
@@ -111,21 +112,31 @@ def _segments(book: PriceBook, sums: Sequence[UsageSum]) -> dict[str, list[Price
 
 @dataclass(frozen=True)
 class _Pricing:
-    """Prices of summed rows: stored versions by id, and the spans of unpriced models."""
+    """Prices of summed rows: stored versions by id, and the spans of unpriced models (of
+    the customer's own prices for an account on a rate card)."""
 
     by_id: dict[int, Price]
     segments: dict[str, list[PriceSegment]]
+    # Accounts ever on a rate card: their rows' cost is theirs, not the list price's, so
+    # their lines show no list rates; their unpriced rows are priced by their own spans.
+    rate_carded: frozenset[uuid.UUID] = frozenset()
+    own_segments: dict[uuid.UUID, dict[str, list[PriceSegment]]] = field(default_factory=dict)
 
-    def price_of(self, s: UsageSum) -> Price | None:
+    def price_of(self, s: UsageSum, kind: LineKind) -> Price | None:
         if s.segment is not None:
-            return self.segments[s.model][s.segment].price
+            # Quoted tasks' rows are repriced by the list's spans (`segments`) only.
+            tasks = kind in (LineKind.TASK, LineKind.LATE_TASK)
+            spans = self.segments if tasks else self.own_segments.get(s.account_id, self.segments)
+            return spans[s.model][s.segment].price
+        if s.account_id in self.rate_carded:
+            return None
         return self.by_id.get(s.price_version_id) if s.price_version_id is not None else None
 
     def group(self, s: UsageSum, kind: LineKind, period: str | None = None) -> UsageGroup:
         return UsageGroup(
             kind=kind,
             model=s.model,
-            price=self.price_of(s),
+            price=self.price_of(s, kind),
             totals=s.totals,
             stored_cost_usd=None if s.unpriced else s.stored_cost_usd,
             period=period,
@@ -238,15 +249,29 @@ async def compute_invoices(
     at_cost = [t.id for t in tasks if t.billed_as == TaskBilling.COST]
     task_usage = await billing.task_cost_usage(at_cost, cutoff)
 
-    book = await _price_book(session)
+    tariff = await _tariff(session)
+    book = tariff.list_prices
     by_id = {p.version_id: p for p in book.versions() if p.version_id is not None}
-    segments = _segments(book, [*sums, *late_rows, *task_usage])
+    rate_carded = frozenset(a for a in accounts if tariff.has_rate_card(a))
+    own_segments: dict[uuid.UUID, dict[str, list[PriceSegment]]] = {}
+    for account in sorted({s.account_id for s in sums if s.unpriced} & rate_carded):
+        # Rows of an account on a rate card stored unpriced: priced by what the account
+        # itself paid at their time (its rate card then, else the list price).
+        models = {s.model for s in sums if s.unpriced and s.account_id == account}
+        spans = {model: tariff.customer_segments(account, model) for model in sorted(models)}
+        own_segments[account] = spans
+        mine = [s for s in own + late if s.account_id == account]
+        sums = [s for s in sums if not (s.unpriced and s.account_id == account)] + (
+            await ledger.unpriced_usage_sums(mine, spans)
+        )
+    listed = [s for s in sums if s.account_id not in own_segments]
+    segments = _segments(book, [*listed, *late_rows, *task_usage])
     if segments:
         # Rows stored without a price: summed again per span of their model's timeline, so
         # each span is priced by the version in force then (if any exists now).
-        with_unpriced = {s.account_id for s in sums if s.unpriced}
+        with_unpriced = {s.account_id for s in listed if s.unpriced}
         again = [s for s in own + late if s.account_id in with_unpriced]
-        sums = [s for s in sums if not s.unpriced] + (
+        sums = [s for s in sums if not s.unpriced or s.account_id in own_segments] + (
             await ledger.unpriced_usage_sums(again, segments)
         )
         if any(s.unpriced for s in late_rows):
@@ -257,7 +282,7 @@ async def compute_invoices(
             task_usage = [s for s in task_usage if not s.unpriced] + (
                 await billing.task_cost_usage(at_cost, cutoff, segments)
             )
-    pricing = _Pricing(by_id, segments)
+    pricing = _Pricing(by_id, segments, rate_carded, own_segments)
 
     usage: dict[uuid.UUID, list[UsageGroup]] = {}
     late_with_rows: set[tuple[uuid.UUID, str | None]] = set()

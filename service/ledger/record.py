@@ -78,6 +78,11 @@ class LedgerRecord:
     kind: LedgerKind = LedgerKind.USAGE
     # Why the provider's usage claim is implausible (`service.proxy.usage`); None when it is not.
     usage_flag: str | None = None
+    # What the upstream charged the operator, exact; None = unknown, never a silent $0.
+    provider_cost_usd: Decimal | None = None
+    provider_cost_version_id: int | None = None
+    # The account's rate-card version `cost_usd` was computed by; None: the list price.
+    rate_card_version_id: int | None = None
 
     def to_json(self) -> bytes:
         # orjson writes the dataclass, UUIDs and datetimes itself (it is on the hot path:
@@ -92,8 +97,9 @@ class LedgerRecord:
         data["account_id"] = uuid.UUID(data["account_id"])
         if data["key_id"] is not None:
             data["key_id"] = uuid.UUID(data["key_id"])
-        if data["cost_usd"] is not None:
-            data["cost_usd"] = Decimal(data["cost_usd"])
+        for money in ("cost_usd", "provider_cost_usd"):
+            if data.get(money) is not None:
+                data[money] = Decimal(data[money])
         return cls(**data)
 
 

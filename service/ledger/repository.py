@@ -53,6 +53,9 @@ _SQL_TYPES = {
     "price_version_id": "int8",
     "kind": "text",
     "usage_flag": "text",
+    "provider_cost_usd": "numeric",
+    "provider_cost_version_id": "int8",
+    "rate_card_version_id": "int8",
 }
 
 _RECORD_TYPE = ", ".join(f"{c} {_SQL_TYPES[c]}" for c in COLUMNS)

@@ -26,7 +26,7 @@ prices_app = typer.Typer(
 )
 
 
-def _format_of(path: Path | None, given: str | None) -> TableFormat:
+def table_format_of(path: Path | None, given: str | None) -> TableFormat:
     name = (given or (path.suffix.lstrip(".") if path else "") or "csv").lower()
     if name in ("yaml", "yml"):
         return "yaml"
@@ -48,17 +48,34 @@ def import_prices(
     Versions already present are skipped; one present with other rates refuses the whole
     import. Past ledger rows and finalized invoices never change.
     """
+    text, table_format = read_table(file, fmt)
+    result = run_in_transaction(lambda s: service.import_table(s, text, table_format))
+    err.print(f"imported {len(result.added)} new versions, {result.unchanged} already present")
+
+
+def read_table(file: Path, fmt: str | None) -> tuple[str, TableFormat]:
+    """A table's text ('-': stdin) and its format (given, else by extension, else CSV)."""
     stdin = str(file) == "-"
     try:
         text = sys.stdin.read() if stdin else file.read_text()
     except (OSError, UnicodeDecodeError) as exc:
         fail(f"cannot read {file}: {getattr(exc, 'strerror', None) or exc}")
-    table_format = _format_of(None if stdin else file, fmt)
-    result = run_in_transaction(lambda s: service.import_table(s, text, table_format))
-    err.print(f"imported {len(result.added)} new versions, {result.unchanged} already present")
+    return text, table_format_of(None if stdin else file, fmt)
 
 
-def _price(version: dict[str, Any]) -> Price:
+def write_table(text: str, output: Path | None) -> None:
+    """A table to `output`, or to stdout."""
+    if output is None:
+        sys.stdout.write(text)
+        return
+    try:
+        output.write_text(text)
+    except OSError as exc:
+        fail(f"cannot write {output}: {exc.strerror or exc}")
+    err.print(f"wrote {output}")
+
+
+def price_of_version(version: dict[str, Any]) -> Price:
     """A version as `GET /billing/prices` answers it (rates as decimal strings)."""
     cached = version["cached_input_usd_per_mtok"]
     return Price(
@@ -80,15 +97,7 @@ def export_prices(
     token: TokenOption = None,
 ) -> None:
     """Every price version, readable back by `meterline prices import` (any caller)."""
-    table_format = _format_of(output, fmt)
+    table_format = table_format_of(output, fmt)
     with BillingClient(url, token) as client:
         versions = client.request("GET", "/billing/prices")["data"]
-    text = format_price_table([_price(v) for v in versions], table_format)
-    if output is None:
-        sys.stdout.write(text)
-    else:
-        try:
-            output.write_text(text)
-        except OSError as exc:
-            fail(f"cannot write {output}: {exc.strerror or exc}")
-        err.print(f"wrote {output}")
+    write_table(format_price_table([price_of_version(v) for v in versions], table_format), output)

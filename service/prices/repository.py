@@ -7,7 +7,7 @@ from sqlalchemy import select
 from sqlalchemy.dialects.postgresql import insert
 
 from pricing.prices import Price, parse_list_prices
-from service.db.models import PriceVersion
+from service.db.models import PriceVersion, ProviderCostVersion
 from service.db.repository import Repository
 
 
@@ -17,7 +17,8 @@ def default_prices() -> list[Price]:
     return parse_list_prices(text)
 
 
-def to_price(row: PriceVersion) -> Price:
+def to_price(row: PriceVersion | ProviderCostVersion) -> Price:
+    """A stored version as the pure library reads it (a provider cost has a price's shape)."""
     return Price(
         model=row.model,
         input_usd_per_mtok=row.input_usd_per_mtok,

@@ -14,7 +14,9 @@ Rate = Annotated[Decimal, Field(ge=0, max_digits=18, decimal_places=6)]
 EffectiveFrom = Annotated[AwareDatetime, AfterValidator(as_utc), Billable]
 
 
-class PriceCreate(BaseModel):
+class ModelRates(BaseModel):
+    """USD per 1M tokens for a model (an exact id or a glob)."""
+
     model_config = ConfigDict(extra="forbid")
 
     model: Text = Field(
@@ -30,6 +32,16 @@ class PriceCreate(BaseModel):
     cached_input_usd_per_mtok: Rate | None = Field(
         default=None, description="USD per 1M cached prompt tokens; unset: the input price."
     )
+
+    @field_validator("model")
+    @classmethod
+    def _unpadded(cls, value: str) -> str:
+        if value != value.strip():
+            raise ValueError("must not start or end with whitespace")
+        return value
+
+
+class PriceCreate(ModelRates):
     effective_from: EffectiveFrom | None = Field(
         default=None,
         description="When the price takes effect (RFC 3339 with an offset, from 1970-01-01 to"
@@ -38,13 +50,6 @@ class PriceCreate(BaseModel):
         " stored without a price (on drafts, by the version in force at each row's time) and"
         " rows written from now on.",
     )
-
-    @field_validator("model")
-    @classmethod
-    def _unpadded(cls, value: str) -> str:
-        if value != value.strip():
-            raise ValueError("must not start or end with whitespace")
-        return value
 
 
 class PriceOut(BaseModel):

@@ -12,12 +12,13 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Generic, Protocol, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from pricing.price_table import TableFormat, parse_price_table
 from pricing.prices import Price, PriceBook
-from service.db.models import PriceVersion
+from service.db.models import PriceVersion, ProviderCostVersion
 from service.errors import Conflict, NotFound
 from service.prices.repository import PriceRepository, to_price
 from service.prices.schemas import PriceCreate
@@ -25,13 +26,25 @@ from service.prices.schemas import PriceCreate
 log = logging.getLogger("meterline.prices")
 
 
+# A stored version of rates: a list price, or a provider cost.
+V = TypeVar("V", bound=PriceVersion | ProviderCostVersion)
+V_co = TypeVar("V_co", bound=PriceVersion | ProviderCostVersion, covariant=True)
+
+
+class VersionStore(Protocol[V_co]):
+    """Where versions of one table live: list prices, or one provider's costs."""
+
+    async def find(self, model: str, effective_from: datetime) -> V_co | None: ...
+    async def add(self, price: Price, source: str) -> V_co: ...
+
+
 @dataclass
-class ImportResult:
-    added: list[PriceVersion] = field(default_factory=list)
+class ImportResult(Generic[V]):
+    added: list[V] = field(default_factory=list)
     unchanged: int = 0
 
 
-def _same_rates(version: PriceVersion, price: Price) -> bool:
+def _same_rates(version: PriceVersion | ProviderCostVersion, price: Price) -> bool:
     return (
         version.input_usd_per_mtok == price.input_usd_per_mtok
         and version.output_usd_per_mtok == price.output_usd_per_mtok
@@ -72,26 +85,44 @@ async def lookup(session: AsyncSession, model: str, at: datetime) -> PriceVersio
 async def add_price(session: AsyncSession, data: PriceCreate) -> tuple[PriceVersion, bool]:
     """Add a version; True when new. The same version again is accepted and returned as is;
     other rates for an existing (model, effective_from) are a 409."""
-    price = Price(
+    return await add_version(PriceRepository(session), version_of(data), "prices")
+
+
+def version_of(data: PriceCreate) -> Price:
+    """The version a request describes (no `effective_from`: from now on)."""
+    return Price(
         model=data.model,
         input_usd_per_mtok=data.input_usd_per_mtok,
         output_usd_per_mtok=data.output_usd_per_mtok,
         cached_input_usd_per_mtok=data.cached_input_usd_per_mtok,
         effective_from=(data.effective_from or datetime.now(UTC)).astimezone(UTC),
     )
-    result = await import_prices(session, [price], source="api")
+
+
+async def add_version(store: VersionStore[V], price: Price, table: str) -> tuple[V, bool]:
+    """Add one version from the API; True when new. The same version again is returned as
+    is; other rates for an existing (model, effective_from) are a 409."""
+    result = await import_versions(store, [price], "api", table)
     if result.added:
         return result.added[0], True
-    existing = await PriceRepository(session).find(price.model, price.effective_from)
+    existing = await store.find(price.model, price.effective_from)
     assert existing is not None
     return existing, False
 
 
-async def import_prices(session: AsyncSession, prices: list[Price], source: str) -> ImportResult:
+async def import_prices(
+    session: AsyncSession, prices: list[Price], source: str
+) -> ImportResult[PriceVersion]:
+    """Add the list-price versions not present yet, all or nothing (see `import_versions`)."""
+    return await import_versions(PriceRepository(session), prices, source, "prices")
+
+
+async def import_versions(
+    repository: VersionStore[V], prices: list[Price], source: str, table: str
+) -> ImportResult[V]:
     """Add the versions not present yet, all or nothing: a version that exists with other
     rates (same model and `effective_from`) refuses the whole import with a 409."""
-    repository = PriceRepository(session)
-    result = ImportResult()
+    result: ImportResult[V] = ImportResult()
     conflicts = []
     seen: dict[tuple[str, datetime], Price] = {}
     for price in prices:
@@ -115,7 +146,8 @@ async def import_prices(session: AsyncSession, prices: list[Price], source: str)
             + ". Versions are never edited: give the new price a later effective_from"
         )
     log.info(
-        "event=prices_imported source=%s added=%d unchanged=%d",
+        "event=%s_imported source=%s added=%d unchanged=%d",
+        table,
         source,
         len(result.added),
         result.unchanged,
@@ -125,7 +157,7 @@ async def import_prices(session: AsyncSession, prices: list[Price], source: str)
 
 async def import_table(
     session: AsyncSession, text: str, table_format: TableFormat, source: str = "import"
-) -> ImportResult:
+) -> ImportResult[PriceVersion]:
     """Read a CSV or YAML table (rows without `effective_from` take effect now) and import it."""
     prices = parse_price_table(text, table_format, default_effective_from=datetime.now(UTC))
     return await import_prices(session, prices, source)

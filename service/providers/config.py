@@ -13,7 +13,12 @@ providers:
     auth_header: Infuzu-API-Key         # sent as the bare key (default: Authorization: Bearer)
     headers: {X-Client: meterline}      # optional static headers, never a secret
     models: ["infuzu/*"]
+    cost_table: costs/infuzu.csv        # optional: what the provider charges the operator
 ```
+
+`cost_table` names a price table (CSV or YAML, the format of `meterline prices import`;
+relative to the providers file) of what the provider charges per model: its versions are
+loaded into the provider costs at start-up when not stored yet.
 
 A provider whose `api_key_env` is unset is reported at start-up, and requests for its
 models answer 503 `provider_not_configured`: the provider's own 401 would read to a customer
@@ -32,7 +37,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, cast
 
@@ -60,6 +65,8 @@ class Provider:
     # The header carrying the key: `Authorization` as `Bearer <key>`, any other as the bare key.
     auth_header: str = "Authorization"
     headers: tuple[tuple[str, str], ...] = ()  # static, sent with every request
+    # The provider's default cost table (a path), loaded at start-up.
+    cost_table: str | None = None
 
     @property
     def configured(self) -> bool:
@@ -109,6 +116,9 @@ def _provider(index: int, raw: Any, environ: dict[str, str]) -> Provider:
     if "api_key" in raw:
         # A key written in the file would end up in backups and repositories.
         raise ProvidersFileError(f"provider {name}: use api_key_env, not api_key")
+    cost_table = raw.get("cost_table")
+    if cost_table is not None and (not isinstance(cost_table, str) or not cost_table):
+        raise ProvidersFileError(f"provider {name}: cost_table must be a file path")
     auth_header = raw.get("auth_header", "Authorization")
     if not isinstance(auth_header, str) or not _HEADER_NAME.fullmatch(auth_header):
         raise ProvidersFileError(f"provider {name}: auth_header must be a header name")
@@ -121,6 +131,7 @@ def _provider(index: int, raw: Any, environ: dict[str, str]) -> Provider:
         api_key_env=key_env,
         auth_header=auth_header,
         headers=_static_headers(name, raw.get("headers", {}), auth_header),
+        cost_table=cost_table,
     )
 
 
@@ -162,4 +173,9 @@ def load_providers(path: Path | None) -> list[Provider]:
     """The providers of the file at `path`; none when no file is configured."""
     if path is None:
         return []
-    return parse_providers(Path(path).read_text())
+    providers = parse_providers(Path(path).read_text())
+    # A cost table's path is relative to the providers file.
+    return [
+        replace(p, cost_table=str(Path(path).parent / p.cost_table)) if p.cost_table else p
+        for p in providers
+    ]

@@ -14,13 +14,12 @@ import logging
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from decimal import Decimal
 
 import aiohttp
 import orjson
 from starlette.types import Receive, Scope, Send
 
-from pricing.cost import TokenUsage, usage_cost
+from pricing.cost import TokenUsage
 from service.auth.key_cache import CachedKey, KeyCache
 from service.errors import MeterlineError
 from service.ledger.record import LedgerRecord, new_request_id, storable_text
@@ -242,10 +241,11 @@ class MeteringProxy:
         started: float,
         ttft_ms: int | None = None,
     ) -> LedgerRecord:
-        price = self.prices.book.price_for(ctx.model, ctx.occurred_at)
-        cost: Decimal | None = None
-        if price is not None:
-            cost = usage_cost(TokenUsage(usage.prompt, usage.completion, usage.cached), price)
+        tokens = TokenUsage(usage.prompt, usage.completion, usage.cached)
+        provider = ctx.provider.name[:64]
+        charge = self.prices.tariff.charge(
+            ctx.account_id, ctx.model, ctx.occurred_at, provider, tokens
+        )
         record = LedgerRecord(
             request_id=ctx.request_id,
             occurred_at=ctx.occurred_at,
@@ -256,7 +256,7 @@ class MeteringProxy:
             endpoint=ctx.endpoint,
             requested_model=ctx.model,
             upstream_model=storable_text(upstream_model, MAX_MODEL) if upstream_model else None,
-            provider=ctx.provider.name[:64],
+            provider=provider,
             stream=ctx.stream,
             status_code=status,
             error_code=error_code if status >= 300 or error_code else None,
@@ -268,9 +268,12 @@ class MeteringProxy:
             usage_source=usage.source,
             latency_ms=int((time.perf_counter() - started) * 1000),
             ttft_ms=ttft_ms,
-            cost_usd=cost,
-            price_version_id=price.version_id if price is not None else None,
+            cost_usd=charge.cost_usd,
+            price_version_id=charge.price_version_id,
             usage_flag=usage.flag,
+            provider_cost_usd=charge.provider_cost_usd,
+            provider_cost_version_id=charge.provider_cost_version_id,
+            rate_card_version_id=charge.rate_card_version_id,
         )
         self.ledger.submit(record)
         return record

@@ -4,7 +4,7 @@ import uuid
 
 from fastapi import APIRouter, status
 
-from service.deps import Budgets, Caller, Config, Guard, Prices, Session
+from service.deps import Budgets, Caller, Config, Guard, Prices, Routes, Session
 from service.errors import API_ERRORS, errors
 from service.limits.policy import BudgetExhausted, BudgetUnavailable, InsufficientCredits
 from service.quotes import service
@@ -33,10 +33,25 @@ TASK = {"path.task_id": "$response.body#/id", "query.account_id": "$response.bod
     },
 )
 async def create_quote(
-    data: QuoteCreate, session: Session, caller: Caller, settings: Config, prices: Prices
+    data: QuoteCreate,
+    session: Session,
+    caller: Caller,
+    settings: Config,
+    prices: Prices,
+    routes: Routes,
 ) -> QuoteOut:
-    """Price one task of `task_type` on `model` in advance (from history, else an estimate)."""
-    return await service.create_quote(session, settings, prices.book, caller, data)
+    """Price one task of `task_type` on `model` in advance (from history, else an estimate
+    at what the provider charges where known, else at list price)."""
+    provider = routes.route(data.model)
+    return await service.create_quote(
+        session,
+        settings,
+        prices.book,
+        caller,
+        data,
+        tariff=prices.tariff,
+        provider=provider.name if provider is not None else None,
+    )
 
 
 @router.get("/{quote_id}", response_model=QuoteOut)

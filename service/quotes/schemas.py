@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from pricing.quote import QuoteBasis
+from pricing.quote import CostSource, QuoteBasis
 from service.schemas import DecimalString, Text
 
 Label = Annotated[Text, Field(min_length=1)]
@@ -59,6 +59,12 @@ class QuoteOut(BaseModel):
     basis: QuoteBasis = Field(
         description="`history`: a quantile of the account's completed tasks' actual costs;"
         " `estimate`: prompt tokens plus the completion budget at list price."
+    )
+    cost_source: CostSource | None = Field(
+        default=None,
+        description="An estimate's: `provider_cost` (what the upstream charges, where known:"
+        " the operator's risk) or `list_price`; null for a history quote (the actual costs"
+        " of past tasks).",
     )
     sample_size: int = Field(description="Completed tasks the history basis drew on.")
     confidence: DecimalString

@@ -19,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from pricing.prices import PriceBook
 from pricing.quote import (
+    CostSource,
     QuoteBasis,
     cost_cap,
     estimate_cost,
@@ -27,6 +28,7 @@ from pricing.quote import (
     quantile_rank,
     quote_price,
 )
+from pricing.rate_cards import Tariff
 from service.auth.principal import Principal
 from service.db.models import Quote
 from service.errors import Conflict, MeterlineError, NotFound, Unprocessable
@@ -108,8 +110,13 @@ async def create_quote(
     caller: Principal,
     data: QuoteCreate,
     now: datetime | None = None,
+    *,
+    tariff: Tariff | None = None,
+    provider: str | None = None,
 ) -> QuoteOut:
-    """A quote made at `now` (default: this process's clock)."""
+    """A quote made at `now` (default: this process's clock). An estimate prices its tokens
+    at what `provider` charges for the model (from `tariff`) where that is known: the cost
+    the operator risks; else at the list price."""
     account_id = _quote_account(caller, data.account_id)
     repository = QuoteRepository(session)
     account = await repository.account(account_id)
@@ -117,7 +124,8 @@ async def create_quote(
         raise NotFound(f"account {account_id} not found", param="body.account_id")
     now = now or datetime.now(UTC)
     price = book.price_for(data.model, now)
-    if price is None:
+    upstream = tariff.provider_cost(provider, data.model, now) if tariff is not None else None
+    if price is None and upstream is None:
         raise ModelNotPriced(
             f"model {data.model!r} has no price; a task on it cannot be quoted", param="body.model"
         )
@@ -131,6 +139,7 @@ async def create_quote(
     histogram = await repository.cost_histogram(account_id, data.task_type, data.model, since)
     if histogram.sample_size >= settings.quote_min_sample:
         basis = QuoteBasis.HISTORY
+        cost_source: CostSource | None = None
         expected = mean_cost(histogram.total_cost, histogram.sample_size)
         position = locate_rank(histogram.buckets, quantile_rank(histogram.sample_size, confidence))
         walked = await repository.cost_at(account_id, data.task_type, data.model, since, position)
@@ -153,7 +162,10 @@ async def create_quote(
                 param="body.max_completion_tokens",
             )
         basis = QuoteBasis.ESTIMATE
-        expected = estimate_cost(prompt_tokens, data.max_completion_tokens, price)
+        cost_source = CostSource.LIST_PRICE if upstream is None else CostSource.PROVIDER_COST
+        rates = upstream or price
+        assert rates is not None
+        expected = estimate_cost(prompt_tokens, data.max_completion_tokens, rates)
         basis_cost = expected
 
     quote = await repository.add(
@@ -162,6 +174,7 @@ async def create_quote(
             task_type=data.task_type,
             model=data.model,
             basis=basis,
+            cost_source=cost_source,
             sample_size=histogram.sample_size,
             confidence=confidence,
             margin=margin,

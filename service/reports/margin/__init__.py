@@ -1,1 +1,1 @@
-"""The margin report: fixed-price revenue against actual token cost."""
+"""The margin report: what quoted tasks and token usage earned against what they cost."""

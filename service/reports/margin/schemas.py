@@ -30,6 +30,12 @@ class MarginRow(BaseModel):
     )
     margin_usd: DecimalString = Field(description="Revenue minus cost.")
     margin_pct: DecimalString | None = Field(description="Margin as % of revenue.")
+    provider_cost_usd: DecimalString = Field(
+        description="What the upstreams charged for these requests, where known."
+    )
+    unknown_provider_cost_requests: int = Field(
+        description="Requests of these tasks whose provider cost is unknown."
+    )
     confidence: DecimalString | None = Field(
         description="Average confidence the quotes were asked for."
     )
@@ -42,8 +48,48 @@ class MarginRow(BaseModel):
     )
 
 
+class UsageMarginRow(BaseModel):
+    """Token usage billed per token in the period, of one account, model and task type."""
+
+    account_id: uuid.UUID | None
+    model: str | None
+    task_type: str | None
+    requests: int
+    unpriced_requests: int = Field(
+        description="Requests stored without a customer price (no revenue yet: priced on"
+        " the next invoice draft)."
+    )
+    revenue_usd: DecimalString = Field(
+        description="What the customer is billed for these tokens, exact (the invoice's"
+        " amounts before each line is rounded to the cent)."
+    )
+    provider_cost_usd: DecimalString = Field(
+        description="What the upstreams charged for the requests whose cost is known."
+    )
+    margin_usd: DecimalString = Field(
+        description="Revenue minus provider cost, over the requests whose provider cost is"
+        " known (the others would make it a guess)."
+    )
+    margin_pct: DecimalString | None = Field(
+        description="Margin as % of that revenue; null without revenue."
+    )
+    unknown_provider_cost_requests: int
+    unknown_provider_cost_share: DecimalString | None = Field(
+        description="Share of the tokens whose provider cost is unknown (0 to 1)."
+    )
+
+
+class UsageMargin(BaseModel):
+    rows: list[UsageMarginRow]
+    total: UsageMarginRow
+
+
 class MarginReport(BaseModel):
     period: str
     account_id: uuid.UUID | None
-    rows: list[MarginRow]
+    rows: list[MarginRow] = Field(description="Quoted tasks, per task type and model.")
     total: MarginRow
+    usage: UsageMargin = Field(
+        description="Token usage billed per token, per account, model and task type: what"
+        " it earned against what the upstreams charged."
+    )

@@ -6,20 +6,24 @@ completion: its fixed price (succeeded, or expired under the `fixed_price` polic
 token cost (failed or expired under a `cost` policy), or nothing. Calibration is reported twice:
 against the price (margin included) and against the quote's cost basis, the quantile that
 `confidence` asked for — the one a well-calibrated quote keeps at about `confidence`.
+
+Token usage billed per token is reported too, per account, model and task type: revenue
+(the rows' `cost_usd`, what invoices bill) against provider cost (`provider_cost_usd`),
+the margin over the usage whose provider cost is known, and the share that is unknown.
 """
 
 from __future__ import annotations
 
 import uuid
-from decimal import Decimal
+from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from pricing.invoice import BillingPeriod
 from pricing.quote import margin, share
-from service.reports.margin.repository import margin_rows
-from service.reports.margin.schemas import MarginReport, MarginRow
+from service.reports.margin.repository import margin_rows, usage_margin_rows
+from service.reports.margin.schemas import MarginReport, MarginRow, UsageMargin, UsageMarginRow
 
 
 def _row(row: Any) -> MarginRow:
@@ -41,9 +45,35 @@ def _row(row: Any) -> MarginRow:
         cost_usd=row.cost,
         margin_usd=kept.amount,
         margin_pct=kept.percent,
+        provider_cost_usd=row.provider_cost,
+        unknown_provider_cost_requests=row.unknown_cost_requests,
         confidence=confidence,
         within_price_share=share(row.within_price, row.tasks),
         within_quantile_share=share(row.within_quantile, row.tasks),
+    )
+
+
+def _usage_row(row: Any) -> UsageMarginRow:
+    kept = margin(row.revenue_known_cost, row.provider_cost)
+    unknown = None
+    if row.tokens:
+        unknown = (Decimal(row.unknown_cost_tokens) / row.tokens).quantize(
+            Decimal("0.0001"), rounding=ROUND_HALF_UP
+        )
+    elif row.requests:
+        unknown = share(row.unknown_cost_requests, row.requests)
+    return UsageMarginRow(
+        account_id=row.account_id,
+        model=row.model,
+        task_type=row.task_type,
+        requests=row.requests,
+        unpriced_requests=row.unpriced_requests,
+        revenue_usd=row.revenue,
+        provider_cost_usd=row.provider_cost,
+        margin_usd=kept.amount,
+        margin_pct=kept.percent,
+        unknown_provider_cost_requests=row.unknown_cost_requests,
+        unknown_provider_cost_share=unknown,
     )
 
 
@@ -54,4 +84,15 @@ async def margin_report(
     # The grand total (grouping set `()`) is always the last row; with no task it is all zero.
     total = rows.pop()
     total.task_type = total.model = None
-    return MarginReport(period=str(period), account_id=account_id, rows=rows, total=total)
+    usage = [
+        _usage_row(r)
+        for r in await usage_margin_rows(session, period.start, period.end, account_id)
+    ]
+    usage_total = usage.pop()
+    return MarginReport(
+        period=str(period),
+        account_id=account_id,
+        rows=rows,
+        total=total,
+        usage=UsageMargin(rows=usage, total=usage_total),
+    )
