@@ -48,6 +48,7 @@ from service.quotes.endpoints import router as quotes_router
 from service.reports.endpoints import router as reports_router
 from service.reports.margin.endpoints import router as margin_router
 from service.reports.review.endpoints import router as review_router
+from service.routing.endpoints import router as routing_router
 from service.runtime import Runtime
 from service.schemas import (
     CONTROL_CHARACTERS_MESSAGE,
@@ -190,6 +191,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(tasks_router)
     app.include_router(margin_router)
     app.include_router(prices_router)
+    app.include_router(routing_router)
     app.include_router(invoices_router)
     app.include_router(openai_usage_router)
     app.include_router(docs_router)

@@ -280,8 +280,12 @@ class Limits:
         reservation: str | None = None,
         now: datetime | None = None,
         task_id: str | None = None,
+        price: Price | None = None,
     ) -> Grant:
-        """Count the request and hold its worst-case cost, or raise a 429 (503: budget unknown)."""
+        """Count the request and hold its worst-case cost, or raise a 429 (503: budget unknown).
+
+        `price`: what the request may cost per token at most when it may be served by one of
+        several models (a model object's costliest candidate); else `model`'s price."""
         reservation = reservation or uuid.uuid4().hex
         row = await self._limits_of(key_id, account_id)
         plan = self._plans.get(row)
@@ -305,7 +309,7 @@ class Limits:
             )
             tokens = prompt + per_choice * choices
             if budgeted:
-                price = self._prices.book.price_for(model, now)
+                price = price or self._prices.book.price_for(model, now)
                 need = _Need.of(price, prompt, per_choice, choices, unbounded=limit is None)
         if time.monotonic() < self._store_down_until:
             metrics.LIMIT_ERRORS.labels("skipped").inc()
@@ -432,6 +436,7 @@ class Limits:
             reservation=ctx.request_id,
             now=ctx.occurred_at,
             task_id=ctx.task_id,
+            price=ctx.costliest,
         )
         ctx.response_headers.update(grant.headers)
         ctx.max_tokens_cap = grant.max_tokens_cap
