@@ -75,7 +75,8 @@ def _add_prices(db: Database) -> None:
     for name, (prompt, completion) in PRICES.items():
         db.execute(
             "INSERT INTO price_versions (model, input_usd_per_mtok, output_usd_per_mtok, "
-            "effective_from, source) VALUES ($1, $2, $3, '1970-01-01', 'test')",
+            "effective_from, source) VALUES ($1, $2, $3, '1970-01-01', 'test')"
+            " ON CONFLICT DO NOTHING",
             m(name),
             Decimal(prompt),
             Decimal(completion),
@@ -331,6 +332,7 @@ def test_the_model_object_is_read_with_exact_decimals() -> None:
 def test_two_workers_with_redis_see_the_same_statistics_within_a_second(
     database_url: str, upstream: Upstream, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
+    _add_prices(Database(database_url))
     workdir = tmp_path_factory.mktemp("routing-shared")
     providers = workdir / "routing.yaml"
     providers.write_text(_providers(upstream, free_port()))
@@ -341,6 +343,7 @@ def test_two_workers_with_redis_see_the_same_statistics_within_a_second(
         workdir,
         "--workers",
         "2",
+        ready_timeout=240,
         METERLINE_PROVIDERS=str(providers),
         METERLINE_REDIS_URL="redis://127.0.0.1:6379/0",
         METERLINE_REDIS_PREFIX=prefix,
@@ -351,18 +354,20 @@ def test_two_workers_with_redis_see_the_same_statistics_within_a_second(
         for _ in range(30):
             _routed(client, model, extra_headers={"Connection": "close"})
         stopped = time.monotonic()
-        views: dict[str, Any] = {}
+        # Every view fetched a second after the last request, from either worker, is the
+        # same; fresh connections until both workers have answered.
+        views: dict[str, list[Any]] = {}
         with httpx.Client(
             base_url=server.url,
             headers={"Authorization": f"Bearer {ADMIN_TOKEN}", "Connection": "close"},
         ) as admin:
-            while time.monotonic() - stopped < 1.0:
+            time.sleep(max(0.0, 1.0 - (time.monotonic() - stopped)))
+            while time.monotonic() - stopped < 30 and len(views) < 2:
                 page = admin.get("/billing/routing/stats").json()
                 assert page["shared"] is True
-                views[page["worker"]] = page["data"]
-                if len(views) == 2 and len({repr(v) for v in views.values()}) == 1:
-                    break
-                time.sleep(0.02)
+                seen = views.setdefault(page["worker"], page["data"])
+                assert seen == page["data"], "a view changed with no traffic"
+                time.sleep(0.01)
         assert len(views) == 2, "both workers answered"
         first, second = views.values()
         assert first == second, (first, second)
@@ -370,3 +375,33 @@ def test_two_workers_with_redis_see_the_same_statistics_within_a_second(
         assert ("healthy-co", m("healthy")) in routes
         total = sum(r["samples"] for r in first if r["model"] in (m("flaky"), m("healthy")))
         assert total >= 30  # every worker's attempts, not one worker's share
+
+
+def test_a_request_on_a_quoted_task_routes_only_to_the_quoted_model(server: Meterline) -> None:
+    _, _, key = new_customer(server.url)
+    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {key}"}) as http:
+        quote = http.post(
+            "/billing/quotes",
+            json={
+                "task_type": "routed",
+                "model": m("dear"),
+                "prompt_tokens": 100,
+                "max_completion_tokens": 100,
+            },
+        )
+        quote.raise_for_status()
+        task = http.post(f"/billing/quotes/{quote.json()['id']}/accept").json()
+    client = openai.OpenAI(
+        base_url=server.v1, api_key=key, max_retries=0, default_headers={"X-Task-Id": task["id"]}
+    )
+    # The price weight alone would pick cheap; the task was quoted for dear.
+    raw = _routed(client, {"llms": [m("cheap"), m("dear")], "weights": {"price": 1}})
+    assert raw.headers["x-meterline-model"] == m("dear")
+    with pytest.raises(openai.BadRequestError) as refused:
+        _routed(client, {"llms": [m("cheap"), m("mid")]})
+    body = refused.value.body
+    assert isinstance(body, dict) and (body["code"], body["param"]) == (
+        "no_model_matches",
+        "x-task-id",
+    )
+    assert m("dear") in body["message"]
