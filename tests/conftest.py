@@ -191,16 +191,9 @@ def meterline_env(database_url: str, data_dir: Path, providers: Path) -> dict[st
 
 @contextmanager
 def start_meterline(
-    database_url: str,
-    upstream: Upstream,
-    workdir: Path,
-    *args: str,
-    ready_timeout: float = 60.0,
-    **env: str,
+    database_url: str, upstream: Upstream, workdir: Path, *args: str, **env: str
 ) -> Iterator[Meterline]:
-    """`meterline serve` as a user runs it, on a free port, stopped with SIGTERM afterwards
-    (`ready_timeout`: how long it may take to answer, longer for several workers on a
-    loaded machine)."""
+    """`meterline serve` as a user runs it, on a free port, stopped with SIGTERM afterwards."""
     workdir.mkdir(parents=True, exist_ok=True)
     providers = workdir / "providers.yaml"
     providers.write_text(providers_yaml(upstream))
@@ -213,7 +206,6 @@ def start_meterline(
         f"{url}/healthz",
         env={**meterline_env(database_url, data_dir, providers), **env},
         log=log,
-        timeout=ready_timeout,
     ):
         yield Meterline(url, database_url, data_dir, log)
 

@@ -22,9 +22,9 @@ import openai
 import pytest
 
 from service.routing.schemas import parse_model_spec
-from tests.conftest import ADMIN_TOKEN, Meterline, Upstream, start_meterline
+from tests.conftest import ADMIN_TOKEN, Meterline, Upstream, meterline_env, start_meterline
 from tests.reliability import new_customer, wait_for_rows
-from tests.support import Database, free_port
+from tests.support import Database, free_port, running
 
 CHAT: dict[str, Any] = {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 5}
 SUFFIX = secrets.token_hex(3)  # models of this run only: the database is shared
@@ -337,17 +337,22 @@ def test_two_workers_with_redis_see_the_same_statistics_within_a_second(
     providers = workdir / "routing.yaml"
     providers.write_text(_providers(upstream, free_port()))
     prefix = f"meterline-test-{secrets.token_hex(4)}:"
-    with start_meterline(
-        database_url,
-        upstream,
-        workdir,
-        "--workers",
-        "2",
-        ready_timeout=240,
-        METERLINE_PROVIDERS=str(providers),
-        METERLINE_REDIS_URL="redis://127.0.0.1:6379/0",
-        METERLINE_REDIS_PREFIX=prefix,
-    ) as server:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {
+        **meterline_env(database_url, workdir / "data", providers),
+        "METERLINE_REDIS_URL": "redis://127.0.0.1:6379/0",
+        "METERLINE_REDIS_PREFIX": prefix,
+    }
+    # Two workers start slowly on a loaded machine: more time than one server gets.
+    with running(
+        ["serve", "--port", str(port), "--workers", "2"],
+        f"{url}/healthz",
+        env=env,
+        log=workdir / "meterline.log",
+        timeout=240,
+    ):
+        server = Meterline(url, database_url, workdir / "data", workdir / "meterline.log")
         _, client = _client(server)
         model = {"llms": [m("flaky"), m("healthy")], "weights": {"error": 1}}
         # Fresh connections: each request may land on either worker.
