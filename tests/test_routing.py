@@ -37,6 +37,7 @@ PRICES = {
     "flaky": ("1.00", "1.00"),
     "healthy": ("1.00", "1.00"),
     "failover": ("1.00", "1.00"),
+    "slow": ("1.00", "1.00"),
 }
 
 
@@ -57,6 +58,11 @@ providers:
     base_url: {upstream.url}/fail/30/openai/v1
     api_key_env: MOCK_PROVIDER_KEY
     models: ["{m("flaky")}"]
+    stream_usage: inject
+  - name: slow-co
+    base_url: {upstream.url}/slow/300/openai/v1
+    api_key_env: MOCK_PROVIDER_KEY
+    models: ["{m("slow")}"]
     stream_usage: inject
   - name: down-co
     base_url: http://127.0.0.1:{down_port}/v1
@@ -246,6 +252,23 @@ def test_an_error_weighted_object_sends_almost_everything_to_the_healthy_provide
     assert failed and all(
         (r["provider"], r["status_code"], r["cost_usd"]) == ("flaky-co", 503, 0) for r in failed
     )
+
+
+def test_a_start_latency_weighted_object_moves_to_the_provider_quick_to_answer(
+    server: Meterline,
+) -> None:
+    _, client = _client(server)
+    model = {"llms": [m("slow"), m("healthy")], "weights": {"start_latency": 1}}
+    served = [_routed(client, model).headers["x-meterline-provider"] for _ in range(10)]
+    # Each is tried once (a route not measured yet wins a tie), then the quick one wins.
+    assert sorted(served[:2]) == ["healthy-co", "slow-co"]
+    assert served[2:] == ["healthy-co"] * 8
+    with httpx.Client(
+        base_url=server.url, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    ) as admin:
+        stats = admin.get("/billing/routing/stats").json()["data"]
+    slow = [r for r in stats if r["provider"] == "slow-co"]
+    assert slow and slow[0]["ttft_ms"] >= 300  # the mock waits 300 ms before its first byte
 
 
 def test_a_provider_down_entirely_every_request_is_served_by_the_other(

@@ -11,8 +11,9 @@ provider, priced, max_input_cost, max_output_cost, the quoted task's model) and 
 each term normalized over the candidates to [0, 1] (0 the best of them, 1 the worst; a
 term that is the same for all counts 0). `price` is input plus output USD per 1M tokens at
 the account's price; the others are the live statistics (service/routing/stats.py), and a
-route with no statistics yet counts as good as the best (so it gets tried). The lowest
-score is tried first; ties keep the order of `llms`, then the file's. Prices are compared
+route with no statistics yet counts as good as the best and wins a tie (so it gets
+measured). The lowest score is tried first; other ties keep the order of `llms`, then the
+file's. Prices are compared
 as Decimals; only the normalized terms, which are ranks and never money, are floats.
 """
 
@@ -234,6 +235,7 @@ class ModelRouter:
             _norm([f.latency_ms if f is not None else None for f in figures]),
         )
         w_price, w_error, w_start, w_end = weights
+        # Ties go to a route not measured yet, so every candidate gets measured.
         scores = [
             (
                 self.stats.cooled(c.provider.name),
@@ -241,12 +243,13 @@ class ModelRouter:
                 + w_error * terms[1][i]
                 + w_start * terms[2][i]
                 + w_end * terms[3][i],
+                figures[i] is not None,
                 i,
             )
             for i, c in enumerate(candidates)
         ]
         scores.sort()
-        return [candidates[i] for _, _, i in scores]
+        return [candidates[i] for *_, i in scores]
 
 
 # The ledger's attempts that seed a new process's statistics.
