@@ -39,7 +39,9 @@ class RoutingRepository(Repository):
                 func.avg(case((ok, row.latency_ms))),
                 func.max(row.occurred_at),
             )
-            .where(row.occurred_at >= since, row.provider.is_not(None))
+            # `recorded_at` too: its BRIN index keeps this a read of the ledger's last
+            # minutes, not of the month's partition.
+            .where(row.occurred_at >= since, row.recorded_at >= since, row.provider.is_not(None))
             .group_by(row.provider, row.requested_model)
         )
         result = await self.session.execute(statement)
