@@ -11,7 +11,11 @@ creates and drops a database of its own there). Then, in one run:
 - streamed: 500 concurrent streams of 50 chunks 20 ms apart (an asyncio/aiohttp client),
   time to first token direct vs through Meterline, and stalls.
 
+With `--routing`, only the cost of routing: a model object of five candidates against the
+same request naming its model, alternated, at the lowest connection count.
+
     python -m bench proxy [--workers 1 2] [--duration 10] [--streams 500] [--clients]
+    python -m bench proxy --routing [--rounds 3] [--connections 8]
 """
 
 from __future__ import annotations
@@ -25,7 +29,11 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
 
 import aiohttp
@@ -64,14 +72,38 @@ def _ms(text: str) -> float:
     return float(number) * _UNITS[unit]
 
 
+# The same request with a model object of five priced candidates, weighing everything
+# routing weighs (`--routing`): what the object costs on the hot path against a name.
+CANDIDATES = [
+    "meta-llama/Llama-3.3-70B-Instruct",
+    "meta-llama/Meta-Llama-3.1-70B-Instruct",
+    "meta-llama/Meta-Llama-3-70B-Instruct",
+    "meta-llama/Meta-Llama-3.1-8B-Instruct",
+    "meta-llama/Llama-3.2-3B-Instruct",
+]
+ROUTED_BODY = BODY.replace(
+    '"' + MODEL + '"',
+    '{"llms":['
+    + ",".join(f'"{c}"' for c in CANDIDATES)
+    + '],"max_input_cost":"1.00","weights":{"price":1,"error":1,"start_latency":1,'
+    '"end_latency":1}}',
+)
+
+
 def wrk(
-    binary: str, url: str, connections: int, seconds: int, key: str | None, work: Path
+    binary: str,
+    url: str,
+    connections: int,
+    seconds: int,
+    key: str | None,
+    work: Path,
+    body: str = BODY,
 ) -> WrkResult:
     script = work / f"post-{secrets.token_hex(3)}.lua"
     auth = f'wrk.headers["Authorization"] = "Bearer {key}"\n' if key else ""
     script.write_text(
         'wrk.method = "POST"\n'
-        f"wrk.body = '{BODY}'\n"
+        f"wrk.body = '{body}'\n"
         'wrk.headers["Content-Type"] = "application/json"\n' + auth
     )
     threads = 1 if connections <= 8 else 2
@@ -281,6 +313,9 @@ def bench_workers(
     ):
         account_id, key = create_key(meterline_url)
         chat = "/v1/chat/completions"
+        if args.routing:
+            bench_routing(args, wrk_bin, f"{meterline_url}{chat}", key, work)
+            return
         served = 0  # responses wrk received from Meterline, warm-ups included
         runs = 0
         for connections in args.connections:
@@ -314,6 +349,90 @@ def bench_workers(
             compare_clients(workers, args, wrk_bin, upstream, work, env)
         if args.streams:
             bench_streams(args, database_url, upstream, meterline_url)
+
+
+def bench_routing(args: argparse.Namespace, wrk_bin: str, url: str, key: str, work: Path) -> None:
+    """A model name against a model object of five candidates, alternated `--rounds` times at
+    the lowest connection count: the median of each round's p50, and the load average."""
+    connections = min(args.connections)
+    print(
+        f"\n-- routing: a model object of {len(CANDIDATES)} candidates vs a model name, "
+        f"{connections} connections, {args.duration}s per run, {args.rounds} rounds each"
+    )
+    for body in (BODY, ROUTED_BODY):
+        wrk(wrk_bin, url, connections, 2, key, work, body)
+    p50: dict[str, list[float]] = {"name": [], "object": []}
+    for _ in range(args.rounds):
+        for label, body in (("name", BODY), ("object", ROUTED_BODY)):
+            result = wrk(wrk_bin, url, connections, args.duration, key, work, body)
+            assert result.errors == 0, f"{result.errors} errors with the model {label}"
+            p50[label].append(result.latency_ms["50%"])
+            print(f"  {label:<7}{fmt(result)}  load {os.getloadavg()[0]:.2f}", flush=True)
+    name, routed = (sorted(v)[len(v) // 2] for v in (p50["name"], p50["object"]))
+    by_name, by_object = routing_cost()
+    print(
+        f"  in-process, best of 5 runs of 20,000: a name {by_name:.2f} µs, the object"
+        f" {by_object:.2f} µs per request: routing adds {by_object - by_name:.1f} µs"
+        f" (load {os.getloadavg()[0]:.2f})",
+        flush=True,
+    )
+    print(
+        f"  median p50: name {name:.3f} ms, object {routed:.3f} ms; added by routing "
+        f"{routed - name:+.3f} ms (target ≤ +0.2 ms); load average "
+        f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}",
+        flush=True,
+    )
+
+
+def routing_cost(repeats: int = 5, calls: int = 20_000) -> tuple[float, float]:
+    """Microseconds per request of what routing adds in-process (best of `repeats`): the
+    model object read and its 5 candidates filtered, priced and ranked, against a model
+    name's provider lookup. CPU time, so far less sensitive to the machine's load than
+    wrk's latencies."""
+    import orjson
+
+    from pricing.prices import BEGINNING_OF_TIME, Price, PriceBook
+    from pricing.rate_cards import Tariff
+    from service.providers.config import Provider
+    from service.providers.router import ProviderRouter
+    from service.routing.schemas import parse_model_spec
+    from service.routing.service import ModelRouter
+    from service.routing.stats import RoutingStats
+
+    provider = Provider("mock", "http://127.0.0.1:1/v1", ("meta-llama/*",), "inject")
+    book = PriceBook(
+        Price(c, Decimal(i + 1) / 10, Decimal(i + 1) / 5, BEGINNING_OF_TIME)
+        for i, c in enumerate(CANDIDATES)
+    )
+
+    class Prices:
+        def __init__(self) -> None:
+            self.book = book
+            self.tariff = Tariff(book)
+
+        async def refresh(self) -> None:
+            return None
+
+    stats = RoutingStats()
+    router = ModelRouter(ProviderRouter([provider]), Prices(), stats, 3)
+    for i, c in enumerate(CANDIDATES):  # every candidate measured, as after warm-up
+        stats.observe("mock", c, i == 0, 2.0 + i, 3.0 + i)
+    raw = orjson.loads(ROUTED_BODY)["model"]
+    account, now = uuid.uuid4(), datetime.now(UTC)
+
+    def per_call(work: Callable[[], object]) -> float:
+        best = float("inf")
+        for _ in range(repeats):
+            # CPU time, not wall time: other processes on a loaded machine do not count.
+            start = time.process_time()
+            for _ in range(calls):
+                work()
+            best = min(best, (time.process_time() - start) / calls * 1e6)
+        return best
+
+    name = per_call(lambda: router.serving(MODEL))
+    routed = per_call(lambda: router.choose(parse_model_spec(raw, 256), account, None, now))
+    return name, routed
 
 
 def report_non_streamed(
@@ -422,6 +541,12 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--streams", type=int, default=500, help="concurrent streams (0: skip)")
     parser.add_argument("--stream-seconds", type=float, default=8.0)
     parser.add_argument("--clients", action="store_true", help="also compare HTTP clients")
+    parser.add_argument(
+        "--routing",
+        action="store_true",
+        help="only compare a model object of 5 candidates with a model name",
+    )
+    parser.add_argument("--rounds", type=int, default=3, help="--routing: runs of each")
     args = parser.parse_args(argv)
     wrk_bin = ensure_wrk()
     work = Path(tempfile.mkdtemp(prefix="meterline-bench-"))

@@ -32,7 +32,8 @@ def free_port() -> int:
         return port
 
 
-def wait_http(url: str, process: subprocess.Popen[bytes], timeout: float = 60) -> None:
+def wait_http(url: str, process: subprocess.Popen[bytes], timeout: float = 180) -> None:
+    # A loaded machine takes its time to start a server: three minutes before giving up.
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:

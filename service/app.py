@@ -52,6 +52,7 @@ from service.rate_cards.endpoints import router as rate_cards_router
 from service.reports.endpoints import router as reports_router
 from service.reports.margin.endpoints import router as margin_router
 from service.reports.review.endpoints import router as review_router
+from service.routing.endpoints import router as routing_router
 from service.runtime import Runtime
 from service.schemas import (
     CONTROL_CHARACTERS_MESSAGE,
@@ -199,6 +200,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(prices_router)
     app.include_router(provider_costs_router)
     app.include_router(rate_cards_router)
+    app.include_router(routing_router)
     app.include_router(invoices_router)
     app.include_router(openai_usage_router)
     app.include_router(webhooks_router)

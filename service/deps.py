@@ -19,7 +19,15 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from service.auth.principal import Principal, presented_credential, principal_for
 from service.db.session import commit
 from service.errors import NotFound, Unauthorized
-from service.parts import BudgetHolds, KeyDirectory, LivePrices, LiveTasks, ModelRoutes, Parts
+from service.parts import (
+    BudgetHolds,
+    KeyDirectory,
+    LivePrices,
+    LiveTasks,
+    ModelRoutes,
+    Parts,
+    RoutingReport,
+)
 from service.settings import Settings
 
 
@@ -61,6 +69,10 @@ def _limits(request: Request) -> BudgetHolds:
     return _parts(request).limits
 
 
+def _routing_stats(request: Request) -> RoutingReport:
+    return _parts(request).routing_stats
+
+
 Config = Annotated[Settings, Depends(_settings)]
 Engine = Annotated[AsyncEngine, Depends(_engine)]
 Prices = Annotated[LivePrices, Depends(_prices)]
@@ -68,6 +80,7 @@ Keys = Annotated[KeyDirectory, Depends(_keys)]
 Routes = Annotated[ModelRoutes, Depends(_providers)]
 Guard = Annotated[LiveTasks, Depends(_tasks)]
 Budgets = Annotated[BudgetHolds, Depends(_limits)]
+RoutingFigures = Annotated[RoutingReport, Depends(_routing_stats)]
 
 
 # -- the request's session ----------------------------------------------------------------

@@ -79,6 +79,12 @@ class BudgetHolds(Protocol):
     ) -> Decimal | None: ...
 
 
+class RoutingReport(Protocol):
+    """This worker's routing statistics (service/routing/stats.py)."""
+
+    def report(self) -> dict[str, object]: ...
+
+
 class Parts(Protocol):
     """What service/deps.py hands out, under the names `Runtime` gives its parts."""
 
@@ -98,3 +104,5 @@ class Parts(Protocol):
     def tasks(self) -> LiveTasks: ...
     @property
     def limits(self) -> BudgetHolds: ...
+    @property
+    def routing_stats(self) -> RoutingReport: ...

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -26,6 +27,8 @@ from service.proxy.context import Hook, ProxyHooks
 from service.proxy.service import MeteringProxy
 from service.proxy.setup import start_proxy
 from service.proxy.upstream import UpstreamClient
+from service.routing.service import ModelRouter, seed_stats
+from service.routing.stats import RoutingStats
 from service.settings import Settings
 from service.tariff.service import load_tariff
 from service.tasks.expiry import expiry_job
@@ -33,6 +36,8 @@ from service.tasks.guard import TaskGuard
 from service.usage.rollup import roll_up_daily
 from service.webhooks.pending import PendingEvents
 from service.webhooks.sender import WebhookSender
+
+log = logging.getLogger("meterline.routing")
 
 
 @dataclass
@@ -46,6 +51,9 @@ class Runtime:
     # The metering proxy's long-lived parts (service/proxy, service/ledger).
     keys: KeyCache
     providers: ProviderRouter
+    # Where requests go (model names and model objects) and the live statistics it ranks by.
+    routing: ModelRouter
+    routing_stats: RoutingStats
     upstream: UpstreamClient
     ledger: LedgerWriter
     hooks: ProxyHooks
@@ -149,6 +157,10 @@ class Runtime:
             }
         )
         limits.cover_quoted_tasks(tasks.open_cost)
+        routing: ModelRouter = parts["routing"]
+        routing.follow_quotes(tasks.quoted_model)
+        seeded = await seed_stats(routing.stats, sessions, datetime.now(UTC))
+        log.info("event=routing_stats_seeded routes=%d", seeded)
         jobs = _jobs(settings, sessions, tasks)
         for job in jobs:
             await stack.enter_async_context(job)

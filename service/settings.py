@@ -61,6 +61,17 @@ class Settings(BaseSettings):
     # any healthy generation (a line is one event; the largest are a few kilobytes).
     stream_max_duration_s: float = 2 * 3600.0
     stream_max_line_bytes: int = 4 * 1024 * 1024
+    # Routing (service/routing): attempts per request across the providers of its
+    # candidates (a failed attempt is retried elsewhere only before the client got a byte),
+    # and no new attempt once the request is this old.
+    routing_max_attempts: int = Field(default=3, ge=1, le=9)
+    routing_deadline_s: float = Field(default=60.0, gt=0)
+    # A provider failing this many times in a row is passed over for `routing_cooldown_s`,
+    # then tried again (one request probes it; a success ends the cooldown).
+    routing_cooldown_failures: int = Field(default=3, ge=1)
+    routing_cooldown_s: float = Field(default=30.0, ge=0)
+    # How often a worker publishes its routing statistics to Redis and reads the others'.
+    routing_stats_sync_s: float = Field(default=0.25, gt=0)
     key_cache_refresh_s: float = 5.0
     # Headers a client may carry its Meterline key in besides `Authorization: Bearer`, so a
     # client written for a provider that reads its own header migrates by base URL alone.

@@ -349,8 +349,15 @@ class Limits:
         reservation: str | None = None,
         now: datetime | None = None,
         task_id: str | None = None,
+        price: Price | None = None,
+        provider: str | None = None,
     ) -> Grant:
-        """Count the request and hold its worst-case cost, or raise a 429 (503: budget unknown)."""
+        """Count the request and hold its worst-case cost, or raise a 429 (503: budget unknown).
+
+        `price`: what the request may cost per token at most when it may be served by one of
+        several models or providers (a model object's costliest candidate); else what the
+        account pays for `model` served by `provider` (its rate card's price, or the list
+        price)."""
         reservation = reservation or uuid.uuid4().hex
         row = await self._limits_of(key_id, account_id)
         plan = self._plans.get(row)
@@ -377,7 +384,10 @@ class Limits:
             )
             tokens = prompt + per_choice * choices
             if budgeted:
-                price = self._prices.book.price_for(model, now)
+                price = (
+                    price
+                    or self._prices.tariff.customer_price(account_id, model, now, provider).price
+                )
                 need = _Need.of(price, prompt, per_choice, choices, unbounded=limit is None)
         prepaid = account_id if credited else None
         if time.monotonic() < self._store_down_until:
@@ -523,6 +533,8 @@ class Limits:
             reservation=ctx.request_id,
             now=ctx.occurred_at,
             task_id=ctx.task_id,
+            price=ctx.costliest,
+            provider=ctx.provider.name,
         )
         ctx.response_headers.update(grant.headers)
         ctx.max_tokens_cap = grant.max_tokens_cap

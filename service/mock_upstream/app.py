@@ -8,6 +8,12 @@ Each path prefix behaves like one kind of real provider when streaming:
 - `/none/v1/…`: no usage at all, streamed or not.
 - `/strict/v1/…`: rejects `stream_options` with a 400, otherwise like `/none`.
 
+Two prefixes make an unreliable provider out of any of these, for routing and failover:
+
+- `/fail/<percent>/…`: answers that share of its chat and completion requests with a 503,
+  spread evenly (with 30, three of every ten), the others as the rest of the path says;
+- `/slow/<ms>/…`: waits that long before answering (before its first byte).
+
 A request may steer the mock with a `mock` object in its body (the proxy forwards bodies
 unchanged): `status`, `delay_ms`, `chunks`, `chunk_delay_ms`, `drop_after`, `malformed`,
 `endless_line` (after the first chunk, a line that never ends),
@@ -314,6 +320,26 @@ async def _stream(
     yield b"data: [DONE]\n\n"
 
 
+_failures: dict[int, itertools.count[int]] = {}
+
+
+def _fails_now(percent: int) -> bool:
+    """Whether this request is one of the `percent` in a hundred that fail, evenly spread:
+    the n-th request fails when floor(n·p/100) steps up."""
+    n = next(_failures.setdefault(percent, itertools.count()))
+    return (n + 1) * percent // 100 > n * percent // 100
+
+
+async def _unreliable(request: Request) -> Response:
+    """`/fail/<percent>/…` and `/slow/<ms>/…` in front of a provider of the mock."""
+    params = request.path_params
+    if "percent" in params and _fails_now(int(params["percent"])):
+        return _error(503, "mock provider overloaded", "overloaded")
+    if "ms" in params:
+        await asyncio.sleep(int(params["ms"]) / 1000)
+    return await _chat_or_completion(request)
+
+
 async def _embeddings(request: Request) -> Response:
     try:
         body = orjson.loads(await request.body())
@@ -416,6 +442,13 @@ def create_app(api_key: str | None = None) -> ASGIApp:
             Route(prefix + "/v1/embeddings", _embeddings, methods=["POST"]),
             Route(prefix + "/v1/models", _models, methods=["GET"]),
         ]
+    for fault in ("/fail/{percent:int}", "/slow/{ms:int}"):
+        for prefix in ("", "/{behaviour}"):
+            routes += [
+                Route(fault + prefix + "/v1/chat/completions", _unreliable, methods=["POST"]),
+                Route(fault + prefix + "/v1/completions", _unreliable, methods=["POST"]),
+                Route(fault + prefix + "/v1/models", _models, methods=["GET"]),
+            ]
     app: ASGIApp = Starlette(routes=routes)
     return app if api_key is None else _RequireProviderKey(app, api_key)
 

@@ -22,8 +22,10 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Generic, TypeVar
 
+from pricing.prices import Price
 from service.ledger.record import LedgerRecord
 from service.providers.config import Provider
+from service.routing.service import Candidate
 
 
 @dataclass(slots=True)
@@ -34,13 +36,23 @@ class RequestContext:
     key_id: uuid.UUID
     key_prefix: str  # as the billing API lists it (never the key)
     endpoint: str  # chat | completions | embeddings
-    model: str
+    model: str  # the model of the attempt under way (a model object's chosen candidate)
     task_id: str | None
     task_type: str | None
     body: dict[str, Any]  # the parsed request body, as the client sent it
     raw_body: bytes
     stream: bool
-    provider: Provider
+    provider: Provider  # the provider of the attempt under way
+    # Where the request goes should this attempt fail before the client got a byte, in order
+    # (service/routing), and how many attempts were made so far (this one included).
+    fallbacks: tuple[Candidate, ...] = ()
+    attempts: int = 1
+    attempt_started: float = 0.0  # time.perf_counter() when the attempt under way began
+    # The client sent a model object: each attempt sends its candidate's name as `model`.
+    routed: bool = False
+    # The most any candidate may cost (a model object's), which budgets reserve; None: the
+    # price of `model`.
+    costliest: Price | None = None
     # What each hook's admit returned (a reservation, or None), under the hook's name.
     reservations: dict[str, object] = field(default_factory=dict)
     # Headers admission hooks add to the forwarded response (x-ratelimit-*: Meterline's own

@@ -24,8 +24,10 @@ from service.errors import (
     Unauthorized,
 )
 from service.ledger.record import has_control_characters
-from service.providers.router import ProviderRouter
+from service.providers.config import Provider
 from service.proxy.context import RequestContext
+from service.routing.schemas import parse_model_spec
+from service.routing.service import Candidate, ModelRouter, Route
 
 MAX_TASK_FIELD = 128
 MAX_MODEL = 256
@@ -96,31 +98,27 @@ async def read_request(
     receive: Receive,
     *,
     key: CachedKey,
-    router: ProviderRouter,
+    routing: ModelRouter,
     max_body_bytes: int,
     body_timeout_s: float,
     request_id: str,
     occurred_at: datetime,
 ) -> RequestContext:
-    """The request of an authenticated key, checked and routed to its provider."""
+    """The request of an authenticated key, checked and routed to its providers."""
     task_id = _task_header(headers, b"x-task-id")
     task_type = _task_header(headers, b"x-task-type")
     raw = await _read_body(receive, max_body_bytes, body_timeout_s, headers.get(b"content-length"))
     body = _parse_body(raw, endpoint)
-    model: str = body["model"]
-    provider = router.route(model)
-    if provider is None:
-        raise ModelNotFound(
-            f"The model `{model}` does not exist or you do not have access to it.",
-            param="model",
-        )
-    if not provider.configured:
-        raise ProviderNotConfigured(
-            f"The model `{model}` cannot be served now: its provider is not configured "
-            "on this server (the operator has been told at start-up).",
-            headers={"x-should-retry": "false"},
-        )
-    return RequestContext(
+    asked = body["model"]
+    route: Route | None = None
+    if isinstance(asked, str):
+        model = asked
+        providers = _providers(routing, model)
+    else:
+        spec = parse_model_spec(asked, MAX_MODEL)
+        route = routing.choose(spec, key.account_id, task_id, occurred_at)
+        model, providers = route.candidates[0].model, (route.candidates[0].provider,)
+    ctx = RequestContext(
         request_id=request_id,
         occurred_at=occurred_at,
         account_id=key.account_id,
@@ -133,7 +131,33 @@ async def read_request(
         body=body,
         raw_body=raw,
         stream=endpoint != "embeddings" and body.get("stream") is True,
-        provider=provider,
+        provider=providers[0],
+    )
+    if route is not None:
+        ctx.routed = True
+        ctx.fallbacks = route.candidates[1:]
+        ctx.costliest = route.costliest
+    elif len(providers) > 1:
+        ctx.fallbacks = tuple(Candidate(model, p) for p in providers[1:])
+        # A markup over provider cost may price the providers differently.
+        ctx.costliest = routing.price(key.account_id, model, occurred_at)
+    return ctx
+
+
+def _providers(routing: ModelRouter, model: str) -> tuple[Provider, ...]:
+    """The providers a model name is tried at, or the 404 / 503 saying why there is none."""
+    providers = routing.serving(model)
+    if providers:
+        return providers
+    if not routing.providers.route_all(model):
+        raise ModelNotFound(
+            f"The model `{model}` does not exist or you do not have access to it.",
+            param="model",
+        )
+    raise ProviderNotConfigured(
+        f"The model `{model}` cannot be served now: its provider is not configured "
+        "on this server (the operator has been told at start-up).",
+        headers={"x-should-retry": "false"},
     )
 
 
@@ -205,7 +229,7 @@ def _parse_body(raw: bytes, endpoint: str) -> dict[str, Any]:
         ) from None
     if not isinstance(body, dict):
         raise BadRequest("The request body must be a JSON object.", code="invalid_json")
-    _check_model(body.get("model"))
+    _check_model(body.get("model"), endpoint)
     if "stream" in body and not isinstance(body["stream"], bool | None):
         raise BadRequest("stream must be a boolean", code="invalid_type", param="stream")
     options = body.get("stream_options")
@@ -217,7 +241,9 @@ def _parse_body(raw: bytes, endpoint: str) -> dict[str, Any]:
     return body
 
 
-def _check_model(model: object) -> None:
+def _check_model(model: object, endpoint: str) -> None:
+    if isinstance(model, dict) and endpoint != "embeddings":
+        return  # a model object, read by service/routing/schemas.py
     if not isinstance(model, str) or not model:
         raise BadRequest("you must provide a model parameter", code="missing_model", param="model")
     if len(model) > MAX_MODEL:

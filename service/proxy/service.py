@@ -2,7 +2,8 @@
 
 Each step has a home of its own: the request is read and checked in `inbound`, sent in
 `upstream`, a stream relayed in `stream`, usage read in `usage`, answers written in
-`asgi`, `GET /v1/models` listed in `models`. Nothing here waits on Postgres: keys come
+`asgi`, `GET /v1/models` listed in `models`; where a request goes, and where it goes
+when an attempt fails, is `service.routing`'s. Nothing here waits on Postgres: keys come
 from the in-memory `KeyCache`, prices from the in-memory price book, and the ledger
 record is handed to the writer's queue.
 """
@@ -24,8 +25,6 @@ from service.auth.key_cache import CachedKey, KeyCache
 from service.errors import MeterlineError
 from service.ledger.record import LedgerRecord, new_request_id, storable_text
 from service.ledger.writer import LedgerWriter
-from service.prices.cache import PriceCache
-from service.providers.router import ProviderRouter
 from service.proxy.access import AccessLog
 from service.proxy.asgi import send_error, send_whole
 from service.proxy.context import ProxyHooks, RequestContext
@@ -40,10 +39,14 @@ from service.proxy.upstream import (
     UpstreamUnavailable,
     passed_headers,
     request_body,
+    route_headers,
     upstream_failure,
 )
 from service.proxy.usage import Usage, claimed_usage, error_code, usage_of_body
+from service.routing.service import ModelRouter
 from service.tokens import estimate
+
+UpstreamFailure = UpstreamUnavailable | UpstreamTimeout
 
 log = logging.getLogger("meterline.proxy")
 
@@ -55,22 +58,23 @@ class MeteringProxy:
         self,
         *,
         keys: KeyCache,
-        router: ProviderRouter,
+        routing: ModelRouter,
         upstream: UpstreamClient,
         ledger: LedgerWriter,
-        prices: PriceCache,
         hooks: ProxyHooks,
         max_body_bytes: int,
         body_timeout_s: float,
         stream_bounds: StreamBounds,
         key_headers: Sequence[str] = ("X-API-Key",),
         access_log: AccessLog | None = None,
+        deadline_s: float = 60.0,
     ) -> None:
         self.keys = keys
-        self.router = router
+        self.routing = routing
+        self.stats = routing.stats
+        self.deadline_s = deadline_s
         self.upstream = upstream
         self.ledger = ledger
-        self.prices = prices
         self.hooks = hooks
         self.max_body_bytes = max_body_bytes
         self.body_timeout_s = body_timeout_s
@@ -78,7 +82,7 @@ class MeteringProxy:
         # ASGI header names arrive lower-cased; messages name them as configured.
         self.key_headers = tuple((name.lower().encode("latin-1"), name) for name in key_headers)
         self.access_log = access_log
-        self.model_list = ModelList(router, upstream)
+        self.model_list = ModelList(routing.providers, upstream)
 
     # -- the forwarded endpoints ----------------------------------------------------
 
@@ -95,7 +99,7 @@ class MeteringProxy:
                 headers,
                 receive,
                 key=key,
-                router=self.router,
+                routing=self.routing,
                 max_body_bytes=self.max_body_bytes,
                 body_timeout_s=self.body_timeout_s,
                 request_id=request_id,
@@ -113,7 +117,6 @@ class MeteringProxy:
             await send_error(send, error, request_id)
             self._log_refusal(request_id, endpoint, error, started, key, ctx.model)
             return
-        send = redact_provider_key(send, ctx.provider.api_key)
         try:
             if ctx.stream:
                 await self._forward_stream(ctx, send, receive, started)
@@ -149,22 +152,20 @@ class MeteringProxy:
             raise
 
     async def _forward_plain(self, ctx: RequestContext, send: Send, started: float) -> None:
-        body, _ = request_body(ctx)
-        try:
-            response = await self.upstream.forward(ctx, body)
-        except (UpstreamUnavailable, UpstreamTimeout) as failure:
-            await self._fail(ctx, send, failure, started)
+        response, _ = await self._open(ctx, started)
+        send = redact_provider_key(send, ctx.provider.api_key)
+        if isinstance(response, MeterlineError):
+            await self._fail(ctx, send, response, started)
             return
         await self._answer_whole(ctx, send, response, started)
 
     async def _forward_stream(
         self, ctx: RequestContext, send: Send, receive: Receive, started: float
     ) -> None:
-        body, hide_usage = request_body(ctx)
-        try:
-            response = await self.upstream.forward(ctx, body)
-        except (UpstreamUnavailable, UpstreamTimeout) as failure:
-            await self._fail(ctx, send, failure, started)
+        response, hide_usage = await self._open(ctx, started)
+        send = redact_provider_key(send, ctx.provider.api_key)
+        if isinstance(response, MeterlineError):
+            await self._fail(ctx, send, response, started)
             return
         if response.status >= 300 or not is_event_stream(response):
             # An error (or a provider that ignored `stream`): passed back as a whole body.
@@ -180,10 +181,83 @@ class MeteringProxy:
             raise
         await self._finish_stream(ctx, relay, started)
 
+    # -- attempts ------------------------------------------------------------------------
+
+    async def _open(
+        self, ctx: RequestContext, started: float
+    ) -> tuple[aiohttp.ClientResponse | UpstreamFailure, bool]:
+        """The first answer worth passing on (its headers read), or the last failure; and
+        whether the client must not see the usage asked for it.
+
+        Nothing has reached the client yet, so an attempt that fails (connect error,
+        timeout, 429, 5xx) moves on to the next candidate while one is left, within
+        `routing_max_attempts` and the request's deadline; each failed attempt is a ledger
+        row of its own (status, no charge)."""
+        while True:
+            body, hide_usage = request_body(ctx)
+            ctx.attempt_started = time.perf_counter()
+            left = self._time_to_fail_over(ctx, started)
+            if left is None:  # the last attempt: as without routing
+                try:
+                    return await self.upstream.forward(ctx, body), hide_usage
+                except (UpstreamUnavailable, UpstreamTimeout) as failure:
+                    return failure, hide_usage
+            try:
+                # No connect retries here: the next provider is a better retry.
+                async with asyncio.timeout(left):
+                    response = await self.upstream.forward(ctx, body, retries=0)
+            except (UpstreamUnavailable, UpstreamTimeout, TimeoutError) as exc:
+                failed = upstream_failure(exc)
+                self._failed_attempt(ctx, failed.status_code, failed.code)
+                continue
+            if response.status != 429 and response.status < 500:
+                return response, hide_usage
+            try:
+                try:
+                    raw = await response.read()
+                finally:
+                    response.release()
+            except UPSTREAM_FAILURES:
+                raw = b""
+            self._failed_attempt(ctx, response.status, error_code(raw, response.status))
+
+    def _time_to_fail_over(self, ctx: RequestContext, started: float) -> float | None:
+        """Seconds this attempt may take before the next is tried; None: it is the last."""
+        if not ctx.fallbacks or ctx.attempts >= self.routing.max_attempts:
+            return None
+        left = self.deadline_s - (time.perf_counter() - started)
+        return left if left > 0 else None
+
+    def _failed_attempt(self, ctx: RequestContext, status: int, code: str | None) -> None:
+        """Record the attempt that failed (its own ledger row, no charge) and move `ctx` on
+        to the next candidate."""
+        self._record(
+            ctx,
+            status,
+            code,
+            Usage(),
+            None,
+            ctx.attempt_started,
+            request_id=f"{ctx.request_id}.{ctx.attempts}",
+        )
+        log.info(
+            "event=attempt_failed request_id=%s attempt=%d provider=%s model=%s status=%d",
+            ctx.request_id,
+            ctx.attempts,
+            ctx.provider.name,
+            ctx.model,
+            status,
+        )
+        following = ctx.fallbacks[0]
+        ctx.model, ctx.provider = following.model, following.provider
+        ctx.fallbacks = ctx.fallbacks[1:]
+        ctx.attempts += 1
+
     async def _answer_whole(
         self, ctx: RequestContext, send: Send, response: aiohttp.ClientResponse, started: float
     ) -> None:
         """The provider's answer as one body, with its status, request id and cost."""
+        first_byte = (time.perf_counter() - ctx.attempt_started) * 1000
         try:
             try:
                 raw = await response.read()
@@ -198,11 +272,12 @@ class MeteringProxy:
             usage, model = await usage_of_body(ctx, raw)
         else:
             code = error_code(raw, status)
-        record = self._record(ctx, status, code, usage, model, started)
+        record = self._record(ctx, status, code, usage, model, started, first_byte_ms=first_byte)
         headers = [(b"x-request-id", ctx.request_id.encode())]
         if record.cost_usd is not None:
             headers.append((b"x-meterline-cost-usd", format(record.cost_usd, "f").encode()))
         headers += passed_headers(response, ctx.response_headers)
+        headers += route_headers(ctx)
         content_type = response.headers.get("Content-Type", "application/json").encode()
         await send_whole(send, status, raw, headers, content_type)
         await self._settle(ctx, record)
@@ -212,6 +287,8 @@ class MeteringProxy:
     ) -> None:
         """The provider could not be reached or did not answer: a 502 or 504, recorded."""
         record = self._record(ctx, failure.status_code, failure.code, Usage(), None, started)
+        if ctx.attempts > 1 or ctx.routed:
+            failure.headers.update((k.decode(), v.decode()) for k, v in route_headers(ctx))
         await send_error(send, failure, ctx.request_id)
         await self._settle(ctx, record)
 
@@ -240,14 +317,21 @@ class MeteringProxy:
         upstream_model: str | None,
         started: float,
         ttft_ms: int | None = None,
+        *,
+        first_byte_ms: float | None = None,
+        request_id: str | None = None,
     ) -> LedgerRecord:
+        """The ledger row of an attempt (the served one: `request_id` None), priced at the
+        account's price of the model and provider it was sent to, and the attempt observed
+        by the routing statistics."""
         tokens = TokenUsage(usage.prompt, usage.completion, usage.cached)
         provider = ctx.provider.name[:64]
-        charge = self.prices.tariff.charge(
+        charge = self.routing.prices.tariff.charge(
             ctx.account_id, ctx.model, ctx.occurred_at, provider, tokens
         )
+        now = time.perf_counter()
         record = LedgerRecord(
-            request_id=ctx.request_id,
+            request_id=request_id or ctx.request_id,
             occurred_at=ctx.occurred_at,
             account_id=ctx.account_id,
             key_id=ctx.key_id,
@@ -266,7 +350,7 @@ class MeteringProxy:
             cached_tokens=usage.cached,
             reasoning_tokens=usage.reasoning,
             usage_source=usage.source,
-            latency_ms=int((time.perf_counter() - started) * 1000),
+            latency_ms=int((now - started) * 1000),
             ttft_ms=ttft_ms,
             cost_usd=charge.cost_usd,
             price_version_id=charge.price_version_id,
@@ -276,6 +360,14 @@ class MeteringProxy:
             rate_card_version_id=charge.rate_card_version_id,
         )
         self.ledger.submit(record)
+        if status != 499:  # a client that left says nothing of the provider
+            self.stats.observe(
+                ctx.provider.name,
+                ctx.model,
+                status == 429 or status >= 500,
+                ttft_ms if ttft_ms is not None else first_byte_ms,
+                (now - ctx.attempt_started) * 1000,
+            )
         return record
 
     async def _settle(self, ctx: RequestContext, record: LedgerRecord | None) -> None:

@@ -21,7 +21,12 @@ from service.errors import error_body
 from service.proxy.asgi import send_part, start
 from service.proxy.context import RequestContext
 from service.proxy.sse import OutputCounter, StreamMeter
-from service.proxy.upstream import UPSTREAM_FAILURES, passed_headers, upstream_failure
+from service.proxy.upstream import (
+    UPSTREAM_FAILURES,
+    passed_headers,
+    route_headers,
+    upstream_failure,
+)
 
 _STREAM_ERRORS = {
     "upstream_timeout": "the provider stopped sending before the stream was complete",
@@ -111,6 +116,7 @@ class StreamRelay:
             (b"cache-control", b"no-cache"),
             (b"x-request-id", self.ctx.request_id.encode()),
             *passed_headers(self.response, self.ctx.response_headers),
+            *route_headers(self.ctx),
         ]
 
     async def _pass_on(self, send: Send, watcher: asyncio.Task[None]) -> None:

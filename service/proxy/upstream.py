@@ -79,17 +79,24 @@ class UpstreamClient:
             await self._session.close()
 
     async def send(
-        self, method: str, url: str, body: bytes | None, headers: Mapping[str, str]
+        self,
+        method: str,
+        url: str,
+        body: bytes | None,
+        headers: Mapping[str, str],
+        retries: int | None = None,
     ) -> aiohttp.ClientResponse:
-        """The provider's response, headers read, body not yet; raises 502 / 504 errors."""
+        """The provider's response, headers read, body not yet; raises 502 / 504 errors.
+        A failed connection is retried `retries` times (default: the client's)."""
         assert self._session is not None, "UpstreamClient.start() was not awaited"
+        retries = self.retries if retries is None else retries
         attempt = 0
         while True:
             try:
                 return await self._session.request(method, url, data=body, headers=headers)
             except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
                 # Failed while connecting: the provider has seen nothing, a retry is safe.
-                if attempt >= self.retries:
+                if attempt >= retries:
                     if isinstance(exc, aiohttp.ConnectionTimeoutError):
                         raise UpstreamTimeout("timed out connecting to the provider") from exc
                     raise UpstreamUnavailable("could not connect to the provider") from exc
@@ -101,11 +108,13 @@ class UpstreamClient:
             except UPSTREAM_FAILURES as exc:
                 raise upstream_failure(exc) from exc
 
-    def forward(self, ctx: RequestContext, body: bytes) -> Awaitable[aiohttp.ClientResponse]:
+    def forward(
+        self, ctx: RequestContext, body: bytes, retries: int | None = None
+    ) -> Awaitable[aiohttp.ClientResponse]:
         """`body` sent to the provider of `ctx` at the endpoint's path (see `send`); not a
         coroutine of its own, so a request costs no extra frame."""
         url = ctx.provider.url(ENDPOINT_PATHS[ctx.endpoint])
-        return self.send("POST", url, body, self.headers_for(ctx.provider, ctx.stream))
+        return self.send("POST", url, body, self.headers_for(ctx.provider, ctx.stream), retries)
 
     def headers_for(self, provider: Provider, stream: bool) -> dict[str, str]:
         """The headers of a request to `provider`: its key, never the client's."""
@@ -126,11 +135,14 @@ def request_body(ctx: RequestContext) -> tuple[bytes, bool]:
     """The body to send and whether the client must not see the usage asked for it.
 
     The client's bytes go as they are unless a documented edit applies: `max_tokens` set
-    to what the budget pays for (the client set no completion limit), and `stream_options`
-    as the provider's `stream_usage` needs it."""
+    to what the budget pays for (the client set no completion limit), `model` named (the
+    client sent a model object), and `stream_options` as the provider's `stream_usage`
+    needs it."""
     body = (
         ctx.body if ctx.max_tokens_cap is None else {**ctx.body, "max_tokens": ctx.max_tokens_cap}
     )
+    if ctx.routed:
+        body = {**body, "model": ctx.model}
     provider = ctx.provider
     options = body.get("stream_options")
     if provider.stream_usage == "none" and "stream_options" in body:
@@ -158,3 +170,12 @@ def passed_headers(
             out.append((lower, value))
     out += [(k.encode(), v.encode()) for k, v in ours.items()]
     return out
+
+
+def route_headers(ctx: RequestContext) -> list[tuple[bytes, bytes]]:
+    """Which model and provider served the request, after how many attempts."""
+    return [
+        (b"x-meterline-model", ctx.model.encode()),
+        (b"x-meterline-provider", ctx.provider.name.encode()),
+        (b"x-meterline-attempts", str(ctx.attempts).encode()),
+    ]

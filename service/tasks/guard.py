@@ -210,6 +210,11 @@ class TaskGuard:
                 headers=_NO_RETRY,
             )
 
+    def quoted_model(self, account_id: uuid.UUID, task_id: str, at: datetime) -> str | None:
+        """The model a request on this task at `at` must use (None: no quoted task covers it)."""
+        quoted = self._open.get(task_key(account_id, task_id))
+        return quoted.model if quoted is not None and quoted.covers(at) else None
+
     def open_cost(self, account_id: uuid.UUID, task_id: str) -> Decimal | None:
         """The running cost of an open quoted task as this process sees it (None: not one)."""
         quoted = self._open.get(task_key(account_id, task_id))

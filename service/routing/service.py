@@ -1,0 +1,283 @@
+"""Which (model, provider) a request is sent to first, and where it goes if that fails.
+
+A model name goes to the providers serving it in file order (a cooled-down provider last).
+A model object (service/routing/schemas.py) names candidates, or means every priced model
+some provider serves; they are filtered in a fixed order (exclude_llms, served by a
+provider, priced, max_input_cost, max_output_cost, the quoted task's model) and each
+(model, provider) left is scored:
+
+    score = w_price·price + w_error·error_rate + w_start·ttft + w_end·latency
+
+each term normalized over the candidates to [0, 1] (0 the best of them, 1 the worst; a
+term that is the same for all counts 0). `price` is input plus output USD per 1M tokens at
+the account's price; the others are the live statistics (service/routing/stats.py), and a
+route with no statistics yet counts as good as the best and wins a tie (so it gets
+measured). The lowest score is tried first; other ties keep the order of `llms`, then the
+file's. Prices are compared
+as Decimals; only the normalized terms, which are ranks and never money, are floats.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from fnmatch import fnmatchcase
+
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from pricing.prices import BEGINNING_OF_TIME, Price
+from service.errors import BadRequest
+from service.parts import LivePrices
+from service.providers.config import Provider
+from service.providers.router import ProviderRouter, is_pattern
+from service.routing.repository import RoutingRepository
+from service.routing.schemas import ModelSpec
+from service.routing.stats import RouteFigures, RoutingStats
+
+# The model a quoted task is bound to, if a request on it (account, task id, at) is covered.
+QuotedModel = Callable[[uuid.UUID, str, datetime], str | None]
+
+
+class NoModelMatches(BadRequest):
+    code = "no_model_matches"
+    description = "No candidate of the model object is left after its filters."
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    model: str
+    provider: Provider
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """The candidates in the order they are tried, and the most any of them may cost (what
+    budgets reserve, so a fallback never spends past a reservation)."""
+
+    candidates: tuple[Candidate, ...]
+    costliest: Price | None
+
+
+def _norm(values: Sequence[float | None]) -> list[float]:
+    """Each value's place between the best (0) and the worst (1); unknown counts as the best."""
+    known = [v for v in values if v is not None]
+    if not known:
+        return [0.0] * len(values)
+    low, high = min(known), max(known)
+    span = high - low
+    if span <= 0:
+        return [0.0] * len(values)
+    return [0.0 if v is None else (v - low) / span for v in values]
+
+
+def costliest(prices: Sequence[Price]) -> Price | None:
+    """A price at least as high as each of `prices`, input and output each at their most."""
+    if not prices:
+        return None
+    if len(prices) == 1:
+        return prices[0]
+    return Price(
+        model="|".join(p.model for p in prices),
+        input_usd_per_mtok=max(p.input_usd_per_mtok for p in prices),
+        output_usd_per_mtok=max(p.output_usd_per_mtok for p in prices),
+        effective_from=BEGINNING_OF_TIME,
+    )
+
+
+class ModelRouter:
+    def __init__(
+        self,
+        providers: ProviderRouter,
+        prices: LivePrices,
+        stats: RoutingStats,
+        max_attempts: int,
+    ) -> None:
+        self.providers = providers
+        self.prices = prices
+        self.stats = stats
+        self.max_attempts = max_attempts
+        # Concrete models the providers list (GET /v1/models), beside the file's and the
+        # price table's exact ids: what "every priced model some provider serves" draws on.
+        self.listed_models: tuple[str, ...] = ()
+        self._quoted_model: QuotedModel = lambda _a, _t, _at: None
+
+    def follow_quotes(self, quoted_model: QuotedModel) -> None:
+        """Requests on a quoted task route only to the model it was quoted for."""
+        self._quoted_model = quoted_model
+
+    def price(self, account_id: uuid.UUID, model: str, at: datetime) -> Price | None:
+        """What `account_id` pays for `model` at `at` (its rate card's price, or the list
+        price: `Tariff.customer_price`), the one price lookup of routing. A markup over
+        provider cost may make it differ by provider: then the dearest of the providers
+        serving it, so a filter or a reservation holds whichever serves."""
+        tariff = self.prices.tariff
+        serving = self.providers.route_all(model)
+        found = [tariff.customer_price(account_id, model, at, p.name).price for p in serving]
+        if not serving:
+            found = [tariff.customer_price(account_id, model, at).price]
+        known = [p for p in found if p is not None]
+        return costliest(known) if known else None
+
+    # -- a model name ---------------------------------------------------------------------
+
+    def serving(self, model: str) -> tuple[Provider, ...]:
+        """The configured providers of `model` in the order tried: the file's, with those
+        cooling down last. Empty: none is configured (or none serves it)."""
+        found = self.providers.route_all(model)
+        if len(found) == 1:  # the common case, as cheap as before routing existed
+            return found if found[0].configured else ()
+        usable = [p for p in found if p.configured]
+        cooled = [p for p in usable if self.stats.cooled(p.name)]
+        if cooled:
+            usable = [p for p in usable if p not in cooled] + cooled
+        return tuple(usable)
+
+    # -- a model object -------------------------------------------------------------------
+
+    def catalog(self, at: datetime) -> list[str]:
+        """Every priced model some provider serves, by name."""
+        names = dict.fromkeys(m for m, _ in self.providers.exact_models())
+        names.update(dict.fromkeys(self.listed_models))
+        names.update(dict.fromkeys(p.model for p in self.prices.book.in_force(at)))
+        return [m for m in names if not is_pattern(m)]
+
+    def choose(
+        self, spec: ModelSpec, account_id: uuid.UUID, task_id: str | None, at: datetime
+    ) -> Route:
+        """The candidates of `spec` in the order tried (at most `max_attempts`), or a 400
+        `no_model_matches` naming the filter that removed the last one."""
+        names = list(spec.llms) if spec.llms is not None else self.catalog(at)
+        if not names:
+            raise NoModelMatches(
+                "model.llms is empty" if spec.llms is not None else "no model is priced",
+                param="model.llms",
+            )
+        prices: dict[str, Price] = {}
+
+        def priced(model: str) -> bool:
+            price = self.price(account_id, model, at)
+            if price is not None:
+                prices[model] = price
+            return price is not None
+
+        filters: list[tuple[str, str, Callable[[str], bool]]] = []
+        if spec.exclude_llms:
+            excluded = spec.exclude_llms
+            filters.append(
+                (
+                    "model.exclude_llms",
+                    "exclude_llms",
+                    lambda m: not any(m == x or fnmatchcase(m, x) for x in excluded),
+                )
+            )
+        filters.append(("model", "no provider serves it", lambda m: bool(self.serving(m))))
+        filters.append(("model", "no price", priced))
+        if spec.max_input_cost is not None:
+            cap_in = spec.max_input_cost
+            filters.append(
+                (
+                    "model.max_input_cost",
+                    f"max_input_cost {cap_in} USD per 1M input tokens",
+                    lambda m: prices[m].input_usd_per_mtok <= cap_in,
+                )
+            )
+        if spec.max_output_cost is not None:
+            cap_out = spec.max_output_cost
+            filters.append(
+                (
+                    "model.max_output_cost",
+                    f"max_output_cost {cap_out} USD per 1M output tokens",
+                    lambda m: prices[m].output_usd_per_mtok <= cap_out,
+                )
+            )
+        quoted = self._quoted_model(account_id, task_id, at) if task_id else None
+        if quoted is not None:
+            filters.append(
+                (
+                    "x-task-id",
+                    f"task {task_id!r} being quoted for {quoted!r}",
+                    lambda m: m == quoted,
+                )
+            )
+        for param, what, keep in filters:
+            left = [m for m in names if keep(m)]
+            if not left:
+                raise NoModelMatches(
+                    f"No candidate model is left: {what} removed the last of"
+                    f" {', '.join(names[:8])}{'…' if len(names) > 8 else ''}.",
+                    param=param,
+                )
+            names = left
+        ranked = self._ranked(names, prices, spec.weights)[: self.max_attempts]
+        return Route(
+            tuple(ranked), costliest(list({c.model: prices[c.model] for c in ranked}.values()))
+        )
+
+    def _ranked(
+        self,
+        names: list[str],
+        prices: dict[str, Price],
+        weights: tuple[float, float, float, float],
+    ) -> list[Candidate]:
+        candidates = [Candidate(m, p) for m in names for p in self.serving(m)]
+        if len(candidates) == 1:
+            return candidates
+        now = time.time()
+        view = self.stats.view
+        figures = [view.get((c.provider.name, c.model)) for c in candidates]
+        sums = [
+            prices[c.model].input_usd_per_mtok + prices[c.model].output_usd_per_mtok
+            for c in candidates
+        ]
+        low, high = min(sums), max(sums)
+        price_terms = (
+            [float((s - low) / (high - low)) for s in sums] if high > low else [0.0] * len(sums)
+        )
+        terms = (
+            price_terms,
+            # Not measured yet: no error seen (so it gets tried).
+            _norm([f.error_at(now) if f is not None else 0.0 for f in figures]),
+            _norm([f.ttft_ms if f is not None else None for f in figures]),
+            _norm([f.latency_ms if f is not None else None for f in figures]),
+        )
+        w_price, w_error, w_start, w_end = weights
+        # Ties go to a route not measured yet, so every candidate gets measured.
+        scores = [
+            (
+                self.stats.cooled(c.provider.name),
+                w_price * terms[0][i]
+                + w_error * terms[1][i]
+                + w_start * terms[2][i]
+                + w_end * terms[3][i],
+                figures[i] is not None,
+                i,
+            )
+            for i, c in enumerate(candidates)
+        ]
+        scores.sort()
+        return [candidates[i] for *_, i in scores]
+
+
+# The ledger's attempts that seed a new process's statistics.
+SEED_WINDOW = timedelta(minutes=15)
+
+
+async def seed_stats(
+    stats: RoutingStats, sessions: async_sessionmaker[AsyncSession], now: datetime
+) -> int:
+    """Start `stats` from the ledger's last `SEED_WINDOW` of attempts; the routes seeded."""
+    async with sessions() as session:
+        routes = await RoutingRepository(session).recent_routes(now - SEED_WINDOW)
+    for route in routes:
+        figures = RouteFigures(
+            float(route.attempts),
+            route.error_rate,
+            route.ttft_ms,
+            route.latency_ms,
+            route.last.timestamp(),
+        )
+        stats.seed((route.provider, route.model), figures)
+    return len(routes)
