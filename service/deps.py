@@ -19,7 +19,14 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from service.auth.principal import Principal, presented_credential, principal_for
 from service.db.session import commit
 from service.errors import NotFound, Unauthorized
-from service.parts import BudgetHolds, KeyDirectory, LivePrices, LiveTasks, Parts
+from service.parts import (
+    BudgetHolds,
+    HeldBreakdowns,
+    KeyDirectory,
+    LivePrices,
+    LiveTasks,
+    Parts,
+)
 from service.settings import Settings
 
 
@@ -57,12 +64,17 @@ def _limits(request: Request) -> BudgetHolds:
     return _parts(request).limits
 
 
+def _breakdowns(request: Request) -> HeldBreakdowns:
+    return _parts(request).breakdowns
+
+
 Config = Annotated[Settings, Depends(_settings)]
 Engine = Annotated[AsyncEngine, Depends(_engine)]
 Prices = Annotated[LivePrices, Depends(_prices)]
 Keys = Annotated[KeyDirectory, Depends(_keys)]
 Guard = Annotated[LiveTasks, Depends(_tasks)]
 Budgets = Annotated[BudgetHolds, Depends(_limits)]
+UsageCache = Annotated[HeldBreakdowns, Depends(_breakdowns)]
 
 
 # -- the request's session ----------------------------------------------------------------

@@ -27,6 +27,7 @@ from service.proxy.upstream import UpstreamClient
 from service.settings import Settings
 from service.tasks.expiry import expiry_job
 from service.tasks.guard import TaskGuard
+from service.usage.cache import BreakdownCache
 from service.usage.rollup import roll_up_daily
 
 
@@ -54,6 +55,9 @@ class Runtime:
     # Fold newly recorded ledger rows into the usage rollups that invoices and reports read,
     # and close open quoted tasks past their deadline.
     jobs: list[Periodic]
+    # Breakdowns read from the daily usage rollup (the console's overview), with their
+    # watermark: a reload reads only the ledger rows recorded since.
+    breakdowns: BreakdownCache
     # Closes every part started, in the reverse order of their start.
     _started: AsyncExitStack = field(repr=False)
 
@@ -142,6 +146,7 @@ class Runtime:
             metrics=metrics,
             tasks=tasks,
             jobs=jobs,
+            breakdowns=BreakdownCache(),
             _started=stack,
             **parts,
         )
