@@ -410,8 +410,8 @@ class UsageRepository(Repository):
     ) -> Breakdowns:
         """The same totals over the ledger rows recorded after `since` (a watermark of
         `rolled_up_breakdowns`), and the rollup's watermark now. `since` is a parameter of
-        its own, so Postgres plans the tail from the BRIN index on `recorded_at` for the
-        instant given rather than guessing a third of the month."""
+        its own, so Postgres plans the tail from the index on `recorded_at` for the instant
+        given rather than guessing a third of the month."""
         plan = _breakdown_plan(where, _sets_of(groupings), True)
         return await self._breakdowns(plan, {"since": since})
 
