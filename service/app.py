@@ -12,7 +12,6 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
-from fastapi.staticfiles import StaticFiles
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
@@ -20,7 +19,7 @@ from starlette.responses import Response
 from service.accounts.endpoints import router as accounts_router
 from service.adjustments.endpoints import router as adjustments_router
 from service.console import endpoints as console_pages  # noqa: F401  (registers the pages)
-from service.console.pages import STATIC
+from service.console.pages import STATIC, ConsoleStatic
 from service.console.pages import router as console_router
 from service.credits.endpoints import router as credits_router
 from service.db.engine import database_unavailable
@@ -206,5 +205,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(webhooks_router)
     app.include_router(docs_router)
     app.include_router(console_router)
-    app.mount(STATIC, StaticFiles(packages=[("service.console", "static")]), name="console-static")
+    app.mount(
+        STATIC, ConsoleStatic(packages=[("service.console", "static")]), name="console-static"
+    )
     return app

@@ -21,6 +21,7 @@ from service.db.session import commit
 from service.errors import NotFound, Unauthorized
 from service.parts import (
     BudgetHolds,
+    HeldBreakdowns,
     KeyDirectory,
     LivePrices,
     LiveTasks,
@@ -73,6 +74,10 @@ def _routing_stats(request: Request) -> RoutingReport:
     return _parts(request).routing_stats
 
 
+def _breakdowns(request: Request) -> HeldBreakdowns:
+    return _parts(request).breakdowns
+
+
 Config = Annotated[Settings, Depends(_settings)]
 Engine = Annotated[AsyncEngine, Depends(_engine)]
 Prices = Annotated[LivePrices, Depends(_prices)]
@@ -81,6 +86,7 @@ Routes = Annotated[ModelRoutes, Depends(_providers)]
 Guard = Annotated[LiveTasks, Depends(_tasks)]
 Budgets = Annotated[BudgetHolds, Depends(_limits)]
 RoutingFigures = Annotated[RoutingReport, Depends(_routing_stats)]
+UsageCache = Annotated[HeldBreakdowns, Depends(_breakdowns)]
 
 
 # -- the request's session ----------------------------------------------------------------

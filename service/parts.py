@@ -10,10 +10,11 @@ there that it has every part below.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Hashable
 from contextlib import AbstractAsyncContextManager
 from datetime import datetime
 from decimal import Decimal
-from typing import Protocol
+from typing import Any, Protocol
 
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
@@ -85,6 +86,20 @@ class RoutingReport(Protocol):
     def report(self) -> dict[str, object]: ...
 
 
+class HeldBreakdowns(Protocol):
+    """Usage breakdowns read from the daily rollup, kept by this worker with the watermark
+    they hold the ledger up to (service/usage/cache.py)."""
+
+    @property
+    def tail_rows(self) -> int: ...
+
+    def get(self, key: Hashable, /) -> Any: ...
+
+    def put(self, key: Hashable, value: Any, /) -> None: ...
+
+    def drop(self, key: Hashable, /) -> None: ...
+
+
 class Parts(Protocol):
     """What service/deps.py hands out, under the names `Runtime` gives its parts."""
 
@@ -106,3 +121,5 @@ class Parts(Protocol):
     def limits(self) -> BudgetHolds: ...
     @property
     def routing_stats(self) -> RoutingReport: ...
+    @property
+    def breakdowns(self) -> HeldBreakdowns: ...

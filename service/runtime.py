@@ -33,6 +33,7 @@ from service.settings import Settings
 from service.tariff.service import load_tariff
 from service.tasks.expiry import expiry_job
 from service.tasks.guard import TaskGuard
+from service.usage.cache import BreakdownCache
 from service.usage.rollup import roll_up_daily
 from service.webhooks.pending import PendingEvents
 from service.webhooks.sender import WebhookSender
@@ -71,6 +72,9 @@ class Runtime:
     # of due deliveries (None when `webhook_poll_interval_s` is 0).
     pending_events: PendingEvents
     webhooks: WebhookSender | None
+    # Breakdowns read from the daily usage rollup (the console's overview), with their
+    # watermark: a reload reads only the ledger rows recorded since.
+    breakdowns: BreakdownCache
     # Closes every part started, in the reverse order of their start.
     _started: AsyncExitStack = field(repr=False)
 
@@ -178,6 +182,7 @@ class Runtime:
             jobs=jobs,
             pending_events=pending_events,
             webhooks=webhooks,
+            breakdowns=BreakdownCache(),
             _started=stack,
             **parts,
         )

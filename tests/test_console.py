@@ -9,9 +9,11 @@ The tests without a browser (sign-in answers, sessions ending, CSRF) use plain H
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import re
 import secrets
+import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -523,6 +525,62 @@ def test_the_root_leads_to_the_console_and_pages_are_not_cached_or_framed(
     assert response.headers["cache-control"] == "no-store"
     assert "frame-ancestors 'none'" in response.headers["content-security-policy"]
     assert response.headers["x-frame-options"] == "DENY"
+    client.close()
+
+
+def test_the_overview_names_its_files_by_content_and_browsers_keep_them(
+    server: Meterline,
+) -> None:
+    """A page's next view asks for none of its files again: each is linked by a URL that
+    carries its content's hash, served as immutable for a year."""
+    client, _ = _sign_in(server, ADMIN_TOKEN)
+    page = client.get("/console").text
+    files = re.findall(r'(?:href|src)="(/console/static/[^"]+)"', page)
+    assert len(files) == 4, files  # console.css, uPlot's CSS and JavaScript, console.js
+    for url in files:
+        path, _, version = url.partition("?v=")
+        served = client.get(url)
+        assert served.status_code == 200
+        assert version == hashlib.sha256(served.content).hexdigest()[:12], url
+        assert served.headers["cache-control"] == "public, max-age=31536000, immutable"
+        # Unversioned, the same file is revalidated as before (the API docs link them so).
+        assert "cache-control" not in client.get(path).headers
+    client.close()
+
+
+def _overview_figures(client: httpx.Client) -> tuple[int, Decimal]:
+    """The overview's requests and exact spend, as its figures' titles carry them."""
+    page = client.get("/console").text
+    requests = re.search(r'Requests</div>\s*<div class="kpi-value" title="([\d,]+)"', page)
+    spend = re.search(r'title="exact: (-?[\d.]+)"', page)
+    assert requests is not None and spend is not None
+    return int(requests.group(1).replace(",", "")), Decimal(spend.group(1))
+
+
+def test_the_overview_counts_every_row_whether_folded_or_not(server: Meterline) -> None:
+    """The server holds the rollup it read and adds the ledger rows recorded since: each
+    reload shows the API's figures while the rollup job (every second here) folds rows in
+    between. Usage through the proxy, with the `openai` SDK."""
+    account_id, key = server.customer(name=f"Reloads {secrets.token_hex(3)}")
+    client, _ = _sign_in(server, key)
+    assert _overview_figures(client) == (0, Decimal(0))
+    sdk = openai.OpenAI(base_url=server.v1, api_key=key, max_retries=0)
+
+    def api_figures() -> tuple[int, Decimal]:
+        with server.admin() as api:
+            totals = api.get("/billing/usage", params={"account_id": str(account_id)}).json()
+        return int(totals["data"][0]["requests"]), Decimal(totals["data"][0]["cost_usd"])
+
+    for n in range(1, 5):
+        sdk.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": f"Reload {n}"}], max_tokens=20
+        )
+        reached = _eventually(lambda n=n: api_figures()[0] == n)
+        assert reached, "the request never reached the ledger"
+        expected = api_figures()
+        assert _overview_figures(client) == expected
+        time.sleep(1.5)  # a fold between reads
+        assert _overview_figures(client) == expected
     client.close()
 
 

@@ -34,7 +34,7 @@ from service.console.pages import (
     router,
 )
 from service.db.session import after_commit
-from service.deps import Budgets, Config, Engine, Guard, Keys, Prices, Session
+from service.deps import Budgets, Config, Engine, Guard, Keys, Prices, Session, UsageCache
 from service.errors import Unauthorized
 from service.invoices import service as invoices
 from service.invoices.pdf import Issuer
@@ -147,8 +147,10 @@ async def sign_out(session: Session, viewer: Viewer, _: Posted) -> Response:
 
 
 @page("", "Overview")
-async def overview(request: Request, session: Session, viewer: Viewer) -> Response:
-    data = await service.overview(session, viewer.principal, _now())
+async def overview(
+    request: Request, session: Session, viewer: Viewer, held: UsageCache
+) -> Response:
+    data = await service.overview(session, viewer.principal, _now(), held)
     chart = {
         "days": [p.day.isoformat() for p in data.days],
         "cost": [str(p.cost_usd) for p in data.days],

@@ -8,11 +8,14 @@ with the same status and message the API would give.
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from decimal import Decimal
+from functools import cache
+from importlib.resources import files
 from typing import Annotated, Any
 from urllib.parse import parse_qs, quote
 
@@ -20,8 +23,10 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.routing import APIRoute
+from fastapi.staticfiles import StaticFiles
 from jinja2 import Environment, PackageLoader, select_autoescape
 from pydantic import BeforeValidator, ValidationError
+from starlette.types import Scope
 
 from pricing.money import format_usd
 from pricing.price_table import format_rate
@@ -33,6 +38,9 @@ from service.invoices.pdf import unit_price
 from service.schemas import Period
 
 STATIC = "/console/static"
+# A versioned asset (`?v=` its content's hash, `asset()` below) never changes at its URL,
+# so a browser keeps it for a year and a page's next view asks for none of them again.
+IMMUTABLE = "public, max-age=31536000, immutable"
 # Pages hold account data: never cached, never framed, scripts and styles from here only.
 SECURITY_HEADERS = {
     "Content-Security-Policy": (
@@ -252,7 +260,26 @@ ENV.filters.update(
     percent=_percent,
     unit_price=unit_price,
 )
-ENV.globals.update(static=STATIC)
+
+
+@cache
+def asset(path: str) -> str:
+    """The URL of a file of `static/`, versioned by its content."""
+    content = (files("service.console") / "static" / path).read_bytes()
+    return f"{STATIC}/{path}?v={hashlib.sha256(content).hexdigest()[:12]}"
+
+
+class ConsoleStatic(StaticFiles):
+    """The console's files; a versioned URL is cached by the browser without asking again."""
+
+    async def get_response(self, path: str, scope: Scope) -> Response:
+        response = await super().get_response(path, scope)
+        if response.status_code == 200 and b"v=" in scope.get("query_string", b""):
+            response.headers["Cache-Control"] = IMMUTABLE
+        return response
+
+
+ENV.globals.update(static=STATIC, asset=asset)
 
 
 def render(request: Request, template: str, status_code: int = 200, **context: Any) -> HTMLResponse:

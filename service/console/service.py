@@ -22,8 +22,10 @@ from service.accounts import service as accounts
 from service.auth.principal import Principal
 from service.db.models import Account, ApiKey
 from service.errors import Unprocessable
+from service.parts import HeldBreakdowns
 from service.reports.service import text_cell
 from service.usage import service as usage
+from service.usage.repository import UsageFilter
 from service.usage.schemas import GroupBy, UsageGroup, UsageReport, UsageTotals
 
 # Groups the usage explorer offers, with their labels; `account` is the operator's only.
@@ -166,24 +168,40 @@ def _days(period: BillingPeriod, rows: Sequence[UsageGroup], today: date) -> lis
     return points
 
 
-async def overview(session: AsyncSession, principal: Principal, now: datetime) -> Overview:
-    """This month so far: spend, requests, tokens, daily spend, top models, keys, accounts,
-    budget use and the last week's errors."""
-    period = BillingPeriod.of(now)
-    where = await usage.scoped_filter(
+async def _usage_filter(
+    session: AsyncSession, principal: Principal, start: datetime, end: datetime
+) -> UsageFilter:
+    return await usage.scoped_filter(
         session,
         principal,
         account_id=None,
         key_id=None,
         task_id=None,
         model=None,
-        start=period.start,
-        end=period.end,
+        start=start,
+        end=end,
     )
-    groupings: list[list[GroupBy]] = [["day"], ["model"], ["key"]]
+
+
+async def overview(
+    session: AsyncSession,
+    principal: Principal,
+    now: datetime,
+    held: HeldBreakdowns | None = None,
+) -> Overview:
+    """This month so far: spend, requests, tokens, daily spend, top models, keys, accounts,
+    budget use and the last week's errors.
+
+    Every figure of the month comes from one pass over the daily rollup (held in memory
+    between reloads: `held`) and one over the ledger rows recorded since it."""
+    period = BillingPeriod.of(now)
+    today = now.astimezone(UTC).date()
+    where = await _usage_filter(session, principal, period.start, period.end)
+    groupings: list[list[GroupBy]] = [["day"], ["model"], ["key"], ["day", "status", "model"]]
     if principal.is_admin:
         groupings.append(["account"])
-    days, models, all_keys, *by_account = await usage.usage_breakdowns(session, where, groupings)
+    found = await usage.usage_breakdowns(session, where, groupings, held)
+    days, models, all_keys, outcomes, *by_account = found
     key_rows = _top(all_keys)
     keys = await accounts.keys_by_id(
         session, principal, [r.key_id for r in key_rows if r.key_id is not None]
@@ -191,9 +209,7 @@ async def overview(session: AsyncSession, principal: Principal, now: datetime) -
     result = Overview(
         period=period,
         totals=_sum(days),
-        days=_days(
-            period, sorted(days, key=lambda r: r.day or date.min), now.astimezone(UTC).date()
-        ),
+        days=_days(period, sorted(days, key=lambda r: r.day or date.min), today),
         models=_top(models),
         keys=[
             Labelled(r, key_label(keys.get(r.key_id) if r.key_id else None, r.key_id))
@@ -221,17 +237,25 @@ async def overview(session: AsyncSession, principal: Principal, now: datetime) -
         result.account = await accounts.get_account(session, principal, principal.account_id)
         if result.account.monthly_budget_usd is not None:
             result.budget = Budget(result.account.monthly_budget_usd, result.totals.cost_usd)
-    # Whole UTC days (the daily rollup answers): today and the six before it.
-    today = now.astimezone(UTC).date()
+    # Whole UTC days (the daily rollup answers): today and the six before it, which in a
+    # month's first days reach back into the month before.
     result.errors_since = today - timedelta(days=6)
-    recent = await _report(
-        session,
-        principal,
-        midnight(result.errors_since),
-        midnight(today + timedelta(days=1)),
-        ["day", "status", "model"],
-    )
-    failed = [r for r in recent.data if r.status_code is not None and r.status_code >= 400]
+    if result.errors_since < period.start.date():
+        before = await _usage_filter(
+            session, principal, midnight(result.errors_since), period.start
+        )
+        (earlier,) = await usage.usage_breakdowns(
+            session, before, [["day", "status", "model"]], held
+        )
+        outcomes = [*earlier, *outcomes]
+    failed = [
+        r
+        for r in outcomes
+        if r.status_code is not None
+        and r.status_code >= 400
+        and r.day is not None
+        and result.errors_since <= r.day <= today
+    ]
     result.errors = sorted(failed, key=lambda r: (r.day, r.requests), reverse=True)[:10]
     return result
 

@@ -332,7 +332,9 @@ class UsageRecord(Base):
             "task_id",
             postgresql_where=text("task_id IS NOT NULL"),
         ),
-        Index("ix_usage_ledger_recorded_at", "recorded_at", postgresql_using="brin"),
+        # A B-tree, not BRIN: rows recorded since a watermark land in the free space VACUUM
+        # found all over a partition, so block ranges say nothing of when rows were recorded.
+        Index("ix_usage_ledger_recorded_at", "recorded_at"),
         # Rows stored without a price (or version): few, found by invoices and the
         # unpriced-usage report; all others are summed by `usage_rollup`. Partial, so priced
         # rows (nearly all) cost the ledger's ingest nothing here.

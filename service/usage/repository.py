@@ -15,19 +15,24 @@ import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from functools import lru_cache
 from typing import Any
 
 from sqlalchemy import (
     BigInteger,
     Date,
+    DateTime,
+    Numeric,
     Select,
     Text,
+    bindparam,
     case,
     cast,
     func,
     literal,
     select,
     text,
+    true,
     tuple_,
     type_coerce,
     union_all,
@@ -91,6 +96,17 @@ DAILY_GROUPS: dict[GroupBy, tuple[str, str]] = {
 }
 # Most groups a breakdown returns per grouping when it falls back to one query each.
 MAX_BREAKDOWN = 100_000
+
+
+@dataclass(frozen=True, slots=True)
+class Breakdowns:
+    """Per grouping, its groups (the values of its fields, in the grouping's order) with
+    their totals (in `TOTAL_FIELDS` order); and the rollup's watermark when they were read."""
+
+    watermark: datetime
+    groups: list[dict[tuple[Any, ...], tuple[Any, ...]]]
+
+
 MEASURES = (
     "requests",
     "prompt_tokens",
@@ -99,6 +115,7 @@ MEASURES = (
     "cached_tokens",
     "reasoning_tokens",
 )
+TOTAL_FIELDS = (*MEASURES, "cost_usd", "unpriced_requests")
 
 ROLL_UP_DAILY = text(
     """
@@ -202,13 +219,12 @@ def _grouped(
     return statement
 
 
-def _days_and_tail(where: UsageFilter, group_by: Sequence[GroupBy], summed: bool = True) -> Any:
-    """The rollup's rows in range and the ledger rows recorded since its watermark."""
-    watermark = select(UsageDailyState.rolled_up_to).where(UsageDailyState.id == 1)
-    day_measures = [getattr(D, m) for m in (*MEASURES, "cost_usd", "unpriced_requests")]
+def _rolled_up(where: UsageFilter, group_by: Sequence[GroupBy], summed: bool) -> Select[Any]:
+    """The rollup's rows in range."""
+    measures = [getattr(D, m) for m in (*MEASURES, "cost_usd", "unpriced_requests")]
     if summed:
-        day_measures = [func.sum(m) for m in day_measures]
-    days = _grouped(
+        measures = [func.sum(m) for m in measures]
+    return _grouped(
         group_by,
         {
             "day": D.day,
@@ -221,27 +237,31 @@ def _days_and_tail(where: UsageFilter, group_by: Sequence[GroupBy], summed: bool
         },
         [
             m.label(name)
-            for m, name in zip(
-                day_measures, (*MEASURES, "cost_usd", "unpriced_requests"), strict=True
-            )
+            for m, name in zip(measures, (*MEASURES, "cost_usd", "unpriced_requests"), strict=True)
         ],
         summed,
     ).where(*where.daily_conditions())
+
+
+def _recorded_since(
+    where: UsageFilter, group_by: Sequence[GroupBy], summed: bool, since: Any
+) -> Select[Any]:
+    """The ledger rows in range recorded after `since` (a watermark)."""
     if summed:
-        tail_measures = [
+        measures = [
             func.count(),
             *(func.sum(getattr(L, m)) for m in MEASURES[1:]),
             func.sum(L.cost_usd),
             func.count().filter(L.cost_usd.is_(None)),
         ]
     else:
-        tail_measures = [
+        measures = [
             literal(1, BigInteger),
             *(cast(getattr(L, m), BigInteger) for m in MEASURES[1:]),
             L.cost_usd.expression,
             case((L.cost_usd.is_(None), 1), else_=0),
         ]
-    tail = _grouped(
+    return _grouped(
         group_by,
         {
             "day": cast(_utc(L.occurred_at), Date),
@@ -254,13 +274,79 @@ def _days_and_tail(where: UsageFilter, group_by: Sequence[GroupBy], summed: bool
         },
         [
             m.label(name)
-            for m, name in zip(
-                tail_measures, (*MEASURES, "cost_usd", "unpriced_requests"), strict=True
-            )
+            for m, name in zip(measures, (*MEASURES, "cost_usd", "unpriced_requests"), strict=True)
         ],
         summed,
-    ).where(*where.conditions(), L.recorded_at > watermark.scalar_subquery())
-    return union_all(days, tail).subquery("usage")
+    ).where(*where.conditions(), L.recorded_at > since)
+
+
+def _watermark() -> Select[Any]:
+    return select(UsageDailyState.rolled_up_to).where(UsageDailyState.id == 1)
+
+
+def _days_and_tail(where: UsageFilter, group_by: Sequence[GroupBy]) -> Any:
+    """The rollup's rows in range and the ledger rows recorded since its watermark."""
+    since = _watermark().scalar_subquery()
+    days = _rolled_up(where, group_by, summed=True)
+    return union_all(days, _recorded_since(where, group_by, True, since)).subquery("usage")
+
+
+def _breakdown_sets(
+    source: Any, every: Sequence[GroupBy], wanted: Sequence[Sequence[GroupBy]]
+) -> Any:
+    """`source`'s rows summed by each grouping of `wanted` (GROUPING SETS), beside the
+    rollup's watermark read in the same statement: a row of NULL groups when none match."""
+    u = source.subquery("usage").c
+    fields = [DAILY_GROUPS[g][0] for g in every]
+    sets = [tuple_(*(u[DAILY_GROUPS[g][0]] for g in s)) for s in wanted]
+    summed = (
+        select(
+            *(u[f] for f in fields),
+            func.grouping(*(u[f] for f in fields)).label("grouping_set"),
+            *_daily_totals(u),
+        )
+        .group_by(func.grouping_sets(*sets))
+        .subquery("sets")
+    )
+    state = _watermark().subquery("state")
+    return select(state.c.rolled_up_to.label("watermark"), *summed.c).select_from(
+        state.outerjoin(summed, true())
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class BreakdownPlan:
+    """A breakdown statement, and where each grouping's fields and totals are in its rows."""
+
+    statement: Select[Any]
+    masks: dict[int, int]  # GROUPING(...) of a row → the grouping it belongs to
+    picks: list[list[int]]  # per grouping, the columns of its fields
+    first_total: int
+
+
+def _sets_of(groupings: Sequence[Sequence[GroupBy]]) -> tuple[tuple[GroupBy, ...], ...]:
+    return tuple(tuple(dict.fromkeys(g)) for g in groupings)
+
+
+@lru_cache(maxsize=256)
+def _breakdown_plan(
+    where: UsageFilter, wanted: tuple[tuple[GroupBy, ...], ...], tail: bool
+) -> BreakdownPlan:
+    """Built once per filter and groupings: a dashboard reloaded reruns the same statement
+    (the tail's with the watermark as the parameter `since`), not its construction."""
+    every: list[GroupBy] = list(dict.fromkeys(g for s in wanted for g in s))
+    if tail:
+        source = _recorded_since(where, every, False, bindparam("since", type_=DateTime(True)))
+    else:
+        source = _rolled_up(where, every, summed=False)
+    # GROUPING(...) has a bit set for each column left out of the row's grouping set.
+    masks = {
+        sum(1 << (len(every) - 1 - i) for i, g in enumerate(every) if g not in s): n
+        for n, s in enumerate(wanted)
+    }
+    # Columns: the watermark, every group field, the grouping set, the totals.
+    picks = [[1 + every.index(g) for g in s] for s in wanted]
+    return BreakdownPlan(_breakdown_sets(source, every, wanted), masks, picks, 2 + len(every))
 
 
 def _ledger_aggregate(where: UsageFilter, group_by: Sequence[GroupBy]) -> Select[Any]:
@@ -271,7 +357,8 @@ def _ledger_aggregate(where: UsageFilter, group_by: Sequence[GroupBy]) -> Select
 def _daily_totals(u: Any) -> tuple[Any, ...]:
     return (
         *(cast(func.coalesce(func.sum(u[m]), 0), BigInteger).label(m) for m in MEASURES),
-        func.coalesce(func.sum(u.cost_usd), 0).label("cost_usd"),
+        # A group of unpriced rows only costs a zero of the stored scale, as once folded.
+        func.coalesce(func.sum(u.cost_usd), cast(0, Numeric(30, 12))).label("cost_usd"),
         cast(func.coalesce(func.sum(u.unpriced_requests), 0), BigInteger).label(
             "unpriced_requests"
         ),
@@ -301,35 +388,44 @@ class UsageRepository(Repository):
         rows: Sequence[Row[Any]] = (await self.session.execute(statement)).all()
         return rows
 
-    async def breakdowns(
+    def breakdowns_from_rollup(
         self, where: UsageFilter, groupings: Sequence[Sequence[GroupBy]]
-    ) -> list[list[Any]]:
-        """Several `aggregate`s of one range at once, each grouping's rows unordered. Over
-        whole days, one statement (GROUPING SETS) reads the rollup once for all of them."""
-        wanted = [list(dict.fromkeys(g)) for g in groupings]
-        if not wanted:
-            return []
-        daily = where.whole_days() and all(g in DAILY_GROUPS for s in wanted for g in s)
-        if not daily or any(not s for s in wanted):
-            return [list(await self.aggregate(where, s, MAX_BREAKDOWN)) for s in wanted]
-        every: list[GroupBy] = list(dict.fromkeys(g for s in wanted for g in s))
-        u = _days_and_tail(where, every, summed=False).c
-        fields = [DAILY_GROUPS[g][0] for g in every]
-        sets = [tuple_(*(u[DAILY_GROUPS[g][0]] for g in s)) for s in wanted]
-        statement = select(
-            *(u[f] for f in fields),
-            func.grouping(*(u[f] for f in fields)).label("grouping_set"),
-            *_daily_totals(u),
-        ).group_by(func.grouping_sets(*sets))
-        # GROUPING(...) has a bit set for each column left out of the row's grouping set.
-        masks = {
-            sum(1 << (len(every) - 1 - i) for i, g in enumerate(every) if g not in s): n
-            for n, s in enumerate(wanted)
-        }
-        out: list[list[Any]] = [[] for _ in wanted]
-        for row in await self.session.execute(statement):
-            out[masks[row.grouping_set]].append(row)
-        return out
+    ) -> bool:
+        """Whether `rolled_up_breakdowns` and `breakdowns_since` answer these groupings."""
+        return (
+            where.whole_days()
+            and all(groupings)
+            and all(g in DAILY_GROUPS for s in groupings for g in s)
+        )
+
+    async def rolled_up_breakdowns(
+        self, where: UsageFilter, groupings: Sequence[Sequence[GroupBy]]
+    ) -> Breakdowns:
+        """The rollup's totals of one range by each grouping, in one pass (GROUPING SETS),
+        and the watermark they hold the ledger up to, read in the same snapshot."""
+        return await self._breakdowns(_breakdown_plan(where, _sets_of(groupings), False), {})
+
+    async def breakdowns_since(
+        self, where: UsageFilter, groupings: Sequence[Sequence[GroupBy]], since: datetime
+    ) -> Breakdowns:
+        """The same totals over the ledger rows recorded after `since` (a watermark of
+        `rolled_up_breakdowns`), and the rollup's watermark now. `since` is a parameter of
+        its own, so Postgres plans the tail from the index on `recorded_at` for the instant
+        given rather than guessing a third of the month."""
+        plan = _breakdown_plan(where, _sets_of(groupings), True)
+        return await self._breakdowns(plan, {"since": since})
+
+    async def _breakdowns(self, plan: BreakdownPlan, parameters: dict[str, Any]) -> Breakdowns:
+        out: list[dict[tuple[Any, ...], tuple[Any, ...]]] = [{} for _ in plan.picks]
+        watermark: datetime | None = None
+        first_total = plan.first_total
+        for row in await self.session.execute(plan.statement, parameters):
+            watermark = row[0]
+            if row[first_total - 1] is not None:
+                n = plan.masks[row[first_total - 1]]
+                out[n][tuple(row[i] for i in plan.picks[n])] = row[first_total:]
+        assert watermark is not None, "usage_daily_state holds its one row from migration 0006"
+        return Breakdowns(watermark, out)
 
     async def roll_up_daily(self, wait: bool = True) -> tuple[datetime, datetime, int] | None:
         """Add the ledger rows recorded since the watermark to `usage_daily`, in this

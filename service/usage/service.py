@@ -5,14 +5,24 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from datetime import datetime
+from operator import add
+from typing import Any
 
+from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.auth.principal import Principal
 from service.db.models import UsageRecord
 from service.errors import NotFound, Unprocessable
+from service.parts import HeldBreakdowns
 from service.schemas import Page, decode_cursor, keyset_page
-from service.usage.repository import UsageFilter, UsageRepository
+from service.usage.repository import (
+    MAX_BREAKDOWN,
+    TOTAL_FIELDS,
+    Breakdowns,
+    UsageFilter,
+    UsageRepository,
+)
 from service.usage.schemas import (
     GROUP_FIELDS,
     GROUPS,
@@ -91,21 +101,63 @@ async def usage_report(
 
 
 async def usage_breakdowns(
-    session: AsyncSession, where: UsageFilter, groupings: Sequence[Sequence[GroupBy]]
+    session: AsyncSession,
+    where: UsageFilter,
+    groupings: Sequence[Sequence[GroupBy]],
+    cache: HeldBreakdowns | None = None,
 ) -> list[list[UsageGroup]]:
-    """The range's totals by each of several groupings (every group, in no order), read in
-    one pass where the daily rollup answers: what a dashboard shows side by side."""
-    rows = await UsageRepository(session).breakdowns(where, groupings)
-    out = []
-    for grouping, found in zip(groupings, rows, strict=True):
-        fields = {GROUP_FIELDS[g] for g in grouping}
-        out.append(
-            [
-                UsageGroup(**{k: v for k, v in row._asdict().items() if k in fields or k in TOTALS})
-                for row in found
-            ]
+    """The range's totals by each of several groupings (every group, in no order): what a
+    dashboard shows side by side. Where the daily rollup answers, one pass over it (held in
+    `cache` when given) and one over the ledger rows recorded since its watermark."""
+    if not groupings:
+        return []
+    repository = UsageRepository(session)
+    if not repository.breakdowns_from_rollup(where, groupings):
+        found = [await repository.aggregate(where, g, MAX_BREAKDOWN) for g in groupings]
+        return [_groups(g, rows) for g, rows in zip(groupings, found, strict=True)]
+    key = (where, tuple(tuple(g) for g in groupings))
+    rolled_up: Breakdowns | None = cache.get(key) if cache is not None else None
+    if rolled_up is None:
+        rolled_up = await repository.rolled_up_breakdowns(where, groupings)
+    tail = await repository.breakdowns_since(where, groupings, rolled_up.watermark)
+    if cache is not None:
+        tail_rows = sum(totals[0] for totals in tail.groups[0].values())
+        if tail_rows > cache.tail_rows and tail.watermark > rolled_up.watermark:
+            cache.drop(key)  # the next read takes the rollup as folded since
+        else:
+            cache.put(key, rolled_up)
+    return [
+        _added(grouping, rolled, recent)
+        for grouping, rolled, recent in zip(groupings, rolled_up.groups, tail.groups, strict=True)
+    ]
+
+
+def _added(
+    grouping: Sequence[GroupBy],
+    rolled: dict[tuple[Any, ...], tuple[Any, ...]],
+    recent: dict[tuple[Any, ...], tuple[Any, ...]],
+) -> list[UsageGroup]:
+    """One grouping's groups from the rollup and from the ledger's tail, added up exactly
+    (integers and Decimals) where a group is in both."""
+    fields = [GROUP_FIELDS[g] for g in dict.fromkeys(grouping)]
+    sums = dict(rolled)
+    for group, totals in recent.items():
+        found = sums.get(group)
+        sums[group] = totals if found is None else tuple(map(add, found, totals))
+    return [
+        UsageGroup(
+            **dict(zip(fields, group, strict=True)), **dict(zip(TOTAL_FIELDS, totals, strict=True))
         )
-    return out
+        for group, totals in sums.items()
+    ]
+
+
+def _groups(grouping: Sequence[GroupBy], rows: Sequence[Row[Any]]) -> list[UsageGroup]:
+    fields = {GROUP_FIELDS[g] for g in grouping}
+    return [
+        UsageGroup(**{k: v for k, v in row._asdict().items() if k in fields or k in TOTALS})
+        for row in rows
+    ]
 
 
 def _event(row: UsageRecord) -> UsageEvent:

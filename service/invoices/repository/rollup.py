@@ -15,8 +15,8 @@ from service.invoices.repository.cutoff import CutoffRepository
 from service.invoices.repository.sums import BULK_ACCOUNTS, UUIDS, UsageSum, totals_of
 
 # Rows recorded in (since, until] with a price version and a cost, summed into the rollup.
-# Postgres cannot prune partitions by `recorded_at`, but each partition's BRIN index on it
-# skips all but its newest blocks (and a month's late rows).
+# Postgres cannot prune partitions by `recorded_at`, but each partition's index on it finds
+# just the rows of the window.
 ROLL_UP = text(
     """
     WITH batch AS (

@@ -188,7 +188,7 @@ def _sources(selections: Sequence[Selection], rows: RowFilter) -> Iterator[tuple
     """The ledger rows of the selections (filtered by `rows`), a few sources per period.
 
     Each source bounds `occurred_at` (one partition) and `recorded_at` by constants, so
-    Postgres prunes partitions and can use the BRIN index on `recorded_at` for late rows.
+    Postgres prunes partitions and can use the index on `recorded_at` for late rows.
     When every account of the period has the same window (a month's own usage: all rows
     up to the cutoff), that is the whole filter. Otherwise (late usage, after a void) the
     candidate rows are read first and matched to each account's window by a join. What
