@@ -12,11 +12,12 @@ With `--raw`, the raw usage export instead: `GET /billing/usage/events/export` o
 month (every ledger row, admin, all accounts), in rows per second against ≥ 200,000 rows/s,
 with the server's RSS sampled by psutil through each download (and its VmHWM); then, once
 more untimed, the rows parsed back and their count, token and exact cost sums compared with
-`GET /billing/usage`.
+`GET /billing/usage`. `--format all` measures each format in turn on the same month, each
+against a server of its own (so each peak RSS is that format's), and ends with a table.
 
     python -m bench export [--rows 1000000] [--accounts 1000] [--models 8] [--runs 3]
                            [--format csv|json] [--keep]
-    python -m bench export --raw [--format csv|jsonl|parquet] [--rows …] [--runs …]
+    python -m bench export --raw [--format csv|jsonl|parquet|all] [--rows …] [--runs …]
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ ADMIN_TOKEN = "bench-admin-" + secrets.token_hex(8)
 TARGET_ROWS_PER_S = 100_000
 TARGET_RSS_MB = 150
 TARGET_RAW_ROWS_PER_S = 200_000
+RAW_FORMATS = ("csv", "jsonl", "parquet")
 LEDGER_COLUMNS = (
     "request_id",
     "occurred_at",
@@ -252,11 +254,13 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--accounts", type=int, default=1000)
     parser.add_argument("--models", type=int, default=8)
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--format", choices=("csv", "json", "jsonl", "parquet"), default="csv")
+    parser.add_argument(
+        "--format", choices=("csv", "json", "jsonl", "parquet", "all"), default="csv"
+    )
     parser.add_argument("--raw", action="store_true", help="The raw usage export instead.")
     parser.add_argument("--keep", action="store_true", help="Keep the database afterwards.")
     args = parser.parse_args(argv)
-    if (args.format in ("jsonl", "parquet")) != args.raw and args.format != "csv":
+    if (args.format in ("jsonl", "parquet", "all")) != args.raw and args.format != "csv":
         parser.error(f"--format {args.format} is {'not ' if args.raw else ''}for --raw")
 
     server = os.environ.get("METERLINE_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
@@ -274,7 +278,10 @@ def main(argv: list[str]) -> None:
             f"loaded {args.rows:,} ledger rows for {period} in {time.perf_counter() - began:.1f}s"
         )
         if args.raw:
-            _measure_raw(url, start, args)
+            formats = RAW_FORMATS if args.format == "all" else (args.format,)
+            measured = [_measure_raw(url, start, fmt, args) for fmt in formats]
+            if len(measured) > 1:
+                _raw_table(args.rows, measured)
         else:
             _measure(url, period, args)
             _measure_direct(url, period, args)
@@ -467,7 +474,7 @@ def _raw_sums(path: Path, fmt: str) -> dict[str, Any]:
     return sums
 
 
-def _measure_raw(url: str, start: datetime, args: argparse.Namespace) -> None:
+def _measure_raw(url: str, start: datetime, fmt: str, args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         process, base, log = _serving(url, tmp)
         try:
@@ -475,26 +482,28 @@ def _measure_raw(url: str, start: datetime, args: argparse.Namespace) -> None:
             idle_kb = _rss_kb(process.pid, "VmRSS")
             results = []
             sampled_peak = 0
+            size = 0
             for run in range(1, args.runs + 1):
                 sampler = _RssSampler(process.pid)
                 sampler.start()
-                seconds, size = _raw_export(base, start, args.format)
+                seconds, size = _raw_export(base, start, fmt)
                 sampler.done.set()
                 sampler.join()
                 sampled_peak = max(sampled_peak, sampler.peak)
                 rate = args.rows / seconds
                 results.append(rate)
                 print(
-                    f"run {run}: {seconds:.2f}s, {size / 1e6:.1f} MB, {rate:,.0f} rows/s,"
-                    f" server RSS peak (psutil) {sampler.peak / 2**20:.0f} MB"
+                    f"{fmt} run {run}: {seconds:.2f}s, {size / 1e6:.1f} MB, {rate:,.0f} rows/s,"
+                    f" server RSS peak (psutil) {sampler.peak / 2**20:.0f} MB,"
+                    f" load average {os.getloadavg()[0]:.2f}"
                 )
             hwm_kb = _rss_kb(process.pid, "VmHWM")
             # Untimed: the rows parsed back, against the usage report of the same range.
-            exported = Path(tmp) / f"export.{args.format}"
+            exported = Path(tmp) / f"export.{fmt}"
             with exported.open("wb") as sink:
-                _raw_export(base, start, args.format, sink)
-            sums = _raw_sums(exported, args.format)
-            params = {k: v for k, v in _raw_params(start, args.format).items() if k != "format"}
+                _raw_export(base, start, fmt, sink)
+            sums = _raw_sums(exported, fmt)
+            params = {k: v for k, v in _raw_params(start, fmt).items() if k != "format"}
             [report] = httpx.get(
                 f"{base}/billing/usage",
                 params=params,
@@ -509,8 +518,9 @@ def _measure_raw(url: str, start: datetime, args: argparse.Namespace) -> None:
     assert sums["requests"] == args.rows, f"{sums['requests']} rows exported"
     assert sums == expected, f"export {sums} != GET /billing/usage {expected}"
     best = max(results)
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
     print(
-        f"\nraw export of {args.rows:,} ledger rows ({args.format}):"
+        f"raw export of {args.rows:,} ledger rows ({fmt}):"
         f" best {best:,.0f} rows/s (median {sorted(results)[len(results) // 2]:,.0f}),"
         f" target ≥ {TARGET_RAW_ROWS_PER_S:,} → "
         f"{'ok' if best >= TARGET_RAW_ROWS_PER_S else 'MISSED'}"
@@ -523,4 +533,25 @@ def _measure_raw(url: str, start: datetime, args: argparse.Namespace) -> None:
         f"parsed back: {sums['requests']:,} rows, {sums['total_tokens']:,} tokens,"
         f" ${sums['cost_usd']} — equal to GET /billing/usage"
     )
-    print(f"load average while measured: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(f"load average after measuring: {load}\n")
+    return {
+        "format": fmt,
+        "best": best,
+        "median": sorted(results)[len(results) // 2],
+        "mb": size / 1e6,
+        "peak_mb": sampled_peak / 2**20,
+        "hwm_mb": hwm_kb / 1024,
+        "idle_mb": idle_kb / 1024,
+        "load": load,
+    }
+
+
+def _raw_table(rows: int, measured: list[dict[str, Any]]) -> None:
+    print(f"raw export, {rows:,} ledger rows, best of the runs per format:")
+    print("| format | rows/s (best) | rows/s (median) | size | server peak RSS | idle RSS | load |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | --- |")
+    for m in measured:
+        print(
+            f"| {m['format']} | {m['best']:,.0f} | {m['median']:,.0f} | {m['mb']:.0f} MB"
+            f" | {max(m['peak_mb'], m['hwm_mb']):.0f} MB | {m['idle_mb']:.0f} MB | {m['load']} |"
+        )
