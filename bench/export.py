@@ -26,6 +26,7 @@ import argparse
 import asyncio
 import os
 import random
+import re
 import secrets
 import socket
 import subprocess
@@ -259,24 +260,30 @@ def main(argv: list[str]) -> None:
     )
     parser.add_argument("--raw", action="store_true", help="The raw usage export instead.")
     parser.add_argument("--keep", action="store_true", help="Keep the database afterwards.")
+    parser.add_argument(
+        "--database",
+        help="Measure on this database, left loaded by --keep with the same --rows:"
+        " nothing is created, loaded or dropped.",
+    )
     args = parser.parse_args(argv)
     if (args.format in ("jsonl", "parquet", "all")) != args.raw and args.format != "csv":
         parser.error(f"--format {args.format} is {'not ' if args.raw else ''}for --raw")
 
     server = os.environ.get("METERLINE_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
     name = f"meterline_bench_export_{secrets.token_hex(4)}"
-    url = _with_database(server, name)
+    url = args.database or _with_database(server, name)
     month = BillingPeriod.of(datetime.now(UTC)).previous()
     start, period = month.start, str(month)
     admin = asyncpg_dsn(server)
-    asyncio.run(_admin(admin, f'CREATE DATABASE "{name}"'))
+    if not args.database:
+        asyncio.run(_admin(admin, f'CREATE DATABASE "{name}"'))
     try:
-        upgrade(url)
-        began = time.perf_counter()
-        asyncio.run(_populate(asyncpg_dsn(url), args.rows, args.accounts, args.models, start))
-        print(
-            f"loaded {args.rows:,} ledger rows for {period} in {time.perf_counter() - began:.1f}s"
-        )
+        if not args.database:
+            upgrade(url)
+            began = time.perf_counter()
+            asyncio.run(_populate(asyncpg_dsn(url), args.rows, args.accounts, args.models, start))
+            seconds = time.perf_counter() - began
+            print(f"loaded {args.rows:,} ledger rows for {period} in {seconds:.1f}s")
         if args.raw:
             formats = RAW_FORMATS if args.format == "all" else (args.format,)
             measured = [_measure_raw(url, start, fmt, args) for fmt in formats]
@@ -286,7 +293,7 @@ def main(argv: list[str]) -> None:
             _measure(url, period, args)
             _measure_direct(url, period, args)
     finally:
-        if args.keep:
+        if args.keep or args.database:
             print(f"database kept: {url}")
         else:
             asyncio.run(_admin(admin, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
@@ -404,17 +411,62 @@ def _serving(url: str, tmp: str) -> tuple[subprocess.Popen[bytes], str, Any]:
 
 
 class _RssSampler(threading.Thread):
-    """The server's RSS (psutil) every 20 ms while a download runs; `peak` in bytes."""
+    """The server's RSS (psutil) every 20 ms while a download runs; `peak` in bytes. Also
+    the CPU time the server and the database's backends (and their parallel workers) spent
+    meanwhile: on a shared machine the wall time depends on the neighbours, the CPU time a
+    stage needs per row does not."""
 
-    def __init__(self, pid: int) -> None:
+    def __init__(self, pid: int, database: str) -> None:
         super().__init__(daemon=True)
         self.process = psutil.Process(pid)
         self.peak = self.process.memory_info().rss
+        self.database = database
+        self.server_cpu = self._cpu(self.process)
+        self.postgres_cpu: dict[int, tuple[float, float]] = {}
+        self._backends()
         self.done = threading.Event()
 
+    @staticmethod
+    def _cpu(process: psutil.Process) -> float:
+        times = process.cpu_times()
+        return float(times.user + times.system)
+
+    def _backends(self) -> None:
+        leaders: set[int] = set()
+        for process in psutil.process_iter(["name", "cmdline"]):
+            title = " ".join(process.info["cmdline"] or ())
+            if process.info["name"] != "postgres" and not title.startswith("postgres:"):
+                continue
+            mine = f" {self.database} " in title
+            worker = "parallel worker for PID" in title
+            if not (mine or worker):
+                continue
+            leader = re.search(r"parallel worker for PID (\d+)", title)
+            if worker and (
+                leader is None or int(leader[1]) not in leaders | set(self.postgres_cpu)
+            ):
+                continue
+            if mine:
+                leaders.add(process.pid)
+            try:
+                now = self._cpu(process)
+            except psutil.Error:
+                continue
+            first, _ = self.postgres_cpu.get(process.pid, (0.0 if worker else now, now))
+            self.postgres_cpu[process.pid] = (first, now)
+
     def run(self) -> None:
+        tick = 0
         while not self.done.wait(0.02):
             self.peak = max(self.peak, self.process.memory_info().rss)
+            tick += 1
+            if tick % 10 == 0:
+                self._backends()
+        self._backends()
+        self.server_cpu = self._cpu(self.process) - self.server_cpu
+
+    def postgres_seconds(self) -> float:
+        return sum(last - first for first, last in self.postgres_cpu.values())
 
 
 def _raw_params(start: datetime, fmt: str) -> dict[str, str]:
@@ -483,10 +535,13 @@ def _measure_raw(url: str, start: datetime, fmt: str, args: argparse.Namespace) 
             results = []
             sampled_peak = 0
             size = 0
+            cpu: list[tuple[float, float, float]] = []
             for run in range(1, args.runs + 1):
-                sampler = _RssSampler(process.pid)
+                sampler = _RssSampler(process.pid, make_url(url).database or "")
                 sampler.start()
+                client_cpu = time.process_time()
                 seconds, size = _raw_export(base, start, fmt)
+                client_cpu = time.process_time() - client_cpu
                 sampler.done.set()
                 sampler.join()
                 sampled_peak = max(sampled_peak, sampler.peak)
@@ -495,8 +550,11 @@ def _measure_raw(url: str, start: datetime, fmt: str, args: argparse.Namespace) 
                 print(
                     f"{fmt} run {run}: {seconds:.2f}s, {size / 1e6:.1f} MB, {rate:,.0f} rows/s,"
                     f" server RSS peak (psutil) {sampler.peak / 2**20:.0f} MB,"
-                    f" load average {os.getloadavg()[0]:.2f}"
+                    f" load average {os.getloadavg()[0]:.2f}; CPU seconds: Postgres"
+                    f" {sampler.postgres_seconds():.2f}, server {sampler.server_cpu:.2f},"
+                    f" client {client_cpu:.2f}"
                 )
+                cpu.append((sampler.postgres_seconds(), sampler.server_cpu, client_cpu))
             hwm_kb = _rss_kb(process.pid, "VmHWM")
             # Untimed: the rows parsed back, against the usage report of the same range.
             exported = Path(tmp) / f"export.{fmt}"
@@ -543,15 +601,22 @@ def _measure_raw(url: str, start: datetime, fmt: str, args: argparse.Namespace) 
         "hwm_mb": hwm_kb / 1024,
         "idle_mb": idle_kb / 1024,
         "load": load,
+        # The least CPU each stage needed over the runs.
+        "cpu": tuple(min(stage) for stage in zip(*cpu, strict=True)),
     }
 
 
 def _raw_table(rows: int, measured: list[dict[str, Any]]) -> None:
     print(f"raw export, {rows:,} ledger rows, best of the runs per format:")
-    print("| format | rows/s (best) | rows/s (median) | size | server peak RSS | idle RSS | load |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | --- |")
+    print(
+        "| format | rows/s (best) | rows/s (median) | size | server peak RSS | idle RSS"
+        " | CPU s: Postgres / server / client | load |"
+    )
+    print("| --- | ---: | ---: | ---: | ---: | ---: | --- | --- |")
     for m in measured:
+        postgres, server, client = m["cpu"]
         print(
             f"| {m['format']} | {m['best']:,.0f} | {m['median']:,.0f} | {m['mb']:.0f} MB"
-            f" | {max(m['peak_mb'], m['hwm_mb']):.0f} MB | {m['idle_mb']:.0f} MB | {m['load']} |"
+            f" | {max(m['peak_mb'], m['hwm_mb']):.0f} MB | {m['idle_mb']:.0f} MB"
+            f" | {postgres:.1f} / {server:.1f} / {client:.1f} | {m['load']} |"
         )

@@ -31,8 +31,9 @@ MAX_RANGE = timedelta(days=366)
 # Parquet's rows fetched from the cursor per step: large enough that the per-step cost
 # vanishes.
 BATCH_ROWS = 5000
-# Chunks of COPY output (one network read of Postgres's each, tens of kB) waiting for the
-# client: enough to keep both sides busy, few enough to be constant memory.
+# COPY output is sent in chunks of this size (or the last, smaller), and this many chunks
+# wait for the client at most: a few MB whatever the range.
+CHUNK_BYTES = 256 * 1024
 QUEUED_CHUNKS = 8
 # Rows per Parquet row group: what readers scan and skip by; a few MB of Arrow memory.
 ROW_GROUP_ROWS = 100_000
@@ -211,16 +212,24 @@ async def _copied(
     memory holds a few chunks whatever the range. A client that goes away cancels the task,
     and with it the query."""
     chunks: asyncio.Queue[bytes | Exception | None] = asyncio.Queue(maxsize=QUEUED_CHUNKS)
+    pending = bytearray()
 
-    async def handed_over(chunk: bytes) -> None:
-        # asyncpg hands over a bytearray when it joined several messages; the response
-        # takes bytes (`bytes()` of bytes is the same object, no copy).
-        await chunks.put(bytes(chunk))
+    async def handed_over(data: bytes) -> None:
+        # asyncpg hands over what one read brought, often a few kB (Postgres sends rows as
+        # its 8 kB buffer fills): gathered into chunks of `CHUNK_BYTES`, so the per-chunk
+        # cost of the response (middleware, framing, a write) is paid a few hundred times
+        # per 100 MB rather than tens of thousands.
+        pending.extend(data)
+        if len(pending) >= CHUNK_BYTES:
+            await chunks.put(bytes(pending))
+            pending.clear()
 
     async def copy() -> None:
         try:
             async with engine.connect() as connection:
                 await copy_events(connection, where, fmt, handed_over)
+            if pending:
+                await chunks.put(bytes(pending))
         except Exception as error:
             # To the reader, which raises it (a cancelled copy puts nothing: no one reads).
             await chunks.put(error)
