@@ -12,11 +12,12 @@ With `--raw`, the raw usage export instead: `GET /billing/usage/events/export` o
 month (every ledger row, admin, all accounts), in rows per second against ≥ 200,000 rows/s,
 with the server's RSS sampled by psutil through each download (and its VmHWM); then, once
 more untimed, the rows parsed back and their count, token and exact cost sums compared with
-`GET /billing/usage`.
+`GET /billing/usage`. `--format all` measures each format in turn on the same month, each
+against a server of its own (so each peak RSS is that format's), and ends with a table.
 
     python -m bench export [--rows 1000000] [--accounts 1000] [--models 8] [--runs 3]
                            [--format csv|json] [--keep]
-    python -m bench export --raw [--format csv|jsonl|parquet] [--rows …] [--runs …]
+    python -m bench export --raw [--format csv|jsonl|parquet|all] [--rows …] [--runs …]
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import argparse
 import asyncio
 import os
 import random
+import re
 import secrets
 import socket
 import subprocess
@@ -54,6 +56,7 @@ ADMIN_TOKEN = "bench-admin-" + secrets.token_hex(8)
 TARGET_ROWS_PER_S = 100_000
 TARGET_RSS_MB = 150
 TARGET_RAW_ROWS_PER_S = 200_000
+RAW_FORMATS = ("csv", "jsonl", "parquet")
 LEDGER_COLUMNS = (
     "request_id",
     "occurred_at",
@@ -252,34 +255,45 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--accounts", type=int, default=1000)
     parser.add_argument("--models", type=int, default=8)
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--format", choices=("csv", "json", "jsonl", "parquet"), default="csv")
+    parser.add_argument(
+        "--format", choices=("csv", "json", "jsonl", "parquet", "all"), default="csv"
+    )
     parser.add_argument("--raw", action="store_true", help="The raw usage export instead.")
     parser.add_argument("--keep", action="store_true", help="Keep the database afterwards.")
+    parser.add_argument(
+        "--database",
+        help="Measure on this database, left loaded by --keep with the same --rows:"
+        " nothing is created, loaded or dropped.",
+    )
     args = parser.parse_args(argv)
-    if (args.format in ("jsonl", "parquet")) != args.raw and args.format != "csv":
+    if (args.format in ("jsonl", "parquet", "all")) != args.raw and args.format != "csv":
         parser.error(f"--format {args.format} is {'not ' if args.raw else ''}for --raw")
 
     server = os.environ.get("METERLINE_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
     name = f"meterline_bench_export_{secrets.token_hex(4)}"
-    url = _with_database(server, name)
+    url = args.database or _with_database(server, name)
     month = BillingPeriod.of(datetime.now(UTC)).previous()
     start, period = month.start, str(month)
     admin = asyncpg_dsn(server)
-    asyncio.run(_admin(admin, f'CREATE DATABASE "{name}"'))
+    if not args.database:
+        asyncio.run(_admin(admin, f'CREATE DATABASE "{name}"'))
     try:
-        upgrade(url)
-        began = time.perf_counter()
-        asyncio.run(_populate(asyncpg_dsn(url), args.rows, args.accounts, args.models, start))
-        print(
-            f"loaded {args.rows:,} ledger rows for {period} in {time.perf_counter() - began:.1f}s"
-        )
+        if not args.database:
+            upgrade(url)
+            began = time.perf_counter()
+            asyncio.run(_populate(asyncpg_dsn(url), args.rows, args.accounts, args.models, start))
+            seconds = time.perf_counter() - began
+            print(f"loaded {args.rows:,} ledger rows for {period} in {seconds:.1f}s")
         if args.raw:
-            _measure_raw(url, start, args)
+            formats = RAW_FORMATS if args.format == "all" else (args.format,)
+            measured = [_measure_raw(url, start, fmt, args) for fmt in formats]
+            if len(measured) > 1:
+                _raw_table(args.rows, measured)
         else:
             _measure(url, period, args)
             _measure_direct(url, period, args)
     finally:
-        if args.keep:
+        if args.keep or args.database:
             print(f"database kept: {url}")
         else:
             asyncio.run(_admin(admin, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
@@ -397,17 +411,62 @@ def _serving(url: str, tmp: str) -> tuple[subprocess.Popen[bytes], str, Any]:
 
 
 class _RssSampler(threading.Thread):
-    """The server's RSS (psutil) every 20 ms while a download runs; `peak` in bytes."""
+    """The server's RSS (psutil) every 20 ms while a download runs; `peak` in bytes. Also
+    the CPU time the server and the database's backends (and their parallel workers) spent
+    meanwhile: on a shared machine the wall time depends on the neighbours, the CPU time a
+    stage needs per row does not."""
 
-    def __init__(self, pid: int) -> None:
+    def __init__(self, pid: int, database: str) -> None:
         super().__init__(daemon=True)
         self.process = psutil.Process(pid)
         self.peak = self.process.memory_info().rss
+        self.database = database
+        self.server_cpu = self._cpu(self.process)
+        self.postgres_cpu: dict[int, tuple[float, float]] = {}
+        self._backends()
         self.done = threading.Event()
 
+    @staticmethod
+    def _cpu(process: psutil.Process) -> float:
+        times = process.cpu_times()
+        return float(times.user + times.system)
+
+    def _backends(self) -> None:
+        leaders: set[int] = set()
+        for process in psutil.process_iter(["name", "cmdline"]):
+            title = " ".join(process.info["cmdline"] or ())
+            if process.info["name"] != "postgres" and not title.startswith("postgres:"):
+                continue
+            mine = f" {self.database} " in title
+            worker = "parallel worker for PID" in title
+            if not (mine or worker):
+                continue
+            leader = re.search(r"parallel worker for PID (\d+)", title)
+            if worker and (
+                leader is None or int(leader[1]) not in leaders | set(self.postgres_cpu)
+            ):
+                continue
+            if mine:
+                leaders.add(process.pid)
+            try:
+                now = self._cpu(process)
+            except psutil.Error:
+                continue
+            first, _ = self.postgres_cpu.get(process.pid, (0.0 if worker else now, now))
+            self.postgres_cpu[process.pid] = (first, now)
+
     def run(self) -> None:
+        tick = 0
         while not self.done.wait(0.02):
             self.peak = max(self.peak, self.process.memory_info().rss)
+            tick += 1
+            if tick % 10 == 0:
+                self._backends()
+        self._backends()
+        self.server_cpu = self._cpu(self.process) - self.server_cpu
+
+    def postgres_seconds(self) -> float:
+        return sum(last - first for first, last in self.postgres_cpu.values())
 
 
 def _raw_params(start: datetime, fmt: str) -> dict[str, str]:
@@ -467,7 +526,7 @@ def _raw_sums(path: Path, fmt: str) -> dict[str, Any]:
     return sums
 
 
-def _measure_raw(url: str, start: datetime, args: argparse.Namespace) -> None:
+def _measure_raw(url: str, start: datetime, fmt: str, args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         process, base, log = _serving(url, tmp)
         try:
@@ -475,26 +534,34 @@ def _measure_raw(url: str, start: datetime, args: argparse.Namespace) -> None:
             idle_kb = _rss_kb(process.pid, "VmRSS")
             results = []
             sampled_peak = 0
+            size = 0
+            cpu: list[tuple[float, float, float]] = []
             for run in range(1, args.runs + 1):
-                sampler = _RssSampler(process.pid)
+                sampler = _RssSampler(process.pid, make_url(url).database or "")
                 sampler.start()
-                seconds, size = _raw_export(base, start, args.format)
+                client_cpu = time.process_time()
+                seconds, size = _raw_export(base, start, fmt)
+                client_cpu = time.process_time() - client_cpu
                 sampler.done.set()
                 sampler.join()
                 sampled_peak = max(sampled_peak, sampler.peak)
                 rate = args.rows / seconds
                 results.append(rate)
                 print(
-                    f"run {run}: {seconds:.2f}s, {size / 1e6:.1f} MB, {rate:,.0f} rows/s,"
-                    f" server RSS peak (psutil) {sampler.peak / 2**20:.0f} MB"
+                    f"{fmt} run {run}: {seconds:.2f}s, {size / 1e6:.1f} MB, {rate:,.0f} rows/s,"
+                    f" server RSS peak (psutil) {sampler.peak / 2**20:.0f} MB,"
+                    f" load average {os.getloadavg()[0]:.2f}; CPU seconds: Postgres"
+                    f" {sampler.postgres_seconds():.2f}, server {sampler.server_cpu:.2f},"
+                    f" client {client_cpu:.2f}"
                 )
+                cpu.append((sampler.postgres_seconds(), sampler.server_cpu, client_cpu))
             hwm_kb = _rss_kb(process.pid, "VmHWM")
             # Untimed: the rows parsed back, against the usage report of the same range.
-            exported = Path(tmp) / f"export.{args.format}"
+            exported = Path(tmp) / f"export.{fmt}"
             with exported.open("wb") as sink:
-                _raw_export(base, start, args.format, sink)
-            sums = _raw_sums(exported, args.format)
-            params = {k: v for k, v in _raw_params(start, args.format).items() if k != "format"}
+                _raw_export(base, start, fmt, sink)
+            sums = _raw_sums(exported, fmt)
+            params = {k: v for k, v in _raw_params(start, fmt).items() if k != "format"}
             [report] = httpx.get(
                 f"{base}/billing/usage",
                 params=params,
@@ -509,8 +576,9 @@ def _measure_raw(url: str, start: datetime, args: argparse.Namespace) -> None:
     assert sums["requests"] == args.rows, f"{sums['requests']} rows exported"
     assert sums == expected, f"export {sums} != GET /billing/usage {expected}"
     best = max(results)
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
     print(
-        f"\nraw export of {args.rows:,} ledger rows ({args.format}):"
+        f"raw export of {args.rows:,} ledger rows ({fmt}):"
         f" best {best:,.0f} rows/s (median {sorted(results)[len(results) // 2]:,.0f}),"
         f" target ≥ {TARGET_RAW_ROWS_PER_S:,} → "
         f"{'ok' if best >= TARGET_RAW_ROWS_PER_S else 'MISSED'}"
@@ -523,4 +591,32 @@ def _measure_raw(url: str, start: datetime, args: argparse.Namespace) -> None:
         f"parsed back: {sums['requests']:,} rows, {sums['total_tokens']:,} tokens,"
         f" ${sums['cost_usd']} — equal to GET /billing/usage"
     )
-    print(f"load average while measured: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(f"load average after measuring: {load}\n")
+    return {
+        "format": fmt,
+        "best": best,
+        "median": sorted(results)[len(results) // 2],
+        "mb": size / 1e6,
+        "peak_mb": sampled_peak / 2**20,
+        "hwm_mb": hwm_kb / 1024,
+        "idle_mb": idle_kb / 1024,
+        "load": load,
+        # The least CPU each stage needed over the runs.
+        "cpu": tuple(min(stage) for stage in zip(*cpu, strict=True)),
+    }
+
+
+def _raw_table(rows: int, measured: list[dict[str, Any]]) -> None:
+    print(f"raw export, {rows:,} ledger rows, best of the runs per format:")
+    print(
+        "| format | rows/s (best) | rows/s (median) | size | server peak RSS | idle RSS"
+        " | CPU s: Postgres / server / client | load |"
+    )
+    print("| --- | ---: | ---: | ---: | ---: | ---: | --- | --- |")
+    for m in measured:
+        postgres, server, client = m["cpu"]
+        print(
+            f"| {m['format']} | {m['best']:,.0f} | {m['median']:,.0f} | {m['mb']:.0f} MB"
+            f" | {max(m['peak_mb'], m['hwm_mb']):.0f} MB | {m['idle_mb']:.0f} MB"
+            f" | {postgres:.1f} / {server:.1f} / {client:.1f} | {m['load']} |"
+        )

@@ -39,6 +39,7 @@ RUN_METHODS = {
     "fetchval",
     "copy_records_to_table",
     "copy_to_table",
+    "copy_from_query",
 }
 QUERY_HOMES = {
     "service/db/models.py": "the schema: server defaults and constraints are SQL expressions",

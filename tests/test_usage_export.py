@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
+import random
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -16,9 +18,14 @@ import httpx
 import orjson
 import pyarrow.parquet as pq
 import pytest
+from sqlalchemy import literal_column
+from sqlalchemy.dialects import postgresql
 from typer.testing import CliRunner, Result
 
 from service.cli import app as cli_app
+from service.reports.repository import text_cell_sql
+from service.reports.service import text_cell
+from service.usage.export import CrlfRows
 from tests.conftest import ADMIN_TOKEN, Meterline, Upstream, start_meterline
 from tests.support import Database
 from tests.usage_rows import insert_usage, usage_row
@@ -30,6 +37,15 @@ BEGIN = datetime(2023, 5, 1, tzinfo=UTC)
 BULK_ROWS = 12_000
 FORMATS = ("csv", "jsonl", "parquet")
 FORMULA = '=HYPERLINK("http://evil.example","x")'
+# Text every format must carry through unchanged: a comma, quotes, line breaks of each
+# kind, a tab, backslashes (which COPY's text format would double, and JSON escapes), a
+# literal backslash-n, and letters outside ASCII.
+ODD_TEXT = {
+    "task_id": 'back\\slash, "quoted"\nline',
+    "task_type": "tab\tcr\rcrlf\r\nend\\",
+    "model": 'ünï, "cödé" \\n €',
+    "provider": "\\",
+}
 
 
 @pytest.fixture(scope="module")
@@ -72,9 +88,23 @@ def may(meterline: Meterline, db: Database) -> dict[str, Any]:
             for i in range(BULK_ROWS)
         ),
     )
+    odd_id, odd_key = meterline.customer(name="export-odd")
+    insert_usage(
+        db,
+        row(
+            odd_id,
+            BEGIN + timedelta(days=20, microseconds=500_000),
+            cost="1.000000000001",
+            task_id=ODD_TEXT["task_id"],
+            task_type=ODD_TEXT["task_type"],
+            model=ODD_TEXT["model"],
+            provider=ODD_TEXT["provider"],
+        ),
+    )
     return {
         "small": (str(small_id), small_key),
         "bulk": (str(bulk_id), bulk_key),
+        "odd": (str(odd_id), odd_key),
     }
 
 
@@ -141,7 +171,7 @@ def test_the_admins_export_adds_up_to_the_usage_report(
     response = _export(admin, fmt)
     assert response.status_code == 200, response.text
     rows = _rows(fmt, response.content)
-    assert len(rows) == BULK_ROWS + 3
+    assert len(rows) == BULK_ROWS + 4
     assert _totals(rows) == _usage(admin)
     # Oldest first, as the paged rows are.
     times = [r["occurred_at"] for r in rows]
@@ -201,6 +231,31 @@ def test_rows_are_those_of_the_events_api(admin: httpx.Client, may: dict[str, An
     assert [r["request_id"] for r in parquet] == [e["request_id"] for e in paged]
     assert parquet[2]["cost_usd"] == Decimal("0.001000400000")
     assert parquet[2]["occurred_at"] == BEGIN + timedelta(days=9, microseconds=5)
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+def test_any_text_round_trips_byte_for_byte(
+    admin: httpx.Client, may: dict[str, Any], fmt: str
+) -> None:
+    odd_id, _ = may["odd"]
+    [event] = admin.get("/billing/usage/events", params={**RANGE, "account_id": odd_id}).json()[
+        "data"
+    ]
+    body = _export(admin, fmt, account_id=odd_id).content
+    [row] = _rows(fmt, body)
+    assert row == {k: _csv_cell(v) if fmt == "csv" else v for k, v in event.items()}
+    for field, value in ODD_TEXT.items():
+        assert row[field] == value
+    # A fraction of a second keeps its six digits, as the events API writes it.
+    assert row["occurred_at"] == event["occurred_at"] == "2023-05-21T00:00:00.500000Z"
+    assert row["cost_usd"] == "1.000000000001"
+    if fmt == "csv":
+        # One header line and one row, each ending in CRLF; the cells' own line breaks
+        # (quoted) are as stored: the LF of `task_id`, the CR and CRLF of `task_type`.
+        assert body.endswith(b"\r\n") and body.count(b"\n") == 2 + 2
+        assert body.count(b"\r\n") == 2 + 1
+    else:
+        assert body.count(b"\n") == 1
 
 
 def _csv_cell(value: Any) -> str | None:
@@ -325,3 +380,48 @@ def test_the_cli_names_a_bad_range_and_writes_nothing(meterline: Meterline, tmp_
     assert result.exit_code == 1
     assert "must be after start (query.end) [HTTP 422]" in result.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+# Every string of up to three characters from those the rule looks at, and a few others.
+RULE_ALPHABET = " \n\t\r=+-@'A1é"
+
+
+def test_the_sql_escaping_rule_is_the_python_one(db: Database) -> None:
+    """The raw export defuses formulas in SQL, the monthly report in Python: one rule."""
+    values = [
+        "".join(chars)
+        for size in range(4)
+        for chars in itertools.product(RULE_ALPHABET, repeat=size)
+    ]
+    cell = text_cell_sql(literal_column("v")).compile(
+        dialect=postgresql.asyncpg.dialect(),  # type: ignore[no-untyped-call]
+        compile_kwargs={"render_postcompile": True},
+    )
+    rows = db.fetch(f"SELECT v, {cell} AS cell FROM unnest($1::text[]) AS v", values)
+    assert len(rows) == len(values) > 1000
+    assert {r["v"]: r["cell"] for r in rows} == {v: text_cell(v) for v in values}
+    assert db.fetchval(f"SELECT {cell} FROM (SELECT NULL::text AS v) AS t") is None
+    assert text_cell(" \n=1") == "' \n=1" and text_cell("A=1") == "A=1"
+
+
+def test_rows_end_in_crlf_however_the_chunks_fall() -> None:
+    """Postgres ends rows in LF: those outside quotes become CRLF, a cell's own stay."""
+    rows = [
+        ["plain", "a,b", 'say "hi"\n', "", "x"],
+        ["\n", '"', '""\n"', "cr\r", "crlf\r\n"],
+        ["last", "\n\n", "", "", "end"],
+    ]
+
+    def written(terminator: str) -> bytes:
+        out = io.StringIO()
+        csv.writer(out, lineterminator=terminator, quoting=csv.QUOTE_ALL).writerows(rows)
+        return out.getvalue().encode()
+
+    lf, crlf = written("\n"), written("\r\n")
+    rng = random.Random(7)
+    for _ in range(200):
+        cuts = sorted(rng.sample(range(1, len(lf)), rng.randint(0, 12)))
+        chunks = [lf[a:b] for a, b in zip([0, *cuts], [*cuts, len(lf)], strict=True)]
+        to_crlf = CrlfRows()
+        assert b"".join(to_crlf(c) for c in chunks) == crlf
+

@@ -13,7 +13,7 @@ import uuid
 from datetime import datetime
 from typing import Any, TypeVar
 
-from sqlalchemy import Select, func, select, text
+from sqlalchemy import Select, func, literal, select, text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 # Any select, of any number of columns.
@@ -39,6 +39,13 @@ def readable(statement: S, account_column: Any, account_id: uuid.UUID | None) ->
     if account_id is None:
         return statement
     return statement.where(account_column == account_id)
+
+
+def constant(value: Any) -> Any:
+    """`value` written into the statement's text rather than bound: for the constants of a
+    statement sent as text (COPY takes no parameters), which would otherwise be as many
+    parameters to inline."""
+    return literal(value, literal_execute=True)
 
 
 async def ping(connection: AsyncConnection) -> None:

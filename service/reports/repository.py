@@ -10,14 +10,30 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import RowMapping, func, select, text
+from sqlalchemy import RowMapping, and_, case, func, select, text
 from sqlalchemy.ext.asyncio import AsyncConnection
-from sqlalchemy.sql import FromClause
+from sqlalchemy.sql import ColumnElement, FromClause
 
 from pricing.invoice import UsageTotals
 from pricing.prices import PriceSegment
-from service.db.repository import Repository, readable
+from service.db.repository import Repository, constant, readable
 from service.invoices.repository.sums import L, in_segment, measures, segment_table, totals_of
+from service.reports.schemas import FORMULA_START, SKIPPED_BEFORE_FORMULA
+
+
+def text_cell_sql(value: Any) -> ColumnElement[Any]:
+    """`service.reports.service.text_cell` in SQL, for a CSV export Postgres renders itself:
+    the text prefixed with `'` when a spreadsheet would run it as a formula; NULL stays NULL
+    (an empty cell). Every character that starts a formula or is skipped before one is
+    below `A`, so a cell starting with a letter (nearly all) costs one integer comparison."""
+    below = max(map(ord, FORMULA_START + tuple(SKIPPED_BEFORE_FORMULA)))
+    first = func.left(func.ltrim(value, constant(SKIPPED_BEFORE_FORMULA)), constant(1))
+    formula = and_(
+        func.ascii(value) <= constant(below),
+        first.in_([constant(c) for c in FORMULA_START]),
+    )
+    return case((formula, constant("'") + value), else_=value)
+
 
 # A ledger row's line: usage a quoted task covers (from its acceptance on) is `task_usage`,
 # billed through the task; the rest is billed per token, as `tokens` or `adjustment`.

@@ -11,6 +11,13 @@ from service.schemas import DecimalString
 
 ReportFormat = Literal["csv", "json"]
 
+# A spreadsheet runs a cell starting with one of these as a formula (CSV injection), also
+# behind the spaces and line feeds it skips (` =1+1`); a tab or CR first is escaped too.
+# Every CSV export prefixes such a text cell with `'`: in Python (`reports.service.text_cell`)
+# or in SQL (`reports.repository.text_cell_sql`), both from these two.
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+SKIPPED_BEFORE_FORMULA = " \n"
+
 # The CSV header, in order; the README documents each column.
 COLUMNS = (
     "row_type",

@@ -39,7 +39,13 @@ from service.reports.repository import (
     unpriced_models,
     unpriced_sums,
 )
-from service.reports.schemas import COLUMNS, ReportFormat, UnpricedReportRow
+from service.reports.schemas import (
+    COLUMNS,
+    FORMULA_START,
+    SKIPPED_BEFORE_FORMULA,
+    ReportFormat,
+    UnpricedReportRow,
+)
 
 # A row of the report query, by column name.
 ReportRow = Mapping[Any, Any]
@@ -55,10 +61,6 @@ TOKEN_COLUMNS = (
     "reasoning_tokens",
     "unpriced_requests",
 )
-# A spreadsheet runs a cell starting with one of these as a formula (CSV injection), also
-# behind the spaces and line feeds it skips (` =1+1`); a tab or CR first is escaped too.
-FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
-_SKIPPED_BEFORE_FORMULA = " \n"
 
 
 def _money(value: Decimal | None) -> str | None:
@@ -126,10 +128,11 @@ def _line(row: ReportRow) -> dict[str, Any]:
 
 
 def text_cell(value: str | None) -> str:
-    """A CSV text cell a spreadsheet shows rather than runs (`=1+1` → `'=1+1`)."""
+    """A CSV text cell a spreadsheet shows rather than runs (`=1+1` → `'=1+1`); the raw
+    usage export applies the same rule in SQL (`service.reports.repository.text_cell_sql`)."""
     if value is None:
         return ""
-    return "'" + value if value.lstrip(_SKIPPED_BEFORE_FORMULA).startswith(FORMULA_START) else value
+    return "'" + value if value.lstrip(SKIPPED_BEFORE_FORMULA).startswith(FORMULA_START) else value
 
 
 def _money_cell(value: Decimal | None) -> str:
