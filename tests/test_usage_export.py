@@ -424,4 +424,3 @@ def test_rows_end_in_crlf_however_the_chunks_fall() -> None:
         chunks = [lf[a:b] for a, b in zip([0, *cuts], [*cuts, len(lf)], strict=True)]
         to_crlf = CrlfRows()
         assert b"".join(to_crlf(c) for c in chunks) == crlf
-

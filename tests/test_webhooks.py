@@ -442,6 +442,49 @@ def test_task_budget_and_cap_events_arrive_signed_after_three_failures(
         assert delivery["event_id"] in receiver.attempts
 
 
+def test_credit_notes_and_tier_changes_are_told(server: Server, receiver: Receiver) -> None:
+    receiver.fail_first = 0
+    subscribe(server.url, receiver, ["credit_note.created", "account.tier_changed"])
+    account_id, _, _ = new_customer(server.url)
+    with admin(server.url) as client:
+        adjusted = client.post(
+            f"/billing/accounts/{account_id}/adjustments",
+            json={
+                "amount_usd": "5.00",
+                "reason": "setup fee",
+                "occurred_at": f"{PAST_MONTH}-15T12:00:00Z",
+            },
+        )
+        assert adjusted.status_code == 201, adjusted.text
+        invoice = finalized_invoice(client, account_id)
+        assert Decimal(invoice["total_usd"]) == Decimal("5.00")
+        note = client.post(
+            f"/billing/invoices/{invoice['id']}/credit-notes",
+            json={"amount_usd": "1.25", "reason": "goodwill"},
+        )
+        assert note.status_code == 201, note.text
+        moved = client.patch(f"/billing/accounts/{account_id}", json={"tier": "pro"})
+        assert moved.status_code == 200, moved.text
+
+    def arrived() -> bool:
+        return bool(receiver.events("credit_note.created")) and bool(
+            receiver.events("account.tier_changed")
+        )
+
+    wait_until(arrived, 30, "the credit note and tier events")
+    credited = receiver.events("credit_note.created")[0]["data"]
+    assert credited["number"] == note.json()["number"]
+    assert credited["invoice_id"] == invoice["id"] and credited["amount_usd"] == "1.25"
+    assert credited["account_id"] == str(account_id) and credited["reason"] == "goodwill"
+    tier = receiver.events("account.tier_changed")[0]["data"]
+    assert tier == {
+        "account_id": str(account_id),
+        "from_tier": "basic",
+        "to_tier": "pro",
+        "reason": "admin",
+    }
+
+
 def test_a_failed_delivery_is_retried_on_demand_with_its_id(
     server: Server, receiver: Receiver
 ) -> None:

@@ -32,6 +32,8 @@ from service.db.models import Account, ApiKey, Tier, TierChange
 from service.errors import Conflict, Forbidden, NotFound
 from service.rate_cards import service as rate_cards
 from service.schemas import Page, decode_cursor, keyset_page
+from service.webhooks.events import EventType
+from service.webhooks.outbox import raise_event
 
 log = logging.getLogger("meterline.accounts")
 
@@ -149,8 +151,13 @@ async def change_tier(
         tier,
         reason,
     )
-    # Business event `account.tier_changed` (webhooks): raised here, the one place a tier
-    # changes, in the transaction that changes it.
+    # Raised here, the one place a tier changes, in the transaction that changes it.
+    await raise_event(
+        session,
+        EventType.ACCOUNT_TIER_CHANGED,
+        {"account_id": str(account.id), "from_tier": before, "to_tier": tier, "reason": reason},
+        account.id,
+    )
 
 
 async def tier_changes(

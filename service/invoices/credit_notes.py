@@ -20,6 +20,8 @@ from service.invoices.repository.credit_notes import CreditNoteRepository
 from service.invoices.repository.invoices import InvoiceRepository
 from service.invoices.schemas import CreditNoteCreate, CreditNoteOut, amount_due
 from service.invoices.service import invoice_not_found
+from service.webhooks.events import EventType
+from service.webhooks.outbox import raise_event
 
 log = logging.getLogger("meterline.invoices")
 
@@ -63,6 +65,19 @@ async def issue(
     ]
     note_id = await CreditNoteRepository(session).add(
         number, invoice.id, invoice.account_id, data.amount_usd, data.reason, lines
+    )
+    await raise_event(
+        session,
+        EventType.CREDIT_NOTE_CREATED,
+        {
+            "credit_note_id": str(note_id),
+            "number": number,
+            "invoice_id": str(invoice.id),
+            "account_id": str(invoice.account_id),
+            "amount_usd": f"{data.amount_usd:f}",
+            "reason": data.reason,
+        },
+        invoice.account_id,
     )
     log.info(
         "event=credit_note_issued credit_note=%s invoice=%s account_id=%s amount_usd=%s",
