@@ -104,6 +104,9 @@ class Row:
     task_id: str | None
     seq: int | None = None  # order of insertion; None while it waits in the spool
     billed_by: uuid.UUID | None = None  # the finalized invoice billing it on its own
+    # A row stored unpriced is billed at what its finalized invoice priced it: a version
+    # added afterwards changes neither (until that invoice is voided).
+    billed_at: tuple[Decimal, int | None] | None = None
 
     @property
     def period(self) -> str:
@@ -242,6 +245,8 @@ class Oracle:
         """What the row is billed and the version pricing it; None when unpriced still."""
         if row.cost is not None:
             return row.cost, row.version
+        if row.billed_at is not None:
+            return row.billed_at
         version = self.price(row.model, row.occurred_at)
         if version is None:
             return None
@@ -331,6 +336,8 @@ class Oracle:
         self.invoices.append(invoice)
         for row in expected.rows:
             row.billed_by = invoice.id
+            if row.cost is None:
+                row.billed_at = self.row_cost(row)
         for task in expected.tasks:
             task.billed_by = invoice.id
             if task.billed_rows_until is None:
@@ -341,6 +348,7 @@ class Oracle:
         for row in self.rows:
             if row.billed_by == invoice.id:
                 row.billed_by = None
+                row.billed_at = None
         for task in self.tasks.values():
             if task.billed_by == invoice.id:
                 task.billed_by = None
