@@ -19,8 +19,6 @@ from service.lifecycle import Periodic
 from service.limits.service import Limits
 from service.metrics.sampler import LedgerSampler, observe_settlement
 from service.prices.cache import PriceCache, seed_default_prices
-from service.provider_costs.service import seed_provider_costs
-from service.providers.config import load_providers
 from service.providers.router import ProviderRouter
 from service.proxy.access import AccessLog
 from service.proxy.context import Hook, ProxyHooks
@@ -100,7 +98,6 @@ class Runtime:
             await ensure_partitions(connection, around(datetime.now(UTC)))
         sessions = session_factory(engine)
         await seed_default_prices(sessions)
-        await seed_provider_costs(sessions, load_providers(settings.providers))
         prices = PriceCache(sessions, load_tariff)
         await prices.start()
         stack.push_async_callback(prices.stop)
@@ -144,7 +141,9 @@ class Runtime:
         stack.push_async_callback(metrics.stop)
         await ledger.start()
         stack.push_async_callback(ledger.close)
-        parts = await start_proxy(settings, stack, keys=keys, ledger=ledger, prices=prices)
+        parts = await start_proxy(
+            settings, stack, keys=keys, ledger=ledger, prices=prices, sessions=sessions
+        )
         hooks: ProxyHooks = parts["hooks"]
         limits.start()
         stack.push_async_callback(limits.stop)

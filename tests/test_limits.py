@@ -377,6 +377,7 @@ async def test_a_redis_outage_refuses_budgeted_requests_rather_than_overspend() 
     from typing import cast
 
     from pricing.prices import PriceBook
+    from pricing.rate_cards import Tariff
     from service.limits.policy import BudgetUnavailable
     from service.limits.service import Limits
 
@@ -391,6 +392,7 @@ async def test_a_redis_outage_refuses_budgeted_requests_rather_than_overspend() 
         book = PriceBook(
             [Price("m", Decimal(1000), Decimal(1000), datetime(2020, 1, 1, tzinfo=UTC))]
         )
+        tariff = Tariff(book)
 
     limits = Limits(
         Settings(tier_basic_rpm=1),

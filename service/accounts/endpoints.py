@@ -74,7 +74,11 @@ async def get_account(account_id: uuid.UUID, session: Session, caller: Caller) -
     return await service.account_out(session, account)
 
 
-@router.patch("/accounts/{account_id}", response_model=AccountOut, responses=FORBIDDEN)
+@router.patch(
+    "/accounts/{account_id}",
+    response_model=AccountOut,
+    responses=errors(*API_ERRORS, Forbidden, rate_cards.AssignmentExists),
+)
 async def update_account(
     account_id: uuid.UUID, data: AccountUpdate, session: Session, caller: Caller, prices: Prices
 ) -> AccountOut:

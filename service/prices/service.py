@@ -146,7 +146,7 @@ async def import_versions(
             + ". Versions are never edited: give the new price a later effective_from"
         )
     log.info(
-        "event=%s_imported source=%s added=%d unchanged=%d",
+        "event=versions_imported table=%s source=%s added=%d unchanged=%d",
         table,
         source,
         len(result.added),

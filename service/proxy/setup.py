@@ -6,10 +6,13 @@ import logging
 from contextlib import AsyncExitStack
 from typing import Any
 
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
 from service.auth.key_cache import KeyCache
 from service.ledger.writer import LedgerWriter
 from service.lifecycle import Periodic
 from service.prices.cache import PriceCache
+from service.provider_costs.service import seed_provider_costs
 from service.providers.config import load_providers
 from service.providers.router import ProviderRouter
 from service.proxy.access import AccessLog
@@ -37,6 +40,7 @@ async def start_proxy(
     keys: KeyCache,
     ledger: LedgerWriter,
     prices: PriceCache,
+    sessions: async_sessionmaker[AsyncSession],
 ) -> dict[str, Any]:
     """The Runtime fields of the proxy, started, each closed by `stack`: upstream client, …"""
     upstream = UpstreamClient(
@@ -46,7 +50,11 @@ async def start_proxy(
     )
     await upstream.start()
     stack.push_async_callback(upstream.close)
-    providers = ProviderRouter(load_providers(settings.providers))
+    configs = load_providers(settings.providers)
+    # The providers file's default cost tables, stored before the first request is priced.
+    await seed_provider_costs(sessions, configs)
+    await prices.refresh()
+    providers = ProviderRouter(configs)
     stats = RoutingStats(settings.routing_cooldown_failures, settings.routing_cooldown_s)
     routing = ModelRouter(providers, prices, stats, settings.routing_max_attempts)
     if settings.redis_url:

@@ -138,7 +138,7 @@ class WebhookSender:
             self._settings.webhook_retry_window_s,
         )
         log.info(
-            "event=webhook_attempt_failed delivery_id=%s event_id=%s attempts=%d error=%r"
+            "event=webhook_attempt_failed delivery_id=%s event_id=%s attempts=%d error=%s"
             " retry_in_s=%.1f",
             delivery.id,
             ref,
