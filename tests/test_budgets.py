@@ -187,6 +187,64 @@ def test_a_hundred_requests_across_two_workers_sharing_redis(
         _hundred_against_a_budget_of_ten(m.url, db, "Redis, 2 workers")
 
 
+def test_a_budget_on_a_rate_card_reserves_the_accounts_own_price(
+    database: str, upstream: Upstream, tmp_path: Path
+) -> None:
+    """An account charged twice the list price (a rate card's 100 % markup) has its requests
+    reserved at what it pays: half as many fit its budget, and its spend stays within it.
+    Reserved at the list price, ten would be admitted and spend twice the budget."""
+    db = Database(database)
+    with start_meterline(database, upstream, tmp_path, **meterline_settings()) as m:
+        with admin(m.url) as client:
+            card = client.post(
+                "/billing/rate-cards",
+                json={
+                    "name": f"double-{uuid.uuid4().hex[:8]}",
+                    "markup_pct": "100",
+                    "markup_basis": "list_price",
+                    "effective_from": "2000-01-01T00:00:00Z",
+                },
+            )
+            card.raise_for_status()
+        account_id, _, key = new_customer(
+            m.url, monthly_budget_usd=str(BUDGET), rate_card_id=card.json()["id"]
+        )
+        results = asyncio.run(
+            burst(
+                m.v1,
+                key,
+                100,
+                model=MODEL,
+                messages=MESSAGES,
+                max_tokens=MAX_TOKENS,
+                extra_body=SLOW,
+            )
+        )
+        served = [r for r in results if not isinstance(r, openai.APIStatusError)]
+        recorded = wait_for_rows(
+            db,
+            "SELECT count(*) FROM usage_ledger WHERE account_id = $1",
+            account_id,
+            count=len(served),
+        )
+    total = spent(db, account_id)
+    listed = db.fetchval(
+        "SELECT sum((prompt_tokens + completion_tokens) * $2::numeric / 1000000) FROM usage_ledger"
+        " WHERE account_id = $1",
+        account_id,
+        PRICE,
+    )
+    statuses = sorted({getattr(r, "status_code", 0) for r in results})
+    print(
+        f"\n[rate card x2] budget={BUDGET} served={len(served)} statuses={statuses}"
+        f" spent={total} list={listed}"
+    )
+    assert recorded == len(served)
+    assert total == 2 * listed  # billed at the account's price
+    assert len(served) == 5  # each worst case costs twice what it does at list price
+    assert total <= BUDGET
+
+
 def test_a_key_budget_stops_that_key_only(
     database: str, upstream: Upstream, tmp_path: Path
 ) -> None:
