@@ -65,6 +65,12 @@ MEASURE = """() => {
         decoded: nav.decodedBodySize + resources.reduce((sum, r) => sum + r.decodedBodySize, 0),
         files: 1 + resources.length,
         html_ms: nav.responseEnd - nav.requestStart,
+        // Where a view's time goes, each from navigation start: the request sent, the HTML
+        // received, the last static file received, the DOM ready.
+        request_ms: nav.requestStart,
+        html_end_ms: nav.responseEnd,
+        files_end_ms: resources.reduce((end, r) => Math.max(end, r.responseEnd), 0),
+        dom_ms: nav.domContentLoadedEventEnd,
         drawn_ms: drawn ? drawn.startTime : null,
         load_ms: nav.loadEventEnd,
     };
@@ -129,6 +135,13 @@ def _report(label: str, runs: list[dict[str, Any]]) -> None:
         f" worst {max(drawn):.0f}); HTML in {median(r['html_ms'] for r in runs):.0f} ms;"
         f" {size / 1000:.1f} KB transferred ({runs[0]['decoded'] / 1000:.1f} KB decoded,"
         f" {runs[0]['files']} files)"
+    )
+    phases = ("request_ms", "html_end_ms", "files_end_ms", "dom_ms")
+    print(
+        "  medians from navigation start: "
+        + ", ".join(
+            f"{name.removesuffix('_ms')} {median(r[name] for r in runs):.0f} ms" for name in phases
+        )
     )
 
 

@@ -144,8 +144,11 @@ def _added(
     for group, totals in recent.items():
         found = sums.get(group)
         sums[group] = totals if found is None else tuple(map(add, found, totals))
+    # Built without validation: every value comes typed from Postgres (bigint, numeric,
+    # date, uuid, text), and validating the thousand or so groups of an overview took a
+    # quarter of its time. The fields set are the same as the constructor's.
     return [
-        UsageGroup(
+        UsageGroup.model_construct(
             **dict(zip(fields, group, strict=True)), **dict(zip(TOTAL_FIELDS, totals, strict=True))
         )
         for group, totals in sums.items()
