@@ -113,8 +113,18 @@ class ModelRouter:
         price: `Tariff.customer_price`), the one price lookup of routing. A markup over
         provider cost may make it differ by provider: then the dearest of the providers
         serving it, so a filter or a reservation holds whichever serves."""
+        return self._price(account_id, model, at, self.providers.route_all(model))
+
+    def _price(
+        self,
+        account_id: uuid.UUID,
+        model: str,
+        at: datetime,
+        serving: Sequence[Provider],
+    ) -> Price | None:
         tariff = self.prices.tariff
-        serving = self.providers.route_all(model)
+        if len(serving) == 1:  # the common case: one provider, one lookup
+            return tariff.customer_price(account_id, model, at, serving[0].name).price
         found = [tariff.customer_price(account_id, model, at, p.name).price for p in serving]
         if not serving:
             found = [tariff.customer_price(account_id, model, at).price]
@@ -156,9 +166,15 @@ class ModelRouter:
                 param="model.llms",
             )
         prices: dict[str, Price] = {}
+        # Each candidate's providers, looked up once: filtered on, priced by and ranked.
+        served: dict[str, tuple[Provider, ...]] = {}
+
+        def serves(model: str) -> bool:
+            served[model] = self.serving(model)
+            return bool(served[model])
 
         def priced(model: str) -> bool:
-            price = self.price(account_id, model, at)
+            price = self._price(account_id, model, at, self.providers.route_all(model))
             if price is not None:
                 prices[model] = price
             return price is not None
@@ -173,7 +189,7 @@ class ModelRouter:
                     lambda m: not any(m == x or fnmatchcase(m, x) for x in excluded),
                 )
             )
-        filters.append(("model", "no provider serves it", lambda m: bool(self.serving(m))))
+        filters.append(("model", "no provider serves it", serves))
         filters.append(("model", "no price", priced))
         if spec.max_input_cost is not None:
             cap_in = spec.max_input_cost
@@ -211,52 +227,55 @@ class ModelRouter:
                     param=param,
                 )
             names = left
-        ranked = self._ranked(names, prices, spec.weights)[: self.max_attempts]
+        candidates = [Candidate(m, p) for m in names for p in served[m]]
+        ranked = self._ranked(candidates, prices, spec.weights)[: self.max_attempts]
         return Route(
             tuple(ranked), costliest(list({c.model: prices[c.model] for c in ranked}.values()))
         )
 
     def _ranked(
         self,
-        names: list[str],
+        candidates: list[Candidate],
         prices: dict[str, Price],
         weights: tuple[float, float, float, float],
     ) -> list[Candidate]:
-        candidates = [Candidate(m, p) for m in names for p in self.serving(m)]
-        if len(candidates) == 1:
+        if len(candidates) <= 1:
             return candidates
         now = time.time()
         view = self.stats.view
         figures = [view.get((c.provider.name, c.model)) for c in candidates]
-        sums = [
-            prices[c.model].input_usd_per_mtok + prices[c.model].output_usd_per_mtok
-            for c in candidates
-        ]
-        low, high = min(sums), max(sums)
-        price_terms = (
-            [float((s - low) / (high - low)) for s in sums] if high > low else [0.0] * len(sums)
-        )
-        terms = (
-            price_terms,
-            # Not measured yet: no error seen (so it gets tried).
-            _norm([f.error_at(now) if f is not None else 0.0 for f in figures]),
-            _norm([f.ttft_ms if f is not None else None for f in figures]),
-            _norm([f.latency_ms if f is not None else None for f in figures]),
-        )
+        sums = {
+            m: p.input_usd_per_mtok + p.output_usd_per_mtok
+            for m, p in prices.items()
+            if m in {c.model for c in candidates}
+        }
+        low, high = min(sums.values()), max(sums.values())
+        span = high - low
         w_price, w_error, w_start, w_end = weights
+        # Terms not weighed are not computed.
+        price_terms = (
+            [float((sums[c.model] - low) / span) for c in candidates]
+            if w_price and span > 0
+            else None
+        )
+        # Not measured yet: no error seen (so it gets tried).
+        errors = _norm([f.error_at(now) if f else 0.0 for f in figures]) if w_error else None
+        starts = _norm([f.ttft_ms if f else None for f in figures]) if w_start else None
+        ends = _norm([f.latency_ms if f else None for f in figures]) if w_end else None
+        cooled = {p: self.stats.cooled(p) for p in {c.provider.name for c in candidates}}
         # Ties go to a route not measured yet, so every candidate gets measured.
-        scores = [
-            (
-                self.stats.cooled(c.provider.name),
-                w_price * terms[0][i]
-                + w_error * terms[1][i]
-                + w_start * terms[2][i]
-                + w_end * terms[3][i],
-                figures[i] is not None,
-                i,
-            )
-            for i, c in enumerate(candidates)
-        ]
+        scores = []
+        for i, c in enumerate(candidates):
+            score = 0.0
+            if price_terms is not None:
+                score += w_price * price_terms[i]
+            if errors is not None:
+                score += w_error * errors[i]
+            if starts is not None:
+                score += w_start * starts[i]
+            if ends is not None:
+                score += w_end * ends[i]
+            scores.append((cooled[c.provider.name], score, figures[i] is not None, i))
         scores.sort()
         return [candidates[i] for *_, i in scores]
 
