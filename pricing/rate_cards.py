@@ -136,6 +136,15 @@ def _timeline(items: list[datetime], at: datetime) -> int:
     return bisect.bisect_right(items, at) - 1
 
 
+def _around(items: list[datetime], at: datetime) -> tuple[datetime | None, datetime | None]:
+    """The span between the starts of sorted `items` that holds `at`."""
+    index = bisect.bisect_right(items, at)
+    return (
+        items[index - 1] if index else None,
+        items[index] if index < len(items) else None,
+    )
+
+
 class Tariff:
     """List prices, provider costs, rate cards and their assignments: answers, without I/O,
     what an account pays and what the operator pays for usage at an instant."""
@@ -173,6 +182,26 @@ class Tariff:
             return None
         index = _timeline(card.starts, at)
         return (card, index) if index >= 0 else None
+
+    def unchanged_span(
+        self, account_id: uuid.UUID, at: datetime
+    ) -> tuple[datetime | None, datetime | None]:
+        """The span `[start, end)` around `at` in which nothing `customer_price` reads for
+        `account_id` changes: no list price or provider cost version starts, nor the
+        account's rate-card assignment or a version of its card. None: unbounded."""
+        spans = [self.list_prices.unchanged_span(at)]
+        spans += [book.unchanged_span(at) for book in self.provider_costs.values()]
+        assigned = self._assignments.get(account_id)
+        if assigned is not None:
+            spans.append(_around(assigned[0], at))
+            index = _timeline(assigned[0], at)
+            card_id = assigned[1][index] if index >= 0 else None
+            card = self._cards.get(card_id) if card_id is not None else None
+            if card is not None:  # the card assigned all through the span
+                spans.append(_around(card.starts, at))
+        starts = [start for start, _ in spans if start is not None]
+        ends = [end for _, end in spans if end is not None]
+        return (max(starts) if starts else None, min(ends) if ends else None)
 
     def rate_card_of(self, account_id: uuid.UUID, at: datetime) -> RateCardTerms | None:
         """The version of the rate card `account_id` is assigned at `at`, if any."""

@@ -14,6 +14,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -21,7 +22,13 @@ import httpx
 import openai
 import pytest
 
+from pricing.prices import BEGINNING_OF_TIME, Price, PriceBook
+from pricing.rate_cards import MarkupBasis, RateCardAssignment, RateCardTerms, Tariff
+from service.providers.config import Provider
+from service.providers.router import ProviderRouter
 from service.routing.schemas import parse_model_spec
+from service.routing.service import ModelRouter
+from service.routing.stats import RoutingStats
 from tests.conftest import ADMIN_TOKEN, Meterline, Upstream, meterline_env, start_meterline
 from tests.reliability import new_customer, wait_for_rows
 from tests.support import Database, free_port, running
@@ -433,3 +440,70 @@ def test_a_request_on_a_quoted_task_routes_only_to_the_quoted_model(server: Mete
         "x-task-id",
     )
     assert m("dear") in body["message"]
+
+
+class _Prices:
+    """The live prices a router reads: a tariff swapped whole, as a refresh does."""
+
+    def __init__(self, tariff: Tariff) -> None:
+        self.tariff = tariff
+        self.book = tariff.list_prices
+
+    async def refresh(self) -> None:
+        return None
+
+
+def test_candidates_kept_between_requests_follow_every_price_in_force() -> None:
+    """The filtered, priced candidates a router keeps between requests are those of the
+    request's own instant: a list price, a rate card version or an assignment that starts
+    later, a refreshed tariff, and an earlier instant (a stream begun before) each count."""
+    now = datetime(2026, 6, 1, tzinfo=UTC)
+    later, latest = now + timedelta(hours=1), now + timedelta(hours=2)
+    cheap, dear = "kept-cheap", "kept-dear"
+    book = PriceBook(
+        [
+            Price(cheap, Decimal(1), Decimal(1), BEGINNING_OF_TIME),
+            Price(dear, Decimal(2), Decimal(2), BEGINNING_OF_TIME),
+            Price(cheap, Decimal(5), Decimal(5), later),  # from `later`, the dearer one
+        ]
+    )
+    account = uuid.uuid4()
+    # From `latest` the account pays by a card that makes `dear` cheap again.
+    card = RateCardTerms(
+        1,
+        BEGINNING_OF_TIME,
+        Decimal(0),
+        MarkupBasis.LIST_PRICE,
+        rates=(Price(dear, Decimal("0.5"), Decimal("0.5"), BEGINNING_OF_TIME),),
+    )
+    tariff = Tariff(book, rate_cards=[card], assignments=[RateCardAssignment(account, 1, latest)])
+    prices = _Prices(tariff)
+    provider = Provider("kept", "http://127.0.0.1:1/v1", ("kept-*",), "inject")
+    router = ModelRouter(ProviderRouter([provider]), prices, RoutingStats(), 3)
+    by_price = parse_model_spec({"llms": [cheap, dear], "weights": {"price": 1}}, 256)
+    capped = parse_model_spec({"llms": [cheap, dear], "max_input_cost": "3"}, 256)
+
+    def first(spec: Any, at: datetime) -> str:
+        return router.choose(spec, account, None, at).candidates[0].model
+
+    assert first(by_price, now) == cheap
+    assert first(by_price, later) == dear  # a list price that started since
+    assert first(by_price, now) == cheap  # an instant before the span kept
+    assert [c.model for c in router.choose(capped, account, None, later).candidates] == [dear]
+    route = router.choose(capped, account, None, now)
+    assert [c.model for c in route.candidates] == [cheap, dear]
+    assert route.costliest is not None and route.costliest.input_usd_per_mtok == 2
+    assert first(by_price, latest) == dear  # the rate card, assigned since
+    dearest = router.choose(by_price, account, None, latest).costliest
+    assert dearest is not None  # what a budget reserves: the dearest of the two
+    assert (dearest.input_usd_per_mtok, dearest.output_usd_per_mtok) == (5, 5)
+    # A refresh replaces the tariff: read at once, though the instant is in the span kept.
+    prices.tariff = Tariff(
+        PriceBook(
+            [
+                Price(dear, Decimal(1), Decimal(1), BEGINNING_OF_TIME),
+                Price(cheap, Decimal(3), Decimal(3), BEGINNING_OF_TIME),
+            ]
+        )
+    )
+    assert first(by_price, now) == dear

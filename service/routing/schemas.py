@@ -14,8 +14,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
+from functools import lru_cache
 from typing import Any
 
+import orjson
 from pydantic import BaseModel, Field
 
 from service.errors import BadRequest
@@ -82,7 +84,19 @@ def _weights(raw: Any) -> tuple[float, float, float, float]:
 
 
 def parse_model_spec(raw: dict[str, Any], max_length: int) -> ModelSpec:
-    """The model object of a request, or a 400 naming the field that is wrong."""
+    """The model object of a request, or a 400 naming the field that is wrong.
+
+    A client sends the same object request after request: it is read once per distinct
+    text (a bounded memo; a refusal is not remembered, so it is raised each time)."""
+    return _parsed(orjson.dumps(raw), max_length)
+
+
+@lru_cache(maxsize=1024)
+def _parsed(text: bytes, max_length: int) -> ModelSpec:
+    return _read_model_spec(orjson.loads(text), max_length)
+
+
+def _read_model_spec(raw: dict[str, Any], max_length: int) -> ModelSpec:
     unknown = set(raw) - _FIELDS
     if unknown:
         raise _invalid(

@@ -29,6 +29,7 @@ from fnmatch import fnmatchcase
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from pricing.prices import BEGINNING_OF_TIME, Price
+from pricing.rate_cards import Tariff
 from service.errors import BadRequest
 from service.parts import LivePrices
 from service.providers.config import Provider
@@ -61,16 +62,20 @@ class Route:
     costliest: Price | None
 
 
-def _norm(values: Sequence[float | None]) -> list[float]:
-    """Each value's place between the best (0) and the worst (1); unknown counts as the best."""
+def _weigh(scores: list[float], weight: float, values: Sequence[float | None]) -> None:
+    """Add to each score `weight` times its value's place between the best of `values` (0)
+    and the worst (1); an unknown value counts as the best, and so does every value when
+    all are the same."""
     known = [v for v in values if v is not None]
     if not known:
-        return [0.0] * len(values)
-    low, high = min(known), max(known)
-    span = high - low
+        return
+    low = min(known)
+    span = max(known) - low
     if span <= 0:
-        return [0.0] * len(values)
-    return [0.0 if v is None else (v - low) / span for v in values]
+        return
+    for i, v in enumerate(values):
+        if v is not None:
+            scores[i] += weight * (v - low) / span
 
 
 def costliest(prices: Sequence[Price]) -> Price | None:
@@ -85,6 +90,26 @@ def costliest(prices: Sequence[Price]) -> Price | None:
         output_usd_per_mtok=max(p.output_usd_per_mtok for p in prices),
         effective_from=BEGINNING_OF_TIME,
     )
+
+
+# Filtered candidates kept per (model object, account, quoted model): at most this many.
+KEPT_ROUTES = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class _Filtered:
+    """The candidates a model object's filters left and their prices, which hold for as
+    long as the tariff they were read from is the one in force and `[start, end)` holds
+    the request's instant: no price, cost or rate card changes for the account within it.
+    Which providers serve a model never changes in a process; the order they are tried in
+    and the ranking (live statistics, cooldowns) are worked out on every request."""
+
+    tariff: Tariff
+    listed: tuple[str, ...]
+    start: datetime | None
+    end: datetime | None
+    names: list[str]
+    prices: dict[str, Price]
 
 
 class ModelRouter:
@@ -103,6 +128,7 @@ class ModelRouter:
         # price table's exact ids: what "every priced model some provider serves" draws on.
         self.listed_models: tuple[str, ...] = ()
         self._quoted_model: QuotedModel = lambda _a, _t, _at: None
+        self._kept: dict[tuple[ModelSpec, uuid.UUID, str | None], _Filtered] = {}
 
     def follow_quotes(self, quoted_model: QuotedModel) -> None:
         """Requests on a quoted task route only to the model it was quoted for."""
@@ -159,6 +185,40 @@ class ModelRouter:
     ) -> Route:
         """The candidates of `spec` in the order tried (at most `max_attempts`), or a 400
         `no_model_matches` naming the filter that removed the last one."""
+        quoted = self._quoted_model(account_id, task_id, at) if task_id else None
+        key = (spec, account_id, quoted)
+        kept = self._kept.get(key)
+        tariff = self.prices.tariff
+        if (
+            kept is None
+            or kept.tariff is not tariff
+            or kept.listed is not self.listed_models
+            or (kept.start is not None and at < kept.start)
+            or (kept.end is not None and at >= kept.end)
+        ):
+            names, prices = self._filtered(spec, account_id, task_id, quoted, at)
+            if len(self._kept) >= KEPT_ROUTES:
+                self._kept.clear()
+            start, end = tariff.unchanged_span(account_id, at)
+            kept = self._kept[key] = _Filtered(
+                tariff, self.listed_models, start, end, names, prices
+            )
+        candidates = [Candidate(m, p) for m in kept.names for p in self.serving(m)]
+        ranked = self._ranked(candidates, kept.prices, spec.weights)[: self.max_attempts]
+        return Route(
+            tuple(ranked),
+            costliest(list({c.model: kept.prices[c.model] for c in ranked}.values())),
+        )
+
+    def _filtered(
+        self,
+        spec: ModelSpec,
+        account_id: uuid.UUID,
+        task_id: str | None,
+        quoted: str | None,
+        at: datetime,
+    ) -> tuple[list[str], dict[str, Price]]:
+        """The candidates `spec`'s filters leave, with their prices."""
         names = list(spec.llms) if spec.llms is not None else self.catalog(at)
         if not names:
             raise NoModelMatches(
@@ -166,12 +226,6 @@ class ModelRouter:
                 param="model.llms",
             )
         prices: dict[str, Price] = {}
-        # Each candidate's providers, looked up once: filtered on, priced by and ranked.
-        served: dict[str, tuple[Provider, ...]] = {}
-
-        def serves(model: str) -> bool:
-            served[model] = self.serving(model)
-            return bool(served[model])
 
         def priced(model: str) -> bool:
             price = self._price(account_id, model, at, self.providers.route_all(model))
@@ -189,7 +243,7 @@ class ModelRouter:
                     lambda m: not any(m == x or fnmatchcase(m, x) for x in excluded),
                 )
             )
-        filters.append(("model", "no provider serves it", serves))
+        filters.append(("model", "no provider serves it", lambda m: bool(self.serving(m))))
         filters.append(("model", "no price", priced))
         if spec.max_input_cost is not None:
             cap_in = spec.max_input_cost
@@ -209,7 +263,6 @@ class ModelRouter:
                     lambda m: prices[m].output_usd_per_mtok <= cap_out,
                 )
             )
-        quoted = self._quoted_model(account_id, task_id, at) if task_id else None
         if quoted is not None:
             filters.append(
                 (
@@ -227,11 +280,7 @@ class ModelRouter:
                     param=param,
                 )
             names = left
-        candidates = [Candidate(m, p) for m in names for p in served[m]]
-        ranked = self._ranked(candidates, prices, spec.weights)[: self.max_attempts]
-        return Route(
-            tuple(ranked), costliest(list({c.model: prices[c.model] for c in ranked}.values()))
-        )
+        return names, {m: prices[m] for m in names}
 
     def _ranked(
         self,
@@ -241,43 +290,42 @@ class ModelRouter:
     ) -> list[Candidate]:
         if len(candidates) <= 1:
             return candidates
-        now = time.time()
+        w_price, w_error, w_start, w_end = weights
         view = self.stats.view
         figures = [view.get((c.provider.name, c.model)) for c in candidates]
-        sums = {
-            m: p.input_usd_per_mtok + p.output_usd_per_mtok
-            for m, p in prices.items()
-            if m in {c.model for c in candidates}
-        }
-        low, high = min(sums.values()), max(sums.values())
-        span = high - low
-        w_price, w_error, w_start, w_end = weights
-        # Terms not weighed are not computed.
-        price_terms = (
-            [float((sums[c.model] - low) / span) for c in candidates]
-            if w_price and span > 0
-            else None
-        )
-        # Not measured yet: no error seen (so it gets tried).
-        errors = _norm([f.error_at(now) if f else 0.0 for f in figures]) if w_error else None
-        starts = _norm([f.ttft_ms if f else None for f in figures]) if w_start else None
-        ends = _norm([f.latency_ms if f else None for f in figures]) if w_end else None
+        scores = [0.0] * len(candidates)
+        # A term not weighed is not computed.
+        if w_price:
+            sums = {
+                m: prices[m].input_usd_per_mtok + prices[m].output_usd_per_mtok
+                for m in {c.model for c in candidates}
+            }
+            low = min(sums.values())
+            span = max(sums.values()) - low
+            if span > 0:
+                terms = {m: float((v - low) / span) for m, v in sums.items()}
+                for i, c in enumerate(candidates):
+                    scores[i] += w_price * terms[c.model]
+        if w_error:
+            now = time.time()
+            # Not measured yet: no error seen (so it gets tried).
+            _weigh(scores, w_error, [f.error_at(now) if f else 0.0 for f in figures])
+        if w_start:
+            _weigh(scores, w_start, [f.ttft_ms if f else None for f in figures])
+        if w_end:
+            _weigh(scores, w_end, [f.latency_ms if f else None for f in figures])
         cooled = {p: self.stats.cooled(p) for p in {c.provider.name for c in candidates}}
         # Ties go to a route not measured yet, so every candidate gets measured.
-        scores = []
-        for i, c in enumerate(candidates):
-            score = 0.0
-            if price_terms is not None:
-                score += w_price * price_terms[i]
-            if errors is not None:
-                score += w_error * errors[i]
-            if starts is not None:
-                score += w_start * starts[i]
-            if ends is not None:
-                score += w_end * ends[i]
-            scores.append((cooled[c.provider.name], score, figures[i] is not None, i))
-        scores.sort()
-        return [candidates[i] for *_, i in scores]
+        order = sorted(
+            range(len(candidates)),
+            key=lambda i: (
+                cooled[candidates[i].provider.name],
+                scores[i],
+                figures[i] is not None,
+                i,
+            ),
+        )
+        return [candidates[i] for i in order]
 
 
 # The ledger's attempts that seed a new process's statistics.
