@@ -73,6 +73,8 @@ def server(
             METERLINE_INVOICE_ISSUER_TAX_ID="DE123456789",
             # The daily rollup folds rows within the tests, so pages read it and the ledger.
             METERLINE_USAGE_ROLLUP_INTERVAL_S="1",
+            # Webhook endpoints on this host (refused otherwise): the deliveries are real.
+            METERLINE_WEBHOOKS_ALLOW_PRIVATE="true",
         ) as meterline:
             yield meterline
     finally:
@@ -441,6 +443,148 @@ def test_api_docs_render_with_the_network_blocked(browser: Any, server: Meterlin
     page.wait_for_selector("[role=menuitem] >> text=invoices", timeout=20_000)
     assert blocked == [], blocked
     context.close()
+
+
+# -- rate cards, credits, credit notes and webhooks ---------------------------------------
+
+
+def submit(page: Any, form: str, **fields: str) -> Any:
+    """Fill a form's text fields and selects by name, submit it; the answer to its POST."""
+    for name, value in fields.items():
+        field = page.locator(f"{form} [name={name}]")
+        if field.evaluate("el => el.tagName") == "SELECT":
+            field.select_option(value)
+        else:
+            field.fill(value)
+    with page.expect_response(lambda r: r.request.method == "POST") as posted:
+        page.click(f"{form} button[type=submit]")
+    page.wait_for_load_state()
+    return posted.value
+
+
+@pytest.mark.browser
+def test_operator_prices_an_account_by_a_rate_card_credits_it_and_subscribes_a_webhook(
+    browser: Any, server: Meterline
+) -> None:
+    page = signed_in(browser, server, ADMIN_TOKEN)
+    page.on("dialog", lambda dialog: dialog.accept())  # the destructive forms ask first
+
+    # A webhook endpoint, its secret shown once; it receives the credit note raised below.
+    page.goto(f"{server.url}/console/webhooks")
+    page.fill("#new-webhook-form input[name=url]", "http://127.0.0.1:9/meterline")
+    page.check("#new-webhook-form input[value='credit_note.created']")
+    submit(page, "#new-webhook-form", description="finance")
+    secret = page.inner_text("#new-webhook-secret").strip()
+    assert secret.startswith("whsec_")
+    page.goto(f"{server.url}/console/webhooks")
+    assert secret not in page.content()
+    assert "http://127.0.0.1:9/meterline" in page.inner_text("#webhook-list")
+    page.goto(f"{server.url}/console/webhooks")
+    none_chosen = submit(page, "#new-webhook-form", url="https://example.com/hook")
+    assert none_chosen.status == 422 and "events" in page.inner_text("main")
+
+    # A rate card with explicit rates, then a later version of it.
+    name = f"resellers {secrets.token_hex(3)}"
+    page.goto(f"{server.url}/console/rate-cards")
+    submit(
+        page,
+        "#new-rate-card",
+        name=name,
+        markup_pct="25",
+        effective_from="2020-01-01",
+        rates=f"{MODEL} 100 200\n",
+    )
+    page.wait_for_selector("#rate-card-versions")
+    card_id = int(page.url.rsplit("/", 1)[-1])
+    assert f"{MODEL} 100 / 200 / —" in page.inner_text("#rate-card-versions")
+    submit(page, "#new-rate-card-version", markup_pct="10", effective_from="2999-01-01")
+    assert page.locator("#rate-card-versions tbody tr").count() == 2
+    bad = submit(page, "#new-rate-card-version", rates=f"{MODEL} 100")
+    assert bad.status == 422 and "rates, line 1" in page.inner_text("main")
+    page.goto(f"{server.url}/console/rate-cards")
+    assert name in page.inner_text("#rate-card-list")
+
+    # A prepaid account, assigned the card, given credit: its balance as the API states it.
+    customer = f"Prepaid Partners {secrets.token_hex(3)}"
+    page.goto(f"{server.url}/console/accounts")
+    submit(page, "#new-account", name=customer, billing_mode="prepaid")
+    account_id = page.url.rsplit("/", 1)[-1]
+    submit(page, "#assign-rate-card", rate_card_id=str(card_id), effective_from="2020-06-01")
+    assert page.inner_text("#rate-card-now") == name
+    submit(
+        page, "#new-credit", amount_usd="20", kind="purchase", expires_at="2999-01-01", priority="2"
+    )
+    submit(page, "#new-credit", amount_usd="5.50", kind="grant", reference="goodwill")
+    refused = submit(page, "#new-credit", amount_usd="-3", kind="grant")
+    assert refused.status == 422 and "amount_usd" in page.inner_text("main")
+    page.goto(f"{server.url}/console/accounts/{account_id}")
+    assert page.locator("#grants tbody tr").count() == 2
+    with page.expect_response(lambda r: r.request.method == "POST"):
+        page.click("#grants tr:has-text('goodwill') button:has-text('Void')")
+    page.wait_for_selector("#grants tr:has-text('goodwill') .status-voided")
+    with server.admin() as api:
+        account = api.get(f"/billing/accounts/{account_id}").json()
+        balance = api.get(f"/billing/accounts/{account_id}/balance").json()
+    assert account["rate_card_id"] == card_id and account["billing_mode"] == "prepaid"
+    assert Decimal(balance["balance_usd"]) == Decimal(20)
+    figures = page.inner_text("#balance")
+    assert figures.count("$20.00") == 2, figures  # balance and available; nothing reserved
+    kinds = page.locator("#credit-transactions tbody td:nth-child(2)").all_inner_texts()
+    assert sorted(kinds) == ["grant", "grant", "void"]
+    screenshot(page, "account-credits-desktop")
+
+    # A finalized invoice of last month, an adjustment on it, then a credit note against it.
+    billed = server.new_account(name=f"Credited {secrets.token_hex(3)}")
+    last_month = datetime.now(UTC).replace(day=1) - timedelta(days=1)
+    page.goto(f"{server.url}/console/accounts/{billed['id']}")
+    submit(
+        page,
+        "#new-adjustment",
+        amount_usd="30",
+        reason="Onboarding workshop",
+        occurred_at=f"{last_month:%Y-%m-%d}",
+    )
+    page.goto(f"{server.url}/console/invoices")
+    submit(page, "#new-invoice", account_id=str(billed["id"]), period=f"{last_month:%Y-%m}")
+    assert "30.00" in page.inner_text("#invoice-lines tr.adjustment")
+    assert "Onboarding workshop" in page.inner_text("#adjustment-list")
+    with page.expect_response(lambda r: r.request.method == "POST"):
+        page.click("form[action$='/finalize'] button[type=submit]")
+    page.wait_for_selector("#new-credit-note")
+    too_much = submit(page, "#new-credit-note", amount_usd="31", reason="goodwill")
+    assert too_much.status == 409 and "30.00 USD left" in page.inner_text("main")
+    page.go_back()
+    submit(page, "#new-credit-note", amount_usd="12.50", reason="Workshop shortened")
+    assert "Workshop shortened" in page.inner_text("#credit-note-list")
+    assert page.inner_text("#amount-due") == "17.50"
+    with page.expect_download() as download:
+        page.click("#invoice-pdf")
+    text = pdf_text(Path(download.value.path()))
+    assert "CN-" in text and "12.50" in text and "17.50" in text
+
+    # The credit note's event reached the endpoint's deliveries; a retry keeps it going.
+    page.goto(f"{server.url}/console/webhooks")
+    page.click("#webhook-list a:has-text('127.0.0.1:9')")
+    page.wait_for_selector("#deliveries td:has-text('credit_note.created')")
+    with page.expect_response(lambda r: r.request.method == "POST") as retried:
+        page.click("#deliveries button:has-text('Retry now')")
+    assert retried.value.status == 303
+    page.wait_for_selector("#deliveries")
+    assert not page.console_errors, page.console_errors
+    page.context.close()
+
+    # The account's customer reads its own balance and transactions, and no operator page.
+    key = server.new_key(account_id, name="customer")
+    page = signed_in(browser, server, key)
+    page.goto(f"{server.url}/console/account")
+    assert page.inner_text("#balance").count("$20.00") == 2
+    assert page.locator("#credit-transactions tbody tr").count() == 3
+    assert page.locator("#new-credit, #assign-rate-card, #grants button").count() == 0
+    assert name not in page.content()  # the operator's terms are not the customer's
+    assert "Webhooks" not in page.inner_text("nav.tabs")
+    for path in ("/console/webhooks", "/console/rate-cards", f"/console/rate-cards/{card_id}"):
+        assert page.request.get(f"{server.url}{path}").status == 404, path
+    page.context.close()
 
 
 # -- sign-in and sessions, over plain HTTP ------------------------------------------------

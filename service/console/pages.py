@@ -9,9 +9,10 @@ with the same status and message the API would give.
 from __future__ import annotations
 
 import hashlib
+import re
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from decimal import Decimal
 from functools import cache
@@ -161,15 +162,30 @@ async def _operator(viewer: Viewer) -> SignedIn:
 Operator = Annotated[SignedIn, Depends(_operator)]
 
 
+# A day typed in a form (`2027-01-31`) is that day's start in UTC, as every time of the
+# console reads; anything else is passed on for the API's own reading of RFC 3339.
+DAY = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+
+
 @dataclass(frozen=True, slots=True)
 class Form:
     """An `application/x-www-form-urlencoded` body; blank fields read as absent."""
 
     fields: dict[str, str]
+    # Every value of a field sent more than once (a group of checkboxes), in order.
+    repeated: dict[str, list[str]] = field(default_factory=dict)
 
     def get(self, name: str) -> str | None:
         value = self.fields.get(name, "").strip()
         return value or None
+
+    def every(self, name: str) -> list[str]:
+        return [v.strip() for v in self.repeated.get(name, []) if v.strip()]
+
+    def instant(self, name: str) -> str | None:
+        """A time field: a day alone is its midnight UTC."""
+        value = self.get(name)
+        return f"{value}T00:00:00Z" if value and DAY.match(value) else value
 
     def present(self, *names: str) -> dict[str, str | None]:
         """The named fields that were sent, blank ones as None (a PATCH clears them)."""
@@ -179,7 +195,7 @@ class Form:
 async def read_form(request: Request) -> Form:
     body = (await request.body()).decode("utf-8", "replace")
     parsed = parse_qs(body, keep_blank_values=True, max_num_fields=200)
-    return Form({name: values[-1] for name, values in parsed.items()})
+    return Form({name: values[-1] for name, values in parsed.items()}, parsed)
 
 
 async def _posted(request: Request, viewer: Viewer) -> Form:
