@@ -737,6 +737,74 @@ def test_the_console_asks_the_same_services_as_the_api(server: Meterline) -> Non
     client.close()
 
 
+def _form_token(client: httpx.Client, path: str) -> str:
+    token = re.search(r'name="csrf_token" value="([^"]+)"', client.get(path).text)
+    assert token is not None
+    return token.group(1)
+
+
+def test_bad_input_on_the_billing_forms_is_a_clear_page_never_a_500(
+    server: Meterline, two_customers: dict[str, Any]
+) -> None:
+    account = server.new_account(name=f"Bad input {secrets.token_hex(3)}")
+    draft = two_customers["mine"]["invoice"]["id"]
+    client, _ = _sign_in(server, ADMIN_TOKEN)
+    token = _form_token(client, "/console/rate-cards")
+    posts: list[tuple[str, dict[str, Any], int, str]] = [
+        ("/console/rate-cards", {"name": ""}, 422, "name"),
+        ("/console/rate-cards", {"name": "x", "markup_pct": "ten"}, 422, "markup_pct"),
+        ("/console/rate-cards", {"name": "x", "rates": "m 1 x"}, 422, "rates"),
+        ("/console/rate-cards/99999999999999999999/versions", {}, 422, "rate_card_id"),
+        ("/console/rate-cards/424242/versions", {}, 404, "rate card 424242 not found"),
+        (f"/console/accounts/{account['id']}/rate-card", {"rate_card_id": "abc"}, 422, "rate"),
+        (f"/console/accounts/{account['id']}/rate-card", {"rate_card_id": "424242"}, 404, ""),
+        (f"/console/accounts/{account['id']}", {"billing_mode": "weekly"}, 422, "billing_mode"),
+        (f"/console/accounts/{account['id']}/credits", {"amount_usd": "1"}, 422, "kind"),
+        (
+            f"/console/accounts/{account['id']}/credits",
+            {"amount_usd": "1", "kind": "grant", "expires_at": "soon"},
+            422,
+            "expires_at",
+        ),
+        (
+            f"/console/accounts/{uuid.uuid4()}/credits",
+            {"amount_usd": "1", "kind": "grant"},
+            404,
+            "",
+        ),
+        (f"/console/credits/{uuid.uuid4()}/void", {}, 404, "credit grant"),
+        (f"/console/accounts/{account['id']}/adjustments", {"amount_usd": "0"}, 422, "amount"),
+        (f"/console/invoices/{draft}/credit-notes", {"amount_usd": "1", "reason": "x"}, 409, ""),
+        (f"/console/invoices/{draft}/credit-notes", {"amount_usd": "0.001"}, 422, "amount_usd"),
+        ("/console/provider-costs", {"model": "m", "input_usd_per_mtok": "1"}, 422, ""),
+        ("/console/webhooks", {"url": "ftp://example.com", "events": "task.completed"}, 422, ""),
+        ("/console/webhooks", {"url": "https://example.com", "events": "no.such"}, 422, "events"),
+        (f"/console/webhooks/{uuid.uuid4()}/delete", {}, 404, "webhook endpoint"),
+        (f"/console/webhooks/{uuid.uuid4()}/deliveries/{uuid.uuid4()}/retry", {}, 404, ""),
+    ]
+    for path, form, status, words in posts:
+        response = client.post(path, data={**form, "csrf_token": token})
+        assert response.status_code == status, (path, form, response.text[-400:])
+        assert words in response.text and "<h1>" in response.text, (path, form)
+    assert client.get("/console/rate-cards/424242").status_code == 404
+    assert client.get(f"/console/webhooks/{uuid.uuid4()}").status_code == 404
+    client.close()
+
+    # A customer's session finds no operator form, whatever it posts.
+    client, _ = _sign_in(server, two_customers["mine"]["key"])
+    token = _form_token(client, "/console/account")
+    mine = two_customers["mine"]["account"]["id"]
+    for path, form in (
+        ("/console/webhooks", {"url": "https://example.com", "events": "task.completed"}),
+        ("/console/rate-cards", {"name": "mine"}),
+        (f"/console/accounts/{mine}/credits", {"amount_usd": "100", "kind": "grant"}),
+        (f"/console/accounts/{mine}/rate-card", {"rate_card_id": ""}),
+        ("/console/provider-costs", {}),
+    ):
+        assert client.post(path, data={**form, "csrf_token": token}).status_code == 404, path
+    client.close()
+
+
 def test_a_quote_accepted_in_the_console_holds_its_price_against_the_budget(
     server: Meterline,
 ) -> None:
