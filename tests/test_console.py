@@ -479,9 +479,6 @@ def test_operator_prices_an_account_by_a_rate_card_credits_it_and_subscribes_a_w
     page.goto(f"{server.url}/console/webhooks")
     assert secret not in page.content()
     assert "http://127.0.0.1:9/meterline" in page.inner_text("#webhook-list")
-    page.goto(f"{server.url}/console/webhooks")
-    none_chosen = submit(page, "#new-webhook-form", url="https://example.com/hook")
-    assert none_chosen.status == 422 and "events" in page.inner_text("main")
 
     # A rate card with explicit rates, then a later version of it.
     name = f"resellers {secrets.token_hex(3)}"
@@ -499,8 +496,6 @@ def test_operator_prices_an_account_by_a_rate_card_credits_it_and_subscribes_a_w
     assert f"{MODEL} 100 / 200 / —" in page.inner_text("#rate-card-versions")
     submit(page, "#new-rate-card-version", markup_pct="10", effective_from="2999-01-01")
     assert page.locator("#rate-card-versions tbody tr").count() == 2
-    bad = submit(page, "#new-rate-card-version", rates=f"{MODEL} 100")
-    assert bad.status == 422 and "rates, line 1" in page.inner_text("main")
     page.goto(f"{server.url}/console/rate-cards")
     assert name in page.inner_text("#rate-card-list")
 
@@ -515,9 +510,6 @@ def test_operator_prices_an_account_by_a_rate_card_credits_it_and_subscribes_a_w
         page, "#new-credit", amount_usd="20", kind="purchase", expires_at="2999-01-01", priority="2"
     )
     submit(page, "#new-credit", amount_usd="5.50", kind="grant", reference="goodwill")
-    refused = submit(page, "#new-credit", amount_usd="-3", kind="grant")
-    assert refused.status == 422 and "amount_usd" in page.inner_text("main")
-    page.goto(f"{server.url}/console/accounts/{account_id}")
     assert page.locator("#grants tbody tr").count() == 2
     with page.expect_response(lambda r: r.request.method == "POST"):
         page.click("#grants tr:has-text('goodwill') button:has-text('Void')")
@@ -551,9 +543,12 @@ def test_operator_prices_an_account_by_a_rate_card_credits_it_and_subscribes_a_w
     with page.expect_response(lambda r: r.request.method == "POST"):
         page.click("form[action$='/finalize'] button[type=submit]")
     page.wait_for_selector("#new-credit-note")
-    too_much = submit(page, "#new-credit-note", amount_usd="31", reason="goodwill")
-    assert too_much.status == 409 and "30.00 USD left" in page.inner_text("main")
-    page.go_back()
+    token = page.input_value("#new-credit-note input[name=csrf_token]")
+    too_much = page.request.post(
+        f"{page.url}/credit-notes",
+        form={"amount_usd": "31", "reason": "goodwill", "csrf_token": token},
+    )
+    assert too_much.status == 409 and "30.00 USD left" in too_much.text()
     submit(page, "#new-credit-note", amount_usd="12.50", reason="Workshop shortened")
     assert "Workshop shortened" in page.inner_text("#credit-note-list")
     assert page.inner_text("#amount-due") == "17.50"
@@ -754,12 +749,19 @@ def test_bad_input_on_the_billing_forms_is_a_clear_page_never_a_500(
         ("/console/rate-cards", {"name": ""}, 422, "name"),
         ("/console/rate-cards", {"name": "x", "markup_pct": "ten"}, 422, "markup_pct"),
         ("/console/rate-cards", {"name": "x", "rates": "m 1 x"}, 422, "rates"),
+        ("/console/rate-cards", {"name": "x", "rates": "m 1"}, 422, "rates, line 1"),
         ("/console/rate-cards/99999999999999999999/versions", {}, 422, "rate_card_id"),
         ("/console/rate-cards/424242/versions", {}, 404, "rate card 424242 not found"),
         (f"/console/accounts/{account['id']}/rate-card", {"rate_card_id": "abc"}, 422, "rate"),
         (f"/console/accounts/{account['id']}/rate-card", {"rate_card_id": "424242"}, 404, ""),
         (f"/console/accounts/{account['id']}", {"billing_mode": "weekly"}, 422, "billing_mode"),
         (f"/console/accounts/{account['id']}/credits", {"amount_usd": "1"}, 422, "kind"),
+        (
+            f"/console/accounts/{account['id']}/credits",
+            {"amount_usd": "-3", "kind": "grant"},
+            422,
+            "amount_usd",
+        ),
         (
             f"/console/accounts/{account['id']}/credits",
             {"amount_usd": "1", "kind": "grant", "expires_at": "soon"},
@@ -779,6 +781,7 @@ def test_bad_input_on_the_billing_forms_is_a_clear_page_never_a_500(
         ("/console/provider-costs", {"model": "m", "input_usd_per_mtok": "1"}, 422, ""),
         ("/console/webhooks", {"url": "ftp://example.com", "events": "task.completed"}, 422, ""),
         ("/console/webhooks", {"url": "https://example.com", "events": "no.such"}, 422, "events"),
+        ("/console/webhooks", {"url": "https://example.com"}, 422, "events"),
         (f"/console/webhooks/{uuid.uuid4()}/delete", {}, 404, "webhook endpoint"),
         (f"/console/webhooks/{uuid.uuid4()}/deliveries/{uuid.uuid4()}/retry", {}, 404, ""),
     ]
