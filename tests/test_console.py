@@ -571,6 +571,7 @@ def test_operator_prices_an_account_by_a_rate_card_credits_it_and_subscribes_a_w
     # The account's customer reads its own balance and transactions, and no operator page.
     key = server.new_key(account_id, name="customer")
     page = signed_in(browser, server, key)
+    assert "Credit available $20.00" in " ".join(page.inner_text("section.kpis").split())
     page.goto(f"{server.url}/console/account")
     assert page.inner_text("#balance").count("$20.00") == 2
     assert page.locator("#credit-transactions tbody tr").count() == 3

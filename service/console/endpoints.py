@@ -38,6 +38,7 @@ from service.console.pages import (
 )
 from service.credits import service as credits
 from service.credits.schemas import CreditCreate
+from service.db.models import BillingMode
 from service.db.session import after_commit
 from service.deps import Budgets, Config, Engine, Guard, Keys, Prices, Session, UsageCache
 from service.errors import Unauthorized
@@ -163,15 +164,27 @@ async def sign_out(session: Session, viewer: Viewer, _: Posted) -> Response:
 
 @page("", "Overview")
 async def overview(
-    request: Request, session: Session, viewer: Viewer, held: UsageCache
+    request: Request,
+    session: Session,
+    viewer: Viewer,
+    held: UsageCache,
+    prices: Prices,
+    budgets: Budgets,
 ) -> Response:
-    data = await service.overview(session, viewer.principal, _now(), held)
+    now = _now()
+    data = await service.overview(session, viewer.principal, now, held)
+    balance = None
+    if data.account is not None and data.account.billing_mode is BillingMode.PREPAID:
+        # A prepaid account's limit is its credit: what is available is the figure to watch.
+        balance = await credits.balance(
+            session, viewer.principal, data.account.id, now, prices.book, budgets.credits_in_flight
+        )
     chart = {
         "days": [p.day.isoformat() for p in data.days],
         "cost": [str(p.cost_usd) for p in data.days],
         "requests": [p.requests for p in data.days],
     }
-    return render(request, "overview.html", o=data, chart=chart)
+    return render(request, "overview.html", o=data, chart=chart, balance=balance)
 
 
 @page("/usage", "Usage")
