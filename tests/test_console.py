@@ -497,7 +497,8 @@ def test_operator_prices_an_account_by_a_rate_card_credits_it_and_subscribes_a_w
     submit(page, "#new-rate-card-version", markup_pct="10", effective_from="2999-01-01")
     assert page.locator("#rate-card-versions tbody tr").count() == 2
     page.goto(f"{server.url}/console/rate-cards")
-    assert name in page.inner_text("#rate-card-list")
+    row = page.inner_text(f"#rate-card-list tr:has-text('{name}')")
+    assert "25 %" in row and "10 %" not in row  # the terms in force now, not the future ones
 
     # A prepaid account, assigned the card, given credit: its balance as the API states it.
     customer = f"Prepaid Partners {secrets.token_hex(3)}"
