@@ -810,6 +810,30 @@ def test_bad_input_on_the_billing_forms_is_a_clear_page_never_a_500(
     client.close()
 
 
+def test_a_credit_form_posted_twice_puts_its_credit_on_once(server: Meterline) -> None:
+    """A double click or a resent form carries the key its page was rendered with: the
+    second post answers as the first and adds nothing, as an API retry would."""
+    account = server.new_account(name=f"Twice {secrets.token_hex(3)}", billing_mode="prepaid")
+    client, _ = _sign_in(server, ADMIN_TOKEN)
+    page = client.get(f"/console/accounts/{account['id']}").text
+    form = re.search(r'id="new-credit">(.*?)</form>', page, re.S)
+    assert form is not None
+    hidden = dict(re.findall(r'name="(csrf_token|idempotency_key)" value="([^"]+)"', form[1]))
+    assert set(hidden) == {"csrf_token", "idempotency_key"}
+    posted = {**hidden, "amount_usd": "7.25", "kind": "purchase"}
+    answers = [client.post(f"/console/accounts/{account['id']}/credits", data=posted) for _ in "ab"]
+    assert [a.status_code for a in answers] == [303, 303]
+    changed = client.post(
+        f"/console/accounts/{account['id']}/credits", data={**posted, "amount_usd": "8"}
+    )
+    assert changed.status_code == 409  # the same key for another credit: refused, not added
+    client.close()
+    with server.admin() as api:
+        balance = api.get(f"/billing/accounts/{account['id']}/balance").json()
+    assert [g["amount_usd"] for g in balance["grants"]] == ["7.250000000000"]
+    assert Decimal(balance["balance_usd"]) == Decimal("7.25")
+
+
 def test_a_quote_accepted_in_the_console_holds_its_price_against_the_budget(
     server: Meterline,
 ) -> None:

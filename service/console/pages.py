@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import secrets
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
@@ -34,7 +35,7 @@ from pricing.price_table import format_rate
 from service.console import sessions
 from service.console.sessions import COOKIE, SignedIn
 from service.deps import Config, Session
-from service.errors import Forbidden, MeterlineError, NotFound
+from service.errors import Forbidden, MeterlineError, NotFound, Unprocessable
 from service.invoices.pdf import unit_price
 from service.schemas import Period
 
@@ -187,6 +188,14 @@ class Form:
         value = self.get(name)
         return f"{value}T00:00:00Z" if value and DAY.match(value) else value
 
+    def idempotency_key(self) -> str | None:
+        """The form's own key (`form_key()` in its template): posted twice, a double click
+        or a resent request, it changes nothing the second time, as an API retry."""
+        key = self.get("idempotency_key")
+        if key is not None and len(key) > 255:
+            raise Unprocessable("idempotency_key: at most 255 characters", param="body")
+        return key
+
     def present(self, *names: str) -> dict[str, str | None]:
         """The named fields that were sent, blank ones as None (a PATCH clears them)."""
         return {n: self.get(n) for n in names if n in self.fields}
@@ -295,7 +304,11 @@ class ConsoleStatic(StaticFiles):
         return response
 
 
-ENV.globals.update(static=STATIC, asset=asset)
+def _form_key() -> str:
+    return secrets.token_urlsafe(18)
+
+
+ENV.globals.update(static=STATIC, asset=asset, form_key=_form_key)
 
 
 def render(request: Request, template: str, status_code: int = 200, **context: Any) -> HTMLResponse:
