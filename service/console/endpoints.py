@@ -1,8 +1,9 @@
 """The console's pages and forms. HTTP only: read the request, call the billing services with
 the signed-in `Principal`, render. The navigation follows the order of the `@page`s below.
 
-To add a page (rate cards, credits, webhooks…): one `@page("/path", "Label")` function here
-and one template in `templates/`.
+To add a page: one `@page("/path", "Label")` function here and one template in `templates/`.
+A form that changes money as an API call with `Idempotency-Key` would goes through the same
+`idempotent(...)` with the key its page was rendered with (`once()` in the template).
 """
 
 from __future__ import annotations
