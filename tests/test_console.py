@@ -479,6 +479,11 @@ def test_operator_prices_an_account_by_a_rate_card_credits_it_and_subscribes_a_w
     page.goto(f"{server.url}/console/webhooks")
     assert secret not in page.content()
     assert "http://127.0.0.1:9/meterline" in page.inner_text("#webhook-list")
+    hook_row = "#webhook-list tr:has-text('127.0.0.1:9')"
+    for action, state in (("Disable", "no"), ("Enable", "yes")):
+        with page.expect_response(lambda r: r.request.method == "POST"):
+            page.click(f"{hook_row} button:has-text('{action}')")
+        page.wait_for_selector(f"{hook_row} td:nth-child(3):text-is('{state}')")
 
     # A rate card with explicit rates, then a later version of it.
     name = f"resellers {secrets.token_hex(3)}"
@@ -785,6 +790,7 @@ def test_bad_input_on_the_billing_forms_is_a_clear_page_never_a_500(
         ("/console/webhooks", {"url": "https://example.com", "events": "no.such"}, 422, "events"),
         ("/console/webhooks", {"url": "https://example.com"}, 422, "events"),
         (f"/console/webhooks/{uuid.uuid4()}/delete", {}, 404, "webhook endpoint"),
+        (f"/console/webhooks/{uuid.uuid4()}/enabled", {"enabled": "true"}, 404, "webhook"),
         (f"/console/webhooks/{uuid.uuid4()}/deliveries/{uuid.uuid4()}/retry", {}, 404, ""),
     ]
     for path, form, status, words in posts:

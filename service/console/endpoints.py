@@ -75,7 +75,7 @@ from service.tasks.repository import TaskFilter
 from service.tasks.schemas import TaskComplete
 from service.webhooks import service as webhooks
 from service.webhooks.events import EventType
-from service.webhooks.schemas import WebhookCreate
+from service.webhooks.schemas import WebhookCreate, WebhookUpdate
 
 Text = Annotated[str | None, Query(max_length=256)]
 CardId = Annotated[int, Path(ge=1, le=2**63 - 1)]
@@ -879,6 +879,15 @@ async def webhook_detail(
     endpoint = await webhooks.get_endpoint(session, webhook_id)
     deliveries = await webhooks.list_deliveries(session, webhook_id, 50, cursor)
     return render(request, "webhook.html", endpoint=endpoint, page_=deliveries)
+
+
+@router.post("/webhooks/{webhook_id}/enabled", response_class=HTMLResponse)
+async def enable_webhook(
+    webhook_id: uuid.UUID, session: Session, viewer: Operator, form: Posted, settings: Config
+) -> Response:
+    data = WebhookUpdate.model_validate({"enabled": form.get("enabled")})
+    await webhooks.update_endpoint(session, webhook_id, data, settings.webhooks_allow_private)
+    return redirect("/console/webhooks")
 
 
 @router.post("/webhooks/{webhook_id}/delete", response_class=HTMLResponse)
