@@ -73,6 +73,8 @@ def server(
             METERLINE_INVOICE_ISSUER_TAX_ID="DE123456789",
             # The daily rollup folds rows within the tests, so pages read it and the ledger.
             METERLINE_USAGE_ROLLUP_INTERVAL_S="1",
+            # Webhook endpoints on this host (refused otherwise): the deliveries are real.
+            METERLINE_WEBHOOKS_ALLOW_PRIVATE="true",
         ) as meterline:
             yield meterline
     finally:
@@ -443,6 +445,150 @@ def test_api_docs_render_with_the_network_blocked(browser: Any, server: Meterlin
     context.close()
 
 
+# -- rate cards, credits, credit notes and webhooks ---------------------------------------
+
+
+def submit(page: Any, form: str, **fields: str) -> Any:
+    """Fill a form's text fields and selects by name, submit it; the answer to its POST."""
+    for name, value in fields.items():
+        field = page.locator(f"{form} [name={name}]")
+        if field.evaluate("el => el.tagName") == "SELECT":
+            field.select_option(value)
+        else:
+            field.fill(value)
+    with page.expect_response(lambda r: r.request.method == "POST") as posted:
+        page.click(f"{form} button[type=submit]")
+    page.wait_for_load_state()
+    return posted.value
+
+
+@pytest.mark.browser
+def test_operator_prices_an_account_by_a_rate_card_credits_it_and_subscribes_a_webhook(
+    browser: Any, server: Meterline
+) -> None:
+    page = signed_in(browser, server, ADMIN_TOKEN)
+    page.on("dialog", lambda dialog: dialog.accept())  # the destructive forms ask first
+
+    # A webhook endpoint, its secret shown once; it receives the credit note raised below.
+    page.goto(f"{server.url}/console/webhooks")
+    page.fill("#new-webhook-form input[name=url]", "http://127.0.0.1:9/meterline")
+    page.check("#new-webhook-form input[value='credit_note.created']")
+    submit(page, "#new-webhook-form", description="finance")
+    secret = page.inner_text("#new-webhook-secret").strip()
+    assert secret.startswith("whsec_")
+    page.goto(f"{server.url}/console/webhooks")
+    assert secret not in page.content()
+    assert "http://127.0.0.1:9/meterline" in page.inner_text("#webhook-list")
+    hook_row = "#webhook-list tr:has-text('127.0.0.1:9')"
+    for action, state in (("Disable", "no"), ("Enable", "yes")):
+        with page.expect_response(lambda r: r.request.method == "POST"):
+            page.click(f"{hook_row} button:has-text('{action}')")
+        page.wait_for_selector(f"{hook_row} td:nth-child(3):text-is('{state}')")
+
+    # A rate card with explicit rates, then a later version of it.
+    name = f"resellers {secrets.token_hex(3)}"
+    page.goto(f"{server.url}/console/rate-cards")
+    submit(
+        page,
+        "#new-rate-card",
+        name=name,
+        markup_pct="25",
+        effective_from="2020-01-01",
+        rates=f"{MODEL} 100 200\n",
+    )
+    page.wait_for_selector("#rate-card-versions")
+    card_id = int(page.url.rsplit("/", 1)[-1])
+    assert f"{MODEL} 100 / 200 / —" in page.inner_text("#rate-card-versions")
+    submit(page, "#new-rate-card-version", markup_pct="10", effective_from="2999-01-01")
+    assert page.locator("#rate-card-versions tbody tr").count() == 2
+    page.goto(f"{server.url}/console/rate-cards")
+    row = page.inner_text(f"#rate-card-list tr:has-text('{name}')")
+    assert "25 %" in row and "10 %" not in row  # the terms in force now, not the future ones
+
+    # A prepaid account, assigned the card, given credit: its balance as the API states it.
+    customer = f"Prepaid Partners {secrets.token_hex(3)}"
+    page.goto(f"{server.url}/console/accounts")
+    submit(page, "#new-account", name=customer, billing_mode="prepaid")
+    account_id = page.url.rsplit("/", 1)[-1]
+    submit(page, "#assign-rate-card", rate_card_id=str(card_id), effective_from="2020-06-01")
+    assert page.inner_text("#rate-card-now") == name
+    submit(
+        page, "#new-credit", amount_usd="20", kind="purchase", expires_at="2999-01-01", priority="2"
+    )
+    submit(page, "#new-credit", amount_usd="5.50", kind="grant", reference="goodwill")
+    assert page.locator("#grants tbody tr").count() == 2
+    with page.expect_response(lambda r: r.request.method == "POST"):
+        page.click("#grants tr:has-text('goodwill') button:has-text('Void')")
+    page.wait_for_selector("#grants tr:has-text('goodwill') .status-voided")
+    with server.admin() as api:
+        account = api.get(f"/billing/accounts/{account_id}").json()
+        balance = api.get(f"/billing/accounts/{account_id}/balance").json()
+    assert account["rate_card_id"] == card_id and account["billing_mode"] == "prepaid"
+    assert Decimal(balance["balance_usd"]) == Decimal(20)
+    figures = page.inner_text("#balance")
+    assert figures.count("$20.00") == 2, figures  # balance and available; nothing reserved
+    kinds = page.locator("#credit-transactions tbody td:nth-child(2)").all_inner_texts()
+    assert sorted(kinds) == ["grant", "grant", "void"]
+    screenshot(page, "account-credits-desktop")
+
+    # A finalized invoice of last month, an adjustment on it, then a credit note against it.
+    billed = server.new_account(name=f"Credited {secrets.token_hex(3)}")
+    last_month = datetime.now(UTC).replace(day=1) - timedelta(days=1)
+    page.goto(f"{server.url}/console/accounts/{billed['id']}")
+    submit(
+        page,
+        "#new-adjustment",
+        amount_usd="30",
+        reason="Onboarding workshop",
+        occurred_at=f"{last_month:%Y-%m-%d}",
+    )
+    page.goto(f"{server.url}/console/invoices")
+    submit(page, "#new-invoice", account_id=str(billed["id"]), period=f"{last_month:%Y-%m}")
+    assert "30.00" in page.inner_text("#invoice-lines tr.adjustment")
+    assert "Onboarding workshop" in page.inner_text("#adjustment-list")
+    with page.expect_response(lambda r: r.request.method == "POST"):
+        page.click("form[action$='/finalize'] button[type=submit]")
+    page.wait_for_selector("#new-credit-note")
+    token = page.input_value("#new-credit-note input[name=csrf_token]")
+    too_much = page.request.post(
+        f"{page.url}/credit-notes",
+        form={"amount_usd": "31", "reason": "goodwill", "csrf_token": token},
+    )
+    assert too_much.status == 409 and "30.00 USD left" in too_much.text()
+    submit(page, "#new-credit-note", amount_usd="12.50", reason="Workshop shortened")
+    assert "Workshop shortened" in page.inner_text("#credit-note-list")
+    assert page.inner_text("#amount-due") == "17.50"
+    with page.expect_download() as download:
+        page.click("#invoice-pdf")
+    text = pdf_text(Path(download.value.path()))
+    assert "CN-" in text and "12.50" in text and "17.50" in text
+
+    # The credit note's event reached the endpoint's deliveries; a retry keeps it going.
+    page.goto(f"{server.url}/console/webhooks")
+    page.click("#webhook-list a:has-text('127.0.0.1:9')")
+    page.wait_for_selector("#deliveries td:has-text('credit_note.created')")
+    with page.expect_response(lambda r: r.request.method == "POST") as retried:
+        page.click("#deliveries button:has-text('Retry now')")
+    assert retried.value.status == 303
+    page.wait_for_selector("#deliveries")
+    assert not page.console_errors, page.console_errors
+    page.context.close()
+
+    # The account's customer reads its own balance and transactions, and no operator page.
+    key = server.new_key(account_id, name="customer")
+    page = signed_in(browser, server, key)
+    assert "Credit available $20.00" in " ".join(page.inner_text("section.kpis").split())
+    page.goto(f"{server.url}/console/account")
+    assert page.inner_text("#balance").count("$20.00") == 2
+    assert page.locator("#credit-transactions tbody tr").count() == 3
+    assert page.locator("#new-credit, #assign-rate-card, #grants button").count() == 0
+    assert name not in page.content()  # the operator's terms are not the customer's
+    assert "Webhooks" not in page.inner_text("nav.tabs")
+    for path in ("/console/webhooks", "/console/rate-cards", f"/console/rate-cards/{card_id}"):
+        assert page.request.get(f"{server.url}{path}").status == 404, path
+    page.context.close()
+
+
 # -- sign-in and sessions, over plain HTTP ------------------------------------------------
 
 
@@ -591,6 +737,107 @@ def test_the_console_asks_the_same_services_as_the_api(server: Meterline) -> Non
     for path in ("/console/accounts", f"/console/accounts/{uuid.uuid4()}"):
         assert client.get(path).status_code == 404
     client.close()
+
+
+def _form_token(client: httpx.Client, path: str) -> str:
+    token = re.search(r'name="csrf_token" value="([^"]+)"', client.get(path).text)
+    assert token is not None
+    return token.group(1)
+
+
+def test_bad_input_on_the_billing_forms_is_a_clear_page_never_a_500(
+    server: Meterline, two_customers: dict[str, Any]
+) -> None:
+    account = server.new_account(name=f"Bad input {secrets.token_hex(3)}")
+    draft = two_customers["mine"]["invoice"]["id"]
+    client, _ = _sign_in(server, ADMIN_TOKEN)
+    token = _form_token(client, "/console/rate-cards")
+    posts: list[tuple[str, dict[str, Any], int, str]] = [
+        ("/console/rate-cards", {"name": ""}, 422, "name"),
+        ("/console/rate-cards", {"name": "x", "markup_pct": "ten"}, 422, "markup_pct"),
+        ("/console/rate-cards", {"name": "x", "rates": "m 1 x"}, 422, "rates"),
+        ("/console/rate-cards", {"name": "x", "rates": "m 1"}, 422, "rates, line 1"),
+        ("/console/rate-cards/99999999999999999999/versions", {}, 422, "rate_card_id"),
+        ("/console/rate-cards/424242/versions", {}, 404, "rate card 424242 not found"),
+        (f"/console/accounts/{account['id']}/rate-card", {"rate_card_id": "abc"}, 422, "rate"),
+        (f"/console/accounts/{account['id']}/rate-card", {"rate_card_id": "424242"}, 404, ""),
+        (f"/console/accounts/{account['id']}", {"billing_mode": "weekly"}, 422, "billing_mode"),
+        (f"/console/accounts/{account['id']}/credits", {"amount_usd": "1"}, 422, "kind"),
+        (
+            f"/console/accounts/{account['id']}/credits",
+            {"amount_usd": "-3", "kind": "grant"},
+            422,
+            "amount_usd",
+        ),
+        (
+            f"/console/accounts/{account['id']}/credits",
+            {"amount_usd": "1", "kind": "grant", "expires_at": "soon"},
+            422,
+            "expires_at",
+        ),
+        (
+            f"/console/accounts/{uuid.uuid4()}/credits",
+            {"amount_usd": "1", "kind": "grant"},
+            404,
+            "",
+        ),
+        (f"/console/credits/{uuid.uuid4()}/void", {}, 404, "credit grant"),
+        (f"/console/accounts/{account['id']}/adjustments", {"amount_usd": "0"}, 422, "amount"),
+        (f"/console/invoices/{draft}/credit-notes", {"amount_usd": "1", "reason": "x"}, 409, ""),
+        (f"/console/invoices/{draft}/credit-notes", {"amount_usd": "0.001"}, 422, "amount_usd"),
+        ("/console/provider-costs", {"model": "m", "input_usd_per_mtok": "1"}, 422, ""),
+        ("/console/webhooks", {"url": "ftp://example.com", "events": "task.completed"}, 422, ""),
+        ("/console/webhooks", {"url": "https://example.com", "events": "no.such"}, 422, "events"),
+        ("/console/webhooks", {"url": "https://example.com"}, 422, "events"),
+        (f"/console/webhooks/{uuid.uuid4()}/delete", {}, 404, "webhook endpoint"),
+        (f"/console/webhooks/{uuid.uuid4()}/enabled", {"enabled": "true"}, 404, "webhook"),
+        (f"/console/webhooks/{uuid.uuid4()}/deliveries/{uuid.uuid4()}/retry", {}, 404, ""),
+    ]
+    for path, form, status, words in posts:
+        response = client.post(path, data={**form, "csrf_token": token})
+        assert response.status_code == status, (path, form, response.text[-400:])
+        assert words in response.text and "<h1>" in response.text, (path, form)
+    assert client.get("/console/rate-cards/424242").status_code == 404
+    assert client.get(f"/console/webhooks/{uuid.uuid4()}").status_code == 404
+    client.close()
+
+    # A customer's session finds no operator form, whatever it posts.
+    client, _ = _sign_in(server, two_customers["mine"]["key"])
+    token = _form_token(client, "/console/account")
+    mine = two_customers["mine"]["account"]["id"]
+    for path, form in (
+        ("/console/webhooks", {"url": "https://example.com", "events": "task.completed"}),
+        ("/console/rate-cards", {"name": "mine"}),
+        (f"/console/accounts/{mine}/credits", {"amount_usd": "100", "kind": "grant"}),
+        (f"/console/accounts/{mine}/rate-card", {"rate_card_id": ""}),
+        ("/console/provider-costs", {}),
+    ):
+        assert client.post(path, data={**form, "csrf_token": token}).status_code == 404, path
+    client.close()
+
+
+def test_a_credit_form_posted_twice_puts_its_credit_on_once(server: Meterline) -> None:
+    """A double click or a resent form carries the key its page was rendered with: the
+    second post answers as the first and adds nothing, as an API retry would."""
+    account = server.new_account(name=f"Twice {secrets.token_hex(3)}", billing_mode="prepaid")
+    client, _ = _sign_in(server, ADMIN_TOKEN)
+    page = client.get(f"/console/accounts/{account['id']}").text
+    form = re.search(r'id="new-credit">(.*?)</form>', page, re.S)
+    assert form is not None
+    hidden = dict(re.findall(r'name="(csrf_token|idempotency_key)" value="([^"]+)"', form[1]))
+    assert set(hidden) == {"csrf_token", "idempotency_key"}
+    posted = {**hidden, "amount_usd": "7.25", "kind": "purchase"}
+    answers = [client.post(f"/console/accounts/{account['id']}/credits", data=posted) for _ in "ab"]
+    assert [a.status_code for a in answers] == [303, 303]
+    changed = client.post(
+        f"/console/accounts/{account['id']}/credits", data={**posted, "amount_usd": "8"}
+    )
+    assert changed.status_code == 409  # the same key for another credit: refused, not added
+    client.close()
+    with server.admin() as api:
+        balance = api.get(f"/billing/accounts/{account['id']}/balance").json()
+    assert [g["amount_usd"] for g in balance["grants"]] == ["7.250000000000"]
+    assert Decimal(balance["balance_usd"]) == Decimal("7.25")
 
 
 def test_a_quote_accepted_in_the_console_holds_its_price_against_the_budget(

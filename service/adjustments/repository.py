@@ -61,3 +61,25 @@ class AdjustmentRepository(Repository):
             )
         )
         return recorded_at
+
+    async def of_account(
+        self, account_id: uuid.UUID, start: datetime, end: datetime
+    ) -> list[tuple[Adjustment, Decimal, datetime]]:
+        """The account's adjustments that occurred in [start, end), oldest first, each with
+        its amount and when its ledger row was recorded."""
+        statement = (
+            select(Adjustment, UsageRecord.cost_usd, UsageRecord.recorded_at)
+            .join(
+                UsageRecord,
+                (UsageRecord.request_id == Adjustment.request_id)
+                & (UsageRecord.occurred_at == Adjustment.occurred_at),
+            )
+            .where(
+                Adjustment.account_id == account_id,
+                Adjustment.occurred_at >= start,
+                Adjustment.occurred_at < end,
+            )
+            .order_by(Adjustment.occurred_at, Adjustment.request_id)
+        )
+        rows = (await self.session.execute(statement)).all()
+        return [(row[0], row[1] or Decimal(0), row[2]) for row in rows]

@@ -72,3 +72,22 @@ async def adjust_account(
             "body.occurred_at: an adjustment cannot occur in the future", param="body.occurred_at"
         )
     return await record_adjustment(session, account_id, occurred_at, data.amount_usd, data.reason)
+
+
+async def adjustments_in(
+    session: AsyncSession, account_id: uuid.UUID, period: BillingPeriod
+) -> list[AdjustmentOut]:
+    """The account's adjustments that occurred in the month, with their reasons."""
+    rows = await AdjustmentRepository(session).of_account(account_id, period.start, period.end)
+    return [
+        AdjustmentOut(
+            id=adjustment.request_id,
+            account_id=account_id,
+            amount_usd=amount,
+            reason=adjustment.reason,
+            occurred_at=adjustment.occurred_at,
+            recorded_at=recorded_at,
+            period=str(period),
+        )
+        for adjustment, amount, recorded_at in rows
+    ]

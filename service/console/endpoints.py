@@ -1,8 +1,9 @@
 """The console's pages and forms. HTTP only: read the request, call the billing services with
 the signed-in `Principal`, render. The navigation follows the order of the `@page`s below.
 
-To add a page (rate cards, credits, webhooks…): one `@page("/path", "Label")` function here
-and one template in `templates/`.
+To add a page: one `@page("/path", "Label")` function here and one template in `templates/`.
+A form that changes money as an API call with `Idempotency-Key` would goes through the same
+`idempotent(...)` with the key its page was rendered with (`once()` in the template).
 """
 
 from __future__ import annotations
@@ -12,16 +13,20 @@ from datetime import UTC, datetime
 from functools import partial
 from typing import Annotated, Any
 
-from fastapi import Query, Request
+from fastapi import Path, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
 
 from pricing.invoice import BillingPeriod, InvoiceStatus, TaskStatus
 from service.accounts import service as accounts
 from service.accounts.schemas import AccountCreate, AccountOut, AccountUpdate, KeyOut
+from service.adjustments import service as adjustments
+from service.adjustments.endpoints import SCOPE as ADJUSTMENTS
+from service.adjustments.schemas import AdjustmentCreate, AdjustmentOut
 from service.console import service, sessions
 from service.console.pages import (
     BlankIsNone,
     ChosenPeriod,
+    Form,
     Operator,
     Posted,
     Viewer,
@@ -33,16 +38,33 @@ from service.console.pages import (
     render,
     router,
 )
+from service.credits import service as credits
+from service.credits.endpoints import ADD_CREDIT
+from service.credits.schemas import CreditCreate, CreditGrantOut
+from service.db.models import BillingMode
 from service.db.session import after_commit
 from service.deps import Budgets, Config, Engine, Guard, Keys, Prices, Session, UsageCache
 from service.errors import Unauthorized
+from service.idempotency.service import idempotent
+from service.invoices import credit_notes
 from service.invoices import service as invoices
+from service.invoices.endpoints import CREDIT_NOTES
 from service.invoices.pdf import Issuer
-from service.invoices.schemas import InvoiceCreate, InvoiceVoid, invoice_out
+from service.invoices.schemas import (
+    CreditNoteCreate,
+    CreditNoteOut,
+    InvoiceCreate,
+    InvoiceVoid,
+    invoice_out,
+)
 from service.prices import service as price_service
 from service.prices.schemas import PriceCreate, PriceOut
+from service.provider_costs import service as provider_costs
+from service.provider_costs.schemas import ProviderCostCreate, ProviderCostOut
 from service.quotes import service as quotes
 from service.quotes.schemas import QuoteAccept, QuoteCreate
+from service.rate_cards import service as rate_cards
+from service.rate_cards.schemas import RateCardCreate, RateCardVersionCreate
 from service.reports.endpoints import MEDIA_TYPES
 from service.reports.margin.service import margin_report
 from service.reports.schemas import ReportFormat
@@ -51,8 +73,13 @@ from service.schemas import Period
 from service.tasks import service as tasks
 from service.tasks.repository import TaskFilter
 from service.tasks.schemas import TaskComplete
+from service.webhooks import service as webhooks
+from service.webhooks.events import EventType
+from service.webhooks.schemas import WebhookCreate, WebhookUpdate
 
 Text = Annotated[str | None, Query(max_length=256)]
+CardId = Annotated[int, Path(ge=1, le=2**63 - 1)]
+TRANSACTIONS_PAGE = 100
 
 
 def _now() -> datetime:
@@ -148,15 +175,27 @@ async def sign_out(session: Session, viewer: Viewer, _: Posted) -> Response:
 
 @page("", "Overview")
 async def overview(
-    request: Request, session: Session, viewer: Viewer, held: UsageCache
+    request: Request,
+    session: Session,
+    viewer: Viewer,
+    held: UsageCache,
+    prices: Prices,
+    budgets: Budgets,
 ) -> Response:
-    data = await service.overview(session, viewer.principal, _now(), held)
+    now = _now()
+    data = await service.overview(session, viewer.principal, now, held)
+    balance = None
+    if data.account is not None and data.account.billing_mode is BillingMode.PREPAID:
+        # A prepaid account's limit is its credit: what is available is the figure to watch.
+        balance = await credits.balance(
+            session, viewer.principal, data.account.id, now, prices.book, budgets.credits_in_flight
+        )
     chart = {
         "days": [p.day.isoformat() for p in data.days],
         "cost": [str(p.cost_usd) for p in data.days],
         "requests": [p.requests for p in data.days],
     }
-    return render(request, "overview.html", o=data, chart=chart)
+    return render(request, "overview.html", o=data, chart=chart, balance=balance)
 
 
 @page("/usage", "Usage")
@@ -242,42 +281,82 @@ async def account_list(
 @router.post("/accounts", response_class=HTMLResponse)
 async def create_account(session: Session, viewer: Operator, form: Posted) -> Response:
     data = AccountCreate.model_validate(
-        {k: v for k, v in form.present("name", "tier", "monthly_budget_usd").items() if v}
+        {
+            k: v
+            for k, v in form.present("name", "tier", "billing_mode", "monthly_budget_usd").items()
+            if v
+        }
     )
     account = await accounts.create_account(session, data)
     return redirect(f"/console/accounts/{account.id}")
 
 
 @page("/account", "Account", customer_only=True)
-async def own_account(request: Request, session: Session, viewer: Viewer) -> Response:
+async def own_account(
+    request: Request,
+    session: Session,
+    viewer: Viewer,
+    prices: Prices,
+    budgets: Budgets,
+    tx_cursor: Text = None,
+) -> Response:
     if viewer.principal.account_id is None:
         return redirect("/console/accounts")
-    return await _account_page(request, session, viewer, viewer.principal.account_id)
+    return await _account_page(
+        request, session, viewer, prices, budgets, viewer.principal.account_id, tx_cursor=tx_cursor
+    )
 
 
 async def _account_page(
     request: Request,
     session: Session,
     viewer: Viewer,
+    prices: Prices,
+    budgets: Budgets,
     account_id: uuid.UUID,
     new_key: Any = None,
+    tx_cursor: str | None = None,
 ) -> Response:
-    account = await accounts.get_account(session, viewer.principal, account_id)
-    keys = await accounts.list_keys(session, viewer.principal, account_id, 200, None)
+    principal = viewer.principal
+    account = await accounts.get_account(session, principal, account_id)
+    keys = await accounts.list_keys(session, principal, account_id, 200, None)
+    now = _now()
+    balance = await credits.balance(
+        session, principal, account_id, now, prices.book, budgets.credits_in_flight
+    )
+    transactions = await credits.transactions(
+        session, principal, account_id, now, prices.book, TRANSACTIONS_PAGE, tx_cursor
+    )
+    # A rate card shows the operator's terms (list price, markup): never a customer's page.
+    cards = await rate_cards.list_rate_cards(session) if principal.is_admin else []
+    history = await rate_cards.assignments(session, account_id) if principal.is_admin else []
     return render(
         request,
         "account.html",
-        account=AccountOut.model_validate(account),
+        account=await accounts.account_out(session, account),
         keys=keys.data,
         new_key=new_key,
+        balance=balance,
+        transactions=transactions,
+        rate_cards={c.id: c for c in cards},
+        assignments=history,
+        now=now,
     )
 
 
 @router.get("/accounts/{account_id}", response_class=HTMLResponse)
 async def account_detail(
-    request: Request, account_id: uuid.UUID, session: Session, viewer: Viewer
+    request: Request,
+    account_id: uuid.UUID,
+    session: Session,
+    viewer: Viewer,
+    prices: Prices,
+    budgets: Budgets,
+    tx_cursor: Text = None,
 ) -> Response:
-    return await _account_page(request, session, viewer, account_id)
+    return await _account_page(
+        request, session, viewer, prices, budgets, account_id, tx_cursor=tx_cursor
+    )
 
 
 @router.post("/accounts/{account_id}", response_class=HTMLResponse)
@@ -287,6 +366,7 @@ async def update_account(
     fields = (
         "name",
         "tier",
+        "billing_mode",
         "monthly_budget_usd",
         "quote_margin",
         "failed_task_policy",
@@ -298,15 +378,106 @@ async def update_account(
     return redirect(f"/console/accounts/{account_id}")
 
 
+@router.post("/accounts/{account_id}/rate-card", response_class=HTMLResponse)
+async def assign_rate_card(
+    account_id: uuid.UUID, session: Session, viewer: Operator, form: Posted, prices: Prices
+) -> Response:
+    # A form of its own: saving the settings must not add an assignment ("list prices").
+    data = AccountUpdate.model_validate(
+        {
+            "rate_card_id": form.get("rate_card_id"),
+            "rate_card_effective_from": form.instant("effective_from"),
+        }
+    )
+    await accounts.update_account(session, viewer.principal, account_id, data)
+    after_commit(session, prices.refresh)  # as the API does
+    return redirect(f"/console/accounts/{account_id}#rate-card")
+
+
+@router.post("/accounts/{account_id}/credits", response_class=HTMLResponse)
+async def add_credit(
+    account_id: uuid.UUID,
+    session: Session,
+    viewer: Operator,
+    form: Posted,
+    settings: Config,
+    budgets: Budgets,
+) -> Response:
+    fields = form.present("amount_usd", "kind", "priority", "reference")
+    fields["expires_at"] = form.instant("expires_at")
+    data = CreditCreate.model_validate({k: v for k, v in fields.items() if v is not None})
+    now = _now()
+
+    async def add() -> CreditGrantOut:  # as the API does
+        grant = await credits.add_credit(
+            session, account_id, data, now, settings.pro_tier_min_deposit_usd
+        )
+        after_commit(session, lambda: budgets.credits_changed(account_id))
+        return credits.grant_out(grant, grant.amount_usd, now)
+
+    request = {"account_id": str(account_id), "body": data.model_dump(mode="json")}
+    await idempotent(session, ADD_CREDIT, form.idempotency_key(), request, add, CreditGrantOut)
+    return redirect(f"/console/accounts/{account_id}#credits")
+
+
+@router.post("/credits/{grant_id}/void", response_class=HTMLResponse)
+async def void_credit(
+    grant_id: uuid.UUID,
+    session: Session,
+    viewer: Operator,
+    prices: Prices,
+    budgets: Budgets,
+    _: Posted,
+) -> Response:
+    voided = await credits.void_credit(session, grant_id, _now(), prices.book)
+    after_commit(session, lambda: budgets.credits_changed(voided.account_id))
+    return redirect(f"/console/accounts/{voided.account_id}#credits")
+
+
+@router.post("/accounts/{account_id}/adjustments", response_class=HTMLResponse)
+async def adjust_account(
+    account_id: uuid.UUID, session: Session, viewer: Operator, form: Posted
+) -> Response:
+    await accounts.get_account(session, viewer.principal, account_id)
+    fields = {
+        "amount_usd": form.get("amount_usd"),
+        "reason": form.get("reason"),
+        "occurred_at": form.instant("occurred_at"),
+    }
+    data = AdjustmentCreate.model_validate({k: v for k, v in fields.items() if v is not None})
+
+    async def adjust() -> AdjustmentOut:
+        return await adjustments.adjust_account(session, account_id, data)
+
+    request = {"account_id": str(account_id), "body": data.model_dump(mode="json")}
+    key = form.idempotency_key()
+    adjusted = await idempotent(session, ADJUSTMENTS, key, request, adjust, AdjustmentOut)
+    month = BillingPeriod.parse(adjusted.period)
+    listed = await invoices.list_invoices(
+        session, viewer.principal, account_id, month, "draft", 1, None
+    )
+    if listed.data:  # the draft that bills it: its line shows there once refreshed
+        return redirect(f"/console/invoices/{listed.data[0].id}")
+    return redirect(f"/console/invoices?account_id={account_id}")
+
+
 @router.post("/accounts/{account_id}/keys", response_class=HTMLResponse)
 async def create_key(
-    request: Request, account_id: uuid.UUID, session: Session, viewer: Viewer, form: Posted
+    request: Request,
+    account_id: uuid.UUID,
+    session: Session,
+    viewer: Viewer,
+    form: Posted,
+    prices: Prices,
+    budgets: Budgets,
 ) -> Response:
     created = await accounts.create_key(
         session, account_id, form.get("name"), None, viewer.principal
     )
     # Rendered, not redirected: this response is the only time the key is ever shown.
-    return await _account_page(request, session, viewer, account_id, new_key=created)
+    return await _account_page(
+        request, session, viewer, prices, budgets, account_id, new_key=created
+    )
 
 
 @router.post("/keys/{key_id}/revoke", response_class=HTMLResponse)
@@ -370,7 +541,10 @@ async def invoice_detail(
 ) -> Response:
     invoice = invoice_out(await invoices.get_for(session, viewer.principal, invoice_id))
     account = await accounts.get_account(session, viewer.principal, invoice.account_id)
-    return render(request, "invoice.html", invoice=invoice, account=account)
+    # The invoice bills adjustments as one line; the reasons of its month's are listed.
+    month = BillingPeriod.parse(invoice.period)
+    adjusted = await adjustments.adjustments_in(session, invoice.account_id, month)
+    return render(request, "invoice.html", invoice=invoice, account=account, adjusted=adjusted)
 
 
 @router.get("/invoices/{invoice_id}/pdf")
@@ -403,6 +577,22 @@ async def void_invoice(
     data = InvoiceVoid.model_validate({"reason": form.get("reason") or ""})
     await invoices.void(session, invoice_id, data.reason)
     return redirect(f"/console/invoices/{invoice_id}")
+
+
+@router.post("/invoices/{invoice_id}/credit-notes", response_class=HTMLResponse)
+async def issue_credit_note(
+    invoice_id: uuid.UUID, session: Session, viewer: Operator, form: Posted
+) -> Response:
+    data = CreditNoteCreate.model_validate(
+        {k: v for k, v in form.present("amount_usd", "reason").items() if v is not None}
+    )
+
+    async def issue() -> CreditNoteOut:
+        return await credit_notes.issue(session, invoice_id, data)
+
+    request = {"invoice_id": str(invoice_id), "body": data.model_dump(mode="json")}
+    await idempotent(session, CREDIT_NOTES, form.idempotency_key(), request, issue, CreditNoteOut)
+    return redirect(f"/console/invoices/{invoice_id}#credit-notes")
 
 
 # -- tasks and quotes ---------------------------------------------------------------------
@@ -552,25 +742,165 @@ async def price_list(
     request: Request, session: Session, viewer: Viewer, model: Text = None
 ) -> Response:
     versions = await price_service.list_prices(session, model, _now())
+    costs = []
+    if viewer.principal.is_admin:  # what upstreams charge is the operator's business only
+        costs = [
+            ProviderCostOut.model_validate(v)
+            for v in await provider_costs.list_costs(session, None, model)
+        ]
     return render(
         request,
         "prices.html",
         prices=[PriceOut.model_validate(v) for v in versions],
+        costs=costs,
         model=model,
         now=_now(),
     )
 
 
+PRICE_FIELDS = ("model", "input_usd_per_mtok", "output_usd_per_mtok", "cached_input_usd_per_mtok")
+
+
+def _price_fields(form: Form, *extra: str) -> dict[str, str]:
+    fields = form.present(*PRICE_FIELDS, *extra)
+    fields["effective_from"] = form.instant("effective_from")
+    return {k: v for k, v in fields.items() if v is not None}
+
+
 @router.post("/prices", response_class=HTMLResponse)
 async def add_price(session: Session, viewer: Operator, form: Posted, prices: Prices) -> Response:
-    fields = form.present(
-        "model",
-        "input_usd_per_mtok",
-        "output_usd_per_mtok",
-        "cached_input_usd_per_mtok",
-        "effective_from",
-    )
-    data = PriceCreate.model_validate({k: v for k, v in fields.items() if v is not None})
+    data = PriceCreate.model_validate(_price_fields(form))
     await price_service.add_price(session, data)
     after_commit(session, prices.refresh)  # as the API does
     return redirect(f"/console/prices?model={data.model}")
+
+
+@router.post("/provider-costs", response_class=HTMLResponse)
+async def add_provider_cost(
+    session: Session, viewer: Operator, form: Posted, prices: Prices
+) -> Response:
+    data = ProviderCostCreate.model_validate(_price_fields(form, "provider"))
+    await provider_costs.add_cost(session, data)
+    after_commit(session, prices.refresh)  # as the API does
+    return redirect(f"/console/prices?model={data.model}#provider-costs")
+
+
+# -- rate cards ---------------------------------------------------------------------------
+
+
+def _rate_card_terms(form: Form) -> dict[str, Any]:
+    """A version's fields from its form: the explicit rates are lines of a text box."""
+    fields: dict[str, Any] = {
+        **form.present("markup_pct", "markup_basis"),
+        "effective_from": form.instant("effective_from"),
+        "rates": service.parse_rates(form.get("rates") or ""),
+    }
+    return {k: v for k, v in fields.items() if v is not None}
+
+
+@page("/rate-cards", "Rate cards", operator_only=True)
+async def rate_card_list(request: Request, session: Session, viewer: Operator) -> Response:
+    cards = await rate_cards.list_rate_cards(session)
+    return render(request, "rate_cards.html", cards=cards, now=_now())
+
+
+@router.post("/rate-cards", response_class=HTMLResponse)
+async def create_rate_card(
+    session: Session, viewer: Operator, form: Posted, prices: Prices
+) -> Response:
+    fields = {**form.present("name", "description"), **_rate_card_terms(form)}
+    data = RateCardCreate.model_validate({k: v for k, v in fields.items() if v is not None})
+    card = await rate_cards.create_rate_card(session, data)
+    after_commit(session, prices.refresh)  # as the API does
+    return redirect(f"/console/rate-cards/{card.id}")
+
+
+@router.get("/rate-cards/{rate_card_id}", response_class=HTMLResponse)
+async def rate_card_detail(
+    request: Request, rate_card_id: CardId, session: Session, viewer: Operator
+) -> Response:
+    card = await rate_cards.get_rate_card(session, rate_card_id)
+    return render(request, "rate_card.html", card=card, now=_now())
+
+
+@router.post("/rate-cards/{rate_card_id}/versions", response_class=HTMLResponse)
+async def add_rate_card_version(
+    rate_card_id: CardId, session: Session, viewer: Operator, form: Posted, prices: Prices
+) -> Response:
+    data = RateCardVersionCreate.model_validate(_rate_card_terms(form))
+    await rate_cards.add_version(session, rate_card_id, data)
+    after_commit(session, prices.refresh)  # as the API does
+    return redirect(f"/console/rate-cards/{rate_card_id}")
+
+
+# -- webhooks -----------------------------------------------------------------------------
+
+
+async def _webhooks_page(
+    request: Request, session: Session, status_code: int = 200, created: Any = None
+) -> Response:
+    listed = await webhooks.list_endpoints(session, 200, None)
+    return render(
+        request,
+        "webhooks.html",
+        status_code,
+        endpoints=listed.data,
+        event_types=list(EventType),
+        created=created,
+    )
+
+
+@page("/webhooks", "Webhooks", operator_only=True)
+async def webhook_list(request: Request, session: Session, viewer: Operator) -> Response:
+    return await _webhooks_page(request, session)
+
+
+@router.post("/webhooks", response_class=HTMLResponse)
+async def create_webhook(
+    request: Request, session: Session, viewer: Operator, form: Posted, settings: Config
+) -> Response:
+    fields = {"url": form.get("url"), "events": form.every("events")}
+    if form.get("description"):
+        fields["description"] = form.get("description")
+    data = WebhookCreate.model_validate(fields)
+    created = await webhooks.create_endpoint(session, data, settings.webhooks_allow_private)
+    # Rendered, not redirected: this response is the only time the secret is ever shown.
+    return await _webhooks_page(request, session, 201, created)
+
+
+@router.get("/webhooks/{webhook_id}", response_class=HTMLResponse)
+async def webhook_detail(
+    request: Request,
+    webhook_id: uuid.UUID,
+    session: Session,
+    viewer: Operator,
+    cursor: Text = None,
+) -> Response:
+    endpoint = await webhooks.get_endpoint(session, webhook_id)
+    deliveries = await webhooks.list_deliveries(session, webhook_id, 50, cursor)
+    return render(request, "webhook.html", endpoint=endpoint, page_=deliveries)
+
+
+@router.post("/webhooks/{webhook_id}/enabled", response_class=HTMLResponse)
+async def enable_webhook(
+    webhook_id: uuid.UUID, session: Session, viewer: Operator, form: Posted, settings: Config
+) -> Response:
+    data = WebhookUpdate.model_validate({"enabled": form.get("enabled")})
+    await webhooks.update_endpoint(session, webhook_id, data, settings.webhooks_allow_private)
+    return redirect("/console/webhooks")
+
+
+@router.post("/webhooks/{webhook_id}/delete", response_class=HTMLResponse)
+async def delete_webhook(
+    webhook_id: uuid.UUID, session: Session, viewer: Operator, _: Posted
+) -> Response:
+    await webhooks.delete_endpoint(session, webhook_id)
+    return redirect("/console/webhooks")
+
+
+@router.post("/webhooks/{webhook_id}/deliveries/{delivery_id}/retry", response_class=HTMLResponse)
+async def retry_delivery(
+    webhook_id: uuid.UUID, delivery_id: uuid.UUID, session: Session, viewer: Operator, _: Posted
+) -> Response:
+    await webhooks.retry_delivery(session, webhook_id, delivery_id)
+    return redirect(f"/console/webhooks/{webhook_id}")

@@ -9,9 +9,11 @@ with the same status and message the API would give.
 from __future__ import annotations
 
 import hashlib
+import re
+import secrets
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from decimal import Decimal
 from functools import cache
@@ -33,7 +35,7 @@ from pricing.price_table import format_rate
 from service.console import sessions
 from service.console.sessions import COOKIE, SignedIn
 from service.deps import Config, Session
-from service.errors import Forbidden, MeterlineError, NotFound
+from service.errors import Forbidden, MeterlineError, NotFound, Unprocessable
 from service.invoices.pdf import unit_price
 from service.schemas import Period
 
@@ -161,15 +163,38 @@ async def _operator(viewer: Viewer) -> SignedIn:
 Operator = Annotated[SignedIn, Depends(_operator)]
 
 
+# A day typed in a form (`2027-01-31`) is that day's start in UTC, as every time of the
+# console reads; anything else is passed on for the API's own reading of RFC 3339.
+DAY = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+
+
 @dataclass(frozen=True, slots=True)
 class Form:
     """An `application/x-www-form-urlencoded` body; blank fields read as absent."""
 
     fields: dict[str, str]
+    # Every value of a field sent more than once (a group of checkboxes), in order.
+    repeated: dict[str, list[str]] = field(default_factory=dict)
 
     def get(self, name: str) -> str | None:
         value = self.fields.get(name, "").strip()
         return value or None
+
+    def every(self, name: str) -> list[str]:
+        return [v.strip() for v in self.repeated.get(name, []) if v.strip()]
+
+    def instant(self, name: str) -> str | None:
+        """A time field: a day alone is its midnight UTC."""
+        value = self.get(name)
+        return f"{value}T00:00:00Z" if value and DAY.match(value) else value
+
+    def idempotency_key(self) -> str | None:
+        """The form's own key (`form_key()` in its template): posted twice, a double click
+        or a resent request, it changes nothing the second time, as an API retry."""
+        key = self.get("idempotency_key")
+        if key is not None and len(key) > 255:
+            raise Unprocessable("idempotency_key: at most 255 characters", param="body")
+        return key
 
     def present(self, *names: str) -> dict[str, str | None]:
         """The named fields that were sent, blank ones as None (a PATCH clears them)."""
@@ -179,7 +204,7 @@ class Form:
 async def read_form(request: Request) -> Form:
     body = (await request.body()).decode("utf-8", "replace")
     parsed = parse_qs(body, keep_blank_values=True, max_num_fields=200)
-    return Form({name: values[-1] for name, values in parsed.items()})
+    return Form({name: values[-1] for name, values in parsed.items()}, parsed)
 
 
 async def _posted(request: Request, viewer: Viewer) -> Form:
@@ -279,7 +304,11 @@ class ConsoleStatic(StaticFiles):
         return response
 
 
-ENV.globals.update(static=STATIC, asset=asset)
+def _form_key() -> str:
+    return secrets.token_urlsafe(18)
+
+
+ENV.globals.update(static=STATIC, asset=asset, form_key=_form_key)
 
 
 def render(request: Request, template: str, status_code: int = 200, **context: Any) -> HTMLResponse:

@@ -365,3 +365,27 @@ def usage_csv(rows: Sequence[Labelled]) -> str:
             text_cell(cells.get(c)) if c in TEXT_FIELDS else _plain(cells.get(c)) for c in columns
         )
     return out.getvalue()
+
+
+# -- rate cards --------------------------------------------------------------------------
+
+RATE_FIELDS = ("model", "input_usd_per_mtok", "output_usd_per_mtok", "cached_input_usd_per_mtok")
+
+
+def parse_rates(text: str) -> list[dict[str, str]]:
+    """A rate card's explicit rates as typed in its form, one model a line:
+    `model input output [cached_input]` (USD per 1M tokens, spaces or commas between).
+    The API's schema then reads each value as it reads JSON."""
+    rates = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        cells = [c for c in line.replace(",", " ").split() if c]
+        if not cells:
+            continue
+        if len(cells) not in (3, 4):
+            raise Unprocessable(
+                f"rates, line {number}: write `model input output` or"
+                " `model input output cached_input`",
+                param="body.rates",
+            )
+        rates.append(dict(zip(RATE_FIELDS, cells, strict=False)))
+    return rates
