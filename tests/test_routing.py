@@ -496,7 +496,7 @@ def test_candidates_kept_between_requests_follow_every_price_in_force() -> None:
     assert first(by_price, latest) == dear  # the rate card, assigned since
     dearest = router.choose(by_price, account, None, latest).costliest
     assert dearest is not None  # what a budget reserves: the dearest of the two
-    assert (dearest.input_usd_per_mtok, dearest.output_usd_per_mtok) == (5, 5)
+    assert (dearest.input_usd_per_mtok, dearest.output_usd_per_mtok) == (Decimal(5), Decimal(5))
     # A refresh replaces the tariff: read at once, though the instant is in the span kept.
     prices.tariff = Tariff(
         PriceBook(
