@@ -25,6 +25,11 @@ its worst case fits in the credit left after what is in flight. The limit is rec
 every admission from the account's credit as last read from the ledger: a grant that has
 expired since stops counting at once, and a change of the grants (any process, through
 NOTIFY) makes the next admission read the ledger again. When it does not fit: 402.
+
+The webhook events `budget.threshold`, `credits.low` and `credits.depleted` are noticed off
+the hot path: a settlement only notes the counter it charged, and a job looks at the noted
+counters each second (a prepaid balance is that same limit less `spent`), offering what
+crossed to the outbox through `PendingEvents`, never waiting on it.
 """
 
 from __future__ import annotations
