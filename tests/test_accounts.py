@@ -37,6 +37,7 @@ def test_create_and_read_an_account_with_every_field(meterline: Meterline) -> No
         "name": "Globex",
         "tier": "custom",
         "monthly_budget_usd": "250.50",
+        "low_balance_threshold_usd": "5.25",
         "quote_margin": "0.35",
         "failed_task_policy": "cost",
         "customer_reported_outcomes": True,
@@ -54,6 +55,7 @@ def test_create_and_read_an_account_with_every_field(meterline: Meterline) -> No
     # Money and margins come back as exact decimal strings, never numbers.
     assert isinstance(account["monthly_budget_usd"], str)
     assert Decimal(account["monthly_budget_usd"]) == Decimal("250.50")
+    assert Decimal(account["low_balance_threshold_usd"]) == Decimal("5.25")
     assert Decimal(account["quote_margin"]) == Decimal("0.35")
     assert account["failed_task_policy"] == "cost"
     assert account["customer_reported_outcomes"] is True
@@ -67,21 +69,30 @@ def test_defaults_and_a_zero_budget_stay_plain_decimals(meterline: Meterline) ->
     assert account["failed_task_policy"] == "free"
     assert account["customer_reported_outcomes"] is False  # outcomes are the operator's
     assert account["quote_margin"] is None
+    assert account["low_balance_threshold_usd"] is None  # no credits.low
     # A NUMERIC zero must not leak out as "0E-12".
     assert account["monthly_budget_usd"] == "0.000000000000"
 
 
 def test_patch_changes_only_the_fields_sent_and_null_clears(meterline: Meterline) -> None:
-    account = meterline.new_account(name="Initech", monthly_budget_usd="10", rate_limit_rpm=5)
+    account = meterline.new_account(
+        name="Initech", monthly_budget_usd="10", rate_limit_rpm=5, low_balance_threshold_usd="2"
+    )
     with meterline.admin() as client:
         response = client.patch(
             f"/billing/accounts/{account['id']}",
-            json={"tier": "pro", "monthly_budget_usd": None, "quote_margin": "0.1"},
+            json={
+                "tier": "pro",
+                "monthly_budget_usd": None,
+                "low_balance_threshold_usd": None,
+                "quote_margin": "0.1",
+            },
         )
         assert response.status_code == 200
         patched = response.json()
         assert patched["tier"] == "pro"
         assert patched["monthly_budget_usd"] is None
+        assert patched["low_balance_threshold_usd"] is None
         assert Decimal(patched["quote_margin"]) == Decimal("0.1")
         assert patched["name"] == "Initech"
         assert patched["rate_limit_rpm"] == 5
@@ -99,6 +110,10 @@ def test_patch_changes_only_the_fields_sent_and_null_clears(meterline: Meterline
         ({"customer_reported_outcomes": None}, "body.customer_reported_outcomes"),
         ({"customer_reported_outcomes": "sometimes"}, "body.customer_reported_outcomes"),
         ({"monthly_budget_usd": "-1"}, "body.monthly_budget_usd"),
+        # A balance never falls below 0: a threshold must be more.
+        ({"low_balance_threshold_usd": "0"}, "body.low_balance_threshold_usd"),
+        ({"low_balance_threshold_usd": "-0.01"}, "body.low_balance_threshold_usd"),
+        ({"low_balance_threshold_usd": "0.0000000000001"}, "body.low_balance_threshold_usd"),
         ({"quote_margin": "abc"}, "body.quote_margin"),
         ({"rate_limit_rpm": 0}, "body.rate_limit_rpm"),
         ({"colour": "red"}, "body.colour"),

@@ -208,6 +208,49 @@ def test_a_budget_and_limits_are_cleared_from_the_cli(meterline: Meterline) -> N
     assert "contradict" in _one_line_error(both)
 
 
+def test_accounts_low_balance_threshold_is_set_and_cleared_from_the_cli(
+    meterline: Meterline,
+) -> None:
+    created = _cli(
+        meterline,
+        "accounts",
+        "create",
+        "Low Co",
+        "--low-balance-threshold",
+        "2.50",
+        "--json",
+    )
+    assert created.exit_code == 0, created.output
+    account = json.loads(created.stdout)
+    assert Decimal(account["low_balance_threshold_usd"]) == Decimal("2.50")
+    shown = _cli(meterline, "accounts", "show", account["id"])
+    assert "2.5" in shown.stdout
+    changed = _cli(
+        meterline, "accounts", "update", account["id"], "--low-balance-threshold", "1", "--json"
+    )
+    assert Decimal(json.loads(changed.stdout)["low_balance_threshold_usd"]) == 1
+    cleared = _cli(
+        meterline, "accounts", "update", account["id"], "--clear", "low-balance-threshold", "--json"
+    )
+    assert cleared.exit_code == 0, cleared.output
+    assert json.loads(cleared.stdout)["low_balance_threshold_usd"] is None
+    both = _cli(
+        meterline,
+        "accounts",
+        "update",
+        account["id"],
+        "--low-balance-threshold",
+        "3",
+        "--clear",
+        "low-balance-threshold",
+    )
+    assert both.exit_code == 1
+    assert "contradict" in _one_line_error(both)
+    zero = _cli(meterline, "accounts", "update", account["id"], "--low-balance-threshold", "0")
+    assert zero.exit_code == 1
+    assert "low_balance_threshold_usd" in _one_line_error(zero)
+
+
 def test_a_keys_settings_are_changed_and_cleared_from_the_cli(meterline: Meterline) -> None:
     account = meterline.new_account()
     created = json.loads(_cli(meterline, "keys", "create", str(account["id"]), "--json").stdout)

@@ -430,6 +430,75 @@ def test_a_prepaid_invoice_shows_the_credit_applied_and_bills_the_rest(
     assert Decimal(invoice["total_usd"]) == Decimal("0.37")
 
 
+def _invoice(api: httpx.Client, account_id: uuid.UUID, period: str) -> dict[str, Any]:
+    created = api.post("/billing/invoices", json={"account_id": str(account_id), "period": period})
+    assert created.status_code == 201, created.text
+    final = api.post(f"/billing/invoices/{created.json()['id']}/finalize")
+    assert final.status_code == 200, final.text
+    invoice: dict[str, Any] = final.json()
+    return invoice
+
+
+def _applied(invoice: dict[str, Any]) -> Decimal:
+    return -sum(
+        (
+            Decimal(x["amount_exact_usd"])
+            for x in invoice["lines"]
+            if x["kind"] == "credits_applied"
+        ),
+        Decimal(0),
+    )
+
+
+@pytest.mark.parametrize(
+    ("credit", "late_applied", "due"),
+    [
+        # Enough credit: the late row is paid by it, on the invoice that bills it.
+        (Decimal("1.00"), Decimal("0.30"), Decimal("0.00")),
+        # Forty cents: the first invoice took thirty, the late row the other ten (drawn in
+        # time order, before the later month's usage); the rest is due.
+        (Decimal("0.40"), Decimal("0.10"), Decimal("0.20")),
+    ],
+)
+def test_credit_that_paid_a_late_row_is_applied_on_the_invoice_that_bills_it(
+    meterline: Meterline, credit: Decimal, late_applied: Decimal, due: Decimal
+) -> None:
+    db = Database(meterline.database_url)
+    account_id, _ = meterline.customer(name="credits late", billing_mode="prepaid")
+    now = datetime.now(UTC)
+    # Two months that are over: invoices of both can be finalized.
+    this_month = (datetime(now.year, now.month, 1, tzinfo=UTC) - timedelta(days=1)).replace(day=1)
+    last_month = (this_month - timedelta(days=1)).replace(day=1)
+    # A grant bought at the start of the earlier month (the API dates a grant now).
+    db.execute(
+        "INSERT INTO credit_grants (account_id, kind, amount_usd, created_at)"
+        " VALUES ($1, 'purchase', $2, $3)",
+        account_id,
+        credit,
+        last_month,
+    )
+    insert_usage(db, usage_row(account_id, last_month + timedelta(days=3), cost="0.30"))
+    with meterline.admin() as api:
+        first = _invoice(api, account_id, f"{last_month:%Y-%m}")
+        assert _applied(first) == Decimal("0.30") and Decimal(first["total_usd"]) == 0
+        # A row of the earlier month recorded after its invoice (replayed from a spool), and
+        # the later month's usage: both on the later month's invoice.
+        insert_usage(
+            db,
+            usage_row(account_id, last_month + timedelta(days=20), cost="0.20"),
+            usage_row(account_id, this_month, cost="0.10"),
+        )
+        second = _invoice(api, account_id, f"{this_month:%Y-%m}")
+        balance = api.get(f"/billing/accounts/{account_id}/balance").json()
+    assert [x["kind"] for x in second["lines"]] == ["tokens", "late_usage", "credits_applied"]
+    assert _applied(second) == late_applied
+    assert Decimal(second["total_usd"]) == due
+    # What the invoices applied is what the credit paid: no cent paid twice, none left out.
+    drawn = credit - Decimal(balance["balance_usd"])
+    assert _applied(first) + _applied(second) == drawn
+    assert Decimal(balance["uncovered_usd"]) == due
+
+
 def test_a_quote_accepted_on_a_prepaid_account_holds_its_price_against_the_credit(
     meterline: Meterline,
 ) -> None:

@@ -32,7 +32,15 @@ from service.webhooks import destinations
 from service.webhooks.sender import retry_delay
 from service.webhooks.signing import new_secret, signed_headers
 from tests.conftest import Meterline, Upstream
-from tests.reliability import Server, add_price, admin, new_customer, own_database
+from tests.reliability import (
+    Server,
+    add_price,
+    admin,
+    new_customer,
+    own_database,
+    redis_available,
+    redis_namespace,
+)
 from tests.support import Database
 
 # $1,000 per million tokens: a request of the mock's (10 prompt tokens, 16 generated) costs
@@ -264,8 +272,14 @@ def server(
 ) -> Iterator[Server]:
     workdir = tmp_path_factory.mktemp("webhooks")
     # Retries give up 5 s after an event was raised (the restart test keeps the 24 h).
+    # Due quoted tasks are expired every half second.
     running = Server(
-        database, upstream, workdir, **FAST_RETRIES, METERLINE_WEBHOOK_RETRY_WINDOW_S="5"
+        database,
+        upstream,
+        workdir,
+        **FAST_RETRIES,
+        METERLINE_WEBHOOK_RETRY_WINDOW_S="5",
+        METERLINE_TASK_EXPIRY_INTERVAL_S="0.5",
     )
     running.start()
     try:
@@ -514,6 +528,196 @@ def test_a_failed_delivery_is_retried_on_demand_with_its_id(
         assert after["status"] == "delivered" and after["attempts"] == tried + 1
         missing = client.post(f"/billing/webhooks/{endpoint['id']}/deliveries/{uuid.uuid4()}/retry")
         assert missing.status_code == 404
+
+
+# -- credit alerts ----------------------------------------------------------------------
+
+# A request of the mock's, 16 tokens generated, its prompt reported as the 10 tokens the proxy
+# estimates (the mock itself counts 4): it costs exactly what it reserved, 2.6 cents, so a
+# balance of whole requests is spent to 0.
+REQUEST_COST = Decimal("0.026")
+EXACT_USAGE = {"mock": {"usage_override": {"prompt_tokens": 10, "total_tokens": 26}}}
+THRESHOLD = Decimal("0.03")
+
+
+def _credit_events(db: Database, account_id: uuid.UUID) -> list[str]:
+    rows = db.fetch(
+        "SELECT type FROM webhook_events WHERE account_id = $1 AND type LIKE 'credits.%'"
+        " ORDER BY created_at",
+        account_id,
+    )
+    return [row["type"] for row in rows]
+
+
+def _credit_alerts_are_told_once_a_grant(url: str, receiver: Receiver, db: Database) -> None:
+    """Whole requests drain a prepaid balance: `credits.low` once it is below the threshold,
+    `credits.depleted` once it is 0, each once; a purchase re-arms both."""
+    receiver.fail_first = 0
+    subscribe(url, receiver, ["credits.low", "credits.depleted"])
+    account_id, _, key = new_customer(
+        url, billing_mode="prepaid", low_balance_threshold_usd=str(THRESHOLD)
+    )
+    sdk = openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0)
+
+    def spend(requests: int) -> None:
+        for _ in range(requests):
+            sdk.chat.completions.create(
+                model=MODEL, messages=MESSAGES, max_tokens=MAX_TOKENS, extra_body=EXACT_USAGE
+            )
+
+    def told(type_: str) -> list[dict[str, Any]]:
+        return [e for e in receiver.events(type_) if e["data"]["account_id"] == str(account_id)]
+
+    with admin(url) as client:
+        answer = client.post(
+            f"/billing/accounts/{account_id}/credits",
+            json={"amount_usd": str(3 * REQUEST_COST), "kind": "grant"},
+        )
+        assert answer.status_code == 201, answer.text
+    spend(1)  # 0.052 left: above the threshold
+    spend(1)  # 0.026: below it
+    wait_until(lambda: told("credits.low"), 10, "credits.low")
+    assert not told("credits.depleted")
+    spend(1)  # 0
+    drained = time.monotonic()
+    wait_until(lambda: told("credits.depleted"), 10, "credits.depleted")
+    print(f"\n[credits] depleted told {time.monotonic() - drained:.2f} s after the request")
+    with pytest.raises(openai.APIStatusError) as refused:
+        spend(1)
+    assert refused.value.status_code == 402
+    (low,) = told("credits.low")
+    assert low["data"] == {
+        "account_id": str(account_id),
+        "balance_usd": low["data"]["balance_usd"],
+        "threshold_usd": low["data"]["threshold_usd"],
+    }
+    assert Decimal(low["data"]["balance_usd"]) == REQUEST_COST
+    assert Decimal(low["data"]["threshold_usd"]) == THRESHOLD
+    (depleted,) = told("credits.depleted")
+    assert Decimal(depleted["data"]["balance_usd"]) == 0
+    assert Decimal(depleted["data"]["threshold_usd"]) == THRESHOLD
+    # Another look, a refused request: nothing told again.
+    time.sleep(2.5)
+    assert _credit_events(db, account_id) == ["credits.low", "credits.depleted"]
+
+    # A purchase of four requests re-arms both: told again on the way down, once each.
+    with admin(url) as client:
+        answer = client.post(
+            f"/billing/accounts/{account_id}/credits",
+            json={"amount_usd": str(4 * REQUEST_COST), "kind": "purchase"},
+        )
+        assert answer.status_code == 201, answer.text
+    time.sleep(1.5)  # the grant reaches every worker; nothing is low yet
+    assert len(told("credits.low")) == 1
+    spend(3)  # 0.026 left
+    wait_until(lambda: len(told("credits.low")) == 2, 10, "the second credits.low")
+    assert len(told("credits.depleted")) == 1
+    spend(1)
+    wait_until(lambda: len(told("credits.depleted")) == 2, 10, "the second credits.depleted")
+    time.sleep(2.5)
+    assert _credit_events(db, account_id) == ["credits.low", "credits.depleted"] * 2
+    events = told("credits.low") + told("credits.depleted")
+    # Every attempt the receiver saw verified (standardwebhooks) and was answered 204.
+    assert len(events) == 4
+    assert all(a.verified for tries in receiver.attempts.values() for a in tries)
+    assert len({e["timestamp"] for e in events}) == 4
+
+
+def test_a_prepaid_balance_tells_low_then_depleted_once_and_a_purchase_rearms_them(
+    server: Server, receiver: Receiver, database: str
+) -> None:
+    _credit_alerts_are_told_once_a_grant(server.url, receiver, Database(database))
+
+
+@pytest.mark.skipif(not redis_available(), reason="no Redis at 127.0.0.1:6379")
+def test_two_workers_sharing_redis_tell_each_credit_alert_once_right_after_the_request(
+    postgres_server: str,
+    template_database: str,
+    upstream: Upstream,
+    receiver: Receiver,
+    tmp_path: Path,
+) -> None:
+    """Both workers see the balance in Redis and may both notice a crossing; the outbox
+    stores it once. The ledger is re-read only every 10 minutes here: the alerts come from
+    the settlements themselves."""
+    with own_database(postgres_server, template_database) as url, redis_namespace() as shared:
+        add_price(Database(url), MODEL, PRICE)
+        settings = {**FAST_RETRIES, "METERLINE_BUDGET_RESYNC_S": "600", **shared}
+        running = Server(url, upstream, tmp_path / "server", "--workers", "2", **settings)
+        running.start(timeout=STARTUP_S)
+        try:
+            _credit_alerts_are_told_once_a_grant(running.url, receiver, Database(url))
+        finally:
+            running.stop()
+
+
+def test_a_quoted_task_expired_at_its_deadline_is_told_as_completed(
+    server: Server, receiver: Receiver, database: str
+) -> None:
+    receiver.fail_first = 0
+    subscribe(server.url, receiver, ["task.completed"])
+    account_id, _, key = new_customer(server.url)
+    with admin(server.url) as client:
+        quoted = client.post(
+            "/billing/quotes",
+            json={
+                "account_id": str(account_id),
+                "task_type": "webhooks",
+                "model": MODEL,
+                "prompt_tokens": 100,
+                "max_completion_tokens": 100,
+            },
+        )
+        assert quoted.status_code == 201, quoted.text
+        accepted = client.post(
+            f"/billing/quotes/{quoted.json()['id']}/accept", json={"task_id": "lapsing"}
+        )
+        assert accepted.status_code == 201, accepted.text
+    sdk = openai.OpenAI(base_url=server.v1, api_key=key, max_retries=0)
+    sdk.chat.completions.create(
+        model=MODEL,
+        messages=MESSAGES,
+        max_tokens=MAX_TOKENS,
+        extra_headers={"X-Task-Id": "lapsing"},
+    )
+    db = Database(database)
+    wait_until(
+        lambda: db.fetchval("SELECT count(*) FROM usage_ledger WHERE account_id = $1", account_id),
+        10,
+        "the task's ledger row",
+    )
+    # Its deadline (a week after acceptance by default) brought to the past.
+    db.execute(
+        "UPDATE tasks SET expires_at = now() - interval '1 second'"
+        " WHERE account_id = $1 AND external_id = 'lapsing'",
+        account_id,
+    )
+
+    def told() -> list[dict[str, Any]]:
+        return [
+            e
+            for e in receiver.events("task.completed")
+            if e["data"]["account_id"] == str(account_id)
+        ]
+
+    wait_until(told, 15, "task.completed of the expired task")
+    with admin(server.url) as client:
+        task = client.get("/billing/tasks/lapsing", params={"account_id": str(account_id)}).json()
+    (event,) = told()
+    assert task["status"] == "expired" and task["billed_as"] == "fixed_price"
+    assert event["data"] == {name: task[name] for name in event["data"]}
+    assert event["data"]["status"] == "expired"
+    assert Decimal(event["data"]["fixed_price_usd"]) == Decimal(quoted.json()["price_usd"])
+    assert event["data"]["requests"] == 1
+    # The job's later rounds close nothing more: told once.
+    time.sleep(1.5)
+    assert (
+        db.fetchval(
+            "SELECT count(*) FROM webhook_events WHERE account_id = $1 AND type = 'task.completed'",
+            account_id,
+        )
+        == 1
+    )
 
 
 # -- killed in the middle --------------------------------------------------------------

@@ -30,6 +30,7 @@ ACCOUNT_COLUMNS = [
     "name",
     "tier",
     "monthly_budget_usd",
+    "low_balance_threshold_usd",
     "quote_margin",
     "failed_task_policy",
     "customer_reported_outcomes",
@@ -50,6 +51,13 @@ ACCOUNT_OPTIONS = [
         "tier": Annotated[str | None, typer.Option(help="basic | pro | custom.")],
         "monthly_budget_usd": Annotated[
             Decimal | None, typer.Option("--budget", help="Monthly budget, USD.")
+        ],
+        "low_balance_threshold_usd": Annotated[
+            Decimal | None,
+            typer.Option(
+                "--low-balance-threshold",
+                help="USD: a prepaid balance below it raises one credits.low event.",
+            ),
         ],
         "quote_margin": Annotated[Decimal | None, typer.Option(help="Quote margin (0.2 = 20 %).")],
         "failed_task_policy": Annotated[
@@ -84,6 +92,7 @@ class Clearable(StrEnum):
     """The optional settings `accounts update --clear` sets back to none, by option name."""
 
     budget = "budget"
+    low_balance_threshold = "low-balance-threshold"
     quote_margin = "quote-margin"
     rpm = "rpm"
     tpm = "tpm"
@@ -92,6 +101,7 @@ class Clearable(StrEnum):
     def field(self) -> str:
         return {
             "budget": "monthly_budget_usd",
+            "low-balance-threshold": "low_balance_threshold_usd",
             "quote-margin": "quote_margin",
             "rpm": "rate_limit_rpm",
             "tpm": "rate_limit_tpm",

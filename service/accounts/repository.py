@@ -55,6 +55,11 @@ class AccountRepository(Repository):
         """Tell every process's key directory to reload this account's limits on commit."""
         await notify(self.session, Channel.KEYS, KEY_CHANGED)
 
+    async def credit_settings_changed(self, account_id: uuid.UUID) -> None:
+        """Tell every process's proxy to read this account's credit, billing mode and
+        low-balance threshold again on commit (a threshold now above the balance is told)."""
+        await notify(self.session, Channel.CREDITS, str(account_id))
+
     async def accounts_by_id(self, account_ids: Sequence[uuid.UUID]) -> list[Account]:
         if not account_ids:
             return []

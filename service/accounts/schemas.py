@@ -23,6 +23,12 @@ from service.schemas import BillableTime, DecimalString, Text
 
 # Column bounds: NUMERIC(24, 12) for money, NUMERIC(8, 4) for a margin, INTEGER for limits.
 BudgetUSD = Annotated[Decimal, Field(ge=0, max_digits=24, decimal_places=12)]
+# A balance can never fall below 0: a threshold of 0 would never be crossed.
+ThresholdUSD = Annotated[Decimal, Field(gt=0, max_digits=24, decimal_places=12)]
+_THRESHOLD_DOC = (
+    "Exact decimal string: a prepaid account whose balance falls below it is told by one"
+    " `credits.low` webhook event (again after its next grant); null: never."
+)
 Margin = Annotated[Decimal, Field(ge=0, max_digits=8, decimal_places=4)]
 PerMinute = Annotated[int, Field(ge=1, le=2_147_483_647)]
 Name = Annotated[Text, Field(min_length=1, max_length=200)]
@@ -49,6 +55,7 @@ class AccountCreate(BaseModel):
         " is paid from the account's credits and refused (402) when they cannot pay it.",
     )
     monthly_budget_usd: BudgetUSD | None = None
+    low_balance_threshold_usd: ThresholdUSD | None = Field(default=None, description=_THRESHOLD_DOC)
     quote_margin: Margin | None = Field(
         default=None, description="Margin on quotes (0.20 = 20 %); null: the server default."
     )
@@ -111,6 +118,7 @@ class AccountUpdate(BaseModel):
     tier: Tier | None = None
     billing_mode: BillingMode | None = None
     monthly_budget_usd: BudgetUSD | None = None
+    low_balance_threshold_usd: ThresholdUSD | None = Field(default=None, description=_THRESHOLD_DOC)
     quote_margin: Margin | None = None
     failed_task_policy: FailedTaskPolicy | None = None
     customer_reported_outcomes: bool | None = None
@@ -155,6 +163,7 @@ class AccountOut(BaseModel):
     tier: Tier
     billing_mode: BillingMode
     monthly_budget_usd: DecimalString | None
+    low_balance_threshold_usd: DecimalString | None = Field(description=_THRESHOLD_DOC)
     quote_margin: DecimalString | None
     failed_task_policy: FailedTaskPolicy
     customer_reported_outcomes: bool

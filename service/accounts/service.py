@@ -37,6 +37,9 @@ from service.webhooks.outbox import raise_event
 
 log = logging.getLogger("meterline.accounts")
 
+# What the proxy reads with an account's credit (service/limits): a change is announced.
+CREDIT_SETTINGS = frozenset({"billing_mode", "low_balance_threshold_usd"})
+
 
 def _not_found(account_id: uuid.UUID) -> NotFound:
     return NotFound(f"account {account_id} not found", param="path.account_id")
@@ -122,6 +125,8 @@ async def update_account(
     if tier != account.tier:
         await change_tier(session, account, tier, "admin", datetime.now(UTC))
     account = await repository.update_account(account, changes)
+    if changes.keys() & CREDIT_SETTINGS:
+        await repository.credit_settings_changed(account_id)
     log.info("event=account_updated account_id=%s fields=%s", account_id, ",".join(sorted(changes)))
     return account
 

@@ -114,6 +114,8 @@ class Account(Base):
         Vocabulary(BillingMode, 16), server_default=BillingMode.POSTPAID.value
     )
     monthly_budget_usd: Mapped[ExactUSD | None]
+    # A prepaid account whose balance falls below it is told once (`credits.low`).
+    low_balance_threshold_usd: Mapped[ExactUSD | None]
     # Outcome pricing: margin added on top of a quote's cost basis (0.20 = 20 %).
     quote_margin: Mapped[Decimal | None] = mapped_column(Numeric(8, 4))
     failed_task_policy: Mapped[FailedTaskPolicy] = mapped_column(

@@ -299,7 +299,22 @@ async def compute_invoices(
     for selection in late:
         late_by_account.setdefault(selection.account_id, []).append(selection)
     computed = {}
-    credit = await credit_paid(await session.connection(), accounts, period.start, period.end, book)
+    # Credit pays the usage of the months invoiced (this one's, and the earlier months whose
+    # late rows this invoice bills) less what their invoices applied already.
+    billed_months = {
+        account: [
+            (p.start, p.end)
+            for p in [period, *(BillingPeriod.parse(m) for m in closed.get(account, set()))]
+        ]
+        for account in accounts
+    }
+    credit = await credit_paid(
+        await session.connection(),
+        accounts,
+        billed_months,
+        await invoices.credits_applied(accounts),
+        book,
+    )
     for account in accounts:
         draft = build_invoice(usage.get(account, []), task_groups.get(account, []))
         if account in credit:

@@ -9,7 +9,7 @@ says. Every figure is exact; `now` is passed in, so a test can put it anywhere.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
@@ -81,15 +81,34 @@ async def credit_ledger(
 async def credit_paid(
     connection: AsyncConnection,
     accounts: Sequence[uuid.UUID],
-    start: datetime,
-    end: datetime,
+    periods: Mapping[uuid.UUID, Sequence[tuple[datetime, datetime]]],
+    applied: Mapping[uuid.UUID, Decimal],
     book: PriceBook,
 ) -> dict[uuid.UUID, Decimal]:
-    """What credit paid of each account's usage in `[start, end)` (accounts never given
-    credit are left out): the invoice's `credits_applied`."""
+    """What credit paid of the usage an invoice bills (accounts never given credit are left
+    out): the invoice's `credits_applied`.
+
+    An invoice bills its own month and the late rows of months invoiced before, so this is
+    what the credit paid, as the ledger stands now, of the usage of every month `periods`
+    names for the account (each finalized invoice's and this one's), less what the finalized
+    invoices already `applied`. A late row paid by credit is then paid on the invoice that
+    bills it; and when it took credit that, drawn in time order, a month invoiced since had
+    counted, that month's invoice applied it already and the late row's bill stays due."""
     paid: dict[uuid.UUID, Decimal] = {}
     for account_id in sorted(await accounts_with_credit(connection, accounts)):
-        ledger = await credit_ledger(connection, account_id, end, book, [start])
-        spans = zip(ledger.cuts, ledger.allocation.covered_by_span, strict=False)
-        paid[account_id] = sum((amount for at, amount in spans if at >= start), Decimal(0))
+        spans = periods.get(account_id, ())
+        if not spans:
+            continue
+        end = max(stop for _, stop in spans)
+        cuts = [at for span in spans for at in span]
+        ledger = await credit_ledger(connection, account_id, end, book, cuts)
+        covered = sum(
+            (
+                amount
+                for at, amount in zip(ledger.cuts, ledger.allocation.covered_by_span, strict=False)
+                if any(start <= at < stop for start, stop in spans)
+            ),
+            Decimal(0),
+        )
+        paid[account_id] = max(covered - applied.get(account_id, Decimal(0)), Decimal(0))
     return paid

@@ -16,7 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from pricing.cost import TokenUsage, totals_cost
 from pricing.prices import PriceBook
-from service.db.models import CreditGrant
+from service.db.models import Account, BillingMode, CreditGrant
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,3 +225,15 @@ async def accounts_with_credit(
         select(CreditGrant.account_id).where(CreditGrant.account_id.in_(list(accounts))).distinct()
     )
     return set((await connection.execute(statement)).scalars())
+
+
+async def low_balance_threshold(
+    connection: AsyncConnection, account_id: uuid.UUID
+) -> tuple[bool, Decimal | None]:
+    """(whether the account is prepaid, its low-balance threshold): what the credit alerts
+    (`credits.low`, `credits.depleted`) are raised by."""
+    statement = select(
+        Account.billing_mode == BillingMode.PREPAID, Account.low_balance_threshold_usd
+    ).where(Account.id == account_id)
+    row = (await connection.execute(statement)).first()
+    return (False, None) if row is None else (bool(row[0]), row[1])

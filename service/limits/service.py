@@ -25,6 +25,11 @@ its worst case fits in the credit left after what is in flight. The limit is rec
 every admission from the account's credit as last read from the ledger: a grant that has
 expired since stops counting at once, and a change of the grants (any process, through
 NOTIFY) makes the next admission read the ledger again. When it does not fit: 402.
+
+The webhook events `budget.threshold`, `credits.low` and `credits.depleted` are noticed off
+the hot path: a settlement only notes the counter it charged, and a job looks at the noted
+counters each second (a prepaid balance is that same limit less `spent`), offering what
+crossed to the outbox through `PendingEvents`, never waiting on it.
 """
 
 from __future__ import annotations
@@ -265,6 +270,11 @@ class Limits:
         self._thresholds = Periodic(
             "budget_thresholds", _THRESHOLD_CHECK_S, self._check_thresholds, log
         )
+        # Each prepaid account's low-balance threshold (None: no `credits.low`), read with
+        # its credit; an account absent is not prepaid (or not read yet). The credit alerts
+        # told, per account, for the total it was granted then (a new grant re-arms them).
+        self._credit_alerts: dict[uuid.UUID, Decimal | None] = {}
+        self._credit_told: dict[uuid.UUID, tuple[Decimal, set[EventType]]] = {}
 
     @classmethod
     def create(
@@ -711,9 +721,7 @@ class Limits:
             if not await self._sync_now([credit_counter(account_id)]):
                 raise credits_unavailable(account_id)
             ledger = self._credits[account_id]
-        return to_nano_up(max(ledger.allocation.usage, Decimal(0))) + to_nano_down(
-            ledger.available_at(now)
-        )
+        return _credit_ceiling(ledger, now)
 
     async def _sync_credits(
         self, connection: AsyncConnection, accounts: Sequence[uuid.UUID]
@@ -724,18 +732,25 @@ class Limits:
             spent = to_nano_up(max(ledger.allocation.usage, Decimal(0)))
             await self.counters.sync(credit_counter(account_id), spent)
             self._credits[account_id] = ledger
-            # Business events `credits.low` (the account's threshold) and `credits.depleted`:
-            # raised here, the one place each process reads a prepaid balance from the ledger
-            # (every METERLINE_BUDGET_RESYNC_S and after each change of the grants), comparing
-            # `ledger.balance` with the previous read; the outbox keeps one per crossing.
+            prepaid, threshold = await repository.low_balance_threshold(connection, account_id)
+            if prepaid:
+                self._credit_alerts[account_id] = threshold
+            else:
+                self._credit_alerts.pop(account_id, None)
+            # The ledger may show a balance below the threshold no process told: a grant
+            # that expired, a void, a threshold raised, a process killed before it told.
+            self._charged.add(credit_counter(account_id))
 
     def _on_credits(self, payload: str) -> None:
         with contextlib.suppress(ValueError):
             self.credits_changed(uuid.UUID(payload))
 
     def credits_changed(self, account_id: uuid.UUID) -> None:
-        """The account's grants changed: its next admission reads its credit again."""
+        """The account's grants or credit settings changed: its next admission reads its
+        credit again, and so does the next check of its alerts if this process tells them."""
         self._credits.pop(account_id, None)
+        if account_id in self._credit_alerts:
+            self._charged.add(credit_counter(account_id))
 
     async def credits_in_flight(
         self, account_id: uuid.UUID, ledger_usage: Decimal
@@ -803,25 +818,73 @@ class Limits:
 
     async def _check_thresholds(self) -> None:
         """Offer `budget.threshold` for each budget charged since the last check whose spend
-        reached 80 % or 100 % of it. Off the hot path: settlement only notes the counter."""
+        reached 80 % or 100 % of it, and the credit alerts of each prepaid account charged
+        (or read from the ledger) since. Off the hot path: settlement only notes the
+        counter."""
         if self._events is None:
             return
+        events = self._events
         charged, self._charged = list(self._charged), set()
         for index, counter in enumerate(charged):
-            item = self._budgeted.get(counter)
-            if item is None or item.limit.limit <= 0:
-                continue
+            account = _credit_account(counter)
             try:
-                spent, _reserved = await self.counters.state(counter)
+                if account is not None:
+                    await self._check_credit(events, account, counter)
+                else:
+                    await self._check_budget(events, counter)
             except (RedisError, OSError):
                 self._charged.update(charged[index:])  # looked at again next round
                 raise
-            for percent in BUDGET_THRESHOLDS:
-                told = (counter, percent)
-                if told in self._thresholds_told or spent * 100 < item.limit.limit * percent:
-                    continue
-                self._thresholds_told.add(told)
-                self._events.offer(_threshold_event(item, percent, spent))
+
+    async def _check_budget(self, events: PendingEvents, counter: str) -> None:
+        item = self._budgeted.get(counter)
+        if item is None or item.limit.limit <= 0:
+            return
+        spent, _reserved = await self.counters.state(counter)
+        for percent in BUDGET_THRESHOLDS:
+            told = (counter, percent)
+            if told in self._thresholds_told or spent * 100 < item.limit.limit * percent:
+                continue
+            self._thresholds_told.add(told)
+            events.offer(_threshold_event(item, percent, spent))
+
+    async def _check_credit(
+        self, events: PendingEvents, account_id: uuid.UUID, counter: str
+    ) -> None:
+        """Offer `credits.low` when the prepaid balance is below the account's threshold and
+        `credits.depleted` when it is 0, each once for the total the account was granted:
+        the key of each event in the outbox holds that total, so several processes (or this
+        one after a restart) store it once, and a new grant re-arms both.
+
+        The balance is the one admission enforces: what the grants held when the ledger was
+        last read, less what was settled since (the shared counter). It is known as soon
+        as the request that lowered it settled, without reading the ledger again."""
+        now = datetime.now(UTC)
+        ledger = self._credits.get(account_id)
+        if ledger is None or ledger.changes_by(now):
+            if not await self._sync_now([counter]):
+                self._charged.add(counter)  # the ledger cannot be read now: next round
+                return
+            ledger = self._credits.get(account_id)
+        if ledger is None or account_id not in self._credit_alerts or not ledger.grants:
+            return  # not prepaid, or never given credit: nothing to fall from
+        threshold = self._credit_alerts[account_id]
+        spent, _reserved = await self.counters.state(counter)
+        balance = from_nano(max(_credit_ceiling(ledger, now) - spent, 0))
+        granted = sum((grant.amount_usd for grant in ledger.grants), Decimal(0))
+        due = []
+        if threshold is not None and balance < threshold:
+            due.append(EventType.CREDITS_LOW)
+        if balance <= 0:
+            due.append(EventType.CREDITS_DEPLETED)
+        told_for, told = self._credit_told.get(account_id, (granted, set()))
+        if told_for != granted:
+            told = set()
+        self._credit_told[account_id] = (granted, told)
+        for type_ in due:
+            if type_ not in told:
+                told.add(type_)
+                events.offer(_credit_event(type_, account_id, balance, threshold, granted, now))
 
 
 def _threshold_event(item: _Budgeted, percent: int, spent: int) -> PendingEvent:
@@ -842,3 +905,26 @@ def _threshold_event(item: _Budgeted, percent: int, spent: int) -> PendingEvent:
         f"budget.threshold:{limit.scope}:{limit.owner}:{item.month}:{percent}",
         datetime.now(UTC),
     )
+
+
+def _credit_ceiling(ledger: CreditLedger, now: datetime) -> int:
+    """The limit of a prepaid account's counter at `now` (see `Limits._credit_limit`)."""
+    return to_nano_up(max(ledger.allocation.usage, Decimal(0))) + to_nano_down(
+        ledger.available_at(now)
+    )
+
+
+def _credit_event(
+    type_: EventType,
+    account_id: uuid.UUID,
+    balance: Decimal,
+    threshold: Decimal | None,
+    granted: Decimal,
+    at: datetime,
+) -> PendingEvent:
+    data: dict[str, Any] = {
+        "account_id": str(account_id),
+        "balance_usd": f"{balance:f}",
+        "threshold_usd": None if threshold is None else f"{threshold:f}",
+    }
+    return PendingEvent(type_, data, account_id, f"{type_.value}:{account_id}:{granted:f}", at)

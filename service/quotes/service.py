@@ -36,9 +36,10 @@ from service.parts import LiveTasks
 from service.quotes.repository import QuoteRepository
 from service.quotes.schemas import QuoteAccept, QuoteCreate, QuoteOut
 from service.settings import Settings
+from service.tasks.completion import task_out
 from service.tasks.repository import EMPTY_USAGE
 from service.tasks.schemas import TaskOut
-from service.tasks.service import open_quoted_task, task_out
+from service.tasks.service import open_quoted_task
 from service.tokens.estimate import count_tokens, prompt_text
 from service.tokens.estimate import ready as tokenizer_ready
 

@@ -21,6 +21,7 @@ from pricing.invoice import ExpiredTaskPolicy, FailedTaskPolicy, TaskOutcome, ta
 from service.db.engine import transaction
 from service.lifecycle import Periodic
 from service.parts import LiveTasks
+from service.tasks.completion import raise_completed, task_out
 from service.tasks.repository import TaskRepository
 
 log = logging.getLogger("meterline.tasks")
@@ -36,9 +37,10 @@ async def expire_tasks(
     skip_locked: bool = False,
 ) -> int:
     """Close the open quoted tasks whose deadline is past `now` (of these accounts, or all)
-    as `expired`, at their deadline, billed by each account's expired-task policy. The
-    proxy refuses further requests on them. Idempotent: a task expires once; running it
-    again, from the background job or an invoice, changes nothing. Returns how many."""
+    as `expired`, at their deadline, billed by each account's expired-task policy, each with
+    its `task.completed` event. The proxy refuses further requests on them. Idempotent: a
+    task expires once; running it again, from the background job or an invoice, changes
+    nothing. Returns how many."""
     repository = TaskRepository(session)
     at = now or await repository.now()
     due = await repository.due_for_expiry(at, account_ids, skip_locked)
@@ -56,6 +58,7 @@ async def expire_tasks(
             for row in due
         }
     )
+    closed = {task.id: task for task in await repository.reread([row.id for row in due])}
     for row in due:
         await repository.notify(
             json.dumps(
@@ -65,6 +68,11 @@ async def expire_tasks(
         if guard is not None:
             guard.mark_closed(row.account_id, row.external_id)
         log.info("event=task_expired account_id=%s task_id=%s", row.account_id, row.external_id)
+        # Told as a reported outcome is, in the transaction that closed the task.
+        usage = await repository.usage(row.account_id, row.external_id)
+        await raise_completed(
+            session, task_out(closed[row.id], usage, row.account_id, row.external_id)
+        )
     return len(due)
 
 

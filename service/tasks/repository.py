@@ -173,6 +173,15 @@ class TaskRepository(Repository):
             {"ids": list(billings), "billings": list(billings.values())},
         )
 
+    async def reread(self, task_ids: Sequence[uuid.UUID]) -> Sequence[Task]:
+        """These tasks as stored now (a statement changed them behind the session's back)."""
+        statement = (
+            select(Task)
+            .where(Task.id.in_(list(task_ids)))
+            .execution_options(populate_existing=True)
+        )
+        return (await self.session.scalars(statement)).all()
+
     async def has_usage(self, account_id: uuid.UUID, external_id: str) -> bool:
         found = await self.session.scalar(
             text("SELECT 1 FROM usage_ledger WHERE account_id = :a AND task_id = :t LIMIT 1"),

@@ -29,11 +29,10 @@ from service.db.models import Task
 from service.errors import Conflict, Forbidden, NotFound, Unprocessable
 from service.parts import LiveTasks
 from service.schemas import Page, decode_cursor, keyset_page
+from service.tasks.completion import raise_completed, task_out
 from service.tasks.expiry import expire_tasks
-from service.tasks.repository import TaskFilter, TaskRepository, TaskUsage
+from service.tasks.repository import TaskFilter, TaskRepository
 from service.tasks.schemas import Outcome, TaskOut
-from service.webhooks.events import EventType
-from service.webhooks.outbox import raise_event
 
 log = logging.getLogger("meterline.tasks")
 
@@ -61,53 +60,6 @@ def account_of(caller: Principal, account_id: uuid.UUID | None) -> uuid.UUID:
             param="query.account_id",
         )
     return scoped
-
-
-def task_out(task: Task | None, usage: TaskUsage, account_id: uuid.UUID, task_id: str) -> TaskOut:
-    if task is None:  # seen only in the ledger so far
-        assert usage.first_at is not None
-        return TaskOut(
-            id=task_id,
-            account_id=account_id,
-            task_type=usage.ledger_task_type,
-            model=usage.ledger_model,
-            status="open",
-            quoted=False,
-            quote_id=None,
-            fixed_price_usd=None,
-            cost_cap_usd=None,
-            requests=usage.requests,
-            prompt_tokens=usage.prompt_tokens,
-            completion_tokens=usage.completion_tokens,
-            total_tokens=usage.total_tokens,
-            cost_usd=usage.cost_usd,
-            unpriced_requests=usage.unpriced_requests,
-            created_at=usage.first_at,
-            expires_at=None,
-            completed_at=None,
-            billed_as=None,
-        )
-    return TaskOut(
-        id=task.external_id,
-        account_id=task.account_id,
-        task_type=task.task_type or usage.ledger_task_type,
-        model=task.model or usage.ledger_model,
-        status=task.status,
-        quoted=task.quote_id is not None,
-        quote_id=task.quote_id,
-        fixed_price_usd=task.fixed_price_usd,
-        cost_cap_usd=task.cost_cap_usd,
-        requests=usage.requests,
-        prompt_tokens=usage.prompt_tokens,
-        completion_tokens=usage.completion_tokens,
-        total_tokens=usage.total_tokens,
-        cost_usd=usage.cost_usd,
-        unpriced_requests=usage.unpriced_requests,
-        created_at=task.created_at,
-        expires_at=task.expires_at,
-        completed_at=task.completed_at,
-        billed_as=task.billed_as,
-    )
 
 
 async def get_task(
@@ -218,20 +170,8 @@ async def complete_task(
         task.quote_id is not None,
     )
     completed = task_out(task, usage, account, task_id)
-    await raise_event(session, EventType.TASK_COMPLETED, _event_data(completed), account)
+    await raise_completed(session, completed)
     return completed
-
-
-def _event_data(task: TaskOut) -> dict[str, object]:
-    """What a `task.completed` webhook says: the task as GET /billing/tasks/{id} shows it."""
-    return task.model_dump(
-        mode="json",
-        include={
-            "id", "account_id", "task_type", "model", "status", "quoted", "quote_id",
-            "fixed_price_usd", "cost_usd", "requests", "total_tokens", "completed_at",
-            "billed_as",
-        },
-    )  # fmt: skip
 
 
 async def open_quoted_task(

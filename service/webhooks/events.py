@@ -32,8 +32,10 @@ DESCRIPTIONS: dict[EventType, str] = {
     EventType.INVOICE_FINALIZED: "An invoice was finalized (numbered, frozen).",
     EventType.INVOICE_VOIDED: "A finalized invoice was voided.",
     EventType.CREDIT_NOTE_CREATED: "A credit note was issued against an invoice.",
-    EventType.CREDITS_LOW: "A prepaid account's available credit fell below its threshold.",
-    EventType.CREDITS_DEPLETED: "A prepaid account's available credit reached zero.",
+    EventType.CREDITS_LOW: (
+        "A prepaid account's balance fell below its low-balance threshold (once a grant)."
+    ),
+    EventType.CREDITS_DEPLETED: "A prepaid account's balance reached zero (once a grant).",
     EventType.BUDGET_THRESHOLD: "A monthly budget reached 80 % or 100 % (once each a month).",
     EventType.TASK_COMPLETED: "A task's outcome was recorded.",
     EventType.TASK_COST_CAP_REACHED: "A quoted task's cost reached its cap (once a task).",

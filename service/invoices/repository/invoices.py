@@ -6,12 +6,13 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterable, Sequence
 from datetime import datetime
+from decimal import Decimal
 from typing import Any, cast
 
 from sqlalchemy import Table, and_, any_, bindparam, delete, func, insert, or_, select, text, update
 from sqlalchemy.orm import selectinload
 
-from pricing.invoice import BilledWindow
+from pricing.invoice import BilledWindow, LineKind
 from service.db.models import (
     Account,
     CreditNote,
@@ -107,6 +108,20 @@ class InvoiceRepository(Repository):
         for r in rows:
             periods.setdefault(r.account_id, set()).add(r.period)
         return periods
+
+    async def credits_applied(self, account_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, Decimal]:
+        """What each account's finalized invoices applied of its credit, exact (positive)."""
+        rows = await self.session.execute(
+            select(Invoice.account_id, func.sum(InvoiceLine.amount_exact_usd))
+            .join(InvoiceLine, InvoiceLine.invoice_id == Invoice.id)
+            .where(
+                Invoice.account_id == any_(bindparam("accounts", list(account_ids), type_=UUIDS)),
+                Invoice.status == "finalized",
+                InvoiceLine.kind == LineKind.CREDITS_APPLIED,
+            )
+            .group_by(Invoice.account_id)
+        )
+        return {account: -amount for account, amount in rows}
 
     async def insert_invoices(self, values: list[dict[str, Any]]) -> dict[uuid.UUID, uuid.UUID]:
         """New drafts; returns account id → invoice id."""
