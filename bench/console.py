@@ -6,9 +6,10 @@ postgresql://postgres@127.0.0.1:5432/test), COPYs the rows into the current UTC 
 `bench.export`'s loader (spread over `--accounts` accounts with `--keys` keys each and
 `--models` models), folds them into the daily usage rollup as the server's job does, starts
 `meterline serve` and signs in as the operator. Each run opens the overview in a fresh
-browser context (an empty cache) and reports the bytes transferred (HTML, CSS, JavaScript,
-the chart library: every response's `transferSize`) and the time from navigation start until
-the daily-spend chart is drawn (`performance.mark` in console.js), against the targets:
+browser context (an empty cache) and reports the bytes transferred (HTML, CSS, JavaScript:
+every response's `transferSize`) and the time from navigation start until the daily-spend
+chart is on the screen (it is drawn on the server, so that is the page's first contentful
+paint; a chart drawn by script would be its `performance.mark`), against the targets:
 < 300 KB, < 300 ms. Then the same with the browser's cache warm, and again right after
 `--tail-rows` more rows arrived (not yet folded: read from the ledger). The server's share
 is also timed in this process, with the rollup read afresh (a worker's first view of it)
@@ -59,7 +60,9 @@ CHROMIUM_ARGS = [
 MEASURE = """() => {
     const nav = performance.getEntriesByType("navigation")[0];
     const resources = performance.getEntriesByType("resource");
-    const drawn = performance.getEntriesByName("meterline:chart-drawn")[0];
+    // The overview's chart is drawn on the server: it is on the page's first paint.
+    const drawn = performance.getEntriesByName("meterline:chart-drawn")[0]
+        || performance.getEntriesByName("first-contentful-paint")[0];
     return {
         bytes: nav.transferSize + resources.reduce((sum, r) => sum + r.transferSize, 0),
         decoded: nav.decodedBodySize + resources.reduce((sum, r) => sum + r.decodedBodySize, 0),

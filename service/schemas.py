@@ -41,7 +41,7 @@ R = TypeVar("R")
 P = TypeVar("P", bound=BaseModel)
 
 
-def _fixed_point(value: Decimal) -> str:
+def fixed_point(value: Decimal) -> str:
     # str(Decimal) would render a NUMERIC zero with scale 12 as "0E-12"; money is always
     # written in plain fixed-point notation, keeping the stored scale.
     return format(value, "f")
@@ -49,7 +49,7 @@ def _fixed_point(value: Decimal) -> str:
 
 # Exact money in JSON: a decimal string in fixed-point notation, never a float.
 DecimalString = Annotated[
-    Decimal, PlainSerializer(_fixed_point, return_type=str, when_used="json-unless-none")
+    Decimal, PlainSerializer(fixed_point, return_type=str, when_used="json-unless-none")
 ]
 
 

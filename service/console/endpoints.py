@@ -23,6 +23,7 @@ from service.adjustments import service as adjustments
 from service.adjustments.endpoints import SCOPE as ADJUSTMENTS
 from service.adjustments.schemas import AdjustmentCreate, AdjustmentOut
 from service.console import service, sessions
+from service.console.charts import daily_chart
 from service.console.pages import (
     BlankIsNone,
     ChosenPeriod,
@@ -190,11 +191,7 @@ async def overview(
         balance = await credits.balance(
             session, viewer.principal, data.account.id, now, prices.book, budgets.credits_in_flight
         )
-    chart = {
-        "days": [p.day.isoformat() for p in data.days],
-        "cost": [str(p.cost_usd) for p in data.days],
-        "requests": [p.requests for p in data.days],
-    }
+    chart = daily_chart(data.days, data.period)
     return render(request, "overview.html", o=data, chart=chart, balance=balance)
 
 

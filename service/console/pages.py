@@ -37,7 +37,7 @@ from service.console.sessions import COOKIE, SignedIn
 from service.deps import Config, Session
 from service.errors import Forbidden, MeterlineError, NotFound, Unprocessable
 from service.invoices.pdf import unit_price
-from service.schemas import Period
+from service.schemas import Period, fixed_point
 
 STATIC = "/console/static"
 # A versioned asset (`?v=` its content's hash, `asset()` below) never changes at its URL,
@@ -278,6 +278,8 @@ ENV = Environment(
 ENV.filters.update(
     usd=lambda v: "—" if v is None else format_usd(Decimal(v)),
     usd_cents=lambda v: "—" if v is None else format_usd(Decimal(v), cents=True),
+    # Exact money as the API writes it: fixed-point, the stored scale kept (never "0E-12").
+    exact=lambda v: "—" if v is None else fixed_point(Decimal(v)),
     rate=lambda v: "—" if v is None else format_rate(Decimal(v)),
     int=_int,
     compact=_compact,
