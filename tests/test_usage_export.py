@@ -20,14 +20,14 @@ import orjson
 import pyarrow.parquet as pq
 import pytest
 from sqlalchemy import literal_column
-from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.dialects import postgresql
+from sqlalchemy.ext.asyncio import create_async_engine
 from typer.testing import CliRunner, Result
 
 from service.cli import app as cli_app
+from service.db.engine import sqlalchemy_url
 from service.reports.repository import text_cell_sql
 from service.reports.service import text_cell
-from service.db.engine import sqlalchemy_url
 from service.usage.export import CrlfRows, export_events
 from service.usage.repository import UsageFilter
 from tests.conftest import ADMIN_TOKEN, Meterline, Upstream, start_meterline
@@ -446,24 +446,30 @@ def test_times_are_written_alike_whatever_the_sessions_time_zone(
     assert exported[2]["recorded_at"] == "2023-08-01T00:00:00.250010Z"
     assert exported[6]["recorded_at"] == "2023-08-01T00:00:01.350000Z"
     request_id = f"req_times_{len(settings)}_1"
-    assert body.split(b"\r\n")[2] == (
-        f"{request_id},2023-08-01T00:00:00.000001Z,2023-08-01T00:00:00.250001Z,usage,"
-        f"{account_id},,,,chat,mock-chat,mock-chat,mock,false,200,,10,5,15,0,0,upstream,,,"
-        "0.000015000000,"
-    ).encode()
+    assert (
+        body.split(b"\r\n")[2]
+        == (
+            f"{request_id},2023-08-01T00:00:00.000001Z,2023-08-01T00:00:00.250001Z,usage,"
+            f"{account_id},,,,chat,mock-chat,mock-chat,mock,false,200,,10,5,15,0,0,upstream,,,"
+            "0.000015000000,"
+        ).encode()
+    )
     body = asyncio.run(_exported_with_session(db.url, account_id, "jsonl", settings))
     lines = body.splitlines()
     assert [orjson.loads(line)["occurred_at"] for line in lines] == list(WRITTEN_TIMES.values())
-    assert lines[1] == (
-        f'{{"request_id":"{request_id}","occurred_at":"2023-08-01T00:00:00.000001Z",'
-        '"recorded_at":"2023-08-01T00:00:00.250001Z","kind":"usage",'
-        f'"account_id":"{account_id}","key_id":null,"task_id":null,"task_type":null,'
-        '"endpoint":"chat","model":"mock-chat","upstream_model":"mock-chat","provider":"mock",'
-        '"stream":false,"status_code":200,"error_code":null,"prompt_tokens":10,'
-        '"completion_tokens":5,"total_tokens":15,"cached_tokens":0,"reasoning_tokens":0,'
-        '"usage_source":"upstream","latency_ms":null,"ttft_ms":null,'
-        '"cost_usd":"0.000015000000","price_version_id":null}'
-    ).encode()
+    assert (
+        lines[1]
+        == (
+            f'{{"request_id":"{request_id}","occurred_at":"2023-08-01T00:00:00.000001Z",'
+            '"recorded_at":"2023-08-01T00:00:00.250001Z","kind":"usage",'
+            f'"account_id":"{account_id}","key_id":null,"task_id":null,"task_type":null,'
+            '"endpoint":"chat","model":"mock-chat","upstream_model":"mock-chat","provider":"mock",'
+            '"stream":false,"status_code":200,"error_code":null,"prompt_tokens":10,'
+            '"completion_tokens":5,"total_tokens":15,"cached_tokens":0,"reasoning_tokens":0,'
+            '"usage_source":"upstream","latency_ms":null,"ttft_ms":null,'
+            '"cost_usd":"0.000015000000","price_version_id":null}'
+        ).encode()
+    )
 
 
 # Every string of up to three characters from those the rule looks at, and a few others.
