@@ -506,9 +506,9 @@ def _rfc3339(utc: Any) -> Any:
     by `copy_events`): `YYYY-MM-DD HH:MI:SS` and a fraction without its trailing zeros.
 
     Its byte length says how many zeros the fraction lacks, so a simple CASE (the length
-    taken once) picks the suffix: one replace and one concatenation per time, where
-    padding with rpad and a second cast cost twice the rest of the row. Any other length
-    (not a time of years 1 to 9999) is padded with rpad, as it always was."""
+    taken once) picks the suffix: one replace and one concatenation per time, where a
+    second cast and rpad made the two times a third of the export's work in Postgres. Any
+    other length (not a time of years 1 to 9999) is padded to 26 characters by rpad."""
 
     def written(suffix: str) -> Any:
         return func.replace(utc, constant(" "), constant("T")) + constant(suffix)
