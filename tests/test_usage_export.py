@@ -3,6 +3,7 @@ up to `GET /billing/usage` for the same range and caller; scoped like every rout
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 import itertools
@@ -20,12 +21,15 @@ import pyarrow.parquet as pq
 import pytest
 from sqlalchemy import literal_column
 from sqlalchemy.dialects import postgresql
+from sqlalchemy.ext.asyncio import create_async_engine
 from typer.testing import CliRunner, Result
 
 from service.cli import app as cli_app
+from service.db.engine import sqlalchemy_url
 from service.reports.repository import text_cell_sql
 from service.reports.service import text_cell
-from service.usage.export import CrlfRows
+from service.usage.export import CrlfRows, export_events
+from service.usage.repository import UsageFilter
 from tests.conftest import ADMIN_TOKEN, Meterline, Upstream, start_meterline
 from tests.support import Database
 from tests.usage_rows import insert_usage, usage_row
@@ -380,6 +384,92 @@ def test_the_cli_names_a_bad_range_and_writes_nothing(meterline: Meterline, tmp_
     assert result.exit_code == 1
     assert "must be after start (query.end) [HTTP 422]" in result.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+# A month of its own, and the times as the events API writes them: a fraction of each
+# length Postgres would print (it drops trailing zeros), none at all, and a last instant
+# that is already the next day east of UTC.
+TIMES_MONTH = datetime(2023, 8, 1, tzinfo=UTC)
+WRITTEN_TIMES = {
+    TIMES_MONTH: "2023-08-01T00:00:00Z",
+    TIMES_MONTH + timedelta(microseconds=1): "2023-08-01T00:00:00.000001Z",
+    TIMES_MONTH + timedelta(microseconds=10): "2023-08-01T00:00:00.000010Z",
+    TIMES_MONTH + timedelta(microseconds=100): "2023-08-01T00:00:00.000100Z",
+    TIMES_MONTH + timedelta(microseconds=1_000): "2023-08-01T00:00:00.001000Z",
+    TIMES_MONTH + timedelta(microseconds=10_000): "2023-08-01T00:00:00.010000Z",
+    TIMES_MONTH + timedelta(seconds=1, microseconds=100_000): "2023-08-01T00:00:01.100000Z",
+    TIMES_MONTH + timedelta(hours=13, microseconds=123_456): "2023-08-01T13:00:00.123456Z",
+    datetime(2023, 8, 31, 23, 59, 59, 999_999, tzinfo=UTC): "2023-08-31T23:59:59.999999Z",
+}
+
+
+async def _exported_with_session(
+    url: str, account_id: str, fmt: str, settings: dict[str, str]
+) -> bytes:
+    engine = create_async_engine(
+        sqlalchemy_url(url), pool_size=1, connect_args={"server_settings": settings}
+    )
+    where = UsageFilter(
+        account_id=uuid.UUID(account_id), start=TIMES_MONTH, end=datetime(2023, 9, 1, tzinfo=UTC)
+    )
+    try:
+        return b"".join([chunk async for chunk in export_events(engine, where, fmt)])  # type: ignore[arg-type]
+    finally:
+        await engine.dispose()
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [{}, {"TimeZone": "Asia/Kathmandu", "DateStyle": "SQL, DMY", "IntervalStyle": "sql_standard"}],
+)
+def test_times_are_written_alike_whatever_the_sessions_time_zone(
+    meterline: Meterline, db: Database, settings: dict[str, str]
+) -> None:
+    """Postgres renders the times: UTC with `Z`, six digits of microseconds or none, in any
+    session TimeZone and DateStyle (Kathmandu is +05:45, so a zone's offset would show)."""
+    account, _ = meterline.customer(name=f"export-times-{len(settings)}")
+    account_id = str(account)
+    rows = [
+        usage_row(account_id, at, request_id=f"req_times_{len(settings)}_{n}")
+        for n, at in enumerate(WRITTEN_TIMES)
+    ]
+    insert_usage(db, *rows)
+    # A fixed recording time, so a whole line can be pinned.
+    db.execute(
+        "UPDATE usage_ledger SET recorded_at = occurred_at + interval '0.25 seconds'"
+        " WHERE account_id = $1",
+        uuid.UUID(account_id),
+    )
+    body = asyncio.run(_exported_with_session(db.url, account_id, "csv", settings))
+    exported = list(csv.DictReader(io.StringIO(body.decode(), newline="")))
+    assert [r["occurred_at"] for r in exported] == list(WRITTEN_TIMES.values())
+    assert exported[2]["recorded_at"] == "2023-08-01T00:00:00.250010Z"
+    assert exported[6]["recorded_at"] == "2023-08-01T00:00:01.350000Z"
+    request_id = f"req_times_{len(settings)}_1"
+    assert (
+        body.split(b"\r\n")[2]
+        == (
+            f"{request_id},2023-08-01T00:00:00.000001Z,2023-08-01T00:00:00.250001Z,usage,"
+            f"{account_id},,,,chat,mock-chat,mock-chat,mock,false,200,,10,5,15,0,0,upstream,,,"
+            "0.000015000000,"
+        ).encode()
+    )
+    body = asyncio.run(_exported_with_session(db.url, account_id, "jsonl", settings))
+    lines = body.splitlines()
+    assert [orjson.loads(line)["occurred_at"] for line in lines] == list(WRITTEN_TIMES.values())
+    assert (
+        lines[1]
+        == (
+            f'{{"request_id":"{request_id}","occurred_at":"2023-08-01T00:00:00.000001Z",'
+            '"recorded_at":"2023-08-01T00:00:00.250001Z","kind":"usage",'
+            f'"account_id":"{account_id}","key_id":null,"task_id":null,"task_type":null,'
+            '"endpoint":"chat","model":"mock-chat","upstream_model":"mock-chat","provider":"mock",'
+            '"stream":false,"status_code":200,"error_code":null,"prompt_tokens":10,'
+            '"completion_tokens":5,"total_tokens":15,"cached_tokens":0,"reasoning_tokens":0,'
+            '"usage_source":"upstream","latency_ms":null,"ttft_ms":null,'
+            '"cost_usd":"0.000015000000","price_version_id":null}'
+        ).encode()
+    )
 
 
 # Every string of up to three characters from those the rule looks at, and a few others.
