@@ -82,6 +82,10 @@
   }
 
   ready(function () {
+    // A chart drawn on the server is on screen from the first frame the page paints.
+    if (document.querySelector("figure.daily[data-drawn]") && window.performance && performance.mark) {
+      requestAnimationFrame(function () { performance.mark("meterline:chart-painted"); });
+    }
     document.querySelectorAll("[data-chart]").forEach(function (el) {
       var source = document.getElementById(el.getAttribute("data-source"));
       if (!source || typeof uPlot === "undefined") return;
