@@ -98,8 +98,11 @@ def spent(db: Database, account_id: uuid.UUID) -> Decimal:
     )
 
 
-def _hundred_against_a_budget_of_ten(url: str, db: Database, label: str) -> uuid.UUID:
-    account_id, _, key = new_customer(url, monthly_budget_usd=str(BUDGET))
+def _hundred_at_once(
+    url: str, db: Database, account_id: uuid.UUID, key: str
+) -> tuple[list[Any], list[openai.APIStatusError], int]:
+    """A hundred requests of `key` in flight together: those served, those refused, and the
+    ledger rows recorded for the account once the served ones are in."""
     results = asyncio.run(
         burst(
             f"{url}/v1",
@@ -119,6 +122,12 @@ def _hundred_against_a_budget_of_ten(url: str, db: Database, label: str) -> uuid
         account_id,
         count=len(served),
     )
+    return served, refused, recorded
+
+
+def _hundred_against_a_budget_of_ten(url: str, db: Database, label: str) -> uuid.UUID:
+    account_id, _, key = new_customer(url, monthly_budget_usd=str(BUDGET))
+    served, refused, recorded = _hundred_at_once(url, db, account_id, key)
     total = spent(db, account_id)
     overshoot = max(total - BUDGET, Decimal(0))
     print(
@@ -209,24 +218,7 @@ def test_a_budget_on_a_rate_card_reserves_the_accounts_own_price(
         account_id, _, key = new_customer(
             m.url, monthly_budget_usd=str(BUDGET), rate_card_id=card.json()["id"]
         )
-        results = asyncio.run(
-            burst(
-                m.v1,
-                key,
-                100,
-                model=MODEL,
-                messages=MESSAGES,
-                max_tokens=MAX_TOKENS,
-                extra_body=SLOW,
-            )
-        )
-        served = [r for r in results if not isinstance(r, openai.APIStatusError)]
-        recorded = wait_for_rows(
-            db,
-            "SELECT count(*) FROM usage_ledger WHERE account_id = $1",
-            account_id,
-            count=len(served),
-        )
+        served, refused, recorded = _hundred_at_once(m.url, db, account_id, key)
     total = spent(db, account_id)
     listed = db.fetchval(
         "SELECT sum((prompt_tokens + completion_tokens) * $2::numeric / 1000000) FROM usage_ledger"
@@ -234,15 +226,16 @@ def test_a_budget_on_a_rate_card_reserves_the_accounts_own_price(
         account_id,
         PRICE,
     )
-    statuses = sorted({getattr(r, "status_code", 0) for r in results})
     print(
-        f"\n[rate card x2] budget={BUDGET} served={len(served)} statuses={statuses}"
+        f"\n[rate card x2] budget={BUDGET} served={len(served)} refused={len(refused)}"
         f" spent={total} list={listed}"
     )
     assert recorded == len(served)
     assert total == 2 * listed  # billed at the account's price
     assert len(served) == 5  # each worst case costs twice what it does at list price
     assert total <= BUDGET
+    for error in refused:
+        _assert_budget_refusal(error, "account", account_id)
 
 
 def test_a_key_budget_stops_that_key_only(

@@ -311,14 +311,18 @@ class Limits:
                     " set METERLINE_REDIS_URL to share them",
                 )
             return cls(settings, engine, prices, MemoryCounters(), limits_of, events=events)
-        # Short timeouts: a slow Redis must not hold requests; admission then fails open.
+        # A Redis that refuses connections fails at once (rate limits then pass, budgets
+        # refuse). A connection and an answer are waited for as long as a free connection
+        # is: under a burst, a worker opens its pool's connections while its loop is busy
+        # and reads answers late, and taking that for an outage let rate-limited requests
+        # through past their limit.
         # A bounded pool that waits for a free connection: a burst must queue, not fail.
         pool = BlockingConnectionPool.from_url(
             settings.redis_url,
             max_connections=16,
             timeout=2.0,  # waiting for a free connection: a burst queues (budgets refuse past it)
-            socket_timeout=0.5,
-            socket_connect_timeout=0.5,
+            socket_timeout=2.0,
+            socket_connect_timeout=2.0,
         )
         redis = Redis(connection_pool=pool)
         counters = RedisCounters(redis, settings.redis_prefix)
