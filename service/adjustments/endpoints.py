@@ -3,6 +3,7 @@ from __future__ import annotations
 import uuid
 
 from fastapi import APIRouter, status
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.accounts.service import get_account
 from service.adjustments import service
@@ -36,9 +37,16 @@ async def create_adjustment(
     With `Idempotency-Key`, a retry answers the first result and adds nothing.
     """
     await get_account(session, admin, account_id)
+    return await adjust_once(session, account_id, data, idempotency_key)
+
+
+async def adjust_once(
+    session: AsyncSession, account_id: uuid.UUID, data: AdjustmentCreate, key: str | None
+) -> AdjustmentOut:
+    """The adjustment, once per idempotency key: the API's and the console's one way."""
 
     async def adjust() -> AdjustmentOut:
         return await service.adjust_account(session, account_id, data)
 
     request = {"account_id": str(account_id), "body": data.model_dump(mode="json")}
-    return await idempotent(session, SCOPE, idempotency_key, request, adjust, AdjustmentOut)
+    return await idempotent(session, SCOPE, key, request, adjust, AdjustmentOut)

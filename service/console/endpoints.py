@@ -2,8 +2,9 @@
 the signed-in `Principal`, render. The navigation follows the order of the `@page`s below.
 
 To add a page: one `@page("/path", "Label")` function here and one template in `templates/`.
-A form that changes money as an API call with `Idempotency-Key` would goes through the same
-`idempotent(...)` with the key its page was rendered with (`once()` in the template).
+A form that changes money calls the API's own once-per-key function (`add_credit_once`,
+`adjust_once`, `credit_note_once`) with the key its page was rendered with (`once()` in the
+template).
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from pricing.invoice import BillingPeriod, InvoiceStatus, TaskStatus
 from service.accounts import service as accounts
 from service.accounts.schemas import AccountCreate, AccountOut, AccountUpdate, KeyOut
 from service.adjustments import service as adjustments
-from service.adjustments.endpoints import SCOPE as ADJUSTMENTS
-from service.adjustments.schemas import AdjustmentCreate, AdjustmentOut
+from service.adjustments.endpoints import adjust_once
+from service.adjustments.schemas import AdjustmentCreate
 from service.console import service, sessions
 from service.console.charts import daily_chart
 from service.console.pages import (
@@ -40,20 +41,17 @@ from service.console.pages import (
     router,
 )
 from service.credits import service as credits
-from service.credits.endpoints import ADD_CREDIT
-from service.credits.schemas import CreditCreate, CreditGrantOut
+from service.credits.endpoints import add_credit_once
+from service.credits.schemas import CreditCreate
 from service.db.models import BillingMode
 from service.db.session import after_commit
 from service.deps import Budgets, Config, Engine, Guard, Keys, Prices, Session, UsageCache
 from service.errors import Unauthorized
-from service.idempotency.service import idempotent
-from service.invoices import credit_notes
 from service.invoices import service as invoices
-from service.invoices.endpoints import CREDIT_NOTES
+from service.invoices.endpoints import credit_note_once
 from service.invoices.pdf import Issuer
 from service.invoices.schemas import (
     CreditNoteCreate,
-    CreditNoteOut,
     InvoiceCreate,
     InvoiceVoid,
     invoice_out,
@@ -403,17 +401,7 @@ async def add_credit(
     fields = form.present("amount_usd", "kind", "priority", "reference")
     fields["expires_at"] = form.instant("expires_at")
     data = CreditCreate.model_validate({k: v for k, v in fields.items() if v is not None})
-    now = _now()
-
-    async def add() -> CreditGrantOut:  # as the API does
-        grant = await credits.add_credit(
-            session, account_id, data, now, settings.pro_tier_min_deposit_usd
-        )
-        after_commit(session, lambda: budgets.credits_changed(account_id))
-        return credits.grant_out(grant, grant.amount_usd, now)
-
-    request = {"account_id": str(account_id), "body": data.model_dump(mode="json")}
-    await idempotent(session, ADD_CREDIT, form.idempotency_key(), request, add, CreditGrantOut)
+    await add_credit_once(session, account_id, data, form.idempotency_key(), settings, budgets)
     return redirect(f"/console/accounts/{account_id}#credits")
 
 
@@ -442,13 +430,7 @@ async def adjust_account(
         "occurred_at": form.instant("occurred_at"),
     }
     data = AdjustmentCreate.model_validate({k: v for k, v in fields.items() if v is not None})
-
-    async def adjust() -> AdjustmentOut:
-        return await adjustments.adjust_account(session, account_id, data)
-
-    request = {"account_id": str(account_id), "body": data.model_dump(mode="json")}
-    key = form.idempotency_key()
-    adjusted = await idempotent(session, ADJUSTMENTS, key, request, adjust, AdjustmentOut)
+    adjusted = await adjust_once(session, account_id, data, form.idempotency_key())
     month = BillingPeriod.parse(adjusted.period)
     listed = await invoices.list_invoices(
         session, viewer.principal, account_id, month, "draft", 1, None
@@ -583,12 +565,7 @@ async def issue_credit_note(
     data = CreditNoteCreate.model_validate(
         {k: v for k, v in form.present("amount_usd", "reason").items() if v is not None}
     )
-
-    async def issue() -> CreditNoteOut:
-        return await credit_notes.issue(session, invoice_id, data)
-
-    request = {"invoice_id": str(invoice_id), "body": data.model_dump(mode="json")}
-    await idempotent(session, CREDIT_NOTES, form.idempotency_key(), request, issue, CreditNoteOut)
+    await credit_note_once(session, invoice_id, data, form.idempotency_key())
     return redirect(f"/console/invoices/{invoice_id}#credit-notes")
 
 

@@ -38,6 +38,19 @@ async def add_credit(
     that brings what a basic account bought to `METERLINE_PRO_TIER_MIN_DEPOSIT_USD` moves it
     to the pro tier at once. With an `Idempotency-Key`, a retry adds nothing and gets the
     first answer."""
+    return await add_credit_once(session, account_id, data, idempotency_key, settings, budgets)
+
+
+async def add_credit_once(
+    session: Session,
+    account_id: uuid.UUID,
+    data: CreditCreate,
+    idempotency_key: str | None,
+    settings: Config,
+    budgets: Budgets,
+) -> CreditGrantOut:
+    """The grant, once per idempotency key; the proxy reads the account's credit again once
+    it is committed. The API's and the console's one way to put credit on an account."""
     now = datetime.now(UTC)
 
     async def add() -> CreditGrantOut:

@@ -4,6 +4,7 @@ import uuid
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Response, status
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from pricing.invoice import InvoiceStatus
 from service.deps import Admin, Caller, Config, Session
@@ -157,9 +158,16 @@ async def create_credit_note(
     `CN-YYYY-NNNNNN`, never more than the invoice's remaining total. The invoice itself does
     not change; it lists its credit notes and what remains due. Draft or void: 409.
     """
+    return await credit_note_once(session, invoice_id, data, idempotency_key)
+
+
+async def credit_note_once(
+    session: AsyncSession, invoice_id: uuid.UUID, data: CreditNoteCreate, key: str | None
+) -> CreditNoteOut:
+    """The credit note, once per idempotency key: the API's and the console's one way."""
 
     async def issue() -> CreditNoteOut:
         return await credit_notes.issue(session, invoice_id, data)
 
     request = {"invoice_id": str(invoice_id), "body": data.model_dump(mode="json")}
-    return await idempotent(session, CREDIT_NOTES, idempotency_key, request, issue, CreditNoteOut)
+    return await idempotent(session, CREDIT_NOTES, key, request, issue, CreditNoteOut)
