@@ -9,6 +9,7 @@ measurable share of a pass-through's time); the routes below keep 405s and the l
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable
 
 import orjson
 from starlette.applications import Starlette
@@ -84,10 +85,12 @@ class ProxyFastPath:
     async def _guarded(handler: ASGIApp, scope: Scope, receive: Receive, send: Send) -> None:
         started = False
 
-        async def tracking_send(message: Message) -> None:
+        # Not a coroutine: it hands back `send`'s own awaitable, so no frame is added per
+        # message (a stream sends one per chunk).
+        def tracking_send(message: Message) -> Awaitable[None]:
             nonlocal started
             started = True
-            await send(message)
+            return send(message)
 
         try:
             await handler(scope, receive, tracking_send)

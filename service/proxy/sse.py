@@ -63,13 +63,20 @@ class StreamMeter:
         if (
             not self._tail
             and chunk.startswith(b"data: ")
-            and chunk.endswith(_NULL_USAGE_TAIL + b"\n\n")
+            and chunk.endswith(b"\n\n")
             and chunk.count(b"\n") == 2
         ):
-            # The usual piece: exactly one whole event with the injected `"usage": null`.
-            stripped = chunk[6 : -2 - len(_NULL_USAGE_TAIL)] + b"}"
-            self._payloads.append(stripped)
-            return b"data: " + stripped + b"\n\n"
+            # The usual piece: exactly one whole event, read without splitting it. With the
+            # injected `"usage": null` it is stripped; without any usage it goes as it came.
+            data = chunk[6:-2]
+            if data.endswith(_NULL_USAGE_TAIL):
+                stripped = data[: -len(_NULL_USAGE_TAIL)] + b"}"
+                self._payloads.append(stripped)
+                return b"data: " + stripped + b"\n\n"
+            if b'"usage"' not in data:
+                if data != _DONE:
+                    self._payloads.append(data)
+                return chunk
         events, self._tail = split_events(self._tail + chunk)
         out = []
         for event in events:
