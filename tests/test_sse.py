@@ -8,12 +8,13 @@ Both ways must agree, which is what these properties check."""
 from __future__ import annotations
 
 import itertools
+import re
 
 import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from service.proxy.sse import StreamMeter
+from service.proxy.sse import StreamMeter, split_events
 
 
 def _content(text: str, injected_null: bool) -> bytes:
@@ -31,8 +32,18 @@ def _content(text: str, injected_null: bool) -> bytes:
 _USAGE = b'data: {"id":"c1","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2}}\n\n'
 _DONE = b"data: [DONE]\n\n"
 
+# What providers also send: comments, named events, data split over lines, CRLF line ends.
+_OTHER = (
+    b": keep-alive\n\n",
+    b'event: message\ndata: {"id":"c1","choices":[]}\n\n',
+    b'data: {"id":"c1",\ndata: "choices":[]}\n\n',
+    b'data: {"id":"c1","choices":[{"delta":{"content":"crlf"}}]}\r\n\r\n',
+)
 events = st.lists(
-    st.tuples(st.text(max_size=12), st.booleans()).map(lambda pair: _content(*pair)),
+    st.one_of(
+        st.tuples(st.text(max_size=12), st.booleans()).map(lambda pair: _content(*pair)),
+        st.sampled_from(_OTHER),
+    ),
     min_size=1,
     max_size=8,
 )
@@ -69,3 +80,12 @@ def test_the_same_stream_is_passed_on_and_metered_however_it_is_cut(
     else:
         assert sent == raw
     assert (whole.usage() is not None) == with_usage
+
+
+@given(
+    st.lists(st.sampled_from([b"data: x", b"\n", b"\r", b"\n\n", b"\r\n\r\n", b":"]), max_size=12)
+)
+def test_events_end_at_every_blank_line_the_grammar_allows(parts: list[bytes]) -> None:
+    raw = b"".join(parts)
+    *events, rest = re.split(rb"\r\n\r\n|\n\n|\r\r", raw)
+    assert split_events(raw) == (events, rest)
