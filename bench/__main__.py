@@ -11,6 +11,7 @@ import sys
 
 BENCHMARKS: dict[str, str] = {
     "proxy": "bench.proxy",  # throughput, latency and TTFT: direct vs through Meterline
+    "streams": "bench.streams",  # N streams held in flight, with the shared node tools
     "ingest": "bench.ingest",  # ledger writer: usage rows/s into Postgres
     "quotes": "bench.quotes",  # history quote latency from 100,000 past tasks
     "export": "bench.export",  # monthly report (or --raw rows) of 1M ledger rows: rows/s, peak RSS

@@ -1,0 +1,260 @@
+"""`python -m bench streams`: streams held in flight through Meterline, as the shared tools
+measure them.
+
+Starts the shared node upstream (`mock_upstream.js --chunk-ms 20`) and `meterline serve
+--workers W` on a database of its own, then runs the shared client (`streams.js`: N lanes,
+each opening a new stream of 50 chunks 20 ms apart as its last one ends, for S seconds)
+once direct and once through Meterline, in the same minute. Against the targets:
+
+- time to first token, p50 and p99, added over direct: ≤ 2 ms and ≤ 10 ms;
+- the worst gap between two chunks: ≤ direct's + 20 ms;
+- completed streams: ≥ 98 % of direct's;
+- every stream in the ledger, each with the provider's exact tokens.
+
+Also reported: the workers' CPU per chunk relayed (all of a worker's work divided by the
+chunks, so a load-robust figure to compare builds by), each worker's idle and peak RSS and
+the memory a stream in flight holds, and the event-loop lag the workers measured
+(`meterline_event_loop_lag_seconds`, sampled every 0.1 s).
+
+    python -m bench streams [--streams 500] [--seconds 6] [--workers 2] [--tools DIR]
+
+`--tools` is the folder of `mock_upstream.js` and `streams.js` (default
+`METERLINE_SHARED_TOOLS`, else `../shared/tools` beside the checkout); node must be on PATH.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import psutil
+
+from bench.proxy import ADMIN_TOKEN, create_key
+from bench.support import ROOT, bench_database, free_port, run
+from service.db.engine import asyncpg_dsn
+
+MODEL = "meta-llama/Llama-3.3-70B-Instruct"
+CHUNKS = 50  # the client's max_tokens: the mock sends one content chunk per token
+
+
+def shared_tools(given: str | None) -> Path:
+    folder = Path(given or os.environ.get("METERLINE_SHARED_TOOLS") or ROOT.parent / "shared/tools")
+    if not (folder / "streams.js").exists() or not shutil.which("node"):
+        raise SystemExit(f"needs node and {folder}/streams.js, mock_upstream.js (--tools DIR)")
+    return folder
+
+
+def client(tools: Path, url: str, streams: int, key: str, seconds: float) -> dict[str, Any]:
+    """One run of the shared client: its JSON line."""
+    argv = ["node", str(tools / "streams.js"), url, str(streams), MODEL, key, str(CHUNKS)]
+    done = subprocess.run([*argv, str(seconds)], capture_output=True, text=True, check=True)
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
+def workers_of(server: psutil.Process) -> list[psutil.Process]:
+    """The processes that serve requests: uvicorn's spawned workers, or the server itself."""
+    spawned = [p for p in server.children() if "multiprocessing-fork" in " ".join(p.cmdline())]
+    return spawned or [server]
+
+
+class Sampler:
+    """The workers' summed RSS every 0.2 s, its peak kept, while the load runs."""
+
+    def __init__(self, workers: list[psutil.Process]) -> None:
+        self.workers = workers
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def rss(self) -> int:
+        return sum(p.memory_info().rss for p in self.workers)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.2):
+            self.peak = max(self.peak, self.rss())
+
+    def __enter__(self) -> Sampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def cpu_seconds(workers: list[psutil.Process]) -> float:
+    return float(sum(p.cpu_times().user + p.cpu_times().system for p in workers))
+
+
+def loop_lag(metrics: str) -> tuple[int, int, str]:
+    """Samples of the event-loop lag in all, those over 100 ms, and the bucket of the worst."""
+    buckets: list[tuple[float, float]] = []
+    for line in metrics.splitlines():
+        if line.startswith("meterline_event_loop_lag_seconds_bucket"):
+            bound = line.split('le="', 1)[1].split('"', 1)[0]
+            buckets.append((float(bound), float(line.rsplit(" ", 1)[1])))
+    if not buckets:
+        return 0, 0, "n/a"
+    total = int(buckets[-1][1])
+    within = next((count for bound, count in buckets if bound >= 0.1), total)
+    worst = next((bound for bound, count in buckets if count >= total), float("inf"))
+    below = max((bound for bound, _ in buckets if bound < worst), default=0.0)
+    return total, total - int(within), f"{below * 1000:.0f}-{worst * 1000:.0f} ms"
+
+
+def ledger(database_url: str, account_id: str, expected: int) -> tuple[int, int, int]:
+    """Rows of the account once the writer caught up, those served (200), and those of
+    them whose tokens are not the provider's exact count."""
+
+    async def read() -> tuple[int, int, int]:
+        connection = await asyncpg.connect(asyncpg_dsn(database_url))
+        try:
+            row = await connection.fetchrow(
+                "SELECT count(*) AS rows, count(*) FILTER (WHERE status_code = 200) AS served,"
+                " count(*) FILTER (WHERE status_code = 200 AND (completion_tokens <> $2"
+                "   OR usage_source <> 'upstream')) AS inexact"
+                " FROM usage_ledger WHERE account_id = $1::uuid",
+                account_id,
+                CHUNKS,
+            )
+            return int(row["rows"]), int(row["served"]), int(row["inexact"])
+        finally:
+            await connection.close()
+
+    deadline = time.monotonic() + 30
+    counts = asyncio.run(read())
+    while counts[0] < expected and time.monotonic() < deadline:
+        time.sleep(0.2)
+        counts = asyncio.run(read())
+    return counts
+
+
+def expected_rows(args: argparse.Namespace, result: dict[str, Any]) -> int:
+    """The streams of a run, counting the ones the client opens first to warm its
+    connections (up to 20, not in its figures)."""
+    streams: int = args.streams
+    return int(result["streams"]) + min(streams, 20)
+
+
+def verdict(ok: bool) -> str:
+    return "met" if ok else "MISSED"
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench streams", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--streams", type=int, default=500, help="streams held in flight")
+    parser.add_argument("--seconds", type=float, default=6.0, help="how long they are held")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--tools", help="folder of streams.js and mock_upstream.js")
+    args = parser.parse_args(argv)
+    tools = shared_tools(args.tools)
+    work = Path(tempfile.mkdtemp(prefix="meterline-bench-streams-"))
+    print(f"logs in {work}; {os.cpu_count()} CPUs; load {os.getloadavg()[0]:.2f}", flush=True)
+    upstream_port, meterline_port = free_port(), free_port()
+    upstream = f"http://127.0.0.1:{upstream_port}"
+    meterline = f"http://127.0.0.1:{meterline_port}"
+    providers = work / "providers.yaml"
+    providers.write_text(
+        "providers:\n"
+        "  - name: node\n"
+        f"    base_url: {upstream}/v1\n"
+        "    models: ['*']\n"
+        "    stream_usage: inject\n"
+    )
+    with bench_database() as database_url:
+        env = {
+            "METERLINE_DATABASE_URL": database_url,
+            "METERLINE_ADMIN_TOKEN": ADMIN_TOKEN,
+            "METERLINE_PROVIDERS": str(providers),
+            "METERLINE_DATA_DIR": str(work / "data"),
+            "METERLINE_ACCESS_LOG": "false",
+            "METERLINE_LOG_LEVEL": "warning",
+        }
+        node = ["node", str(tools / "mock_upstream.js"), str(upstream_port), "--chunk-ms", "20"]
+        serve = [sys.executable, "-m", "service", "serve", "--port", str(meterline_port)]
+        with (
+            run(node, f"{upstream}/v1/models", {}, work / "upstream.log"),
+            run(
+                [*serve, "--workers", str(args.workers)],
+                f"{meterline}/healthz",
+                env,
+                work / "meterline.log",
+            ) as server,
+        ):
+            _, warm_key = create_key(meterline)
+            account_id, key = create_key(meterline)  # the measured run's rows, and no others
+            chat = "/v1/chat/completions"
+            workers = workers_of(psutil.Process(server.pid))
+            client(tools, f"{meterline}{chat}", 20, warm_key, 1)  # every worker past its start
+            idle = [p.memory_info().rss for p in workers]
+            direct = client(tools, f"{upstream}{chat}", args.streams, "x", args.seconds)
+            before = cpu_seconds(workers)
+            with Sampler(workers) as sampler:
+                metered = client(tools, f"{meterline}{chat}", args.streams, key, args.seconds)
+            cpu = cpu_seconds(workers) - before
+            metrics = httpx.get(
+                f"{meterline}/metrics", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}
+            ).text
+            rows, served, inexact = ledger(database_url, account_id, expected_rows(args, metered))
+    report(args, direct, metered, cpu, idle, sampler.peak, metrics, (rows, served, inexact))
+
+
+def report(
+    args: argparse.Namespace,
+    direct: dict[str, Any],
+    metered: dict[str, Any],
+    cpu: float,
+    idle: list[int],
+    peak: int,
+    metrics: str,
+    rows: tuple[int, int, int],
+) -> None:
+    print(f"\n-- {args.streams} streams held {args.seconds:g}s, {args.workers} workers")
+    for label, result in (("direct", direct), ("Meterline", metered)):
+        print(
+            f"  {label:<10} {result['streams']:6} streams ({result['errors']} errors): TTFT p50 "
+            f"{result['ttft_p50']:7.2f} ms  p99 {result['ttft_p99']:8.2f} ms  max "
+            f"{result['ttft_max']:8.1f} ms; worst gap {result['worst_gap_ms']:6.1f} ms"
+        )
+    p50 = metered["ttft_p50"] - direct["ttft_p50"]
+    p99 = metered["ttft_p99"] - direct["ttft_p99"]
+    gap = metered["worst_gap_ms"] - direct["worst_gap_ms"]
+    share = metered["streams"] / direct["streams"] if direct["streams"] else 0.0
+    print(f"  TTFT added: p50 {p50:+.2f} ms (≤ 2: {verdict(p50 <= 2)}), ", end="")
+    print(f"p99 {p99:+.2f} ms (≤ 10: {verdict(p99 <= 10)})")
+    print(f"  worst gap: {gap:+.1f} ms over direct (≤ +20: {verdict(gap <= 20)})")
+    print(f"  completed: {share:.1%} of direct's (≥ 98 %: {verdict(share >= 0.98)})")
+    total, served, inexact = rows
+    expected = expected_rows(args, metered)
+    print(
+        f"  ledger: {total} rows for {expected} streams, {served} served, {inexact} without the "
+        f"provider's exact tokens — {'OK' if total == expected and inexact == 0 else 'MISMATCH'}"
+    )
+    chunks = metered["chunks"]
+    print(
+        f"  workers' CPU: {cpu:.2f} s, {cpu * 1e6 / chunks:.1f} µs per chunk relayed (all work "
+        f"included), {cpu * 1e3 / max(1, metered['streams']):.2f} ms per stream"
+    )
+    mb = 1024 * 1024
+    per_stream = (peak - sum(idle)) / args.streams / 1024
+    print(
+        f"  RSS: idle {', '.join(f'{r / mb:.0f}' for r in idle)} MB per worker; peak "
+        f"{peak / mb:.0f} MB in all; {per_stream:.0f} kB per stream in flight"
+    )
+    samples, over, worst = loop_lag(metrics)
+    print(f"  event-loop lag: {over} of {samples} samples over 100 ms; the worst in {worst}")
