@@ -380,7 +380,8 @@ class SteadyLoad:
             outcome.request_id = error.response.headers.get("x-request-id")
             outcome.error = type(error).__name__
         except Exception as error:  # connection refused or cut: no (whole) answer
-            outcome.error = type(error).__name__
+            cause = error.__cause__ or error.__context__
+            outcome.error = type(error).__name__ + (f"({type(cause).__name__})" if cause else "")
         finally:
             outcome.finished = time.monotonic()
 
