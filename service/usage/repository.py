@@ -574,9 +574,10 @@ _COPY_OPTIONS: dict[str, dict[str, Any]] = {
 
 def _copy_query(where: UsageFilter, fmt: str) -> Select[Any]:
     csv = fmt == "csv"
-    # Sorted as stored, rendered once sorted: the sort moves the ledger's narrower values
-    # (Postgres computes a select list before its ORDER BY, and keeps a sorted subquery
-    # as a level of its own, in its order).
+    # Read in order from the index on (occurred_at, request_id), rendered once read (the
+    # ordered subquery is a level of its own, in its order; were the index not chosen,
+    # the sort would move the ledger's narrower values, as Postgres computes a select list
+    # before its ORDER BY).
     stored = (
         select(*(_stored_column(name) for name in EVENT_FIELDS))
         .where(*where.conditions())
