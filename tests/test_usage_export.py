@@ -15,6 +15,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import httpx
 import orjson
 import pyarrow.parquet as pq
@@ -29,7 +30,7 @@ from service.db.engine import sqlalchemy_url
 from service.reports.repository import text_cell_sql
 from service.reports.service import text_cell
 from service.usage.export import CrlfRows, export_events
-from service.usage.repository import UsageFilter
+from service.usage.repository import UsageFilter, _copy_query
 from tests.conftest import ADMIN_TOKEN, Meterline, Upstream, start_meterline
 from tests.support import Database
 from tests.usage_rows import insert_usage, usage_row
@@ -514,3 +515,39 @@ def test_rows_end_in_crlf_however_the_chunks_fall() -> None:
         chunks = [lf[a:b] for a, b in zip([0, *cuts], [*cuts, len(lf)], strict=True)]
         to_crlf = CrlfRows()
         assert b"".join(to_crlf(c) for c in chunks) == crlf
+
+
+def _plan_nodes(plan: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    yield plan
+    for child in plan.get("Plans", ()):
+        yield from _plan_nodes(child)
+
+
+def test_the_export_reads_the_ledger_in_its_order_without_sorting(
+    db: Database, may: dict[str, Any]
+) -> None:
+    """A month is exported in (occurred_at, request_id) order read from an index: sorting
+    it instead cost a third of the export's database time, spilled to disk. With sorting
+    priced out, a plan without the index would still have to sort."""
+    query = _copy_query(UsageFilter(start=BEGIN, end=BEGIN + timedelta(days=31)), "csv")
+    sql = str(
+        query.compile(
+            dialect=postgresql.asyncpg.dialect(),  # type: ignore[no-untyped-call]
+            compile_kwargs={"literal_binds": True, "render_postcompile": True},
+        )
+    )
+
+    async def explained() -> Any:
+        connection = await asyncpg.connect(db.dsn)
+        try:
+            await connection.execute("SET enable_sort = off")
+            return await connection.fetchval(f"EXPLAIN (FORMAT JSON) {sql}")
+        finally:
+            await connection.close()
+
+    [plan] = orjson.loads(asyncio.run(explained()))
+    nodes = list(_plan_nodes(plan["Plan"]))
+    assert not [n for n in nodes if "Sort" in n["Node Type"]]
+    assert [n["Index Name"] for n in nodes if n["Node Type"] == "Index Scan"] == [
+        "usage_ledger_p202305_occurred_at_request_id_idx"
+    ]

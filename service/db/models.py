@@ -328,6 +328,8 @@ class UsageRecord(Base):
     __table_args__ = (
         PrimaryKeyConstraint("request_id", "occurred_at"),
         Index("ix_usage_ledger_account_occurred", "account_id", "occurred_at"),
+        # The order the raw export writes and the events API pages: read, not sorted.
+        Index("ix_usage_ledger_occurred_request", "occurred_at", "request_id"),
         Index(
             "ix_usage_ledger_account_task",
             "account_id",
