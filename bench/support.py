@@ -47,14 +47,17 @@ def wait_http(url: str, process: subprocess.Popen[bytes], timeout: float = 180) 
 
 
 @contextlib.contextmanager
-def run(args: list[str], ready: str, env: dict[str, str], log: Path) -> Iterator[None]:
+def run(
+    args: list[str], ready: str, env: dict[str, str], log: Path
+) -> Iterator[subprocess.Popen[bytes]]:
+    """`args` started and answering at `ready` (the process, for its pid), stopped after."""
     with open(log, "wb") as out:
         process = subprocess.Popen(
             args, env={**os.environ, **env}, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT
         )
         try:
             wait_http(ready, process)
-            yield
+            yield process
         finally:
             process.send_signal(signal.SIGTERM)
             try:
