@@ -39,6 +39,7 @@ from pathlib import Path
 import aiohttp
 import asyncpg
 import httpx
+import psutil
 
 from bench.support import bench_database, ensure_wrk, free_port, run
 from service.db.engine import asyncpg_dsn
@@ -303,7 +304,7 @@ def bench_workers(
             f"{meterline_url}/healthz",
             env,
             work / f"meterline-{workers}.log",
-        ),
+        ) as meterline,
         run(
             [*uvicorn, "--port", str(bare_port), "bench.passthrough:create_app"],
             f"{bare_url}/v1/chat/completions",
@@ -314,7 +315,7 @@ def bench_workers(
         account_id, key = create_key(meterline_url)
         chat = "/v1/chat/completions"
         if args.routing:
-            bench_routing(args, wrk_bin, f"{meterline_url}{chat}", key, work)
+            bench_routing(args, wrk_bin, f"{meterline_url}{chat}", key, work, meterline.pid)
             return
         served = 0  # responses wrk received from Meterline, warm-ups included
         runs = 0
@@ -351,9 +352,29 @@ def bench_workers(
             bench_streams(args, database_url, upstream, meterline_url)
 
 
-def bench_routing(args: argparse.Namespace, wrk_bin: str, url: str, key: str, work: Path) -> None:
+def server_cpu_s(pid: int) -> float:
+    """CPU seconds the server (and its worker processes) have used so far."""
+    process = psutil.Process(pid)
+    total = 0.0
+    for each in (process, *process.children(recursive=True)):
+        times = each.cpu_times()
+        total += times.user + times.system
+    return total
+
+
+def bench_routing(
+    args: argparse.Namespace, wrk_bin: str, url: str, key: str, work: Path, server: int
+) -> None:
     """A model name against a model object of five candidates, alternated `--rounds` times at
-    the lowest connection count: the median of each round's p50, and the load average."""
+    the lowest connection count (which goes first alternates too): the median of each
+    round's p50, the server's CPU time per request (what routing costs, far less sensitive
+    than latency to the other processes on the machine), and the load average.
+
+    Once the server is busy (8 connections on a machine of two cores: wrk, the mock and one
+    worker share them), a request waits behind the others in its turn, and the p50 is about
+    the connections times the server's CPU per request: a µs routing adds shows as about
+    8 µs there, and so does any other process's burst. `--connections 1` gives the latency
+    a request itself gains."""
     connections = min(args.connections)
     print(
         f"\n-- routing: a model object of {len(CANDIDATES)} candidates vs a model name, "
@@ -362,13 +383,24 @@ def bench_routing(args: argparse.Namespace, wrk_bin: str, url: str, key: str, wo
     for body in (BODY, ROUTED_BODY):
         wrk(wrk_bin, url, connections, 2, key, work, body)
     p50: dict[str, list[float]] = {"name": [], "object": []}
-    for _ in range(args.rounds):
-        for label, body in (("name", BODY), ("object", ROUTED_BODY)):
+    cpu: dict[str, list[float]] = {"name": [], "object": []}
+    runs = (("name", BODY), ("object", ROUTED_BODY))
+    for round_ in range(args.rounds):
+        # Each first in turn, so a load that rises or falls through the runs favours neither.
+        for label, body in runs if round_ % 2 == 0 else runs[::-1]:
+            before = server_cpu_s(server)
             result = wrk(wrk_bin, url, connections, args.duration, key, work, body)
+            used = (server_cpu_s(server) - before) / result.requests * 1e6
             assert result.errors == 0, f"{result.errors} errors with the model {label}"
             p50[label].append(result.latency_ms["50%"])
-            print(f"  {label:<7}{fmt(result)}  load {os.getloadavg()[0]:.2f}", flush=True)
-    name, routed = (sorted(v)[len(v) // 2] for v in (p50["name"], p50["object"]))
+            cpu[label].append(used)
+            print(
+                f"  {label:<7}{fmt(result)}  server CPU {used:4.0f} µs/request"
+                f"  load {os.getloadavg()[0]:.2f}",
+                flush=True,
+            )
+    name, routed = (median(p50[label]) for label in ("name", "object"))
+    name_cpu, routed_cpu = (median(cpu[label]) for label in ("name", "object"))
     by_name, by_object = routing_cost()
     print(
         f"  in-process, best of 5 runs of 20,000: a name {by_name:.2f} µs, the object"
@@ -377,11 +409,21 @@ def bench_routing(args: argparse.Namespace, wrk_bin: str, url: str, key: str, wo
         flush=True,
     )
     print(
+        f"  median server CPU per request: name {name_cpu:.0f} µs, object {routed_cpu:.0f} µs;"
+        f" added by routing {routed_cpu - name_cpu:+.0f} µs",
+        flush=True,
+    )
+    print(
         f"  median p50: name {name:.3f} ms, object {routed:.3f} ms; added by routing "
         f"{routed - name:+.3f} ms (target ≤ +0.2 ms); load average "
         f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}",
         flush=True,
     )
+
+
+def median(values: list[float]) -> float:
+    """The middle value (of an even count, the upper of the two middle ones)."""
+    return sorted(values)[len(values) // 2]
 
 
 def routing_cost(repeats: int = 5, calls: int = 20_000) -> tuple[float, float]:

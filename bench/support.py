@@ -50,7 +50,7 @@ def wait_http(url: str, process: subprocess.Popen[bytes], timeout: float = 180) 
 def run(
     args: list[str], ready: str, env: dict[str, str], log: Path
 ) -> Iterator[subprocess.Popen[bytes]]:
-    """`args` running (stopped with SIGTERM after), once `ready` answers."""
+    """`args` started and answering at `ready` (the process, for its pid), stopped after."""
     with open(log, "wb") as out:
         process = subprocess.Popen(
             args, env={**os.environ, **env}, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT

@@ -507,3 +507,56 @@ def test_candidates_kept_between_requests_follow_every_price_in_force() -> None:
         )
     )
     assert first(by_price, now) == dear
+
+
+def test_each_request_is_ranked_by_the_statistics_of_its_instant() -> None:
+    """The candidates kept between requests are ranked again on each: a route not measured
+    yet wins a tie, then the order of `llms`, then the file's; a cooled-down provider's
+    routes go last; and what a budget reserves is the dearest of the models now tried."""
+    cheap, dear = "ranked-cheap", "ranked-dear"
+    book = PriceBook(
+        [
+            Price(cheap, Decimal(1), Decimal(1), BEGINNING_OF_TIME),
+            Price(dear, Decimal(2), Decimal(3), BEGINNING_OF_TIME),
+        ]
+    )
+    prices = _Prices(Tariff(book))
+    providers = ProviderRouter(
+        [
+            Provider("first", "http://127.0.0.1:1/v1", ("ranked-*",), "inject"),
+            Provider("second", "http://127.0.0.1:2/v1", ("ranked-*",), "inject"),
+        ]
+    )
+    stats = RoutingStats(cooldown_failures=1, cooldown_s=600)
+    every = ModelRouter(providers, prices, stats, 4)
+    top = ModelRouter(providers, prices, stats, 1)
+    spec = parse_model_spec({"llms": [dear, cheap], "weights": {"start_latency": 1}}, 256)
+    account, now = uuid.uuid4(), datetime.now(UTC)
+
+    def order() -> list[tuple[str, str]]:
+        route = every.choose(spec, account, None, now)
+        return [(c.model, c.provider.name) for c in route.candidates]
+
+    def reserved() -> tuple[Decimal, Decimal]:
+        price = top.choose(spec, account, None, now).costliest
+        assert price is not None
+        return price.input_usd_per_mtok, price.output_usd_per_mtok
+
+    # Nothing measured: all tie, in the order of `llms`, then the file's.
+    assert order() == [(dear, "first"), (dear, "second"), (cheap, "first"), (cheap, "second")]
+    assert reserved() == (Decimal(2), Decimal(3))
+    # The dear model measured at both providers: the routes not measured yet win the tie
+    # with the quickest of them.
+    stats.observe("first", dear, False, 50.0, 60.0)
+    stats.observe("second", dear, False, 10.0, 20.0)
+    assert order() == [(cheap, "first"), (cheap, "second"), (dear, "second"), (dear, "first")]
+    assert reserved() == (Decimal(1), Decimal(1))
+    stats.observe("first", cheap, False, 30.0, 40.0)
+    stats.observe("second", cheap, False, 20.0, 30.0)
+    assert order() == [(dear, "second"), (cheap, "second"), (cheap, "first"), (dear, "first")]
+    assert reserved() == (Decimal(2), Decimal(3))
+    # The second provider fails once and is cooled down: its routes go last.
+    stats.observe("second", cheap, True, None, None)
+    assert stats.cooled("second")
+    assert order() == [(cheap, "first"), (dear, "first"), (dear, "second"), (cheap, "second")]
+    assert reserved() == (Decimal(1), Decimal(1))

@@ -36,7 +36,7 @@ from service.providers.config import Provider
 from service.providers.router import ProviderRouter, is_pattern
 from service.routing.repository import RoutingRepository
 from service.routing.schemas import ModelSpec
-from service.routing.stats import RouteFigures, RoutingStats
+from service.routing.stats import RouteFigures, RouteKey, RoutingStats
 
 # The model a quoted task is bound to, if a request on it (account, task id, at) is covered.
 QuotedModel = Callable[[uuid.UUID, str, datetime], str | None]
@@ -94,6 +94,8 @@ def costliest(prices: Sequence[Price]) -> Price | None:
 
 # Filtered candidates kept per (model object, account, quoted model): at most this many.
 KEPT_ROUTES = 4096
+# The costliest prices kept per filtered candidates (one per set of models tried): at most.
+KEPT_COSTLIEST = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,15 +103,55 @@ class _Filtered:
     """The candidates a model object's filters left and their prices, which hold for as
     long as the tariff they were read from is the one in force and `[start, end)` holds
     the request's instant: no price, cost or rate card changes for the account within it.
-    Which providers serve a model never changes in a process; the order they are tried in
-    and the ranking (live statistics, cooldowns) are worked out on every request."""
+    Which providers serve a model never changes in a process, so the (model, provider)
+    routes and their price terms are worked out here once; the order they are tried in
+    (live statistics, cooldowns) is worked out on every request."""
 
     tariff: Tariff
     listed: tuple[str, ...]
     start: datetime | None
     end: datetime | None
-    names: list[str]
     prices: dict[str, Price]
+    # Every (model, provider) route of the candidates, models in `llms` order, each
+    # model's providers in the file's (a cooled-down one goes last by the ranking itself).
+    routes: tuple[Candidate, ...]
+    keys: tuple[RouteKey, ...]  # each route's (provider, model), what statistics are keyed by
+    providers: tuple[str, ...]  # the routes' providers, each once
+    # Each route's price term (0 the cheapest of the models, 1 the dearest); None: all the
+    # same price, a term that counts 0.
+    price_terms: tuple[float, ...] | None
+    # The costliest price of each set of models tried (in the order tried), as worked out.
+    costliest: dict[tuple[str, ...], Price | None]
+
+    @classmethod
+    def of(
+        cls,
+        tariff: Tariff,
+        listed: tuple[str, ...],
+        span: tuple[datetime | None, datetime | None],
+        prices: dict[str, Price],
+        routes: tuple[Candidate, ...],
+    ) -> _Filtered:
+        sums = {m: p.input_usd_per_mtok + p.output_usd_per_mtok for m, p in prices.items()}
+        terms = None
+        if sums:
+            low = min(sums.values())
+            span_usd = max(sums.values()) - low
+            if span_usd > 0:
+                by_model = {m: float((v - low) / span_usd) for m, v in sums.items()}
+                terms = tuple(by_model[c.model] for c in routes)
+        return cls(
+            tariff,
+            listed,
+            span[0],
+            span[1],
+            prices,
+            routes,
+            tuple((c.provider.name, c.model) for c in routes),
+            tuple(dict.fromkeys(c.provider.name for c in routes)),
+            terms,
+            {},
+        )
 
 
 class ModelRouter:
@@ -199,16 +241,24 @@ class ModelRouter:
             names, prices = self._filtered(spec, account_id, task_id, quoted, at)
             if len(self._kept) >= KEPT_ROUTES:
                 self._kept.clear()
-            start, end = tariff.unchanged_span(account_id, at)
-            kept = self._kept[key] = _Filtered(
-                tariff, self.listed_models, start, end, names, prices
+            # What `serving` gives, bar its cooldown order: the ranking puts those last.
+            routes = tuple(
+                Candidate(m, p) for m in names for p in self.providers.route_all(m) if p.configured
             )
-        candidates = [Candidate(m, p) for m in kept.names for p in self.serving(m)]
-        ranked = self._ranked(candidates, kept.prices, spec.weights)[: self.max_attempts]
-        return Route(
-            tuple(ranked),
-            costliest(list({c.model: kept.prices[c.model] for c in ranked}.values())),
-        )
+            kept = self._kept[key] = _Filtered.of(
+                tariff,
+                self.listed_models,
+                tariff.unchanged_span(account_id, at),
+                prices,
+                routes,
+            )
+        ranked = self._ranked(kept, spec.weights)[: self.max_attempts]
+        models = tuple(dict.fromkeys(c.model for c in ranked))
+        if models not in kept.costliest:
+            if len(kept.costliest) >= KEPT_COSTLIEST:
+                kept.costliest.clear()
+            kept.costliest[models] = costliest([kept.prices[m] for m in models])
+        return Route(tuple(ranked), kept.costliest[models])
 
     def _filtered(
         self,
@@ -283,29 +333,20 @@ class ModelRouter:
         return names, {m: prices[m] for m in names}
 
     def _ranked(
-        self,
-        candidates: list[Candidate],
-        prices: dict[str, Price],
-        weights: tuple[float, float, float, float],
+        self, kept: _Filtered, weights: tuple[float, float, float, float]
     ) -> list[Candidate]:
-        if len(candidates) <= 1:
-            return candidates
+        routes = kept.routes
+        if len(routes) <= 1:
+            return list(routes)
         w_price, w_error, w_start, w_end = weights
         view = self.stats.view
-        figures = [view.get((c.provider.name, c.model)) for c in candidates]
-        scores = [0.0] * len(candidates)
+        figures = [view.get(k) for k in kept.keys]
+        terms = kept.price_terms
         # A term not weighed is not computed.
-        if w_price:
-            sums = {
-                m: prices[m].input_usd_per_mtok + prices[m].output_usd_per_mtok
-                for m in {c.model for c in candidates}
-            }
-            low = min(sums.values())
-            span = max(sums.values()) - low
-            if span > 0:
-                terms = {m: float((v - low) / span) for m, v in sums.items()}
-                for i, c in enumerate(candidates):
-                    scores[i] += w_price * terms[c.model]
+        if w_price and terms is not None:
+            scores = [w_price * t for t in terms]
+        else:
+            scores = [0.0] * len(routes)
         if w_error:
             now = time.time()
             # Not measured yet: no error seen (so it gets tried).
@@ -314,18 +355,14 @@ class ModelRouter:
             _weigh(scores, w_start, [f.ttft_ms if f else None for f in figures])
         if w_end:
             _weigh(scores, w_end, [f.latency_ms if f else None for f in figures])
-        cooled = {p: self.stats.cooled(p) for p in {c.provider.name for c in candidates}}
-        # Ties go to a route not measured yet, so every candidate gets measured.
+        cooled = {p for p in kept.providers if self.stats.cooled(p)}
+        last = [c.provider.name in cooled for c in routes] if cooled else [False] * len(routes)
+        # A cooled-down provider's routes go last; ties go to a route not measured yet, so
+        # every candidate gets measured, then keep the order of `llms`, then the file's.
         order = sorted(
-            range(len(candidates)),
-            key=lambda i: (
-                cooled[candidates[i].provider.name],
-                scores[i],
-                figures[i] is not None,
-                i,
-            ),
+            zip(last, scores, [f is not None for f in figures], range(len(routes)), strict=True)
         )
-        return [candidates[i] for i in order]
+        return [routes[i] for *_, i in order]
 
 
 # The ledger's attempts that seed a new process's statistics.
