@@ -30,7 +30,7 @@ from service.routing.schemas import parse_model_spec
 from service.routing.service import ModelRouter
 from service.routing.stats import RoutingStats
 from tests.conftest import ADMIN_TOKEN, Meterline, Upstream, meterline_env, start_meterline
-from tests.reliability import new_customer, wait_for_rows
+from tests.reliability import new_customer, own_database, wait_for_rows
 from tests.support import Database, free_port, running
 
 CHAT: dict[str, Any] = {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 5}
@@ -94,6 +94,14 @@ def _add_prices(db: Database) -> None:
             Decimal(prompt),
             Decimal(completion),
         )
+
+
+@pytest.fixture(scope="module")
+def database_url(postgres_server: str, template_database: str) -> Iterator[str]:
+    """A database of this file's own: the prices it adds for its models must not change how
+    the run's shared database prices anyone else's."""
+    with own_database(postgres_server, template_database) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
