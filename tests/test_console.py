@@ -497,7 +497,24 @@ def test_operator_prices_an_account_by_a_rate_card_credits_it_and_subscribes_a_w
     assert secret not in page.content()
     assert "http://127.0.0.1:9/meterline" in page.inner_text("#webhook-list")
     hook_row = "#webhook-list tr:has-text('127.0.0.1:9')"
-    for action, state in (("Disable", "no"), ("Enable", "yes")):
+    # Edited on its own page, as the API's PATCH edits it: every field, the switch included.
+    page.click(f"{hook_row} a")
+    hook_id = page.url.rsplit("/", 1)[-1]
+    page.check("#edit-webhook-form input[value='task.completed']")
+    page.uncheck("#edit-webhook-form input[name=enabled]")
+    edited = submit(
+        page, "#edit-webhook-form", url="http://127.0.0.1:9/meterline/v2", description=""
+    )
+    assert edited.status == 303
+    with server.admin() as api:
+        hook = api.get(f"/billing/webhooks/{hook_id}").json()
+    assert hook["url"] == "http://127.0.0.1:9/meterline/v2" and hook["description"] is None
+    assert sorted(hook["events"]) == ["credit_note.created", "task.completed"]
+    assert hook["enabled"] is False
+    assert page.is_checked("#edit-webhook-form input[value='task.completed']")
+    assert not page.is_checked("#edit-webhook-form input[name=enabled]")
+    page.goto(f"{server.url}/console/webhooks")
+    for action, state in (("Enable", "yes"), ("Disable", "no"), ("Enable", "yes")):
         with page.expect_response(lambda r: r.request.method == "POST"):
             page.click(f"{hook_row} button:has-text('{action}')")
         page.wait_for_selector(f"{hook_row} td:nth-child(3):text-is('{state}')")
@@ -815,6 +832,13 @@ def test_bad_input_on_the_billing_forms_is_a_clear_page_never_a_500(
         ("/console/webhooks", {"url": "https://example.com"}, 422, "events"),
         (f"/console/webhooks/{uuid.uuid4()}/delete", {}, 404, "webhook endpoint"),
         (f"/console/webhooks/{uuid.uuid4()}/enabled", {"enabled": "true"}, 404, "webhook"),
+        (f"/console/webhooks/{uuid.uuid4()}", {"url": "https://example.com"}, 422, "events"),
+        (
+            f"/console/webhooks/{uuid.uuid4()}",
+            {"url": "https://example.com", "events": "task.completed"},
+            404,
+            "webhook",
+        ),
         (f"/console/webhooks/{uuid.uuid4()}/deliveries/{uuid.uuid4()}/retry", {}, 404, ""),
     ]
     for path, form, status, words in posts:

@@ -852,7 +852,30 @@ async def webhook_detail(
 ) -> Response:
     endpoint = await webhooks.get_endpoint(session, webhook_id)
     deliveries = await webhooks.list_deliveries(session, webhook_id, 50, cursor)
-    return render(request, "webhook.html", endpoint=endpoint, page_=deliveries)
+    return render(
+        request,
+        "webhook.html",
+        endpoint=endpoint,
+        page_=deliveries,
+        event_types=list(EventType),
+    )
+
+
+@router.post("/webhooks/{webhook_id}", response_class=HTMLResponse)
+async def edit_webhook(
+    webhook_id: uuid.UUID, session: Session, viewer: Operator, form: Posted, settings: Config
+) -> Response:
+    # The whole form is sent: an unticked box is "disabled", a blank description clears it.
+    data = WebhookUpdate.model_validate(
+        {
+            "url": form.get("url") or "",
+            "events": form.every("events"),
+            "description": form.get("description"),
+            "enabled": form.get("enabled") == "true",
+        }
+    )
+    await webhooks.update_endpoint(session, webhook_id, data, settings.webhooks_allow_private)
+    return redirect(f"/console/webhooks/{webhook_id}")
 
 
 @router.post("/webhooks/{webhook_id}/enabled", response_class=HTMLResponse)
