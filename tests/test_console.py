@@ -27,6 +27,7 @@ import openai
 import pytest
 from pypdf import PdfReader
 
+from service.console.endpoints import PAGE
 from tests.conftest import (
     ADMIN_TOKEN,
     Meterline,
@@ -620,6 +621,56 @@ def test_operator_prices_an_account_by_a_rate_card_credits_it_and_subscribes_a_w
     assert "Webhooks" not in page.inner_text("nav.tabs")
     for path in ("/console/webhooks", "/console/rate-cards", f"/console/rate-cards/{card_id}"):
         assert page.request.get(f"{server.url}{path}").status == 404, path
+    page.context.close()
+
+
+def _paged_through(page: Any, url: str, rows: str, pager: str) -> list[str]:
+    """Every row's text over all of a list's pages, following its next-page link."""
+    page.goto(url)
+    seen: list[str] = []
+    for _ in range(20):
+        shown = page.locator(rows).all_inner_texts()
+        assert len(shown) <= PAGE, (url, len(shown))  # a page, never the whole list
+        seen += shown
+        following = page.locator(pager)
+        if following.count() == 0:
+            return seen
+        following.click()
+        page.wait_for_load_state()
+    raise AssertionError(f"{url} has no last page")
+
+
+@pytest.mark.browser
+def test_webhook_and_key_lists_are_read_a_page_at_a_time(browser: Any, server: Meterline) -> None:
+    # One more row than a page holds, of each list that grows without bound.
+    tag = secrets.token_hex(3)
+    account = server.new_account(name=f"Many keys {tag}")
+    with server.admin() as api:
+        for i in range(PAGE + 1):
+            created = api.post(
+                "/billing/webhooks",
+                json={"url": f"http://127.0.0.1:9/{tag}/{i}", "events": ["task.completed"]},
+            )
+            assert created.status_code == 201, created.text
+    for i in range(PAGE + 1):
+        server.new_key(account["id"], name=f"key-{i}")
+    page = signed_in(browser, server, ADMIN_TOKEN)
+
+    hooks = _paged_through(
+        page, f"{server.url}/console/webhooks", "#webhook-list tbody tr", "p.pager a"
+    )
+    mine = [h for h in hooks if f"/{tag}/" in h]
+    assert sorted(mine) == sorted(set(mine)) and len(mine) == PAGE + 1, hooks
+
+    listed = _paged_through(
+        page,
+        f"{server.url}/console/accounts/{account['id']}",
+        "#keys tbody tr",
+        "a:has-text('Next keys')",
+    )
+    names = sorted(re.findall(r"key-\d+", " ".join(listed)))
+    assert names == sorted(f"key-{i}" for i in range(PAGE + 1)), listed
+    assert not page.console_errors, page.console_errors
     page.context.close()
 
 
