@@ -514,6 +514,7 @@ def test_operator_prices_an_account_by_a_rate_card_credits_it_and_subscribes_a_w
     assert hook["enabled"] is False
     assert page.is_checked("#edit-webhook-form input[value='task.completed']")
     assert not page.is_checked("#edit-webhook-form input[name=enabled]")
+    screenshot(page, "webhook-desktop")
     page.goto(f"{server.url}/console/webhooks")
     for action, state in (("Enable", "yes"), ("Disable", "no"), ("Enable", "yes")):
         with page.expect_response(lambda r: r.request.method == "POST"):
