@@ -27,6 +27,7 @@ import openai
 import pytest
 from pypdf import PdfReader
 
+from service.console.endpoints import PAGE
 from tests.conftest import (
     ADMIN_TOKEN,
     Meterline,
@@ -497,7 +498,25 @@ def test_operator_prices_an_account_by_a_rate_card_credits_it_and_subscribes_a_w
     assert secret not in page.content()
     assert "http://127.0.0.1:9/meterline" in page.inner_text("#webhook-list")
     hook_row = "#webhook-list tr:has-text('127.0.0.1:9')"
-    for action, state in (("Disable", "no"), ("Enable", "yes")):
+    # Edited on its own page, as the API's PATCH edits it: every field, the switch included.
+    page.click(f"{hook_row} a")
+    hook_id = page.url.rsplit("/", 1)[-1]
+    page.check("#edit-webhook-form input[value='task.completed']")
+    page.uncheck("#edit-webhook-form input[name=enabled]")
+    edited = submit(
+        page, "#edit-webhook-form", url="http://127.0.0.1:9/meterline/v2", description=""
+    )
+    assert edited.status == 303
+    with server.admin() as api:
+        hook = api.get(f"/billing/webhooks/{hook_id}").json()
+    assert hook["url"] == "http://127.0.0.1:9/meterline/v2" and hook["description"] is None
+    assert sorted(hook["events"]) == ["credit_note.created", "task.completed"]
+    assert hook["enabled"] is False
+    assert page.is_checked("#edit-webhook-form input[value='task.completed']")
+    assert not page.is_checked("#edit-webhook-form input[name=enabled]")
+    screenshot(page, "webhook-desktop")
+    page.goto(f"{server.url}/console/webhooks")
+    for action, state in (("Enable", "yes"), ("Disable", "no"), ("Enable", "yes")):
         with page.expect_response(lambda r: r.request.method == "POST"):
             page.click(f"{hook_row} button:has-text('{action}')")
         page.wait_for_selector(f"{hook_row} td:nth-child(3):text-is('{state}')")
@@ -606,6 +625,56 @@ def test_operator_prices_an_account_by_a_rate_card_credits_it_and_subscribes_a_w
     page.context.close()
 
 
+def _paged_through(page: Any, url: str, rows: str, pager: str) -> list[str]:
+    """Every row's text over all of a list's pages, following its next-page link."""
+    page.goto(url)
+    seen: list[str] = []
+    for _ in range(20):
+        shown = page.locator(rows).all_inner_texts()
+        assert len(shown) <= PAGE, (url, len(shown))  # a page, never the whole list
+        seen += shown
+        following = page.locator(pager)
+        if following.count() == 0:
+            return seen
+        following.click()
+        page.wait_for_load_state()
+    raise AssertionError(f"{url} has no last page")
+
+
+@pytest.mark.browser
+def test_webhook_and_key_lists_are_read_a_page_at_a_time(browser: Any, server: Meterline) -> None:
+    # One more row than a page holds, of each list that grows without bound.
+    tag = secrets.token_hex(3)
+    account = server.new_account(name=f"Many keys {tag}")
+    with server.admin() as api:
+        for i in range(PAGE + 1):
+            created = api.post(
+                "/billing/webhooks",
+                json={"url": f"http://127.0.0.1:9/{tag}/{i}", "events": ["task.completed"]},
+            )
+            assert created.status_code == 201, created.text
+    for i in range(PAGE + 1):
+        server.new_key(account["id"], name=f"key-{i}")
+    page = signed_in(browser, server, ADMIN_TOKEN)
+
+    hooks = _paged_through(
+        page, f"{server.url}/console/webhooks", "#webhook-list tbody tr", "p.pager a"
+    )
+    mine = [h for h in hooks if f"/{tag}/" in h]
+    assert sorted(mine) == sorted(set(mine)) and len(mine) == PAGE + 1, hooks
+
+    listed = _paged_through(
+        page,
+        f"{server.url}/console/accounts/{account['id']}",
+        "#keys tbody tr",
+        "a:has-text('Next keys')",
+    )
+    names = sorted(re.findall(r"key-\d+", " ".join(listed)))
+    assert names == sorted(f"key-{i}" for i in range(PAGE + 1)), listed
+    assert not page.console_errors, page.console_errors
+    page.context.close()
+
+
 # -- sign-in and sessions, over plain HTTP ------------------------------------------------
 
 
@@ -698,15 +767,19 @@ def test_the_overview_names_its_files_by_content_and_browsers_keep_them(
     carries its content's hash, served as immutable for a year."""
     client, _ = _sign_in(server, ADMIN_TOKEN)
     page = client.get("/console").text
-    files = re.findall(r'(?:href|src)="(/console/static/[^"]+)"', page)
-    # console.js alone: the chart is drawn on the server, with no library, and the style
-    # sheet is in the page, admitted by the policy by its hash.
-    assert len(files) == 1, files
+    # No file at all: the chart is drawn on the server, the page has nothing for a script
+    # to do, and the style sheet is in the page, admitted by the policy by its hash.
+    assert re.findall(r'(?:href|src)="(/console/static/[^"]+)"', page) == []
     style = re.search(r"<style>(.*?)</style>", page, re.S)
     assert style is not None
     digest = base64.b64encode(hashlib.sha256(style.group(1).encode()).digest()).decode()
     policy = client.get("/console").headers["content-security-policy"]
     assert f"style-src 'self' 'sha256-{digest}'" in policy
+    # A page with forms to confirm has its script, linked by its content's hash.
+    files = re.findall(
+        r'(?:href|src)="(/console/static/[^"]+)"', client.get("/console/webhooks").text
+    )
+    assert len(files) == 1, files
     for url in files:
         path, _, version = url.partition("?v=")
         served = client.get(url)
@@ -815,6 +888,13 @@ def test_bad_input_on_the_billing_forms_is_a_clear_page_never_a_500(
         ("/console/webhooks", {"url": "https://example.com"}, 422, "events"),
         (f"/console/webhooks/{uuid.uuid4()}/delete", {}, 404, "webhook endpoint"),
         (f"/console/webhooks/{uuid.uuid4()}/enabled", {"enabled": "true"}, 404, "webhook"),
+        (f"/console/webhooks/{uuid.uuid4()}", {"url": "https://example.com"}, 422, "events"),
+        (
+            f"/console/webhooks/{uuid.uuid4()}",
+            {"url": "https://example.com", "events": "task.completed"},
+            404,
+            "webhook",
+        ),
         (f"/console/webhooks/{uuid.uuid4()}/deliveries/{uuid.uuid4()}/retry", {}, 404, ""),
     ]
     for path, form, status, words in posts:

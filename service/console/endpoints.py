@@ -79,6 +79,8 @@ from service.webhooks.schemas import WebhookCreate, WebhookUpdate
 Text = Annotated[str | None, Query(max_length=256)]
 CardId = Annotated[int, Path(ge=1, le=2**63 - 1)]
 TRANSACTIONS_PAGE = 100
+# Lists that grow without bound are read a page at a time, by the API's keyset cursor.
+PAGE = 50
 
 
 def _now() -> datetime:
@@ -294,11 +296,19 @@ async def own_account(
     prices: Prices,
     budgets: Budgets,
     tx_cursor: Text = None,
+    keys_cursor: Text = None,
 ) -> Response:
     if viewer.principal.account_id is None:
         return redirect("/console/accounts")
     return await _account_page(
-        request, session, viewer, prices, budgets, viewer.principal.account_id, tx_cursor=tx_cursor
+        request,
+        session,
+        viewer,
+        prices,
+        budgets,
+        viewer.principal.account_id,
+        tx_cursor=tx_cursor,
+        keys_cursor=keys_cursor,
     )
 
 
@@ -311,10 +321,11 @@ async def _account_page(
     account_id: uuid.UUID,
     new_key: Any = None,
     tx_cursor: str | None = None,
+    keys_cursor: str | None = None,
 ) -> Response:
     principal = viewer.principal
     account = await accounts.get_account(session, principal, account_id)
-    keys = await accounts.list_keys(session, principal, account_id, 200, None)
+    keys = await accounts.list_keys(session, principal, account_id, PAGE, keys_cursor)
     now = _now()
     balance = await credits.balance(
         session, principal, account_id, now, prices.book, budgets.credits_in_flight
@@ -329,7 +340,7 @@ async def _account_page(
         request,
         "account.html",
         account=await accounts.account_out(session, account),
-        keys=keys.data,
+        keys=keys,
         new_key=new_key,
         balance=balance,
         transactions=transactions,
@@ -348,9 +359,17 @@ async def account_detail(
     prices: Prices,
     budgets: Budgets,
     tx_cursor: Text = None,
+    keys_cursor: Text = None,
 ) -> Response:
     return await _account_page(
-        request, session, viewer, prices, budgets, account_id, tx_cursor=tx_cursor
+        request,
+        session,
+        viewer,
+        prices,
+        budgets,
+        account_id,
+        tx_cursor=tx_cursor,
+        keys_cursor=keys_cursor,
     )
 
 
@@ -811,22 +830,28 @@ async def add_rate_card_version(
 
 
 async def _webhooks_page(
-    request: Request, session: Session, status_code: int = 200, created: Any = None
+    request: Request,
+    session: Session,
+    status_code: int = 200,
+    created: Any = None,
+    cursor: str | None = None,
 ) -> Response:
-    listed = await webhooks.list_endpoints(session, 200, None)
+    listed = await webhooks.list_endpoints(session, PAGE, cursor)
     return render(
         request,
         "webhooks.html",
         status_code,
-        endpoints=listed.data,
+        page_=listed,
         event_types=list(EventType),
         created=created,
     )
 
 
 @page("/webhooks", "Webhooks", operator_only=True)
-async def webhook_list(request: Request, session: Session, viewer: Operator) -> Response:
-    return await _webhooks_page(request, session)
+async def webhook_list(
+    request: Request, session: Session, viewer: Operator, cursor: Text = None
+) -> Response:
+    return await _webhooks_page(request, session, cursor=cursor)
 
 
 @router.post("/webhooks", response_class=HTMLResponse)
@@ -852,7 +877,30 @@ async def webhook_detail(
 ) -> Response:
     endpoint = await webhooks.get_endpoint(session, webhook_id)
     deliveries = await webhooks.list_deliveries(session, webhook_id, 50, cursor)
-    return render(request, "webhook.html", endpoint=endpoint, page_=deliveries)
+    return render(
+        request,
+        "webhook.html",
+        endpoint=endpoint,
+        page_=deliveries,
+        event_types=list(EventType),
+    )
+
+
+@router.post("/webhooks/{webhook_id}", response_class=HTMLResponse)
+async def edit_webhook(
+    webhook_id: uuid.UUID, session: Session, viewer: Operator, form: Posted, settings: Config
+) -> Response:
+    # The whole form is sent: an unticked box is "disabled", a blank description clears it.
+    data = WebhookUpdate.model_validate(
+        {
+            "url": form.get("url") or "",
+            "events": form.every("events"),
+            "description": form.get("description"),
+            "enabled": form.get("enabled") == "true",
+        }
+    )
+    await webhooks.update_endpoint(session, webhook_id, data, settings.webhooks_allow_private)
+    return redirect(f"/console/webhooks/{webhook_id}")
 
 
 @router.post("/webhooks/{webhook_id}/enabled", response_class=HTMLResponse)
