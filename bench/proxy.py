@@ -198,10 +198,11 @@ async def stream_load(url: str, key: str, concurrency: int, seconds: float) -> S
 # -- Meterline ----------------------------------------------------------------------------
 
 
-def create_key(base: str) -> tuple[str, str]:
+def create_key(base: str, tier: str = "custom") -> tuple[str, str]:
+    """An account of `tier` and a key of it. The `custom` tier has no default rate limit:
+    the bench measures the proxy, not limits."""
     with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}) as c:
-        # The `custom` tier has no default rate limit: the bench measures the proxy, not limits.
-        account = c.post("/billing/accounts", json={"name": "bench", "tier": "custom"})
+        account = c.post("/billing/accounts", json={"name": "bench", "tier": tier})
         account.raise_for_status()
         key = c.post(f"/billing/accounts/{account.json()['id']}/keys", json={})
         key.raise_for_status()

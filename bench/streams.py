@@ -16,7 +16,11 @@ chunks, so a load-robust figure to compare builds by), each worker's idle and pe
 the memory a stream in flight holds, and the event-loop lag the workers measured
 (`meterline_event_loop_lag_seconds`, sampled every 0.1 s).
 
-    python -m bench streams [--streams 500] [--seconds 6] [--workers 2] [--tools DIR]
+    python -m bench streams [--streams 500] [--seconds 6] [--workers 2] [--limits] [--tools DIR]
+
+The streams are a `custom` account's (no limits, as in `bench proxy`); with `--limits`, a
+`basic` account's, its per-minute rate limit counted on every request (set too high to
+refuse any).
 
 `--tools` is the folder of `mock_upstream.js` and `streams.js` (default
 `METERLINE_SHARED_TOOLS`, else `../shared/tools` beside the checkout); node must be on PATH.
@@ -161,6 +165,11 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--seconds", type=float, default=6.0, help="how long they are held")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--tools", help="folder of streams.js and mock_upstream.js")
+    parser.add_argument(
+        "--limits",
+        action="store_true",
+        help="stream as a `basic` account: its rate limit counted (set too high to refuse)",
+    )
     args = parser.parse_args(argv)
     tools = shared_tools(args.tools)
     work = Path(tempfile.mkdtemp(prefix="meterline-bench-streams-"))
@@ -184,6 +193,7 @@ def main(argv: list[str]) -> None:
             "METERLINE_DATA_DIR": str(work / "data"),
             "METERLINE_ACCESS_LOG": "false",
             "METERLINE_LOG_LEVEL": "warning",
+            "METERLINE_TIER_BASIC_RPM": "100000000",
         }
         node = ["node", str(tools / "mock_upstream.js"), str(upstream_port), "--chunk-ms", "20"]
         serve = [sys.executable, "-m", "service", "serve", "--port", str(meterline_port)]
@@ -196,8 +206,9 @@ def main(argv: list[str]) -> None:
                 work / "meterline.log",
             ) as server,
         ):
-            _, warm_key = create_key(meterline)
-            account_id, key = create_key(meterline)  # the measured run's rows, and no others
+            tier = "basic" if args.limits else "custom"
+            _, warm_key = create_key(meterline, tier)
+            account_id, key = create_key(meterline, tier)  # the measured run's rows, no others
             chat = "/v1/chat/completions"
             workers = workers_of(psutil.Process(server.pid))
             client(tools, f"{meterline}{chat}", 20, warm_key, 1)  # every worker past its start
@@ -224,7 +235,8 @@ def report(
     metrics: str,
     rows: tuple[int, int, int],
 ) -> None:
-    print(f"\n-- {args.streams} streams held {args.seconds:g}s, {args.workers} workers")
+    limits = "rate limit counted" if args.limits else "no limits"
+    print(f"\n-- {args.streams} streams held {args.seconds:g}s, {args.workers} workers, {limits}")
     for label, result in (("direct", direct), ("Meterline", metered)):
         print(
             f"  {label:<10} {result['streams']:6} streams ({result['errors']} errors): TTFT p50 "
