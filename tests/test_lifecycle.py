@@ -81,6 +81,17 @@ async def test_a_woken_job_runs_before_its_interval() -> None:
         await eventually(lambda: len(rounds) == 1, timeout=1.0)
 
 
+def _settings(database_url: str, tmp_path: Path, providers_file: str) -> Settings:
+    providers = tmp_path / "providers.yaml"
+    providers.write_text(providers_file)
+    return Settings(
+        database_url=database_url,
+        data_dir=tmp_path / "data",
+        providers=providers,
+        admin_token=None,
+    )
+
+
 async def _connections(dsn: str, database: str) -> int:
     connection = await asyncpg.connect(dsn)
     try:
@@ -98,14 +109,8 @@ async def test_a_start_that_fails_half_way_closes_what_it_started(
 ) -> None:
     """The providers file is read after the price cache, the listener, the key directory,
     the ledger writer and the upstream client started: all of them are closed again."""
-    providers = tmp_path / "providers.yaml"
-    providers.write_text("providers:\n  - name: broken\n")  # no base_url, no models
-    settings = Settings(
-        database_url=fresh_database_url,
-        data_dir=tmp_path / "data",
-        providers=providers,
-        admin_token=None,
-    )
+    # No base_url, no models.
+    settings = _settings(fresh_database_url, tmp_path, "providers:\n  - name: broken\n")
     dsn = asyncpg_dsn(fresh_database_url)
     database = dsn.rsplit("/", 1)[1]
     before = asyncio.all_tasks()
@@ -129,15 +134,7 @@ async def test_what_start_up_built_is_frozen_out_of_the_collector(
     """A full collection scans every object it tracks: over what start-up builds (a quarter
     of a million objects) one stalls the worker for 100 ms or more. A started app has moved
     them out of the collector's sight."""
-    providers = tmp_path / "providers.yaml"
-    providers.write_text("providers: []\n")
-    settings = Settings(
-        database_url=fresh_database_url,
-        data_dir=tmp_path / "data",
-        providers=providers,
-        admin_token=None,
-    )
-    app = create_app(settings)
+    app = create_app(_settings(fresh_database_url, tmp_path, "providers: []\n"))
     gc.unfreeze()
     try:
         async with app.router.lifespan_context(app):
