@@ -11,6 +11,7 @@ from pathlib import Path
 
 import asyncpg
 import pytest
+from sqlalchemy.engine import make_url
 
 from service.app import create_app
 from service.db.engine import asyncpg_dsn
@@ -112,7 +113,7 @@ async def test_a_start_that_fails_half_way_closes_what_it_started(
     # No base_url, no models.
     settings = _settings(fresh_database_url, tmp_path, "providers:\n  - name: broken\n")
     dsn = asyncpg_dsn(fresh_database_url)
-    database = dsn.rsplit("/", 1)[1]
+    database = str(make_url(fresh_database_url).database)  # an embedded server's URL has a query
     before = asyncio.all_tasks()
     with pytest.raises(Exception) as refused:
         await Runtime.start(settings)
