@@ -286,6 +286,54 @@ def test_a_start_latency_weighted_object_moves_to_the_provider_quick_to_answer(
     assert slow and slow[0]["ttft_ms"] >= 300  # the mock waits 300 ms before its first byte
 
 
+def test_an_attempt_past_the_requests_deadline_gives_way_to_the_next_candidate(
+    database_url: str, upstream: Upstream, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """`routing_deadline_s` bounds the attempts that may fail over: a provider slower to
+    answer than the request's deadline is left for the next candidate, which is tried once
+    more as the last attempt. The slow attempt is a row of its own, a 504 at no charge."""
+    _add_prices(Database(database_url))
+    workdir = tmp_path_factory.mktemp("routing-deadline")
+    providers = workdir / "routing.yaml"
+    providers.write_text(_providers(upstream, free_port()))
+    # slow-co takes 300 ms to its first byte; the request may wait 100 ms before failing over.
+    with start_meterline(
+        database_url,
+        upstream,
+        workdir,
+        METERLINE_PROVIDERS=str(providers),
+        METERLINE_ROUTING_DEADLINE_S="0.1",
+    ) as meterline:
+        account_id, client = _client(meterline)
+        unweighted = {"price": 0, "error": 0, "start_latency": 0, "end_latency": 0}
+        raw = _routed(client, {"llms": [m("slow"), m("healthy")], "weights": unweighted})
+        assert raw.parse().choices[0].message.content
+        assert raw.headers["x-meterline-provider"] == "healthy-co"
+        assert raw.headers["x-meterline-attempts"] == "2"
+        request_id = raw.headers["x-request-id"]
+        db = Database(database_url)
+        sql = "SELECT count(*) FROM usage_ledger WHERE account_id = $1"
+        assert wait_for_rows(db, sql, account_id, count=2) == 2
+        rows = db.fetch(
+            "SELECT request_id, provider, status_code, error_code, cost_usd FROM usage_ledger"
+            " WHERE account_id = $1 ORDER BY request_id",
+            account_id,
+        )
+    served, slow = rows
+    assert (served["request_id"], served["provider"], served["status_code"]) == (
+        request_id,
+        "healthy-co",
+        200,
+    )
+    assert served["cost_usd"] > 0
+    assert (slow["request_id"], slow["provider"], slow["status_code"], slow["cost_usd"]) == (
+        f"{request_id}.1",
+        "slow-co",
+        504,
+        0,
+    )
+
+
 def test_a_provider_down_entirely_every_request_is_served_by_the_other(
     server: Meterline, database_url: str
 ) -> None:
