@@ -105,17 +105,20 @@ def history(server: Meterline, db: Database) -> dict[str, Any]:
         "Qwen/Qwen2.5-72B-Instruct": "0.000000400",
     }
     now = datetime.now(UTC)
+    midnight = now.replace(hour=0, minute=0, second=0, microsecond=0)
     rows = []
     for day in range(30):
-        at = now - timedelta(days=day, hours=1)
         for i in range(8 + (day * 7) % 23):
             model, rate = list(models.items())[i % 3]
             prompt, completion = 800 + 97 * ((day + i) % 13), 150 + 41 * (i % 7)
             status = 502 if (day + i) % 37 == 0 else 429 if (day * i) % 53 == 5 else 200
+            # Within the UTC day `day` days back and before now, at any hour the test runs:
+            # just after midnight, an hour back would be the day before.
+            at = midnight - timedelta(days=day) + (now - midnight) * (60 - i) / 64
             rows.append(
                 usage_row(
                     str(account["id"]),
-                    at - timedelta(minutes=i),
+                    at,
                     model=model,
                     key_id=keys[i % 2],
                     prompt=prompt,
