@@ -11,7 +11,7 @@ once direct and once through Meterline, in the same minute. Against the targets:
 - completed streams: ≥ 98 % of direct's;
 - every stream in the ledger, each with the provider's exact tokens.
 
-Also reported: the workers' CPU per chunk relayed (all of a worker's work divided by the
+Also reported: the server's CPU per chunk relayed (all its processes' work divided by the
 chunks, so a load-robust figure to compare builds by), each worker's idle and peak RSS and
 the memory a stream in flight holds, and the event-loop lag the workers measured
 (`meterline_event_loop_lag_seconds`, sampled every 0.1 s).
@@ -45,7 +45,7 @@ import asyncpg
 import httpx
 import psutil
 
-from bench.proxy import ADMIN_TOKEN, create_key
+from bench.proxy import ADMIN_TOKEN, create_key, server_cpu_s
 from bench.support import ROOT, bench_database, free_port, run
 from service.db.engine import asyncpg_dsn
 
@@ -97,10 +97,6 @@ class Sampler:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
-
-
-def cpu_seconds(workers: list[psutil.Process]) -> float:
-    return float(sum(p.cpu_times().user + p.cpu_times().system for p in workers))
 
 
 def loop_lag(metrics: str) -> tuple[int, int, str]:
@@ -214,10 +210,10 @@ def main(argv: list[str]) -> None:
             client(tools, f"{meterline}{chat}", 20, warm_key, 1)  # every worker past its start
             idle = [p.memory_info().rss for p in workers]
             direct = client(tools, f"{upstream}{chat}", args.streams, "x", args.seconds)
-            before = cpu_seconds(workers)
+            before = server_cpu_s(server.pid)
             with Sampler(workers) as sampler:
                 metered = client(tools, f"{meterline}{chat}", args.streams, key, args.seconds)
-            cpu = cpu_seconds(workers) - before
+            cpu = server_cpu_s(server.pid) - before
             metrics = httpx.get(
                 f"{meterline}/metrics", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}
             ).text
@@ -259,7 +255,7 @@ def report(
     )
     chunks = metered["chunks"]
     print(
-        f"  workers' CPU: {cpu:.2f} s, {cpu * 1e6 / chunks:.1f} µs per chunk relayed (all work "
+        f"  server's CPU: {cpu:.2f} s, {cpu * 1e6 / chunks:.1f} µs per chunk relayed (all work "
         f"included), {cpu * 1e3 / max(1, metered['streams']):.2f} ms per stream"
     )
     mb = 1024 * 1024

@@ -9,6 +9,7 @@ is a provider that is down entirely.
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import time
 import uuid
@@ -104,19 +105,32 @@ def database_url(postgres_server: str, template_database: str) -> Iterator[str]:
         yield url
 
 
-@pytest.fixture(scope="module")
-def server(
-    database_url: str, upstream: Upstream, tmp_path_factory: pytest.TempPathFactory
+@contextlib.contextmanager
+def _routing_server(
+    database_url: str,
+    upstream: Upstream,
+    tmp_path_factory: pytest.TempPathFactory,
+    **settings: str,
 ) -> Iterator[Meterline]:
+    """Meterline on this file's providers and prices, with `settings` on top."""
     _add_prices(Database(database_url))
     workdir = tmp_path_factory.mktemp("routing")
     providers = workdir / "routing.yaml"
     providers.write_text(_providers(upstream, free_port()))
     with start_meterline(
+        database_url, upstream, workdir, METERLINE_PROVIDERS=str(providers), **settings
+    ) as meterline:
+        yield meterline
+
+
+@pytest.fixture(scope="module")
+def server(
+    database_url: str, upstream: Upstream, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Meterline]:
+    with _routing_server(
         database_url,
         upstream,
-        workdir,
-        METERLINE_PROVIDERS=str(providers),
+        tmp_path_factory,
         METERLINE_ROUTING_COOLDOWN_FAILURES="3",
         METERLINE_ROUTING_COOLDOWN_S="600",
     ) as meterline:
@@ -292,17 +306,9 @@ def test_an_attempt_past_the_requests_deadline_gives_way_to_the_next_candidate(
     """`routing_deadline_s` bounds the attempts that may fail over: a provider slower to
     answer than the request's deadline is left for the next candidate, which is tried once
     more as the last attempt. The slow attempt is a row of its own, a 504 at no charge."""
-    _add_prices(Database(database_url))
-    workdir = tmp_path_factory.mktemp("routing-deadline")
-    providers = workdir / "routing.yaml"
-    providers.write_text(_providers(upstream, free_port()))
     # slow-co takes 300 ms to its first byte; the request may wait 100 ms before failing over.
-    with start_meterline(
-        database_url,
-        upstream,
-        workdir,
-        METERLINE_PROVIDERS=str(providers),
-        METERLINE_ROUTING_DEADLINE_S="0.1",
+    with _routing_server(
+        database_url, upstream, tmp_path_factory, METERLINE_ROUTING_DEADLINE_S="0.1"
     ) as meterline:
         account_id, client = _client(meterline)
         unweighted = {"price": 0, "error": 0, "start_latency": 0, "end_latency": 0}
