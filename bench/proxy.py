@@ -63,6 +63,8 @@ class WrkResult:
     requests: int
     errors: int
     latency_ms: dict[str, float] = field(default_factory=dict)  # "50%" → ms
+    # The server's CPU (all its processes) per request served: the load-robust figure.
+    cpu_us: float | None = None
 
 
 _UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0}
@@ -311,7 +313,7 @@ def bench_workers(
             f"{bare_url}/v1/chat/completions",
             env,
             work / f"bare-{workers}.log",
-        ),
+        ) as bare_server,
     ):
         account_id, key = create_key(meterline_url)
         chat = "/v1/chat/completions"
@@ -332,8 +334,24 @@ def bench_workers(
             direct = wrk(
                 wrk_bin, f"{upstream}{chat}", connections, args.duration, PROVIDER_KEY, work
             )
-            bare = wrk(wrk_bin, f"{bare_url}{chat}", connections, args.duration, None, work)
-            metered = wrk(wrk_bin, f"{meterline_url}{chat}", connections, args.duration, key, work)
+            bare = costed(
+                bare_server.pid,
+                wrk_bin,
+                f"{bare_url}{chat}",
+                connections,
+                args.duration,
+                None,
+                work,
+            )
+            metered = costed(
+                meterline.pid,
+                wrk_bin,
+                f"{meterline_url}{chat}",
+                connections,
+                args.duration,
+                key,
+                work,
+            )
             served, runs = served + metered.requests, runs + 1
             report_non_streamed(connections, args.duration, direct, bare, metered)
         # wrk counts the responses it received; requests still in flight when it stops are
@@ -361,6 +379,23 @@ def server_cpu_s(pid: int) -> float:
         times = each.cpu_times()
         total += times.user + times.system
     return total
+
+
+def costed(
+    pid: int,
+    binary: str,
+    url: str,
+    connections: int,
+    seconds: int,
+    key: str | None,
+    work: Path,
+    body: str = BODY,
+) -> WrkResult:
+    """A `wrk` run, with the CPU server `pid` spent per request served during it."""
+    before = server_cpu_s(pid)
+    result = wrk(binary, url, connections, seconds, key, work, body)
+    result.cpu_us = (server_cpu_s(pid) - before) / max(result.requests, 1) * 1e6
+    return result
 
 
 def bench_routing(
@@ -494,6 +529,12 @@ def report_non_streamed(
         f"over bare: p50 {added(bare, '50%'):+.2f} ms, p99 {added(bare, '99%'):+.2f} ms",
         flush=True,
     )
+    if bare.cpu_us is not None and metered.cpu_us is not None:
+        print(
+            f"  server CPU per request (its Postgres not counted): bare {bare.cpu_us:.0f} µs, "
+            f"Meterline {metered.cpu_us:.0f} µs ({metered.cpu_us - bare.cpu_us:+.0f})",
+            flush=True,
+        )
 
 
 def bench_streams(
