@@ -300,6 +300,10 @@ def test_operator_signs_in_creates_an_account_and_a_key_and_sees_its_usage(
     download.value.save_as(path)
     rows = list(csv.DictReader(io.StringIO(path.read_text())))
     today = datetime.now(UTC).date()
+    # Named by the range the page showed: this month so far.
+    assert download.value.suggested_filename == (
+        f"meterline-usage-{today.replace(day=1)}-{today}-by-day.csv"
+    )
     with server.admin() as api:
         expected = api.get(
             "/billing/usage",

@@ -195,6 +195,28 @@ async def overview(
     return render(request, "overview.html", o=data, chart=chart, balance=balance)
 
 
+async def _explore(
+    session: Session,
+    viewer: Viewer,
+    start: str | None,
+    end: str | None,
+    group: str | None,
+    account_id: str | None,
+    model: str | None,
+) -> service.Exploration:
+    """The usage explorer's rows for the page and its CSV alike, from the same query."""
+    first, last = service.parse_range(start, end, _now().date())
+    return await service.explore(
+        session,
+        viewer.principal,
+        first,
+        last,
+        group or "day",
+        optional_uuid(account_id, "query.account_id"),
+        model,
+    )
+
+
 @page("/usage", "Usage")
 async def usage(
     request: Request,
@@ -206,16 +228,7 @@ async def usage(
     account_id: Text = None,
     model: Text = None,
 ) -> Response:
-    first, last = service.parse_range(start, end, _now().date())
-    data = await service.explore(
-        session,
-        viewer.principal,
-        first,
-        last,
-        group or "day",
-        optional_uuid(account_id, "query.account_id"),
-        model,
-    )
+    data = await _explore(session, viewer, start, end, group, account_id, model)
     chart = None
     if data.group == "day":
         chart = {
@@ -246,17 +259,8 @@ async def usage_csv(
     account_id: Text = None,
     model: Text = None,
 ) -> Response:
-    first, last = service.parse_range(start, end, _now().date())
-    data = await service.explore(
-        session,
-        viewer.principal,
-        first,
-        last,
-        group or "day",
-        optional_uuid(account_id, "query.account_id"),
-        model,
-    )
-    name = f"meterline-usage-{first}-{last}-by-{data.group}.csv"
+    data = await _explore(session, viewer, start, end, group, account_id, model)
+    name = f"meterline-usage-{data.start}-{data.end}-by-{data.group}.csv"
     return Response(
         service.usage_csv(data.rows),
         media_type="text/csv; charset=utf-8",
