@@ -11,10 +11,9 @@ import socket
 import subprocess
 import sys
 import time
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
-import uvicorn
 import yaml
 
 from service.accounts.cli import accounts_app, keys_app
@@ -32,6 +31,7 @@ from service.providers.config import Provider, load_providers
 from service.quotes.cli import quote
 from service.reports.cli import report_app, unpriced
 from service.reports.margin.cli import margin
+from service.serving import serve_app
 from service.settings import Settings, get_settings
 from service.startup import Serving, meterline_version, startup_summary
 from service.tasks.cli import tasks_app
@@ -179,22 +179,6 @@ def _providers_or_exit(settings: Settings) -> list[Provider]:
         raise typer.Exit(1) from None
 
 
-def _run_app(factory: str, host: str, port: int, workers: int, **options: Any) -> None:
-    """Serve the app `factory` builds in each worker, on uvloop and httptools; uvicorn's
-    own logs only for warnings (Meterline writes its own access lines)."""
-    uvicorn.run(
-        factory,
-        factory=True,
-        host=host,
-        port=port,
-        workers=workers,
-        loop="uvloop",
-        http="httptools",
-        log_level="warning",
-        **options,
-    )
-
-
 def _exit_on_signal(signum: int, frame: object) -> None:
     raise SystemExit(0)
 
@@ -240,7 +224,7 @@ def serve(
                 providers = _providers_or_exit(settings)
             serving = Serving(host, port, workers, url, embedded_pgdata)
             typer.echo(startup_summary(settings, serving, providers, dict(os.environ)), err=True)
-            _run_app("service.app:create_app", host, port, workers, timeout_graceful_shutdown=30)
+            serve_app("service.app:create_app", host, port, workers, timeout_graceful_shutdown=30)
         finally:
             if upstream is not None:
                 upstream.terminate()
@@ -257,7 +241,7 @@ def mock_upstream(
     """Run the OpenAI-compatible mock provider (tests, benchmarks, the demo)."""
     if api_key:
         os.environ["METERLINE_MOCK_API_KEY"] = api_key
-    _run_app("service.mock_upstream.app:create_app_from_env", host, port, workers)
+    serve_app("service.mock_upstream.app:create_app_from_env", host, port, workers)
 
 
 @db_app.command("upgrade")

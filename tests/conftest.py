@@ -145,6 +145,7 @@ class Meterline:
     database_url: str
     data_dir: Path
     log: Path
+    pid: int  # the `meterline serve` process (with several workers, their supervisor)
 
     @property
     def v1(self) -> str:
@@ -206,8 +207,8 @@ def start_meterline(
         f"{url}/healthz",
         env={**meterline_env(database_url, data_dir, providers), **env},
         log=log,
-    ):
-        yield Meterline(url, database_url, data_dir, log)
+    ) as process:
+        yield Meterline(url, database_url, data_dir, log, process.pid)
 
 
 @pytest.fixture(scope="session")

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
+import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -13,6 +15,7 @@ from pathlib import Path
 
 import httpx
 import openai
+import psutil
 import pytest
 
 from service.ledger.record import LedgerRecord, new_request_id
@@ -137,6 +140,64 @@ def test_two_workers_record_every_request(
         assert sorted(r["request_id"] for r in rows) == sorted(request_ids)
 
 
+def _connections(process: psutil.Process, port: int, status: str) -> int:
+    return sum(
+        1 for c in process.net_connections("tcp") if c.laddr.port == port and c.status == status
+    )
+
+
+def _workers(supervisor: psutil.Process) -> list[psutil.Process]:
+    """uvicorn's worker processes (multiprocessing's spawned children), not its helpers."""
+    return [p for p in supervisor.children() if "--multiprocessing-fork" in p.cmdline()]
+
+
+def test_workers_each_listen_and_share_a_burst_of_connections_evenly(
+    database_url: str, upstream: Upstream, tmp_path: Path
+) -> None:
+    """A client pool opening its connections at once: shared by uvicorn's one socket, the
+    first worker awake took two thirds of them (and kept them); each worker listening on
+    its own socket, the kernel spreads them."""
+    with start_meterline(database_url, upstream, tmp_path, "--workers", "2") as server:
+        port = int(server.url.rsplit(":", 1)[1])
+        supervisor = psutil.Process(server.pid)
+        workers = _workers(supervisor)
+        assert len(workers) == 2
+        # Only the workers listen: none of the port's connections can queue where no
+        # worker accepts them (a worker that dies takes its socket with it).
+        assert _connections(supervisor, port, psutil.CONN_LISTEN) == 0
+        assert [_connections(w, port, psutil.CONN_LISTEN) for w in workers] == [1, 1]
+
+        burst = [socket.create_connection(("127.0.0.1", port)) for _ in range(200)]
+        try:
+            deadline = time.monotonic() + 10
+            while True:
+                held = [_connections(w, port, psutil.CONN_ESTABLISHED) for w in workers]
+                if sum(held) == 200 or time.monotonic() > deadline:
+                    break
+                time.sleep(0.1)
+        finally:
+            for connection in burst:
+                connection.close()
+        assert sum(held) == 200
+        # By hash, each worker's share of 200 is 100 ± 7 (one standard deviation).
+        assert all(70 <= n <= 130 for n in held), held
+
+        # A worker killed: its socket goes with it, the other serves every new connection
+        # at once, and the supervisor starts a replacement that listens again.
+        workers[0].kill()
+        workers[0].wait(10)
+        for _ in range(20):
+            assert httpx.get(f"{server.url}/healthz", timeout=5).status_code == 200
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            replacements = [w for w in _workers(supervisor) if w.pid != workers[1].pid]
+            if replacements and _connections(replacements[0], port, psutil.CONN_LISTEN) == 1:
+                break
+            time.sleep(0.2)
+        else:
+            raise AssertionError("no replacement worker listened within 60 s")
+
+
 def _spooled_record(account_id: uuid.UUID) -> LedgerRecord:
     return LedgerRecord(
         request_id=new_request_id(),
@@ -209,7 +270,9 @@ def test_sigkill_loses_only_requests_in_flight(
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     with running(["serve", "--port", str(port)], f"{url}/healthz", env=env) as process:
-        server = Meterline(url, database_url, tmp_path / "data", tmp_path / "unused.log")
+        server = Meterline(
+            url, database_url, tmp_path / "data", tmp_path / "unused.log", process.pid
+        )
         account_id, key = server.customer()
         client = openai.OpenAI(base_url=server.v1, api_key=key, max_retries=0)
         for _ in range(25):

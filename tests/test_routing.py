@@ -443,8 +443,10 @@ def test_two_workers_with_redis_see_the_same_statistics_within_a_second(
         env=env,
         log=workdir / "meterline.log",
         timeout=240,
-    ):
-        server = Meterline(url, database_url, workdir / "data", workdir / "meterline.log")
+    ) as process:
+        server = Meterline(
+            url, database_url, workdir / "data", workdir / "meterline.log", process.pid
+        )
         _, client = _client(server)
         model = {"llms": [m("flaky"), m("healthy")], "weights": {"error": 1}}
         # Fresh connections: each request may land on either worker.
