@@ -28,6 +28,7 @@ import secrets
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -41,7 +42,14 @@ import asyncpg
 import httpx
 import psutil
 
-from bench.support import bench_database, ensure_wrk, free_port, run
+from bench.support import (
+    bench_database,
+    connections_held,
+    ensure_wrk,
+    free_port,
+    run,
+    workers_of,
+)
 from service.db.engine import asyncpg_dsn
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,6 +73,8 @@ class WrkResult:
     latency_ms: dict[str, float] = field(default_factory=dict)  # "50%" → ms
     # The server's CPU (all its processes) per request served: the load-robust figure.
     cpu_us: float | None = None
+    # The connections each worker held 1 s in (keep-alive ones stay where accepted).
+    split: list[int] = field(default_factory=list)
 
 
 _UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0}
@@ -391,10 +401,18 @@ def costed(
     work: Path,
     body: str = BODY,
 ) -> WrkResult:
-    """A `wrk` run, with the CPU server `pid` spent per request served during it."""
+    """A `wrk` run, with the CPU server `pid` spent per request served during it and how
+    its connections were spread over the workers."""
+    split: list[int] = []
+    port = int(url.split(":")[2].split("/")[0])
+    workers = workers_of(psutil.Process(pid))
+    sampler = threading.Timer(1.0, lambda: split.extend(connections_held(workers, port)))
     before = server_cpu_s(pid)
+    sampler.start()
     result = wrk(binary, url, connections, seconds, key, work, body)
     result.cpu_us = (server_cpu_s(pid) - before) / max(result.requests, 1) * 1e6
+    sampler.join()
+    result.split = split
     return result
 
 
@@ -533,6 +551,12 @@ def report_non_streamed(
         print(
             f"  server CPU per request (its Postgres not counted): bare {bare.cpu_us:.0f} µs, "
             f"Meterline {metered.cpu_us:.0f} µs ({metered.cpu_us - bare.cpu_us:+.0f})",
+            flush=True,
+        )
+    if len(metered.split) > 1:
+        print(
+            f"  connections per worker: bare {' / '.join(map(str, bare.split))}, "
+            f"Meterline {' / '.join(map(str, metered.split))}",
             flush=True,
         )
 

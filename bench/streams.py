@@ -46,7 +46,7 @@ import httpx
 import psutil
 
 from bench.proxy import ADMIN_TOKEN, create_key, server_cpu_s
-from bench.support import ROOT, bench_database, free_port, run
+from bench.support import ROOT, bench_database, connections_held, free_port, run, workers_of
 from service.db.engine import asyncpg_dsn
 
 MODEL = "meta-llama/Llama-3.3-70B-Instruct"
@@ -68,18 +68,15 @@ def client(tools: Path, url: str, streams: int, key: str, seconds: float) -> dic
     return result
 
 
-def workers_of(server: psutil.Process) -> list[psutil.Process]:
-    """The processes that serve requests: uvicorn's spawned workers, or the server itself."""
-    spawned = [p for p in server.children() if "multiprocessing-fork" in " ".join(p.cmdline())]
-    return spawned or [server]
-
-
 class Sampler:
-    """The workers' summed RSS every 0.2 s, its peak kept, while the load runs."""
+    """The workers' summed RSS every 0.2 s, its peak kept, while the load runs; and once,
+    1.5 s in, the streams' connections each worker holds."""
 
-    def __init__(self, workers: list[psutil.Process]) -> None:
+    def __init__(self, workers: list[psutil.Process], port: int) -> None:
         self.workers = workers
+        self.port = port
         self.peak = 0
+        self.split: list[int] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -87,8 +84,11 @@ class Sampler:
         return sum(p.memory_info().rss for p in self.workers)
 
     def _run(self) -> None:
+        started = time.monotonic()
         while not self._stop.wait(0.2):
             self.peak = max(self.peak, self.rss())
+            if not self.split and time.monotonic() - started > 1.5:
+                self.split = connections_held(self.workers, self.port)
 
     def __enter__(self) -> Sampler:
         self._thread.start()
@@ -211,14 +211,14 @@ def main(argv: list[str]) -> None:
             idle = [p.memory_info().rss for p in workers]
             direct = client(tools, f"{upstream}{chat}", args.streams, "x", args.seconds)
             before = server_cpu_s(server.pid)
-            with Sampler(workers) as sampler:
+            with Sampler(workers, meterline_port) as sampler:
                 metered = client(tools, f"{meterline}{chat}", args.streams, key, args.seconds)
             cpu = server_cpu_s(server.pid) - before
             metrics = httpx.get(
                 f"{meterline}/metrics", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}
             ).text
             rows, served, inexact = ledger(database_url, account_id, expected_rows(args, metered))
-    report(args, direct, metered, cpu, idle, sampler.peak, metrics, (rows, served, inexact))
+    report(args, direct, metered, cpu, idle, sampler, metrics, (rows, served, inexact))
 
 
 def report(
@@ -227,7 +227,7 @@ def report(
     metered: dict[str, Any],
     cpu: float,
     idle: list[int],
-    peak: int,
+    sampler: Sampler,
     metrics: str,
     rows: tuple[int, int, int],
 ) -> None:
@@ -259,10 +259,11 @@ def report(
         f"included), {cpu * 1e3 / max(1, metered['streams']):.2f} ms per stream"
     )
     mb = 1024 * 1024
-    per_stream = (peak - sum(idle)) / args.streams / 1024
+    per_stream = (sampler.peak - sum(idle)) / args.streams / 1024
     print(
         f"  RSS: idle {', '.join(f'{r / mb:.0f}' for r in idle)} MB per worker; peak "
-        f"{peak / mb:.0f} MB in all; {per_stream:.0f} kB per stream in flight"
+        f"{sampler.peak / mb:.0f} MB in all; {per_stream:.0f} kB per stream in flight"
     )
+    print(f"  connections per worker 1.5 s in: {' / '.join(map(str, sampler.split))}")
     samples, over, worst = loop_lag(metrics)
     print(f"  event-loop lag: {over} of {samples} samples over 100 ms; the worst in {worst}")

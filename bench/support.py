@@ -16,6 +16,7 @@ from pathlib import Path
 
 import asyncpg
 import httpx
+import psutil
 from sqlalchemy.engine import make_url
 
 from service.db.engine import asyncpg_dsn
@@ -100,3 +101,22 @@ def bench_database() -> Iterator[str]:
         yield url
     finally:
         asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+def workers_of(server: psutil.Process) -> list[psutil.Process]:
+    """The processes that serve requests: uvicorn's spawned workers, or the server itself."""
+    spawned = [p for p in server.children() if "multiprocessing-fork" in " ".join(p.cmdline())]
+    return spawned or [server]
+
+
+def connections_held(workers: list[psutil.Process], port: int) -> list[int]:
+    """The client connections each worker holds on `port` now: how evenly they spread
+    (keep-alive connections stay where they were accepted)."""
+    return [
+        sum(
+            1
+            for c in w.net_connections("tcp")
+            if c.laddr.port == port and c.status == "ESTABLISHED"
+        )
+        for w in workers
+    ]
