@@ -56,14 +56,17 @@ class StreamBounds:
 
 
 async def _finish(waiting: Generator[Any, None, None], awaited: Any) -> None:
-    """Run to its end a send `take` started that had to wait (on `awaited`), as a task would."""
+    """Run to its end a send `take` started that had to wait (on `awaited`), as a task would.
+
+    The wait is for `awaited` to be done (not an `await` of it: the send's own `await` still
+    holds it), then the send resumes and sees its outcome."""
     while True:
         try:
             if awaited is None:  # a bare yield: one turn of the loop
                 await asyncio.sleep(0)
             else:
-                await awaited
-        except BaseException as exc:
+                await asyncio.wait((awaited,))
+        except BaseException as exc:  # this task cancelled: the send is, where it waits
             try:
                 awaited = waiting.throw(exc)
             except StopIteration:
