@@ -4,6 +4,8 @@ and the mock provider, with every request checked in the Postgres ledger."""
 from __future__ import annotations
 
 import asyncio
+import json
+import socket
 import time
 import uuid
 from decimal import Decimal
@@ -591,6 +593,62 @@ def test_client_disconnect_mid_stream_is_billed_what_was_generated(
     assert row["prompt_tokens"] > 0
     assert 5 <= row["completion_tokens"] < 100  # of 400: the generation stopped at the cut
     assert row["cost_usd"] == Decimal(row["total_tokens"]) * Decimal("0.40") / 1_000_000
+
+
+def _read_stream_slowly(meterline: Meterline, key: str, body: dict[str, Any]) -> bytes:
+    """The raw response to `body`, through a socket with a tiny receive buffer that reads
+    nothing for a second: the server's writes to it fill up and must wait."""
+    payload = json.dumps(body).encode()
+    host, port = meterline.url.removeprefix("http://").split(":")
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect((host, int(port)))
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+            b"Content-Type: application/json\r\nAuthorization: Bearer "
+            + key.encode()
+            + b"\r\nContent-Length: "
+            + str(len(payload)).encode()
+            + b"\r\n\r\n"
+            + payload
+        )
+        time.sleep(1.0)
+        sock.settimeout(30)
+        parts = []
+        while part := sock.recv(65536):
+            parts.append(part)
+    return b"".join(parts)
+
+
+def test_a_client_too_slow_to_keep_up_gets_every_chunk_in_order(
+    meterline: Meterline, customer: tuple[uuid.UUID, str], db: Database
+) -> None:
+    """The relay writes each piece as it arrives; when the client's socket is full the write
+    waits (uvicorn's flow control: at 30,000 chunks it did, checked by hand), and what the
+    provider sends meanwhile follows it, in order, none lost."""
+    chunks = 30_000  # about 5 MB of events, sent as fast as the provider can
+    body = {"model": PRICED, "messages": HELLO, "stream": True, "mock": {"chunks": chunks}}
+    raw = _read_stream_slowly(meterline, customer[1], body)
+    head, _, chunked = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    pieces, at = [], 0
+    while length := int(chunked[at : chunked.index(b"\r\n", at)], 16):
+        start = chunked.index(b"\r\n", at) + 2
+        pieces.append(chunked[start : start + length])
+        at = start + length + 2
+    decoded = b"".join(pieces)
+    events = [e for e in decoded.split(b"\n\n") if e]
+    assert events[-1] == b"data: [DONE]"
+    words = [json.loads(e[6:])["choices"][0]["delta"].get("content") for e in events[:-1]]
+    assert sum(1 for w in words if w) == chunks
+    assert b'"error"' not in decoded
+    request_id = next(
+        line.split(b": ", 1)[1].decode()
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"x-request-id:")
+    )
+    row = ledger_row(db, request_id, timeout=10.0)
+    assert (row["status_code"], row["completion_tokens"]) == (200, chunks)
 
 
 def test_provider_dropping_the_stream_is_a_502_row_and_an_error_event(

@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Generator
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 import orjson
@@ -20,6 +22,7 @@ from starlette.types import Receive, Send
 from service.errors import error_body
 from service.proxy.asgi import send_part, start
 from service.proxy.context import RequestContext
+from service.proxy.push import pushed
 from service.proxy.sse import OutputCounter, StreamMeter
 from service.proxy.upstream import (
     UPSTREAM_FAILURES,
@@ -52,6 +55,29 @@ class StreamBounds:
     max_line_bytes: int
 
 
+async def _finish(waiting: Generator[Any, None, None], awaited: Any) -> None:
+    """Run to its end a send `take` started that had to wait (on `awaited`), as a task would.
+
+    The wait is for `awaited` to be done (not an `await` of it: the send's own `await` still
+    holds it), then the send resumes and sees its outcome."""
+    while True:
+        try:
+            if awaited is None:  # a bare yield: one turn of the loop
+                await asyncio.sleep(0)
+            else:
+                await asyncio.wait((awaited,))
+        except BaseException as exc:  # this task cancelled: the send is, where it waits
+            try:
+                awaited = waiting.throw(exc)
+            except StopIteration:
+                return
+            continue
+        try:
+            awaited = waiting.send(None)
+        except StopIteration:
+            return
+
+
 def is_event_stream(response: aiohttp.ClientResponse) -> bool:
     return response.headers.get("Content-Type", "").startswith("text/event-stream")
 
@@ -82,6 +108,13 @@ class StreamRelay:
         self.ttft_ms: int | None = None
         self.disconnected = False
         self.done = False
+        self._deadline = started + bounds.max_duration_s
+        self._send: Send | None = None
+        self._wake: asyncio.Future[None] | None = None
+        self._halted = False  # cut (error_code says why) or failed: nothing more is sent
+        self._blocked = False  # a send waits: pieces stay in aiohttp's buffer, in order
+        self._pending: tuple[Generator[Any, None, None], Any] | None = None
+        self._failure: BaseException | None = None
 
     @property
     def complete(self) -> bool:
@@ -120,37 +153,94 @@ class StreamRelay:
         ]
 
     async def _pass_on(self, send: Send, watcher: asyncio.Task[None]) -> None:
+        """The body relayed: each piece is taken as aiohttp's parser hands it over (`take`,
+        no task switch per piece) while this waits for the end, a cut, the client gone, or
+        a send that must wait; then what was buffered meanwhile is relayed from here, in order."""
         content = self.response.content
-        deadline = self.started + self.bounds.max_duration_s
-        while piece := await content.readany():  # whatever arrived: no buffering
-            newline = piece.rfind(b"\n")
-            if newline < 0:
-                self._line_bytes += len(piece)
-            else:
-                self._line_bytes = len(piece) - newline - 1
-            # Hiding injected usage holds an incomplete event back: bounded the same way.
-            if max(self._line_bytes, self.meter.held) > self.bounds.max_line_bytes:
-                self.status, self.error_code = 502, "upstream_line_too_long"
-                return
-            if time.perf_counter() > deadline:
-                self.status, self.error_code = 502, "stream_too_long"
-                return
-            piece, cut = self._within_allowance(piece)
-            out = self.meter.feed(piece)
-            if out:
-                self._mid_line = not out.endswith(b"\n")
-                if self.ttft_ms is None:
-                    self.ttft_ms = int((time.perf_counter() - self.started) * 1000)
-                await send_part(send, out)
-            if self.disconnected:
-                return
-            if cut:
-                self.status, self.error_code = 502, "max_tokens_exceeded"
-                return
+        self._send = send
+        self._blocked = True  # what arrived with the headers goes first, from here
+        loop = asyncio.get_running_loop()
+        try:
+            with pushed(content, self):
+                while True:
+                    if self._pending is not None:
+                        await _finish(*self._pending)
+                        self._pending = None
+                    if self._failure is not None:
+                        raise self._failure
+                    if self._halted or self.disconnected:
+                        return
+                    while piece := content.read_nowait():  # raises what ended the body
+                        out = self._piece(piece)
+                        if out:
+                            await send_part(send, out)
+                        if self._halted or self.disconnected:
+                            return
+                    if content.is_eof():
+                        break
+                    self._blocked = False
+                    self._wake = loop.create_future()
+                    await self._wake
+        finally:
+            if self._pending is not None:
+                self._pending[0].close()
         if not self.disconnected:
             self.done = True
             watcher.cancel()
             await send_part(send, self.meter.flush(), more=False)
+
+    def take(self, piece: bytes) -> bool:
+        """A piece just received: metered and sent at once (see `service.proxy.push`)."""
+        if self._blocked or self._halted:
+            return False  # relayed in order by `_pass_on` once the send before it is done
+        try:
+            out = self._piece(piece)
+            if out:
+                assert self._send is not None, "pieces are pushed from _pass_on on"
+                waiting = send_part(self._send, out).__await__()
+                try:
+                    self._pending = (waiting, waiting.send(None))
+                except StopIteration:
+                    pass  # sent: the usual case
+                else:
+                    self._blocked = True  # the client's socket is full: later pieces wait
+                    self.wake()
+        except BaseException as exc:
+            self._failure, self._halted = exc, True
+        if self._halted or self.disconnected:
+            self.wake()
+        return True
+
+    def wake(self) -> None:
+        if self._wake is not None and not self._wake.done():
+            self._wake.set_result(None)
+
+    def _piece(self, piece: bytes) -> bytes:
+        """What of an upstream piece to send the client; sets `_halted` when it cuts."""
+        newline = piece.rfind(b"\n")
+        if newline < 0:
+            self._line_bytes += len(piece)
+        else:
+            self._line_bytes = len(piece) - newline - 1
+        # Hiding injected usage holds an incomplete event back: bounded the same way.
+        if max(self._line_bytes, self.meter.held) > self.bounds.max_line_bytes:
+            self._cut("upstream_line_too_long")
+            return b""
+        if time.perf_counter() > self._deadline:
+            self._cut("stream_too_long")
+            return b""
+        piece, cut = self._within_allowance(piece)
+        out = self.meter.feed(piece)
+        if cut:
+            self._cut("max_tokens_exceeded")
+        if out:
+            self._mid_line = out[-1] != 10  # not a line break
+            if self.ttft_ms is None:
+                self.ttft_ms = int((time.perf_counter() - self.started) * 1000)
+        return out
+
+    def _cut(self, code: str) -> None:
+        self.status, self.error_code, self._halted = 502, code, True
 
     def _within_allowance(self, piece: bytes) -> tuple[bytes, bool]:
         """The part of an upstream piece to pass on, and whether the stream is cut after it."""
@@ -166,4 +256,5 @@ class StreamRelay:
                 if not self.done:
                     self.disconnected = True
                     self.response.close()
+                    self.wake()
                 return
