@@ -9,6 +9,7 @@ is a provider that is down entirely.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import secrets
 import time
@@ -27,6 +28,7 @@ from pricing.prices import BEGINNING_OF_TIME, Price, PriceBook
 from pricing.rate_cards import MarkupBasis, RateCardAssignment, RateCardTerms, Tariff
 from service.providers.config import Provider
 from service.providers.router import ProviderRouter
+from service.proxy.service import within
 from service.routing.schemas import parse_model_spec
 from service.routing.service import ModelRouter
 from service.routing.stats import RoutingStats
@@ -624,3 +626,58 @@ def test_each_request_is_ranked_by_the_statistics_of_its_instant() -> None:
     assert stats.cooled("second")
     assert order() == [(cheap, "first"), (dear, "first"), (dear, "second"), (cheap, "second")]
     assert reserved() == (Decimal(1), Decimal(1))
+
+
+def test_an_error_rate_ranks_its_route_last_and_fades_with_idleness() -> None:
+    """The error term counts once some route has an error rate: the route failing more
+    goes after an equally quick one, and an old error fades below a new one."""
+    model = "faded-model"
+    book = PriceBook([Price(model, Decimal(1), Decimal(1), BEGINNING_OF_TIME)])
+    providers = ProviderRouter(
+        [
+            Provider("first", "http://127.0.0.1:1/v1", ("faded-*",), "inject"),
+            Provider("second", "http://127.0.0.1:2/v1", ("faded-*",), "inject"),
+        ]
+    )
+    stats = RoutingStats(cooldown_failures=100)
+    router = ModelRouter(providers, _Prices(Tariff(book)), stats, 2)
+    spec = parse_model_spec({"llms": [model], "weights": {"error": 1}}, 256)
+    account, now = uuid.uuid4(), datetime.now(UTC)
+
+    def order() -> list[str]:
+        return [c.provider.name for c in router.choose(spec, account, None, now).candidates]
+
+    for provider in ("first", "second"):
+        stats.observe(provider, model, False, 10.0, 20.0)
+    assert order() == ["first", "second"]  # no errors: a tie, in the file's order
+    stats.observe("first", model, True, None, None)
+    assert order() == ["second", "first"]
+    stats.observe("second", model, True, None, None)
+    stats.observe("second", model, True, None, None)
+    assert order() == ["first", "second"]  # the one failing more goes last
+    # An error seen an hour ago has faded below one seen just now.
+    stats.local[("second", model)].updated -= 3600
+    stats.observe("first", model, True, None, None)
+    assert order() == ["second", "first"]
+
+
+async def test_an_attempt_under_a_deadline_times_out_or_stays_cancellable() -> None:
+    """`within` (what bounds a routed attempt): the attempt's result before the deadline, a
+    TimeoutError after it with the task free to go on, and a cancellation from elsewhere
+    still a cancellation."""
+    assert await within(1.0, asyncio.sleep(0, "answered")) == "answered"
+    await asyncio.sleep(0.03)  # the timer of the attempt that answered never fires
+    started = time.monotonic()
+    with pytest.raises(TimeoutError):
+        await within(0.02, asyncio.sleep(5))
+    assert time.monotonic() - started < 1
+    await asyncio.sleep(0.01)  # not cancelled any more: the next attempt can run
+
+    async def attempt() -> None:
+        await within(5.0, asyncio.sleep(5))
+
+    task = asyncio.ensure_future(attempt())
+    await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task

@@ -94,8 +94,9 @@ def costliest(prices: Sequence[Price]) -> Price | None:
 
 # Filtered candidates kept per (model object, account, quoted model): at most this many.
 KEPT_ROUTES = 4096
-# The costliest prices kept per filtered candidates (one per set of models tried): at most.
-KEPT_COSTLIEST = 64
+# The routes kept per filtered candidates (one per order its candidates were tried in): at
+# most this many.
+KEPT_ORDERS = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,8 +121,9 @@ class _Filtered:
     # Each route's price term (0 the cheapest of the models, 1 the dearest); None: all the
     # same price, a term that counts 0.
     price_terms: tuple[float, ...] | None
-    # The costliest price of each set of models tried (in the order tried), as worked out.
-    costliest: dict[tuple[str, ...], Price | None]
+    # The route of each order the candidates were tried in (indices into `routes`), its
+    # costliest price worked out once: the ranking is all a request computes.
+    orders: dict[tuple[int, ...], Route]
 
     @classmethod
     def of(
@@ -252,13 +254,17 @@ class ModelRouter:
                 prices,
                 routes,
             )
-        ranked = self._ranked(kept, spec.weights)[: self.max_attempts]
-        models = tuple(dict.fromkeys(c.model for c in ranked))
-        if models not in kept.costliest:
-            if len(kept.costliest) >= KEPT_COSTLIEST:
-                kept.costliest.clear()
-            kept.costliest[models] = costliest([kept.prices[m] for m in models])
-        return Route(tuple(ranked), kept.costliest[models])
+        order = self._ranked(kept, spec.weights)[: self.max_attempts]
+        route = kept.orders.get(order)
+        if route is None:
+            if len(kept.orders) >= KEPT_ORDERS:
+                kept.orders.clear()
+            candidates = tuple(kept.routes[i] for i in order)
+            models = dict.fromkeys(c.model for c in candidates)
+            route = kept.orders[order] = Route(
+                candidates, costliest([kept.prices[m] for m in models])
+            )
+        return route
 
     def _filtered(
         self,
@@ -334,35 +340,40 @@ class ModelRouter:
 
     def _ranked(
         self, kept: _Filtered, weights: tuple[float, float, float, float]
-    ) -> list[Candidate]:
-        routes = kept.routes
-        if len(routes) <= 1:
-            return list(routes)
+    ) -> tuple[int, ...]:
+        """The order `kept`'s routes are tried in now, as indices into `kept.routes`.
+
+        On every routed request, so each step is skipped when it cannot change the order:
+        a term not weighed, an error term when no route has an error rate, the cooldown
+        order when no provider has cooled down."""
+        count = len(kept.routes)
+        if count <= 1:
+            return tuple(range(count))
         w_price, w_error, w_start, w_end = weights
-        view = self.stats.view
-        figures = [view.get(k) for k in kept.keys]
+        figures = list(map(self.stats.view.get, kept.keys))
         terms = kept.price_terms
         # A term not weighed is not computed.
-        if w_price and terms is not None:
-            scores = [w_price * t for t in terms]
-        else:
-            scores = [0.0] * len(routes)
-        if w_error:
+        scores = [w_price * t for t in terms] if w_price and terms is not None else [0.0] * count
+        # Not measured yet: no error seen (so it gets tried). All without errors: a term
+        # that counts 0, faded or not.
+        if w_error and any(f.error_rate for f in figures if f is not None):
             now = time.time()
-            # Not measured yet: no error seen (so it gets tried).
             _weigh(scores, w_error, [f.error_at(now) if f else 0.0 for f in figures])
         if w_start:
             _weigh(scores, w_start, [f.ttft_ms if f else None for f in figures])
         if w_end:
             _weigh(scores, w_end, [f.latency_ms if f else None for f in figures])
-        cooled = {p for p in kept.providers if self.stats.cooled(p)}
-        last = [c.provider.name in cooled for c in routes] if cooled else [False] * len(routes)
         # A cooled-down provider's routes go last; ties go to a route not measured yet, so
         # every candidate gets measured, then keep the order of `llms`, then the file's.
-        order = sorted(
-            zip(last, scores, [f is not None for f in figures], range(len(routes)), strict=True)
-        )
-        return [routes[i] for *_, i in order]
+        cooled: set[str] = set()
+        if self.stats.cooling():
+            cooled = {p for p in kept.providers if self.stats.cooled(p)}
+        if not cooled and None not in figures:  # the usual case: by score, a stable sort
+            return tuple(sorted(range(count), key=scores.__getitem__))
+        last = [c.provider.name in cooled for c in kept.routes]
+        measured = [f is not None for f in figures]
+        ranks = sorted(zip(last, scores, measured, range(count), strict=True))
+        return tuple(r[3] for r in ranks)
 
 
 # The ledger's attempts that seed a new process's statistics.

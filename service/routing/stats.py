@@ -121,6 +121,11 @@ class RoutingStats:
         if count >= self.cooldown_failures:
             self._cooled_until[provider] = time.monotonic() + self.cooldown_s
 
+    def cooling(self) -> bool:
+        """Whether any provider may be cooling down (`cooled` says which): a cheap test the
+        ranking of every routed request makes first."""
+        return bool(self._cooled_until)
+
     def cooled(self, provider: str) -> bool:
         """Whether `provider` is passed over now (cooling down after repeated failures)."""
         until = self._cooled_until.get(provider)
