@@ -33,7 +33,9 @@ def server(
         upstream,
         Path(tmp_path_factory.mktemp("bounds")),
         METERLINE_STREAM_MAX_LINE_BYTES=str(64 * 1024),
-        METERLINE_STREAM_MAX_DURATION_S="1",
+        # Short enough to cut the mock's 3 s stream, long enough that on a loaded machine the
+        # endless line reaches its bound first.
+        METERLINE_STREAM_MAX_DURATION_S="2",
         METERLINE_CLIENT_BODY_TIMEOUT_S="1",
     ) as server:
         yield server
