@@ -421,8 +421,9 @@ def bench_routing(
 ) -> None:
     """A model name against a model object of five candidates, alternated `--rounds` times at
     the lowest connection count (which goes first alternates too): the median of each
-    round's p50, the server's CPU time per request (what routing costs, far less sensitive
-    than latency to the other processes on the machine), and the load average.
+    round's difference in p50 and in the server's CPU time per request (what routing costs,
+    far less sensitive than latency to the other processes on the machine), and the load
+    average.
 
     Once the server is busy (8 connections on a machine of two cores: wrk, the mock and one
     worker share them), a request waits behind the others in its turn, and the p50 is about
@@ -442,19 +443,21 @@ def bench_routing(
     for round_ in range(args.rounds):
         # Each first in turn, so a load that rises or falls through the runs favours neither.
         for label, body in runs if round_ % 2 == 0 else runs[::-1]:
-            before = server_cpu_s(server)
-            result = wrk(wrk_bin, url, connections, args.duration, key, work, body)
-            used = (server_cpu_s(server) - before) / result.requests * 1e6
+            result = costed(server, wrk_bin, url, connections, args.duration, key, work, body)
             assert result.errors == 0, f"{result.errors} errors with the model {label}"
+            assert result.cpu_us is not None
             p50[label].append(result.latency_ms["50%"])
-            cpu[label].append(used)
+            cpu[label].append(result.cpu_us)
             print(
-                f"  {label:<7}{fmt(result)}  server CPU {used:4.0f} µs/request"
+                f"  {label:<7}{fmt(result)}  server CPU {result.cpu_us:4.0f} µs/request"
                 f"  load {os.getloadavg()[0]:.2f}",
                 flush=True,
             )
-    name, routed = (median(p50[label]) for label in ("name", "object"))
-    name_cpu, routed_cpu = (median(cpu[label]) for label in ("name", "object"))
+    # The machine's speed drifts between runs by more than routing costs: each round's two
+    # runs, minutes apart at most, are compared with each other, and the median of those
+    # differences is the figure.
+    p50_added = median([o - n for o, n in zip(p50["object"], p50["name"], strict=True)])
+    cpu_added = median([o - n for o, n in zip(cpu["object"], cpu["name"], strict=True)])
     by_name, by_object = routing_cost()
     print(
         f"  in-process, best of 5 runs of 20,000: a name {by_name:.2f} µs, the object"
@@ -463,14 +466,15 @@ def bench_routing(
         flush=True,
     )
     print(
-        f"  median server CPU per request: name {name_cpu:.0f} µs, object {routed_cpu:.0f} µs;"
-        f" added by routing {routed_cpu - name_cpu:+.0f} µs",
+        f"  server CPU per request, medians: name {median(cpu['name']):.0f} µs, object "
+        f"{median(cpu['object']):.0f} µs; added by routing, the median of the rounds' "
+        f"differences: {cpu_added:+.0f} µs",
         flush=True,
     )
     print(
-        f"  median p50: name {name:.3f} ms, object {routed:.3f} ms; added by routing "
-        f"{routed - name:+.3f} ms (target ≤ +0.2 ms); load average "
-        f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}",
+        f"  p50, medians: name {median(p50['name']):.3f} ms, object {median(p50['object']):.3f}"
+        f" ms; added by routing, the median of the rounds' differences: {p50_added:+.3f} ms "
+        f"(target ≤ +0.2 ms); load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}",
         flush=True,
     )
 
