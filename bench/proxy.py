@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import aiohttp
 import asyncpg
@@ -404,7 +405,7 @@ def costed(
     """A `wrk` run, with the CPU server `pid` spent per request served during it and how
     its connections were spread over the workers."""
     split: list[int] = []
-    port = int(url.split(":")[2].split("/")[0])
+    port = urlsplit(url).port or 80
     workers = workers_of(psutil.Process(pid))
     sampler = threading.Timer(1.0, lambda: split.extend(connections_held(workers, port)))
     before = server_cpu_s(pid)

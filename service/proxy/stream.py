@@ -234,7 +234,7 @@ class StreamRelay:
         if cut:
             self._cut("max_tokens_exceeded")
         if out:
-            self._mid_line = out[-1] != 10  # not a line break
+            self._mid_line = not out.endswith(b"\n")
             if self.ttft_ms is None:
                 self.ttft_ms = int((time.perf_counter() - self.started) * 1000)
         return out
