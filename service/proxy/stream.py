@@ -22,6 +22,7 @@ from starlette.types import Receive, Send
 from service.errors import error_body
 from service.proxy.asgi import send_part, start
 from service.proxy.context import RequestContext
+from service.proxy.eager import finish
 from service.proxy.push import pushed
 from service.proxy.sse import OutputCounter, StreamMeter
 from service.proxy.upstream import (
@@ -53,29 +54,6 @@ class StreamBounds:
 
     max_duration_s: float
     max_line_bytes: int
-
-
-async def _finish(waiting: Generator[Any, None, None], awaited: Any) -> None:
-    """Run to its end a send `take` started that had to wait (on `awaited`), as a task would.
-
-    The wait is for `awaited` to be done (not an `await` of it: the send's own `await` still
-    holds it), then the send resumes and sees its outcome."""
-    while True:
-        try:
-            if awaited is None:  # a bare yield: one turn of the loop
-                await asyncio.sleep(0)
-            else:
-                await asyncio.wait((awaited,))
-        except BaseException as exc:  # this task cancelled: the send is, where it waits
-            try:
-                awaited = waiting.throw(exc)
-            except StopIteration:
-                return
-            continue
-        try:
-            awaited = waiting.send(None)
-        except StopIteration:
-            return
 
 
 def is_event_stream(response: aiohttp.ClientResponse) -> bool:
@@ -164,7 +142,7 @@ class StreamRelay:
             with pushed(content, self):
                 while True:
                     if self._pending is not None:
-                        await _finish(*self._pending)
+                        await finish(*self._pending)
                         self._pending = None
                     if self._failure is not None:
                         raise self._failure

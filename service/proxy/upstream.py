@@ -19,6 +19,7 @@ import orjson
 from service.errors import MeterlineError
 from service.providers.config import Provider
 from service.proxy.context import RequestContext
+from service.proxy.eager import eager_body_writes
 
 log = logging.getLogger("meterline.proxy")
 
@@ -65,6 +66,7 @@ class UpstreamClient:
         self._headers: dict[tuple[str, bool], dict[str, str]] = {}
 
     async def start(self) -> None:
+        eager_body_writes(asyncio.get_running_loop())
         connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30, ttl_dns_cache=300)
         self._session = aiohttp.ClientSession(
             connector=connector,
