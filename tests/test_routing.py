@@ -30,8 +30,8 @@ from service.providers.config import Provider
 from service.providers.router import ProviderRouter
 from service.proxy.service import within
 from service.routing.schemas import parse_model_spec
-from service.routing.service import ModelRouter
-from service.routing.stats import RoutingStats
+from service.routing.service import RANKING_TTL_S, ModelRouter
+from service.routing.stats import RouteFigures, RoutingStats
 from tests.conftest import ADMIN_TOKEN, Meterline, Upstream, meterline_env, start_meterline
 from tests.reliability import new_customer, own_database, wait_for_rows
 from tests.support import Database, free_port, running
@@ -626,6 +626,53 @@ def test_each_request_is_ranked_by_the_statistics_of_its_instant() -> None:
     assert stats.cooled("second")
     assert order() == [(cheap, "first"), (dear, "first"), (dear, "second"), (cheap, "second")]
     assert reserved() == (Decimal(1), Decimal(1))
+
+
+def test_a_ranking_holds_a_few_milliseconds_unless_something_may_reorder_it() -> None:
+    """Latencies drifting within `RANKING_TTL_S` keep the last ranking; past it they count.
+    A failure, a cooldown ending and the other workers' figures re-rank at once."""
+    model = "held-model"
+    book = PriceBook([Price(model, Decimal(1), Decimal(1), BEGINNING_OF_TIME)])
+    providers = ProviderRouter(
+        [
+            Provider("first", "http://127.0.0.1:1/v1", ("held-*",), "inject"),
+            Provider("second", "http://127.0.0.1:2/v1", ("held-*",), "inject"),
+        ]
+    )
+    stats = RoutingStats(cooldown_failures=100)
+    clock = [1000.0]
+    router = ModelRouter(providers, _Prices(Tariff(book)), stats, 2, clock=lambda: clock[0])
+    spec = parse_model_spec({"llms": [model], "weights": {"end_latency": 1, "error": 1}}, 256)
+    account, now = uuid.uuid4(), datetime.now(UTC)
+
+    def order() -> list[str]:
+        return [c.provider.name for c in router.choose(spec, account, None, now).candidates]
+
+    stats.observe("first", model, False, 10.0, 20.0)
+    stats.observe("second", model, False, 10.0, 30.0)
+    assert order() == ["first", "second"]
+    for _ in range(30):  # the first provider slows down: only latencies change
+        stats.observe("first", model, False, 10.0, 90.0)
+    clock[0] += RANKING_TTL_S / 2
+    assert order() == ["first", "second"], "kept within its few milliseconds"
+    clock[0] += RANKING_TTL_S
+    assert order() == ["second", "first"], "past them, the slowdown counts"
+    # A failure re-ranks at once: the second provider's error goes against it.
+    for _ in range(3):
+        stats.observe("second", model, True, None, None)
+    assert order() == ["first", "second"]
+    # The first fails too, then succeeds: its failure streak ends, a re-ranking at once.
+    for _ in range(15):  # past the second's error rate (its fewer samples weigh more)
+        stats.observe("first", model, True, None, None)
+    assert order() == ["second", "first"]
+    generation = stats.generation
+    stats.observe("first", model, False, 10.0, 90.0)
+    assert stats.generation == generation + 1
+    # Figures from the other workers re-rank at once: there the first is quick and sound.
+    view = dict(stats.local)
+    view[("first", model)] = RouteFigures(100.0, 0.0, 5.0, 6.0, time.time())
+    stats.replace_view(view)
+    assert order() == ["first", "second"]
 
 
 def test_an_error_rate_ranks_its_route_last_and_fades_with_idleness() -> None:

@@ -13,8 +13,14 @@ term that is the same for all counts 0). `price` is input plus output USD per 1M
 the account's price; the others are the live statistics (service/routing/stats.py), and a
 route with no statistics yet counts as good as the best and wins a tie (so it gets
 measured). The lowest score is tried first; other ties keep the order of `llms`, then the
-file's. Prices are compared
-as Decimals; only the normalized terms, which are ranks and never money, are floats.
+file's. Prices are compared as Decimals; only the normalized terms, which are ranks and
+never money, are floats.
+
+A ranking holds for `RANKING_TTL_S` while nothing that may reorder the routes at once
+happens (`RoutingStats.generation`: a failure, a cooldown, a route's first figures, the
+other workers' figures): a busy model object is ranked a hundred times a second, not on
+every request, and what drifts meanwhile (a latency, an error rate fading) counts from
+the next ranking.
 """
 
 from __future__ import annotations
@@ -92,6 +98,17 @@ def costliest(prices: Sequence[Price]) -> Price | None:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class _Ranking:
+    """A ranking's route, the statistics' generation it was made at, and until when it holds."""
+
+    route: Route
+    generation: int
+    until: float  # the router's clock
+
+
+# How long a ranking is kept while the statistics' generation stays the same.
+RANKING_TTL_S = 0.01
 # Filtered candidates kept per (model object, account, quoted model): at most this many.
 KEPT_ROUTES = 4096
 # The routes kept per filtered candidates (one per order its candidates were tried in): at
@@ -124,6 +141,8 @@ class _Filtered:
     # The route of each order the candidates were tried in (indices into `routes`), its
     # costliest price worked out once: the ranking is all a request computes.
     orders: dict[tuple[int, ...], Route]
+    # The last ranking (none before the first).
+    ranking: list[_Ranking]
 
     @classmethod
     def of(
@@ -153,6 +172,7 @@ class _Filtered:
             tuple(dict.fromkeys(c.provider.name for c in routes)),
             terms,
             {},
+            [],
         )
 
 
@@ -163,8 +183,10 @@ class ModelRouter:
         prices: LivePrices,
         stats: RoutingStats,
         max_attempts: int,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.providers = providers
+        self.clock = clock
         self.prices = prices
         self.stats = stats
         self.max_attempts = max_attempts
@@ -254,6 +276,11 @@ class ModelRouter:
                 prices,
                 routes,
             )
+        now, generation = self.clock(), self.stats.generation
+        if kept.ranking:
+            last = kept.ranking[0]
+            if last.generation == generation and now < last.until:
+                return last.route
         order = self._ranked(kept, spec.weights)[: self.max_attempts]
         route = kept.orders.get(order)
         if route is None:
@@ -264,6 +291,7 @@ class ModelRouter:
             route = kept.orders[order] = Route(
                 candidates, costliest([kept.prices[m] for m in models])
             )
+        kept.ranking[:] = [_Ranking(route, generation, now + RANKING_TTL_S)]
         return route
 
     def _filtered(

@@ -67,6 +67,6 @@ class StatsExchange:
             for provider, model, samples, error, ttft, latency, updated in data["routes"]:
                 figures = RouteFigures(samples, error, ttft, latency, updated)
                 parts.setdefault((provider, model), []).append(figures)
-        self.stats.view = {key: merge(figures) for key, figures in sorted(parts.items())}
+        self.stats.replace_view({key: merge(figures) for key, figures in sorted(parts.items())})
         if stale:
             await self._redis.hdel(self._key, *stale)

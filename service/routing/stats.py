@@ -7,6 +7,11 @@ dominate. An error rate also fades towards zero while a route gets no traffic (h
 `ERROR_HALF_LIFE_S`): a provider that was passed over for its errors is tried again
 later, instead of being judged forever by what it did once.
 
+`generation` counts the changes that may reorder routes at once: a route's first figures,
+a failure, the end of a failure streak, a cooldown, figures from the other workers, a seed.
+Routing keeps a ranking across whatever else happens for a few milliseconds
+(service/routing/service.py: `RANKING_TTL_S`): a latency's or an error rate's drift.
+
 A provider failing `cooldown_failures` attempts in a row is cooled down: passed over for
 `cooldown_s`, then tried again (a probe); a success ends its cooldown, a failure starts
 another. Cooldowns are each worker's own (it sees a dead provider within a few attempts).
@@ -80,6 +85,7 @@ class RoutingStats:
         self.view: dict[RouteKey, RouteFigures] = self.local
         self.shared = False
         self.worker = worker_id()
+        self.generation = 0
         self._failures: dict[str, int] = {}
         self._cooled_until: dict[str, float] = {}  # provider → time.monotonic()
 
@@ -99,6 +105,7 @@ class RoutingStats:
         figures = self.local.get(key)
         if figures is None:
             figures = self.local[key] = RouteFigures(0.0, 0.0, None, None, now)
+            self.generation += 1
         figures.error_rate = figures.error_at(now)
         weight = max(ALPHA, 1.0 / (figures.samples + 1.0))
         figures.samples += 1.0
@@ -116,7 +123,9 @@ class RoutingStats:
             if self._failures.get(provider):
                 self._failures[provider] = 0
                 self._cooled_until.pop(provider, None)
+                self.generation += 1
             return
+        self.generation += 1
         count = self._failures[provider] = self._failures.get(provider, 0) + 1
         if count >= self.cooldown_failures:
             self._cooled_until[provider] = time.monotonic() + self.cooldown_s
@@ -136,6 +145,12 @@ class RoutingStats:
     def seed(self, key: RouteKey, figures: RouteFigures) -> None:
         """Figures from the ledger, for a route this process has not observed yet."""
         self.local.setdefault(key, figures)
+        self.generation += 1
+
+    def replace_view(self, view: dict[RouteKey, RouteFigures]) -> None:
+        """Route by `view` from now on: the merge of every worker's figures."""
+        self.view = view
+        self.generation += 1
 
     def health(self) -> list[tuple[str, int, float | None]]:
         """(provider, consecutive failures, seconds of cooldown left or None) per provider."""
