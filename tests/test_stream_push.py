@@ -134,7 +134,7 @@ async def test_a_connection_lost_mid_body_wakes_the_taker_with_an_error() -> Non
         assert isinstance(response.content.exception(), aiohttp.ClientPayloadError)
 
 
-def _relay(response: aiohttp.ClientResponse) -> StreamRelay:
+def _relay(response: aiohttp.ClientResponse, max_gap_s: float = 60) -> StreamRelay:
     provider = SimpleNamespace(name="loopback")
     ctx = SimpleNamespace(
         completion_allowance=None,
@@ -144,7 +144,7 @@ def _relay(response: aiohttp.ClientResponse) -> StreamRelay:
         provider=provider,
         attempts=1,
     )
-    bounds = StreamBounds(max_duration_s=60, max_line_bytes=1 << 20)
+    bounds = StreamBounds(max_duration_s=60, max_line_bytes=1 << 20, max_gap_s=max_gap_s)
     return StreamRelay(cast(RequestContext, ctx), response, False, time.perf_counter(), bounds)
 
 
@@ -205,6 +205,38 @@ async def test_a_failing_send_fails_the_relay_where_it_awaits() -> None:
         relay = _relay(response)
         with pytest.raises(RuntimeError, match="refused"):
             await asyncio.wait_for(relay.run(send, _never_disconnects), 10)
+
+
+async def test_the_relay_times_the_providers_silence_in_place_of_aiohttp() -> None:
+    """aiohttp's read timer is off for the body (it re-armed a timer per piece): the relay's
+    own ends a stream whose provider goes quiet past the gap, as a 504, and a client that
+    holds the stream up is not the provider's silence."""
+    gap = 0.3
+
+    async def serve(writer: asyncio.StreamWriter) -> None:
+        for i in range(4):
+            await http_chunk(writer, event(i), pause=gap / 2)  # well within the gap
+        await asyncio.sleep(gap * 4)  # then silent
+
+    slow_once = True
+
+    async def send(message: Message) -> None:
+        nonlocal slow_once
+        if message["type"] == "http.response.body" and slow_once:
+            slow_once = False
+            await asyncio.sleep(gap * 2)  # the client's socket is full for two gaps
+
+    async with upstream(serve, read_timeout=gap) as response:
+        relay = _relay(response, max_gap_s=gap)
+        started = time.perf_counter()
+        await asyncio.wait_for(relay.run(send, _never_disconnects), 10)
+        took = time.perf_counter() - started
+        assert response.connection is not None and response.connection.protocol is not None
+        assert response.connection.protocol.read_timeout is None
+    assert (relay.status, relay.error_code) == (504, "upstream_timeout")
+    assert relay.meter.payloads() and len(relay.meter.payloads()) == 4, "every piece passed on"
+    # Two gaps held up by the client, then the provider's pieces, then one gap of silence.
+    assert gap * 3 <= took < gap * 6
 
 
 def test_only_an_open_plain_reader_can_be_pushed() -> None:

@@ -76,7 +76,11 @@ async def start_proxy(
         hooks=hooks,
         max_body_bytes=settings.max_request_body_bytes,
         body_timeout_s=settings.client_body_timeout_s,
-        stream_bounds=StreamBounds(settings.stream_max_duration_s, settings.stream_max_line_bytes),
+        stream_bounds=StreamBounds(
+            settings.stream_max_duration_s,
+            settings.stream_max_line_bytes,
+            settings.upstream_read_timeout_s,
+        ),
         key_headers=settings.key_headers,
         access_log=access_log,
         deadline_s=settings.routing_deadline_s,

@@ -48,12 +48,13 @@ _STREAM_ERRORS = {
 
 @dataclass(frozen=True, slots=True)
 class StreamBounds:
-    """What one stream may cost a worker: its whole duration and the bytes of one line
-    (what is kept of an incomplete event). Settings `stream_max_duration_s` and
-    `stream_max_line_bytes`; the gap between two pieces is the upstream read timeout."""
+    """What one stream may cost a worker: its whole duration, the bytes of one line (what is
+    kept of an incomplete event) and the longest the provider may stay silent. Settings
+    `stream_max_duration_s`, `stream_max_line_bytes` and `upstream_read_timeout_s`."""
 
     max_duration_s: float
     max_line_bytes: int
+    max_gap_s: float
 
 
 def is_event_stream(response: aiohttp.ClientResponse) -> bool:
@@ -93,6 +94,8 @@ class StreamRelay:
         self._blocked = False  # a send waits: pieces stay in aiohttp's buffer, in order
         self._pending: tuple[Generator[Any, None, None], Any] | None = None
         self._failure: BaseException | None = None
+        self._last_piece = started  # time.perf_counter() of the provider's last piece
+        self._gap_timer: asyncio.TimerHandle | None = None
 
     @property
     def complete(self) -> bool:
@@ -109,6 +112,8 @@ class StreamRelay:
         finally:
             self.done = True
             watcher.cancel()
+            if self._gap_timer is not None:
+                self._gap_timer.cancel()
         if self.disconnected:
             self.status, self.error_code = 499, "client_disconnected"
         elif self.error_code is not None:
@@ -138,6 +143,7 @@ class StreamRelay:
         self._send = send
         self._blocked = True  # what arrived with the headers goes first, from here
         loop = asyncio.get_running_loop()
+        self._time_gaps(loop)
         try:
             with pushed(content, self):
                 while True:
@@ -193,8 +199,35 @@ class StreamRelay:
         if self._wake is not None and not self._wake.done():
             self._wake.set_result(None)
 
+    def _time_gaps(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Time the provider's silences with one timer per stream, in place of aiohttp's
+        read timeout, which re-arms a timer on every piece (a stream relays tens of
+        thousands a second per worker). The next request on the connection sets aiohttp's
+        own again."""
+        connection = self.response.connection
+        if connection is None or connection.protocol is None:
+            return  # the body is all in already
+        connection.protocol.read_timeout = None
+        self._last_piece = time.perf_counter()
+        self._gap_timer = loop.call_later(self.bounds.max_gap_s, self._check_gap, loop)
+
+    def _check_gap(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self.done or self._halted:
+            return
+        quiet = time.perf_counter() - self._last_piece
+        if self._blocked:  # a send to the client waits: it holds the stream up, not the provider
+            quiet = 0.0
+        if quiet < self.bounds.max_gap_s:
+            delay = self.bounds.max_gap_s - quiet
+            self._gap_timer = loop.call_later(delay, self._check_gap, loop)
+            return
+        self._failure = TimeoutError("the provider sent nothing within the read timeout")
+        self._halted = True
+        self.wake()
+
     def _piece(self, piece: bytes) -> bytes:
         """What of an upstream piece to send the client; sets `_halted` when it cuts."""
+        now = self._last_piece = time.perf_counter()
         newline = piece.rfind(b"\n")
         if newline < 0:
             self._line_bytes += len(piece)
@@ -204,7 +237,7 @@ class StreamRelay:
         if max(self._line_bytes, self.meter.held) > self.bounds.max_line_bytes:
             self._cut("upstream_line_too_long")
             return b""
-        if time.perf_counter() > self._deadline:
+        if now > self._deadline:
             self._cut("stream_too_long")
             return b""
         piece, cut = self._within_allowance(piece)
@@ -214,7 +247,7 @@ class StreamRelay:
         if out:
             self._mid_line = not out.endswith(b"\n")
             if self.ttft_ms is None:
-                self.ttft_ms = int((time.perf_counter() - self.started) * 1000)
+                self.ttft_ms = int((now - self.started) * 1000)
         return out
 
     def _cut(self, code: str) -> None:
