@@ -628,20 +628,25 @@ def test_each_request_is_ranked_by_the_statistics_of_its_instant() -> None:
     assert reserved() == (Decimal(1), Decimal(1))
 
 
-def test_a_ranking_holds_a_few_milliseconds_unless_something_may_reorder_it() -> None:
-    """Latencies drifting within `RANKING_TTL_S` keep the last ranking; past it they count.
-    A failure, a cooldown ending and the other workers' figures re-rank at once."""
-    model = "held-model"
+def _at_two_providers(model: str, stats: RoutingStats, **options: Any) -> ModelRouter:
+    """A router of `model` at one price, served by `first` then `second` in the file."""
     book = PriceBook([Price(model, Decimal(1), Decimal(1), BEGINNING_OF_TIME)])
     providers = ProviderRouter(
         [
-            Provider("first", "http://127.0.0.1:1/v1", ("held-*",), "inject"),
-            Provider("second", "http://127.0.0.1:2/v1", ("held-*",), "inject"),
+            Provider("first", "http://127.0.0.1:1/v1", (model,), "inject"),
+            Provider("second", "http://127.0.0.1:2/v1", (model,), "inject"),
         ]
     )
+    return ModelRouter(providers, _Prices(Tariff(book)), stats, 2, **options)
+
+
+def test_a_ranking_holds_a_few_milliseconds_unless_something_may_reorder_it() -> None:
+    """Latencies drifting within `RANKING_TTL_S` keep the last ranking; past it they count.
+    A failure, the end of a failure streak and the other workers' figures re-rank at once."""
+    model = "held-model"
     stats = RoutingStats(cooldown_failures=100)
     clock = [1000.0]
-    router = ModelRouter(providers, _Prices(Tariff(book)), stats, 2, clock=lambda: clock[0])
+    router = _at_two_providers(model, stats, clock=lambda: clock[0])
     spec = parse_model_spec({"llms": [model], "weights": {"end_latency": 1, "error": 1}}, 256)
     account, now = uuid.uuid4(), datetime.now(UTC)
 
@@ -679,15 +684,8 @@ def test_an_error_rate_ranks_its_route_last_and_fades_with_idleness() -> None:
     """The error term counts once some route has an error rate: the route failing more
     goes after an equally quick one, and an old error fades below a new one."""
     model = "faded-model"
-    book = PriceBook([Price(model, Decimal(1), Decimal(1), BEGINNING_OF_TIME)])
-    providers = ProviderRouter(
-        [
-            Provider("first", "http://127.0.0.1:1/v1", ("faded-*",), "inject"),
-            Provider("second", "http://127.0.0.1:2/v1", ("faded-*",), "inject"),
-        ]
-    )
     stats = RoutingStats(cooldown_failures=100)
-    router = ModelRouter(providers, _Prices(Tariff(book)), stats, 2)
+    router = _at_two_providers(model, stats)
     spec = parse_model_spec({"llms": [model], "weights": {"error": 1}}, 256)
     account, now = uuid.uuid4(), datetime.now(UTC)
 
