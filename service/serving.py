@@ -66,15 +66,16 @@ class WorkerListener(socket.socket):
 
 def serve_app(factory: str, host: str, port: int, workers: int, **options: Any) -> None:
     """Serve the app `factory` builds in each of `workers` processes, on uvloop and
-    httptools; uvicorn's own logs only for warnings (Meterline writes its own access
-    lines)."""
+    httptools (with a response's headers written together with its first body piece:
+    service/http_protocol.py); uvicorn's own logs only for warnings (Meterline writes its
+    own access lines)."""
     settings: dict[str, Any] = {
         "factory": True,
         "host": host,
         "port": port,
         "workers": workers,
         "loop": "uvloop",
-        "http": "httptools",
+        "http": "service.http_protocol:HttpProtocol",
         "log_level": "warning",
         **options,
     }
