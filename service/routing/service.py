@@ -17,10 +17,10 @@ file's. Prices are compared as Decimals; only the normalized terms, which are ra
 never money, are floats.
 
 A ranking holds for `RANKING_TTL_S` while nothing that may reorder the routes at once
-happens (`RoutingStats.generation`: a failure, a cooldown, a route's first figures, the
-other workers' figures): a busy model object is ranked a hundred times a second, not on
-every request, and what drifts meanwhile (a latency, an error rate fading) counts from
-the next ranking.
+happens (`RoutingStats.generation`: a failure, the success that ends a failure streak, a
+route's first figures, a seed, the other workers' figures): a busy model object is
+ranked a hundred times a second, not on every request, and what drifts meanwhile (a
+latency, an error rate fading) counts from the next ranking.
 """
 
 from __future__ import annotations
