@@ -17,7 +17,6 @@ from collections.abc import Awaitable, Sequence
 from datetime import UTC, datetime
 from typing import TypeVar
 
-import aiohttp
 import orjson
 from starlette.types import Receive, Scope, Send
 
@@ -29,6 +28,7 @@ from service.ledger.writer import LedgerWriter
 from service.proxy.access import AccessLog
 from service.proxy.asgi import send_error, send_whole
 from service.proxy.context import ProxyHooks, RequestContext
+from service.proxy.http_client import UpstreamResponse
 from service.proxy.inbound import MAX_MODEL, ClientGone, authenticate, headers_of, read_request
 from service.proxy.models import ModelList
 from service.proxy.redact import redact_provider_key
@@ -219,7 +219,7 @@ class MeteringProxy:
 
     async def _open(
         self, ctx: RequestContext, started: float
-    ) -> tuple[aiohttp.ClientResponse | UpstreamFailure, bool]:
+    ) -> tuple[UpstreamResponse | UpstreamFailure, bool]:
         """The first answer worth passing on (its headers read), or the last failure; and
         whether the client must not see the usage asked for it.
 
@@ -287,7 +287,7 @@ class MeteringProxy:
         ctx.attempts += 1
 
     async def _answer_whole(
-        self, ctx: RequestContext, send: Send, response: aiohttp.ClientResponse, started: float
+        self, ctx: RequestContext, send: Send, response: UpstreamResponse, started: float
     ) -> None:
         """The provider's answer as one body, with its status, request id and cost."""
         first_byte = (time.perf_counter() - ctx.attempt_started) * 1000
@@ -311,7 +311,7 @@ class MeteringProxy:
             headers.append((b"x-meterline-cost-usd", format(record.cost_usd, "f").encode()))
         headers += passed_headers(response, ctx.response_headers)
         headers += route_headers(ctx)
-        content_type = response.headers.get("Content-Type", "application/json").encode()
+        content_type = (response.header(b"content-type") or "application/json").encode()
         await send_whole(send, status, raw, headers, content_type)
         await self._settle(ctx, record)
 

@@ -11,19 +11,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Generator
+from collections.abc import Coroutine, Generator
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
 import orjson
 from starlette.types import Receive, Send
 
 from service.errors import error_body
 from service.proxy.asgi import send_part, start
 from service.proxy.context import RequestContext
-from service.proxy.eager import finish
-from service.proxy.push import pushed
+from service.proxy.http_client import UpstreamResponse
 from service.proxy.sse import OutputCounter, StreamMeter
 from service.proxy.upstream import (
     UPSTREAM_FAILURES,
@@ -31,6 +29,34 @@ from service.proxy.upstream import (
     route_headers,
     upstream_failure,
 )
+
+# What `finish` resumes: an `__await__` generator or a coroutine, both driven by send/throw.
+Started = Generator[Any, None, Any] | Coroutine[Any, Any, Any]
+
+
+async def finish(waiting: Started, awaited: Any) -> None:
+    """Run to its end `waiting`, started by hand, which had to wait on `awaited`, as a task
+    would.
+
+    The wait is for `awaited` to be done (not an `await` of it: the generator's own `await`
+    still holds it), then the generator resumes and sees its outcome."""
+    while True:
+        try:
+            if awaited is None:  # a bare yield: one turn of the loop
+                await asyncio.sleep(0)
+            else:
+                await asyncio.wait((awaited,))
+        except BaseException as exc:  # this task cancelled: so is the generator, where it waits
+            try:
+                awaited = waiting.throw(exc)
+            except StopIteration:
+                return
+            continue
+        try:
+            awaited = waiting.send(None)
+        except StopIteration:
+            return
+
 
 _STREAM_ERRORS = {
     "upstream_timeout": "the provider stopped sending before the stream was complete",
@@ -57,8 +83,8 @@ class StreamBounds:
     max_gap_s: float
 
 
-def is_event_stream(response: aiohttp.ClientResponse) -> bool:
-    return response.headers.get("Content-Type", "").startswith("text/event-stream")
+def is_event_stream(response: UpstreamResponse) -> bool:
+    return response.header(b"content-type").startswith("text/event-stream")
 
 
 class StreamRelay:
@@ -68,7 +94,7 @@ class StreamRelay:
     def __init__(
         self,
         ctx: RequestContext,
-        response: aiohttp.ClientResponse,
+        response: UpstreamResponse,
         hide_usage: bool,
         started: float,
         bounds: StreamBounds,
@@ -91,7 +117,7 @@ class StreamRelay:
         self._send: Send | None = None
         self._wake: asyncio.Future[None] | None = None
         self._halted = False  # cut (error_code says why) or failed: nothing more is sent
-        self._blocked = False  # a send waits: pieces stay in aiohttp's buffer, in order
+        self._blocked = False  # a send waits: pieces stay in the response's buffer, in order
         self._pending: tuple[Generator[Any, None, None], Any] | None = None
         self._failure: BaseException | None = None
         self._last_piece = started  # time.perf_counter() of the provider's last piece
@@ -128,7 +154,7 @@ class StreamRelay:
 
     def _headers(self) -> list[tuple[bytes, bytes]]:
         return [
-            (b"content-type", self.response.headers.get("Content-Type", "").encode()),
+            (b"content-type", self.response.header(b"content-type").encode()),
             (b"cache-control", b"no-cache"),
             (b"x-request-id", self.ctx.request_id.encode()),
             *passed_headers(self.response, self.ctx.response_headers),
@@ -136,36 +162,38 @@ class StreamRelay:
         ]
 
     async def _pass_on(self, send: Send, watcher: asyncio.Task[None]) -> None:
-        """The body relayed: each piece is taken as aiohttp's parser hands it over (`take`,
-        no task switch per piece) while this waits for the end, a cut, the client gone, or
-        a send that must wait; then what was buffered meanwhile is relayed from here, in order."""
-        content = self.response.content
+        """The body relayed: each piece is taken as the connection's parser hands it over
+        (`take`, no task switch per piece) while this waits for the end, a cut, the client
+        gone, or a send that must wait; then what was buffered meanwhile is relayed from
+        here, in order."""
+        content = self.response
         self._send = send
         self._blocked = True  # what arrived with the headers goes first, from here
         loop = asyncio.get_running_loop()
         self._time_gaps(loop)
+        content.push_to(self)
         try:
-            with pushed(content, self):
-                while True:
-                    if self._pending is not None:
-                        await finish(*self._pending)
-                        self._pending = None
-                    if self._failure is not None:
-                        raise self._failure
+            while True:
+                if self._pending is not None:
+                    await finish(*self._pending)
+                    self._pending = None
+                if self._failure is not None:
+                    raise self._failure
+                if self._halted or self.disconnected:
+                    return
+                while piece := content.read_nowait():  # raises what ended the body
+                    out = self._piece(piece)
+                    if out:
+                        await send_part(send, out)
                     if self._halted or self.disconnected:
                         return
-                    while piece := content.read_nowait():  # raises what ended the body
-                        out = self._piece(piece)
-                        if out:
-                            await send_part(send, out)
-                        if self._halted or self.disconnected:
-                            return
-                    if content.is_eof():
-                        break
-                    self._blocked = False
-                    self._wake = loop.create_future()
-                    await self._wake
+                if content.is_eof():
+                    break
+                self._blocked = False
+                self._wake = loop.create_future()
+                await self._wake
         finally:
+            content.push_to(None)
             if self._pending is not None:
                 self._pending[0].close()
         if not self.disconnected:
@@ -174,7 +202,7 @@ class StreamRelay:
             await send_part(send, self.meter.flush(), more=False)
 
     def take(self, piece: bytes) -> bool:
-        """A piece just received: metered and sent at once (see `service.proxy.push`)."""
+        """A piece just received: metered and sent at once (`BodyTaker`)."""
         if self._blocked or self._halted:
             return False  # relayed in order by `_pass_on` once the send before it is done
         try:
@@ -200,14 +228,8 @@ class StreamRelay:
             self._wake.set_result(None)
 
     def _time_gaps(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Time the provider's silences with one timer per stream, in place of aiohttp's
-        read timeout, which re-arms a timer on every piece (a stream relays tens of
-        thousands a second per worker). The next request on the connection sets aiohttp's
-        own again."""
-        connection = self.response.connection
-        if connection is None or connection.protocol is None:
-            return  # the body is all in already
-        connection.protocol.read_timeout = None
+        """Time the provider's silences with one timer per stream, moved on only when it
+        fires (a stream relays tens of thousands of pieces a second per worker)."""
         self._last_piece = time.perf_counter()
         self._gap_timer = loop.call_later(self.bounds.max_gap_s, self._check_gap, loop)
 

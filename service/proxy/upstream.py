@@ -1,25 +1,29 @@
-"""The HTTP client to the providers: aiohttp, one pooled session per worker.
+"""Talking to the providers: one connection pool per worker (`service.proxy.http_client`).
 
-aiohttp's client is several times faster than httpx's default transport on this path
-(see `python -m bench proxy`). Connection failures are retried, since nothing was sent
-yet; a request that reached the provider is never sent twice. What aiohttp raises becomes
-a 502 or a 504 in `upstream_failure`, the one place that decides which.
+Connection failures are retried, since nothing was sent yet; a request that reached the
+provider is never sent twice. What talking to a provider raises becomes a 502 or a 504 in
+`upstream_failure`, the one place that decides which.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from collections.abc import Awaitable, Mapping
 from typing import Any
 
-import aiohttp
 import orjson
 
 from service.errors import MeterlineError
 from service.providers.config import Provider
 from service.proxy.context import RequestContext
-from service.proxy.eager import eager_body_writes
+from service.proxy.http_client import (
+    ConnectFailed,
+    ConnectionPool,
+    ConnectTimeout,
+    UpstreamResponse,
+)
 
 log = logging.getLogger("meterline.proxy")
 
@@ -37,7 +41,7 @@ class UpstreamTimeout(MeterlineError):
 
 
 # What talking to a provider may raise once connected: sending, or reading its answer.
-UPSTREAM_FAILURES = (TimeoutError, aiohttp.ClientError, ConnectionError)
+UPSTREAM_FAILURES = (TimeoutError, ConnectionError)
 
 # The upstream path of each endpoint, relative to the provider's /v1 root.
 ENDPOINT_PATHS = {
@@ -51,34 +55,31 @@ def upstream_failure(exc: BaseException) -> UpstreamTimeout | UpstreamUnavailabl
     """The 504 (too slow) or 502 (gone) that one of `UPSTREAM_FAILURES` is."""
     if isinstance(exc, UpstreamTimeout | UpstreamUnavailable):
         return exc
-    if isinstance(exc, TimeoutError):  # aiohttp's own timeouts are TimeoutErrors too
+    if isinstance(exc, TimeoutError):
         return UpstreamTimeout("the provider did not answer in time")
     return UpstreamUnavailable("the provider closed the connection")
 
 
 class UpstreamClient:
-    def __init__(self, connect_timeout_s: float, read_timeout_s: float, retries: int) -> None:
+    def __init__(
+        self,
+        connect_timeout_s: float,
+        read_timeout_s: float,
+        retries: int,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
         self.retries = retries
-        self._timeout = aiohttp.ClientTimeout(
-            total=None, sock_connect=connect_timeout_s, sock_read=read_timeout_s
-        )
-        self._session: aiohttp.ClientSession | None = None
+        self._timeouts = (connect_timeout_s, read_timeout_s)
+        self._ssl = ssl_context  # None: the system's trusted authorities
+        self._pool: ConnectionPool | None = None
         self._headers: dict[tuple[str, bool], dict[str, str]] = {}
 
     async def start(self) -> None:
-        eager_body_writes(asyncio.get_running_loop())
-        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30, ttl_dns_cache=300)
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            timeout=self._timeout,
-            # Bodies go back to the client as the provider sent them.
-            auto_decompress=False,
-            skip_auto_headers=("User-Agent",),
-        )
+        self._pool = ConnectionPool(*self._timeouts, keepalive_s=30, ssl_context=self._ssl)
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        if self._pool is not None:
+            await self._pool.close()
 
     async def send(
         self,
@@ -87,19 +88,19 @@ class UpstreamClient:
         body: bytes | None,
         headers: Mapping[str, str],
         retries: int | None = None,
-    ) -> aiohttp.ClientResponse:
+    ) -> UpstreamResponse:
         """The provider's response, headers read, body not yet; raises 502 / 504 errors.
         A failed connection is retried `retries` times (default: the client's)."""
-        assert self._session is not None, "UpstreamClient.start() was not awaited"
+        assert self._pool is not None, "UpstreamClient.start() was not awaited"
         retries = self.retries if retries is None else retries
         attempt = 0
         while True:
             try:
-                return await self._session.request(method, url, data=body, headers=headers)
-            except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+                return await self._pool.request(method, url, body, headers)
+            except (ConnectFailed, ConnectTimeout) as exc:
                 # Failed while connecting: the provider has seen nothing, a retry is safe.
                 if attempt >= retries:
-                    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+                    if isinstance(exc, ConnectTimeout):
                         raise UpstreamTimeout("timed out connecting to the provider") from exc
                     raise UpstreamUnavailable("could not connect to the provider") from exc
                 attempt += 1
@@ -112,7 +113,7 @@ class UpstreamClient:
 
     def forward(
         self, ctx: RequestContext, body: bytes, retries: int | None = None
-    ) -> Awaitable[aiohttp.ClientResponse]:
+    ) -> Awaitable[UpstreamResponse]:
         """`body` sent to the provider of `ctx` at the endpoint's path (see `send`); not a
         coroutine of its own, so a request costs no extra frame."""
         url = ctx.provider.url(ENDPOINT_PATHS[ctx.endpoint])
@@ -162,7 +163,7 @@ def _json_bytes(body: dict[str, Any]) -> bytes:
 
 
 def passed_headers(
-    response: aiohttp.ClientResponse, ours: Mapping[str, str]
+    response: UpstreamResponse, ours: Mapping[str, str]
 ) -> list[tuple[bytes, bytes]]:
     """The provider's headers the client gets (only its rate-limit hints), then `ours`."""
     out = []
