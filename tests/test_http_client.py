@@ -467,3 +467,31 @@ async def test_the_relay_times_the_providers_silence() -> None:
     assert relay.meter.payloads() and len(relay.meter.payloads()) == 4, "every piece passed on"
     # Two gaps held up by the client, then the provider's pieces, then one gap of silence.
     assert gap * 3 <= took < gap * 6
+
+
+async def test_an_answer_nothing_asked_for_or_past_its_bound_is_refused() -> None:
+    twice = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok" * 2
+    async with recorder(twice) as (seen, url), pool_for() as pool:
+        response = await pool.request("POST", url, b"{}", {})
+        assert await response.read() == b"ok"
+        response.release()
+        await asyncio.wait_for(seen.closed.wait(), 5)  # the second answer closed it
+        response = await pool.request("POST", url, b"{}", {})
+        response.close()
+        assert seen.connections == 2
+
+    async def endless_head(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\n")
+        with contextlib.suppress(ConnectionError):
+            for i in range(200):  # 200 kB of headers, a read at a time, never ending
+                writer.write(b"X-Filler-%d: %s\r\n" % (i, b"f" * 1000))
+                await writer.drain()
+                await asyncio.sleep(0.002)
+        writer.close()
+
+    server = await asyncio.start_server(endless_head, "127.0.0.1", 0)
+    async with server, pool_for() as pool:
+        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/"
+        with pytest.raises(ConnectionError, match="head past 64 kB"):
+            await pool.request("POST", url, b"{}", {})

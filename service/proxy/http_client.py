@@ -32,6 +32,12 @@ import httptools
 # A body buffered past this (the relay's client reads slower than the provider sends)
 # pauses the provider's socket; the kernel's buffers and TCP's window hold the rest.
 _HIGH_WATER = 1 << 16
+# The most an answer's head may take (status line and headers) before it is refused.
+_MAX_HEAD = 1 << 16
+
+
+class _Unasked(Exception):
+    """The provider answered twice to one request."""
 
 
 class ConnectFailed(ConnectionError):
@@ -214,6 +220,7 @@ class _Connection(asyncio.Protocol):
         self._head: asyncio.Future[UpstreamResponse] | None = None
         self._raw_headers: list[tuple[bytes, bytes]] = []
         self._interim = False  # a 1xx head: the real one follows
+        self._head_bytes = 0
         self._paused = False
 
     # -- asyncio ---------------------------------------------------------------------
@@ -223,11 +230,21 @@ class _Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.received_at = self.loop.time()
+        if self._head is None and (self.response is None or self.response._eof):
+            self._refuse("the provider sent bytes nothing asked for")
+            return
         try:
             self._parser.feed_data(data)
-        except httptools.HttpParserError as exc:
-            self._lost(ConnectionError(f"the provider's answer is not HTTP/1.1: {exc}"))
-            self.close()
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
+            self._refuse(f"the provider's answer is not HTTP/1.1: {exc}")
+            return
+        except _Unasked:
+            self._refuse("the provider sent an answer nothing asked for")
+            return
+        if self._head is not None:  # all of it was head: bounded like a line of a stream
+            self._head_bytes += len(data)
+            if self._head_bytes > _MAX_HEAD:
+                self._refuse("the provider's answer has a head past 64 kB")
 
     def eof_received(self) -> None:
         return None  # the transport closes; `connection_lost` ends the response
@@ -252,9 +269,11 @@ class _Connection(asyncio.Protocol):
             self._interim = True
             self._raw_headers = []
             return
-        self.response = UpstreamResponse(status, self._raw_headers, self)
         head, self._head = self._head, None
-        if head is not None and not head.done():
+        if head is None:  # a second answer to one request
+            raise _Unasked
+        self.response = UpstreamResponse(status, self._raw_headers, self)
+        if not head.done():
             head.set_result(self.response)
 
     def on_body(self, body: bytes) -> None:
@@ -275,6 +294,7 @@ class _Connection(asyncio.Protocol):
         answer's head."""
         assert self.transport is not None and self.response is None
         self._raw_headers = []
+        self._head_bytes = 0
         waiter: asyncio.Future[UpstreamResponse] = self.loop.create_future()
         self._head = waiter
         if body is None:
@@ -318,6 +338,10 @@ class _Connection(asyncio.Protocol):
         self.pool.forget(self)
 
     # -- inside ------------------------------------------------------------------------
+
+    def _refuse(self, why: str) -> None:
+        self._lost(ConnectionError(why))
+        self.close()
 
     def _lost(self, error: ConnectionError) -> None:
         head, self._head = self._head, None
