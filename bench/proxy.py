@@ -49,6 +49,7 @@ from bench.support import (
     ensure_wrk,
     free_port,
     run,
+    scheduled_s,
     workers_of,
 )
 from service.db.engine import asyncpg_dsn
@@ -76,6 +77,8 @@ class WrkResult:
     cpu_us: float | None = None
     # The connections each worker held 1 s in (keep-alive ones stay where accepted).
     split: list[int] = field(default_factory=list)
+    # Per worker, ms per second its main thread ran on a core and waited for one.
+    cores: list[tuple[float, float]] = field(default_factory=list)
 
 
 _UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0}
@@ -409,9 +412,17 @@ def costed(
     workers = workers_of(psutil.Process(pid))
     sampler = threading.Timer(1.0, lambda: split.extend(connections_held(workers, port)))
     before = server_cpu_s(pid)
+    scheduled = [scheduled_s(w.pid) for w in workers]
     sampler.start()
+    started = time.monotonic()
     result = wrk(binary, url, connections, seconds, key, work, body)
+    elapsed = time.monotonic() - started
     result.cpu_us = (server_cpu_s(pid) - before) / max(result.requests, 1) * 1e6
+    for worker, then in zip(workers, scheduled, strict=True):
+        now = scheduled_s(worker.pid)
+        if then is not None and now is not None:
+            ran, waited = ((b - a) * 1000 / elapsed for a, b in zip(then, now, strict=True))
+            result.cores.append((ran, waited))
     sampler.join()
     result.split = split
     return result
@@ -564,6 +575,14 @@ def report_non_streamed(
             f"Meterline {' / '.join(map(str, metered.split))}",
             flush=True,
         )
+    for label, result in (("bare", bare), ("Meterline", metered)):
+        if result.cores:
+            print(
+                f"  {label}: each worker's main thread per second on a core "
+                f"{', '.join(f'{ran:.0f}' for ran, _ in result.cores)} ms, waiting for one "
+                f"{', '.join(f'{waited:.0f}' for _, waited in result.cores)} ms",
+                flush=True,
+            )
 
 
 def bench_streams(

@@ -13,8 +13,10 @@ once direct and once through Meterline, in the same minute. Against the targets:
 
 Also reported: the server's CPU per chunk relayed (all its processes' work divided by the
 chunks, so a load-robust figure to compare builds by), each worker's idle and peak RSS and
-the memory a stream in flight holds, and the event-loop lag the workers measured
-(`meterline_event_loop_lag_seconds`, sampled every 0.1 s).
+the memory a stream in flight holds, the event-loop lag the workers measured
+(`meterline_event_loop_lag_seconds`, sampled every 0.1 s), and how long each worker ran
+and waited for a core per second (on a machine whose cores the client and the upstream
+share, that wait is where the added latency goes).
 
     python -m bench streams [--streams 500] [--seconds 6] [--workers 2] [--limits] [--tools DIR]
 
@@ -46,7 +48,15 @@ import httpx
 import psutil
 
 from bench.proxy import ADMIN_TOKEN, create_key, server_cpu_s
-from bench.support import ROOT, bench_database, connections_held, free_port, run, workers_of
+from bench.support import (
+    ROOT,
+    bench_database,
+    connections_held,
+    free_port,
+    run,
+    scheduled_s,
+    workers_of,
+)
 from service.db.engine import asyncpg_dsn
 
 MODEL = "meta-llama/Llama-3.3-70B-Instruct"
@@ -69,14 +79,19 @@ def client(tools: Path, url: str, streams: int, key: str, seconds: float) -> dic
 
 
 class Sampler:
-    """The workers' summed RSS every 0.2 s, its peak kept, while the load runs; and once,
-    1.5 s in, the streams' connections each worker holds."""
+    """The workers' summed RSS every 0.2 s, its peak kept, while the load runs; once, 1.5 s
+    in, the streams' connections each worker holds; and each worker's time on a core and
+    waiting for one, per second of the run (on a machine whose cores the load generator
+    and the upstream share, the wait is where latency goes)."""
 
     def __init__(self, workers: list[psutil.Process], port: int) -> None:
         self.workers = workers
         self.port = port
         self.peak = 0
         self.split: list[int] = []
+        self.cores: list[tuple[float, float]] = []  # per worker: (ran, waited) s per s
+        self._scheduled: list[tuple[float, float] | None] = []
+        self._started = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -91,12 +106,20 @@ class Sampler:
                 self.split = connections_held(self.workers, self.port)
 
     def __enter__(self) -> Sampler:
+        self._scheduled = [scheduled_s(p.pid) for p in self.workers]
+        self._started = time.monotonic()
         self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
+        seconds = time.monotonic() - self._started
+        for worker, before in zip(self.workers, self._scheduled, strict=True):
+            after = scheduled_s(worker.pid)
+            if before is not None and after is not None:
+                ran, waited = (a - b for a, b in zip(after, before, strict=True))
+                self.cores.append((ran / seconds, waited / seconds))
 
 
 def loop_lag(metrics: str) -> tuple[int, int, str]:
@@ -265,5 +288,11 @@ def report(
         f"{sampler.peak / mb:.0f} MB in all; {per_stream:.0f} kB per stream in flight"
     )
     print(f"  connections per worker 1.5 s in: {' / '.join(map(str, sampler.split))}")
+    if sampler.cores:
+        print(
+            "  each worker's main thread per second: on a core "
+            f"{', '.join(f'{ran * 1000:.0f}' for ran, _ in sampler.cores)} ms, waiting for one "
+            f"{', '.join(f'{waited * 1000:.0f}' for _, waited in sampler.cores)} ms"
+        )
     samples, over, worst = loop_lag(metrics)
     print(f"  event-loop lag: {over} of {samples} samples over 100 ms; the worst in {worst}")

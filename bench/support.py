@@ -103,6 +103,16 @@ def bench_database() -> Iterator[str]:
         asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
+def scheduled_s(pid: int) -> tuple[float, float] | None:
+    """Seconds process `pid`'s main thread has run on a core, and waited in the run queue
+    for one (Linux's /proc/PID/schedstat; None elsewhere)."""
+    try:
+        ran, waited, _ = Path(f"/proc/{pid}/schedstat").read_text().split()
+    except (OSError, ValueError):
+        return None
+    return int(ran) / 1e9, int(waited) / 1e9
+
+
 def workers_of(server: psutil.Process) -> list[psutil.Process]:
     """The processes that serve requests: uvicorn's spawned workers, or the server itself."""
     spawned = [p for p in server.children() if "multiprocessing-fork" in " ".join(p.cmdline())]
