@@ -321,6 +321,10 @@ class _Connection(asyncio.Protocol):
         else:
             self.close()
 
+    def transport_closing(self) -> bool:
+        """Closed by the transport itself (a write that failed), `connection_lost` to come."""
+        return self.transport is None or self.transport.is_closing()
+
     def pause(self) -> None:
         if not self._paused and self.transport is not None:
             self._paused = True
@@ -425,7 +429,8 @@ class ConnectionPool:
         now = self.loop.time()
         while idle:
             connection = idle.pop()  # the most recent: the least likely to be closed
-            if not connection.closed and now - connection.idle_since < self.keepalive_s:
+            usable = not connection.closed and not connection.transport_closing()
+            if usable and now - connection.idle_since < self.keepalive_s:
                 return connection
             connection.close()
         return None
