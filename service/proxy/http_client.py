@@ -1,7 +1,7 @@
 """HTTP/1.1 to the providers: pooled keep-alive connections, on asyncio's transports and
 httptools' parser (the one uvicorn parses the clients' requests with).
 
-A general client was a third of a forwarded request's CPU: with aiohttp's, the server
+A general client was about a quarter of a forwarded request's CPU: with aiohttp's, the server
 spent 279 to 304 µs per request at 8 connections, with this one 217 to 220 (`python -m bench
 proxy`, alternated in the same hour), and every piece of a stream crosses it too. What the
 proxy needs is narrow, so this is all there is:
