@@ -46,6 +46,8 @@ import psutil
 from bench.support import (
     bench_database,
     connections_held,
+    core_time,
+    describe_core_time,
     ensure_wrk,
     free_port,
     run,
@@ -418,11 +420,7 @@ def costed(
     result = wrk(binary, url, connections, seconds, key, work, body)
     elapsed = time.monotonic() - started
     result.cpu_us = (server_cpu_s(pid) - before) / max(result.requests, 1) * 1e6
-    for worker, then in zip(workers, scheduled, strict=True):
-        now = scheduled_s(worker.pid)
-        if then is not None and now is not None:
-            ran, waited = ((b - a) * 1000 / elapsed for a, b in zip(then, now, strict=True))
-            result.cores.append((ran, waited))
+    result.cores = core_time(workers, scheduled, elapsed)
     sampler.join()
     result.split = split
     return result
@@ -577,12 +575,7 @@ def report_non_streamed(
         )
     for label, result in (("bare", bare), ("Meterline", metered)):
         if result.cores:
-            print(
-                f"  {label}: each worker's main thread per second on a core "
-                f"{', '.join(f'{ran:.0f}' for ran, _ in result.cores)} ms, waiting for one "
-                f"{', '.join(f'{waited:.0f}' for _, waited in result.cores)} ms",
-                flush=True,
-            )
+            print(f"  {label}: {describe_core_time(result.cores)}", flush=True)
 
 
 def bench_streams(

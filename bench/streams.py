@@ -52,6 +52,8 @@ from bench.support import (
     ROOT,
     bench_database,
     connections_held,
+    core_time,
+    describe_core_time,
     free_port,
     run,
     scheduled_s,
@@ -89,7 +91,7 @@ class Sampler:
         self.port = port
         self.peak = 0
         self.split: list[int] = []
-        self.cores: list[tuple[float, float]] = []  # per worker: (ran, waited) s per s
+        self.cores: list[tuple[float, float]] = []  # per worker: (ran, waited) ms per s
         self._scheduled: list[tuple[float, float] | None] = []
         self._started = 0.0
         self._stop = threading.Event()
@@ -114,12 +116,7 @@ class Sampler:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
-        seconds = time.monotonic() - self._started
-        for worker, before in zip(self.workers, self._scheduled, strict=True):
-            after = scheduled_s(worker.pid)
-            if before is not None and after is not None:
-                ran, waited = (a - b for a, b in zip(after, before, strict=True))
-                self.cores.append((ran / seconds, waited / seconds))
+        self.cores = core_time(self.workers, self._scheduled, time.monotonic() - self._started)
 
 
 def loop_lag(metrics: str) -> tuple[int, int, str]:
@@ -289,10 +286,6 @@ def report(
     )
     print(f"  connections per worker 1.5 s in: {' / '.join(map(str, sampler.split))}")
     if sampler.cores:
-        print(
-            "  each worker's main thread per second: on a core "
-            f"{', '.join(f'{ran * 1000:.0f}' for ran, _ in sampler.cores)} ms, waiting for one "
-            f"{', '.join(f'{waited * 1000:.0f}' for _, waited in sampler.cores)} ms"
-        )
+        print(f"  {describe_core_time(sampler.cores)}")
     samples, over, worst = loop_lag(metrics)
     print(f"  event-loop lag: {over} of {samples} samples over 100 ms; the worst in {worst}")

@@ -113,6 +113,28 @@ def scheduled_s(pid: int) -> tuple[float, float] | None:
     return int(ran) / 1e9, int(waited) / 1e9
 
 
+def core_time(
+    workers: list[psutil.Process], before: list[tuple[float, float] | None], seconds: float
+) -> list[tuple[float, float]]:
+    """Per worker, the ms per second of the last `seconds` its main thread ran on a core and
+    waited for one, since `before` (each worker's `scheduled_s` then)."""
+    per_s = []
+    for worker, then in zip(workers, before, strict=True):
+        now = scheduled_s(worker.pid)
+        if then is not None and now is not None:
+            ran, waited = ((b - a) * 1000 / seconds for a, b in zip(then, now, strict=True))
+            per_s.append((ran, waited))
+    return per_s
+
+
+def describe_core_time(per_s: list[tuple[float, float]]) -> str:
+    return (
+        f"each worker's main thread per second on a core "
+        f"{', '.join(f'{ran:.0f}' for ran, _ in per_s)} ms, waiting for one "
+        f"{', '.join(f'{waited:.0f}' for _, waited in per_s)} ms"
+    )
+
+
 def workers_of(server: psutil.Process) -> list[psutil.Process]:
     """The processes that serve requests: uvicorn's spawned workers, or the server itself."""
     spawned = [p for p in server.children() if "multiprocessing-fork" in " ".join(p.cmdline())]

@@ -323,7 +323,8 @@ class _Connection(asyncio.Protocol):
             self.close()
 
     def transport_closing(self) -> bool:
-        """Closed by the transport itself (a write that failed), `connection_lost` to come."""
+        """Closed, by us or by the transport itself (a write that failed, `connection_lost`
+        still to come)."""
         return self.transport is None or self.transport.is_closing()
 
     def pause(self) -> None:
@@ -430,8 +431,10 @@ class ConnectionPool:
         now = self.loop.time()
         while idle:
             connection = idle.pop()  # the most recent: the least likely to be closed
-            usable = not connection.closed and not connection.transport_closing()
-            if usable and now - connection.idle_since < self.keepalive_s:
+            if (
+                not connection.transport_closing()
+                and now - connection.idle_since < self.keepalive_s
+            ):
                 return connection
             connection.close()
         return None

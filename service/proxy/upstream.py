@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import ssl
 from collections.abc import Awaitable, Mapping
 from typing import Any
 
@@ -61,21 +60,14 @@ def upstream_failure(exc: BaseException) -> UpstreamTimeout | UpstreamUnavailabl
 
 
 class UpstreamClient:
-    def __init__(
-        self,
-        connect_timeout_s: float,
-        read_timeout_s: float,
-        retries: int,
-        ssl_context: ssl.SSLContext | None = None,
-    ) -> None:
+    def __init__(self, connect_timeout_s: float, read_timeout_s: float, retries: int) -> None:
         self.retries = retries
         self._timeouts = (connect_timeout_s, read_timeout_s)
-        self._ssl = ssl_context  # None: the system's trusted authorities
         self._pool: ConnectionPool | None = None
         self._headers: dict[tuple[str, bool], dict[str, str]] = {}
 
     async def start(self) -> None:
-        self._pool = ConnectionPool(*self._timeouts, keepalive_s=30, ssl_context=self._ssl)
+        self._pool = ConnectionPool(*self._timeouts, keepalive_s=30)
 
     async def close(self) -> None:
         if self._pool is not None:
