@@ -183,6 +183,22 @@ class StoppablePostgres:
             self.embedded.stop()
 
 
+def _living(group: int, among: set[int] | None = None) -> set[int]:
+    """The processes of a process group that still run: a zombie has closed its files."""
+    if among is None:
+        among = {int(name) for name in os.listdir("/proc") if name.isdigit()}
+    living = set()
+    for pid in among:
+        try:
+            # /proc/PID/stat: "pid (comm) state ppid pgrp …"; comm may hold spaces.
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        if int(fields[2]) == group and fields[0] != "Z":
+            living.add(pid)
+    return living
+
+
 class Server:
     """`meterline serve` as a process the test signals itself (SIGTERM, SIGKILL).
 
@@ -241,10 +257,19 @@ class Server:
         self.process.send_signal(signum)
 
     def kill(self) -> None:
-        """SIGKILL to the server and every worker at once: a container killed, a host lost."""
+        """SIGKILL to the server and every worker at once: a container killed, a host lost.
+        Returns once every one of them is gone: a killed process keeps its sockets (and
+        takes connections on them) until its memory is torn down, which under load takes
+        tens of milliseconds after the signal."""
         assert self.process is not None
-        os.killpg(self.process.pid, signal.SIGKILL)
+        group = self.process.pid
+        members = _living(group)
+        os.killpg(group, signal.SIGKILL)
         self.process.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while _living(group, among=members):
+            assert time.monotonic() < deadline, f"processes of group {group} outlive SIGKILL"
+            time.sleep(0.002)
 
     def wait(self, timeout: float = 60) -> int:
         assert self.process is not None

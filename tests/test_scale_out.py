@@ -106,15 +106,30 @@ class HAProxy:
         wait_for_http(f"{self.url}/healthz", 30, self.process)
         return self
 
-    def server_states(self) -> dict[str, str]:
-        """What HAProxy's health checks say of each replica: UP, DOWN, …"""
+    def _servers(self) -> dict[str, dict[str, str]]:
+        """The stats page's row of each replica."""
         text = httpx.get(f"http://127.0.0.1:{self.stats_port}/stats;csv").text
         rows = csv.DictReader(io.StringIO(text.lstrip("# ")))
         return {
-            row["svname"]: row["status"].split()[0]
+            row["svname"]: row
             for row in rows
             if row["pxname"] == "replicas" and row["svname"] not in ("BACKEND", "FRONTEND")
         }
+
+    def server_states(self) -> dict[str, str]:
+        """What HAProxy's health checks say of each replica: UP, DOWN, …"""
+        return {name: row["status"].split()[0] for name, row in self._servers().items()}
+
+    def wait_for_no_connections(self, server: str, timeout: float = 30.0) -> None:
+        """Until HAProxy holds no connection to the server, busy or idle: from then on a
+        request for it needs a new one."""
+        deadline = time.monotonic() + timeout
+        while held := sum(
+            int(self._servers()[server][column] or 0)
+            for column in ("used_conn_cur", "idle_conn_cur", "safe_conn_cur")
+        ):
+            assert time.monotonic() < deadline, f"HAProxy still holds {held} to {server}"
+            time.sleep(0.005)
 
     def wait_for_states(self, wanted: dict[str, str], timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
@@ -222,6 +237,10 @@ def test_a_replica_killed_under_load_loses_nothing_and_bills_nothing_twice(
         time.sleep(0.05)
     kill_started = time.monotonic()
     victim.kill()
+    # Until HAProxy has seen every connection to it close, it may still write a request on
+    # one it keeps alive (and the client sees that connection closed, as from a single
+    # server). After that, a request for it needs a new connection: refused, redispatched.
+    cluster.haproxy.wait_for_no_connections("meterline-1")
     killed_at = time.monotonic()
     only_in_journal = unflushed(cluster.database, victim)
     cluster.haproxy.wait_for_states({"meterline-1": "DOWN", "meterline-2": "UP"})
@@ -253,6 +272,7 @@ def test_a_replica_killed_under_load_loses_nothing_and_bills_nothing_twice(
         f" failed={len(failed)} only_in_journal_at_kill={len(only_in_journal)}"
         f" lost={check.lost} duplicated={check.duplicated}"
         f" wrong_tokens={check.wrong_tokens} unanswered_recorded={check.unanswered_recorded}"
+        f" connections_gone_after_ms={(killed_at - kill_started) * 1000:.0f}"
         f" marked_down_after_s={down_s:.1f} served_by_restarted_replica={after_restart}"
         f" served_by_survivor={cluster.answered_by(survivor, ids)}"
     )
