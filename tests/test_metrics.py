@@ -3,7 +3,11 @@ the ledger writer's queue, spool and batches, and upstream latency."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -13,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import Meterline
 from tests.reliability import METRICS_MODEL, new_customer, wait_for_fresh_window
-from tests.support import Database
+from tests.support import ROOT, Database
 
 MODEL = METRICS_MODEL
 HELLO: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Count me"}]
@@ -110,3 +114,44 @@ def test_model_labels_stay_bounded() -> None:
     labels = {registry.model_label(f"flood/{i}") for i in range(1000)}
     assert "other" in labels
     assert len(labels) <= 201
+
+
+_FORKED_COUNTS = """
+import os
+from prometheus_client import CollectorRegistry, multiprocess
+from service.metrics import registry
+
+registry.REQUESTS.labels("chat", "m", "200").inc()
+child = os.fork()
+if child == 0:
+    registry.REQUESTS.labels("chat", "m", "200").inc()
+    os._exit(0)
+os.waitpid(child, 0)
+collected = CollectorRegistry()
+multiprocess.MultiProcessCollector(collected)
+print(collected.get_sample_value(
+    "meterline_requests_total", {"endpoint": "chat", "model": "m", "status": "200"}
+))
+print(os.getpid(), child)
+"""
+
+
+def test_a_forked_process_counts_in_files_of_its_own(tmp_path: Path) -> None:
+    """The process id the multiprocess values are filed under is read once per process,
+    and again in a fork's child: the parent's and the child's counts stay apart."""
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    done = subprocess.run(
+        [sys.executable, "-c", _FORKED_COUNTS],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    total, pids = done.stdout.split("\n")[:2]
+    parent, child = pids.split()
+    assert float(total) == 2.0
+    assert {p.name for p in tmp_path.glob("counter_*.db")} == {
+        f"counter_{parent}.db",
+        f"counter_{child}.db",
+    }
