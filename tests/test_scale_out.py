@@ -124,10 +124,8 @@ class HAProxy:
         """Until HAProxy holds no connection to the server, busy or idle: from then on a
         request for it needs a new one."""
         deadline = time.monotonic() + timeout
-        while held := sum(
-            int(self._servers()[server][column] or 0)
-            for column in ("used_conn_cur", "idle_conn_cur", "safe_conn_cur")
-        ):
+        columns = ("used_conn_cur", "idle_conn_cur", "safe_conn_cur")
+        while held := sum(int(self._servers()[server][c] or 0) for c in columns):
             assert time.monotonic() < deadline, f"HAProxy still holds {held} to {server}"
             time.sleep(0.005)
 
