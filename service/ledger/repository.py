@@ -7,6 +7,14 @@ any size is one round trip. Costs are JSON strings, read by `numeric`'s own inpu
 exact. `ON CONFLICT DO NOTHING` on the primary key (`request_id`, `occurred_at`) makes
 replaying a batch, whole or in part, a no-op.
 
+Other forms measured on the same rows (batches of 1,000, Postgres on the same host),
+per row, Postgres CPU + the writer's CPU:
+- this JSON form: 24 to 27 µs + 1.5 µs (the join);
+- `unnest` of 28 typed arrays: 16 to 19 µs + 13 to 17 µs (asyncpg's binary encoding of each value);
+- binary COPY into a staging table, then `INSERT … SELECT … ON CONFLICT`: 17 to 18 µs
+  + 59 to 78 µs.
+The writer runs on the proxy's event loop, whose CPU is the scarcer, so JSON it is.
+
 When Postgres refuses a batch for its content (a value a column cannot hold), the batch is
 split in halves and each half written on its own, down to single rows: the rows Postgres
 refuses go to `usage_quarantine` with its reason, every other row is stored. A few bad
