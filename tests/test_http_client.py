@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import ssl
 import subprocess
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -263,6 +265,72 @@ async def test_idle_connections_are_closed_after_the_keep_alive_time() -> None:
         assert pool._idle[response._connection.key]
         await asyncio.wait_for(seen.closed.wait(), 5)
         assert not pool._open
+
+
+async def test_a_providers_keep_alive_timeout_shortens_the_reuse_of_its_connections() -> None:
+    async def connections_for(keep_alive: bytes, idle_s: float) -> int:
+        answer = b"HTTP/1.1 200 OK\r\nKeep-Alive: %s\r\nContent-Length: 2\r\n\r\nok" % keep_alive
+        async with recorder(answer) as (seen, url), pool_for() as pool:
+            for _ in range(2):
+                response = await pool.request("POST", url, b"{}", {})
+                assert await response.read() == b"ok"
+                response.release()
+                await asyncio.sleep(idle_s)
+            return seen.connections
+
+    # timeout=1: reused while idle under 0.5 s (half of it, for the answer's way here).
+    assert await connections_for(b"timeout=1, max=100", 0.05) == 1
+    assert await connections_for(b"timeout=1, max=100", 0.7) == 2
+    # timeout=5: reused while idle under 4 s; a header that says nothing usable changes nothing.
+    assert await connections_for(b"timeout=5", 0.7) == 1
+    assert await connections_for(b"max=3, timeout=abc", 0.7) == 1
+    assert await connections_for(b"timeout=nan", 0.7) == 1
+    # timeout=0: the provider keeps nothing idle, so nothing is pooled.
+    assert await connections_for(b"timeout=0", 0) == 2
+
+
+def closing_idle_server(idle_close_s: float) -> tuple[str, list[int], threading.Thread]:
+    """A provider on a thread of its own that answers each request on a connection kept
+    alive, and closes a connection idle `idle_close_s`: it closes while this test's loop is
+    blocked, so the close reaches this host before the loop reads it. Returns its URL, the
+    requests it answered per connection, and its thread (it stops after two connections)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    answered: list[int] = []
+
+    def serve() -> None:
+        with listener:
+            for _ in range(2):
+                connection, _ = listener.accept()
+                answered.append(0)
+                with connection:
+                    connection.settimeout(idle_close_s)
+                    try:
+                        while data := connection.recv(1 << 16):
+                            assert data.endswith(b"\r\n\r\n{}")
+                            answered[-1] += 1
+                            connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                    except TimeoutError:
+                        pass  # idle long enough: closed, as a server's keep-alive timeout does
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return f"http://127.0.0.1:{listener.getsockname()[1]}/v1/chat", answered, thread
+
+
+async def test_a_connection_its_provider_closed_while_the_loop_was_busy_is_not_reused() -> None:
+    url, answered, thread = closing_idle_server(idle_close_s=0.2)
+    async with pool_for() as pool:
+        response = await pool.request("POST", url, b"{}", {})
+        assert await response.read() == b"ok"
+        response.release()
+        # The loop is held past the provider's idle close and the poll's threshold: its FIN
+        # is here, unread, when the next request takes the connection from the pool.
+        time.sleep(1.3)
+        response = await pool.request("POST", url, b"{}", {})
+        assert (response.status, await response.read()) == (200, b"ok")
+        response.release()
+    thread.join(5)
+    assert answered == [1, 1]
 
 
 async def test_interim_heads_and_bodies_ended_by_the_connection() -> None:

@@ -14,7 +14,10 @@ proxy needs is narrow, so this is all there is:
 - past `_HIGH_WATER` buffered bytes (the relay's client is slow) the provider is paused,
   and draining the buffer resumes it;
 - a connection goes back to the pool only when its response ended whole and the provider
-  keeps it alive; one idle past `keepalive_s` is closed;
+  keeps it alive; one idle past `keepalive_s` is closed, or sooner when the provider's
+  `Keep-Alive: timeout=N` says it closes them sooner;
+- a connection idle for a while is polled before it is reused: a provider's close that has
+  reached this host but not yet the loop would otherwise fail the request written on it;
 - failures are the builtin ones: `ConnectFailed` / `ConnectTimeout` before anything was
   sent (safe to retry), then `ConnectionError` (the provider closed or spoke no HTTP) and
   `TimeoutError` (silent past the read timeout).
@@ -23,6 +26,7 @@ proxy needs is narrow, so this is all there is:
 from __future__ import annotations
 
 import asyncio
+import select
 import ssl
 from collections.abc import Mapping
 from typing import Any, Protocol, cast
@@ -35,6 +39,11 @@ import httptools
 _HIGH_WATER = 1 << 16
 # The most an answer's head may take (status line and headers) before it is refused.
 _MAX_HEAD = 1 << 16
+# Servers close idle connections after a few seconds (uvicorn, and so vLLM, and node after
+# 5). A connection idle at least this long is polled (one poll(2)) before it is reused: a
+# close that reached this host but not yet the loop would fail the request written on it.
+# A busy pool's connections are never idle this long: they cost nothing here.
+_POLL_IDLE_AFTER_S = 1.0
 
 
 class _Unasked(Exception):
@@ -216,6 +225,9 @@ class _Connection(asyncio.Protocol):
         self.response: UpstreamResponse | None = None
         self.closed = False
         self.idle_since = 0.0
+        # How long it may stay idle and be reused: the pool's keep-alive time, or less when
+        # the provider says (`Keep-Alive: timeout=N`).
+        self.idle_limit_s = pool.keepalive_s
         self.received_at = 0.0  # the loop's time of the provider's last bytes
         self._parser = httptools.HttpResponseParser(self)
         self._head: asyncio.Future[UpstreamResponse] | None = None
@@ -263,6 +275,8 @@ class _Connection(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._raw_headers.append((name, value))
+        if len(name) == 10 and name.lower() == b"keep-alive":
+            self._provider_keeps(value)
 
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
@@ -317,10 +331,27 @@ class _Connection(asyncio.Protocol):
     def finished(self, keep_alive: bool) -> None:
         """The response ended and was released: back to the pool, or closed."""
         self.response = None
-        if keep_alive and not self.closed and not self._paused:
+        if keep_alive and not self.closed and not self._paused and self.idle_limit_s > 0:
             self.pool.put_back(self)
         else:
             self.close()
+
+    def reusable(self, now: float) -> bool:
+        """Idle and still open: within its idle limit and, after a while idle, with nothing
+        arrived that the loop has not read yet (the provider's close, or bytes nothing asked
+        for: either way it cannot carry a request)."""
+        idle_s = now - self.idle_since
+        if idle_s >= self.idle_limit_s or self.transport_closing():
+            return False
+        if idle_s < _POLL_IDLE_AFTER_S:
+            return True
+        assert self.transport is not None
+        sock = self.transport.get_extra_info("socket")
+        if sock is None:
+            return True
+        poll = select.poll()  # not select(2): a worker's descriptors pass 1,024
+        poll.register(sock.fileno(), select.POLLIN)
+        return not poll.poll(0)
 
     def transport_closing(self) -> bool:
         """Closed, by us or by the transport itself (a write that failed, `connection_lost`
@@ -344,6 +375,23 @@ class _Connection(asyncio.Protocol):
         self.pool.forget(self)
 
     # -- inside ------------------------------------------------------------------------
+
+    def _provider_keeps(self, value: bytes) -> None:
+        """`Keep-Alive: timeout=N, max=M`: the provider closes a connection idle N seconds
+        (from when it sent its answer). Ours is reused only while idle less than N, less a
+        margin for the answer's way here and the provider's clock: N - 1 s, or N/2 below 2 s."""
+        for part in value.split(b","):
+            name, _, number = part.strip().partition(b"=")
+            if name.lower() != b"timeout":
+                continue
+            try:
+                seconds = float(number)
+            except ValueError:
+                return
+            if seconds >= 0:  # not NaN, not negative
+                limit = seconds - min(1.0, seconds / 2)
+                self.idle_limit_s = min(self.pool.keepalive_s, limit)
+            return
 
     def _refuse(self, why: str) -> None:
         self._lost(ConnectionError(why))
@@ -431,10 +479,7 @@ class ConnectionPool:
         now = self.loop.time()
         while idle:
             connection = idle.pop()  # the most recent: the least likely to be closed
-            if (
-                not connection.transport_closing()
-                and now - connection.idle_since < self.keepalive_s
-            ):
+            if connection.reusable(now):
                 return connection
             connection.close()
         return None
@@ -475,9 +520,11 @@ class ConnectionPool:
 
     def _close_stale(self) -> None:
         self._sweep = None
-        oldest = self.loop.time() - self.keepalive_s
+        # A connection whose provider keeps it less than `keepalive_s` may outlive its limit
+        # here until taken (refused then) or closed by its provider: it is not reused.
+        now = self.loop.time()
         for idle in self._idle.values():
-            for connection in [c for c in idle if c.idle_since <= oldest]:
+            for connection in [c for c in idle if now - c.idle_since >= c.idle_limit_s]:
                 connection.close()
         if any(self._idle.values()):
             self._sweep = self.loop.call_later(self.keepalive_s, self._close_stale)
