@@ -11,10 +11,17 @@ creates and drops a database of its own there). Then, in one run:
 - streamed: 500 concurrent streams of 50 chunks 20 ms apart (an asyncio/aiohttp client),
   time to first token direct vs through Meterline, and stalls.
 
+With a zero-latency provider, `wrk`'s connections never wait: 8 of them keep a worker busy
+(each answer is followed at once by the next request), so what the runs above call added
+latency is mostly queueing for a core. `--think-ms N` makes each connection wait N ms
+between an answer and its next request, the load a proxy meets in production: well
+below what it can serve, with latency that is its own.
+
 With `--routing`, only the cost of routing: a model object of five candidates against the
 same request naming its model, alternated, at the lowest connection count.
 
     python -m bench proxy [--workers 1 2] [--duration 10] [--streams 500] [--clients]
+    python -m bench proxy --connections 8 --think-ms 5 --streams 0
     python -m bench proxy --routing [--rounds 3] [--connections 8]
 """
 
@@ -117,13 +124,17 @@ def wrk(
     key: str | None,
     work: Path,
     body: str = BODY,
+    think_ms: int = 0,
 ) -> WrkResult:
+    """A `wrk` run; with `think_ms`, each connection waits that long between an answer and
+    its next request (wrk's `delay()`), which its latency figures do not count."""
     script = work / f"post-{secrets.token_hex(3)}.lua"
     auth = f'wrk.headers["Authorization"] = "Bearer {key}"\n' if key else ""
+    think = f"function delay() return {think_ms} end\n" if think_ms else ""
     script.write_text(
         'wrk.method = "POST"\n'
         f"wrk.body = '{body}'\n"
-        'wrk.headers["Content-Type"] = "application/json"\n' + auth
+        'wrk.headers["Content-Type"] = "application/json"\n' + auth + think
     )
     threads = 1 if connections <= 8 else 2
     out = subprocess.run(
@@ -347,8 +358,15 @@ def bench_workers(
             ):
                 warm = wrk(wrk_bin, url, connections, 2, auth, work)
             served, runs = served + warm.requests, runs + 1
+            think = args.think_ms
             direct = wrk(
-                wrk_bin, f"{upstream}{chat}", connections, args.duration, PROVIDER_KEY, work
+                wrk_bin,
+                f"{upstream}{chat}",
+                connections,
+                args.duration,
+                PROVIDER_KEY,
+                work,
+                think_ms=think,
             )
             bare = costed(
                 bare_server.pid,
@@ -358,6 +376,7 @@ def bench_workers(
                 args.duration,
                 None,
                 work,
+                think_ms=think,
             )
             metered = costed(
                 meterline.pid,
@@ -367,9 +386,10 @@ def bench_workers(
                 args.duration,
                 key,
                 work,
+                think_ms=think,
             )
             served, runs = served + metered.requests, runs + 1
-            report_non_streamed(connections, args.duration, direct, bare, metered)
+            report_non_streamed(connections, args.duration, think, direct, bare, metered)
         # wrk counts the responses it received; requests still in flight when it stops are
         # answered and recorded all the same, so the ledger may hold up to `connections`
         # more per wrk run — never fewer than served.
@@ -406,6 +426,7 @@ def costed(
     key: str | None,
     work: Path,
     body: str = BODY,
+    think_ms: int = 0,
 ) -> WrkResult:
     """A `wrk` run, with the CPU server `pid` spent per request served during it and how
     its connections were spread over the workers."""
@@ -417,7 +438,7 @@ def costed(
     scheduled = [scheduled_s(w.pid) for w in workers]
     sampler.start()
     started = time.monotonic()
-    result = wrk(binary, url, connections, seconds, key, work, body)
+    result = wrk(binary, url, connections, seconds, key, work, body, think_ms)
     elapsed = time.monotonic() - started
     result.cpu_us = (server_cpu_s(pid) - before) / max(result.requests, 1) * 1e6
     result.cores = core_time(workers, scheduled, elapsed)
@@ -546,12 +567,18 @@ def routing_cost(repeats: int = 5, calls: int = 20_000) -> tuple[float, float]:
 
 
 def report_non_streamed(
-    connections: int, seconds: int, direct: WrkResult, bare: WrkResult, metered: WrkResult
+    connections: int,
+    seconds: int,
+    think_ms: int,
+    direct: WrkResult,
+    bare: WrkResult,
+    metered: WrkResult,
 ) -> None:
     def added(over: WrkResult, q: str) -> float:
         return metered.latency_ms[q] - over.latency_ms[q]
 
-    print(f"\n-- non-streamed, {connections} connections, {seconds}s each")
+    pace = f", {think_ms} ms between an answer and the next request" if think_ms else ""
+    print(f"\n-- non-streamed, {connections} connections{pace}, {seconds}s each")
     print(f"  direct      {fmt(direct)}")
     print(f"  bare proxy  {fmt(bare)}")
     print(f"  Meterline   {fmt(metered)}")
@@ -663,6 +690,12 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[1], help="worker counts to run")
     parser.add_argument("--duration", type=int, default=10, help="seconds per wrk run")
     parser.add_argument("--connections", type=int, nargs="+", default=[8, 64])
+    parser.add_argument(
+        "--think-ms",
+        type=int,
+        default=0,
+        help="each connection's wait between an answer and its next request (0: none)",
+    )
     parser.add_argument("--streams", type=int, default=500, help="concurrent streams (0: skip)")
     parser.add_argument("--stream-seconds", type=float, default=8.0)
     parser.add_argument("--clients", action="store_true", help="also compare HTTP clients")
