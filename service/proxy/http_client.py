@@ -520,8 +520,8 @@ class ConnectionPool:
 
     def _close_stale(self) -> None:
         self._sweep = None
-        # A connection whose provider keeps it less than `keepalive_s` may outlive its limit
-        # here until taken (refused then) or closed by its provider: it is not reused.
+        # The sweep runs every `keepalive_s`: a connection with a shorter limit (its
+        # provider's `Keep-Alive: timeout`) may stay open past it until then, never reused.
         now = self.loop.time()
         for idle in self._idle.values():
             for connection in [c for c in idle if now - c.idle_since >= c.idle_limit_s]:
