@@ -29,6 +29,7 @@ from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from service.settings import Settings
 from service.webhooks import destinations
+from service.webhooks.http import PublicResolver
 from service.webhooks.sender import retry_delay
 from service.webhooks.signing import new_secret, signed_headers
 from tests.conftest import Meterline, Upstream
@@ -231,7 +232,7 @@ def test_loopback_private_and_odd_destinations_are_refused(url: str) -> None:
 
 def test_the_delivery_resolver_connects_to_public_addresses_only() -> None:
     async def resolve(host: str) -> object:
-        resolver = destinations.PublicResolver()
+        resolver = PublicResolver()
         try:
             return await resolver.resolve(host, 80)
         finally:

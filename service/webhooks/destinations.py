@@ -3,7 +3,7 @@ network's (a webhook URL must not let a caller reach what only the server can).
 
 A URL is checked when an endpoint is created or changed and again at every delivery, after
 resolving its host (DNS may change); the delivery's connection goes only to an address that
-passed, through the resolver below, so a name that resolves to a public address for the
+passed, through the resolver of `http.py`, so a name that resolves to a public address for the
 check and a private one for the connection is still refused. Tests, and operators whose
 receivers live on their own network, set `METERLINE_WEBHOOKS_ALLOW_PRIVATE`.
 """
@@ -13,18 +13,15 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import socket
-from typing import Any
 from urllib.parse import urlsplit
-
-import aiohttp
-from aiohttp.abc import AbstractResolver, ResolveResult
 
 
 class UnsafeDestination(Exception):
     """The URL is not one webhooks are sent to; the message says why."""
 
 
-def _forbidden(address: str) -> bool:
+def is_forbidden(address: str) -> bool:
+    """Whether webhooks must not connect to `address` (an IP address, as text)."""
     ip = ipaddress.ip_address(address.split("%", 1)[0])
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
@@ -61,32 +58,7 @@ async def check(url: str, allow_private: bool) -> None:
     if allow_private:
         return
     addresses = await _addresses(host, port)
-    if not addresses or any(_forbidden(a) for a in addresses):
+    if not addresses or any(is_forbidden(a) for a in addresses):
         raise UnsafeDestination(
             f"the host {host!r} resolves to a loopback, private or reserved address"
         )
-
-
-class PublicResolver(AbstractResolver):
-    """aiohttp's resolution, keeping only public addresses (none left: refused)."""
-
-    def __init__(self) -> None:
-        self._inner = aiohttp.ThreadedResolver()
-
-    async def resolve(
-        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
-    ) -> list[ResolveResult]:
-        found = await self._inner.resolve(host, port, family)
-        public = [r for r in found if not _forbidden(r["host"])]
-        if not public:
-            raise OSError(f"{host} resolves to no public address")
-        return public
-
-    async def close(self) -> None:
-        await self._inner.close()
-
-
-def connector(allow_private: bool, **options: Any) -> aiohttp.TCPConnector:
-    if allow_private:
-        return aiohttp.TCPConnector(**options)
-    return aiohttp.TCPConnector(resolver=PublicResolver(), **options)

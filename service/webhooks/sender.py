@@ -20,8 +20,8 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import aiohttp
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from service.db.channels import Channel
@@ -33,6 +33,9 @@ from service.webhooks import destinations
 from service.webhooks.events import event_ref
 from service.webhooks.repository import ClaimedDelivery, WebhookRepository
 from service.webhooks.signing import signed_headers
+
+if TYPE_CHECKING:
+    from service.webhooks.http import DeliveryClient
 
 log = logging.getLogger("meterline.webhooks")
 
@@ -63,7 +66,7 @@ class WebhookSender:
     ) -> None:
         self._settings = settings
         self._sessions = sessions
-        self._http: aiohttp.ClientSession | None = None
+        self._http: DeliveryClient | None = None  # made for the first delivery
         self._job = Periodic(
             "webhook_sender", settings.webhook_poll_interval_s, self.deliver_due, log
         )
@@ -72,16 +75,6 @@ class WebhookSender:
             listener.subscribe(Channel.WEBHOOKS, lambda _payload: self._job.wake(), self._job.wake)
 
     async def start(self) -> None:
-        timeout = aiohttp.ClientTimeout(
-            total=self._settings.webhook_timeout_s,
-            connect=min(self._settings.webhook_timeout_s, 5.0),
-        )
-        self._http = aiohttp.ClientSession(
-            connector=destinations.connector(self._settings.webhooks_allow_private, limit=64),
-            timeout=timeout,
-            trust_env=False,  # no proxy from the environment: the destination is checked
-            headers={"user-agent": "Meterline-Webhooks/1"},
-        )
         self._job.start()
 
     async def stop(self) -> None:
@@ -90,6 +83,14 @@ class WebhookSender:
         if self._http is not None:
             await self._http.close()
             self._http = None
+
+    def _client(self) -> DeliveryClient:
+        if self._http is None:
+            # Imported here: aiohttp costs every worker 9.5 MB, and most never send a webhook.
+            from service.webhooks.http import DeliveryClient
+
+            self._http = DeliveryClient(self._settings)
+        return self._http
 
     def wake(self) -> None:
         self._job.wake()
@@ -148,25 +149,15 @@ class WebhookSender:
         )
 
     async def _attempt(self, delivery: ClaimedDelivery) -> Attempt:
-        assert self._http is not None
         try:
             await destinations.check(delivery.url, self._settings.webhooks_allow_private)
         except destinations.UnsafeDestination as exc:
             return Attempt(False, None, str(exc))
         ref = event_ref(delivery.event_id)
         headers = signed_headers(delivery.secret, ref, int(time.time()), delivery.body)
-        try:
-            async with self._http.post(
-                delivery.url,
-                data=delivery.body.encode(),
-                headers=headers,
-                allow_redirects=False,
-            ) as response:
-                status = response.status
-        except TimeoutError:
-            return Attempt(False, None, "timed out")
-        except (aiohttp.ClientError, OSError) as exc:
-            return Attempt(False, None, f"{type(exc).__name__}: {exc}"[:500])
+        status, error = await self._client().post(delivery.url, delivery.body.encode(), headers)
+        if status is None:
+            return Attempt(False, None, error)
         if 200 <= status < 300:
             return Attempt(True, status, None)
         if 300 <= status < 400:
