@@ -19,7 +19,7 @@ and waited for a core per second (on a machine whose cores the client and the up
 share, that wait is where the added latency goes).
 
     python -m bench streams [--streams 500] [--seconds 6] [--workers 2] [--rounds 1] [--limits]
-                            [--tools DIR]
+                            [--chunks 50] [--chunk-ms 20] [--tools DIR]
 
 On a machine whose cores the client, the upstream and Meterline share, one run's figures
 move by a third from run to run; `--rounds N` runs direct then Meterline N times on the same
@@ -29,6 +29,9 @@ over direct and how many rounds met each target.
 The streams are a `custom` account's (no limits, as in `bench proxy`); with `--limits`, a
 `basic` account's, its per-minute rate limit counted on every request (set too high to
 refuse any).
+
+`--chunks` and `--chunk-ms` shape the streams: the targets above are for 50 chunks 20 ms
+apart; `--chunks 2000 --chunk-ms 2` measures what a long generation holds in memory.
 
 `--tools` is the folder of `mock_upstream.js` and `streams.js` (default
 `METERLINE_SHARED_TOOLS`, else `../shared/tools` beside the checkout); node must be on PATH.
@@ -70,7 +73,6 @@ from bench.support import (
 from service.db.engine import asyncpg_dsn
 
 MODEL = "meta-llama/Llama-3.3-70B-Instruct"
-CHUNKS = 50  # the client's max_tokens: the mock sends one content chunk per token
 
 
 def shared_tools(given: str | None) -> Path:
@@ -80,9 +82,12 @@ def shared_tools(given: str | None) -> Path:
     return folder
 
 
-def client(tools: Path, url: str, streams: int, key: str, seconds: float) -> dict[str, Any]:
-    """One run of the shared client: its JSON line."""
-    argv = ["node", str(tools / "streams.js"), url, str(streams), MODEL, key, str(CHUNKS)]
+def client(
+    tools: Path, url: str, streams: int, key: str, seconds: float, chunks: int
+) -> dict[str, Any]:
+    """One run of the shared client, each stream `chunks` long (its max_tokens: the mock
+    sends one content chunk per token): its JSON line."""
+    argv = ["node", str(tools / "streams.js"), url, str(streams), MODEL, key, str(chunks)]
     done = subprocess.run([*argv, str(seconds)], capture_output=True, text=True, check=True)
     result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
     return result
@@ -151,7 +156,7 @@ def loop_lag(metrics: str, before: str = "") -> tuple[int, int, str]:
     return total, total - int(within), f"{below * 1000:.0f}-{worst * 1000:.0f} ms"
 
 
-def ledger(database_url: str, account_id: str, expected: int) -> tuple[int, int, int]:
+def ledger(database_url: str, account_id: str, expected: int, chunks: int) -> tuple[int, int, int]:
     """Rows of the account once the writer caught up, those served (200), and those of
     them whose tokens are not the provider's exact count."""
 
@@ -164,7 +169,7 @@ def ledger(database_url: str, account_id: str, expected: int) -> tuple[int, int,
                 "   OR usage_source <> 'upstream')) AS inexact"
                 " FROM usage_ledger WHERE account_id = $1::uuid",
                 account_id,
-                CHUNKS,
+                chunks,
             )
             return int(row["rows"]), int(row["served"]), int(row["inexact"])
         finally:
@@ -199,6 +204,10 @@ def main(argv: list[str]) -> None:
     parser.add_argument(
         "--rounds", type=int, default=1, help="direct then Meterline, this many times"
     )
+    parser.add_argument("--chunks", type=int, default=50, help="content chunks of a stream")
+    parser.add_argument(
+        "--chunk-ms", type=int, default=20, help="the upstream's wait between two chunks"
+    )
     parser.add_argument("--tools", help="folder of streams.js and mock_upstream.js")
     parser.add_argument(
         "--limits",
@@ -230,7 +239,10 @@ def main(argv: list[str]) -> None:
             "METERLINE_LOG_LEVEL": "warning",
             "METERLINE_TIER_BASIC_RPM": "100000000",
         }
-        node = ["node", str(tools / "mock_upstream.js"), str(upstream_port), "--chunk-ms", "20"]
+        node = [
+            *("node", str(tools / "mock_upstream.js"), str(upstream_port)),
+            *("--chunk-ms", str(args.chunk_ms)),
+        ]
         serve = [sys.executable, "-m", "service", "serve", "--port", str(meterline_port)]
         with (
             run(node, f"{upstream}/v1/models", {}, work / "upstream.log"),
@@ -245,7 +257,9 @@ def main(argv: list[str]) -> None:
             _, warm_key = create_key(meterline, tier)
             chat = "/v1/chat/completions"
             workers = workers_of(psutil.Process(server.pid))
-            client(tools, f"{meterline}{chat}", 20, warm_key, 1)  # every worker past its start
+            client(
+                tools, f"{meterline}{chat}", 20, warm_key, 1, args.chunks
+            )  # every worker past its start
             idle = [p.memory_info().rss for p in workers]
             metrics_url = f"{meterline}/metrics"
             admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -253,13 +267,17 @@ def main(argv: list[str]) -> None:
             rounds: list[Added] = []
             for round_number in range(1, args.rounds + 1):
                 account_id, key = create_key(meterline, tier)  # this round's rows, no others
-                direct = client(tools, f"{upstream}{chat}", args.streams, "x", args.seconds)
+                direct = client(
+                    tools, f"{upstream}{chat}", args.streams, "x", args.seconds, args.chunks
+                )
                 before = server_cpu_s(server.pid)
                 with Sampler(workers, meterline_port) as sampler:
-                    metered = client(tools, f"{meterline}{chat}", args.streams, key, args.seconds)
+                    metered = client(
+                        tools, f"{meterline}{chat}", args.streams, key, args.seconds, args.chunks
+                    )
                 cpu = server_cpu_s(server.pid) - before
                 metrics, earlier = httpx.get(metrics_url, headers=admin).text, metrics
-                rows = ledger(database_url, account_id, expected_rows(args, metered))
+                rows = ledger(database_url, account_id, expected_rows(args, metered), args.chunks)
                 lag = loop_lag(metrics, earlier)
                 heading = f"round {round_number} of {args.rounds}: " if args.rounds > 1 else ""
                 report(args, heading, direct, metered, cpu, idle, sampler, lag, rows)

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import itertools
 import re
+import tracemalloc
 
 import orjson
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -71,7 +73,7 @@ def test_the_same_stream_is_passed_on_and_metered_however_it_is_cut(
     assert _fed(by_event, stream) == sent
     assert _fed(by_cut, _cut(raw, cuts)) == sent
     for meter in (by_event, by_cut):
-        assert meter.payloads() == whole.payloads()
+        assert meter.completion_text() == whole.completion_text()
         assert meter.usage() == whole.usage()
         assert meter.model() == whole.model()
     if hide_usage:  # the client sees neither the injected nulls nor the usage-only chunk
@@ -89,3 +91,88 @@ def test_events_end_at_every_blank_line_the_grammar_allows(parts: list[bytes]) -
     raw = b"".join(parts)
     *events, rest = re.split(rb"\r\n\r\n|\n\n|\r\r", raw)
     assert split_events(raw) == (events, rest)
+
+
+def _long_stream(tokens: int, usage_every: int = 0) -> tuple[list[bytes], str, dict[str, int]]:
+    """A generation of `tokens` chunks (a running usage every `usage_every` of them, when
+    set), then the final usage: its events, its text, its final usage."""
+    events, text = [], []
+    for i in range(tokens):
+        word = f" w{i}"
+        text.append(word)
+        chunk = orjson.loads(_content(word, injected_null=False)[6:-2])
+        if usage_every and i % usage_every == 0:
+            chunk["usage"] = {"prompt_tokens": 3, "completion_tokens": i + 1}
+        events.append(b"data: " + orjson.dumps(chunk) + b"\n\n")
+    final = {"prompt_tokens": 3, "completion_tokens": tokens}
+    events.append(b'data: {"id":"c1","choices":[],"usage":' + orjson.dumps(final) + b"}\n\n")
+    return [*events, _DONE], "".join(text), final
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    st.integers(min_value=1, max_value=3000),
+    st.sampled_from([0, 7]),
+    st.booleans(),
+    st.booleans(),
+    st.lists(st.integers(min_value=0), max_size=40),
+)
+def test_a_long_stream_is_read_as_it_passes_with_the_same_text_usage_and_model(
+    tokens: int, usage_every: int, final_usage: bool, hide_usage: bool, cuts: list[int]
+) -> None:
+    """Past 64 kB the meter reads and drops what it holds: what it reports at the end is
+    still the whole stream's (the text the tokenizer would count, the last usage, the
+    model of the first events)."""
+    stream, text, final = _long_stream(tokens, usage_every)
+    if not final_usage:
+        stream = stream[:-2] + stream[-1:]
+    meter = StreamMeter(hide_usage)
+    _fed(meter, _cut(b"".join(stream), cuts))
+    assert meter.completion_text() == text
+    assert meter.model() == "m"
+    if final_usage:
+        assert meter.usage() == final
+    elif usage_every:
+        last = (tokens - 1) // usage_every * usage_every
+        assert meter.usage() == {"prompt_tokens": 3, "completion_tokens": last + 1}
+    else:
+        assert meter.usage() is None
+
+
+@pytest.mark.parametrize("hide_usage", [False, True])
+def test_what_a_stream_holds_is_bounded_by_its_text_not_its_chunks(hide_usage: bool) -> None:
+    stream, text, _ = _long_stream(20_000)
+    raw = b"".join(stream)
+    meter = StreamMeter(hide_usage)
+    tracemalloc.start()
+    try:
+        for start in range(0, len(raw), 997):  # pieces as a socket hands them over
+            meter.feed(raw[start : start + 997])
+        held, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    print(f"\n{len(stream):,} events, {len(raw):,} bytes: the meter holds {held:,} bytes")
+    # The text (129 kB here) and at most 64 kB of events with their objects, not 2.8 MB.
+    assert held < len(text) + 100_000 < len(raw) // 10
+    assert meter.completion_text() == text
+
+
+def test_a_long_line_is_joined_a_few_times_not_once_per_piece() -> None:
+    """An event that stays incomplete past 64 kB (one very long line, within
+    `stream_max_line_bytes`) waits for twice its size before the meter joins it again."""
+    content = "x" * 3_000_000
+    raw = _content(content, injected_null=False)
+    meter = StreamMeter(hide_usage=False)
+    digests = 0
+    digest = meter._digest
+
+    def counted() -> None:
+        nonlocal digests
+        digests += 1
+        digest()
+
+    meter._digest = counted  # type: ignore[method-assign]
+    for start in range(0, len(raw), 1024):
+        meter.feed(raw[start : start + 1024])
+    assert digests <= 8  # 64 kB, 128 kB, … 4 MB: not one per 1 kB piece (2,900)
+    assert meter.completion_text() == content

@@ -45,7 +45,6 @@ from service.proxy.upstream import (
 )
 from service.proxy.usage import Usage, claimed_usage, error_code, usage_of_body
 from service.routing.service import ModelRouter
-from service.tokens import estimate
 
 UpstreamFailure = UpstreamUnavailable | UpstreamTimeout
 
@@ -331,9 +330,7 @@ class MeteringProxy:
         else:
             relay.response.close()  # cancels the generation upstream: the connection is dropped
         meter = relay.meter
-        usage = await claimed_usage(
-            ctx, meter.usage(), lambda: estimate.completion_text(meter.payloads())
-        )
+        usage = await claimed_usage(ctx, meter.usage(), meter.completion_text)
         record = self._record(
             ctx, relay.status, relay.error_code, usage, meter.model(), started, relay.ttft_ms
         )
