@@ -239,10 +239,8 @@ def main(argv: list[str]) -> None:
             "METERLINE_LOG_LEVEL": "warning",
             "METERLINE_TIER_BASIC_RPM": "100000000",
         }
-        node = [
-            *("node", str(tools / "mock_upstream.js"), str(upstream_port)),
-            *("--chunk-ms", str(args.chunk_ms)),
-        ]
+        upstream_js = str(tools / "mock_upstream.js")
+        node = ["node", upstream_js, str(upstream_port), "--chunk-ms", str(args.chunk_ms)]
         serve = [sys.executable, "-m", "service", "serve", "--port", str(meterline_port)]
         with (
             run(node, f"{upstream}/v1/models", {}, work / "upstream.log"),
@@ -257,9 +255,8 @@ def main(argv: list[str]) -> None:
             _, warm_key = create_key(meterline, tier)
             chat = "/v1/chat/completions"
             workers = workers_of(psutil.Process(server.pid))
-            client(
-                tools, f"{meterline}{chat}", 20, warm_key, 1, args.chunks
-            )  # every worker past its start
+            # Every worker past its start before anything is measured.
+            client(tools, f"{meterline}{chat}", 20, warm_key, 1, args.chunks)
             idle = [p.memory_info().rss for p in workers]
             metrics_url = f"{meterline}/metrics"
             admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
