@@ -7,7 +7,9 @@ committed is measured, with the CPU its Postgres backends spent per row (read fr
 server's processes: the bench's Postgres must run on this machine for that figure). Then
 the same records are replayed (all conflicts), which must insert nothing.
 
-    python -m bench ingest [--rows 300000] [--batch 1000 5000]
+    python -m bench ingest [--rows 300000] [--batch 100 1000]
+
+The first batch size is the default of `METERLINE_LEDGER_BATCH_SIZE`.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from bench.support import bench_database
 from service.db.engine import asyncpg_dsn
 from service.ledger.record import LedgerRecord, new_request_id
 from service.ledger.writer import LedgerWriter
+from service.settings import Settings
 
 
 def records(n: int) -> list[LedgerRecord]:
@@ -128,7 +131,12 @@ async def count(dsn: str) -> int:
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench ingest")
     parser.add_argument("--rows", type=int, default=300_000)
-    parser.add_argument("--batch", type=int, nargs="+", default=[1000, 5000])
+    parser.add_argument(
+        "--batch",
+        type=int,
+        nargs="+",
+        default=[Settings.model_fields["ledger_batch_size"].default, 1000],
+    )
     args = parser.parse_args(argv)
     spool = Path(tempfile.mkdtemp(prefix="meterline-ingest-"))
     with bench_database() as url:

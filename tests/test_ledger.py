@@ -7,10 +7,11 @@ import asyncio
 import contextlib
 import os
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -345,6 +346,34 @@ async def test_a_spooled_batch_with_bad_rows_is_replayed_row_by_row(
     await again.close()
     assert await acount(db, good_account) == 40
     assert len(await asyncio.to_thread(quarantined, db, *(r.request_id for r in bad))) == 4
+
+
+async def test_no_statement_stores_more_than_a_batch_live_or_replayed(
+    database_url: str, db: Database, tmp_path: Path
+) -> None:
+    """Postgres stores a statement's rows in one burst of CPU the proxy then waits for: a
+    spilled queue or a recovered journal (a spool file far larger than a batch) is replayed
+    a batch at a time too, and every row lands once."""
+    account_id = uuid.uuid4()
+    spooled = [record(account_id) for _ in range(250)]
+    Spool(tmp_path).write([r.to_json() for r in spooled])
+    writer = LedgerWriter(asyncpg_dsn(database_url), tmp_path, batch_size=100)
+    statements: list[int] = []
+    insert = writer._repository.insert
+
+    async def counted(connection: Any, lines: Sequence[bytes], months: Any) -> int:
+        statements.append(len(lines))
+        return await insert(connection, lines, months)
+
+    writer._repository.insert = counted  # type: ignore[method-assign]
+    await writer.start()
+    assert statements == [100, 100, 50] and writer.records_replayed == 250
+    statements.clear()
+    for _ in range(230):
+        writer.submit(record(account_id))
+    await writer.close()
+    assert sum(statements) == 230 and max(statements) <= 100
+    assert await acount(db, account_id) == 480
 
 
 async def test_token_counts_past_two_to_the_31_are_stored_exactly(

@@ -89,6 +89,9 @@ class Stored:
     inserted: int = 0
     quarantined: int = 0
 
+    def __add__(self, other: Stored) -> Stored:
+        return Stored(self.inserted + other.inserted, self.quarantined + other.quarantined)
+
 
 class LedgerRepository:
     def __init__(self) -> None:
@@ -132,8 +135,7 @@ class LedgerRepository:
                 return Stored(quarantined=1)
         half = len(lines) // 2
         first = await self.store(connection, lines[:half], months, source)
-        second = await self.store(connection, lines[half:], months, source)
-        return Stored(first.inserted + second.inserted, first.quarantined + second.quarantined)
+        return first + await self.store(connection, lines[half:], months, source)
 
     async def quarantine(
         self, connection: asyncpg.Connection, line: bytes, error: Exception, source: BatchSource

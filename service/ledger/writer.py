@@ -53,7 +53,7 @@ class LedgerWriter:
         self,
         dsn: str,
         spool_dir: Path,
-        batch_size: int = 1000,
+        batch_size: int = 100,
         flush_interval_s: float = 0.2,
         queue_max: int = 200_000,
     ) -> None:
@@ -350,9 +350,14 @@ class LedgerWriter:
             if records:
                 pool = await self._connect()
                 async with pool.acquire() as connection:
-                    stored = await self._repository.store(
-                        connection, records, months_of(records), BatchSource.REPLAY
-                    )
+                    # A spill or a journal recovered at start holds far more than a batch:
+                    # it is stored a batch at a time too, so that a replay while serving
+                    # never holds Postgres (and a core) for long.
+                    for start in range(0, len(records), self.batch_size):
+                        part = records[start : start + self.batch_size]
+                        stored += await self._repository.store(
+                            connection, part, months_of(part), BatchSource.REPLAY
+                        )
         except BAD_DATA as exc:
             # Only if even the quarantine refused a row: set the file aside, never block.
             target = await asyncio.to_thread(self.spool.reject, claimed)
