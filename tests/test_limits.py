@@ -30,7 +30,7 @@ from pricing.prices import Price
 from service.auth.key_cache import KeyLimits
 from service.limits import estimate
 from service.limits.budgets import Hold, HoldResult
-from service.limits.counters import Counters, MemoryCounters, RedisCounters
+from service.limits.counters import Counters, MemoryCounters
 from service.limits.policy import (
     Limit,
     applied_limits,
@@ -40,6 +40,7 @@ from service.limits.policy import (
     to_nano_up,
 )
 from service.limits.ratelimit import Charge, WindowResult
+from service.limits.redis_counters import RedisCounters
 from service.proxy.sse import OutputCounter
 from service.settings import Settings
 from service.tokens import estimate as tokens

@@ -2,13 +2,16 @@
 the first of them, not at start (each worker of `meterline serve` pays for what it loads).
 
 fpdf2, which draws invoice PDFs, brings Pillow and fontTools (21 MB a worker); aiohttp,
-which posts webhooks, 9.5 MB. Whether a library is loaded is read from the worker's memory
-map (`/proc/PID/maps`: the compiled modules of Pillow and aiohttp), so the test watches the
-real server, not an import in the test's own interpreter.
+which posts webhooks, 9.5 MB; Redis's client, which only a server with `METERLINE_REDIS_URL`
+uses, 5.8 MB. Whether a library is loaded is read from the worker's memory map
+(`/proc/PID/maps`: the compiled modules of Pillow and aiohttp) or, for the pure-Python Redis
+client, from the imports the worker's interpreter logs (`PYTHONPROFILEIMPORTTIME`), so the
+test watches the real server, not an import in the test's own interpreter.
 """
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -22,9 +25,14 @@ import psutil
 import pytest
 
 from tests.conftest import Meterline, Upstream, _clone, _with_database, start_meterline
+from tests.reliability import redis_available, redis_namespace
 
 PDF_LIBRARY = "/PIL/_imaging"  # Pillow's compiled core: fpdf2 imports Pillow
 WEBHOOK_LIBRARY = "/aiohttp/_http_parser"
+
+
+# A line of `-X importtime` naming the package itself ("import time: 283 | 36375 |   redis").
+REDIS_IMPORTED = re.compile(r"^import time:.*\|\s+redis$", re.M)
 
 
 def mapped(pid: int, library: str) -> bool:
@@ -112,3 +120,25 @@ def test_pdf_and_webhook_libraries_load_with_their_first_use_not_at_start(
     assert received and b"invoice.finalized" in received[0]
     assert mapped(server.pid, WEBHOOK_LIBRARY)
     print(f"\nworker RSS: {started:.0f} MB after start and a request, {rss_mb(server.pid):.0f} MB")
+
+
+@pytest.mark.skipif(not redis_available(), reason="no Redis at 127.0.0.1:6379")
+def test_the_redis_client_loads_only_in_a_server_that_uses_redis(
+    database_url: str, upstream: Upstream, tmp_path: Path
+) -> None:
+    def imports_redis(workdir: Path, **env: str) -> bool:
+        with start_meterline(
+            database_url, upstream, workdir, PYTHONPROFILEIMPORTTIME="1", **env
+        ) as meterline:
+            account = meterline.new_account()
+            client = openai.OpenAI(base_url=meterline.v1, api_key=meterline.new_key(account["id"]))
+            client.chat.completions.create(
+                model="meta-llama/Llama-3.3-70B-Instruct",
+                messages=[{"role": "user", "content": "hello"}],
+                max_tokens=4,
+            )
+            return bool(REDIS_IMPORTED.search(meterline.log.read_text()))
+
+    assert not imports_redis(tmp_path / "alone")
+    with redis_namespace() as shared:
+        assert imports_redis(tmp_path / "shared", **shared)

@@ -44,10 +44,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from redis.asyncio import BlockingConnectionPool, Redis
-from redis.exceptions import RedisError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
 from pricing.invoice import BillingPeriod
@@ -60,7 +58,7 @@ from service.ledger.record import LedgerRecord
 from service.lifecycle import Periodic
 from service.limits import estimate, repository
 from service.limits.budgets import Hold
-from service.limits.counters import Admission, Counters, MemoryCounters, RedisCounters
+from service.limits.counters import Admission, Counters, MemoryCounters
 from service.limits.credit import CreditLedger, credit_ledger
 from service.limits.policy import (
     COUNTERS_UNREACHABLE,
@@ -87,6 +85,9 @@ from service.tokens.estimate import completion_limit, default_completion, prompt
 from service.tokens.estimate import ready as tokenizer_ready
 from service.webhooks.events import EventType
 from service.webhooks.pending import PendingEvent, PendingEvents
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
 
 log = logging.getLogger("meterline.limits")
 
@@ -311,21 +312,10 @@ class Limits:
                     " set METERLINE_REDIS_URL to share them",
                 )
             return cls(settings, engine, prices, MemoryCounters(), limits_of, events=events)
-        # A Redis that refuses connections fails at once (rate limits then pass, budgets
-        # refuse). A connection and an answer are waited for as long as a free connection
-        # is: under a burst, a worker opens its pool's connections while its loop is busy
-        # and reads answers late, and taking that for an outage let rate-limited requests
-        # through past their limit.
-        # A bounded pool that waits for a free connection: a burst must queue, not fail.
-        pool = BlockingConnectionPool.from_url(
-            settings.redis_url,
-            max_connections=16,
-            timeout=2.0,  # waiting for a free connection: a burst queues (budgets refuse past it)
-            socket_timeout=2.0,
-            socket_connect_timeout=2.0,
-        )
-        redis = Redis(connection_pool=pool)
-        counters = RedisCounters(redis, settings.redis_prefix)
+        # The client is imported only when it is used (5.8 MB a worker).
+        from service.limits.redis_counters import connect
+
+        redis, counters = connect(settings.redis_url, settings.redis_prefix)
         return cls(settings, engine, prices, counters, limits_of, redis, events)
 
     def start(self) -> None:
@@ -346,7 +336,7 @@ class Limits:
                 await task
         try:
             await self.counters.close()
-        except (RedisError, OSError) as exc:
+        except self.counters.failures as exc:
             self._store_failed("settle", exc)
         if self._redis is not None:
             await self._redis.aclose(close_connection_pool=True)
@@ -409,7 +399,7 @@ class Limits:
             return self._without_store(applied.budgets, budgeted, prepaid, reservation)
         try:
             return await self._admit(plan, reservation, account_id, tokens, need, now, prepaid)
-        except (RedisError, OSError) as exc:
+        except self.counters.failures as exc:
             self._store_failed("admit", exc)
             return self._without_store(applied.budgets, budgeted, prepaid, reservation)
 
@@ -602,7 +592,7 @@ class Limits:
                 credit = await self._credit_limit(found.account_id, now)
                 holds.append(Hold(credit_counter(found.account_id), credit, price))
             admission = await self._admit_synced([], holds, reservation, now)
-        except (RedisError, OSError) as exc:
+        except self.counters.failures as exc:
             self._store_failed("admit", exc)
             if found.prepaid:  # credit is never spent unheld
                 raise credits_unavailable(found.account_id, COUNTERS_UNREACHABLE) from None
@@ -662,7 +652,7 @@ class Limits:
     ) -> None:
         try:
             await self.counters.settle(window, corrections, budgets, reservation, cost)
-        except (RedisError, OSError) as exc:
+        except self.counters.failures as exc:
             self._store_failed("settle", exc)
         if cost:
             self._charged.update(budgets)
@@ -763,7 +753,7 @@ class Limits:
         (the ledger's figure of what they spent); None when the counters cannot say."""
         try:
             spent, reserved = await self.counters.state(credit_counter(account_id))
-        except (RedisError, OSError) as exc:
+        except self.counters.failures as exc:
             self._store_failed("state", exc)
             return None
         ahead = max(spent - to_nano_up(max(ledger_usage, Decimal(0))), 0)
@@ -836,7 +826,7 @@ class Limits:
                     await self._check_credit(events, account, counter)
                 else:
                     await self._check_budget(events, counter)
-            except (RedisError, OSError):
+            except self.counters.failures:
                 self._charged.update(charged[index:])  # looked at again next round
                 raise
 
