@@ -39,6 +39,18 @@ def mapped(pid: int, library: str) -> bool:
     return library in Path(f"/proc/{pid}/maps").read_text()
 
 
+def one_request(server: Meterline) -> dict[str, object]:
+    """A chat completion through `server` with a new account's key; the account."""
+    account = server.new_account()
+    client = openai.OpenAI(base_url=server.v1, api_key=server.new_key(account["id"]))
+    client.chat.completions.create(
+        model="meta-llama/Llama-3.3-70B-Instruct",
+        messages=[{"role": "user", "content": "hello"}],
+        max_tokens=4,
+    )
+    return account
+
+
 def rss_mb(pid: int) -> float:
     return float(psutil.Process(pid).memory_info().rss) / 2**20
 
@@ -86,13 +98,7 @@ def test_pdf_and_webhook_libraries_load_with_their_first_use_not_at_start(
     server: Meterline, hooks: tuple[str, list[bytes]]
 ) -> None:
     hook_url, received = hooks
-    account = server.new_account()
-    client = openai.OpenAI(base_url=server.v1, api_key=server.new_key(account["id"]))
-    client.chat.completions.create(
-        model="meta-llama/Llama-3.3-70B-Instruct",
-        messages=[{"role": "user", "content": "hello"}],
-        max_tokens=4,
-    )
+    account = one_request(server)
     started = rss_mb(server.pid)
     assert not mapped(server.pid, PDF_LIBRARY)
     assert not mapped(server.pid, WEBHOOK_LIBRARY)
@@ -130,13 +136,7 @@ def test_the_redis_client_loads_only_in_a_server_that_uses_redis(
         with start_meterline(
             database_url, upstream, workdir, PYTHONPROFILEIMPORTTIME="1", **env
         ) as meterline:
-            account = meterline.new_account()
-            client = openai.OpenAI(base_url=meterline.v1, api_key=meterline.new_key(account["id"]))
-            client.chat.completions.create(
-                model="meta-llama/Llama-3.3-70B-Instruct",
-                messages=[{"role": "user", "content": "hello"}],
-                max_tokens=4,
-            )
+            one_request(meterline)
             return bool(REDIS_IMPORTED.search(meterline.log.read_text()))
 
     assert not imports_redis(tmp_path / "alone")
