@@ -122,10 +122,3 @@ class MemoryCounters:
 
     async def close(self) -> None:
         return None
-
-
-# Lua numbers are doubles: exact for integers below 2**53 (for budgets, about 9 million USD
-# a month in nano-USD); INCRBY/DECRBY, which do the arithmetic that is stored, use int64.
-# A budget is five keys: spent, reserved (total), holds (hash id → amount), deadlines
-# (zset), and the mark that `spent` was synced from the ledger (gone after Redis lost its
-# data: the budget then refuses until it is synced again).

@@ -34,6 +34,11 @@ _WINDOW_TTL_MS = 120_000
 # Budget counters of a month are kept a little longer than the month itself.
 _KEEP_MS = 40 * 24 * 3600 * 1000
 
+# Lua numbers are doubles: exact for integers below 2**53 (for budgets, about 9 million USD
+# a month in nano-USD); INCRBY/DECRBY, which do the arithmetic that is stored, use int64.
+# A budget is five keys: spent, reserved (total), holds (hash id → amount), deadlines
+# (zset), and the mark that `spent` was synced from the ledger (gone after Redis lost its
+# data: the budget then refuses until it is synced again).
 _BUDGET_KEYS = ("spent", "reserved", "holds", "deadlines", "synced")
 _LIBRARY = """
 local function expire_holds(b, now)
@@ -251,7 +256,7 @@ class RedisCounters:
     lands, a request's reservation simply holds a little longer).
     """
 
-    # What a failing Redis raises: its requests are then let through (see Limits).
+    # What a failing Redis raises (what `Limits` then does: `Counters.failures`).
     failures: tuple[type[Exception], ...] = (RedisError, OSError)
 
     def __init__(self, redis: Redis, prefix: str) -> None:
